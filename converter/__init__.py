@@ -1,0 +1,1 @@
+"""Turn directories, tar layers, raw EROFS images and OCI images into seekable EROFS layers."""

@@ -1,0 +1,1 @@
+"""Getting bytes of a blob: HTTP range requests, local files, OCI registries."""

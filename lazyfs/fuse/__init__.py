@@ -1,0 +1,1 @@
+"""The FUSE daemon that exposes layers as block-like files, and the kernel mounts on top."""

@@ -1,0 +1,1 @@
+"""A remote seekable EROFS layer read at random: fetch, verify, decompress, cache."""

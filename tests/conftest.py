@@ -1,0 +1,44 @@
+"""Suite-wide fixtures and markers.
+
+Tests that need root, /dev/fuse or kernel mounts are marked `root`; they are skipped where the
+machine cannot run them, so a quick `pytest -m "not slow"` stays quick anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+
+
+def _can_mount() -> str | None:
+    """Return why kernel/FUSE tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "needs fusermount3 (fuse3)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _can_mount()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    """The containerd-written test vectors, used in place; skip when they are absent."""
+    if not VECTORS_DIR.is_dir():
+        pytest.skip(f"containerd vectors not found at {VECTORS_DIR}")
+    return VECTORS_DIR
