@@ -1,0 +1,172 @@
+"""The OCI layer descriptor of a seekable EROFS blob and its four annotations (SPEC §5).
+
+The descriptor is the root of trust: it comes from a manifest fetched by digest, or from the
+user. It locates the chunk table and verity tree and carries the digests that authenticate them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lazyfs.format.errors import FormatError
+
+MEDIA_TYPE_EROFS_ZSTD = "application/vnd.erofs.layer.v1+zstd"
+MEDIA_TYPE_EROFS = "application/vnd.erofs.layer.v1"
+
+ANNOTATION_CHUNK_TABLE_OFFSET = "dev.containerd.erofs.zstd.chunk_table_offset"
+ANNOTATION_CHUNK_DIGEST = "dev.containerd.erofs.zstd.chunk_digest"
+ANNOTATION_VERITY_OFFSET = "dev.containerd.erofs.dmverity.offset"
+ANNOTATION_ROOT_DIGEST = "dev.containerd.erofs.dmverity.root_digest"
+LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
+
+_SHA256_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_SHA512_DIGEST = re.compile(r"^sha512:[0-9a-f]{128}$")
+_ROOT_DIGEST = re.compile(r"^(sha256|sha512|sha1):[0-9a-f]+$")
+
+
+class DescriptorError(FormatError):
+    """A descriptor or its annotations are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class SeekableAnnotations:
+    """Where a reader finds the metadata, and the digests that authenticate it."""
+
+    chunk_table_offset: int
+    chunk_digest: str | None = None
+    verity_offset: int | None = None
+    root_digest: str | None = None
+
+    @property
+    def metadata_offsets(self) -> tuple[int, ...]:
+        offsets = [self.chunk_table_offset]
+        if self.verity_offset is not None:
+            offsets.append(self.verity_offset)
+        return tuple(sorted(offsets))
+
+    @property
+    def data_end(self) -> int:
+        """End of the data frames: the smallest metadata offset (either order of SPEC §1)."""
+        return self.metadata_offsets[0]
+
+    @property
+    def is_trusted(self) -> bool:
+        """True when every metadata structure present is pinned by a digest."""
+        if self.chunk_digest is None:
+            return False
+        return self.verity_offset is None or self.root_digest is not None
+
+    def to_annotations(self) -> dict[str, str]:
+        out = {ANNOTATION_CHUNK_TABLE_OFFSET: str(self.chunk_table_offset)}
+        if self.chunk_digest is not None:
+            out[ANNOTATION_CHUNK_DIGEST] = self.chunk_digest
+        if self.verity_offset is not None:
+            out[ANNOTATION_VERITY_OFFSET] = str(self.verity_offset)
+        if self.root_digest is not None:
+            out[ANNOTATION_ROOT_DIGEST] = self.root_digest
+        return out
+
+
+def _offset(annotations: dict[str, str], key: str, source: str) -> int | None:
+    value = annotations.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isdigit():
+        raise DescriptorError(f"{source}: annotation {key}: expected a decimal offset, "
+                              f"found {value!r}")
+    return int(value)
+
+
+def parse_annotations(annotations: dict[str, str], source: str = "descriptor") -> (
+    SeekableAnnotations
+):
+    """Read the seekable EROFS annotations. Raises DescriptorError naming the bad one."""
+    chunk_table_offset = _offset(annotations, ANNOTATION_CHUNK_TABLE_OFFSET, source)
+    if chunk_table_offset is None:
+        raise DescriptorError(
+            f"{source}: no {ANNOTATION_CHUNK_TABLE_OFFSET} annotation: not a seekable EROFS "
+            "layer (convert it with `lazyfs convert`)"
+        )
+    verity_offset = _offset(annotations, ANNOTATION_VERITY_OFFSET, source)
+    chunk_digest = annotations.get(ANNOTATION_CHUNK_DIGEST)
+    if chunk_digest is not None:
+        chunk_digest = chunk_digest.lower()
+        if not _SHA512_DIGEST.match(chunk_digest):
+            raise DescriptorError(f"{source}: annotation {ANNOTATION_CHUNK_DIGEST}: expected "
+                                  f"sha512:<128 hex digits>, found {chunk_digest!r}")
+    root_digest = annotations.get(ANNOTATION_ROOT_DIGEST)
+    if root_digest is not None:
+        root_digest = root_digest.lower()
+        if not _ROOT_DIGEST.match(root_digest):
+            raise DescriptorError(f"{source}: annotation {ANNOTATION_ROOT_DIGEST}: expected "
+                                  f"<algorithm>:<hex>, found {root_digest!r}")
+        if verity_offset is None:
+            raise DescriptorError(f"{source}: {ANNOTATION_ROOT_DIGEST} is set but "
+                                  f"{ANNOTATION_VERITY_OFFSET} is missing")
+    if verity_offset is not None and verity_offset == chunk_table_offset:
+        raise DescriptorError(f"{source}: chunk table and dm-verity frames both at offset "
+                              f"{verity_offset}")
+    return SeekableAnnotations(chunk_table_offset, chunk_digest, verity_offset, root_digest)
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    """An OCI content descriptor of a layer blob."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    urls: tuple[str, ...] = ()
+
+    def seekable(self, source: str = "descriptor") -> SeekableAnnotations:
+        return parse_annotations(self.annotations, source)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
+                               "size": self.size}
+        if self.urls:
+            out["urls"] = list(self.urls)
+        if self.annotations:
+            out["annotations"] = dict(sorted(self.annotations.items()))
+        return out
+
+
+def descriptor_from_dict(obj: object, source: str = "descriptor") -> LayerDescriptor:
+    """Build a LayerDescriptor from decoded JSON. Raises DescriptorError naming the field."""
+    if not isinstance(obj, dict):
+        raise DescriptorError(f"{source}: expected a JSON object, found {type(obj).__name__}")
+    media_type = obj.get("mediaType")
+    digest = obj.get("digest")
+    size = obj.get("size")
+    annotations = obj.get("annotations") or {}
+    if not isinstance(media_type, str):
+        raise DescriptorError(f"{source}: mediaType: expected a string, found {media_type!r}")
+    if not isinstance(digest, str) or not (_SHA256_DIGEST.match(digest) or
+                                           _SHA512_DIGEST.match(digest)):
+        raise DescriptorError(f"{source}: digest: expected sha256:<64 hex digits>, "
+                              f"found {digest!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise DescriptorError(f"{source}: size: expected a non-negative integer, found {size!r}")
+    if not isinstance(annotations, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+    ):
+        raise DescriptorError(f"{source}: annotations: expected an object of strings")
+    urls = obj.get("urls") or []
+    return LayerDescriptor(media_type, digest, size, dict(annotations), tuple(urls))
+
+
+def parse_descriptor(text: bytes | str, source: str = "descriptor") -> LayerDescriptor:
+    """Parse descriptor JSON. Raises DescriptorError (bad JSON included)."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DescriptorError(f"{source}: not valid JSON: {exc}") from None
+    return descriptor_from_dict(obj, source)
+
+
+def serialize_descriptor(descriptor: LayerDescriptor) -> str:
+    return json.dumps(descriptor.to_json_dict(), indent=2) + "\n"
