@@ -1,0 +1,78 @@
+"""The `lazyfs` command. Each subcommand lives in its own module of this package.
+
+A module takes part by defining `register(subparsers)`, which adds its parser and sets
+`func` to a function taking the parsed arguments and returning the exit code. A user error is
+raised as `UserError` (or a known error type) and printed as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from lazyfs import __version__
+
+log = logging.getLogger("lazyfs")
+
+
+class UserError(Exception):
+    """Something the user can fix: printed as one line, exit code 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input or an unreachable source, not a bug in lazyfs."""
+    from lazyfs.fetch.errors import FetchError
+    from lazyfs.format.errors import FormatError
+
+    types: list[type[BaseException]] = [UserError, FormatError, FetchError]
+    try:
+        from converter.errors import ConvertError
+
+        types.append(ConvertError)
+    except ImportError:  # the converter is an optional part of a minimal install
+        pass
+    return tuple(types)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazyfs",
+        description="Mount seekable EROFS container layers on demand, verified block by block.",
+    )
+    parser.add_argument("--version", action="version", version=f"lazyfs {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    package = importlib.import_module(__name__)
+    for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(subparsers)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="lazyfs: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("lazyfs: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as exc:
+        print(f"lazyfs {args.command}: error: {exc}", file=sys.stderr)
+        return 2
