@@ -1,0 +1,68 @@
+"""What every blob reader offers: random access to the bytes of one immutable blob.
+
+The image layer reads frames through this interface and does not care whether the blob is a
+local file or an HTTP resource; both readers check the same preconditions the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from lazyfs.fetch.errors import FetchError
+
+
+@dataclass
+class FetchStats:
+    """Mutable counters of one reader, for benchmarks and `lazyfs` status output.
+
+    `requests` counts requests sent (HTTP requests, or reads of a local file), `bytes_fetched`
+    the body bytes received, `retries` the attempts repeated after a transient fault and
+    `failures` the calls that finally raised.
+    """
+
+    requests: int = 0
+    bytes_fetched: int = 0
+    retries: int = 0
+    failures: int = 0
+
+
+@runtime_checkable
+class BlobReader(Protocol):
+    """Random access to one blob; `read` returns exactly the requested bytes or raises."""
+
+    source: str
+    stats: FetchStats
+
+    async def open(self) -> int:
+        """Probe the blob and return its size in bytes; remember size (and ETag) to detect
+        a blob replaced while it is mounted. Raises FetchError."""
+        ...
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return exactly `size` bytes starting at `offset`. Raises FetchError."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections or file handles; the reader is unusable afterwards."""
+        ...
+
+
+def byte_range(offset: int, size: int) -> str:
+    """The inclusive HTTP notation of a range, used in requests and in every message."""
+    return f"bytes={offset}-{offset + size - 1}"
+
+
+def check_read_args(source: str, offset: int, size: int, blob_size: int) -> None:
+    """Refuse a read that is malformed or reaches past the end of the blob.
+
+    Raises ValueError for a negative offset or size (a caller bug) and FetchError for a range
+    past EOF: the frame table of the image promised bytes that the blob does not have.
+    """
+    if offset < 0 or size < 0:
+        raise ValueError(f"{source}: negative offset or size (offset={offset}, size={size})")
+    if offset + size > blob_size:
+        raise FetchError(
+            f"{source} {byte_range(offset, size)}: range ends past the end of the blob "
+            f"({blob_size} bytes)"
+        )

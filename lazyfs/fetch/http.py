@@ -1,0 +1,369 @@
+"""Random access to a remote blob with HTTP Range requests.
+
+One pooled keep-alive client per blob. Every attempt runs under a trio deadline; transient
+faults (connection and read errors, timeouts, 5xx, 429, short bodies) are retried a bounded
+number of times with jittered exponential backoff, anything else fails at once. A redirect
+target (object storage, a CDN) is remembered and asked directly, without the credentials meant
+for the origin; when it stops accepting (an expired signed URL) the origin is asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import ssl
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import trio
+
+from lazyfs.fetch.base import FetchStats, byte_range, check_read_args
+from lazyfs.fetch.errors import BlobChangedError, FetchError, RangeNotSupportedError
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF_S = 10.0
+_RETRY_AFTER_CAP_S = 10.0
+_MAX_REDIRECTS = 10
+# A body arriving slower than this is treated as stalled, on top of the fixed timeouts.
+_MIN_RATE_BYTES_PER_S = 64 * 1024
+# Error and redirect bodies are read up to this much so the connection can be reused.
+_DRAIN_CAP_BYTES = 64 * 1024
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# What an expired or revoked signed URL answers.
+_EXPIRED_STATUSES = frozenset({401, 403, 404, 410})
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+
+
+class _Transient(Exception):
+    """An attempt failed in a way that another attempt may not."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class HttpRangeReader:
+    """A BlobReader over an http(s) URL; the server must honour Range requests."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        auth: httpx.Auth | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        connect_timeout: float = 10,
+        read_timeout: float = 30,
+        max_retries: int = 4,
+        backoff_base: float = 0.2,
+        max_connections: int = 8,
+        expected_size: int | None = None,
+        verify_tls: bool | str = True,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url}: not an http(s) URL")
+        if max_retries < 0 or max_connections < 1 or connect_timeout <= 0 or read_timeout <= 0:
+            raise ValueError(
+                f"{url}: need max_retries >= 0, max_connections >= 1 and positive timeouts"
+            )
+        # Credentials in the URL must not end up in log lines.
+        self.source = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        self.stats = FetchStats()
+        self._url = httpx.URL(url)
+        self._headers = dict(headers or {})
+        self._auth = auth
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_retries = max_retries
+        self._backoff_base = backoff_base
+        self._expected_size = expected_size
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._open_lock = trio.Lock()
+        self._size: int | None = None
+        self._etag: str | None = None
+        # Where the origin last redirected to; asked directly until it refuses.
+        self._resolved_url: httpx.URL | None = None
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=verify_tls)
+            if isinstance(verify_tls, str)
+            else verify_tls
+        )
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            verify=verify,
+            http1=True,
+            http2=False,
+            follow_redirects=False,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            timeout=httpx.Timeout(
+                connect=connect_timeout,
+                read=read_timeout,
+                write=read_timeout,
+                pool=connect_timeout + read_timeout,
+            ),
+        )
+
+    @property
+    def size(self) -> int | None:
+        """The blob size seen by `open`, or None before it."""
+        return self._size
+
+    async def __aenter__(self) -> HttpRangeReader:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> int:
+        """Probe with a one-byte range; return the blob size and remember it and the ETag.
+
+        Raises RangeNotSupportedError if the server ignores Range, BlobChangedError if the
+        size differs from `expected_size`, FetchError for anything else.
+        """
+        async with self._open_lock:
+            if self._size is not None:
+                return self._size
+            try:
+                _, total, etag = await self._fetch(0, 0, probe=True)
+                if self._expected_size is not None and total != self._expected_size:
+                    raise BlobChangedError(
+                        f"{self.source}: blob is {total} bytes, expected {self._expected_size}"
+                    )
+            except FetchError as exc:
+                self._fail(exc)
+                raise
+            self._size, self._etag = total, etag
+            return total
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return exactly `size` bytes at `offset` (opening first if needed).
+
+        Raises BlobChangedError if the blob's size or ETag changed since `open`,
+        RangeNotSupportedError, or FetchError naming URL, range and the last status or error.
+        """
+        blob_size = await self.open() if self._size is None else self._size
+        check_read_args(self.source, offset, size, blob_size)
+        if size == 0:
+            return b""
+        try:
+            body, _, _ = await self._fetch(offset, offset + size - 1, probe=False)
+        except FetchError as exc:
+            self._fail(exc)
+            raise
+        return body
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _fail(self, exc: FetchError) -> None:
+        self.stats.failures += 1
+        log.warning("%s", exc)
+
+    async def _fetch(self, start: int, end: int, *, probe: bool) -> tuple[bytes, int, str | None]:
+        """Fetch bytes start..end (inclusive) with bounded retries: (body, blob size, ETag)."""
+        what = f"{self.source} {byte_range(start, end - start + 1)}"
+        deadline_s = 2 * (self._connect_timeout + self._read_timeout) + (
+            (end - start + 1) / _MIN_RATE_BYTES_PER_S
+        )
+        last = ""
+        retry_after_s: float | None = None
+        for attempt in range(self._max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                delay_s = self._backoff_s(attempt, retry_after_s)
+                log.debug(
+                    "%s: %s; retry %d of %d in %.2f s",
+                    what,
+                    last,
+                    attempt,
+                    self._max_retries,
+                    delay_s,
+                )
+                await trio.sleep(delay_s)
+            retry_after_s = None
+            try:
+                async with self._limiter:
+                    with trio.fail_after(deadline_s):
+                        return await self._attempt(start, end, probe, what)
+            except _Transient as exc:
+                last, retry_after_s = exc.reason, exc.retry_after_s
+            except trio.TooSlowError:
+                last = f"no complete answer within {deadline_s:.1f} s"
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                last = _describe(exc)
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise FetchError(f"{what}: {_describe(exc)}") from exc
+        raise FetchError(f"{what}: failed after {self._max_retries + 1} attempts; last: {last}")
+
+    def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
+        delay_s = min(_MAX_BACKOFF_S, self._backoff_base * 2 ** (attempt - 1))
+        delay_s *= 0.5 + random.random()
+        if retry_after_s is not None:
+            delay_s = max(delay_s, min(retry_after_s, _RETRY_AFTER_CAP_S))
+        return delay_s
+
+    async def _attempt(
+        self, start: int, end: int, probe: bool, what: str
+    ) -> tuple[bytes, int, str | None]:
+        """One attempt: try the remembered redirect target, else resolve through the origin."""
+        remembered = self._resolved_url
+        if remembered is not None:
+            trusted = _same_origin(remembered, self._url)
+            response = await self._get(remembered, start, end, trusted=trusted)
+            if response.status_code not in _EXPIRED_STATUSES | _REDIRECT_STATUSES:
+                return await self._accept(response, start, end, probe, what)
+            # An expired signed URL: not a failure, the origin hands out a fresh one.
+            log.debug(
+                "%s: %s answered %d, asking the origin again",
+                what,
+                remembered.host,
+                response.status_code,
+            )
+            await _drain(response)
+            if self._resolved_url == remembered:
+                self._resolved_url = None
+        url = self._url
+        for _ in range(_MAX_REDIRECTS + 1):
+            response = await self._get(url, start, end, trusted=_same_origin(url, self._url))
+            location = response.headers.get("Location")
+            if response.status_code not in _REDIRECT_STATUSES or location is None:
+                result = await self._accept(response, start, end, probe, what)
+                self._resolved_url = None if url == self._url else url
+                return result
+            await _drain(response)
+            url = response.url.join(location)
+        raise FetchError(f"{what}: more than {_MAX_REDIRECTS} redirects")
+
+    async def _get(self, url: httpx.URL, start: int, end: int, *, trusted: bool) -> httpx.Response:
+        """Send one GET; headers and auth only to the origin, never to another host."""
+        headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+        if trusted:
+            headers = {**self._headers, **headers}
+        request = self._client.build_request("GET", url, headers=headers)
+        self.stats.requests += 1
+        return await self._client.send(
+            request, auth=self._auth if trusted else None, stream=True, follow_redirects=False
+        )
+
+    async def _accept(
+        self, response: httpx.Response, start: int, end: int, probe: bool, what: str
+    ) -> tuple[bytes, int, str | None]:
+        """Check a response against the request and the blob seen at open; read its body."""
+        status = response.status_code
+        if status == 200:
+            # The whole blob would follow: refuse it before a single body byte is read.
+            await response.aclose()
+            raise RangeNotSupportedError(
+                f"{what}: server answered 200 with the whole blob instead of 206 Partial Content;"
+                " it does not support Range requests"
+            )
+        if status != 206:
+            await _drain(response)
+            if status == 429 or status >= 500:
+                raise _Transient(_status_text(response), _retry_after_s(response))
+            empty = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if probe and status == 416 and empty and int(empty.group(1)) == 0:
+                return b"", 0, response.headers.get("ETag")
+            if status in _EXPIRED_STATUSES and response.url != self._url:
+                raise FetchError(f"{what}: {_status_text(response)} from {response.url.host}")
+            raise FetchError(f"{what}: {_status_text(response)}")
+        try:
+            etag = response.headers.get("ETag")
+            if self._etag is not None and etag is not None and _weak(etag) != _weak(self._etag):
+                raise BlobChangedError(f"{what}: ETag is now {etag}, was {self._etag} at open")
+            total = self._check_content_range(response, start, end, what)
+            encoding = response.headers.get("Content-Encoding", "identity").lower()
+            if encoding != "identity":
+                raise FetchError(f"{what}: body is {encoding}-encoded; expected raw bytes")
+            body = await _read_body(response, end - start + 1, what)
+        finally:
+            await response.aclose()
+        self.stats.bytes_fetched += len(body)
+        return body, total, etag
+
+    def _check_content_range(
+        self, response: httpx.Response, start: int, end: int, what: str
+    ) -> int:
+        """Return the blob size from Content-Range, which must match the request exactly."""
+        content_range = response.headers.get("Content-Range", "")
+        match = _CONTENT_RANGE.fullmatch(content_range.strip())
+        if match is None or match.group(3) == "*":
+            raise FetchError(f"{what}: 206 with unusable Content-Range {content_range!r}")
+        got_start, got_end, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
+        if self._size is not None and total != self._size:
+            raise BlobChangedError(f"{what}: blob is now {total} bytes, was {self._size} at open")
+        if (got_start, got_end) != (start, end):
+            raise FetchError(
+                f"{what}: server sent Content-Range {content_range!r} for a different range"
+            )
+        return total
+
+
+async def _read_body(response: httpx.Response, size: int, what: str) -> bytes:
+    """Read exactly `size` body bytes: fewer is transient, more is a broken server."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > size:
+            raise FetchError(f"{what}: body longer than the {size} bytes requested")
+    if len(body) < size:
+        raise _Transient(f"short body: {len(body)} of {size} bytes")
+    return bytes(body)
+
+
+async def _drain(response: httpx.Response) -> None:
+    """Read a small unwanted body so the connection stays reusable; close a large one."""
+    try:
+        received = 0
+        async for chunk in response.aiter_bytes():
+            received += len(chunk)
+            if received > _DRAIN_CAP_BYTES:
+                break
+    except httpx.HTTPError:
+        pass  # the connection is closed below; the status has been seen already
+    finally:
+        await response.aclose()
+
+
+def _same_origin(url: httpx.URL, origin: httpx.URL) -> bool:
+    return (url.scheme, url.host, url.port) == (origin.scheme, origin.host, origin.port)
+
+
+def _weak(etag: str) -> str:
+    """Compare ETags ignoring weakness: proxies may weaken an ETag they pass on."""
+    return etag.removeprefix("W/")
+
+
+def _status_text(response: httpx.Response) -> str:
+    return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """Retry-After as seconds (either delta-seconds or an HTTP date), if present."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,137 @@
+"""HttpRangeReader against a real nginx: ranges, size probe, replaced blobs, concurrency."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from lazyfs.fetch.errors import BlobChangedError, FetchError
+from lazyfs.fetch.http import HttpRangeReader
+from lazyfs.fetch.local import open_blob_reader
+from tests.support import nginx
+from tests.support.nginx import NginxServer
+
+pytestmark = pytest.mark.network
+nginx_server = nginx.nginx_server
+
+StartServer = Callable[[Path], NginxServer]
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> bytes:
+    data = random.Random(7).randbytes(3 * 1024 * 1024 + 123)
+    (tmp_path / "layer.blob").write_bytes(data)
+    return data
+
+
+def test_ranges_and_size_probe(nginx_server: StartServer, tmp_path: Path, blob: bytes) -> None:
+    server = nginx_server(tmp_path)
+
+    async def main() -> None:
+        async with HttpRangeReader(server.url + "layer.blob") as reader:
+            assert reader.size == len(blob)
+            for offset, size in [(0, 1), (1, 4096), (1_000_000, 1_048_576), (len(blob) - 9, 9)]:
+                assert await reader.read(offset, size) == blob[offset : offset + size]
+            assert reader.stats.requests == 5
+            assert reader.stats.retries == 0
+
+    trio.run(main)
+    lines = server.access_lines()
+    assert len(lines) == 5
+    assert all(" 206 " in line for line in lines)
+    assert '"bytes=1000000-2048575" 206 1048576' in lines[3]
+
+
+def test_open_blob_reader_picks_http(
+    nginx_server: StartServer, tmp_path: Path, blob: bytes
+) -> None:
+    server = nginx_server(tmp_path)
+
+    async def main() -> None:
+        reader = open_blob_reader(server.url + "layer.blob", max_connections=2)
+        assert isinstance(reader, HttpRangeReader)
+        assert await reader.open() == len(blob)
+        assert await reader.read(77, 77) == blob[77:154]
+        await reader.aclose()
+
+    trio.run(main)
+
+
+def test_missing_blob_fails_with_status(nginx_server: StartServer, tmp_path: Path) -> None:
+    server = nginx_server(tmp_path)
+
+    async def main() -> None:
+        async with HttpRangeReader(server.url + "absent.blob") as reader:
+            await reader.read(0, 1)
+
+    with pytest.raises(FetchError, match=r"absent.blob bytes=0-0: HTTP 404"):
+        trio.run(main)
+
+
+def test_blob_replaced_under_server(nginx_server: StartServer, tmp_path: Path, blob: bytes) -> None:
+    server = nginx_server(tmp_path)
+    path = tmp_path / "layer.blob"
+
+    async def main() -> None:
+        async with HttpRangeReader(server.url + "layer.blob") as reader:
+            assert await reader.read(0, 100) == blob[:100]
+            # Same size, other bytes and another mtime: only the ETag can tell.
+            replacement = tmp_path / "layer.blob.new"
+            replacement.write_bytes(bytes(len(blob)))
+            stat = path.stat()
+            os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+            replacement.replace(path)
+            with pytest.raises(BlobChangedError, match="ETag"):
+                await reader.read(0, 100)
+            # A different size is caught as well.
+            path.write_bytes(blob[:1000])
+            with pytest.raises(BlobChangedError):
+                await reader.read(0, 100)
+            assert reader.stats.failures == 2
+
+    trio.run(main)
+
+
+def test_concurrent_reads_correct(nginx_server: StartServer, tmp_path: Path, blob: bytes) -> None:
+    server = nginx_server(tmp_path)
+    rng = random.Random(11)
+    ranges = [(rng.randrange(len(blob) - 70_000), rng.randrange(1, 70_000)) for _ in range(64)]
+
+    async def main() -> None:
+        results: dict[int, bytes] = {}
+        async with HttpRangeReader(server.url + "layer.blob", max_connections=4) as reader:
+
+            async def fetch(index: int, offset: int, size: int) -> None:
+                results[index] = await reader.read(offset, size)
+
+            async with trio.open_nursery() as nursery:
+                for index, (offset, size) in enumerate(ranges):
+                    nursery.start_soon(fetch, index, offset, size)
+        for index, (offset, size) in enumerate(ranges):
+            assert results[index] == blob[offset : offset + size], index
+
+    trio.run(main)
+    assert len(server.access_lines()) == 1 + len(ranges)
+
+
+def test_stopped_server_fails_after_retries(
+    nginx_server: StartServer, tmp_path: Path, blob: bytes
+) -> None:
+    server = nginx_server(tmp_path)
+
+    async def main() -> None:
+        reader = HttpRangeReader(
+            server.url + "layer.blob", max_retries=2, backoff_base=0.01, connect_timeout=2
+        )
+        async with reader:
+            server.stop()
+            with pytest.raises(FetchError, match=r"3 attempts; last: ConnectError"):
+                await reader.read(0, 10)
+            assert reader.stats.retries == 2
+
+    trio.run(main)
