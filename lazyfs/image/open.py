@@ -1,0 +1,247 @@
+"""Turn what the user named (a blob URL or path, and a descriptor) into a RemoteImage.
+
+The descriptor is the root of trust. It comes from `--descriptor FILE|URL`, from explicit
+annotation values, or by convention from beside the blob: for `NAME.blob` the file
+`NAME.descriptor.json`, else `BLOB.descriptor.json` (what `lazyfs convert` writes). Without a
+digest that authenticates the metadata, mounting is refused unless `insecure` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from lazyfs.fetch.base import BlobReader
+from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.local import open_blob_reader
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_DIGEST,
+    ANNOTATION_CHUNK_TABLE_OFFSET,
+    ANNOTATION_ROOT_DIGEST,
+    ANNOTATION_VERITY_OFFSET,
+    DescriptorError,
+    LayerDescriptor,
+    SeekableAnnotations,
+    parse_annotations,
+    parse_descriptor,
+)
+from lazyfs.format.layout import (
+    VERITY_HEAD_SIZE,
+    BlobMetadata,
+    check_annotations_fit,
+    metadata_frame_end,
+    parse_metadata,
+)
+from lazyfs.format.verity_tree import verify_hash_blocks
+from lazyfs.image.cache import ChunkCache
+from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
+from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.stats import TraceWriter
+
+log = logging.getLogger(__name__)
+
+DESCRIPTOR_SUFFIX = ".descriptor.json"
+MAX_DESCRIPTOR_BYTES = 1024 * 1024
+MAX_CHUNK_TABLE_FRAME = 64 * 1024 * 1024
+# Trees up to this size are fetched whole at open; larger ones keep level 0 on demand.
+WHOLE_TREE_BYTES = 4 * 1024 * 1024
+DESCRIPTOR_TIMEOUT_S = 30.0
+
+
+@dataclass
+class LayerSource:
+    """One layer as the user named it."""
+
+    blob: str
+    descriptor: str | None = None
+    chunk_table_offset: int | None = None
+    chunk_digest: str | None = None
+    verity_offset: int | None = None
+    root_digest: str | None = None
+    insecure: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    reader_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_overrides(self) -> bool:
+        return self.chunk_table_offset is not None
+
+
+def descriptor_candidates(blob: str) -> list[str]:
+    """Where a descriptor is looked for next to `blob`, in order."""
+    stem = blob.partition("?")[0]
+    candidates = []
+    if stem.endswith(".blob"):
+        candidates.append(stem[: -len(".blob")] + DESCRIPTOR_SUFFIX)
+    candidates.append(stem + DESCRIPTOR_SUFFIX)
+    return candidates
+
+
+async def _read_text(location: str, headers: dict[str, str]) -> bytes | None:
+    """Read a small descriptor from a path or URL; None if it does not exist."""
+    if "://" in location and not location.startswith("file://"):
+        try:
+            with trio.fail_after(DESCRIPTOR_TIMEOUT_S):
+                async with httpx.AsyncClient(follow_redirects=True, timeout=10) as client:
+                    response = await client.get(location, headers=headers)
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            raise FetchError(f"{location}: cannot fetch descriptor: {exc or type(exc).__name__}"
+                             ) from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise FetchError(f"{location}: descriptor fetch failed (HTTP {response.status_code})")
+        if len(response.content) > MAX_DESCRIPTOR_BYTES:
+            raise DescriptorError(f"{location}: descriptor larger than 1 MiB")
+        return response.content
+    path = location.removeprefix("file://")
+
+    def load() -> bytes | None:
+        try:
+            if os.path.getsize(path) > MAX_DESCRIPTOR_BYTES:
+                raise DescriptorError(f"{path}: descriptor larger than 1 MiB")
+            with open(path, "rb") as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
+
+    return await trio.to_thread.run_sync(load)
+
+
+async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
+                                                            LayerDescriptor | None]:
+    """Find the annotations for `source`. Raises LayerOpenError, DescriptorError, FetchError."""
+    if source.has_overrides:
+        values = {ANNOTATION_CHUNK_TABLE_OFFSET: str(source.chunk_table_offset)}
+        for key, value in ((ANNOTATION_CHUNK_DIGEST, source.chunk_digest),
+                           (ANNOTATION_VERITY_OFFSET, source.verity_offset),
+                           (ANNOTATION_ROOT_DIGEST, source.root_digest)):
+            if value is not None:
+                values[key] = str(value)
+        return parse_annotations(values, "command-line annotations"), None
+    if any(value is not None for value in (source.chunk_digest, source.verity_offset,
+                                           source.root_digest)):
+        raise LayerOpenError("--chunk-digest, --verity-offset and --root-digest need "
+                             "--chunk-table-offset too")
+    tried = [source.descriptor] if source.descriptor else descriptor_candidates(source.blob)
+    for location in tried:
+        text = await _read_text(location, source.headers)
+        if text is None:
+            continue
+        descriptor = parse_descriptor(text, location)
+        return descriptor.seekable(location), descriptor
+    raise LayerOpenError(
+        f"{source.blob}: no descriptor found (tried {', '.join(tried)}); give --descriptor "
+        "FILE|URL or --chunk-table-offset/--chunk-digest/--verity-offset/--root-digest"
+    )
+
+
+def _check_trust(source: LayerSource, annotations: SeekableAnnotations) -> None:
+    if annotations.is_trusted:
+        return
+    missing = []
+    if annotations.chunk_digest is None:
+        missing.append("chunk table digest")
+    if annotations.verity_offset is not None and annotations.root_digest is None:
+        missing.append("dm-verity root digest")
+    if source.insecure:
+        log.warning("%s: mounting without a %s: its bytes are NOT authenticated (--insecure)",
+                    source.blob, " or ".join(missing))
+        return
+    raise UntrustedLayerError(
+        f"{source.blob}: refusing to mount: no {' or '.join(missing)} to authenticate the "
+        "layer (give a descriptor that has it, or --insecure to mount unverified data)"
+    )
+
+
+async def load_metadata(reader: BlobReader, annotations: SeekableAnnotations,
+                        blob_size: int) -> BlobMetadata:
+    """Fetch the chunk table and verity superblock (one request when they are adjacent)."""
+    check_annotations_fit(annotations, blob_size)
+    table_offset = annotations.chunk_table_offset
+    table_end = metadata_frame_end(annotations, table_offset, blob_size)
+    if table_end - table_offset > MAX_CHUNK_TABLE_FRAME:
+        table_end = table_offset + MAX_CHUNK_TABLE_FRAME
+    ranges = [(table_offset, table_end)]
+    if annotations.verity_offset is not None:
+        verity_end = min(annotations.verity_offset + VERITY_HEAD_SIZE, blob_size)
+        ranges.append((annotations.verity_offset, verity_end))
+    ranges.sort()
+    spans: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if spans and start <= spans[-1][1] + 65536:
+            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+        else:
+            spans.append((start, end))
+    fetched = {start: await reader.read(start, end - start) for start, end in spans}
+
+    def slice_from(offset: int) -> bytes:
+        for start, data in fetched.items():
+            if start <= offset < start + len(data):
+                return data[offset - start:]
+        return b""
+
+    verity_head = (slice_from(annotations.verity_offset)
+                   if annotations.verity_offset is not None else None)
+    return await trio.to_thread.run_sync(
+        parse_metadata, annotations, blob_size, slice_from(table_offset), verity_head)
+
+
+async def load_tree_top(reader: BlobReader, metadata: BlobMetadata) -> dict[int, bytes]:
+    """Fetch and authenticate the upper tree levels (the whole tree when it is small)."""
+    geometry = metadata.verity
+    if geometry is None or metadata.root is None or not geometry.levels:
+        return {}
+    block_size = geometry.superblock.hash_block_size
+    level0 = geometry.levels[0]
+    upper_end = level0.payload_offset
+    if geometry.tree_size <= WHOLE_TREE_BYTES:
+        upper_end = level0.payload_offset + level0.block_count * block_size
+    if upper_end <= geometry.tree_offset:
+        return {}
+    span = await reader.read(metadata.verity_payload_offset + geometry.tree_offset,
+                             upper_end - geometry.tree_offset)
+    blocks = {
+        geometry.tree_offset + position: span[position:position + block_size]
+        for position in range(0, len(span), block_size)
+    }
+    verified = await trio.to_thread.run_sync(verify_hash_blocks, geometry, blocks,
+                                             metadata.root, set())
+    return {offset: blocks[offset] for offset in verified}
+
+
+async def open_layer(
+    source: LayerSource,
+    *,
+    cache: ChunkCache,
+    nursery: trio.Nursery,
+    trace: TraceWriter | None = None,
+    cpu_limiter: trio.CapacityLimiter | None = None,
+    **options: Any,
+) -> RemoteImage:
+    """Open, authenticate and return the layer `source` names, ready for reads.
+
+    `options` go to RemoteImage (readahead_chunks, coalesce_bytes, parallel_fetches).
+    Raises LayerOpenError, FormatError (incl. IntegrityError) or FetchError.
+    """
+    annotations, descriptor = await resolve_annotations(source)
+    _check_trust(source, annotations)
+    expected_size = descriptor.size if descriptor is not None else None
+    reader = open_blob_reader(source.blob, headers=source.headers,
+                              expected_size=expected_size, **source.reader_options)
+    try:
+        blob_size = await reader.open()
+        metadata = await load_metadata(reader, annotations, blob_size)
+        tree_blocks = await load_tree_top(reader, metadata)
+        name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
+        return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,
+                           cpu_limiter=cpu_limiter, trace=trace, **options)
+    except BaseException:
+        await reader.aclose()
+        raise

@@ -1,0 +1,347 @@
+"""`RemoteImage.read(offset, size)`: the raw EROFS image of a remote layer, read at random.
+
+A read maps to chunks; missing chunks are fetched by range (adjacent ones in one request up
+to a cap), each frame is checked against its SHA-512 before it is decoded, the decoded size
+must be exact, and every data block is checked against the authenticated dm-verity tree. Only
+then do bytes reach the cache and the caller. Loads run in the mount's nursery, so a read that
+is interrupted does not abandon a fetch other readers wait on, and unmount cancels them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import trio
+
+from lazyfs.fetch.base import BlobReader
+from lazyfs.fetch.errors import FetchError
+from lazyfs.format.chunk_table import verify_frame
+from lazyfs.format.errors import FormatError
+from lazyfs.format.frames import decode_chunk_frame
+from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.verity_tree import (
+    hash_blocks_needed,
+    verify_data_blocks,
+    verify_hash_blocks,
+)
+from lazyfs.image.cache import ChunkCache
+from lazyfs.image.errors import ImageReadError
+from lazyfs.image.stats import ImageStats, TraceWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READAHEAD_CHUNKS = 2
+DEFAULT_COALESCE_BYTES = 16 * 1024 * 1024
+DEFAULT_PARALLEL_FETCHES = 4
+
+
+class RemoteImage:
+    """One layer's raw EROFS image, backed by a blob reader, verified before it is returned."""
+
+    def __init__(
+        self,
+        name: str,
+        reader: BlobReader,
+        metadata: BlobMetadata,
+        cache: ChunkCache,
+        nursery: trio.Nursery,
+        *,
+        tree_blocks: Mapping[int, bytes] | None = None,
+        cpu_limiter: trio.CapacityLimiter | None = None,
+        trace: TraceWriter | None = None,
+        readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
+        coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
+        parallel_fetches: int = DEFAULT_PARALLEL_FETCHES,
+    ) -> None:
+        self.name = name
+        self.reader = reader
+        self.metadata = metadata
+        self.cache = cache
+        self._nursery = nursery
+        # Verified hash blocks, keyed by verity payload offset: bounded by the tree's size.
+        self._tree_blocks: dict[int, bytes] = dict(tree_blocks or {})
+        self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
+        self._fetch_limiter = trio.CapacityLimiter(max(1, parallel_fetches))
+        self._trace = trace
+        self._readahead_chunks = max(0, readahead_chunks)
+        self._coalesce_bytes = max(1, coalesce_bytes)
+        self._bad_chunks: dict[int, str] = {}
+        self._last_chunk_read = -2
+        self._content_key: Hashable = metadata.annotations.chunk_digest or (
+            "unauthenticated", reader.source)
+        self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
+        table = metadata.table
+        geometry = metadata.verity
+        if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
+            raise ValueError("chunk size must be a multiple of the verity data block size")
+
+    @property
+    def size(self) -> int:
+        return self.metadata.image_size
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return verified image bytes `[offset, offset + size)`, clipped at the end of the image.
+
+        Raises ImageReadError (already logged) when a chunk cannot be fetched or verified.
+        """
+        table = self.metadata.table
+        indices = table.chunks_for_range(offset, size)
+        if not indices:
+            return b""
+        chunks = await self._get_chunks(indices)
+        self._schedule_readahead(indices)
+        end = min(offset + size, self.size)
+        first = indices[0]
+        if len(indices) == 1:
+            base = first * table.chunk_size
+            return chunks[first][offset - base:end - base]
+        joined = b"".join(chunks[index] for index in indices)
+        base = first * table.chunk_size
+        return joined[offset - base:end - base]
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        fetch_stats = self.reader.stats
+        return {
+            "name": self.name,
+            "source": self.reader.source,
+            "image_size": self.size,
+            "blob_size": self.metadata.blob_size,
+            "chunk_count": self.stats.chunk_count,
+            "chunks_fetched": len(self.stats.chunks_fetched),
+            "chunk_fetches": self.stats.chunk_fetches,
+            "readahead_chunks": self.stats.readahead_chunks,
+            "bytes_fetched": fetch_stats.bytes_fetched,
+            "requests": fetch_stats.requests,
+            "retries": fetch_stats.retries,
+            "fetch_failures": self.stats.fetch_failures,
+            "verify_failures": self.stats.verify_failures,
+            "cache_hits": self.stats.cache_hits,
+            "cache_misses": self.stats.cache_misses,
+            "tree_blocks_fetched": self.stats.tree_blocks_fetched,
+            "bad_chunks": sorted(self._bad_chunks),
+            "fetch_latency": self.stats.fetch_latency.summary_ms(),
+        }
+
+    async def aclose(self) -> None:
+        await self.reader.aclose()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _key(self, chunk_index: int) -> Hashable:
+        return (self._content_key, chunk_index)
+
+    async def _get_chunks(self, indices: range) -> dict[int, bytes]:
+        found: dict[int, bytes] = {}
+        while True:
+            claimed: list[int] = []
+            for index in indices:
+                if index in found:
+                    continue
+                if index in self._bad_chunks:
+                    raise ImageReadError(f"chunk {index} failed verification earlier")
+                data = self.cache.get(self._key(index))
+                if data is not None:
+                    found[index] = data
+                    self.stats.cache_hits += 1
+                    self._record(chunk=index, event="hit")
+                    continue
+                self.stats.cache_misses += 1
+                if self.cache.claim(self._key(index)):
+                    claimed.append(index)
+            for run in self._runs(claimed):
+                self._nursery.start_soon(self._load_run, run, "read")
+            for index in indices:
+                if index in found:
+                    continue
+                data = await self.cache.wait(self._key(index))
+                if data is not None:
+                    found[index] = data
+            if len(found) == len(indices):
+                return found
+            # Evicted between its load and our wait (a tiny cache): go round again.
+
+    def _schedule_readahead(self, indices: range) -> None:
+        sequential = indices[0] in (self._last_chunk_read, self._last_chunk_read + 1)
+        self._last_chunk_read = indices[-1]
+        if not sequential or not self._readahead_chunks:
+            return
+        last = min(indices[-1] + self._readahead_chunks, self.metadata.table.chunk_count - 1)
+        claimed = [
+            index for index in range(indices[-1] + 1, last + 1)
+            if index not in self._bad_chunks and self.cache.claim(self._key(index))
+        ]
+        for run in self._runs(claimed):
+            self.stats.readahead_chunks += len(run)
+            self._nursery.start_soon(self._load_run, run, "readahead")
+
+    def _runs(self, indices: list[int]) -> list[list[int]]:
+        """Group chunk indices into runs of adjacent frames, each at most the coalesce cap."""
+        runs: list[list[int]] = []
+        run_start = 0
+        for index in indices:
+            start, end = self.metadata.frame_range(index)
+            if runs and runs[-1][-1] + 1 == index and end - run_start <= self._coalesce_bytes:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+                run_start = start
+        return runs
+
+    async def _load_run(self, run: list[int], reason: str) -> None:
+        """Fetch, verify and decode adjacent chunks; complete or fail every claimed key."""
+        try:
+            async with self._fetch_limiter:
+                await self._fetch_and_verify(run, reason)
+        finally:
+            # Whatever happened (cancellation at unmount included), no waiter is left hanging.
+            for index in run:
+                self.cache.fail(self._key(index), ImageReadError(f"chunk {index} not loaded"))
+
+    async def _fetch_and_verify(self, run: list[int], reason: str) -> None:
+        start = self.metadata.frame_range(run[0])[0]
+        end = self.metadata.frame_range(run[-1])[1]
+        began = time.monotonic()
+        blob = b""
+
+        async def fetch_frames() -> None:
+            nonlocal blob
+            blob = await self.reader.read(start, end - start)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch_frames)
+                nursery.start_soon(self._ensure_tree_blocks, run)
+        except BaseExceptionGroup as group:
+            fetch_errors, rest = group.split(FetchError)
+            format_errors, rest = rest.split(FormatError) if rest is not None else (None, None)
+            if rest is not None:
+                raise
+            if format_errors is not None:
+                self._mark_bad(run, f"dm-verity tree: {_messages(format_errors)}")
+            else:
+                self.stats.fetch_failures += 1
+                message = _messages(fetch_errors)
+                log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0],
+                            run[-1], message)
+                self._fail_run(run, f"fetch failed: {message}")
+            return
+        latency = time.monotonic() - began
+        self.stats.fetch_latency.add(latency)
+        self.stats.chunk_fetches += 1
+        for index in run:
+            frame_start, frame_end = self.metadata.frame_range(index)
+            frame = blob[frame_start - start:frame_end - start]
+            try:
+                data = await trio.to_thread.run_sync(
+                    _verify_and_decode, self.metadata, self._level0_blocks(index), index, frame,
+                    frame_start,
+                    limiter=self._cpu_limiter,
+                )
+            except FormatError as exc:
+                self._mark_bad([index], str(exc))
+                continue
+            self.stats.chunks_fetched.add(index)
+            self.cache.complete(self._key(index), data)
+            self._record(chunk=index, event=reason, bytes=len(frame),
+                         latency_ms=round(latency * 1000, 3))
+
+    def _hash_blocks_for(self, run: list[int]) -> list[int]:
+        """Payload offsets of the hash blocks (all levels, top first) that cover `run`."""
+        geometry = self.metadata.verity
+        if geometry is None or self.metadata.root is None or not geometry.levels:
+            return []
+        table = self.metadata.table
+        block_size = geometry.superblock.data_block_size
+        first_block = run[0] * table.chunk_size // block_size
+        last_byte = min((run[-1] + 1) * table.chunk_size, self.size)
+        count = -(-last_byte // block_size) - first_block
+        return hash_blocks_needed(geometry, first_block, count)
+
+    def _level0_blocks(self, chunk_index: int) -> dict[int, bytes]:
+        """A private copy of the verified blocks for one chunk: worker threads share no state."""
+        return {offset: self._tree_blocks[offset]
+                for offset in self._hash_blocks_for([chunk_index])
+                if offset in self._tree_blocks}
+
+    async def _ensure_tree_blocks(self, run: list[int]) -> None:
+        """Fetch and authenticate the hash blocks covering `run` that are not yet verified."""
+        needed = self._hash_blocks_for(run)
+        missing = [offset for offset in needed if offset not in self._tree_blocks]
+        if not missing:
+            return
+        geometry = self.metadata.verity
+        assert geometry is not None and self.metadata.root is not None
+        hash_block_size = geometry.superblock.hash_block_size
+        fetched: dict[int, bytes] = {}
+        for group in _contiguous(missing, hash_block_size):
+            span = await self.reader.read(self.metadata.verity_payload_offset + group[0],
+                                          len(group) * hash_block_size)
+            self.stats.tree_blocks_fetched += len(group)
+            for position, offset in enumerate(group):
+                fetched[offset] = span[position * hash_block_size:
+                                       (position + 1) * hash_block_size]
+        known = {offset: self._tree_blocks[offset] for offset in needed
+                 if offset in self._tree_blocks}
+        candidates = {**known, **fetched}
+        root = self.metadata.root
+        newly = await trio.to_thread.run_sync(
+            verify_hash_blocks, geometry, candidates, root, set(known),
+            limiter=self._cpu_limiter,
+        )
+        for offset in newly:
+            self._tree_blocks[offset] = candidates[offset]
+
+    def _mark_bad(self, run: list[int], reason: str) -> None:
+        """Remember chunks that failed a check, log once, and fail their waiters."""
+        for index in run:
+            if index not in self._bad_chunks:
+                self._bad_chunks[index] = reason
+                self.stats.verify_failures += 1
+                start, _ = self.metadata.frame_range(index)
+                log.error("layer %s: chunk %d (frame at blob offset %d): verification failed: "
+                          "%s", self.name, index, start, reason)
+                self._record(chunk=index, event="bad")
+        self._fail_run(run, f"verification failed: {reason}")
+
+    def _fail_run(self, run: list[int], reason: str) -> None:
+        for index in run:
+            self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: {reason}"))
+
+    def _record(self, **fields: Any) -> None:
+        if self._trace is not None:
+            self._trace.record(layer=self.name, **fields)
+
+
+def _messages(group: BaseExceptionGroup | None) -> str:
+    if group is None:
+        return ""
+    return "; ".join(str(exc) for exc in group.exceptions)
+
+
+def _contiguous(offsets: list[int], step: int) -> list[list[int]]:
+    groups: list[list[int]] = []
+    for offset in sorted(offsets):
+        if groups and groups[-1][-1] + step == offset:
+            groups[-1].append(offset)
+        else:
+            groups.append([offset])
+    return groups
+
+
+def _verify_and_decode(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes],
+                       chunk_index: int, frame: bytes, frame_offset: int) -> bytes:
+    """Runs in a worker thread: frame SHA-512, exact decode, every data block against the tree.
+
+    Raises IntegrityError / FrameDecodeError naming the chunk and offsets.
+    """
+    table = metadata.table
+    verify_frame(table, chunk_index, frame, frame_offset)
+    data = decode_chunk_frame(frame, table.decoded_size(chunk_index), chunk_index, frame_offset)
+    geometry = metadata.verity
+    if geometry is not None and metadata.root is not None:
+        first_block = chunk_index * table.chunk_size // geometry.superblock.data_block_size
+        verify_data_blocks(geometry, first_block, data, tree_blocks, metadata.root)
+    return data
