@@ -99,10 +99,13 @@ def verity_geometry(superblock: VeritySuperblock) -> VerityGeometry:
     """Derive the tree geometry of `superblock`. Raises FieldError for unusable parameters."""
     validate_parameters(superblock)
     digest_size = superblock.digest_size
+    # veritysetup (verity_hash.c) and the kernel (verity_hash_at_level): a normal tree pads each
+    # digest to a power-of-two slot; a Chrome OS tree packs the digests back to back. This only
+    # shows with digests that are not a power of two (sha1).
     if superblock.hash_type == HASH_TYPE_CHROMEOS:
-        slot_size = 1 << (digest_size - 1).bit_length()
-    else:
         slot_size = digest_size
+    else:
+        slot_size = 1 << (digest_size - 1).bit_length()
     per_block_bits = _bits_down(superblock.hash_block_size // slot_size)
     block_size = superblock.hash_block_size
     tree_offset = -(-SUPERBLOCK_SIZE // block_size) * block_size
