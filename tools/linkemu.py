@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""A user-space TCP link emulator: round-trip latency and bandwidth between client and server.
+
+Loopback is too fast to show what lazy fetching costs on a real network. This forwards each
+connection to a target, holds data for rtt/2 in each direction and shapes each direction with
+a token bucket, per connection or (--aggregate) shared by all connections like one link.
+Opening a connection costs one extra round trip, as a TCP handshake would. No root or netem.
+
+    python tools/linkemu.py --listen 127.0.0.1:8081 --target 127.0.0.1:8080 \\
+        --rtt-ms 20 --rate-mbit 100
+
+Importable: `run_link_emulator(...)` inside trio, `start_link_emulator(...)` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import math
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("linkemu")
+
+CHUNK_BYTES = 16 * 1024
+# Shaped data may leave back to back up to this long after an idle period.
+BURST_S = 0.005
+START_TIMEOUT_S = 10.0
+
+
+class TokenBucket:
+    """Paces a byte stream to `rate_bytes_per_s`; shared by tasks, it paces their sum."""
+
+    def __init__(self, rate_bytes_per_s: float) -> None:
+        self.rate = rate_bytes_per_s
+        self.burst = max(CHUNK_BYTES, rate_bytes_per_s * BURST_S)
+        self.tokens = self.burst
+        self.updated = trio.current_time()
+
+    async def take(self, size: int) -> None:
+        """Wait until `size` bytes may pass. Tokens go into debt, so later takers queue up."""
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= size
+        if self.tokens < 0:
+            await trio.sleep(-self.tokens / self.rate)
+
+
+class _Link:
+    """Settings shared by every connection of one emulator."""
+
+    def __init__(
+        self, target_host: str, target_port: int, rtt_ms: float, rate_mbit: float, aggregate: bool
+    ) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.delay_s = rtt_ms / 2000
+        self.rate_bytes_per_s = rate_mbit * 1_000_000 / 8
+        # Enough queued chunks to keep a bandwidth-delay product in flight, and a bound.
+        in_flight = self.rate_bytes_per_s * self.delay_s if self.rate_bytes_per_s else 2**24
+        self.queue_chunks = min(4096, math.ceil(in_flight / CHUNK_BYTES) + 16)
+        self.shared: tuple[TokenBucket, TokenBucket] | None = None
+        if aggregate and self.rate_bytes_per_s:
+            self.shared = (TokenBucket(self.rate_bytes_per_s), TokenBucket(self.rate_bytes_per_s))
+
+    def buckets(self) -> tuple[TokenBucket | None, TokenBucket | None]:
+        """(client to server, server to client) buckets of a new connection."""
+        if self.shared is not None:
+            return self.shared
+        if not self.rate_bytes_per_s:
+            return None, None
+        return TokenBucket(self.rate_bytes_per_s), TokenBucket(self.rate_bytes_per_s)
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        """Forward one client connection until both directions end or either side breaks."""
+        async with client:
+            await trio.sleep(2 * self.delay_s)  # the handshake's round trip
+            try:
+                server = await trio.open_tcp_stream(self.target_host, self.target_port)
+            except OSError as exc:
+                log.warning("cannot connect to %s:%d: %s", self.target_host, self.target_port, exc)
+                return
+            up, down = self.buckets()
+            async with server, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipe, client, server, up, nursery.cancel_scope)
+                nursery.start_soon(self._pipe, server, client, down, nursery.cancel_scope)
+
+    async def _pipe(
+        self,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        bucket: TokenBucket | None,
+        connection: trio.CancelScope,
+    ) -> None:
+        """One direction: shape, stamp with the delivery time, deliver after the delay."""
+        send, receive = trio.open_memory_channel[tuple[float, bytes]](self.queue_chunks)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver, receive, sink, connection)
+            async with send:
+                try:
+                    while data := await source.receive_some(CHUNK_BYTES):
+                        if bucket is not None:
+                            await bucket.take(len(data))
+                        await send.send((trio.current_time() + self.delay_s, data))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    connection.cancel()
+
+    @staticmethod
+    async def _deliver(
+        receive: trio.MemoryReceiveChannel[tuple[float, bytes]],
+        sink: trio.SocketStream,
+        connection: trio.CancelScope,
+    ) -> None:
+        async with receive:
+            try:
+                async for due, data in receive:
+                    await trio.sleep_until(due)
+                    await sink.send_all(data)
+                await sink.send_eof()  # pass a half-close on, after the data before it
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                connection.cancel()
+
+
+async def run_link_emulator(
+    listen_host: str,
+    listen_port: int,
+    target_host: str,
+    target_port: int,
+    rtt_ms: float,
+    rate_mbit: float,
+    *,
+    aggregate: bool = False,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; `task_status.started(port)` reports the port listened on.
+
+    `rate_mbit` (10**6 bit/s) applies to each direction, per connection unless `aggregate`;
+    0 means unshaped. `listen_port` 0 picks a free port.
+    """
+    if rtt_ms < 0 or rate_mbit < 0:
+        raise ValueError(f"rtt_ms and rate_mbit must not be negative ({rtt_ms}, {rate_mbit})")
+    link = _Link(target_host, target_port, rtt_ms, rate_mbit, aggregate)
+    listeners = await trio.open_tcp_listeners(listen_port, host=listen_host)
+    port = int(listeners[0].socket.getsockname()[1])
+    task_status.started(port)
+    await trio.serve_listeners(link.handle, listeners)
+
+
+def start_link_emulator(
+    target_port: int,
+    rtt_ms: float,
+    rate_mbit: float,
+    *,
+    aggregate: bool = False,
+    target_host: str = "127.0.0.1",
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """Run the emulator in a subprocess on a free 127.0.0.1 port: (port, process).
+
+    The caller stops it with `process.terminate()` and `process.wait()`.
+    """
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--listen=127.0.0.1:0",
+        f"--target={target_host}:{target_port}",
+        f"--rtt-ms={rtt_ms}",
+        f"--rate-mbit={rate_mbit}",
+    ] + (["--aggregate"] if aggregate else [])
+    # Unbuffered, so select() sees exactly what has not been read yet.
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0)
+    assert process.stdout is not None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        line = b""
+        while not line.endswith(b"\n") and time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            byte = process.stdout.read(1)
+            if not byte:
+                break
+            line += byte
+        # "listening on 127.0.0.1:PORT -> ..."
+        port = int(line.split()[2].rpartition(b":")[2])
+    except (IndexError, ValueError):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"link emulator did not start: {line!r}") from None
+    finally:
+        process.stdout.close()
+    return port, process
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if number < 0 or math.isnan(number):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a number >= 0")
+    return number
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--listen", type=_address, required=True, help="HOST:PORT (port 0: any)")
+    parser.add_argument("--target", type=_address, required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--rtt-ms", type=_non_negative, default=0.0, help="round trip, ms")
+    parser.add_argument(
+        "--rate-mbit", type=_non_negative, default=0.0, help="per direction, 10^6 bit/s; 0: off"
+    )
+    parser.add_argument(
+        "--aggregate", action="store_true", help="one rate for all connections, not each"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="linkemu: %(message)s")
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                functools.partial(
+                    run_link_emulator,
+                    *args.listen,
+                    *args.target,
+                    args.rtt_ms,
+                    args.rate_mbit,
+                    aggregate=args.aggregate,
+                )
+            )
+            print(
+                f"listening on {args.listen[0]}:{port} -> {args.target[0]}:{args.target[1]}"
+                f" rtt {args.rtt_ms} ms, {args.rate_mbit or 'unlimited'} Mbit/s"
+                f"{' aggregate' if args.aggregate else ' per connection'}",
+                flush=True,
+            )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(serve)
+
+
+if __name__ == "__main__":
+    main()
