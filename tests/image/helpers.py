@@ -1,0 +1,45 @@
+"""Blobs for image-layer tests, written by the real encoder from deterministic bytes."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from converter.encoder import EncodeOptions, EncodeResult, encode_image
+from lazyfs.format.descriptor import LayerDescriptor, serialize_descriptor
+
+
+def make_image_bytes(size: int, seed: int = 1) -> bytes:
+    """Half compressible text-like bytes, half random, so frames differ in size."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choice(b"abcdefghij ") for _ in range(7)) for _ in range(64)]
+    out = bytearray()
+    while len(out) < size:
+        if rng.random() < 0.5:
+            out += b"".join(rng.choice(words) for _ in range(512))
+        else:
+            out += rng.randbytes(4096)
+    return bytes(out[:size])
+
+
+def write_blob(directory: Path, image: bytes, name: str = "layer", **options: object) -> tuple[
+    Path, EncodeResult
+]:
+    """Encode `image` to `directory/NAME.blob` with its descriptor beside it."""
+    blob_path = directory / f"{name}.blob"
+    with open(blob_path, "wb") as out:
+        result = encode_image(io.BytesIO(image), len(image), out,
+                              EncodeOptions(**options))  # type: ignore[arg-type]
+    descriptor = LayerDescriptor(result.media_type, result.blob_digest, result.blob_size,
+                                 result.annotations.to_annotations())
+    (directory / f"{name}.descriptor.json").write_text(serialize_descriptor(descriptor))
+    return blob_path, result
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)
+        stream.seek(offset)
+        stream.write(bytes([byte[0] ^ 0x40]))

@@ -1,0 +1,302 @@
+"""RemoteImage over local blobs written by the encoder: correctness, integrity, efficiency."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lazyfs.fetch.errors import FetchError
+from lazyfs.format.errors import IntegrityError
+from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
+from lazyfs.image.cache import ChunkCache
+from lazyfs.image.errors import ImageReadError, LayerOpenError, UntrustedLayerError
+from lazyfs.image.open import LayerSource, open_layer
+from lazyfs.image.remote_image import RemoteImage
+from tests.image.helpers import flip_byte, make_image_bytes, write_blob
+
+CHUNK = 64 * 1024
+IMAGE = make_image_bytes(10 * CHUNK + 12345)
+
+
+def run_with_layer(
+    source: LayerSource, body: Callable[[RemoteImage], Awaitable[Any]],
+    cache_bytes: int = 64 << 20, **options: Any,
+) -> Any:
+    """Open `source` in a nursery, run `body(image)`, close everything; return body's result."""
+    result = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            image = await open_layer(source, cache=ChunkCache(cache_bytes), nursery=nursery,
+                                     **options)
+            try:
+                result.append(await body(image))
+            finally:
+                await image.aclose()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # One failure inside the nursery: raise it as itself, as the CLI reports it.
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        raise group from None
+    return result[0]
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> Path:
+    return write_blob(tmp_path, IMAGE, chunk_size=CHUNK)[0]
+
+
+async def read_all(image: RemoteImage, piece: int = 131072) -> bytes:
+    out = bytearray()
+    for offset in range(0, image.size, piece):
+        out += await image.read(offset, piece)
+    return bytes(out)
+
+
+def test_sequential_read_equals_image(blob: Path) -> None:
+    data = run_with_layer(LayerSource(str(blob)), read_all)
+    assert data == IMAGE
+
+
+@settings(max_examples=40, deadline=None)
+@given(reads=st.lists(st.tuples(st.integers(0, len(IMAGE) + 100), st.integers(0, 3 * CHUNK)),
+                      min_size=1, max_size=12))
+def test_random_reads_equal_image(tmp_path_factory: pytest.TempPathFactory,
+                                  reads: list[tuple[int, int]]) -> None:
+    directory = tmp_path_factory.mktemp("blob")
+    blob_path = write_blob(directory, IMAGE, chunk_size=CHUNK)[0]
+
+    async def body(image: RemoteImage) -> object:
+        return [await image.read(offset, size) for offset, size in reads]
+
+    results = run_with_layer(LayerSource(str(blob_path)), body, cache_bytes=3 * CHUNK)
+    for (offset, size), data in zip(reads, results, strict=True):
+        assert data == IMAGE[offset:offset + size]
+
+
+@pytest.mark.parametrize("verity", [True, False])
+@pytest.mark.parametrize("chunk_size", [4096, 3 * 4096, CHUNK])
+def test_chunk_sizes_and_verity(tmp_path: Path, verity: bool, chunk_size: int) -> None:
+    blob_path = write_blob(tmp_path, IMAGE[:200_000], chunk_size=chunk_size, verity=verity)[0]
+    assert run_with_layer(LayerSource(str(blob_path)), read_all) == IMAGE[:200_000]
+
+
+def test_single_block_image(tmp_path: Path) -> None:
+    blob_path = write_blob(tmp_path, b"x" * 100, chunk_size=CHUNK)[0]
+    assert run_with_layer(LayerSource(str(blob_path)), read_all) == b"x" * 100
+
+
+def test_corrupt_frame_fails_only_its_chunk(blob: Path, caplog: pytest.LogCaptureFixture) -> None:
+    flip_byte(blob, 3 * CHUNK // 4 + 100)  # inside an early frame, far from chunk 9
+
+    async def body(image: RemoteImage) -> object:
+        bad = image.metadata.table.chunk_at_blob_offset(3 * CHUNK // 4 + 100)
+        with pytest.raises(ImageReadError):
+            await image.read(bad * CHUNK, 4096)
+        with pytest.raises(ImageReadError):  # remembered: no second fetch
+            await image.read(bad * CHUNK + 8192, 4096)
+        good = await image.read(9 * CHUNK, CHUNK)
+        return bad, good, image.stats_snapshot()
+
+    with caplog.at_level(logging.ERROR):
+        bad, good, stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+    assert good == IMAGE[9 * CHUNK:10 * CHUNK]
+    assert stats["verify_failures"] == 1
+    assert stats["bad_chunks"] == [bad]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"chunk {bad}" in errors[0].getMessage()
+
+
+def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path) -> None:
+    # 40 chunks of 4 KiB -> sha512 level 0 has one hash block per 64 data blocks; a 2 MiB image
+    # has 512 data blocks, 8 level-0 blocks and a top level: big enough to keep level 0 remote.
+    image_bytes = make_image_bytes(2 * 1024 * 1024, seed=7)
+    blob_path, result = write_blob(tmp_path, image_bytes, chunk_size=CHUNK)
+    verity_payload = result.annotations.verity_offset + SKIPPABLE_HEADER_SIZE
+    # Payload: superblock block, level 1 (1 block), then level 0 blocks; corrupt level-0 block 2.
+    flip_byte(blob_path, verity_payload + 4096 * (2 + 2) + 10)
+
+    async def body(image: RemoteImage) -> object:
+        with pytest.raises(ImageReadError):
+            await image.read(2 * 64 * 4096, 4096)  # data block 128 -> level-0 block 2
+        return await image.read(0, CHUNK)
+
+    import lazyfs.image.open as open_module
+
+    saved = open_module.WHOLE_TREE_BYTES
+    open_module.WHOLE_TREE_BYTES = 0
+    try:
+        assert run_with_layer(LayerSource(str(blob_path)), body, readahead_chunks=0) == (
+            image_bytes[:CHUNK])
+    finally:
+        open_module.WHOLE_TREE_BYTES = saved
+
+
+def test_corrupt_upper_tree_refuses_open(tmp_path: Path) -> None:
+    image_bytes = make_image_bytes(2 * 1024 * 1024, seed=8)
+    blob_path, result = write_blob(tmp_path, image_bytes, chunk_size=CHUNK)
+    flip_byte(blob_path, result.annotations.verity_offset + SKIPPABLE_HEADER_SIZE + 4096 + 5)
+    with pytest.raises(IntegrityError, match="root digest"):
+        run_with_layer(LayerSource(str(blob_path)), read_all)
+
+
+def test_wrong_chunk_digest_refuses_open(blob: Path) -> None:
+    source = LayerSource(str(blob), chunk_table_offset=None)
+    descriptor = blob.with_name("layer.descriptor.json")
+    document = json.loads(descriptor.read_text())
+    key = "dev.containerd.erofs.zstd.chunk_digest"
+    digest = document["annotations"][key]
+    document["annotations"][key] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    descriptor.write_text(json.dumps(document))
+    with pytest.raises(IntegrityError, match="chunk table digest mismatch"):
+        run_with_layer(source, read_all)
+
+
+def test_missing_descriptor_is_a_clear_error(blob: Path) -> None:
+    blob.with_name("layer.descriptor.json").unlink()
+    with pytest.raises(LayerOpenError, match="no descriptor found"):
+        run_with_layer(LayerSource(str(blob)), read_all)
+
+
+def test_untrusted_refused_unless_insecure(blob: Path) -> None:
+    _, result = write_blob(blob.parent, IMAGE, chunk_size=CHUNK)
+    offset = result.annotations.chunk_table_offset
+    with pytest.raises(UntrustedLayerError, match="--insecure"):
+        run_with_layer(LayerSource(str(blob), chunk_table_offset=offset), read_all)
+    source = LayerSource(str(blob), chunk_table_offset=offset, insecure=True)
+    assert run_with_layer(source, read_all) == IMAGE
+
+
+def test_explicit_annotations(blob: Path) -> None:
+    _, result = write_blob(blob.parent, IMAGE, chunk_size=CHUNK)
+    a = result.annotations
+    source = LayerSource(str(blob), chunk_table_offset=a.chunk_table_offset,
+                         chunk_digest=a.chunk_digest, verity_offset=a.verity_offset,
+                         root_digest=a.root_digest)
+    assert run_with_layer(source, read_all) == IMAGE
+
+
+def test_concurrent_reads_of_one_chunk_fetch_once(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        before = image.reader.stats.requests
+        results: list[bytes] = []
+
+        async def reader(offset: int) -> None:
+            results.append(await image.read(offset, 4096))
+
+        async with trio.open_nursery() as nursery:
+            for index in range(20):
+                nursery.start_soon(reader, 5 * CHUNK + index * 2048)
+        return results, image.reader.stats.requests - before
+
+    results, requests = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+    assert sorted(results) == sorted(IMAGE[5 * CHUNK + i * 2048:5 * CHUNK + i * 2048 + 4096]
+                                     for i in range(20))
+    assert requests == 1
+
+
+def test_adjacent_missing_chunks_are_coalesced(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        before = image.reader.stats.requests
+        data = await image.read(2 * CHUNK + 10, 4 * CHUNK)
+        return data, image.reader.stats.requests - before
+
+    data, requests = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+    assert data == IMAGE[2 * CHUNK + 10:6 * CHUNK + 10]
+    assert requests == 1
+
+
+def test_coalescing_respects_cap(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        before = image.reader.stats.requests
+        await image.read(0, 6 * CHUNK)
+        return image.reader.stats.requests - before
+
+    assert run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0,
+                          coalesce_bytes=1) == 6
+
+
+def test_sequential_reads_trigger_readahead(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        await image.read(0, 4096)
+        await image.read(4096, 4096)
+        await trio.sleep(0.2)
+        return image.stats_snapshot()
+
+    stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=3)
+    assert stats["readahead_chunks"] == 3
+    assert stats["chunks_fetched"] == 4
+
+
+def test_random_reads_do_not_read_ahead(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        await image.read(7 * CHUNK, 4096)
+        await image.read(2 * CHUNK, 4096)
+        await trio.sleep(0.1)
+        return image.stats_snapshot()
+
+    stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=3)
+    assert stats["readahead_chunks"] == 0
+    assert stats["chunks_fetched"] == 2
+
+
+def test_cache_stays_within_cap(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        data = await read_all(image)
+        return data, image.cache.size_bytes
+
+    data, cached = run_with_layer(LayerSource(str(blob)), body, cache_bytes=2 * CHUNK)
+    assert data == IMAGE
+    assert cached <= 2 * CHUNK
+
+
+def test_fetch_failure_is_eio_and_not_remembered(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        real_read = image.reader.read
+        calls = 0
+
+        async def flaky(offset: int, size: int) -> bytes:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise FetchError(f"test: {offset}+{size} refused")
+            return await real_read(offset, size)
+
+        image.reader.read = flaky
+        with pytest.raises(ImageReadError):
+            await image.read(4 * CHUNK, 10)
+        return await image.read(4 * CHUNK, 10), image.stats_snapshot()
+
+    data, stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+    assert data == IMAGE[4 * CHUNK:4 * CHUNK + 10]
+    assert stats["fetch_failures"] == 1 and stats["verify_failures"] == 0
+
+
+def test_read_past_end_is_empty(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        return await image.read(len(IMAGE), 4096), await image.read(len(IMAGE) + 10**9, 1)
+
+    assert run_with_layer(LayerSource(str(blob)), body) == (b"", b"")
+
+
+def test_vectors_read_back(vectors_dir: Path) -> None:
+    import hashlib
+
+    for descriptor in sorted(vectors_dir.glob("*.descriptor.json")):
+        blob_path = descriptor.with_name(descriptor.name.replace(".descriptor.json", ".blob"))
+        listing = json.loads(descriptor.with_name(
+            descriptor.name.replace(".descriptor.json", ".files.json")).read_text())
+        data = run_with_layer(LayerSource(str(blob_path)), read_all)
+        assert hashlib.sha256(data).hexdigest() == listing["raw_erofs_sha256"]
