@@ -131,14 +131,19 @@ def walk_zstd_frame(buf: bytes | memoryview, offset: int = 0) -> ZstdFrameInfo:
         if block_type == 3:
             raise FieldError("zstd frame", "block type", offset + position, "0, 1 or 2",
                              "3 (reserved)")
-        position += 3 + (1 if block_type == _BLOCK_RLE else block_size)
+        block_end = position + 3 + (1 if block_type == _BLOCK_RLE else block_size)
+        if len(view) < block_end:
+            raise TruncatedError("zstd block", offset + position, block_end - position,
+                                 len(view) - position)
+        position = block_end
         block_count += 1
         if last:
             break
     if has_checksum:
+        if len(view) < position + 4:
+            raise TruncatedError("zstd frame checksum", offset + position, 4,
+                                 len(view) - position)
         position += 4
-    if len(view) < position:
-        raise TruncatedError("zstd frame", offset, position, len(view))
     return ZstdFrameInfo(position, content_size, block_count, has_checksum)
 
 
