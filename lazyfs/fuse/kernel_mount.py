@@ -1,0 +1,283 @@
+"""Kernel mounts on top of the FUSE block files: EROFS (file-backed or via a loop device),
+overlayfs, and their teardown.
+
+Everything runs mount(8), umount(8), losetup(8) and fusermount3(1) as subprocesses under trio:
+the kernel reads the EROFS superblock through the FUSE file while mount(8) runs, so the FUSE
+loop in this very process must keep serving meanwhile. A blocking mount(2) call on the event
+loop would deadlock the daemon against itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from lazyfs.fuse.state import ErofsMountRecord, MountRecord
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_S = 60.0
+UNMOUNT_ATTEMPTS = 6
+UNMOUNT_FIRST_DELAY_S = 0.1
+_ENV = {**os.environ, "LC_ALL": "C"}  # stable messages to match "busy" in
+
+
+class MountError(Exception):
+    """A mount, unmount or loop operation failed; the message quotes the tool's stderr."""
+
+
+class MountBusyError(MountError):
+    """A mountpoint stayed busy (open files, a working directory) through every retry."""
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    mounts = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if not sep or len(fields) < 5 or len(rest) < 2:
+            continue
+        mounts.append(MountInfo(_unescape(fields[4]), rest[0], _unescape(rest[1])))
+    return mounts
+
+
+def current_mounts() -> list[MountInfo]:
+    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+
+
+def canonical(path: str | os.PathLike[str]) -> str:
+    """Absolute path with symlinks of the parent resolved, without touching `path` itself:
+    stat on a FUSE mountpoint whose daemon died fails with ENOTCONN."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """True if something is mounted at `path` (works where os.path.ismount cannot, on a
+    dead FUSE mount)."""
+    target = canonical(path)
+    return any(m.mountpoint == target for m in current_mounts())
+
+
+def mounts_at_or_below(path: str | os.PathLike[str]) -> list[MountInfo]:
+    """Mounts at `path` or below it, deepest first (the order to unmount them in)."""
+    target = canonical(path)
+    prefix = target.rstrip("/") + "/"
+    found = [m for m in current_mounts()
+             if m.mountpoint == target or m.mountpoint.startswith(prefix)]
+    return sorted(found, key=lambda m: m.mountpoint.count("/"), reverse=True)
+
+
+def loops_backed_by(path_prefix: str) -> list[str]:
+    """Loop devices whose backing file is `path_prefix` or lies below it (read from sysfs, so
+    it works when the backing file itself can no longer be opened)."""
+    prefix = path_prefix.rstrip("/")
+    devices = []
+    for backing in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        try:
+            name = backing.read_text().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:  # detached while we looked
+            continue
+        if name == prefix or name.startswith(prefix + "/"):
+            devices.append("/dev/" + backing.parent.parent.name)
+    return devices
+
+
+async def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+    """Run a mount tool; never raises for its exit status. Raises MountError on timeout."""
+    try:
+        with trio.fail_after(COMMAND_TIMEOUT_S):
+            return await trio.run_process(list(argv), check=False, capture_stdout=True,
+                                          capture_stderr=True, env=_ENV,
+                                          stdin=subprocess.DEVNULL)
+    except trio.TooSlowError:
+        raise MountError(f"`{' '.join(argv)}` did not finish within {COMMAND_TIMEOUT_S:.0f} s"
+                         ) from None
+    except FileNotFoundError as exc:
+        raise MountError(f"{argv[0]} not found: install it (util-linux, fuse3)") from exc
+
+
+def _stderr(result: subprocess.CompletedProcess[bytes]) -> str:
+    text = (result.stderr or b"").decode(errors="replace").strip()
+    text = " ".join(line.strip() for line in text.splitlines() if "dmesg(1)" not in line)
+    return text or f"exit status {result.returncode}"
+
+
+async def attach_loop(image_file: str) -> str:
+    """Attach `image_file` to a free read-only loop device. Returns the device path."""
+    result = await _run(["losetup", "--find", "--show", "--read-only", image_file])
+    device = result.stdout.decode().strip()
+    if result.returncode != 0 or not device.startswith("/dev/"):
+        raise MountError(f"cannot attach {image_file} to a loop device: {_stderr(result)}")
+    log.info("attached %s to %s", image_file, device)
+    return device
+
+
+async def detach_loop(device: str) -> None:
+    """Detach a loop device; one already gone is fine. (A device still mounted is only marked
+    to detach when its last user goes: the kernel's autoclear.)"""
+    result = await _run(["losetup", "--detach", device])
+    if result.returncode != 0:
+        message = _stderr(result)
+        if "No such device" in message or "No such file" in message:
+            return
+        raise MountError(f"cannot detach loop device {device}: {message}")
+    log.info("detached %s", device)
+
+
+async def mount_erofs(
+    image_file: str,
+    mountpoint: str,
+    *,
+    on_loop_attached: Callable[[str], None] | None = None,
+) -> ErofsMountRecord:
+    """Mount `image_file` read-only as EROFS at `mountpoint`.
+
+    Tries a file-backed mount first (Linux >= 6.12), then a read-only loop device;
+    `on_loop_attached(device)` is called before that mount so the device is recorded even if
+    this process dies. Raises MountError quoting mount(8) for both attempts.
+    """
+    result = await _run(["mount", "-t", "erofs", "-o", "ro", image_file, mountpoint])
+    if result.returncode == 0:
+        log.info("mounted %s at %s (file-backed EROFS)", image_file, mountpoint)
+        return ErofsMountRecord(image_file, mountpoint)
+    file_backed_error = _stderr(result)
+    log.info("file-backed EROFS mount of %s failed (%s); trying a loop device",
+             image_file, file_backed_error)
+    device = await attach_loop(image_file)
+    if on_loop_attached is not None:
+        on_loop_attached(device)
+    result = await _run(["mount", "-t", "erofs", "-o", "ro", device, mountpoint])
+    if result.returncode != 0:
+        with trio.CancelScope(shield=True):
+            await detach_loop(device)
+        raise MountError(f"cannot mount {image_file} as EROFS at {mountpoint}: file-backed: "
+                         f"{file_backed_error}; via loop device {device}: {_stderr(result)}")
+    log.info("mounted %s at %s (EROFS on %s)", image_file, mountpoint, device)
+    return ErofsMountRecord(image_file, mountpoint, device)
+
+
+def overlay_options(
+    lowerdirs: Sequence[str], upperdir: str | None = None, workdir: str | None = None
+) -> str:
+    """The overlayfs option string; `lowerdirs[0]` is the top-most layer. Raises ValueError
+    for no lower dirs, upper without work dir (or the reverse), or a path that cannot be
+    written into the option string."""
+    if not lowerdirs:
+        raise ValueError("an overlay needs at least one lower directory")
+    if (upperdir is None) != (workdir is None):
+        raise ValueError("an overlay upper directory needs a work directory, and vice versa")
+    paths = [*lowerdirs, *(p for p in (upperdir, workdir) if p is not None)]
+    for path in paths:
+        if any(c in path for c in ",:\\\n"):
+            raise ValueError(f"{path}: overlay directories cannot contain ',', ':' or '\\'")
+    options = "lowerdir=" + ":".join(lowerdirs)
+    if upperdir is not None:
+        options += f",upperdir={upperdir},workdir={workdir}"
+    return options
+
+
+async def mount_overlay(
+    lowerdirs: Sequence[str],
+    mountpoint: str,
+    *,
+    upperdir: str | None = None,
+    workdir: str | None = None,
+) -> None:
+    """Stack `lowerdirs` (top-most first) at `mountpoint`, read-only without an upper dir.
+    Raises MountError quoting mount(8), ValueError for bad arguments."""
+    options = overlay_options(lowerdirs, upperdir, workdir)
+    if upperdir is None:
+        options = "ro," + options
+    result = await _run(["mount", "-t", "overlay", "overlay", "-o", options, mountpoint])
+    if result.returncode != 0:
+        raise MountError(f"cannot mount overlay at {mountpoint}: {_stderr(result)}")
+    log.info("mounted overlay at %s (%s)", mountpoint, options)
+
+
+async def unmount(mountpoint: str, *, attempts: int = UNMOUNT_ATTEMPTS,
+                  lazy_fallback: bool = False) -> None:
+    """Unmount `mountpoint`, retrying while it is busy; nothing mounted there is fine.
+
+    When it stays busy: detach it lazily if `lazy_fallback`, else raise MountBusyError.
+    Raises MountError quoting umount(8) for any other failure.
+    """
+    delay = UNMOUNT_FIRST_DELAY_S
+    message = ""
+    for attempt in range(attempts):
+        if not is_mountpoint(mountpoint):
+            return
+        result = await _run(["umount", mountpoint])
+        if result.returncode == 0:
+            log.info("unmounted %s", mountpoint)
+            return
+        message = _stderr(result)
+        if not is_mountpoint(mountpoint):
+            return
+        if "busy" not in message:
+            raise MountError(f"cannot unmount {mountpoint}: {message}")
+        if attempt + 1 < attempts:
+            await trio.sleep(delay)
+            delay *= 2
+    if not lazy_fallback:
+        raise MountBusyError(f"cannot unmount {mountpoint}: {message} (close the files and "
+                             "working directories under it, or use `lazyfs umount --lazy`)")
+    log.warning("%s is still busy; detaching it lazily (it goes away when no longer used)",
+                mountpoint)
+    result = await _run(["umount", "--lazy", mountpoint])
+    if result.returncode != 0 and is_mountpoint(mountpoint):
+        raise MountError(f"cannot detach {mountpoint}: {_stderr(result)}")
+
+
+async def fuse_unmount_lazy(mountpoint: str) -> None:
+    """Detach a FUSE mount whose daemon may be gone (`fusermount3 -u -z`)."""
+    if not is_mountpoint(mountpoint):
+        return
+    result = await _run(["fusermount3", "-u", "-z", mountpoint])
+    if result.returncode != 0 and is_mountpoint(mountpoint):
+        raise MountError(f"cannot unmount FUSE file system at {mountpoint}: {_stderr(result)}")
+    log.info("detached FUSE file system at %s", mountpoint)
+
+
+async def unmount_kernel_mounts(record: MountRecord, *, lazy_fallback: bool) -> None:
+    """Take down what the record lists above the FUSE mount, top first: overlay, EROFS
+    mounts (newest first), then loop devices (recorded ones and any still backed by a block
+    file). Raises MountError (MountBusyError) and leaves the rest in place if one fails."""
+    if record.overlay is not None:
+        await unmount(record.overlay, lazy_fallback=lazy_fallback)
+    for erofs in reversed(record.erofs_mounts):
+        await unmount(erofs.mountpoint, lazy_fallback=lazy_fallback)
+    devices = list(dict.fromkeys([*record.loop_devices, *loops_backed_by(record.fuse_dir)]))
+    for device in devices:
+        await detach_loop(device)
