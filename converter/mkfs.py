@@ -1,0 +1,171 @@
+"""Run erofs-utils (Debian 12 ships 1.5): build a raw EROFS image from a directory, check one.
+
+Options, as containerd passes them: with a compressor (`lz4hc,12`) `-z<compressor>` and
+`-C65536` (1.5 has `-C`: big physical clusters, read by kernels >= 5.13). xattrs need no
+option: 1.5 keeps them by default (`-x` only tunes xattr sharing or, negative, drops them).
+
+Reproducible images: the only varying bytes of a 1.5 image are the UUID and the build time
+(in the superblock, and as the mtime of any inode newer than it). A fixed UUID is passed with
+`-U`, and the build time with the SOURCE_DATE_EPOCH variable rather than `-T`: in 1.5, `-T`
+overwrites the mtime of every inode whatever other option is given (`--preserve-mtime` does
+not undo it), while SOURCE_DATE_EPOCH only clamps mtimes newer than it and keeps the rest.
+Without a timestamp, reproducible mode uses one second after the newest mtime in the tree,
+so no mtime changes. Directory order needs nothing: mkfs.erofs sorts entries by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from converter.errors import ConvertError
+
+# containerd's physical cluster size for compressed images.
+PCLUSTER_BYTES = 65536
+# Any fixed value makes images reproducible; this one is derived from the project name.
+REPRODUCIBLE_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, "reproducible.lazyfs"))
+_OUTPUT_TAIL_CHARS = 2000
+_COMPRESSOR_SPEC = re.compile(r"[a-z0-9]+(,[0-9]+)?")
+
+
+def build_erofs(
+    src_dir: Path,
+    out_image: Path,
+    *,
+    compression: str | None = None,
+    extra_opts: Sequence[str] = (),
+    reproducible: bool = False,
+    timestamp: int | None = None,
+) -> None:
+    """Build the raw EROFS image `out_image` from the tree at `src_dir` with mkfs.erofs.
+
+    `compression` is mkfs's `-z` argument (`lz4hc,12`; None: uncompressed). `extra_opts`
+    come last, so they override ours. `timestamp` (UNIX seconds) is the build time; newer
+    mtimes are clamped to it. `reproducible` fixes the UUID too, so the same tree gives the
+    same bytes. The image appears complete or not at all. Raises ConvertError with the tail
+    of mkfs's output on failure.
+    """
+    tool = _tool("mkfs.erofs")
+    if not src_dir.is_dir():
+        raise ConvertError(f"{src_dir}: not a directory to build an EROFS image from")
+    args = [tool, "--quiet"]
+    if compression is not None:
+        if not _COMPRESSOR_SPEC.fullmatch(compression):
+            raise ConvertError(
+                f"invalid EROFS compression {compression!r}: expected NAME[,LEVEL], e.g. lz4hc,12"
+            )
+        args += [f"-z{compression}", f"-C{PCLUSTER_BYTES}"]
+    env = dict(os.environ)
+    if reproducible:
+        args.append(f"-U{REPRODUCIBLE_UUID}")
+        if timestamp is None and "SOURCE_DATE_EPOCH" not in env:
+            timestamp = newest_mtime(src_dir) + 1
+    if timestamp is not None:
+        if timestamp < 0:
+            raise ConvertError(f"invalid timestamp {timestamp}: must be >= 0")
+        env["SOURCE_DATE_EPOCH"] = str(timestamp)
+    args += extra_opts
+
+    out_dir = out_image.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out_image.name}.", suffix=".tmp", dir=out_dir)
+    except OSError as e:
+        raise ConvertError(f"{out_image}: cannot create: {e.strerror}") from None
+    os.close(fd)
+    try:
+        _run([*args, tmp_name, os.fspath(src_dir)], env, f"mkfs.erofs of {src_dir}")
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, out_image)
+    except BaseException:
+        _unlink_quietly(tmp_name)
+        raise
+
+
+def fsck_erofs(image: Path, *, extract_to: Path | None = None) -> None:
+    """Check `image` with fsck.erofs (every file's data is decoded), optionally extracting it
+    to the new directory `extract_to` (erofs-utils 1.5 restores owners and modes, but neither
+    xattrs nor hardlinks). Raises ConvertError with fsck's output when the image is bad."""
+    args = [_tool("fsck.erofs")]
+    if extract_to is not None:
+        args.append(f"--extract={os.fspath(extract_to)}")
+    else:
+        args.append("--extract")  # decode all data without writing it anywhere
+    _run([*args, os.fspath(image)], None, f"fsck.erofs of {image}")
+
+
+def erofs_tool_version() -> str:
+    """The version of the installed mkfs.erofs, e.g. "1.5"."""
+    result = _completed([_tool("mkfs.erofs"), "-V"], None, "mkfs.erofs -V")
+    found = re.search(r"mkfs\.erofs\s+(\S+)", result.stdout + result.stderr)
+    if found is None:
+        raise ConvertError(f"cannot tell the mkfs.erofs version from: {_tail(result)}")
+    return found.group(1)
+
+
+def newest_mtime(root: Path) -> int:
+    """The newest mtime (whole seconds) of anything under `root`, `root` itself included."""
+    newest = 0
+    pending = [os.fspath(root)]
+    try:
+        while pending:
+            current = pending.pop()
+            st = os.lstat(current)
+            newest = max(newest, int(st.st_mtime))
+            if stat.S_ISDIR(st.st_mode):
+                with os.scandir(current) as listing:
+                    pending.extend(entry.path for entry in listing)
+    except OSError as e:
+        raise ConvertError(f"{e.filename}: cannot read: {e.strerror}") from None
+    return newest
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise ConvertError(f"{name} not found: install erofs-utils")
+    return found
+
+
+def _completed(
+    args: list[str], env: dict[str, str] | None, what: str
+) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            args, env=env, capture_output=True, text=True, errors="replace", check=False
+        )
+    except OSError as e:
+        raise ConvertError(f"{what}: cannot run {args[0]}: {e.strerror}") from None
+
+
+def _run(args: list[str], env: dict[str, str] | None, what: str) -> None:
+    result = _completed(args, env, what)
+    if result.returncode != 0:
+        raise ConvertError(f"{what} failed (exit status {result.returncode}): {_tail(result)}")
+
+
+def _tail(result: subprocess.CompletedProcess[str]) -> str:
+    text = (result.stderr.strip() or result.stdout.strip() or "no output").replace("\n", " | ")
+    return text[-_OUTPUT_TAIL_CHARS:]
+
+
+def _unlink_quietly(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+__all__ = [
+    "PCLUSTER_BYTES",
+    "REPRODUCIBLE_UUID",
+    "build_erofs",
+    "erofs_tool_version",
+    "fsck_erofs",
+    "newest_mtime",
+]
