@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -158,7 +159,11 @@ def validate_chunk_layout(table: ChunkTable, data_end: int) -> None:
 
 
 def serialize_chunk_table(table: ChunkTable) -> bytes:
-    """The payload bytes of `table` (wrap with `serialize_skippable_frame` for the blob)."""
+    """The payload bytes of `table` (wrap with `serialize_skippable_frame` for the blob).
+
+    Raises ValueError for a table no reader would accept, so an encoder bug fails at write time.
+    """
+    _check_serializable(table)
     header = _HEADER.pack(
         CHUNK_TABLE_MAGIC, CHUNK_TABLE_VERSION, table.uncompressed_size, table.chunk_size,
         table.hash_algorithm, 0,
@@ -171,6 +176,25 @@ def serialize_chunk_table(table: ChunkTable) -> bytes:
         parts.append(struct.pack("<Q", frame_offset))
         parts.append(digest)
     return b"".join(parts)
+
+
+def _check_serializable(table: ChunkTable) -> None:
+    if table.hash_algorithm not in HASH_DIGEST_SIZES:
+        raise ValueError(f"unknown chunk table hash algorithm {table.hash_algorithm}")
+    if not 0 < table.chunk_size < 1 << 32:
+        raise ValueError(f"chunk size {table.chunk_size} is not in 1..2^32-1")
+    if not 0 <= table.uncompressed_size < 1 << 64:
+        raise ValueError(f"uncompressed size {table.uncompressed_size} does not fit 64 bits")
+    count = expected_chunk_count(table.uncompressed_size, table.chunk_size)
+    if table.chunk_count != count or len(table.frame_digests) != count:
+        raise ValueError(
+            f"{table.chunk_count} frame offsets and {len(table.frame_digests)} digests for "
+            f"{count} chunks of {table.chunk_size} in {table.uncompressed_size} bytes"
+        )
+    if any(not 0 <= offset < 1 << 64 for offset in table.frame_offsets):
+        raise ValueError("a frame offset does not fit 64 bits")
+    if any(b < a for a, b in itertools.pairwise(table.frame_offsets)):
+        raise ValueError("frame offsets decrease")
 
 
 def frame_digest(frame: bytes | memoryview) -> bytes:
