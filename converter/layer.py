@@ -1,0 +1,249 @@
+"""Convert one layer (directory, tar of any compression, raw EROFS image) into a seekable blob.
+
+directory -> mkfs.erofs -> encode; tar -> safe extraction into a private temporary directory
+-> mkfs.erofs -> encode; raw EROFS image -> encode. The blob and its OCI descriptor are written
+to temporary files beside their destinations and renamed into place only when both are
+complete, so an interrupted or failed conversion leaves neither a partial output nor its
+temporary space behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from converter.encoder import EncodeOptions, EncodeResult, encode_image
+from converter.errors import ConvertError, UnsupportedSourceError
+from converter.mkfs import REPRODUCIBLE_UUID, build_erofs
+from converter.source import SourceKind, detect_source, open_tar_stream
+from converter.tar_extract import ExtractStats, extract_layer
+from lazyfs.format.descriptor import (
+    LABEL_UNCOMPRESSED,
+    LayerDescriptor,
+    serialize_descriptor,
+)
+
+Progress = Callable[[str, int, int | None], None]
+"""Called with (phase, bytes done, total bytes or None when unknown); phases are "extract"
+(tar bytes read), "mkfs" (no byte counts) and "encode" (image bytes encoded)."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How to convert: the blob's encoding, and how mkfs.erofs builds the image."""
+
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    erofs_compression: str | None = None  # mkfs.erofs -z argument, e.g. "lz4hc,12"
+    mkfs_opts: tuple[str, ...] = ()
+    reproducible: bool = False  # fixed UUIDs and timestamps: same input, same bytes
+    timestamp: int | None = None  # mkfs.erofs build time (UNIX seconds)
+    force: bool = False  # replace an existing blob and descriptor
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion produced; `seconds` holds the wall time of each phase."""
+
+    source: Path
+    source_kind: SourceKind
+    blob_path: Path
+    descriptor_path: Path
+    descriptor: LayerDescriptor
+    encoded: EncodeResult
+    extract_stats: ExtractStats | None
+    seconds: dict[str, float]
+
+
+def descriptor_path_for(blob_path: Path) -> Path:
+    """The descriptor beside a blob, where readers look for it: `X.blob` ->
+    `X.descriptor.json`, any other name -> `NAME.descriptor.json`."""
+    if blob_path.suffix == ".blob":
+        return blob_path.with_suffix(".descriptor.json")
+    return blob_path.with_name(blob_path.name + ".descriptor.json")
+
+
+def convert_layer(
+    src: Path, out: Path, options: ConvertOptions | None = None,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert the layer at `src` into the seekable blob `out` and its descriptor beside it.
+
+    Raises ConvertError (UnsupportedSourceError, UnsafeTarError) for unusable input or
+    options, or when an output exists without `force`; KeyboardInterrupt passes through after
+    cleaning up.
+    """
+    options = options or ConvertOptions()
+    descriptor_path = descriptor_path_for(out)
+    kind = detect_source(src)
+    _check_outputs(src, out, descriptor_path, options.force)
+    if kind is SourceKind.SEEKABLE_EROFS:
+        raise UnsupportedSourceError(
+            f"{src}: already a seekable EROFS blob; to re-encode it, `lazyfs unpack` it to a "
+            "raw image and convert that"
+        )
+    if kind is SourceKind.EROFS_IMAGE and (options.erofs_compression or options.mkfs_opts):
+        raise ConvertError(f"{src}: is already an EROFS image: --erofs-compression and "
+                           "--mkfs-opts apply only to directory and tar sources")
+    encode_options = options.encode
+    if options.reproducible and encode_options.verity_uuid is None:
+        encode_options = replace(encode_options, verity_uuid=uuid.UUID(REPRODUCIBLE_UUID).bytes)
+    report = progress or (lambda phase, done, total: None)
+    seconds: dict[str, float] = {}
+    stats: ExtractStats | None = None
+    with tempfile.TemporaryDirectory(prefix="lazyfs-convert-") as work_dir:
+        work = Path(work_dir)
+        if kind is SourceKind.EROFS_IMAGE:
+            image = src
+        else:
+            tree = src
+            if kind.is_tar:
+                tree = work / "rootfs"
+                tree.mkdir(mode=0o700)
+                with _timed(seconds, "extract"):
+                    stats = _extract(src, kind, tree, report)
+            image = work / "image.erofs"
+            report("mkfs", 0, None)
+            with _timed(seconds, "mkfs"):
+                build_erofs(tree, image, compression=options.erofs_compression,
+                            extra_opts=options.mkfs_opts, reproducible=options.reproducible,
+                            timestamp=options.timestamp)
+            if kind.is_tar:
+                # The extracted tree is no longer needed: free its space before encoding.
+                shutil.rmtree(tree, ignore_errors=True)
+        with _timed(seconds, "encode"):
+            encoded, descriptor = _write_outputs(image, out, descriptor_path, encode_options,
+                                                 options.force, report)
+    return ConvertResult(src, kind, out, descriptor_path, descriptor, encoded, stats, seconds)
+
+
+def _check_outputs(src: Path, out: Path, descriptor_path: Path, force: bool) -> None:
+    """Fail before any work when the outputs cannot be written."""
+    if out.is_dir():
+        raise ConvertError(f"{out}: is a directory; give the blob's file name")
+    if not out.parent.is_dir():
+        raise ConvertError(f"{out.parent}: no such directory for the output")
+    with contextlib.suppress(OSError):
+        if out.exists() and out.samefile(src):
+            raise ConvertError(f"{out}: is the source itself")
+    if not force:
+        for path in (out, descriptor_path):
+            if path.exists() or path.is_symlink():
+                raise ConvertError(f"{path} exists (use --force to overwrite it)")
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        seconds[phase] = time.monotonic() - start
+
+
+class _CountingReader:
+    """A read-only stream that reports how many bytes went through it."""
+
+    def __init__(self, stream: BinaryIO, report: Progress) -> None:
+        self._stream = stream
+        self._report = report
+        self._done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._done += len(data)
+        self._report("extract", self._done, None)
+        return data
+
+
+def _extract(src: Path, kind: SourceKind, dest: Path, report: Progress) -> ExtractStats:
+    with open_tar_stream(src, kind) as stream:
+        counting = _CountingReader(stream, report)
+        return extract_layer(counting, dest)  # type: ignore[arg-type]
+
+
+def _write_outputs(
+    image: Path, out: Path, descriptor_path: Path, encode_options: EncodeOptions, force: bool,
+    report: Progress,
+) -> tuple[EncodeResult, LayerDescriptor]:
+    """Encode `image` into a temporary blob beside `out`, write the descriptor likewise, then
+    move both into place (never over existing files unless `force`)."""
+    temps: list[Path] = []
+    try:
+        blob_temp = _temp_beside(out, temps)
+        try:
+            with open(image, "rb") as source, open(blob_temp, "wb") as sink:
+                image_size = os.fstat(source.fileno()).st_size
+                encoded = encode_image(source, image_size, sink, encode_options,
+                                       lambda done: report("encode", done, image_size))
+                sink.flush()
+                os.fsync(sink.fileno())
+        except ValueError as exc:
+            raise ConvertError(f"{image}: cannot encode: {exc}") from None
+        except OSError as exc:
+            raise ConvertError(f"{exc.filename or out}: {exc.strerror or exc}") from None
+        annotations = encoded.annotations.to_annotations()
+        annotations[LABEL_UNCOMPRESSED] = encoded.image_digest
+        descriptor = LayerDescriptor(encoded.media_type, encoded.blob_digest, encoded.blob_size,
+                                     annotations)
+        descriptor_temp = _temp_beside(descriptor_path, temps)
+        with open(descriptor_temp, "w", encoding="utf-8") as text:
+            text.write(serialize_descriptor(descriptor))
+            text.flush()
+            os.fsync(text.fileno())
+        _commit([(blob_temp, out), (descriptor_temp, descriptor_path)], force)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+    return encoded, descriptor
+
+
+def _temp_beside(path: Path, temps: list[Path]) -> Path:
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot create: {exc.strerror}") from None
+    os.fchmod(fd, 0o644)
+    os.close(fd)
+    temps.append(Path(name))
+    return temps[-1]
+
+
+def _commit(moves: list[tuple[Path, Path]], force: bool) -> None:
+    """Move each temporary file to its destination; undo the earlier ones if one fails.
+
+    Without `force` a hard link is used, which fails rather than replace a file that
+    appeared while converting.
+    """
+    done: list[Path] = []
+    try:
+        for temp, dest in moves:
+            try:
+                if force:
+                    os.replace(temp, dest)
+                else:
+                    os.link(temp, dest)
+            except FileExistsError:
+                raise ConvertError(f"{dest} exists (use --force to overwrite it)") from None
+            except OSError as exc:
+                raise ConvertError(f"{dest}: cannot write: {exc.strerror}") from None
+            done.append(dest)
+    except BaseException:
+        for dest in done:
+            dest.unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "ConvertOptions",
+    "ConvertResult",
+    "convert_layer",
+    "descriptor_path_for",
+]

@@ -1,0 +1,547 @@
+"""Eager checking of a whole local blob: every digest, every frame, every dm-verity block.
+
+`lazyfs verify` lists every problem it finds; `lazyfs unpack` stops at the first one and
+leaves no partial output. The blob is read once, in order, one frame at a time, and the hash
+tree once; frames are hashed and decoded on a small thread pool (zstandard and hashlib release
+the GIL) with a bounded window in flight, so memory is a few chunks plus the tree, never the
+image. This is batch work on a local file, so plain threads, not trio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from lazyfs.format.chunk_table import CHUNK_TABLE_MAGIC, verify_chunk_table_digest, verify_frame
+from lazyfs.format.descriptor import (
+    LABEL_UNCOMPRESSED,
+    MEDIA_TYPE_EROFS_ZSTD,
+    LayerDescriptor,
+    SeekableAnnotations,
+    parse_descriptor,
+)
+from lazyfs.format.errors import FormatError, IntegrityError, LayoutError
+from lazyfs.format.frames import (
+    SKIPPABLE_HEADER_SIZE,
+    decode_chunk_frame,
+    is_skippable_magic,
+    parse_skippable_header,
+    walk_zstd_frame,
+)
+from lazyfs.format.layout import (
+    VERITY_HEAD_SIZE,
+    BlobMetadata,
+    metadata_frame_end,
+    parse_metadata,
+)
+from lazyfs.format.verity_superblock import (
+    SUPERBLOCK_SIZE,
+    VERITY_SIGNATURE,
+    root_digest_annotation,
+)
+from lazyfs.format.verity_tree import (
+    BlockHasher,
+    VerityGeometry,
+    split_tree,
+    verify_data_blocks,
+    verify_hash_blocks,
+)
+
+Progress = Callable[[int, int], None]
+"""Called with (blob bytes checked, blob size)."""
+
+_READ_SIZE = 1 << 20
+_WINDOW_BYTES = 256 << 20
+_MAX_TREE_PROBLEMS = 20
+
+
+class BlobCheckError(FormatError):
+    """The first problem of a check that stops at the first one (`unpack`)."""
+
+
+@dataclass
+class BlobReport:
+    """What a check found. `problems` is empty when every check passed."""
+
+    path: str
+    blob_size: int
+    descriptor: LayerDescriptor | None
+    annotations: SeekableAnnotations
+    metadata: BlobMetadata | None = None
+    problems: list[str] = field(default_factory=list)
+    blob_digest: str | None = None  # sha256 of the whole blob, once read
+    image_digest: str | None = None  # sha256 of the decoded image, when every chunk decoded
+    root_digest: str | None = None  # from the descriptor, or computed from the tree
+    chunks_checked: int = 0
+    verity_checked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def authenticated(self) -> bool:
+        """True when the descriptor pinned every metadata structure the blob has."""
+        return self.descriptor is not None and self.annotations.is_trusted
+
+
+# --- descriptors beside blobs ------------------------------------------------------------------
+
+
+def sibling_descriptor_path(blob_path: Path) -> Path:
+    """Where `lazyfs convert` writes a blob's descriptor: `X.blob` -> `X.descriptor.json`,
+    anything else -> `NAME.descriptor.json`."""
+    if blob_path.suffix == ".blob":
+        return blob_path.with_suffix(".descriptor.json")
+    return blob_path.with_name(blob_path.name + ".descriptor.json")
+
+
+def load_descriptor(path: Path) -> LayerDescriptor:
+    """Read a descriptor JSON file. Raises DescriptorError, or OSError when unreadable."""
+    return parse_descriptor(path.read_bytes(), str(path))
+
+
+def find_descriptor(blob_path: Path, explicit: Path | None) -> tuple[LayerDescriptor | None,
+                                                                     Path | None]:
+    """The descriptor given, else the one beside the blob if there is one, else (None, None)."""
+    if explicit is not None:
+        return load_descriptor(explicit), explicit
+    beside = sibling_descriptor_path(blob_path)
+    if beside.is_file():
+        return load_descriptor(beside), beside
+    return None, None
+
+
+# --- locating metadata without a descriptor ----------------------------------------------------
+
+
+def _pread(f: BinaryIO, offset: int, size: int) -> bytes:
+    return os.pread(f.fileno(), size, offset)
+
+
+def scan_annotations(f: BinaryIO, blob_size: int, source: str = "blob") -> SeekableAnnotations:
+    """Find the metadata frames of a blob that came without a descriptor.
+
+    Walks the data frames from offset 0 by their headers up to the first skippable frame,
+    then identifies it and the one after it by their magic. The result carries no digests:
+    nothing it points at is authenticated. Raises FormatError when the blob has no chunk table.
+    """
+    offset = 0
+    guess = 1 << 18
+    while offset < blob_size:
+        head = _pread(f, offset, 4)
+        if len(head) == 4 and is_skippable_magic(int.from_bytes(head, "little")):
+            break
+        size = min(guess, blob_size - offset)
+        while True:
+            try:
+                info = walk_zstd_frame(_pread(f, offset, size), offset)
+                break
+            except FormatError as exc:
+                if size >= blob_size - offset or "truncated" not in str(exc):
+                    raise LayoutError(f"{source}: not a seekable EROFS blob: {exc}") from None
+                size = min(size * 4, blob_size - offset)
+        offset += info.compressed_size
+        guess = max(info.compressed_size * 2, 1 << 16)
+    table_offset: int | None = None
+    verity_offset: int | None = None
+    for _ in range(2):
+        if offset + SKIPPABLE_HEADER_SIZE > blob_size:
+            break
+        header = _pread(f, offset, SKIPPABLE_HEADER_SIZE + len(VERITY_SIGNATURE))
+        payload_size = parse_skippable_header(header, offset, "metadata frame")
+        payload_head = header[SKIPPABLE_HEADER_SIZE:]
+        if payload_head[:4] == CHUNK_TABLE_MAGIC.to_bytes(4, "little") and table_offset is None:
+            table_offset = offset
+        elif payload_head == VERITY_SIGNATURE and verity_offset is None:
+            verity_offset = offset
+        else:
+            break
+        offset += SKIPPABLE_HEADER_SIZE + payload_size
+    if table_offset is None:
+        raise LayoutError(f"{source}: no chunk table frame after the data frames (at offset "
+                          f"{offset}): not a seekable EROFS blob")
+    return SeekableAnnotations(chunk_table_offset=table_offset, verity_offset=verity_offset)
+
+
+def read_metadata(f: BinaryIO, blob_size: int, annotations: SeekableAnnotations) -> BlobMetadata:
+    """Read and parse a blob's metadata frames (authenticated by the digests it carries)."""
+    table_offset = annotations.chunk_table_offset
+    header = _pread(f, table_offset, SKIPPABLE_HEADER_SIZE)
+    table_size = SKIPPABLE_HEADER_SIZE + parse_skippable_header(header, table_offset,
+                                                                "chunk table frame")
+    limit = metadata_frame_end(annotations, table_offset, blob_size) - table_offset
+    table_frame = _pread(f, table_offset, min(table_size, max(limit, 0)))
+    verity_head = None
+    if annotations.verity_offset is not None:
+        verity_head = _pread(f, annotations.verity_offset, VERITY_HEAD_SIZE)
+    return parse_metadata(annotations, blob_size, table_frame, verity_head)
+
+
+# --- the check ---------------------------------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self, report: BlobReport, stop_at_first: bool) -> None:
+        self.report = report
+        self.stop = stop_at_first
+
+    def add(self, message: str) -> None:
+        self.report.problems.append(message)
+        if self.stop:
+            raise BlobCheckError(message)
+
+
+def check_blob(
+    path: Path,
+    descriptor: LayerDescriptor | None = None,
+    *,
+    output: BinaryIO | None = None,
+    stop_at_first: bool = False,
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> BlobReport:
+    """Check every byte of the blob at `path`; write the decoded image to `output` if given.
+
+    Without a descriptor the metadata is found by scanning and only checked for consistency
+    (the report says it is not authenticated). A chunk that fails is written as zeros, so
+    `output` is only meaningful when the report is ok. With `stop_at_first`, raises
+    BlobCheckError at the first problem; otherwise every problem lands in the report.
+    Raises DescriptorError for an unusable descriptor and OSError when the file is unreadable.
+    """
+    source = str(path)
+    with open(path, "rb") as f:
+        blob_size = os.fstat(f.fileno()).st_size
+        if descriptor is not None:
+            annotations = descriptor.seekable(source)
+        else:
+            annotations = scan_annotations(f, blob_size, source)
+        report = BlobReport(source, blob_size, descriptor, annotations)
+        problems = _Problems(report, stop_at_first)
+        if descriptor is not None:
+            _check_descriptor(descriptor, blob_size, problems)
+        metadata = _check_metadata(f, report, problems)
+        blob_hash = hashlib.sha256()
+        if metadata is None:
+            _hash_range(f, 0, blob_size, blob_hash, progress, blob_size)
+        else:
+            tree = _check_tree(f, report, metadata, problems)
+            _check_frames(f, report, metadata, tree, problems, output, threads, blob_hash,
+                          progress)
+            _hash_range(f, metadata.data_end, blob_size, blob_hash, progress, blob_size)
+        report.blob_digest = "sha256:" + blob_hash.hexdigest()
+    if descriptor is not None:
+        if report.blob_digest != descriptor.digest:
+            problems.add(f"blob digest mismatch: the descriptor says {descriptor.digest}, the "
+                         f"blob hashes to {report.blob_digest}")
+        uncompressed = descriptor.annotations.get(LABEL_UNCOMPRESSED)
+        if uncompressed and report.image_digest and uncompressed != report.image_digest:
+            problems.add(f"image digest mismatch: {LABEL_UNCOMPRESSED} says {uncompressed}, "
+                         f"the decoded image hashes to {report.image_digest}")
+    return report
+
+
+def _check_descriptor(descriptor: LayerDescriptor, blob_size: int, problems: _Problems) -> None:
+    if descriptor.media_type != MEDIA_TYPE_EROFS_ZSTD:
+        problems.add(f"descriptor media type is {descriptor.media_type}, expected "
+                     f"{MEDIA_TYPE_EROFS_ZSTD}")
+    if descriptor.size != blob_size:
+        problems.add(f"blob size mismatch: the descriptor says {descriptor.size} bytes, the "
+                     f"file has {blob_size}")
+
+
+def _check_metadata(f: BinaryIO, report: BlobReport, problems: _Problems) -> BlobMetadata | None:
+    """Parse the metadata structurally, then check its digest, so that a bad chunk table
+    digest is reported without hiding what else is wrong."""
+    annotations = report.annotations
+    try:
+        metadata = read_metadata(f, report.blob_size, replace(annotations, chunk_digest=None))
+    except FormatError as exc:
+        problems.add(str(exc))
+        return None
+    report.metadata = metadata
+    if annotations.chunk_digest is not None:
+        try:
+            verify_chunk_table_digest(metadata.table_payload, annotations.chunk_digest)
+        except IntegrityError as exc:
+            problems.add(str(exc))
+    table_end = annotations.chunk_table_offset + SKIPPABLE_HEADER_SIZE + len(
+        metadata.table_payload)
+    _check_frame_end(annotations, "chunk table", annotations.chunk_table_offset, table_end,
+                     report.blob_size, problems)
+    if annotations.verity_offset is not None:
+        verity_end = metadata.verity_payload_offset + metadata.verity_payload_size
+        _check_frame_end(annotations, "dm-verity", annotations.verity_offset, verity_end,
+                         report.blob_size, problems)
+    return metadata
+
+
+def _check_frame_end(annotations: SeekableAnnotations, what: str, offset: int, end: int,
+                     blob_size: int, problems: _Problems) -> None:
+    """Metadata frames must tile the end of the blob: no bytes hide between or after them."""
+    limit = metadata_frame_end(annotations, offset, blob_size)
+    if end < limit:
+        problems.add(f"{what} frame at offset {offset} ends at {end}, but the next frame or "
+                     f"the end of the blob is at {limit}: {limit - end} unaccounted bytes")
+
+
+@dataclass(frozen=True)
+class _Tree:
+    geometry: VerityGeometry
+    blocks: dict[int, bytes]
+    root: bytes | None
+
+
+def _check_tree(f: BinaryIO, report: BlobReport, metadata: BlobMetadata,
+                problems: _Problems) -> _Tree | None:
+    """Read the verity payload once; check its zero padding and every hash block."""
+    geometry = metadata.verity
+    if geometry is None:
+        return None
+    payload = _pread(f, metadata.verity_payload_offset, metadata.verity_payload_size)
+    at = metadata.verity_payload_offset
+    salt_end = 88 + len(geometry.superblock.salt)
+    tree_end = geometry.payload_size
+    for start, end, what in ((82, 88, "superblock padding"), (salt_end, 344, "unused salt"),
+                             (344, SUPERBLOCK_SIZE, "superblock padding"),
+                             (SUPERBLOCK_SIZE, min(geometry.tree_offset, tree_end),
+                              "padding after the superblock"),
+                             (tree_end, len(payload), "bytes after the hash tree")):
+        stray = _first_nonzero(payload, start, end)
+        if stray is not None:
+            problems.add(f"dm-verity payload: {what} at offset {at + stray} is not zero "
+                         f"(0x{payload[stray]:02x})")
+    blocks = split_tree(geometry, payload)
+    root = metadata.root
+    if root is None and geometry.levels:
+        top = geometry.levels[-1].payload_offset
+        root = BlockHasher(geometry.superblock).digest(blocks[top])
+    if root is not None:
+        report.root_digest = root_digest_annotation(geometry.superblock.hash_name, root)
+        report.verity_checked = True
+        try:
+            verify_hash_blocks(geometry, blocks, root, set())
+        except IntegrityError:
+            for message in _diagnose_tree(geometry, blocks, root):
+                problems.add(message)
+    return _Tree(geometry, blocks, root)
+
+
+def _first_nonzero(buf: bytes, start: int, end: int) -> int | None:
+    segment = buf[start:end]
+    stripped = segment.lstrip(b"\0")
+    return end - len(stripped) if stripped else None
+
+
+def _diagnose_tree(geometry: VerityGeometry, blocks: dict[int, bytes],
+                   root: bytes) -> Iterator[str]:
+    """Every hash block that does not match its parent (or the root), after a failed check.
+
+    verify_hash_blocks stops at the first mismatch; this lists them all, each block against
+    its parent's stored digest, up to a cap.
+    """
+    hasher = BlockHasher(geometry.superblock)
+    block_size = geometry.superblock.hash_block_size
+    top = len(geometry.levels) - 1
+    found_count = 0
+    for level in reversed(range(len(geometry.levels))):
+        for index in range(geometry.levels[level].block_count):
+            offset = geometry.levels[level].payload_offset + index * block_size
+            if level == top:
+                expected = root
+            else:
+                slot = geometry.slot_for(level + 1, index)
+                parent = blocks[slot.payload_offset]
+                expected = parent[slot.slot_offset:slot.slot_offset + geometry.digest_size]
+            if hasher.digest(blocks[offset]) != expected:
+                found_count += 1
+                if found_count > _MAX_TREE_PROBLEMS:
+                    yield "dm-verity: more hash blocks do not match (not listed)"
+                    return
+                parent_name = "the root digest" if level == top else "its parent"
+                yield (f"dm-verity: hash block {index} of level {level} (payload offset "
+                       f"{offset}) does not match {parent_name}")
+
+
+def _hash_range(f: BinaryIO, start: int, end: int, blob_hash: hashlib._Hash,
+                progress: Progress | None, blob_size: int) -> None:
+    offset = start
+    while offset < end:
+        piece = _pread(f, offset, min(_READ_SIZE, end - offset))
+        if not piece:
+            raise OSError(f"{f.name}: file shrank while being read (at offset {offset})")
+        blob_hash.update(piece)
+        offset += len(piece)
+        if progress is not None:
+            progress(offset, blob_size)
+
+
+def _max_frame_size(decoded_size: int) -> int:
+    """More than any zstd frame of `decoded_size` bytes needs, however it was compressed."""
+    return decoded_size + decoded_size // 64 + (64 << 10)
+
+
+def _check_chunk(metadata: BlobMetadata, tree: _Tree | None, index: int, frame: bytes,
+                 offset: int, verity_here: bool) -> tuple[bytes | None, list[str]]:
+    """Worker: hash, decode and (for block-aligned chunks) verity-check one chunk."""
+    table = metadata.table
+    try:
+        verify_frame(table, index, frame, offset)
+        data = decode_chunk_frame(frame, table.decoded_size(index), index, offset)
+    except FormatError as exc:
+        return None, [str(exc)]
+    if verity_here and tree is not None and tree.root is not None:
+        first_block = index * table.chunk_size // tree.geometry.superblock.data_block_size
+        try:
+            verify_data_blocks(tree.geometry, first_block, data, tree.blocks, tree.root)
+        except IntegrityError as exc:
+            return data, [f"chunk {index}: {exc}"]
+    return data, []
+
+
+class _VerityStream:
+    """Verity checks when chunks do not hold whole data blocks: blocks are reassembled across
+    chunk boundaries on the caller's thread. Blocks touching a chunk that failed are skipped."""
+
+    def __init__(self, tree: _Tree, image_size: int, problems: _Problems) -> None:
+        self.tree = tree
+        self.block_size = tree.geometry.superblock.data_block_size
+        self.image_size = image_size
+        self.problems = problems
+        self.pending = bytearray()
+        self.pending_start = 0  # image offset of pending[0], always block-aligned
+
+    def feed(self, image_offset: int, data: bytes | None) -> None:
+        if data is None:
+            self.pending.clear()
+            return
+        if image_offset != self.pending_start + len(self.pending):
+            skip = -image_offset % self.block_size
+            data = data[skip:]
+            self.pending = bytearray()
+            self.pending_start = image_offset + skip
+        self.pending += data
+        end = self.pending_start + len(self.pending)
+        whole = len(self.pending) - len(self.pending) % self.block_size
+        if end == self.image_size:
+            whole = len(self.pending)
+        if whole:
+            self._verify(bytes(self.pending[:whole]))
+            del self.pending[:whole]
+            self.pending_start += whole
+
+    def _verify(self, data: bytes) -> None:
+        assert self.tree.root is not None
+        try:
+            verify_data_blocks(self.tree.geometry, self.pending_start // self.block_size, data,
+                               self.tree.blocks, self.tree.root)
+        except IntegrityError as exc:
+            self.problems.add(str(exc))
+
+
+def _check_frames(f: BinaryIO, report: BlobReport, metadata: BlobMetadata, tree: _Tree | None,
+                  problems: _Problems, output: BinaryIO | None, threads: int,
+                  blob_hash: hashlib._Hash, progress: Progress | None) -> None:
+    """Read the data frames in order; check them on a pool, consume the results in order."""
+    table = metadata.table
+    block_size = tree.geometry.superblock.data_block_size if tree is not None else 1
+    aligned = table.chunk_size % block_size == 0
+    stream = None
+    if tree is not None and tree.root is not None and not aligned:
+        stream = _VerityStream(tree, table.uncompressed_size, problems)
+    image_hash = hashlib.sha256()
+    image_complete = True
+    threads = threads or os.cpu_count() or 1
+    window_size = max(1, min(threads * 2, _WINDOW_BYTES // max(table.chunk_size, 1)))
+    window: deque[tuple[int, Future[tuple[bytes | None, list[str]]]]] = deque()
+    f.seek(0)
+
+    def drain_one() -> None:
+        nonlocal image_complete
+        index, future = window.popleft()
+        data, found = future.result()
+        for message in found:
+            problems.add(message)
+        report.chunks_checked += 1
+        if data is None:
+            image_complete = False
+        else:
+            image_hash.update(data)
+        if stream is not None:
+            stream.feed(index * table.chunk_size, data)
+        if output is not None:
+            output.write(data if data is not None else bytes(table.decoded_size(index)))
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lazyfs-check") as pool:
+        for index in range(table.chunk_count):
+            start, end = metadata.frame_range(index)
+            if end - start > _max_frame_size(table.decoded_size(index)):
+                problems.add(f"chunk {index} (frame at offset {start}): {end - start} bytes, "
+                             f"more than a zstd frame of {table.decoded_size(index)} bytes "
+                             f"can take")
+                _hash_range(f, start, end, blob_hash, progress, report.blob_size)
+                window.append((index, _failed()))
+            else:
+                frame = _pread(f, start, end - start)
+                blob_hash.update(frame)
+                window.append((index, pool.submit(_check_chunk, metadata, tree, index, frame,
+                                                  start, aligned)))
+            if progress is not None:
+                progress(end, report.blob_size)
+            while len(window) > window_size:
+                drain_one()
+        while window:
+            drain_one()
+    if image_complete:
+        report.image_digest = "sha256:" + image_hash.hexdigest()
+
+
+def _failed() -> Future[tuple[bytes | None, list[str]]]:
+    future: Future[tuple[bytes | None, list[str]]] = Future()
+    future.set_result((None, []))
+    return future
+
+
+# --- unpack ------------------------------------------------------------------------------------
+
+
+def unpack_blob(
+    path: Path,
+    out_path: Path,
+    descriptor: LayerDescriptor | None = None,
+    *,
+    force: bool = False,
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> BlobReport:
+    """Decode the blob at `path` into the raw image `out_path`, checking everything first.
+
+    The image is written to a temporary file beside `out_path` and renamed into place only
+    when every check passed; on any failure (or Ctrl-C) nothing is left behind. Raises
+    BlobCheckError at the first problem, FileExistsError when `out_path` exists and not
+    `force`.
+    """
+    if out_path.exists() and not force:
+        raise FileExistsError(f"{out_path} exists (use --force to overwrite it)")
+    temp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "xb") as out:
+            report = check_blob(path, descriptor, output=out, stop_at_first=True,
+                                threads=threads, progress=progress)
+            out.flush()
+            os.fsync(out.fileno())
+        if force:
+            os.replace(temp, out_path)
+        else:
+            os.link(temp, out_path)  # fails if out_path appeared meanwhile: never clobber
+            os.unlink(temp)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return report
