@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTORS_DIR = Path(
+    os.environ.get("LAZYFS_VECTORS")
+    or Path(__file__).resolve().parents[2] / "shared" / "vectors"
+)
 
 
 def _can_mount() -> str | None:
