@@ -120,14 +120,18 @@ def root_digest_annotation(hash_name: str, root: bytes) -> str:
 
 
 def parse_root_digest(value: str) -> tuple[str, bytes]:
-    """Split a `root_digest` annotation into (algorithm, raw digest). Raises FieldError."""
+    """Split a `root_digest` annotation into (algorithm, raw digest). Raises FieldError.
+
+    Only the algorithms a tree can use are accepted: hashlib.new() of an arbitrary name can
+    raise other errors, or yield a zero-length digest (shake_*).
+    """
     name, sep, hex_digest = value.partition(":")
-    try:
-        raw = bytes.fromhex(hex_digest)
-        expected_size = hashlib.new(name.lower()).digest_size
-    except ValueError:
-        raw, expected_size = b"", -1
-    if not sep or len(raw) != expected_size:
-        raise FieldError("root digest annotation", "value", 0, "<algorithm>:<hex digest>",
+    name = name.lower()
+    hex_digest = hex_digest.lower()
+    if (not sep or name not in SUPPORTED_HASHES
+            or len(hex_digest) != 2 * hashlib.new(name).digest_size
+            or not all(char in "0123456789abcdef" for char in hex_digest)):
+        raise FieldError("root digest annotation", "value", 0,
+                         f"<{' or '.join(SUPPORTED_HASHES)}>:<hex digest of its size>",
                          repr(value))
-    return name.lower(), raw
+    return name, bytes.fromhex(hex_digest)
