@@ -1,0 +1,376 @@
+"""OCI and Docker v2 manifest, index and descriptor models: parsing and serialization, no I/O.
+
+Serialization is canonical for lazyfs: compact JSON (`separators=(",", ":")`), UTF-8, fields
+in the order the OCI image spec lists them, optional fields omitted when empty, annotation
+keys sorted. Two equal models therefore always serialize to the same bytes, hence the same
+digest. A digest always refers to bytes as fetched or pushed: never re-serialize a fetched
+manifest to compute its digest (fields unknown to these models are dropped on parse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lazyfs.fetch.reference import InvalidReferenceError, validate_digest
+
+# Manifests and indexes.
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST_V1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_MANIFEST_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+# Preference order for the Accept header of manifest requests.
+ACCEPTED_MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)
+
+# Image configuration.
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
+
+# Layers.
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_LAYER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+EROFS_LAYER = "application/vnd.erofs.layer.v1"
+EROFS_LAYER_ZSTD = "application/vnd.erofs.layer.v1+zstd"
+TAR_LAYER_TYPES = frozenset(
+    {OCI_LAYER_TAR, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_GZIP}
+)
+EROFS_LAYER_TYPES = frozenset({EROFS_LAYER, EROFS_LAYER_ZSTD})
+
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm"}
+_DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
+
+
+class OCIFormatError(ValueError):
+    """A manifest, index or descriptor is not valid JSON of the expected shape."""
+
+
+class PlatformNotFoundError(LookupError):
+    """An index has no manifest for the requested platform."""
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where an image runs. `architecture` and `os` use Go names (amd64, arm64, linux)."""
+
+    os: str
+    architecture: str
+    variant: str | None = None
+    os_version: str | None = None
+    os_features: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.os}/{self.architecture}"
+        return f"{text}/{self.variant}" if self.variant else text
+
+    def normalized(self) -> Platform:
+        """Return this platform with architecture aliases resolved and the default variant."""
+        arch = _ARCH_ALIASES.get(self.architecture, self.architecture)
+        variant = self.variant or _DEFAULT_VARIANTS.get(arch)
+        if arch == "arm64" and variant == "8":
+            variant = "v8"
+        return Platform(self.os, arch, variant, self.os_version, self.os_features)
+
+    def matches(self, candidate: Platform) -> bool:
+        """Whether `candidate` (from an index) can run where this platform is wanted."""
+        want, have = self.normalized(), candidate.normalized()
+        return (want.os, want.architecture, want.variant) == (
+            have.os,
+            have.architecture,
+            have.variant,
+        )
+
+
+def parse_platform(text: str) -> Platform:
+    """Parse `os/arch[/variant]` as given to `--platform`, e.g. `linux/amd64`, `linux/arm/v7`."""
+    parts = text.split("/")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise ValueError(f"platform {text!r}: expected 'os/architecture[/variant]'")
+    return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A reference to content by digest, size and media type."""
+
+    media_type: str
+    digest: str
+    size: int
+    urls: tuple[str, ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    platform: Platform | None = None
+    artifact_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An image manifest (OCI or Docker v2 schema 2): one config and ordered layers."""
+
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    media_type: str = OCI_MANIFEST
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    subject: Descriptor | None = None
+    artifact_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Index:
+    """An image index (OCI) or manifest list (Docker): manifests per platform."""
+
+    manifests: tuple[Descriptor, ...]
+    media_type: str = OCI_INDEX
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    subject: Descriptor | None = None
+    artifact_type: str | None = None
+
+    def select(self, platform: Platform) -> Descriptor:
+        """Return the first manifest for `platform`; raise PlatformNotFoundError listing those
+        available."""
+        for descriptor in self.manifests:
+            if descriptor.platform is not None and platform.matches(descriptor.platform):
+                return descriptor
+        available = ", ".join(str(d.platform) for d in self.manifests if d.platform) or "none"
+        raise PlatformNotFoundError(
+            f"no manifest for platform {platform.normalized()} (available: {available})"
+        )
+
+
+def sha256_digest(data: bytes) -> str:
+    """Return the OCI digest (`sha256:<hex>`) of `data`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def descriptor_for(data: bytes, media_type: str, **fields: Any) -> Descriptor:
+    """Return a Descriptor of `data` (digest and size computed); `fields` as in Descriptor."""
+    return Descriptor(media_type=media_type, digest=sha256_digest(data), size=len(data), **fields)
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def _load(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise OCIFormatError(f"{what}: not valid JSON: {error}") from None
+    if not isinstance(obj, dict):
+        raise OCIFormatError(f"{what}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _get(obj: Mapping[str, Any], key: str, kind: type, where: str, *, required: bool) -> Any:
+    if key not in obj:
+        if required:
+            raise OCIFormatError(f"{where}: missing field {key!r}")
+        return None
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise OCIFormatError(
+            f"{where}.{key}: expected {kind.__name__}, found {type(value).__name__}"
+        )
+    return value
+
+
+def _annotations(obj: Mapping[str, Any], where: str) -> dict[str, str]:
+    value = _get(obj, "annotations", dict, where, required=False) or {}
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise OCIFormatError(f"{where}.annotations[{key!r}]: expected str")
+    return dict(value)
+
+
+def _parse_platform(obj: Any, where: str) -> Platform:
+    if not isinstance(obj, dict):
+        raise OCIFormatError(f"{where}: expected an object")
+    features = _get(obj, "os.features", list, where, required=False) or []
+    if not all(isinstance(item, str) for item in features):
+        raise OCIFormatError(f"{where}.os.features: expected a list of str")
+    return Platform(
+        os=_get(obj, "os", str, where, required=True),
+        architecture=_get(obj, "architecture", str, where, required=True),
+        variant=_get(obj, "variant", str, where, required=False),
+        os_version=_get(obj, "os.version", str, where, required=False),
+        os_features=tuple(features),
+    )
+
+
+def parse_descriptor(obj: Any, where: str = "descriptor") -> Descriptor:
+    """Build a Descriptor from decoded JSON; raise OCIFormatError naming the bad field."""
+    if not isinstance(obj, dict):
+        raise OCIFormatError(f"{where}: expected an object, found {type(obj).__name__}")
+    digest = _get(obj, "digest", str, where, required=True)
+    try:
+        validate_digest(digest)
+    except InvalidReferenceError as error:
+        raise OCIFormatError(f"{where}.digest: {error}") from None
+    size = _get(obj, "size", int, where, required=True)
+    if size < 0:
+        raise OCIFormatError(f"{where}.size: expected >= 0, found {size}")
+    urls = _get(obj, "urls", list, where, required=False) or []
+    if not all(isinstance(url, str) for url in urls):
+        raise OCIFormatError(f"{where}.urls: expected a list of str")
+    platform = obj.get("platform")
+    return Descriptor(
+        media_type=_get(obj, "mediaType", str, where, required=True),
+        digest=digest,
+        size=size,
+        urls=tuple(urls),
+        annotations=_annotations(obj, where),
+        platform=None if platform is None else _parse_platform(platform, f"{where}.platform"),
+        artifact_type=_get(obj, "artifactType", str, where, required=False),
+    )
+
+
+def _check_header(obj: Mapping[str, Any], what: str, expected: frozenset[str], hint: str) -> str:
+    version = _get(obj, "schemaVersion", int, what, required=True)
+    if version != 2:
+        raise OCIFormatError(f"{what}.schemaVersion: expected 2, found {version}")
+    media_type = _get(obj, "mediaType", str, what, required=False) or hint
+    if media_type not in expected:
+        raise OCIFormatError(
+            f"{what}.mediaType: expected one of {sorted(expected)}, found {media_type!r}"
+        )
+    return media_type
+
+
+def _subject(obj: Mapping[str, Any], what: str) -> Descriptor | None:
+    subject = obj.get("subject")
+    return None if subject is None else parse_descriptor(subject, f"{what}.subject")
+
+
+def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
+    """Parse an OCI image manifest or Docker v2 schema 2 manifest.
+
+    `media_type` (e.g. the HTTP Content-Type) is used when the JSON has no `mediaType`.
+    Raises OCIFormatError naming the bad field.
+    """
+    obj = _load(data, "manifest")
+    hint = media_type if media_type in MANIFEST_TYPES else OCI_MANIFEST
+    kind = _check_header(obj, "manifest", MANIFEST_TYPES, hint)
+    layers = _get(obj, "layers", list, "manifest", required=True)
+    return Manifest(
+        media_type=kind,
+        config=parse_descriptor(
+            _get(obj, "config", dict, "manifest", required=True), "manifest.config"
+        ),
+        layers=tuple(
+            parse_descriptor(item, f"manifest.layers[{i}]") for i, item in enumerate(layers)
+        ),
+        annotations=_annotations(obj, "manifest"),
+        subject=_subject(obj, "manifest"),
+        artifact_type=_get(obj, "artifactType", str, "manifest", required=False),
+    )
+
+
+def parse_index(data: bytes, media_type: str | None = None) -> Index:
+    """Parse an OCI image index or Docker manifest list; raise OCIFormatError if invalid."""
+    obj = _load(data, "index")
+    hint = media_type if media_type in INDEX_TYPES else OCI_INDEX
+    kind = _check_header(obj, "index", INDEX_TYPES, hint)
+    items = _get(obj, "manifests", list, "index", required=True)
+    return Index(
+        media_type=kind,
+        manifests=tuple(
+            parse_descriptor(item, f"index.manifests[{i}]") for i, item in enumerate(items)
+        ),
+        annotations=_annotations(obj, "index"),
+        subject=_subject(obj, "index"),
+        artifact_type=_get(obj, "artifactType", str, "index", required=False),
+    )
+
+
+def detect_media_type(data: bytes, content_type: str | None = None) -> str:
+    """Return the media type of a manifest or index: the JSON `mediaType`, else a known
+    `content_type`, else guessed from the fields present. Raises OCIFormatError."""
+    obj = _load(data, "manifest")
+    declared = obj.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if content_type in MANIFEST_TYPES | INDEX_TYPES:
+        return content_type
+    if obj.get("schemaVersion") == 1:
+        return DOCKER_MANIFEST_V1
+    if "manifests" in obj:
+        return OCI_INDEX
+    if "config" in obj and "layers" in obj:
+        return OCI_MANIFEST
+    raise OCIFormatError("manifest: cannot tell its media type (no mediaType, config or manifests)")
+
+
+def parse_manifest_or_index(data: bytes, media_type: str | None = None) -> Manifest | Index:
+    """Parse either kind, as told by `detect_media_type`. Schema 1 is rejected."""
+    kind = detect_media_type(data, media_type)
+    if kind in INDEX_TYPES:
+        return parse_index(data, kind)
+    if kind in MANIFEST_TYPES:
+        return parse_manifest(data, kind)
+    raise OCIFormatError(f"manifest: unsupported media type {kind!r}")
+
+
+# --- serialization ------------------------------------------------------------------------
+
+
+def _descriptor_json(descriptor: Descriptor) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "mediaType": descriptor.media_type,
+        "digest": descriptor.digest,
+        "size": descriptor.size,
+    }
+    if descriptor.urls:
+        obj["urls"] = list(descriptor.urls)
+    if descriptor.annotations:
+        obj["annotations"] = dict(sorted(descriptor.annotations.items()))
+    if descriptor.platform is not None:
+        platform = descriptor.platform
+        obj["platform"] = {"architecture": platform.architecture, "os": platform.os}
+        if platform.os_version:
+            obj["platform"]["os.version"] = platform.os_version
+        if platform.os_features:
+            obj["platform"]["os.features"] = list(platform.os_features)
+        if platform.variant:
+            obj["platform"]["variant"] = platform.variant
+    if descriptor.artifact_type:
+        obj["artifactType"] = descriptor.artifact_type
+    return obj
+
+
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _tail(obj: dict[str, Any], item: Manifest | Index) -> dict[str, Any]:
+    if item.subject is not None:
+        obj["subject"] = _descriptor_json(item.subject)
+    if item.annotations:
+        obj["annotations"] = dict(sorted(item.annotations.items()))
+    return obj
+
+
+def serialize_manifest(manifest: Manifest) -> bytes:
+    """Serialize canonically (see the module docstring)."""
+    obj: dict[str, Any] = {"schemaVersion": 2, "mediaType": manifest.media_type}
+    if manifest.artifact_type:
+        obj["artifactType"] = manifest.artifact_type
+    obj["config"] = _descriptor_json(manifest.config)
+    obj["layers"] = [_descriptor_json(layer) for layer in manifest.layers]
+    return _dump(_tail(obj, manifest))
+
+
+def serialize_index(index: Index) -> bytes:
+    """Serialize canonically (see the module docstring)."""
+    obj: dict[str, Any] = {"schemaVersion": 2, "mediaType": index.media_type}
+    if index.artifact_type:
+        obj["artifactType"] = index.artifact_type
+    obj["manifests"] = [_descriptor_json(item) for item in index.manifests]
+    return _dump(_tail(obj, index))

@@ -1,0 +1,370 @@
+"""Registry credentials and the authentication flows of the distribution spec, as an httpx.Auth.
+
+A registry answers an unauthenticated request with 401 and a `WWW-Authenticate` challenge:
+`Basic realm=...` (answer with user and password) or `Bearer realm=..,service=..,scope=..`
+(get a token from the realm, with the user's basic credentials if any, then retry). Tokens are
+cached per scope until they expire. Credentials and tokens are only ever attached to requests
+for the registry's own origin (scheme, host and port), so whoever sends requests with this auth
+(a range reader following a redirect to object storage, say) cannot leak them elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.reference import DOCKER_HUB, normalize_registry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_LIFETIME_S = 60.0
+# Refresh a little early so a token does not expire between the check and its use.
+_EXPIRY_MARGIN_S = 5.0
+_MAX_CACHED_TOKENS = 64
+_AUTH_PARAM = re.compile(r'([A-Za-z][\w-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+_REPOSITORY_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|tags)/")
+_DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
+
+
+class RegistryAuthError(FetchError):
+    """Credentials were refused, or no token could be obtained from the token server."""
+
+    def __init__(self, origin: str, reason: str, *, status: int | None = None) -> None:
+        super().__init__(f"{origin}: {reason}")
+        self.reason = reason
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Whether another attempt may succeed (the token server was busy or failing)."""
+        return self.status is not None and (self.status == 429 or self.status >= 500)
+
+
+class DockerConfigError(ValueError):
+    """The Docker client configuration file cannot be read or has a malformed entry."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password (or personal access token) for one registry."""
+
+    username: str
+    password: str = field(repr=False)
+
+    def basic_header(self) -> str:
+        userpass = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(userpass).decode("ascii")
+
+
+def docker_config_path() -> Path:
+    """`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`."""
+    directory = os.environ.get("DOCKER_CONFIG")
+    return (Path(directory) if directory else Path.home() / ".docker") / "config.json"
+
+
+def _config_key(key: str) -> str:
+    """`https://host:port/v1/` -> `host:port`; Docker Hub aliases -> `docker.io`."""
+    if key in _DOCKER_HUB_KEYS:
+        return DOCKER_HUB
+    host = key.split("://", 1)[-1].split("/", 1)[0].lower()
+    return normalize_registry(host)
+
+
+def load_docker_credentials(
+    registry: str, config_path: str | os.PathLike[str] | None = None
+) -> Credentials | None:
+    """Return the credentials stored for `registry` by `docker login`, or None if there are none.
+
+    Reads `auths[<registry>]` of the Docker config file (`auth`, base64 of `user:password`, or
+    `username` and `password`). Credential helpers (`credsStore`, `credHelpers`) and identity
+    tokens are not supported: such entries count as none. A missing file means no credentials.
+    Raises DockerConfigError naming the file (and registry) for malformed content.
+    """
+    path = Path(config_path) if config_path is not None else docker_config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DockerConfigError(f"{path}: cannot read Docker config: {error}") from None
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise DockerConfigError(f"{path}: not valid JSON: {error}") from None
+    auths = config.get("auths", {}) if isinstance(config, dict) else None
+    if not isinstance(auths, dict):
+        raise DockerConfigError(f"{path}: 'auths' must be an object")
+    wanted = _config_key(registry)
+    for key, entry in auths.items():
+        if _config_key(key) != wanted:
+            continue
+        if not isinstance(entry, dict):
+            raise DockerConfigError(f"{path}: auths[{key!r}] must be an object")
+        credentials = _entry_credentials(entry, f"{path}: auths[{key!r}]")
+        if credentials is not None:
+            return credentials
+    if isinstance(config, dict) and (config.get("credsStore") or config.get("credHelpers")):
+        log.debug("%s: credential helpers are not supported; %s gets none", path, registry)
+    return None
+
+
+def _entry_credentials(entry: dict[str, Any], where: str) -> Credentials | None:
+    encoded = entry.get("auth")
+    if encoded:
+        if not isinstance(encoded, str):
+            raise DockerConfigError(f"{where}.auth must be a string")
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise DockerConfigError(f"{where}.auth is not base64 of 'user:password'") from None
+        username, sep, password = decoded.partition(":")
+        if not sep or not username:
+            raise DockerConfigError(f"{where}.auth does not decode to 'user:password'")
+        return Credentials(username, password)
+    username, password = entry.get("username"), entry.get("password")
+    if username and password:
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise DockerConfigError(f"{where}: username and password must be strings")
+        return Credentials(username, password)
+    return None
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One parsed `WWW-Authenticate` challenge; `scheme` is lower case."""
+
+    scheme: str
+    params: dict[str, str]
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return tuple(self.params.get("scope", "").split())
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse `Bearer realm="..",service="..",scope=".."` (or Basic); None if unparseable."""
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {}
+    for match in _AUTH_PARAM.finditer(rest):
+        value = match.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[match.group(1).lower()] = value
+    return Challenge(scheme.lower(), params)
+
+
+def request_scope(request: httpx.Request) -> str | None:
+    """The token scope a request needs: pull for GET/HEAD on a repository, else pull,push."""
+    match = _REPOSITORY_PATH.match(request.url.path)
+    if match is None:
+        return None
+    actions = "pull" if request.method in ("GET", "HEAD") else "pull,push"
+    return f"repository:{match.group('name')}:{actions}"
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    default = 443 if url.scheme == "https" else 80
+    return url.scheme, url.host, url.port or default
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+_Step = Generator[tuple[httpx.Request, bool], httpx.Response, None]
+
+
+class RegistryAuth(httpx.Auth):
+    """httpx.Auth for one registry origin: anonymous, basic or bearer, as the registry asks.
+
+    `origin` is the registry's base URL (`https://host[:port]`). `clock` (seconds, monotonic)
+    decides token expiry. Safe to share between clients: a range reader may use the same
+    instance as the registry client, and both profit from its token cache.
+    """
+
+    def __init__(
+        self,
+        origin: str,
+        credentials: Credentials | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._origin_url = httpx.URL(origin)
+        if self._origin_url.scheme not in ("http", "https") or not self._origin_url.host:
+            raise ValueError(f"registry origin {origin!r}: expected http(s)://host[:port]")
+        self._origin = _origin(self._origin_url)
+        self.credentials = credentials
+        self._clock = clock
+        self._tokens: dict[str, _Token] = {}
+        # Realm and service of the last Bearer challenge: lets an expired or missing token be
+        # fetched before the request instead of after a 401.
+        self._bearer: tuple[str, str | None] | None = None
+        self._basic = False
+        self.token_requests = 0
+
+    @property
+    def origin(self) -> str:
+        return str(self._origin_url).rstrip("/")
+
+    def is_origin(self, url: httpx.URL) -> bool:
+        """Whether credentials may be sent to `url` (same scheme, host and port)."""
+        return _origin(url) == self._origin
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        flow = self._flow(request)
+        try:
+            request, needs_body = next(flow)
+            while True:
+                response = yield request
+                if needs_body:
+                    response.read()
+                request, needs_body = flow.send(response)
+        except StopIteration:
+            return
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response, None]:
+        # Only token responses are read here: a streamed blob body must stay unread.
+        flow = self._flow(request)
+        try:
+            request, needs_body = next(flow)
+            while True:
+                response = yield request
+                if needs_body:
+                    await response.aread()
+                request, needs_body = flow.send(response)
+        except StopIteration:
+            return
+
+    def _flow(self, request: httpx.Request) -> _Step:
+        """Yield (request, whether its response body is needed); receive the responses."""
+        if not self.is_origin(request.url):
+            yield request, False
+            return
+        scope = request_scope(request)
+        fresh_scopes: tuple[str, ...] | None = None
+        header = self._cached_header(scope)
+        if header is None and self._bearer is not None and scope is not None:
+            realm, service = self._bearer
+            token = yield from self._fetch_token(realm, service, (scope,), scope)
+            header, fresh_scopes = f"Bearer {token}", (scope,)
+        if header is not None:
+            request.headers["Authorization"] = header
+        response = yield request, False
+        if (
+            response.status_code != 401
+            or not self.is_origin(response.url)  # a redirect target's challenge is not ours
+            or not isinstance(request.stream, httpx.ByteStream)  # a stream cannot be resent
+        ):
+            return
+        challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+        if challenge is None:
+            return
+        if challenge.scheme == "basic":
+            if self.credentials is None or header == self.credentials.basic_header():
+                return
+            self._basic = True
+            request.headers["Authorization"] = self.credentials.basic_header()
+            yield request, False
+        elif challenge.scheme == "bearer":
+            realm = challenge.params.get("realm")
+            if not realm:
+                raise RegistryAuthError(self.origin, "Bearer challenge without a realm")
+            scopes = challenge.scopes or ((scope,) if scope else ())
+            if fresh_scopes is not None and set(scopes) <= set(fresh_scopes):
+                return  # a token obtained just now for this very scope was refused
+            service = challenge.params.get("service")
+            self._bearer = (realm, service)
+            token = yield from self._fetch_token(realm, service, scopes, scope)
+            request.headers["Authorization"] = f"Bearer {token}"
+            yield request, False
+
+    def _cached_header(self, scope: str | None) -> str | None:
+        if self._basic and self.credentials is not None:
+            return self.credentials.basic_header()
+        token = self._tokens.get(scope or "")
+        if token is None or self._clock() >= token.expires_at:
+            return None
+        return f"Bearer {token.value}"
+
+    def _fetch_token(
+        self, realm: str, service: str | None, scopes: Iterable[str], request_scope: str | None
+    ) -> Generator[tuple[httpx.Request, bool], httpx.Response, str]:
+        """Ask the token server; cache the token under its scopes and the request's scope."""
+        scopes = tuple(scopes)
+        realm_url = httpx.URL(realm)
+        if realm_url.scheme not in ("http", "https"):
+            raise RegistryAuthError(self.origin, f"token realm {realm!r} is not an http(s) URL")
+        if realm_url.scheme == "http" and self._origin_url.scheme == "https":
+            raise RegistryAuthError(
+                self.origin,
+                f"token realm {realm} is plain http for an https registry; "
+                "refusing to send credentials",
+            )
+        params: list[tuple[str, str]] = [("service", service)] if service else []
+        params += [("scope", scope) for scope in scopes]
+        headers = {}
+        if self.credentials is not None:
+            params.append(("account", self.credentials.username))
+            headers["Authorization"] = self.credentials.basic_header()
+        self.token_requests += 1
+        token_request = httpx.Request("GET", realm_url, params=params, headers=headers)
+        response = yield token_request, True
+        who = f"user {self.credentials.username!r}" if self.credentials else "anonymous access"
+        where = f"token server {realm_url.copy_with(query=None)}"
+        if response.status_code in (401, 403):
+            raise RegistryAuthError(
+                self.origin,
+                f"{where} refused {who} for {' '.join(scopes) or 'the registry'} "
+                f"(HTTP {response.status_code}); check the credentials",
+                status=response.status_code,
+            )
+        if response.status_code != 200:
+            raise RegistryAuthError(
+                self.origin,
+                f"{where} failed (HTTP {response.status_code})",
+                status=response.status_code,
+            )
+        token, lifetime_s = _parse_token_response(response, self.origin, where)
+        margin_s = min(_EXPIRY_MARGIN_S, lifetime_s / 10)
+        entry = _Token(token, self._clock() + lifetime_s - margin_s)
+        for key in {*scopes, request_scope or "", " ".join(scopes)}:
+            self._tokens.pop(key, None)
+            self._tokens[key] = entry
+        while len(self._tokens) > _MAX_CACHED_TOKENS:
+            self._tokens.pop(next(iter(self._tokens)))
+        return token
+
+
+def _parse_token_response(response: httpx.Response, origin: str, where: str) -> tuple[str, float]:
+    """Return (token, lifetime in seconds) from a token server's JSON answer."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise RegistryAuthError(origin, f"{where}: answer is not JSON") from None
+    token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise RegistryAuthError(origin, f"{where}: answer has no 'token'")
+    expires_in = body.get("expires_in")
+    valid = isinstance(expires_in, int | float) and not isinstance(expires_in, bool)
+    lifetime_s = float(expires_in) if valid and expires_in > 0 else DEFAULT_TOKEN_LIFETIME_S
+    return token, lifetime_s
