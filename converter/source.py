@@ -241,7 +241,10 @@ def iter_layer(stream: BinaryIO) -> Iterator[tuple[tarfile.TarFile, tarfile.TarI
 
 
 def read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
-    """Yield a regular file member's content in pieces of at most CHUNK_SIZE bytes."""
+    """Yield a regular file member's content in pieces of at most CHUNK_SIZE bytes (nothing
+    for other members)."""
+    if not member.isreg():
+        return
     data = archive.extractfile(member)
     if data is None:
         return

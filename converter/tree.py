@@ -398,7 +398,9 @@ def _dev(rdev: tuple[int, int] | None) -> str:
 def _printable(path: str) -> str:
     """A path fit for one line of output, whatever bytes its name had."""
     text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 __all__ = [
