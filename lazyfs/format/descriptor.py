@@ -22,9 +22,10 @@ ANNOTATION_VERITY_OFFSET = "dev.containerd.erofs.dmverity.offset"
 ANNOTATION_ROOT_DIGEST = "dev.containerd.erofs.dmverity.root_digest"
 LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
 
-_SHA256_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_SHA512_DIGEST = re.compile(r"^sha512:[0-9a-f]{128}$")
-_ROOT_DIGEST = re.compile(r"^(sha256|sha512|sha1):[0-9a-f]+$")
+# Used with fullmatch: "^...$" would also accept a trailing newline.
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_SHA512_DIGEST = re.compile(r"sha512:[0-9a-f]{128}")
+_ROOT_DIGEST = re.compile(r"(sha256|sha512|sha1):[0-9a-f]+")
 
 
 class DescriptorError(FormatError):
@@ -70,14 +71,26 @@ class SeekableAnnotations:
         return out
 
 
+_MAX_OFFSET_DIGITS = 20  # 2**64 - 1 has 20 decimal digits
+
+
 def _offset(annotations: dict[str, str], key: str, source: str) -> int | None:
     value = annotations.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not value.isdigit():
-        raise DescriptorError(f"{source}: annotation {key}: expected a decimal offset, "
-                              f"found {value!r}")
+    # isdigit() alone also accepts non-ASCII digits such as "²", which int() refuses.
+    if (not isinstance(value, str) or not value.isascii() or not value.isdigit()
+            or len(value) > _MAX_OFFSET_DIGITS or int(value) >= 1 << 64):
+        raise DescriptorError(f"{source}: annotation {key}: expected a decimal offset below "
+                              f"2^64, found {value!r}")
     return int(value)
+
+
+def _string(annotations: dict[str, str], key: str, source: str) -> str | None:
+    value = annotations.get(key)
+    if value is not None and not isinstance(value, str):
+        raise DescriptorError(f"{source}: annotation {key}: expected a string, found {value!r}")
+    return value
 
 
 def parse_annotations(annotations: dict[str, str], source: str = "descriptor") -> (
@@ -91,16 +104,16 @@ def parse_annotations(annotations: dict[str, str], source: str = "descriptor") -
             "layer (convert it with `lazyfs convert`)"
         )
     verity_offset = _offset(annotations, ANNOTATION_VERITY_OFFSET, source)
-    chunk_digest = annotations.get(ANNOTATION_CHUNK_DIGEST)
+    chunk_digest = _string(annotations, ANNOTATION_CHUNK_DIGEST, source)
     if chunk_digest is not None:
         chunk_digest = chunk_digest.lower()
-        if not _SHA512_DIGEST.match(chunk_digest):
+        if not _SHA512_DIGEST.fullmatch(chunk_digest):
             raise DescriptorError(f"{source}: annotation {ANNOTATION_CHUNK_DIGEST}: expected "
                                   f"sha512:<128 hex digits>, found {chunk_digest!r}")
-    root_digest = annotations.get(ANNOTATION_ROOT_DIGEST)
+    root_digest = _string(annotations, ANNOTATION_ROOT_DIGEST, source)
     if root_digest is not None:
         root_digest = root_digest.lower()
-        if not _ROOT_DIGEST.match(root_digest):
+        if not _ROOT_DIGEST.fullmatch(root_digest):
             raise DescriptorError(f"{source}: annotation {ANNOTATION_ROOT_DIGEST}: expected "
                                   f"<algorithm>:<hex>, found {root_digest!r}")
         if verity_offset is None:
@@ -142,20 +155,27 @@ def descriptor_from_dict(obj: object, source: str = "descriptor") -> LayerDescri
     media_type = obj.get("mediaType")
     digest = obj.get("digest")
     size = obj.get("size")
-    annotations = obj.get("annotations") or {}
+    annotations = obj.get("annotations")
+    if annotations is None:
+        annotations = {}
+    urls = obj.get("urls")
+    if urls is None:
+        urls = []
     if not isinstance(media_type, str):
         raise DescriptorError(f"{source}: mediaType: expected a string, found {media_type!r}")
-    if not isinstance(digest, str) or not (_SHA256_DIGEST.match(digest) or
-                                           _SHA512_DIGEST.match(digest)):
-        raise DescriptorError(f"{source}: digest: expected sha256:<64 hex digits>, "
-                              f"found {digest!r}")
+    if not isinstance(digest, str) or not (_SHA256_DIGEST.fullmatch(digest) or
+                                           _SHA512_DIGEST.fullmatch(digest)):
+        raise DescriptorError(f"{source}: digest: expected sha256:<64 hex digits> or "
+                              f"sha512:<128 hex digits>, found {digest!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise DescriptorError(f"{source}: size: expected a non-negative integer, found {size!r}")
     if not isinstance(annotations, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
     ):
-        raise DescriptorError(f"{source}: annotations: expected an object of strings")
-    urls = obj.get("urls") or []
+        raise DescriptorError(f"{source}: annotations: expected an object of strings, "
+                              f"found {annotations!r:.200}")
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise DescriptorError(f"{source}: urls: expected a list of strings, found {urls!r:.200}")
     return LayerDescriptor(media_type, digest, size, dict(annotations), tuple(urls))
 
 
@@ -163,7 +183,9 @@ def parse_descriptor(text: bytes | str, source: str = "descriptor") -> LayerDesc
     """Parse descriptor JSON. Raises DescriptorError (bad JSON included)."""
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit;
+        # RecursionError deeply nested arrays.
         raise DescriptorError(f"{source}: not valid JSON: {exc}") from None
     return descriptor_from_dict(obj, source)
 
