@@ -53,6 +53,7 @@ class ConvertResult:
     """What a conversion produced; `seconds` holds the wall time of each phase."""
 
     source: Path
+    options: ConvertOptions
     source_kind: SourceKind
     blob_path: Path
     descriptor_path: Path
@@ -121,7 +122,8 @@ def convert_layer(
         with _timed(seconds, "encode"):
             encoded, descriptor = _write_outputs(image, out, descriptor_path, encode_options,
                                                  options.force, report)
-    return ConvertResult(src, kind, out, descriptor_path, descriptor, encoded, stats, seconds)
+    return ConvertResult(src, options, kind, out, descriptor_path, descriptor, encoded, stats,
+                         seconds)
 
 
 def _check_outputs(src: Path, out: Path, descriptor_path: Path, force: bool) -> None:

@@ -1,0 +1,235 @@
+"""`lazyfs convert SRC -o OUT`: write a seekable EROFS blob and its OCI descriptor.
+
+SRC is a directory, a tar layer (plain, gzip or zstd, told apart by content) or a raw EROFS
+image. Also home of the small helpers the other blob commands share: size parsing and
+printing, and a progress line on stderr (drawn only on a terminal; a dozen lines do not
+justify a dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, TextIO
+
+from lazyfs.cli import UserError
+
+if TYPE_CHECKING:
+    from converter.layer import ConvertOptions, ConvertResult
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+MAX_CHUNK_SIZE = 0xFFFFFFFF
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `4194304`, `64K`, `4M`, `1G` (binary units). Raises ArgumentTypeError."""
+    found = _SIZE.match(text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected e.g. 65536, 64K, 4M")
+    return int(found.group(1)) * _UNITS[found.group(2).lower()]
+
+
+def human_size(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+class ProgressLine:
+    """One self-overwriting status line on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self._phase: str | None = None
+        self._phase_start = 0.0
+        self._drawn = 0.0
+
+    def __enter__(self) -> ProgressLine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def update(self, phase: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if phase != self._phase:
+            self._phase, self._phase_start = phase, now
+        elif now - self._drawn < 0.1 and (total is None or done < total):
+            return
+        self._drawn = now
+        elapsed = max(now - self._phase_start, 1e-6)
+        rate = f"{human_size(done / elapsed)}/s" if done else ""
+        if total:
+            fraction = min(done / total, 1.0)
+            bar = "#" * int(fraction * 30)
+            text = (f"{phase:<8} [{bar:<30}] {fraction:6.1%}  {human_size(done)} / "
+                    f"{human_size(total)}  {rate}")
+        elif done:
+            text = f"{phase:<8} {human_size(done)}  {rate}"
+        else:
+            text = f"{phase:<8} ..."
+        self.stream.write(f"\r{text}\x1b[K")
+        self.stream.flush()
+
+    def blob_progress(self, phase: str) -> Callable[[int, int], None]:
+        """An adapter for `lazyfs.blob_check` progress callbacks."""
+        return lambda done, total: self.update(phase, done, total)
+
+    def close(self) -> None:
+        if self.enabled and self._phase is not None:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._phase = None
+
+
+def write_stdout(text: str) -> None:
+    """Write command output; a reader that went away (`| head`) is not an error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so `kill` also gets the cleanup that leaves no partial files."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- convert -----------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a layer into a seekable EROFS blob",
+        description="Convert a directory, a tar layer (plain, gzip or zstd) or a raw EROFS "
+        "image into a seekable EROFS blob, and write its OCI descriptor beside it "
+        "(X.blob -> X.descriptor.json, otherwise OUT.descriptor.json).",
+    )
+    parser.add_argument("src", type=Path, metavar="SRC", help="directory, tar layer or EROFS image")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                        help="the blob to write")
+    parser.add_argument("--chunk-size", type=parse_size, default=4 << 20, metavar="SIZE",
+                        help="image bytes per zstd frame, K/M suffixes (default 4M)")
+    parser.add_argument("--zstd-level", type=int, default=3, metavar="N",
+                        help="zstd level 1..22 (default 3)")
+    parser.add_argument("--no-verity", action="store_true", help="write no dm-verity tree")
+    parser.add_argument("--verity-block-size", type=parse_size, default=4096, metavar="SIZE",
+                        help="dm-verity data and hash block size (default 4096)")
+    parser.add_argument("--verity-hash", choices=("sha256", "sha512"), default="sha512",
+                        help="dm-verity hash (default sha512, as containerd)")
+    parser.add_argument("--salt", metavar="HEX", default="",
+                        help="dm-verity salt in hex (default none, as containerd)")
+    parser.add_argument("--erofs-compression", metavar="COMP",
+                        help="mkfs.erofs compressor, e.g. lz4hc,12 (adds -C 65536)")
+    parser.add_argument("--mkfs-opts", metavar="OPTS", default="",
+                        help='extra mkfs.erofs options, e.g. "--all-root -x-1"')
+    parser.add_argument("--reproducible", action="store_true",
+                        help="fixed UUIDs and timestamps: the same input gives the same bytes")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing blob and descriptor")
+    parser.add_argument("-j", "--jobs", type=int, default=0, metavar="N",
+                        help="encoder threads (default: one per core)")
+    parser.set_defaults(func=run)
+
+
+def options_from_args(args: argparse.Namespace) -> ConvertOptions:
+    """The ConvertOptions of the command line. Raises UserError for a bad value."""
+    from converter.encoder import EncodeOptions
+    from converter.layer import ConvertOptions
+
+    if not 0 < args.chunk_size <= MAX_CHUNK_SIZE:
+        raise UserError(f"--chunk-size {args.chunk_size}: must be 1 byte to 4 GiB - 1")
+    block = args.verity_block_size
+    if block < 512 or block > 512 * 1024 or block & (block - 1):
+        raise UserError(f"--verity-block-size {block}: must be a power of two from 512 to 512K")
+    try:
+        salt = bytes.fromhex(args.salt)
+    except ValueError:
+        raise UserError(f"--salt {args.salt!r}: not hexadecimal") from None
+    if len(salt) > 256:
+        raise UserError(f"--salt: {len(salt)} bytes, dm-verity allows at most 256")
+    if args.jobs < 0:
+        raise UserError(f"--jobs {args.jobs}: must be >= 0")
+    try:
+        mkfs_opts = tuple(shlex.split(args.mkfs_opts))
+        encode = EncodeOptions(
+            chunk_size=args.chunk_size, zstd_level=args.zstd_level, verity=not args.no_verity,
+            verity_data_block_size=block, verity_hash_block_size=block,
+            verity_hash=args.verity_hash, verity_salt=salt, threads=args.jobs,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc).replace("zstd level", "--zstd-level")) from None
+    return ConvertOptions(encode=encode, erofs_compression=args.erofs_compression,
+                          mkfs_opts=mkfs_opts, reproducible=args.reproducible, force=args.force)
+
+
+def _converter_for(src: Path) -> Callable[..., ConvertResult]:
+    """The conversion for a source. Layers only for now; a whole OCI image (a layout
+    directory or archive) is the place to dispatch to an image converter."""
+    from converter.layer import convert_layer
+
+    return convert_layer
+
+
+def run(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    convert = _converter_for(args.src)
+    start = time.monotonic()
+    with ProgressLine() as progress, sigterm_as_interrupt():
+        result = convert(args.src, args.output, options, progress.update)
+    write_stdout(summary(result, time.monotonic() - start))
+    return 0
+
+
+def summary(result: ConvertResult, seconds: float) -> str:
+    """The end-of-conversion summary: what went in, what came out, how long it took."""
+    encoded = result.encoded
+    annotations = encoded.annotations
+    ratio = encoded.image_size / encoded.blob_size if encoded.blob_size else 0.0
+    phases = ", ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
+    rate = encoded.image_size / seconds / 1e6 if seconds > 0 else 0.0
+    chunk_size = result.options.encode.chunk_size
+    lines = [
+        f"converted {result.source_kind.value} {result.source} -> {result.blob_path}",
+        f"  image       {encoded.image_size} bytes ({human_size(encoded.image_size)}), "
+        f"{encoded.image_digest}",
+        f"  blob        {encoded.blob_size} bytes ({human_size(encoded.blob_size)}), "
+        f"{encoded.blob_digest}",
+        f"  ratio       {ratio:.2f} (image / blob)",
+        f"  chunks      {encoded.chunk_count} of {human_size(chunk_size)}, chunk table at "
+        f"{annotations.chunk_table_offset} ({annotations.chunk_digest})",
+        f"  dm-verity   {annotations.root_digest or 'none'}"
+        + (f" at {annotations.verity_offset}" if annotations.verity_offset is not None else ""),
+        f"  descriptor  {result.descriptor_path}",
+        f"  time        {seconds:.1f} s ({phases}), {rate:.0f} MB/s of image",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,261 @@
+"""`lazyfs verify BLOB`: every check there is, end to end; exit 0 only when all hold.
+
+1. `lazyfs.blob_check`: descriptor digest and size, chunk table digest, every frame's SHA-512
+   and decoded size, the whole dm-verity tree and every data block; all problems listed.
+2. `veritysetup verify` on the hash payload and the padded image, when installed: an
+   independent implementation confirms the tree and the root.
+3. `fsck.erofs` decodes every file of the image.
+4. With `--against SRC` (a directory or a tar layer): the file tree inside the image is
+   compared with the source (`converter.tree`). The image is mounted read-only when root can
+   mount EROFS, which shows everything; otherwise it is extracted with `fsck.erofs --extract`,
+   which in erofs-utils 1.5 restores neither xattrs nor hardlinks (and owners only for root),
+   so those are not compared and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lazyfs.blob_check import BlobReport, check_blob, find_descriptor
+from lazyfs.cli import UserError
+from lazyfs.cli.convert import ProgressLine, sigterm_as_interrupt, write_stdout
+
+if TYPE_CHECKING:
+    from converter.tree import TreeEntry
+
+_TOOL_TIMEOUT_SECONDS = 3600
+_MOUNT_TIMEOUT_SECONDS = 60
+
+
+class _Outcome:
+    """Check results in order: a line per step, and every problem found."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.problems: list[str] = []
+
+    def step(self, name: str, status: str) -> None:
+        self.lines.append(f"  {name:<12} {status}")
+
+    def fail(self, name: str, problems: list[str]) -> None:
+        self.step(name, f"FAILED ({_count(len(problems), 'problem')})")
+        self.problems += [f"{name}: {problem}" for problem in problems]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="check every byte of a blob (and optionally its files against the source)",
+        description="Check a seekable EROFS blob end to end: descriptor, chunk table, every "
+        "frame, the dm-verity tree and every data block (confirmed with veritysetup when "
+        "installed), fsck.erofs on the image, and with --against the files in the image "
+        "against a directory or tar layer. Prints each problem; exit status 0 only when "
+        "everything holds, 1 otherwise.",
+    )
+    parser.add_argument("blob", type=Path, metavar="BLOB")
+    parser.add_argument("--descriptor", type=Path, metavar="D",
+                        help="the blob's OCI descriptor JSON (default: the one beside BLOB)")
+    parser.add_argument("--against", type=Path, metavar="SRC",
+                        help="a directory or tar layer the image must hold exactly")
+    parser.add_argument("-j", "--jobs", type=int, default=0, metavar="N",
+                        help="decoder threads (default: one per core)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        descriptor, descriptor_path = find_descriptor(args.blob, args.descriptor)
+    except OSError as exc:
+        raise UserError(f"{exc.filename}: cannot read descriptor: {exc.strerror}") from None
+    expected = _expected_tree(args.against) if args.against is not None else None
+    outcome = _Outcome()
+    with tempfile.TemporaryDirectory(prefix="lazyfs-verify-") as work_dir:
+        work = Path(work_dir)
+        image = work / "image.erofs"
+        try:
+            with (open(image, "wb") as image_file, ProgressLine() as progress,
+                  sigterm_as_interrupt()):
+                report = check_blob(args.blob, descriptor, output=image_file, threads=args.jobs,
+                                    progress=progress.blob_progress("verify"))
+        except OSError as exc:
+            raise UserError(f"{exc.filename or args.blob}: {exc.strerror or exc}") from None
+        _report_blob(outcome, report, descriptor_path)
+        if report.ok:
+            _veritysetup(outcome, args.blob, report, image)
+            if expected is None:
+                _fsck(outcome, image, None)
+            else:
+                _against(outcome, image, work, expected, args.against)
+        else:
+            outcome.step("image", "not checked: the blob has problems")
+    lines = [f"verify {args.blob}", *outcome.lines]
+    lines += [f"problem: {problem}" for problem in outcome.problems]
+    lines.append("OK" if not outcome.problems else
+                 f"FAILED: {_count(len(outcome.problems), 'problem')}")
+    write_stdout("\n".join(lines) + "\n")
+    return 0 if not outcome.problems else 1
+
+
+def _expected_tree(src: Path) -> dict[str, TreeEntry]:
+    """The tree the image must hold, read before the long checks so a bad SRC fails fast."""
+    from converter.source import SourceKind, detect_source, open_tar_stream
+    from converter.tree import scan_directory, scan_tar
+
+    kind = detect_source(src)
+    if kind is SourceKind.DIRECTORY:
+        return scan_directory(src)
+    if kind.is_tar:
+        with open_tar_stream(src, kind) as stream:
+            return scan_tar(stream)
+    raise UserError(f"--against {src}: is a {kind.value} source; give a directory or a tar "
+                    "layer")
+
+
+def _report_blob(outcome: _Outcome, report: BlobReport, descriptor_path: Path | None) -> None:
+    if report.authenticated:
+        outcome.step("descriptor", f"{descriptor_path}")
+    else:
+        found = descriptor_path or "none"
+        outcome.step("descriptor", f"{found}: metadata NOT AUTHENTICATED (checked for "
+                                   "consistency only)")
+    if not report.ok:
+        outcome.fail("blob", report.problems)
+        return
+    metadata = report.metadata
+    assert metadata is not None
+    outcome.step("blob", f"{report.blob_size} bytes, {report.blob_digest}")
+    frames = _count(report.chunks_checked, "frame")
+    outcome.step("frames", f"{frames}: SHA-512 and decoded size ok; "
+                           f"image {metadata.image_size} bytes, {report.image_digest}")
+    if metadata.verity is None:
+        outcome.step("dm-verity", "none in this blob")
+    elif report.verity_checked:
+        blocks = _count(metadata.verity.superblock.data_blocks, "data block")
+        outcome.step("dm-verity", f"tree and {blocks} ok, root {report.root_digest}")
+    else:
+        outcome.step("dm-verity", "not checked: no root digest (a single data block and no "
+                                  "descriptor)")
+
+
+def _veritysetup(outcome: _Outcome, blob: Path, report: BlobReport, image: Path) -> None:
+    """Confirm the tree with cryptsetup's implementation: hash payload and padded image."""
+    metadata = report.metadata
+    if metadata is None or metadata.verity is None or report.root_digest is None:
+        return
+    tool = shutil.which("veritysetup")
+    if tool is None:
+        outcome.step("veritysetup", "not installed: the tree was checked by lazyfs only")
+        return
+    hash_file = image.with_name("verity.hash")
+    with open(blob, "rb") as f, open(hash_file, "wb") as out:
+        out.write(os.pread(f.fileno(), metadata.verity_payload_size,
+                           metadata.verity_payload_offset))
+    # dm-verity hashes whole blocks: the data device is the image padded with zeros.
+    os.truncate(image, metadata.verity.padded_data_size)
+    try:
+        root_hex = report.root_digest.partition(":")[2]
+        result = _run([tool, "verify", os.fspath(image), os.fspath(hash_file), root_hex])
+    finally:
+        os.truncate(image, metadata.image_size)
+        hash_file.unlink()
+    if result.returncode == 0:
+        outcome.step("veritysetup", "verify ok")
+    else:
+        outcome.fail("veritysetup", [f"verify failed (exit status {result.returncode}): "
+                                     f"{_one_line(result)}"])
+
+
+def _fsck(outcome: _Outcome, image: Path, extract_to: Path | None) -> bool:
+    from converter.errors import ConvertError
+    from converter.mkfs import fsck_erofs
+
+    try:
+        fsck_erofs(image, extract_to=extract_to)
+    except ConvertError as exc:
+        outcome.fail("fsck.erofs", [str(exc)])
+        return False
+    outcome.step("fsck.erofs", "every file decodes" + (" (extracted)" if extract_to else ""))
+    return True
+
+
+def _can_mount_erofs() -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            return any(line.split()[-1:] == ["erofs"] for line in f)
+    except OSError:
+        return False
+
+
+def _against(outcome: _Outcome, image: Path, work: Path, expected: dict[str, TreeEntry],
+             src: Path) -> None:
+    """Compare the image's tree with the source's: from a read-only mount, else extracted."""
+    from converter.tree import compare_trees, scan_directory
+
+    if _can_mount_erofs():
+        if not _fsck(outcome, image, None):
+            return
+        mount_point = work / "mnt"
+        mount_point.mkdir()
+        mounted = _run(["mount", "-t", "erofs", "-o", "ro,loop,nodev,nosuid,noexec",
+                        os.fspath(image), os.fspath(mount_point)], _MOUNT_TIMEOUT_SECONDS)
+        if mounted.returncode == 0:
+            try:
+                actual = scan_directory(mount_point)
+            finally:
+                _unmount(mount_point)
+            _compare(outcome, src, compare_trees(expected, actual), "mounted read-only", [])
+            return
+        outcome.step("mount", f"failed, comparing an extracted copy: {_one_line(mounted)}")
+    extract_to = work / "tree"
+    if not _fsck(outcome, image, extract_to):
+        return
+    ignored = ["xattrs", "hardlinks"] + ([] if os.geteuid() == 0 else ["owner"])
+    actual = scan_directory(extract_to)
+    _compare(outcome, src, compare_trees(expected, actual, ignore=ignored),
+             "extracted by fsck.erofs", ignored)
+
+
+def _compare(outcome: _Outcome, src: Path, differences: list[str], how: str,
+             ignored: list[str]) -> None:
+    if differences:
+        outcome.fail("against", differences)
+        return
+    note = ""
+    if ignored:
+        note = f"; not compared: {', '.join(ignored)} (erofs-utils 1.5 extraction drops them)"
+    outcome.step("against", f"{src}: the image holds the same tree ({how}){note}")
+
+
+def _unmount(mount_point: Path) -> None:
+    result = _run(["umount", os.fspath(mount_point)], _MOUNT_TIMEOUT_SECONDS)
+    if result.returncode != 0:
+        _run(["umount", "-l", os.fspath(mount_point)], _MOUNT_TIMEOUT_SECONDS)
+
+
+def _run(args: list[str], timeout: float = _TOOL_TIMEOUT_SECONDS) -> (
+    subprocess.CompletedProcess[str]
+):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, errors="replace",
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, -1, "", f"timed out after {timeout} s")
+    except OSError as exc:
+        return subprocess.CompletedProcess(args, -1, "", f"cannot run {args[0]}: {exc}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    text = (result.stderr.strip() or result.stdout.strip() or "no output")
+    return text.replace("\n", " | ")[-1000:]
