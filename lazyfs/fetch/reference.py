@@ -58,6 +58,15 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
+def is_digest_reference(reference: str) -> bool:
+    """Whether a manifest reference is a digest (else a tag); raises if it is neither."""
+    if ":" in reference:
+        validate_digest(reference)
+        return True
+    validate_tag(reference)
+    return False
+
+
 def validate_repository(repository: str) -> str:
     """Return `repository` if every `/`-separated component is lower-case `[a-z0-9._-]`."""
     if not repository:

@@ -28,10 +28,11 @@ from lazyfs import __version__
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.oci import ACCEPTED_MANIFEST_TYPES, OCIFormatError, detect_media_type
 from lazyfs.fetch.reference import (
+    is_digest_reference,
     registry_api_host,
     validate_digest,
+    validate_registry,
     validate_repository,
-    validate_tag,
 )
 from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
 
@@ -98,8 +99,9 @@ def _base_url(name: str, insecure: bool, role: str) -> tuple[str, httpx.URL]:
     if not sep:
         scheme, host = ("http" if insecure else "https"), name
     host = registry_api_host(host.rstrip("/"))
-    if scheme not in ("http", "https") or not host or "/" in host:
+    if scheme not in ("http", "https") or "/" in host:
         raise ValueError(f"{role} {name!r}: expected host[:port] or http(s)://host[:port]")
+    validate_registry(host)
     if scheme == "http" and not insecure:
         raise ValueError(
             f"{role} {name!r}: plain HTTP needs insecure=True (lazyfs --insecure), "
@@ -121,15 +123,6 @@ def _algorithm(digest: str) -> str:
 
 def _digest_of(data: bytes, algorithm: str) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def _reference_kind(reference: str) -> str:
-    """Validate a manifest reference; return 'digest' or 'tag'."""
-    if ":" in reference:
-        validate_digest(reference)
-        return "digest"
-    validate_tag(reference)
-    return "tag"
 
 
 def _describe(exc: BaseException) -> str:
@@ -164,6 +157,22 @@ async def _error_detail(response: httpx.Response) -> str:
         return f"; {first['code']}: {first['message']}"
     except (httpx.HTTPError, ValueError, LookupError, TypeError):
         return ""
+
+
+async def _read_capped(source: _Source, response: httpx.Response, cap: int, what: str) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > cap:
+            raise RegistryError(f"registry {source.name}: {what}: larger than {cap} bytes")
+    return bytes(body)
+
+
+def _check_digest(source: _Source, what: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        raise DigestMismatchError(
+            f"registry {source.name}: {what}: content has digest {actual}, expected {expected}"
+        )
 
 
 def _write_and_hash(file: IO[bytes], hasher: Any, chunk: bytes) -> None:
@@ -263,30 +272,23 @@ class RegistryClient:
         UnauthorizedError, DigestMismatchError, RegistryError; ValueError for a bad argument.
         """
         validate_repository(repository)
-        is_digest = _reference_kind(reference) == "digest"
-        what = f"manifest {repository}{'@' if is_digest else ':'}{reference}"
-        path = f"/v2/{repository}/manifests/{reference}"
+        pinned = is_digest_reference(reference)
+        what = f"manifest {repository}{'@' if pinned else ':'}{reference}"
+
+        async def consume(source: _Source, response: httpx.Response) -> tuple[bytes, str, str]:
+            body = await _read_capped(source, response, MAX_MANIFEST_BYTES, what)
+            digest = await self._hash(body, _algorithm(reference) if pinned else "sha256")
+            sent = response.headers.get("Docker-Content-Digest", "")
+            expected = reference if pinned else sent if _algorithm(sent) == "sha256" else digest
+            _check_digest(source, what, expected, digest)
+            content_type = response.headers.get("Content-Type", "").partition(";")[0].strip()
+            try:
+                return body, detect_media_type(body, content_type or None), digest
+            except OCIFormatError as error:
+                raise RegistryError(f"registry {source.name}: {what}: {error}") from None
+
         headers = {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)}
-
-        async def pull(source: _Source) -> tuple[bytes, str, str]:
-            async def consume(response: httpx.Response) -> tuple[bytes, str, str]:
-                body = await self._read_capped(source, response, MAX_MANIFEST_BYTES, what)
-                digest = await self._hash(body, _algorithm(reference) if is_digest else "sha256")
-                expected = reference if is_digest else None
-                sent = response.headers.get("Docker-Content-Digest", "")
-                if expected is None and sent.startswith("sha256:"):
-                    expected = sent
-                self._check_digest(source, what, expected or digest, digest)
-                content_type = response.headers.get("Content-Type", "").partition(";")[0]
-                try:
-                    media_type = detect_media_type(body, content_type.strip() or None)
-                except OCIFormatError as error:
-                    raise RegistryError(f"registry {source.name}: {what}: {error}") from None
-                return body, media_type, digest
-
-            return await self._request(source, "GET", path, what, consume, headers=headers)
-
-        return await self._pull(what, pull)
+        return await self._pull(f"/v2/{repository}/manifests/{reference}", what, consume, headers)
 
     async def get_blob(
         self, repository: str, digest: str, *, max_size_bytes: int = MAX_SMALL_BLOB_BYTES
@@ -296,20 +298,14 @@ class RegistryClient:
         Raises RegistryError if it is larger than `max_size_bytes`, DigestMismatchError,
         NotFoundError, UnauthorizedError.
         """
-        validate_repository(repository)
-        validate_digest(digest)
-        what = f"blob {repository}@{digest}"
-        path = f"/v2/{repository}/blobs/{digest}"
+        path, what = self._blob_path(repository, digest)
 
-        async def pull(source: _Source) -> bytes:
-            async def consume(response: httpx.Response) -> bytes:
-                body = await self._read_capped(source, response, max_size_bytes, what)
-                self._check_digest(source, what, digest, await self._hash(body, _algorithm(digest)))
-                return body
+        async def consume(source: _Source, response: httpx.Response) -> bytes:
+            body = await _read_capped(source, response, max_size_bytes, what)
+            _check_digest(source, what, digest, await self._hash(body, _algorithm(digest)))
+            return body
 
-            return await self._request(source, "GET", path, what, consume, headers=_BLOB_HEADERS)
-
-        return await self._pull(what, pull)
+        return await self._pull(path, what, consume, _BLOB_HEADERS)
 
     async def download_blob(
         self, repository: str, digest: str, dest: Path, *, size: int | None = None
@@ -319,16 +315,12 @@ class RegistryClient:
         `size`, if known (from a descriptor), must match. On failure `dest` is untouched and
         the temporary file removed. Raises RegistryError subclasses, OSError.
         """
-        validate_repository(repository)
-        validate_digest(digest)
-        what = f"blob {repository}@{digest}"
-        path = f"/v2/{repository}/blobs/{digest}"
+        path, what = self._blob_path(repository, digest)
         dest = Path(dest)
         tmp = dest.with_name(dest.name + ".tmp")
 
         async def consume(source: _Source, response: httpx.Response) -> None:
-            hasher = hashlib.new(_algorithm(digest))
-            received = 0
+            hasher, received = hashlib.new(_algorithm(digest)), 0
             file = await trio.to_thread.run_sync(open, tmp, "wb")
             try:
                 async for chunk in response.aiter_bytes(_CHUNK_BYTES):
@@ -344,21 +336,13 @@ class RegistryClient:
                     raise RegistryError(
                         f"registry {source.name}: {what}: got {received} bytes, expected {size}"
                     )
-                self._check_digest(source, what, digest, f"{hasher.name}:{hasher.hexdigest()}")
+                _check_digest(source, what, digest, f"{hasher.name}:{hasher.hexdigest()}")
                 await trio.to_thread.run_sync(_commit, file, tmp, dest)
             finally:
                 await trio.to_thread.run_sync(file.close)
 
-        async def pull(source: _Source) -> None:
-            async def bound(response: httpx.Response) -> None:
-                await consume(source, response)
-
-            await self._request(
-                source, "GET", path, what, bound, headers=_BLOB_HEADERS, deadline=False
-            )
-
         try:
-            await self._pull(what, pull)
+            await self._pull(path, what, consume, _BLOB_HEADERS, deadline=False)
         finally:
             await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
 
@@ -366,12 +350,9 @@ class RegistryClient:
 
     async def blob_exists(self, repository: str, digest: str) -> bool:
         """Whether the registry has the blob (HEAD); raises RegistryError on other answers."""
-        validate_repository(repository)
-        validate_digest(digest)
-        what = f"blob {repository}@{digest}"
-        path = f"/v2/{repository}/blobs/{digest}"
+        path, what = self._blob_path(repository, digest)
 
-        async def found(response: httpx.Response) -> bool:
+        async def found(source: _Source, response: httpx.Response) -> bool:
             return response.status_code == 200
 
         return await self._request(self._origin, "HEAD", path, what, found, ok=(200, 404))
@@ -390,8 +371,7 @@ class RegistryClient:
         registry to mount the blob from instead. Bytes in memory are checked against `digest`
         first (ValueError); a file is checked by the registry. Raises RegistryError subclasses.
         """
-        validate_repository(repository)
-        validate_digest(digest)
+        self._blob_path(repository, digest)  # validates both
         if isinstance(data_or_path, bytes | bytearray | memoryview):
             data: bytes | None = bytes(data_or_path)
             actual = await self._hash(data, _algorithm(digest))
@@ -404,48 +384,33 @@ class RegistryClient:
         if await self.blob_exists(repository, digest):
             return False
         what = f"blob upload {repository}@{digest}"
-        params = {"mount": digest, "from": validate_repository(mount_from)} if mount_from else {}
+        mount = {"mount": digest, "from": validate_repository(mount_from)} if mount_from else {}
+        put_headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
 
-        async def location(response: httpx.Response) -> httpx.URL | None:
+        async def location(source: _Source, response: httpx.Response) -> httpx.URL | None:
             if response.status_code == 201:
                 return None  # mounted
             if "Location" not in response.headers:
-                raise RegistryError(f"registry {self.name}: {what}: 202 without Location")
+                raise RegistryError(f"registry {source.name}: {what}: 202 without Location")
             return response.url.join(response.headers["Location"])
 
-        async def created(response: httpx.Response) -> None:
+        async def created(source: _Source, response: httpx.Response) -> None:
             return None
 
-        # A failed PUT may have consumed the upload session: each attempt starts a new one.
+        # A failed PUT may have spoiled the upload session: each attempt starts a new one.
         for attempt in range(self._origin.retries + 1):
             upload = await self._request(
-                self._origin,
-                "POST",
-                f"/v2/{repository}/blobs/uploads/",
-                what,
-                location,
-                ok=(201, 202),
-                params=params,
-                headers={"Content-Length": "0"},
-            )
+                self._origin, "POST", f"/v2/{repository}/blobs/uploads/", what, location,
+                ok=(201, 202), params=mount, headers={"Content-Length": "0"},
+            )  # fmt: skip
             if upload is None:
                 return False
             try:
                 await self._request(
-                    self._origin,
-                    "PUT",
-                    upload.copy_merge_params({"digest": digest}),
-                    what,
-                    created,
-                    ok=(201,),
-                    retries=0,
-                    deadline=False,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Length": str(size),
-                    },
+                    self._origin, "PUT", upload.copy_merge_params({"digest": digest}), what,
+                    created, ok=(201,), retries=0, deadline=False, headers=put_headers,
                     content=data if data is not None else _file_chunks(path),
-                )
+                )  # fmt: skip
                 return True
             except RegistryUnavailableError:
                 if attempt == self._origin.retries:
@@ -462,41 +427,52 @@ class RegistryClient:
         `reference` is a digest other than the body's, RegistryError subclasses otherwise.
         """
         validate_repository(repository)
-        is_digest = _reference_kind(reference) == "digest"
-        digest = await self._hash(body, _algorithm(reference) if is_digest else "sha256")
-        if is_digest and digest != reference:
+        pinned = is_digest_reference(reference)
+        digest = await self._hash(body, _algorithm(reference) if pinned else "sha256")
+        if pinned and digest != reference:
             raise ValueError(f"manifest for {repository}@{reference}: body has digest {digest}")
-        what = f"manifest {repository}{'@' if is_digest else ':'}{reference} (push)"
+        what = f"manifest {repository}{'@' if pinned else ':'}{reference} (push)"
 
-        async def stored(response: httpx.Response) -> str | None:
-            return response.headers.get("Docker-Content-Digest")
+        async def stored(source: _Source, response: httpx.Response) -> None:
+            returned = response.headers.get("Docker-Content-Digest", "")
+            if _algorithm(returned) == _algorithm(digest) and returned != digest:
+                raise DigestMismatchError(
+                    f"registry {source.name}: {what}: registry computed {returned}, sent {digest}"
+                )
 
-        returned = await self._request(
-            self._origin,
-            "PUT",
-            f"/v2/{repository}/manifests/{reference}",
-            what,
-            stored,
-            ok=(201,),
-            headers={"Content-Type": media_type},
-            content=body,
-        )
-        if returned and _algorithm(returned) == _algorithm(digest) and returned != digest:
-            raise DigestMismatchError(
-                f"registry {self.name}: {what}: registry computed digest {returned}, sent {digest}"
-            )
+        await self._request(
+            self._origin, "PUT", f"/v2/{repository}/manifests/{reference}", what, stored,
+            ok=(201,), headers={"Content-Type": media_type}, content=body,
+        )  # fmt: skip
         return digest
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    async def _pull(self, what: str, pull: Callable[[_Source], Awaitable[T]]) -> T:
-        """Try each mirror once, then the registry; a mirror's failure of any kind is logged."""
+    def _blob_path(self, repository: str, digest: str) -> tuple[str, str]:
+        validate_repository(repository)
+        validate_digest(digest)
+        return f"/v2/{repository}/blobs/{digest}", f"blob {repository}@{digest}"
+
+    async def _pull(
+        self,
+        path: str,
+        what: str,
+        consume: Callable[[_Source, httpx.Response], Awaitable[T]],
+        headers: Mapping[str, str],
+        *,
+        deadline: bool = True,
+    ) -> T:
+        """GET from each mirror once, then from the registry; a mirror's failure is logged."""
         for mirror in self._mirrors:
             try:
-                return await pull(mirror)
+                return await self._request(
+                    mirror, "GET", path, what, consume, headers=headers, deadline=deadline
+                )
             except FetchError as error:
                 log.info("mirror %s: %s; trying the next source", mirror.name, error)
-        return await pull(self._origin)
+        return await self._request(
+            self._origin, "GET", path, what, consume, headers=headers, deadline=deadline
+        )
 
     async def _request(
         self,
@@ -504,7 +480,7 @@ class RegistryClient:
         method: str,
         target: str | httpx.URL,
         what: str,
-        consume: Callable[[httpx.Response], Awaitable[T]],
+        consume: Callable[[_Source, httpx.Response], Awaitable[T]],
         *,
         ok: tuple[int, ...] = (200,),
         params: Mapping[str, str] | None = None,
@@ -532,7 +508,7 @@ class RegistryClient:
                     response = await self._client.send(request, auth=source.auth, stream=True)
                     try:
                         await self._check_status(source, what, response, ok)
-                        return await consume(response)
+                        return await consume(source, response)
                     finally:
                         await response.aclose()
             except _Retry as error:
@@ -554,6 +530,8 @@ class RegistryClient:
                         "localhost or 127.0.0.1"
                     ) from None
                 last, retry_after_s = _describe(error), None
+            except httpx.HTTPError as error:  # too many redirects, undecodable body
+                raise RegistryError(f"registry {source.name}: {what}: {_describe(error)}") from None
         raise RegistryUnavailableError(
             f"registry {source.name}: {what}: failed after {attempts} attempts; last: {last}"
         )
@@ -585,22 +563,6 @@ class RegistryClient:
                 f"{prefix}: {word} (HTTP {status}{detail}); {hint}", status=status
             )
         raise RegistryError(f"{prefix}: unexpected HTTP {status}{detail}", status=status)
-
-    async def _read_capped(
-        self, source: _Source, response: httpx.Response, cap: int, what: str
-    ) -> bytes:
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > cap:
-                raise RegistryError(f"registry {source.name}: {what}: larger than {cap} bytes")
-        return bytes(body)
-
-    def _check_digest(self, source: _Source, what: str, expected: str, actual: str) -> None:
-        if actual != expected:
-            raise DigestMismatchError(
-                f"registry {source.name}: {what}: content has digest {actual}, expected {expected}"
-            )
 
     def _hash_limiter(self) -> trio.CapacityLimiter:
         if self._limiter is None:

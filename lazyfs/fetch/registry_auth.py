@@ -150,7 +150,7 @@ class Challenge:
 
     @property
     def scopes(self) -> tuple[str, ...]:
-        return tuple(self.params.get("scope", "").split())
+        return tuple(normalize_scope(scope) for scope in self.params.get("scope", "").split())
 
 
 def parse_challenge(header: str) -> Challenge | None:
@@ -167,13 +167,22 @@ def parse_challenge(header: str) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
+def normalize_scope(scope: str) -> str:
+    """`repository:a:push,pull` -> `repository:a:pull,push`, so equal scopes compare equal."""
+    resource, sep, actions = scope.rpartition(":")
+    return f"{resource}:{','.join(sorted(set(actions.split(','))))}" if sep else scope
+
+
 def request_scope(request: httpx.Request) -> str | None:
-    """The token scope a request needs: pull for GET/HEAD on a repository, else pull,push."""
+    """The token scope(s) a request needs, space-separated: pull for GET/HEAD on a repository,
+    pull,push otherwise, plus pull on the source repository of a cross-repository mount."""
     match = _REPOSITORY_PATH.match(request.url.path)
     if match is None:
         return None
     actions = "pull" if request.method in ("GET", "HEAD") else "pull,push"
-    return f"repository:{match.group('name')}:{actions}"
+    scope = f"repository:{match.group('name')}:{actions}"
+    source = request.url.params.get("from") if "mount" in request.url.params else None
+    return f"{scope} repository:{source}:pull" if source else scope
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
@@ -265,8 +274,9 @@ class RegistryAuth(httpx.Auth):
         header = self._cached_header(scope)
         if header is None and self._bearer is not None and scope is not None:
             realm, service = self._bearer
-            token = yield from self._fetch_token(realm, service, (scope,), scope)
-            header, fresh_scopes = f"Bearer {token}", (scope,)
+            fresh_scopes = tuple(scope.split())
+            token = yield from self._fetch_token(realm, service, fresh_scopes, scope)
+            header = f"Bearer {token}"
         if header is not None:
             request.headers["Authorization"] = header
         response = yield request, False
@@ -289,7 +299,7 @@ class RegistryAuth(httpx.Auth):
             realm = challenge.params.get("realm")
             if not realm:
                 raise RegistryAuthError(self.origin, "Bearer challenge without a realm")
-            scopes = challenge.scopes or ((scope,) if scope else ())
+            scopes = challenge.scopes or (tuple(scope.split()) if scope else ())
             if fresh_scopes is not None and set(scopes) <= set(fresh_scopes):
                 return  # a token obtained just now for this very scope was refused
             service = challenge.params.get("service")
@@ -327,7 +337,8 @@ class RegistryAuth(httpx.Auth):
             params.append(("account", self.credentials.username))
             headers["Authorization"] = self.credentials.basic_header()
         self.token_requests += 1
-        token_request = httpx.Request("GET", realm_url, params=params, headers=headers)
+        url = realm_url.copy_merge_params(httpx.QueryParams(params))
+        token_request = httpx.Request("GET", url, headers=headers)
         response = yield token_request, True
         who = f"user {self.credentials.username!r}" if self.credentials else "anonymous access"
         where = f"token server {realm_url.copy_with(query=None)}"

@@ -218,11 +218,20 @@ def test_bearer_token_flow(tokens: tuple[Registry, TokenServer]) -> None:
             pushed = await push_image(client, "team/app", "v1", b"layer")
             for _ in range(3):
                 assert (await client.get_manifest("team/app", "v1"))[2] == pushed["digest"]
-        # One token per scope, reused while valid.
-        assert [r["scopes"] for r in server.requests] == [
-            ["repository:team/app:pull"],
-            ["repository:team/app:pull,push"],
-        ]
+            # One token per scope, reused while valid.
+            assert [r["scopes"] for r in server.requests] == [
+                ["repository:team/app:pull"],
+                ["repository:team/app:pull,push"],
+            ]
+            # A cross-repository mount needs a token for both repositories.
+            assert not await client.push_blob(
+                "other", digest(b"layer"), b"layer", mount_from="team/app"
+            )
+            assert await client.get_blob("other", digest(b"layer")) == b"layer"
+            assert sorted(server.requests[3]["scopes"]) == [
+                "repository:other:pull,push",
+                "repository:team/app:pull",
+            ]
         assert all(r["account"] == "alice" for r in server.requests)
 
         async with RegistryClient(
@@ -459,6 +468,23 @@ def test_lying_mirror_falls_back_to_origin(tmp_path: Path) -> None:
     run_mock(main)
 
 
+def test_download_of_wrong_size_leaves_nothing(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    async def main() -> None:
+        transport = scripted([httpx.Response(200, content=BLOB)], seen)
+        async with RegistryClient(ORIGIN, transport=transport) as client:
+            with pytest.raises(RegistryError, match=f"got {len(BLOB)} bytes, expected 99"):
+                await client.download_blob("app", digest(BLOB), tmp_path / "b", size=99)
+            with pytest.raises(RegistryError, match="more than the 3 bytes expected"):
+                await client.download_blob("app", digest(BLOB), tmp_path / "b", size=3)
+            with pytest.raises(DigestMismatchError):
+                await client.download_blob("app", digest(b"other"), tmp_path / "b")
+        assert list(tmp_path.iterdir()) == []
+
+    run_mock(main)
+
+
 def test_oversized_manifest_refused() -> None:
     seen: list[httpx.Request] = []
 
@@ -505,6 +531,22 @@ def test_credentials_only_for_the_registry_origin() -> None:
     assert ("http", ORIGIN, None) in by_host
     assert {h for s, host, h in by_host if host == "cdn.test"} == {None}
     assert sum(r.url.host == "auth.test" for r in seen) == 1
+
+
+def test_sync_client_basic_challenge() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.headers.get("Authorization") == Credentials(*ALICE).basic_header():
+            return httpx.Response(200, text="ok")
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+
+    auth = RegistryAuth(f"https://{ORIGIN}", Credentials(*ALICE))
+    with httpx.Client(transport=httpx.MockTransport(handler), auth=auth) as client:
+        assert client.get(f"https://{ORIGIN}/v2/").text == "ok"
+        assert client.get(f"https://{ORIGIN}/v2/a/manifests/v1").text == "ok"
+    assert len(seen) == 3  # after the first challenge, basic credentials go along at once
 
 
 def test_plain_http_realm_refused_for_https_registry() -> None:
