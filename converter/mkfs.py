@@ -11,6 +11,7 @@ overwrites the mtime of every inode whatever other option is given (`--preserve-
 not undo it), while SOURCE_DATE_EPOCH only clamps mtimes newer than it and keeps the rest.
 Without a timestamp, reproducible mode uses one second after the newest mtime in the tree,
 so no mtime changes. Directory order needs nothing: mkfs.erofs sorts entries by name.
+A `-T` given in `extra_opts` is honoured as such (1.5 would otherwise let the variable win).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def build_erofs(
     same bytes. The image appears complete or not at all. Raises ConvertError with the tail
     of mkfs's output on failure.
     """
+    if isinstance(extra_opts, str):
+        raise TypeError("extra_opts is a sequence of arguments, not one string")
     tool = _tool("mkfs.erofs")
     if not src_dir.is_dir():
         raise ConvertError(f"{src_dir}: not a directory to build an EROFS image from")
@@ -64,15 +67,20 @@ def build_erofs(
             )
         args += [f"-z{compression}", f"-C{PCLUSTER_BYTES}"]
     env = dict(os.environ)
+    if any(opt.startswith("-T") for opt in extra_opts):
+        # 1.5 lets SOURCE_DATE_EPOCH win over -T: an explicit -T must not be overridden.
+        if timestamp is not None:
+            raise ConvertError("give the build time either as timestamp or as -T, not both")
+        env.pop("SOURCE_DATE_EPOCH", None)
+    elif reproducible and timestamp is None and "SOURCE_DATE_EPOCH" not in env:
+        timestamp = newest_mtime(src_dir) + 1
     if reproducible:
         args.append(f"-U{REPRODUCIBLE_UUID}")
-        if timestamp is None and "SOURCE_DATE_EPOCH" not in env:
-            timestamp = newest_mtime(src_dir) + 1
     if timestamp is not None:
         if timestamp < 0:
             raise ConvertError(f"invalid timestamp {timestamp}: must be >= 0")
         env["SOURCE_DATE_EPOCH"] = str(timestamp)
-    args += extra_opts
+    args += list(extra_opts)
 
     out_dir = out_image.parent
     try:
@@ -90,9 +98,10 @@ def build_erofs(
 
 
 def fsck_erofs(image: Path, *, extract_to: Path | None = None) -> None:
-    """Check `image` with fsck.erofs (every file's data is decoded), optionally extracting it
-    to the new directory `extract_to` (erofs-utils 1.5 restores owners and modes, but neither
-    xattrs nor hardlinks). Raises ConvertError with fsck's output when the image is bad."""
+    """Check `image` with fsck.erofs, decoding every file's data (without `--extract`, 1.5
+    checks only metadata). With `extract_to` (absent or empty), the tree is also written there;
+    erofs-utils 1.5 restores owners and modes then, but neither xattrs nor hardlinks, and it
+    loses setuid/setgid bits. Raises ConvertError with fsck's output when the image is bad."""
     args = [_tool("fsck.erofs")]
     if extract_to is not None:
         args.append(f"--extract={os.fspath(extract_to)}")

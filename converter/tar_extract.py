@@ -47,6 +47,9 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 OPAQUE_VALUE = b"y"
 IMPLICIT_DIR_MODE = 0o755
 _PAX_XATTR = "SCHILY.xattr."
+_MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to chown
+_MAX_MAJOR = (1 << 12) - 1  # the kernel's 32-bit dev_t: 12 bits major, 20 bits minor
+_MAX_MINOR = (1 << 20) - 1
 
 
 def normalize_path(name: str, entry: str, what: str = "path") -> str:
@@ -97,6 +100,7 @@ class MemberPlan:
 def plan_member(member: tarfile.TarInfo) -> MemberPlan:
     """Interpret one member. Raises UnsafeTarError or ConvertError for entries we refuse."""
     path = normalize_path(member.name, member.name)
+    _check_numbers(member)
     base = posixpath.basename(path)
     if base == OPAQUE_MARKER:
         return MemberPlan("opaque", parent_of(path))
@@ -133,6 +137,18 @@ def plan_member(member: tarfile.TarInfo) -> MemberPlan:
         f"tar entry {member.name!r}: unsupported entry type {member.type!r} at offset "
         f"{member.offset}"
     )
+
+
+def _check_numbers(member: tarfile.TarInfo) -> None:
+    """Refuse ids and device numbers that Linux (and EROFS) would store as something else."""
+    for label, value, limit in (
+        ("uid", member.uid, _MAX_ID),
+        ("gid", member.gid, _MAX_ID),
+        ("device major", member.devmajor, _MAX_MAJOR),
+        ("device minor", member.devminor, _MAX_MINOR),
+    ):
+        if not 0 <= value <= limit:
+            raise ConvertError(f"tar entry {member.name!r}: {label} {value} is out of range")
 
 
 def member_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:

@@ -256,6 +256,16 @@ def _typed(name: str, kind: bytes) -> tarfile.TarInfo:
         (LayerBuilder().file("./", b"x"), "only a directory can be the layer root"),
         (LayerBuilder().file("f", b"x").file("f/g", b"y"), "parent 'f' is not a directory"),
         (LayerBuilder().file(".wh.", b""), "whiteout names no file"),
+        (LayerBuilder().file("f", b"", uid=4294967295), "uid 4294967295 is out of range"),
+        (LayerBuilder().file("f", b"", gid=1 << 40), "gid 1099511627776 is out of range"),
+        (
+            LayerBuilder().device("d", tarfile.CHRTYPE, 5000, 1),
+            "device major 5000 is out of range",
+        ),
+        (
+            LayerBuilder().device("d", tarfile.BLKTYPE, 1, 1 << 20),
+            "device minor 1048576 is out of range",
+        ),
         (
             LayerBuilder().add(tarfile.TarInfo("volume")).add(_typed("tape", b"V")),
             "unsupported entry type",
