@@ -81,6 +81,10 @@ class BuiltBlob:
     verity_payload: bytes | None
     root: bytes | None
 
+    def __repr__(self) -> str:
+        return (f"BuiltBlob({len(self.blob)} bytes, image {len(self.image)} bytes, "
+                f"{self.annotations})")
+
     @property
     def table_frame(self) -> bytes:
         return self.blob[self.annotations.chunk_table_offset:]
