@@ -194,6 +194,11 @@ def test_ignore_aspects() -> None:
     assert len(compare_trees(BASE, actual)) == 4  # mode, xattr; g and h lost their link
     assert compare_trees(BASE, actual, ignore={"xattrs", "hardlinks", "mode"}) == []
     assert compare_trees(BASE, actual, ignore=COMPARED_ASPECTS) == []
+    setuid = _changed("f", mode=0o4644)
+    assert compare_trees(BASE, setuid, ignore={"setid"}) == []
+    assert compare_trees(BASE, _changed("f", mode=0o4664), ignore={"setid"}) == [
+        "f: mode: expected 0644, found 4664"
+    ]
     with pytest.raises(ValueError, match="xatrs"):
         compare_trees(BASE, actual, ignore={"xatrs"})
 
