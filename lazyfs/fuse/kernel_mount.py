@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,8 @@ def _unescape(field: str) -> str:
         return field
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -94,8 +95,9 @@ def mounts_at_or_below(path: str | os.PathLike[str]) -> list[MountInfo]:
     """Mounts at `path` or below it, deepest first (the order to unmount them in)."""
     target = canonical(path)
     prefix = target.rstrip("/") + "/"
-    found = [m for m in current_mounts()
-             if m.mountpoint == target or m.mountpoint.startswith(prefix)]
+    found = [
+        m for m in current_mounts() if m.mountpoint == target or m.mountpoint.startswith(prefix)
+    ]
     return sorted(found, key=lambda m: m.mountpoint.count("/"), reverse=True)
 
 
@@ -118,12 +120,18 @@ async def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
     """Run a mount tool; never raises for its exit status. Raises MountError on timeout."""
     try:
         with trio.fail_after(COMMAND_TIMEOUT_S):
-            return await trio.run_process(list(argv), check=False, capture_stdout=True,
-                                          capture_stderr=True, env=_ENV,
-                                          stdin=subprocess.DEVNULL)
+            return await trio.run_process(
+                list(argv),
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+                env=_ENV,
+                stdin=subprocess.DEVNULL,
+            )
     except trio.TooSlowError:
-        raise MountError(f"`{' '.join(argv)}` did not finish within {COMMAND_TIMEOUT_S:.0f} s"
-                         ) from None
+        raise MountError(
+            f"`{' '.join(argv)}` did not finish within {COMMAND_TIMEOUT_S:.0f} s"
+        ) from None
     except FileNotFoundError as exc:
         raise MountError(f"{argv[0]} not found: install it (util-linux, fuse3)") from exc
 
@@ -156,6 +164,19 @@ async def detach_loop(device: str) -> None:
     log.info("detached %s", device)
 
 
+# mount(8) of util-linux turns a regular file into a loop device by itself whenever blkid
+# knows the file system type, so a file-backed EROFS mount needs mount(2) directly. It runs in
+# a child process, like mount(8), so a mount stuck on the FUSE file can be killed.
+_FILE_BACKED_MOUNT = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY = 1
+if libc.mount(os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]), b"erofs", MS_RDONLY,
+              None) != 0:
+    sys.exit("mount(2): " + os.strerror(ctypes.get_errno()))
+"""
+
+
 async def mount_erofs(
     image_file: str,
     mountpoint: str,
@@ -166,15 +187,18 @@ async def mount_erofs(
 
     Tries a file-backed mount first (Linux >= 6.12), then a read-only loop device;
     `on_loop_attached(device)` is called before that mount so the device is recorded even if
-    this process dies. Raises MountError quoting mount(8) for both attempts.
+    this process dies. Raises MountError quoting both attempts.
     """
-    result = await _run(["mount", "-t", "erofs", "-o", "ro", image_file, mountpoint])
+    result = await _run([sys.executable, "-c", _FILE_BACKED_MOUNT, image_file, mountpoint])
     if result.returncode == 0:
         log.info("mounted %s at %s (file-backed EROFS)", image_file, mountpoint)
         return ErofsMountRecord(image_file, mountpoint)
     file_backed_error = _stderr(result)
-    log.info("file-backed EROFS mount of %s failed (%s); trying a loop device",
-             image_file, file_backed_error)
+    log.info(
+        "file-backed EROFS mount of %s failed (%s); trying a loop device",
+        image_file,
+        file_backed_error,
+    )
     device = await attach_loop(image_file)
     if on_loop_attached is not None:
         on_loop_attached(device)
@@ -182,8 +206,10 @@ async def mount_erofs(
     if result.returncode != 0:
         with trio.CancelScope(shield=True):
             await detach_loop(device)
-        raise MountError(f"cannot mount {image_file} as EROFS at {mountpoint}: file-backed: "
-                         f"{file_backed_error}; via loop device {device}: {_stderr(result)}")
+        raise MountError(
+            f"cannot mount {image_file} as EROFS at {mountpoint}: file-backed: "
+            f"{file_backed_error}; via loop device {device}: {_stderr(result)}"
+        )
     log.info("mounted %s at %s (EROFS on %s)", image_file, mountpoint, device)
     return ErofsMountRecord(image_file, mountpoint, device)
 
@@ -226,8 +252,9 @@ async def mount_overlay(
     log.info("mounted overlay at %s (%s)", mountpoint, options)
 
 
-async def unmount(mountpoint: str, *, attempts: int = UNMOUNT_ATTEMPTS,
-                  lazy_fallback: bool = False) -> None:
+async def unmount(
+    mountpoint: str, *, attempts: int = UNMOUNT_ATTEMPTS, lazy_fallback: bool = False
+) -> None:
     """Unmount `mountpoint`, retrying while it is busy; nothing mounted there is fine.
 
     When it stays busy: detach it lazily if `lazy_fallback`, else raise MountBusyError.
@@ -251,10 +278,13 @@ async def unmount(mountpoint: str, *, attempts: int = UNMOUNT_ATTEMPTS,
             await trio.sleep(delay)
             delay *= 2
     if not lazy_fallback:
-        raise MountBusyError(f"cannot unmount {mountpoint}: {message} (close the files and "
-                             "working directories under it, or use `lazyfs umount --lazy`)")
-    log.warning("%s is still busy; detaching it lazily (it goes away when no longer used)",
-                mountpoint)
+        raise MountBusyError(
+            f"cannot unmount {mountpoint}: {message} (close the files and "
+            "working directories under it, or use `lazyfs umount --lazy`)"
+        )
+    log.warning(
+        "%s is still busy; detaching it lazily (it goes away when no longer used)", mountpoint
+    )
     result = await _run(["umount", "--lazy", mountpoint])
     if result.returncode != 0 and is_mountpoint(mountpoint):
         raise MountError(f"cannot detach {mountpoint}: {_stderr(result)}")
@@ -270,14 +300,26 @@ async def fuse_unmount_lazy(mountpoint: str) -> None:
     log.info("detached FUSE file system at %s", mountpoint)
 
 
+def erofs_mounts_of(record: MountRecord) -> list[str]:
+    """Mountpoints of EROFS mounts reading the record's block files, directly or through a
+    loop device: recorded ones, and one a killed mount(8) may have finished unrecorded."""
+    loops = set(loops_backed_by(record.fuse_dir))
+    block_files = {canonical(path) for path in record.block_files}
+    found = [erofs.mountpoint for erofs in reversed(record.erofs_mounts)]
+    for mount in mounts_at_or_below(record.mountpoint):
+        if mount.fstype == "erofs" and (mount.source in loops or mount.source in block_files):
+            found.append(mount.mountpoint)
+    return list(dict.fromkeys(found))
+
+
 async def unmount_kernel_mounts(record: MountRecord, *, lazy_fallback: bool) -> None:
     """Take down what the record lists above the FUSE mount, top first: overlay, EROFS
-    mounts (newest first), then loop devices (recorded ones and any still backed by a block
-    file). Raises MountError (MountBusyError) and leaves the rest in place if one fails."""
+    mounts (newest first), then the loop devices still backed by a block file (only those:
+    a recorded device may since have been reused by someone else). Raises MountError
+    (MountBusyError) and leaves the rest in place if one fails."""
     if record.overlay is not None:
         await unmount(record.overlay, lazy_fallback=lazy_fallback)
-    for erofs in reversed(record.erofs_mounts):
-        await unmount(erofs.mountpoint, lazy_fallback=lazy_fallback)
-    devices = list(dict.fromkeys([*record.loop_devices, *loops_backed_by(record.fuse_dir)]))
-    for device in devices:
+    for mountpoint in erofs_mounts_of(record):
+        await unmount(mountpoint, lazy_fallback=lazy_fallback)
+    for device in loops_backed_by(record.fuse_dir):
         await detach_loop(device)

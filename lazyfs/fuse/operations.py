@@ -96,8 +96,13 @@ class LayerOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, images: Sequence[Image], daemon_stats: DaemonStats | None = None,
-                 uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(
+        self,
+        images: Sequence[Image],
+        daemon_stats: DaemonStats | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
         names = [image.name for image in images]
         for name in names:
             if not name or "/" in name or "\0" in name or name in (".", "..", STATS_FILE_NAME):
@@ -153,15 +158,16 @@ class LayerOperations(pyfuse3.Operations):
         attr.st_blocks = -(-attr.st_size // 512)
         return attr
 
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
-                      ) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         return self._attributes(inode)
 
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         if parent_inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR if self._exists(parent_inode)
-                                    else errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.ENOTDIR if self._exists(parent_inode) else errno.ENOENT)
         if name in (b".", b".."):
             return self._attributes(pyfuse3.ROOT_INODE)
         inode = self._inode_by_name.get(name)
@@ -201,30 +207,32 @@ class LayerOperations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext | None = None
-                     ) -> bool:
+    async def access(
+        self, inode: int, mode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> bool:
         if not self._exists(inode):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
-    async def getxattr(self, inode: int, name: bytes,
-                       ctx: pyfuse3.RequestContext | None = None) -> bytes:
+    async def getxattr(
+        self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> bytes:
         if not self._exists(inode):
             raise pyfuse3.FUSEError(errno.ENOENT)
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
-                        ) -> list[bytes]:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> list[bytes]:
         if not self._exists(inode):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return []
 
     # -- files -------------------------------------------------------------------------------
 
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
-                   ) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.FileInfo:
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if not self._exists(inode):
@@ -243,7 +251,7 @@ class LayerOperations(pyfuse3.Operations):
             rendered = self._stats_handles.get(fh)
             if rendered is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            return rendered[off:off + size]
+            return rendered[off : off + size]
         started = time.monotonic()
         try:
             data = await image.read(off, size)
@@ -270,52 +278,89 @@ class LayerOperations(pyfuse3.Operations):
 
     # -- everything that would write ---------------------------------------------------------
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext | None = None
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self,
+        parent_inode: int,
+        name: bytes,
+        target: bytes,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def link(
+        self,
+        inode: int,
+        new_parent_inode: int,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def unlink(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext | None = None) -> None:
+    async def unlink(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def rmdir(self, parent_inode: int, name: bytes,
-                    ctx: pyfuse3.RequestContext | None = None) -> None:
+    async def rmdir(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int,
-                     ctx: pyfuse3.RequestContext | None = None) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext | None = None) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def removexattr(self, inode: int, name: bytes,
-                          ctx: pyfuse3.RequestContext | None = None) -> None:
+    async def removexattr(
+        self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)

@@ -88,8 +88,10 @@ class MountRecord:
             erofs = [ErofsMountRecord(**item) for item in obj.pop("erofs_mounts", [])]
             return cls(**obj, erofs_mounts=erofs)
         except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-            raise StateError(f"{source}: not a lazyfs mount record ({exc}); "
-                             "remove it if no lazyfs daemon uses it") from None
+            raise StateError(
+                f"{source}: not a lazyfs mount record ({exc}); "
+                "remove it if no lazyfs daemon uses it"
+            ) from None
 
 
 def record_path(mountpoint: str | os.PathLike[str]) -> Path:

@@ -13,8 +13,9 @@ from lazyfs.image.errors import ImageReadError
 class FakeImage:
     """Serves `data`; a read overlapping `[bad_offset, bad_offset + bad_size)` fails."""
 
-    def __init__(self, name: str, data: bytes, *, bad_offset: int | None = None,
-                 bad_size: int = 0) -> None:
+    def __init__(
+        self, name: str, data: bytes, *, bad_offset: int | None = None, bad_size: int = 0
+    ) -> None:
         self.name = name
         self.data = data
         self.bad_offset = bad_offset
@@ -28,10 +29,13 @@ class FakeImage:
     async def read(self, offset: int, size: int) -> bytes:
         await trio.lowlevel.checkpoint()
         self.reads.append((offset, size))
-        if (self.bad_offset is not None and offset < self.bad_offset + self.bad_size
-                and self.bad_offset < offset + size):
+        if (
+            self.bad_offset is not None
+            and offset < self.bad_offset + self.bad_size
+            and self.bad_offset < offset + size
+        ):
             raise ImageReadError(f"{self.name}: bytes {offset}+{size} cannot be verified")
-        return self.data[offset:offset + size]
+        return self.data[offset : offset + size]
 
     def stats_snapshot(self) -> dict[str, Any]:
         return {"name": self.name, "image_size": self.size, "reads": len(self.reads)}

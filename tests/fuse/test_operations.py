@@ -115,8 +115,9 @@ def test_a_bug_in_the_image_is_not_turned_into_eio() -> None:
         run(lambda: ops.read(FIRST_LAYER_INODE, 0, 3))
 
 
-def test_stats_file_is_rendered_at_open_and_read_direct(ops: LayerOperations,
-                                                        image: FakeImage) -> None:
+def test_stats_file_is_rendered_at_open_and_read_direct(
+    ops: LayerOperations, image: FakeImage
+) -> None:
     run(lambda: ops.read(FIRST_LAYER_INODE, 0, 4096))
     attr = run(lambda: ops.lookup(pyfuse3.ROOT_INODE, STATS_FILE_NAME.encode()))
     assert attr.st_ino == STATS_INODE
@@ -149,8 +150,9 @@ def test_every_modification_is_refused(ops: LayerOperations) -> None:
     root = pyfuse3.ROOT_INODE
     calls: list[Callable[[], Awaitable[object]]] = [
         lambda: ops.write(FIRST_LAYER_INODE, 0, b"x"),
-        lambda: ops.setattr(FIRST_LAYER_INODE, pyfuse3.EntryAttributes(),
-                            pyfuse3.SetattrFields(), None),
+        lambda: ops.setattr(
+            FIRST_LAYER_INODE, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), None
+        ),
         lambda: ops.create(root, b"new", 0o644, os.O_WRONLY),
         lambda: ops.mknod(root, b"node", 0o644, 0),
         lambda: ops.mkdir(root, b"dir", 0o755),
