@@ -256,6 +256,9 @@ def hash_blocks_needed(geometry: VerityGeometry, first_block: int, count: int) -
     `[first_block, first_block + count)`, top level first (the order to verify them in)."""
     if count <= 0 or not geometry.levels:
         return []
+    if not 0 <= first_block < geometry.superblock.data_blocks:
+        last = geometry.superblock.data_blocks - 1
+        raise IndexError(f"data block {first_block} outside 0..{last}")
     last_block = min(first_block + count, geometry.superblock.data_blocks) - 1
     offsets: list[int] = []
     low, high = first_block, last_block
@@ -287,28 +290,40 @@ def verify_hash_blocks(
     newly verified. Raises IntegrityError naming the level, block and payload offset.
     """
     hasher = BlockHasher(geometry.superblock)
-    block_size = geometry.superblock.hash_block_size
     newly: set[int] = set()
     top = len(geometry.levels) - 1
-    for level in reversed(range(len(geometry.levels))):
-        tree_level = geometry.levels[level]
-        for index in range(tree_level.block_count):
-            offset = tree_level.payload_offset + index * block_size
-            if offset not in blocks or offset in trusted or offset in newly:
-                continue
-            if level == top:
-                expected = root
-            else:
-                expected = _stored_digest(geometry, blocks, geometry.slot_for(level + 1, index))
-            found = hasher.digest(blocks[offset])
-            if found != expected:
-                raise IntegrityError(
-                    f"dm-verity: hash block {index} of level {level} (payload offset {offset}) "
-                    f"does not match {'the root digest' if level == top else 'its parent'}: "
-                    f"expected {expected.hex()[:16]}…, found {found.hex()[:16]}…"
-                )
-            newly.add(offset)
+    # Only the given blocks are visited, not every block of the tree: this runs for each fetch.
+    # Levels are stored top first, so ascending offsets meet every parent before its children.
+    for offset in sorted(blocks):
+        if offset in trusted:
+            continue
+        located = _locate(geometry, offset)
+        if located is None:
+            continue
+        level, index = located
+        if level == top:
+            expected = root
+        else:
+            expected = _stored_digest(geometry, blocks, geometry.slot_for(level + 1, index))
+        found = hasher.digest(blocks[offset])
+        if found != expected:
+            raise IntegrityError(
+                f"dm-verity: hash block {index} of level {level} (payload offset {offset}) "
+                f"does not match {'the root digest' if level == top else 'its parent'}: "
+                f"expected {expected.hex()[:16]}…, found {found.hex()[:16]}…"
+            )
+        newly.add(offset)
     return newly
+
+
+def _locate(geometry: VerityGeometry, payload_offset: int) -> tuple[int, int] | None:
+    """`(level, index)` of the hash block at `payload_offset`, or None if none starts there."""
+    block_size = geometry.superblock.hash_block_size
+    for level in geometry.levels:
+        index, rest = divmod(payload_offset - level.payload_offset, block_size)
+        if rest == 0 and 0 <= index < level.block_count:
+            return level.level, index
+    return None
 
 
 def verify_data_blocks(

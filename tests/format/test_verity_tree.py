@@ -363,3 +363,46 @@ def test_digest_slots_follow_the_hash_type(hash_type):
     leaf1 = data_block_digests(geometry, pattern(20 * 512)[512:1024])
     slot = 32 if hash_type == HASH_TYPE_NORMAL else 20
     assert level0[slot:slot + 20] == leaf1
+
+
+def test_hash_blocks_needed_refuses_blocks_outside_the_image():
+    tree = _tree("sha256-512-3levels")
+    for first in (-1, tree.data_blocks, tree.data_blocks + 10):
+        with pytest.raises(IndexError, match=f"data block {first} outside"):
+            hash_blocks_needed(tree.geometry, first, 1)
+
+
+class _CountingBlocks(dict[int, bytes]):
+    """A block map that counts how often it is consulted."""
+
+    lookups = 0
+
+    def __contains__(self, key: object) -> bool:
+        self.lookups += 1
+        return super().__contains__(key)
+
+    def __getitem__(self, key: int) -> bytes:
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
+def test_verifying_a_path_costs_its_length_not_the_tree_size():
+    # 2^40 data blocks: level 0 alone has 2^33 hash blocks; a read needs one block per level.
+    superblock = make_superblock(0, hash_name="sha256", data_blocks=2**40)
+    geometry = verity_geometry(superblock)
+    assert len(geometry.levels) == 6
+    data_block = 2**39 + 12345
+    path = geometry.path(data_block)
+    data = pattern(4096, seed=7)
+    blocks = _CountingBlocks()
+    digest = hashlib.sha256(data).digest()
+    for slot in path:  # leaf level up: each hash block holds the digest of the one below
+        block = bytearray(superblock.hash_block_size)
+        block[slot.slot_offset:slot.slot_offset + len(digest)] = digest
+        blocks[slot.payload_offset] = bytes(block)
+        digest = hashlib.sha256(block).digest()
+    root = digest
+    assert hash_blocks_needed(geometry, data_block, 1) == sorted(blocks)
+    assert verify_hash_blocks(geometry, blocks, root, set()) == set(blocks)
+    assert blocks.lookups <= 4 * len(path)
+    verify_data_blocks(geometry, data_block, data, blocks, root)
