@@ -1,0 +1,556 @@
+"""Convert a whole image into one whose layers are seekable EROFS, into a layout and/or a registry.
+
+Each distinct layer (by digest, across all platforms) is handled once: a tar layer (plain,
+gzip, zstd; OCI or Docker media type) is streamed to a private temporary file and converted by
+the layer pipeline; a raw EROFS layer is encoded as it is; a seekable EROFS layer is passed
+through unchanged. Each result is written and/or pushed as soon as it is ready and its
+temporary files removed, so disk use stays near `jobs` layers whatever the image size.
+
+The new config follows containerd's converter (core/images/converter/default.go and
+core/images/converter/erofs): for every converted layer `rootfs.diff_ids` holds the sha256 of
+the raw EROFS image, which is the layer's `containerd.io/uncompressed` digest that containerd's
+GetDiffID reads; the legacy `config.Image` and `container_config.Image` ids are dropped once
+diff_ids change; `os.features` gains "erofs", as containerd stamps on config and index platform
+so that EROFS-aware runtimes can tell such images apart. History is kept. Manifests are OCI
+image manifests; a multi-platform input gives a new OCI index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from converter.errors import ConvertError
+from converter.image_source import (
+    DOCKER_LAYER_TAR,
+    ImageSource,
+    RegistryOptions,
+    is_image_on_disk,
+    open_image_source,
+)
+from converter.layer import ConvertOptions, convert_layer
+from converter.oci_layout import LayoutWriter, index_entries
+from converter.source import SourceKind, detect_source
+from lazyfs.fetch.oci import (
+    EROFS_LAYER,
+    EROFS_LAYER_ZSTD,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    TAR_LAYER_TYPES,
+    Descriptor,
+    Index,
+    Manifest,
+    OCIFormatError,
+    Platform,
+    parse_index,
+    parse_manifest,
+    parse_platform,
+    serialize_index,
+    serialize_manifest,
+    sha256_digest,
+)
+from lazyfs.fetch.reference import ImageReference, parse_reference, validate_tag
+from lazyfs.fetch.registry import RegistryClient
+from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_DIGEST,
+    ANNOTATION_CHUNK_TABLE_OFFSET,
+    ANNOTATION_ROOT_DIGEST,
+    ANNOTATION_VERITY_OFFSET,
+)
+
+Progress = Callable[[str], None]
+"""Called with one line of progress for humans (per layer: phases, then the outcome)."""
+
+EROFS_FEATURE = "erofs"
+TAR_TYPES = TAR_LAYER_TYPES | {DOCKER_LAYER_TAR}
+_SEEKABLE_KEYS = (ANNOTATION_CHUNK_TABLE_OFFSET, ANNOTATION_CHUNK_DIGEST,
+                  ANNOTATION_VERITY_OFFSET, ANNOTATION_ROOT_DIGEST)
+# docker buildx puts provenance next to the images of an index; it describes the source image.
+_REFERENCE_TYPE = "vnd.docker.reference.type"
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    """One distinct source layer and what it became ("converted", "wrapped" or "passed")."""
+
+    source: Descriptor
+    result: Descriptor
+    action: str
+    diff_id: str | None  # the new diff ID, None to keep the config's
+
+
+@dataclass(frozen=True)
+class ImageConvertResult:
+    """The new image: its top manifest or index, and where it went."""
+
+    digest: str
+    media_type: str
+    size: int
+    manifests: tuple[Descriptor, ...]
+    layers: tuple[LayerOutcome, ...]
+    layout: Path | None = None
+    tag: str | None = None
+    pushed: str | None = None
+
+
+@dataclass
+class _Image:
+    entry: Descriptor | None  # its descriptor in the source index, None for a lone manifest
+    manifest: Manifest
+    config: dict[str, Any]
+
+
+@dataclass
+class _Run:
+    """What every step of one conversion shares."""
+
+    source: ImageSource
+    work: Path
+    options: ConvertOptions
+    report: Progress
+    writer: LayoutWriter | None
+    client: RegistryClient | None
+    repository: str
+    tasks: trio.CapacityLimiter  # layers in progress
+    threads: trio.CapacityLimiter  # layer conversions running (CPU and disk heavy)
+    total: int
+    added: list[str] = field(default_factory=list)  # blobs new to the layout, undone on failure
+
+
+def _stderr(line: str) -> None:
+    print(f"lazyfs convert: {line}", file=sys.stderr, flush=True)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+async def convert_image(
+    source: ImageSource,
+    *,
+    dest_layout: Path | None = None,
+    push: str | None = None,
+    layer_options: ConvertOptions | None = None,
+    platform: Platform | None = None,
+    jobs: int = 2,
+    progress: Progress | None = None,
+    dest_tag: str | None = None,
+    overwrite: bool = False,
+    push_registry: RegistryOptions | None = None,
+) -> ImageConvertResult:
+    """Convert `source` into `dest_layout` (an OCI layout, created if needed; the image is
+    named `dest_tag`, else the source's tag) and/or push it to the tag `push`.
+
+    Only images for `platform` are kept when it is given; `jobs` layers are converted at once.
+    An existing layout receives the image only under a name it does not have yet, unless
+    `overwrite`. Raises ConvertError (RegistryError from the fetch layer) with a one-line
+    message; on failure, nothing new is left in the layout.
+    """
+    if dest_layout is None and push is None:
+        raise ConvertError("nothing to write: give an OCI layout directory or a push reference")
+    if jobs < 1:
+        raise ConvertError(f"jobs must be at least 1, got {jobs}")
+    push_ref = _push_reference(push) if push is not None else None
+    root = await source.root()
+    tag = dest_tag or root.tag
+    images, index = await _load_images(source, root.data, root.media_type, platform)
+    layers = _distinct_layers(images)
+
+    writer, created = None, False
+    if dest_layout is not None:
+        writer, created = await trio.to_thread.run_sync(LayoutWriter.open_or_create, dest_layout)
+        if not created:
+            await trio.to_thread.run_sync(_check_room, writer, tag, overwrite)
+    client = None
+    if push_ref is not None:
+        client = (push_registry or RegistryOptions()).client(push_ref.registry, mirrors=False)
+    # Inside the layout, finished blobs are renamed into place rather than copied.
+    work = Path(tempfile.mkdtemp(prefix=".lazyfs-convert-", dir=dest_layout))
+    run = _Run(source, work, layer_options or ConvertOptions(), progress or _stderr, writer,
+               client, push_ref.repository if push_ref else "", trio.CapacityLimiter(jobs),
+               trio.CapacityLimiter(jobs), len(layers))
+    try:
+        outcomes: dict[str, LayerOutcome] = {}
+        async with trio.open_nursery() as nursery:
+            for number, layer in enumerate(layers, 1):
+                nursery.start_soon(_layer_task, run, number, layer, outcomes)
+        written = [await _write_image(run, image, outcomes) for image in images]
+        push_tag = push_ref.tag if push_ref else None
+        if index is None:
+            top, top_data = written[0]
+            top = replace(top, annotations={}, platform=None)
+        else:
+            for descriptor, data in written:
+                await _publish_manifest(run, descriptor, data, None)
+            top_data = serialize_index(Index(tuple(d for d, _ in written), OCI_INDEX,
+                                             index.annotations))
+            top = Descriptor(OCI_INDEX, sha256_digest(top_data), len(top_data))
+        await _publish_manifest(run, top, top_data, push_tag)
+        if writer is not None:
+            await trio.to_thread.run_sync(lambda: writer.set_ref(top, tag, replace=overwrite))
+    except BaseException:
+        if writer is not None:
+            await trio.to_thread.run_sync(_undo, writer, created, run.added)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if client is not None:
+            await client.aclose()
+    run.report(f"image {top.digest} written" + (f" to {dest_layout}" if dest_layout else "")
+               + (f", pushed to {push_ref}" if push_ref else ""))
+    return ImageConvertResult(top.digest, top.media_type, top.size,
+                              tuple(d for d, _ in written),
+                              tuple(outcomes[d.digest] for d in layers), dest_layout, tag,
+                              str(push_ref) if push_ref else None)
+
+
+def _push_reference(push: str) -> ImageReference:
+    try:
+        reference = parse_reference(push)
+    except ValueError as e:
+        raise ConvertError(f"push destination: {e}") from None
+    if reference.digest is not None or reference.tag is None:
+        raise ConvertError(f"push destination {push}: give a tag to push to, not a digest")
+    return reference
+
+
+def _check_room(writer: LayoutWriter, tag: str | None, overwrite: bool) -> None:
+    """Refuse to add to an existing layout an image nobody could find (no name) or one that
+    takes another's name, unless `overwrite`."""
+    if overwrite:
+        return
+    if tag is None:
+        if index_entries(writer.store):
+            raise ConvertError(f"{writer.root}: is an OCI layout with images already; name "
+                               "the new one (DIR:TAG) to add it")
+    elif writer.ref_taken(tag):
+        raise ConvertError(f"{writer.root}: already has an image named {tag!r} "
+                           "(overwrite it, or name the new one DIR:TAG)")
+
+
+def _undo(writer: LayoutWriter, created: bool, added: list[str]) -> None:
+    if created:
+        shutil.rmtree(writer.root, ignore_errors=True)
+        return
+    for digest in added:
+        writer.remove_blob(digest)
+
+
+# --- reading the source ------------------------------------------------------------------------
+
+
+def _features(platform: Platform | None) -> Platform | None:
+    if platform is None or EROFS_FEATURE in platform.os_features:
+        return platform
+    return replace(platform, os_features=(*platform.os_features, EROFS_FEATURE))
+
+
+def _config_platform(config: dict[str, Any]) -> Platform:
+    return Platform(str(config.get("os", "")), str(config.get("architecture", "")),
+                    config.get("variant") or None)
+
+
+async def _load_image(source: ImageSource, entry: Descriptor | None, data: bytes,
+                      media_type: str) -> _Image:
+    what = f"{source.description}: manifest {entry.digest if entry else ''}".rstrip()
+    try:
+        manifest = parse_manifest(data, media_type)
+    except OCIFormatError as e:
+        raise ConvertError(f"{what}: {e}") from None
+    raw = await source.read_blob(manifest.config, "image config")
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConvertError(f"{what}: config is not valid JSON: {e}") from None
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
+        raise ConvertError(f"{what}: the config's rootfs.diff_ids do not match the "
+                           f"{len(manifest.layers)} layers of the manifest")
+    for number, layer in enumerate(manifest.layers, 1):
+        if layer.media_type not in TAR_TYPES | {EROFS_LAYER, EROFS_LAYER_ZSTD}:
+            raise ConvertError(f"{what}: layer {number} ({layer.digest}) has media type "
+                               f"{layer.media_type}, which is neither a tar nor an EROFS layer")
+    return _Image(entry, manifest, config)
+
+
+async def _load_images(
+    source: ImageSource, data: bytes, media_type: str, platform: Platform | None
+) -> tuple[list[_Image], Index | None]:
+    """The images to convert, and the source index when there is one."""
+    if media_type in MANIFEST_TYPES:
+        image = await _load_image(source, None, data, media_type)
+        found = _config_platform(image.config)
+        if platform is not None and not platform.matches(found):
+            raise ConvertError(f"{source.description}: the image is for {found}, not {platform}")
+        return [image], None
+    if media_type not in INDEX_TYPES:
+        raise ConvertError(f"{source.description}: unsupported media type {media_type}")
+    try:
+        index = parse_index(data, media_type)
+    except OCIFormatError as e:
+        raise ConvertError(f"{source.description}: {e}") from None
+    images, seen = [], []
+    for entry in index.manifests:
+        if entry.media_type not in MANIFEST_TYPES or _REFERENCE_TYPE in entry.annotations:
+            continue  # nested indexes, attestations and other artifacts are left out
+        if platform is not None and entry.platform is not None:
+            seen.append(str(entry.platform))
+            if not platform.matches(entry.platform):
+                continue
+        body = await source.read_blob(entry, "manifest")
+        image = await _load_image(source, entry, body, entry.media_type)
+        if platform is not None and entry.platform is None:
+            seen.append(str(_config_platform(image.config)))
+            if not platform.matches(_config_platform(image.config)):
+                continue
+        images.append(image)
+    if not images:
+        wanted = f"for platform {platform} " if platform else ""
+        raise ConvertError(f"{source.description}: no image {wanted}in the index "
+                           f"(available: {', '.join(seen) or 'none'})")
+    return images, index
+
+
+def _distinct_layers(images: list[_Image]) -> list[Descriptor]:
+    layers: dict[str, Descriptor] = {}
+    for image in images:
+        for layer in image.manifest.layers:
+            layers.setdefault(layer.digest, layer)
+    return list(layers.values())
+
+
+# --- layers ------------------------------------------------------------------------------------
+
+
+async def _layer_task(run: _Run, number: int, layer: Descriptor,
+                      outcomes: dict[str, LayerOutcome]) -> None:
+    async with run.tasks:
+        outcomes[layer.digest] = await _convert_layer(run, number, layer)
+
+
+async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutcome:
+    name = f"layer {number}/{run.total} {layer.digest[:19]}"
+    started = time.monotonic()
+    if layer.media_type == EROFS_LAYER_ZSTD:
+        if not await _has_blob(run, layer):
+            run.report(f"{name}: seekable EROFS already, copying ({_mib(layer.size)})")
+            fetched = run.work / f"{number}.blob"
+            await run.source.fetch_blob(layer, fetched)
+            await _publish_file(run, fetched, layer)
+        run.report(f"{name}: seekable EROFS already, passed through")
+        return LayerOutcome(layer, layer, "passed", None)
+
+    fetched = run.work / f"{number}.src"
+    run.report(f"{name}: fetching {layer.media_type.rpartition('.')[2]} ({_mib(layer.size)})")
+    await run.source.fetch_blob(layer, fetched)
+    kind = await trio.to_thread.run_sync(detect_source, fetched)
+    wrap = layer.media_type == EROFS_LAYER
+    if (wrap and kind is not SourceKind.EROFS_IMAGE) or (not wrap and not kind.is_tar):
+        raise ConvertError(f"{name}: media type {layer.media_type}, but the content is "
+                           f"{kind.value}")
+    blob = run.work / f"{number}.blob"
+    phases: set[str] = set()
+
+    def phase(what: str, done: int, total: int | None) -> None:
+        if what not in phases:
+            phases.add(what)
+            run.report(f"{name}: {what}")
+
+    options = run.options
+    if wrap:  # only encoded: mkfs options do not apply to an image that exists
+        options = replace(options, erofs_compression=None, mkfs_opts=())
+    result = await trio.to_thread.run_sync(convert_layer, fetched, blob, options, phase,
+                                           limiter=run.threads)
+    fetched.unlink()
+    result.descriptor_path.unlink(missing_ok=True)
+    encoded = result.encoded
+    annotations = {k: v for k, v in layer.annotations.items() if k not in _SEEKABLE_KEYS}
+    annotations.update(encoded.annotations.to_annotations())
+    new = Descriptor(EROFS_LAYER_ZSTD, encoded.blob_digest, encoded.blob_size,
+                     annotations=annotations)
+    await _publish_file(run, blob, new)
+    action = "wrapped" if wrap else "converted"
+    run.report(f"{name}: {action} to {new.digest[:19]} ({_mib(new.size)}) "
+               f"in {time.monotonic() - started:.1f} s")
+    return LayerOutcome(layer, new, action, encoded.image_digest)
+
+
+async def _has_blob(run: _Run, layer: Descriptor) -> bool:
+    """Whether every destination has the blob already (then it need not be fetched)."""
+    if run.writer is not None and not run.writer.has_blob(layer.digest, layer.size):
+        return False
+    return run.client is None or await run.client.blob_exists(run.repository, layer.digest)
+
+
+async def _publish_file(run: _Run, path: Path, descriptor: Descriptor) -> None:
+    """Push and/or store a finished blob file, then let go of it."""
+    if run.client is not None:
+        await run.client.push_blob(run.repository, descriptor.digest, path)
+    if run.writer is not None:
+        writer = run.writer
+        if await trio.to_thread.run_sync(writer.add_blob_file, path, descriptor.digest):
+            run.added.append(descriptor.digest)
+    else:
+        path.unlink()
+
+
+async def _publish_blob(run: _Run, data: bytes) -> str:
+    digest = sha256_digest(data)
+    if run.client is not None:
+        await run.client.push_blob(run.repository, digest, data)
+    if run.writer is not None:
+        _, new = await trio.to_thread.run_sync(run.writer.add_blob_bytes, data)
+        if new:
+            run.added.append(digest)
+    return digest
+
+
+async def _publish_manifest(run: _Run, descriptor: Descriptor, data: bytes,
+                            tag: str | None) -> None:
+    """Store a manifest or index as a blob, and push it by `tag`, else by digest."""
+    if run.client is not None:
+        await run.client.push_manifest(run.repository, tag or descriptor.digest, data,
+                                       descriptor.media_type)
+    if run.writer is not None:
+        _, new = await trio.to_thread.run_sync(run.writer.add_blob_bytes, data)
+        if new:
+            run.added.append(descriptor.digest)
+
+
+# --- configs and manifests ---------------------------------------------------------------------
+
+
+def new_config(config: dict[str, Any], diff_ids: list[str]) -> dict[str, Any]:
+    """The image config for the converted layers (see the module docstring), key order kept."""
+    out = dict(config)
+    rootfs = dict(out["rootfs"])
+    if list(rootfs["diff_ids"]) != diff_ids:
+        rootfs["diff_ids"] = diff_ids
+        out["rootfs"] = rootfs
+        for key in ("config", "container_config"):
+            if isinstance(out.get(key), dict) and "Image" in out[key]:
+                out[key] = {k: v for k, v in out[key].items() if k != "Image"}
+    features = out.get("os.features")
+    features = list(features) if isinstance(features, list) else []
+    if EROFS_FEATURE not in features:
+        out["os.features"] = [*features, EROFS_FEATURE]
+    return out
+
+
+async def _write_image(run: _Run, image: _Image,
+                       outcomes: dict[str, LayerOutcome]) -> tuple[Descriptor, bytes]:
+    """Write the config of one converted image; return its manifest's descriptor and bytes."""
+    old_ids = image.config["rootfs"]["diff_ids"]
+    diff_ids = [outcomes[layer.digest].diff_id or old
+                for layer, old in zip(image.manifest.layers, old_ids, strict=True)]
+    config = json.dumps(new_config(image.config, diff_ids), separators=(",", ":"),
+                        ensure_ascii=False).encode()
+    config_digest = await _publish_blob(run, config)
+    manifest = Manifest(
+        config=Descriptor(OCI_CONFIG, config_digest, len(config)),
+        layers=tuple(outcomes[layer.digest].result for layer in image.manifest.layers),
+        media_type=OCI_MANIFEST,
+        annotations=image.manifest.annotations,
+    )
+    data = serialize_manifest(manifest)
+    entry = image.entry
+    descriptor = Descriptor(OCI_MANIFEST, sha256_digest(data), len(data),
+                            annotations=entry.annotations if entry else {},
+                            platform=_features(entry.platform if entry else None))
+    return descriptor, data
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lazyfs convert` that only whole images use."""
+    parser.add_argument("-o", "--oci-layout", metavar="DIR[:TAG]",
+                        help="write the converted image to this OCI layout directory")
+    parser.add_argument("--push", metavar="REF", help="push the converted image to this tag")
+    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                        help="convert only the image for this platform (default: all)")
+    parser.add_argument("--insecure-registry", action="store_true",
+                        help="talk plain HTTP to the registries (e.g. a local test registry)")
+    parser.add_argument("--mirror", action="append", default=[], metavar="HOST[:PORT]",
+                        help="pull through this mirror first (repeatable)")
+    parser.add_argument("--creds", metavar="USER:PASS",
+                        help="credentials for the source registry (default: docker login's)")
+    parser.add_argument("--push-creds", metavar="USER:PASS",
+                        help="credentials for the push registry (default: --creds when it is "
+                             "the same registry, else docker login's)")
+    parser.add_argument("-j", "--jobs", type=int, default=2,
+                        help="layers converted at the same time (default: 2)")
+
+
+def _credentials(text: str | None, flag: str) -> Credentials | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise ConvertError(f"{flag}: expected USER:PASSWORD")
+    return Credentials(user, password)
+
+
+def _layout_target(text: str) -> tuple[Path, str | None]:
+    """DIR or DIR:TAG (DIR itself may contain ':' when it exists)."""
+    path, sep, tag = text.rpartition(":")
+    if not sep or "/" in tag or Path(text).exists() or not path:
+        return Path(text), None
+    try:
+        return Path(path), validate_tag(tag)
+    except ValueError as e:
+        raise ConvertError(f"OCI layout {text}: {e}") from None
+
+
+def run_image_convert(args: argparse.Namespace,
+                      layer_options: ConvertOptions | None = None) -> int:
+    """`lazyfs convert SRC` for a whole image (see add_image_arguments). Returns 0; raises
+    ConvertError and the fetch layer's errors for the CLI to print as one line."""
+    src = args.source
+    creds = _credentials(getattr(args, "creds", None), "--creds")
+    push_creds = _credentials(getattr(args, "push_creds", None), "--push-creds")
+    insecure = bool(getattr(args, "insecure_registry", False))
+    mirrors = tuple(getattr(args, "mirror", None) or ())
+    source_options = RegistryOptions(creds, insecure, mirrors)
+    push = getattr(args, "push", None)
+    if push is not None and push_creds is None and creds is not None:
+        source = parse_reference(src) if not is_image_on_disk(src) else None
+        if source is not None and source.registry == _push_reference(push).registry:
+            push_creds = creds  # the same registry: the same account
+    layout, tag = (None, None)
+    if getattr(args, "oci_layout", None):
+        layout, tag = _layout_target(args.oci_layout)
+    try:
+        platform = parse_platform(args.platform) if getattr(args, "platform", None) else None
+        image_source = open_image_source(src, source_options)
+    except ValueError as e:  # a malformed --platform, or an unreadable docker config
+        raise ConvertError(str(e)) from None
+
+    async def main() -> ImageConvertResult:
+        async with image_source:
+            return await convert_image(
+                image_source, dest_layout=layout, push=push, layer_options=layer_options,
+                platform=platform, jobs=int(getattr(args, "jobs", 2) or 2), dest_tag=tag,
+                overwrite=bool(getattr(args, "force", False)),
+                push_registry=RegistryOptions(push_creds, insecure),
+            )
+
+    result = trio.run(main)
+    print(result.digest)
+    return 0
