@@ -133,8 +133,12 @@ def check_mountpoint(path: str, what: str = "mountpoint") -> str:
     except StateError as exc:
         raise UserError(str(exc)) from None
     if record is not None:
-        state = "in use" if daemon_alive(record) else "left over from a daemon that died"
-        raise UserError(f"{target}: a lazyfs mount record is {state}; run `lazyfs umount {path}`")
+        if daemon_alive(record):
+            raise UserError(f"{target}: already a lazyfs mount (daemon {record.pid})")
+        raise UserError(
+            f"{target}: a lazyfs mount whose daemon died is still recorded here; "
+            f"run `lazyfs umount {path}` first"
+        )
     if kernel_mount.is_mountpoint(target):
         raise UserError(f"{target}: something is already mounted there")
     if not os.path.isdir(target):
@@ -249,18 +253,21 @@ def read_stats(record: MountRecord) -> dict[str, Any]:
         raise UserError(f"{record.stats_file}: {exc.strerror}") from None
 
 
-def _ms(value: object) -> str:
-    return "-" if value is None else f"{value} ms"
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
 
 
 def format_stats(stats: dict[str, Any], mountpoint: str) -> str:
     daemon = stats.get("daemon", {})
     latency = daemon.get("read_latency", {})
-    first = daemon.get("first_read_after_s")
     lines = [
         f"{mountpoint} (daemon {daemon.get('pid')}, up {daemon.get('uptime_s', 0):.1f} s)",
-        f"  ready after               {daemon.get('ready_after_s')} s",
-        f"  first read after          {'-' if first is None else f'{first} s'}",
+        f"  ready after               {_s(daemon.get('ready_after_s'))}",
+        f"  first read after          {_s(daemon.get('first_read_after_s'))}",
         f"  reads                     {daemon.get('reads', 0)} "
         f"({human_size(daemon.get('read_bytes', 0))}), {daemon.get('read_errors', 0)} failed",
         f"  read latency              p50 {_ms(latency.get('p50_ms'))}, "
@@ -296,7 +303,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_mounts(args: argparse.Namespace) -> int:
     rows = []
-    for item in iter_records():
+    try:
+        items = list(iter_records())
+    except StateError as exc:
+        raise UserError(str(exc)) from None
+    for item in items:
         if isinstance(item, StateError):
             rows.append(("?", "unreadable", "-", str(item)))
             continue

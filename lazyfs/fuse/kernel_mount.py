@@ -30,7 +30,12 @@ _ENV = {**os.environ, "LC_ALL": "C"}  # stable messages to match "busy" in
 
 
 class MountError(Exception):
-    """A mount, unmount or loop operation failed; the message quotes the tool's stderr."""
+    """A mount, unmount or loop operation failed; the message quotes the tool's stderr,
+    `reason` is that quote alone."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class MountBusyError(MountError):
@@ -177,28 +182,21 @@ if libc.mount(os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]), b"erofs", MS_R
 """
 
 
-async def mount_erofs(
-    image_file: str,
-    mountpoint: str,
-    *,
-    on_loop_attached: Callable[[str], None] | None = None,
-) -> ErofsMountRecord:
-    """Mount `image_file` read-only as EROFS at `mountpoint`.
-
-    Tries a file-backed mount first (Linux >= 6.12), then a read-only loop device;
-    `on_loop_attached(device)` is called before that mount so the device is recorded even if
-    this process dies. Raises MountError quoting both attempts.
-    """
+async def mount_erofs_file_backed(image_file: str, mountpoint: str) -> None:
+    """Mount `image_file` itself as EROFS (Linux >= 6.12). Raises MountError."""
     result = await _run([sys.executable, "-c", _FILE_BACKED_MOUNT, image_file, mountpoint])
-    if result.returncode == 0:
-        log.info("mounted %s at %s (file-backed EROFS)", image_file, mountpoint)
-        return ErofsMountRecord(image_file, mountpoint)
-    file_backed_error = _stderr(result)
-    log.info(
-        "file-backed EROFS mount of %s failed (%s); trying a loop device",
-        image_file,
-        file_backed_error,
-    )
+    if result.returncode != 0:
+        reason = _stderr(result)
+        raise MountError(f"cannot mount {image_file} as EROFS at {mountpoint}: {reason}", reason)
+    log.info("mounted %s at %s (file-backed EROFS)", image_file, mountpoint)
+
+
+async def mount_erofs_via_loop(
+    image_file: str, mountpoint: str, on_loop_attached: Callable[[str], None] | None = None
+) -> str:
+    """Mount `image_file` as EROFS through a read-only loop device; returns the device.
+    `on_loop_attached(device)` runs before the mount so the device can be recorded. Raises
+    MountError (after detaching the device again)."""
     device = await attach_loop(image_file)
     if on_loop_attached is not None:
         on_loop_attached(device)
@@ -207,10 +205,30 @@ async def mount_erofs(
         with trio.CancelScope(shield=True):
             await detach_loop(device)
         raise MountError(
-            f"cannot mount {image_file} as EROFS at {mountpoint}: file-backed: "
-            f"{file_backed_error}; via loop device {device}: {_stderr(result)}"
+            f"cannot mount {image_file} as EROFS at {mountpoint} via {device}: {_stderr(result)}"
         )
     log.info("mounted %s at %s (EROFS on %s)", image_file, mountpoint, device)
+    return device
+
+
+async def mount_erofs(
+    image_file: str,
+    mountpoint: str,
+    *,
+    on_loop_attached: Callable[[str], None] | None = None,
+) -> ErofsMountRecord:
+    """Mount `image_file` read-only as EROFS at `mountpoint`: file-backed first, else through
+    a loop device. Raises MountError quoting both attempts."""
+    try:
+        await mount_erofs_file_backed(image_file, mountpoint)
+        return ErofsMountRecord(image_file, mountpoint)
+    except MountError as exc:
+        file_backed_error = exc.reason
+        log.info("%s; trying a loop device", exc)
+    try:
+        device = await mount_erofs_via_loop(image_file, mountpoint, on_loop_attached)
+    except MountError as exc:
+        raise MountError(f"{exc} (file-backed: {file_backed_error})") from None
     return ErofsMountRecord(image_file, mountpoint, device)
 
 

@@ -133,6 +133,8 @@ def load_record(mountpoint: str | os.PathLike[str]) -> MountRecord | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise StateError(f"{path}: permission denied (lazyfs mounts belong to root)") from None
     return MountRecord.from_json(text, str(path))
 
 
@@ -147,6 +149,8 @@ def iter_records() -> Iterator[MountRecord | StateError]:
     directory = state_dir()
     if not directory.is_dir():
         return
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise StateError(f"{directory}: permission denied (lazyfs mounts belong to root)")
     found: list[MountRecord | StateError] = []
     for path in sorted(directory.glob("*" + RECORD_SUFFIX)):
         if path.name.startswith("."):
