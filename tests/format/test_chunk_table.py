@@ -46,7 +46,7 @@ def chunk_tables(draw: st.DrawFn) -> ChunkTable:
     return ChunkTable(size, chunk_size, algorithm, tuple(offsets), tuple(digests))
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(chunk_tables(), st.integers(0, 2**40))
 def test_chunk_table_round_trips(table, payload_offset):
     payload = serialize_chunk_table(table)
@@ -54,7 +54,7 @@ def test_chunk_table_round_trips(table, payload_offset):
     assert parse_chunk_table(payload, payload_offset) == table
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(chunk_tables(), st.data())
 def test_any_truncation_is_a_truncated_or_payload_length_error(table, data):
     payload = serialize_chunk_table(table)
@@ -77,7 +77,7 @@ def test_extra_bytes_are_a_payload_length_error():
         parse_chunk_table(payload + b"\x00", 8)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=300),
                  st.binary(max_size=300).map(lambda tail: struct.pack("<II", 0xCDE4EC67, 1)
                                              + tail)))
@@ -93,7 +93,7 @@ VALID = build_blob(pattern(300_000, seed=2), chunk_size=65536)
 PAYLOAD_OFFSET = VALID.annotations.chunk_table_offset + 8
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(st.integers(0, len(VALID.table_payload) - 1), st.integers(0, 7))
 def test_a_flipped_bit_raises_only_format_errors_and_fails_the_digest(position, bit):
     corrupted = flip(VALID.table_payload, position, 1 << bit)

@@ -57,14 +57,14 @@ descriptors = st.builds(
 )
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(descriptors)
 def test_descriptor_round_trips(descriptor):
     assert parse_descriptor(serialize_descriptor(descriptor)) == descriptor
     assert parse_descriptor(serialize_descriptor(descriptor).encode()) == descriptor
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(seekable_annotations(), st.dictionaries(st.text(max_size=20), st.text(max_size=20),
                                                  max_size=3))
 def test_annotations_round_trip(annotations, unrelated):
@@ -208,7 +208,7 @@ json_values = st.recursive(
 descriptor_keys = st.sampled_from(["mediaType", "digest", "size", "annotations", "urls"])
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(json_values, st.dictionaries(descriptor_keys, json_values)))
 def test_any_json_value_raises_only_descriptor_errors(obj):
     try:
@@ -223,14 +223,14 @@ annotation_values = st.one_of(st.text(max_size=12), st.integers(0, 2**70).map(st
                               root_digests, hex_digests("sha512", 64))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from([CT, CD, VO, RD, "other"]), annotation_values))
 def test_any_annotations_raise_only_descriptor_errors(annotations):
     with contextlib.suppress(DescriptorError):
         parse_annotations(annotations)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=200), st.text(max_size=200)))
 def test_garbage_text_raises_only_descriptor_errors(text):
     try:

@@ -40,7 +40,7 @@ MiB = 1024 * 1024
 magics = st.integers(SKIPPABLE_MAGIC_MIN, SKIPPABLE_MAGIC_MAX)
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(magics, st.binary(max_size=2000), st.binary(max_size=20))
 def test_skippable_frame_round_trips(magic, payload, trailing):
     frame = serialize_skippable_frame(payload, magic)
@@ -52,7 +52,7 @@ def test_skippable_frame_round_trips(magic, payload, trailing):
     assert parse_skippable_header(frame) == len(payload)
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(st.binary(max_size=300), st.data())
 def test_any_truncated_skippable_frame_raises_truncated(payload, data):
     frame = serialize_skippable_frame(payload)
@@ -80,7 +80,7 @@ def test_skippable_frame_with_another_magic_is_rejected(magic):
         serialize_skippable_frame(b"", magic)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=64))
 def test_garbage_skippable_frame_raises_only_format_errors(garbage):
     try:
@@ -182,7 +182,7 @@ def test_every_truncation_of_a_real_frame_raises_truncated():
         assert caught.value.offset >= 4096
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=200), st.binary(max_size=200).map(ZSTD_MAGIC_BYTES.__add__)))
 def test_walking_garbage_raises_only_format_errors(garbage):
     try:
@@ -192,7 +192,7 @@ def test_walking_garbage_raises_only_format_errors(garbage):
     assert info.compressed_size <= len(garbage)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=200), st.binary(max_size=200).map(ZSTD_MAGIC_BYTES.__add__)),
        st.integers(1, 4096))
 def test_decoding_garbage_raises_only_frame_decode_errors(garbage, expected_size):

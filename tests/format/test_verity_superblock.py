@@ -39,7 +39,7 @@ superblocks = st.builds(
 )
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(superblocks, st.binary(max_size=16), st.integers(0, 2**40))
 def test_superblock_round_trips(superblock, trailing, offset):
     raw = serialize_verity_superblock(superblock)
@@ -61,7 +61,7 @@ def test_layout_matches_spec_section_4():
     assert superblock.digest_size == 32
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(superblocks, st.data())
 def test_any_truncation_raises_truncated(superblock, data):
     raw = serialize_verity_superblock(superblock)
@@ -125,7 +125,7 @@ def test_serializing_bad_parameters_raises_field_error(change):
         serialize_verity_superblock(replace(make_superblock(4096), **change))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.one_of(st.binary(min_size=500, max_size=600),
                  st.binary(min_size=504, max_size=600).map(VERITY_SIGNATURE.__add__)))
 def test_garbage_raises_only_format_errors(garbage):
@@ -153,7 +153,7 @@ def test_every_flipped_bit_raises_a_format_error_or_changes_the_superblock():
 
 # --- the root digest annotation ----------------------------------------------------------------
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(st.sampled_from(SUPPORTED_HASHES), st.data())
 def test_root_digest_round_trips(name, data):
     size = {"sha1": 20, "sha256": 32, "sha512": 64}[name]
