@@ -31,11 +31,11 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_CHUNK_SIZE = 0xFFFFFFFF
 
 
-def parse_size(text: str) -> int:
-    """Bytes from `4194304`, `64K`, `4M`, `1G` (binary units). Raises ArgumentTypeError."""
+def parse_size(text: str, option: str = "size") -> int:
+    """Bytes from `4194304`, `64K`, `4M`, `1G` (binary units). Raises UserError."""
     found = _SIZE.match(text)
     if found is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected e.g. 65536, 64K, 4M")
+        raise UserError(f"{option} {text!r}: not a size; expected e.g. 65536, 64K or 4M")
     return int(found.group(1)) * _UNITS[found.group(2).lower()]
 
 
@@ -137,12 +137,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("src", type=Path, metavar="SRC", help="directory, tar layer or EROFS image")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
                         help="the blob to write")
-    parser.add_argument("--chunk-size", type=parse_size, default=4 << 20, metavar="SIZE",
+    parser.add_argument("--chunk-size", default="4M", metavar="SIZE",
                         help="image bytes per zstd frame, K/M suffixes (default 4M)")
     parser.add_argument("--zstd-level", type=int, default=3, metavar="N",
                         help="zstd level 1..22 (default 3)")
     parser.add_argument("--no-verity", action="store_true", help="write no dm-verity tree")
-    parser.add_argument("--verity-block-size", type=parse_size, default=4096, metavar="SIZE",
+    parser.add_argument("--verity-block-size", default="4096", metavar="SIZE",
                         help="dm-verity data and hash block size (default 4096)")
     parser.add_argument("--verity-hash", choices=("sha256", "sha512"), default="sha512",
                         help="dm-verity hash (default sha512, as containerd)")
@@ -151,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--erofs-compression", metavar="COMP",
                         help="mkfs.erofs compressor, e.g. lz4hc,12 (adds -C 65536)")
     parser.add_argument("--mkfs-opts", metavar="OPTS", default="",
-                        help='extra mkfs.erofs options, e.g. "--all-root -x-1"')
+                        help='extra mkfs.erofs options, e.g. --mkfs-opts="--all-root -x-1"')
     parser.add_argument("--reproducible", action="store_true",
                         help="fixed UUIDs and timestamps: the same input gives the same bytes")
     parser.add_argument("--force", action="store_true",
@@ -166,9 +166,10 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     from converter.encoder import EncodeOptions
     from converter.layer import ConvertOptions
 
-    if not 0 < args.chunk_size <= MAX_CHUNK_SIZE:
+    chunk_size = parse_size(args.chunk_size, "--chunk-size")
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise UserError(f"--chunk-size {args.chunk_size}: must be 1 byte to 4 GiB - 1")
-    block = args.verity_block_size
+    block = parse_size(args.verity_block_size, "--verity-block-size")
     if block < 512 or block > 512 * 1024 or block & (block - 1):
         raise UserError(f"--verity-block-size {block}: must be a power of two from 512 to 512K")
     try:
@@ -182,7 +183,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     try:
         mkfs_opts = tuple(shlex.split(args.mkfs_opts))
         encode = EncodeOptions(
-            chunk_size=args.chunk_size, zstd_level=args.zstd_level, verity=not args.no_verity,
+            chunk_size=chunk_size, zstd_level=args.zstd_level, verity=not args.no_verity,
             verity_data_block_size=block, verity_hash_block_size=block,
             verity_hash=args.verity_hash, verity_salt=salt, threads=args.jobs,
         )

@@ -1,0 +1,180 @@
+"""`lazyfs convert` as a user runs it: options reach the blob, errors are one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lazyfs.cli import UserError
+from lazyfs.cli.convert import ProgressLine, parse_size
+from tests.cli import assert_one_line_error, run_lazyfs
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "text").write_bytes(b"the quick brown fox\n" * 50_000)
+    (root / "sub").mkdir()
+    (root / "sub" / "small").write_bytes(b"small")
+    os.symlink("../text", root / "sub" / "link")
+    return root
+
+
+def _inspect(blob: Path) -> dict[str, object]:
+    result = run_lazyfs("inspect", blob, "--json")
+    assert result.returncode == 0, result.stderr
+    info: dict[str, object] = json.loads(result.stdout)
+    return info
+
+
+@pytest.mark.parametrize(("text", "size"), [("65536", 65536), ("64K", 65536), ("4M", 4 << 20),
+                                            ("1g", 1 << 30), ("64KiB", 65536), (" 7 ", 7)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "4X", "-1", "1.5M", "M"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(UserError, match="not a size"):
+        parse_size(text, "--chunk-size")
+
+
+def test_convert_defaults_and_summary(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "layer.blob"
+    result = run_lazyfs("convert", src, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress line when stderr is not a terminal
+    summary = result.stdout
+    descriptor = json.loads((tmp_path / "layer.descriptor.json").read_text())
+    assert summary.startswith(f"converted directory {src} -> {out}\n")
+    for fragment in (descriptor["digest"], descriptor["annotations"]["containerd.io/uncompressed"],
+                     "ratio", "chunks      1 of 4.0 MiB",
+                     descriptor["annotations"]["dev.containerd.erofs.dmverity.root_digest"],
+                     "mkfs", "encode"):
+        assert fragment in summary, fragment
+    info = _inspect(out)
+    assert info["chunk_size"] == 4 << 20
+    verity = info["verity"]
+    assert isinstance(verity, dict)
+    assert (verity["hash"], verity["data_block_size"], verity["salt"]) == ("sha512", 4096, "")
+
+
+def test_options_reach_the_blob(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "custom.blob"
+    result = run_lazyfs("convert", src, "-o", out, "--chunk-size", "64K", "--verity-hash",
+                        "sha256", "--salt", "00ff10", "--verity-block-size", "1K",
+                        "--zstd-level", "19", "-j", "1")
+    assert result.returncode == 0, result.stderr
+    info = _inspect(out)
+    assert info["chunk_size"] == 65536
+    assert info["chunk_count"] == -(-int(info["image_size"]) // 65536)  # type: ignore[call-overload]
+    verity = info["verity"]
+    assert isinstance(verity, dict)
+    assert verity["hash"] == "sha256" and verity["salt"] == "00ff10"
+    assert verity["data_block_size"] == verity["hash_block_size"] == 1024
+    assert run_lazyfs("verify", out).returncode == 0
+
+    plain = tmp_path / "plain.blob"
+    assert run_lazyfs("convert", src, "-o", plain, "--no-verity").returncode == 0
+    annotations = json.loads((tmp_path / "plain.descriptor.json").read_text())["annotations"]
+    assert not any(key.startswith("dev.containerd.erofs.dmverity") for key in annotations)
+    assert _inspect(plain)["verity"] is None
+
+
+def test_reproducible(tmp_path: Path, src: Path) -> None:
+    blobs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.blob"
+        assert run_lazyfs("convert", src, "-o", out, "--reproducible").returncode == 0
+        blobs.append(out.read_bytes())
+    assert blobs[0] == blobs[1]
+
+
+@pytest.mark.root
+def test_mkfs_options_are_passed_through(tmp_path: Path, src: Path) -> None:
+    os.chown(src / "sub" / "small", 1234, 5678)
+    out = tmp_path / "layer.blob"
+    result = run_lazyfs("convert", src, "-o", out, "--mkfs-opts=--all-root",
+                        "--erofs-compression", "lz4hc,12")
+    assert result.returncode == 0, result.stderr
+    verified = run_lazyfs("verify", out, "--against", src)
+    assert verified.returncode == 1
+    assert "problem: against: sub/small: owner: expected 1234:5678, found 0:0" in verified.stdout
+
+
+def test_mkfs_failure_is_one_line_and_leaves_nothing(tmp_path: Path, src: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run_lazyfs("convert", src, "-o", out_dir / "x.blob",
+                        "--mkfs-opts=--no-such-option")
+    assert_one_line_error(result, "mkfs.erofs")
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--chunk-size", "4X"], "--chunk-size '4X': not a size"),
+        (["--chunk-size", "0"], "--chunk-size 0: must be"),
+        (["--chunk-size", "4G"], "--chunk-size 4G: must be"),
+        (["--verity-block-size", "3000"], "power of two"),
+        (["--salt", "xyz"], "--salt 'xyz': not hexadecimal"),
+        (["--salt", "00" * 257], "at most 256"),
+        (["--zstd-level", "23"], "--zstd-level must be 1..22"),
+        (["--jobs", "-2"], "--jobs -2"),
+        (["--erofs-compression", "lz4;rm"], "invalid EROFS compression"),
+    ],
+)
+def test_bad_options_are_one_line(tmp_path: Path, src: Path, args: list[str],
+                                  fragment: str) -> None:
+    result = run_lazyfs("convert", src, "-o", tmp_path / "x.blob", *args)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "x.blob").exists()
+
+
+def test_bad_sources_are_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(run_lazyfs("convert", tmp_path / "missing", "-o", tmp_path / "x.blob"),
+                          "missing: cannot read source")
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x00\x01 not a layer" * 100)
+    assert_one_line_error(run_lazyfs("convert", junk, "-o", tmp_path / "x.blob"),
+                          "not a directory, tar")
+    assert_one_line_error(run_lazyfs("convert", tmp_path, "-o", tmp_path / "none" / "x.blob"),
+                          "no such directory")
+
+
+def test_existing_output_needs_force(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "x.blob"
+    assert run_lazyfs("convert", src, "-o", out).returncode == 0
+    first = out.read_bytes()
+    assert_one_line_error(run_lazyfs("convert", src, "-o", out), "exists", "--force")
+    assert out.read_bytes() == first
+    assert run_lazyfs("convert", src, "-o", out, "--force", "--no-verity").returncode == 0
+    assert out.read_bytes() != first
+    assert run_lazyfs("verify", out).returncode == 0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_on_a_terminal() -> None:
+    stream = _Terminal()
+    with ProgressLine(stream) as progress:
+        progress.update("mkfs", 0, None)
+        progress.update("encode", 0, 1 << 20)
+        progress.update("encode", 1 << 20, 1 << 20)
+    text = stream.getvalue()
+    assert "mkfs     ..." in text
+    assert "100.0%" in text and "1.0 MiB / 1.0 MiB" in text
+    assert text.endswith("\r\x1b[K")  # the line is cleared at the end
+    quiet = io.StringIO()
+    with ProgressLine(quiet) as progress:
+        progress.update("encode", 5, 10)
+    assert quiet.getvalue() == ""
