@@ -134,6 +134,8 @@ class Daemon:
                     await self._teardown()
                 if trace is not None:
                     trace.close()
+        if not self.record.ready:
+            raise DaemonStartError("stopped by a signal before the mount was ready")
         log.info("%s: unmounted", self.record.mountpoint)
 
     async def _start(self, nursery: trio.Nursery, trace: TraceWriter | None) -> None:
@@ -143,6 +145,7 @@ class Daemon:
         options: dict[str, int] = {"parallel_fetches": self.limits.parallel_fetches}
         if config.readahead_chunks is not None:
             options["readahead_chunks"] = config.readahead_chunks
+        write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
         for source in config.sources:
             source.reader_options.setdefault("max_connections", self.limits.http_connections)
             image = await open_layer(
@@ -290,7 +293,14 @@ def _user_facing() -> tuple[type[BaseException], ...]:
     from lazyfs.format.errors import FormatError
     from lazyfs.image.errors import LayerOpenError
 
-    return (LayerOpenError, FormatError, FetchError, kernel_mount.MountError, OSError)
+    return (
+        LayerOpenError,
+        FormatError,
+        FetchError,
+        kernel_mount.MountError,
+        DaemonStartError,
+        OSError,
+    )
 
 
 def spawn_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
@@ -319,7 +329,12 @@ def spawn_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> in
 
 
 def _daemon_child(config: DaemonConfig, ready_fd: int) -> int:
+    # A daemon of its own: no terminal, no inherited descriptors but the ready pipe, and no
+    # hold on the caller's working directory (which would keep that file system busy).
     os.setsid()
+    os.chdir("/")
+    os.closerange(3, ready_fd)
+    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
     devnull = os.open(os.devnull, os.O_RDONLY)
     log_fd = os.open(config.log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)
@@ -342,7 +357,7 @@ def _daemon_child(config: DaemonConfig, ready_fd: int) -> int:
         run_daemon(config, on_ready)
         return 0
     except _user_facing() as exc:
-        log.error("%s", exc)
+        log.log(logging.INFO if isinstance(exc, DaemonStartError) else logging.ERROR, "%s", exc)
         _send(ready_fd, f"error: {exc}\n".encode())
         return 2
     except BaseException as exc:
@@ -360,21 +375,28 @@ def _send(fd: int, message: bytes) -> None:
 def _await_ready(read_fd: int, pid: int, timeout_s: float, log_file: str) -> int:
     deadline = time.monotonic() + timeout_s
     received = b""
-    while b"\n" not in received:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            raise DaemonStartError(
-                f"the mount did not come up within {timeout_s:.0f} s (daemon {pid} told to "
-                f"stop); see {log_file}"
-            )
-        readable, _, _ = select.select([read_fd], [], [], remaining)
-        if readable:
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            received += chunk
+    try:
+        while b"\n" not in received:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                raise DaemonStartError(
+                    f"the mount did not come up within {timeout_s:.0f} s (daemon {pid} told "
+                    f"to stop); see {log_file}"
+                )
+            readable, _, _ = select.select([read_fd], [], [], remaining)
+            if readable:
+                chunk = os.read(read_fd, 4096)
+                if not chunk:
+                    break
+                received += chunk
+    except KeyboardInterrupt:
+        # Ctrl-C on `lazyfs mount` means no mount: the daemon must not come up later.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        _reap(pid)
+        raise
     line = received.decode(errors="replace").strip()
     if received == _READY:
         return pid

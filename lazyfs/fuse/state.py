@@ -30,7 +30,7 @@ class StateError(Exception):
 def state_dir() -> Path:
     """Where records, logs and private FUSE mountpoints live (`$LAZYFS_STATE_DIR` or
     /run/lazyfs)."""
-    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+    return Path(os.path.abspath(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR))
 
 
 def mount_key(mountpoint: str | os.PathLike[str]) -> str:

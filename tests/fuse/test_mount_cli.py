@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -452,3 +453,29 @@ def test_mount_over_http_with_headers(
         finally:
             result = lazyfs.run("umount", str(mountpoint))
         assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.network
+def test_umount_stops_a_mount_that_is_still_starting(lazyfs: Lazyfs, mountpoint: Path) -> None:
+    """A server that accepts and never answers keeps the daemon opening the layer."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        lazyfs.mountpoints.append(mountpoint)
+        process = lazyfs.popen("mount", f"http://127.0.0.1:{port}/layer.blob", str(mountpoint))
+        try:
+            wait_until(lambda: lazyfs.record(mountpoint) is not None, "the starting record")
+            record = lazyfs.record(mountpoint)
+            assert record is not None and not record["ready"]
+            assert "starting" in lazyfs.run("mounts").stdout
+
+            result = lazyfs.run("umount", str(mountpoint))
+            assert result.returncode == 0, result.stderr
+            _, stderr = process.communicate(timeout=WAIT_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert process.returncode == 2
+    assert stderr.strip().endswith("stopped by a signal before the mount was ready")
+    assert lazyfs.records() == [] and not os.path.ismount(mountpoint)
+    wait_until(lambda: pid_gone(record["pid"]), "the daemon to exit")
