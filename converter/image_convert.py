@@ -81,6 +81,7 @@ _SEEKABLE_KEYS = (ANNOTATION_CHUNK_TABLE_OFFSET, ANNOTATION_CHUNK_DIGEST,
                   ANNOTATION_VERITY_OFFSET, ANNOTATION_ROOT_DIGEST)
 # docker buildx puts provenance next to the images of an index; it describes the source image.
 _REFERENCE_TYPE = "vnd.docker.reference.type"
+_PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding"}
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _stderr(line: str) -> None:
 
 
 def _mib(size: int) -> str:
-    return f"{size / (1 << 20):.1f} MiB"
+    return f"{size / (1 << 20):.1f} MiB" if size >= 1 << 20 else f"{size / 1024:.1f} KiB"
 
 
 async def convert_image(
@@ -185,9 +186,12 @@ async def convert_image(
                trio.CapacityLimiter(jobs), len(layers))
     try:
         outcomes: dict[str, LayerOutcome] = {}
-        async with trio.open_nursery() as nursery:
-            for number, layer in enumerate(layers, 1):
-                nursery.start_soon(_layer_task, run, number, layer, outcomes)
+        try:
+            async with trio.open_nursery() as nursery:
+                for number, layer in enumerate(layers, 1):
+                    nursery.start_soon(_layer_task, run, number, layer, outcomes)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
         written = [await _write_image(run, image, outcomes) for image in images]
         push_tag = push_ref.tag if push_ref else None
         if index is None:
@@ -216,6 +220,21 @@ async def convert_image(
                               tuple(d for d, _ in written),
                               tuple(outcomes[d.digest] for d in layers), dest_layout, tag,
                               str(push_ref) if push_ref else None)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report when layers failed: the first that is not a consequence of it (the
+    others were cancelled, or failed the same way)."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = list(error.exceptions)
+        else:
+            leaves.append(error)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return (real or leaves)[0]
 
 
 def _push_reference(push: str) -> ImageReference:
@@ -351,7 +370,7 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
             run.report(f"{name}: seekable EROFS already, copying ({_mib(layer.size)})")
             fetched = run.work / f"{number}.blob"
             await run.source.fetch_blob(layer, fetched)
-            await _publish_file(run, fetched, layer)
+            await _publish_file(run, name, fetched, layer)
         run.report(f"{name}: seekable EROFS already, passed through")
         return LayerOutcome(layer, layer, "passed", None)
 
@@ -367,9 +386,9 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     phases: set[str] = set()
 
     def phase(what: str, done: int, total: int | None) -> None:
-        if what not in phases:
+        if what not in phases:  # one line per phase; this runs in the worker thread
             phases.add(what)
-            run.report(f"{name}: {what}")
+            run.report(f"{name}: {_PHASES.get(what, what)}")
 
     options = run.options
     if wrap:  # only encoded: mkfs options do not apply to an image that exists
@@ -383,7 +402,7 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     annotations.update(encoded.annotations.to_annotations())
     new = Descriptor(EROFS_LAYER_ZSTD, encoded.blob_digest, encoded.blob_size,
                      annotations=annotations)
-    await _publish_file(run, blob, new)
+    await _publish_file(run, name, blob, new)
     action = "wrapped" if wrap else "converted"
     run.report(f"{name}: {action} to {new.digest[:19]} ({_mib(new.size)}) "
                f"in {time.monotonic() - started:.1f} s")
@@ -397,10 +416,11 @@ async def _has_blob(run: _Run, layer: Descriptor) -> bool:
     return run.client is None or await run.client.blob_exists(run.repository, layer.digest)
 
 
-async def _publish_file(run: _Run, path: Path, descriptor: Descriptor) -> None:
+async def _publish_file(run: _Run, name: str, path: Path, descriptor: Descriptor) -> None:
     """Push and/or store a finished blob file, then let go of it."""
-    if run.client is not None:
-        await run.client.push_blob(run.repository, descriptor.digest, path)
+    if run.client is not None and not await run.client.push_blob(run.repository,
+                                                                 descriptor.digest, path):
+        run.report(f"{name}: {descriptor.digest[:19]} is in {run.client.name} already")
     if run.writer is not None:
         writer = run.writer
         if await trio.to_thread.run_sync(writer.add_blob_file, path, descriptor.digest):

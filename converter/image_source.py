@@ -116,9 +116,15 @@ class ImageSource(ABC):
 
 
 def _fetch_to_file(store: FileStore, name: str, descriptor: Descriptor, dest: Path) -> None:
-    with store.open(name) as stream, open(dest, "xb") as out:
-        copy_verified(stream, out, descriptor.digest, descriptor.size,
-                      f"{store.description}: {name}")
+    try:
+        with store.open(name) as stream, open(dest, "xb") as out:
+            copy_verified(stream, out, descriptor.digest, descriptor.size,
+                          f"{store.description}: {name}")
+    except BaseException as e:
+        dest.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ConvertError(f"{dest}: cannot write: {e.strerror or e}") from None
+        raise
 
 
 class LayoutSource(ImageSource):
@@ -274,7 +280,9 @@ class RegistrySource(ImageSource):
             data, media_type, digest = await self.client.get_manifest(ref.repository,
                                                                       ref.reference)
         except RegistryError as e:
-            raise RegistryError(f"{e}{self._hint}", status=e.status) from None
+            if not self._hint:
+                raise
+            raise type(e)(f"{e}{self._hint}", status=e.status) from None
         if ref.digest is not None and digest != ref.digest:
             raise ConvertError(f"{ref}: manifest has digest {digest}, expected {ref.digest}")
         return RootImage(data, media_type, digest, ref.tag)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.tar_extract import OPAQUE_XATTR
+from converter.tar_extract import OPAQUE_XATTR, normalize_path
 from converter.tree import TreeEntry, scan_tar
 
 BUSYBOX = Path("/bin/busybox")
@@ -113,7 +113,7 @@ def change_layer(flavour: str = "") -> bytes:
     tar.file("var/cache/app/.wh..wh..opq", b"")
     tar.file("var/cache/app/fresh.txt", b"fresh\n")
     tar.file("var/.wh.log", b"")  # removes the directory var/log and all below it
-    tar.file("tmp/scratch", b"x" * 10, 0o666)
+    tar.dir("tmp", 0o1777).file("tmp/scratch", b"x" * 10, 0o666)
     return tar.bytes()
 
 
@@ -190,6 +190,28 @@ def write_oci_image(layout: Path, tag: str, layers: Sequence[bytes] | None = Non
     return BuiltImage(layout, tag, sha256(manifest), {"linux/amd64": layers})
 
 
+def write_image_blobs(layout: Path, tag: str, layers: Sequence[tuple[str, bytes, dict[str, str]]],
+                      diff_ids: Sequence[str]) -> BuiltImage:
+    """A linux/amd64 image of ready-made layer blobs: (media type, blob, annotations) each."""
+    index = _start_layout(layout)
+    config = json.loads(config_json([]))
+    config["rootfs"]["diff_ids"] = list(diff_ids)
+    config["history"] = [{"created_by": f"layer {i}"} for i in range(len(layers))]
+    config_bytes = json.dumps(config).encode()
+    for _, blob, _ in layers:
+        _put(layout, blob)
+    _put(layout, config_bytes)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": _descriptor(OCI_CONFIG, config_bytes),
+        "layers": [_descriptor(kind, blob, **({"annotations": notes} if notes else {}))
+                   for kind, blob, notes in layers],
+    }).encode()
+    _put(layout, manifest)
+    _tag(layout, index, _descriptor(OCI_MANIFEST, manifest), tag)
+    return BuiltImage(layout, tag, sha256(manifest), {"linux/amd64": []})
+
+
 def write_index_image(layout: Path, tag: str,
                       platforms: dict[str, Sequence[bytes]] | None = None) -> BuiltImage:
     """A multi-platform image (an index); by default linux/amd64 and linux/arm64, sharing
@@ -264,7 +286,7 @@ def docker_oci_archive(out: Path, image: BuiltImage, repo_tag: str = "lazyfs/tes
 
 
 def skopeo_push(layout: Path, tag: str, registry_host: str, target: str,
-                *, all_platforms: bool = False) -> None:
+                *, all_platforms: bool = False, creds: str | None = None) -> None:
     """`skopeo copy` an image of a layout to `registry_host/target` (plain HTTP)."""
     skopeo = shutil.which("skopeo")
     if skopeo is None:
@@ -272,6 +294,8 @@ def skopeo_push(layout: Path, tag: str, registry_host: str, target: str,
     args = [skopeo, "--insecure-policy", "copy", "--dest-tls-verify=false"]
     if all_platforms:
         args.append("--all")
+    if creds is not None:
+        args.append(f"--dest-creds={creds}")
     args += [f"oci:{layout}:{tag}", f"docker://{registry_host}/{target}"]
     subprocess.run(args, check=True, capture_output=True, timeout=120)
 
@@ -287,15 +311,26 @@ def _remove(tree: dict[str, tuple[int, TreeEntry]], path: str, *, keep_self: boo
         tree.pop(path, None)
 
 
+def _explicit_dirs(layer: bytes) -> set[str]:
+    with tarfile.open(fileobj=io.BytesIO(layer), mode="r:") as archive:
+        return {normalize_path(m.name, m.name) for m in archive if m.isdir()}
+
+
 def expected_rootfs_tree(layers: Sequence[bytes]) -> dict[str, TreeEntry]:
-    """The merged tree of uncompressed tar layers applied in order (OCI semantics, as an
-    overlay mount of their EROFS images shows it): a whiteout removes the path below it, an
-    opaque directory hides everything below it from lower layers, an upper directory over a
-    lower one merges (taking the upper's attributes), anything else replaces. Comparable with
-    `converter.tree.scan_directory` of the mount."""
+    """The merged tree of uncompressed tar layers applied in order (OCI semantics), comparable
+    with `converter.tree.scan_directory` of a mount of the converted image.
+
+    A whiteout removes the path and all below it; an opaque directory hides everything below
+    it from lower layers; a directory entry over a lower directory merges with it, taking its
+    own owner, mode and xattrs; anything else replaces. A directory a layer only implies (its
+    files have no entry for it) keeps the lower directory's attributes. Note that an overlay
+    of per-layer images shows the upper layer's implied directory instead (root 0755): the
+    two agree for layers that carry their parent directories, as docker and buildkit write
+    them and as the layers here do.
+    """
     merged: dict[str, tuple[int, TreeEntry]] = {}
     for number, layer in enumerate(layers):
-        upper = scan_tar(io.BytesIO(layer))
+        upper, explicit = scan_tar(io.BytesIO(layer)), _explicit_dirs(layer)
         for path in sorted(upper):  # parents before children
             entry = upper[path]
             if entry.kind == "chardev" and entry.rdev == (0, 0):
@@ -303,10 +338,13 @@ def expected_rootfs_tree(layers: Sequence[bytes]) -> dict[str, TreeEntry]:
                 continue
             lower = merged.get(path)
             opaque = entry.kind == "dir" and entry.xattrs.get(OPAQUE_XATTR) == b"y"
-            if lower is not None and not (lower[1].kind == "dir" == entry.kind):
+            both_dirs = lower is not None and lower[1].kind == "dir" == entry.kind
+            if lower is not None and not both_dirs:
                 _remove(merged, path)
             elif opaque:
                 _remove(merged, path, keep_self=True)
+            if both_dirs and path not in explicit:
+                continue  # implied here: the lower directory stays as it is
             xattrs = {k: v for k, v in entry.xattrs.items() if k != OPAQUE_XATTR}
             merged[path] = (number, replace(entry, xattrs=xattrs))
     groups: dict[tuple[int, str], list[str]] = {}
