@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from converter.errors import ConvertError
+from converter.errors import ConvertError, UnsupportedSourceError
 from converter.image_source import (
     DOCKER_LAYER_TAR,
     ImageSource,
@@ -41,44 +41,19 @@ from converter.image_source import (
 from converter.layer import ConvertOptions, convert_layer
 from converter.oci_layout import LayoutWriter, index_entries
 from converter.source import SourceKind, detect_source
-from lazyfs.fetch.oci import (
-    EROFS_LAYER,
-    EROFS_LAYER_ZSTD,
-    INDEX_TYPES,
-    MANIFEST_TYPES,
-    OCI_CONFIG,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    TAR_LAYER_TYPES,
-    Descriptor,
-    Index,
-    Manifest,
-    OCIFormatError,
-    Platform,
-    parse_index,
-    parse_manifest,
-    parse_platform,
-    serialize_index,
-    serialize_manifest,
-    sha256_digest,
-)
+from lazyfs.fetch import oci
+from lazyfs.fetch.oci import Descriptor, Platform
 from lazyfs.fetch.reference import ImageReference, parse_reference, validate_tag
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.registry_auth import Credentials
-from lazyfs.format.descriptor import (
-    ANNOTATION_CHUNK_DIGEST,
-    ANNOTATION_CHUNK_TABLE_OFFSET,
-    ANNOTATION_ROOT_DIGEST,
-    ANNOTATION_VERITY_OFFSET,
-)
+from lazyfs.format.descriptor import SeekableAnnotations
 
 Progress = Callable[[str], None]
 """Called with one line of progress for humans (per layer: phases, then the outcome)."""
 
 EROFS_FEATURE = "erofs"
-TAR_TYPES = TAR_LAYER_TYPES | {DOCKER_LAYER_TAR}
-_SEEKABLE_KEYS = (ANNOTATION_CHUNK_TABLE_OFFSET, ANNOTATION_CHUNK_DIGEST,
-                  ANNOTATION_VERITY_OFFSET, ANNOTATION_ROOT_DIGEST)
+TAR_TYPES = oci.TAR_LAYER_TYPES | {DOCKER_LAYER_TAR}
+_SEEKABLE_KEYS = frozenset(SeekableAnnotations(0, "", 0, "").to_annotations())
 # docker buildx puts provenance next to the images of an index; it describes the source image.
 _REFERENCE_TYPE = "vnd.docker.reference.type"
 _PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding"}
@@ -111,7 +86,7 @@ class ImageConvertResult:
 @dataclass
 class _Image:
     entry: Descriptor | None  # its descriptor in the source index, None for a lone manifest
-    manifest: Manifest
+    manifest: oci.Manifest
     config: dict[str, Any]
 
 
@@ -171,10 +146,10 @@ async def convert_image(
     images, index = await _load_images(source, root.data, root.media_type, platform)
     layers = _distinct_layers(images)
 
-    writer, created = None, False
+    writer, fresh = None, False
     if dest_layout is not None:
-        writer, created = await trio.to_thread.run_sync(LayoutWriter.open_or_create, dest_layout)
-        if not created:
+        writer, fresh = await trio.to_thread.run_sync(LayoutWriter.open_or_create, dest_layout)
+        if not fresh:
             await trio.to_thread.run_sync(_check_room, writer, tag, overwrite)
     client = None
     if push_ref is not None:
@@ -200,15 +175,15 @@ async def convert_image(
         else:
             for descriptor, data in written:
                 await _publish_manifest(run, descriptor, data, None)
-            top_data = serialize_index(Index(tuple(d for d, _ in written), OCI_INDEX,
+            top_data = oci.serialize_index(oci.Index(tuple(d for d, _ in written), oci.OCI_INDEX,
                                              index.annotations))
-            top = Descriptor(OCI_INDEX, sha256_digest(top_data), len(top_data))
+            top = Descriptor(oci.OCI_INDEX, oci.sha256_digest(top_data), len(top_data))
         await _publish_manifest(run, top, top_data, push_tag)
         if writer is not None:
             await trio.to_thread.run_sync(lambda: writer.set_ref(top, tag, replace=overwrite))
     except BaseException:
         if writer is not None:
-            await trio.to_thread.run_sync(_undo, writer, created, run.added)
+            await trio.to_thread.run_sync(_undo, writer, fresh, run.added)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -261,9 +236,10 @@ def _check_room(writer: LayoutWriter, tag: str | None, overwrite: bool) -> None:
                            "(overwrite it, or name the new one DIR:TAG)")
 
 
-def _undo(writer: LayoutWriter, created: bool, added: list[str]) -> None:
-    if created:
-        shutil.rmtree(writer.root, ignore_errors=True)
+def _undo(writer: LayoutWriter, fresh: bool, added: list[str]) -> None:
+    """Take back what a failed conversion wrote: a layout it started, or the blobs it added."""
+    if fresh:
+        writer.discard()
         return
     for digest in added:
         writer.remove_blob(digest)
@@ -287,8 +263,8 @@ async def _load_image(source: ImageSource, entry: Descriptor | None, data: bytes
                       media_type: str) -> _Image:
     what = f"{source.description}: manifest {entry.digest if entry else ''}".rstrip()
     try:
-        manifest = parse_manifest(data, media_type)
-    except OCIFormatError as e:
+        manifest = oci.parse_manifest(data, media_type)
+    except oci.OCIFormatError as e:
         raise ConvertError(f"{what}: {e}") from None
     raw = await source.read_blob(manifest.config, "image config")
     try:
@@ -301,7 +277,7 @@ async def _load_image(source: ImageSource, entry: Descriptor | None, data: bytes
         raise ConvertError(f"{what}: the config's rootfs.diff_ids do not match the "
                            f"{len(manifest.layers)} layers of the manifest")
     for number, layer in enumerate(manifest.layers, 1):
-        if layer.media_type not in TAR_TYPES | {EROFS_LAYER, EROFS_LAYER_ZSTD}:
+        if layer.media_type not in TAR_TYPES | {oci.EROFS_LAYER, oci.EROFS_LAYER_ZSTD}:
             raise ConvertError(f"{what}: layer {number} ({layer.digest}) has media type "
                                f"{layer.media_type}, which is neither a tar nor an EROFS layer")
     return _Image(entry, manifest, config)
@@ -309,23 +285,23 @@ async def _load_image(source: ImageSource, entry: Descriptor | None, data: bytes
 
 async def _load_images(
     source: ImageSource, data: bytes, media_type: str, platform: Platform | None
-) -> tuple[list[_Image], Index | None]:
+) -> tuple[list[_Image], oci.Index | None]:
     """The images to convert, and the source index when there is one."""
-    if media_type in MANIFEST_TYPES:
+    if media_type in oci.MANIFEST_TYPES:
         image = await _load_image(source, None, data, media_type)
         found = _config_platform(image.config)
         if platform is not None and not platform.matches(found):
             raise ConvertError(f"{source.description}: the image is for {found}, not {platform}")
         return [image], None
-    if media_type not in INDEX_TYPES:
+    if media_type not in oci.INDEX_TYPES:
         raise ConvertError(f"{source.description}: unsupported media type {media_type}")
     try:
-        index = parse_index(data, media_type)
-    except OCIFormatError as e:
+        index = oci.parse_index(data, media_type)
+    except oci.OCIFormatError as e:
         raise ConvertError(f"{source.description}: {e}") from None
     images, seen = [], []
     for entry in index.manifests:
-        if entry.media_type not in MANIFEST_TYPES or _REFERENCE_TYPE in entry.annotations:
+        if entry.media_type not in oci.MANIFEST_TYPES or _REFERENCE_TYPE in entry.annotations:
             continue  # nested indexes, attestations and other artifacts are left out
         if platform is not None and entry.platform is not None:
             seen.append(str(entry.platform))
@@ -365,7 +341,7 @@ async def _layer_task(run: _Run, number: int, layer: Descriptor,
 async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutcome:
     name = f"layer {number}/{run.total} {layer.digest[:19]}"
     started = time.monotonic()
-    if layer.media_type == EROFS_LAYER_ZSTD:
+    if layer.media_type == oci.EROFS_LAYER_ZSTD:
         if not await _has_blob(run, layer):
             run.report(f"{name}: seekable EROFS already, copying ({_mib(layer.size)})")
             fetched = run.work / f"{number}.blob"
@@ -377,8 +353,12 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     fetched = run.work / f"{number}.src"
     run.report(f"{name}: fetching {layer.media_type.rpartition('.')[2]} ({_mib(layer.size)})")
     await run.source.fetch_blob(layer, fetched)
-    kind = await trio.to_thread.run_sync(detect_source, fetched)
-    wrap = layer.media_type == EROFS_LAYER
+    try:
+        kind = await trio.to_thread.run_sync(detect_source, fetched)
+    except UnsupportedSourceError:
+        raise ConvertError(f"{name}: media type {layer.media_type}, but the content is "
+                           "neither a tar nor an EROFS image") from None
+    wrap = layer.media_type == oci.EROFS_LAYER
     if (wrap and kind is not SourceKind.EROFS_IMAGE) or (not wrap and not kind.is_tar):
         raise ConvertError(f"{name}: media type {layer.media_type}, but the content is "
                            f"{kind.value}")
@@ -393,14 +373,17 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     options = run.options
     if wrap:  # only encoded: mkfs options do not apply to an image that exists
         options = replace(options, erofs_compression=None, mkfs_opts=())
-    result = await trio.to_thread.run_sync(convert_layer, fetched, blob, options, phase,
-                                           limiter=run.threads)
+    try:
+        result = await trio.to_thread.run_sync(convert_layer, fetched, blob, options, phase,
+                                               limiter=run.threads)
+    except ConvertError as e:
+        raise type(e)(f"{name}: {e}") from None
     fetched.unlink()
     result.descriptor_path.unlink(missing_ok=True)
     encoded = result.encoded
     annotations = {k: v for k, v in layer.annotations.items() if k not in _SEEKABLE_KEYS}
     annotations.update(encoded.annotations.to_annotations())
-    new = Descriptor(EROFS_LAYER_ZSTD, encoded.blob_digest, encoded.blob_size,
+    new = Descriptor(oci.EROFS_LAYER_ZSTD, encoded.blob_digest, encoded.blob_size,
                      annotations=annotations)
     await _publish_file(run, name, blob, new)
     action = "wrapped" if wrap else "converted"
@@ -430,7 +413,7 @@ async def _publish_file(run: _Run, name: str, path: Path, descriptor: Descriptor
 
 
 async def _publish_blob(run: _Run, data: bytes) -> str:
-    digest = sha256_digest(data)
+    digest = oci.sha256_digest(data)
     if run.client is not None:
         await run.client.push_blob(run.repository, digest, data)
     if run.writer is not None:
@@ -481,41 +464,21 @@ async def _write_image(run: _Run, image: _Image,
     config = json.dumps(new_config(image.config, diff_ids), separators=(",", ":"),
                         ensure_ascii=False).encode()
     config_digest = await _publish_blob(run, config)
-    manifest = Manifest(
-        config=Descriptor(OCI_CONFIG, config_digest, len(config)),
+    manifest = oci.Manifest(
+        config=Descriptor(oci.OCI_CONFIG, config_digest, len(config)),
         layers=tuple(outcomes[layer.digest].result for layer in image.manifest.layers),
-        media_type=OCI_MANIFEST,
+        media_type=oci.OCI_MANIFEST,
         annotations=image.manifest.annotations,
     )
-    data = serialize_manifest(manifest)
+    data = oci.serialize_manifest(manifest)
     entry = image.entry
-    descriptor = Descriptor(OCI_MANIFEST, sha256_digest(data), len(data),
+    descriptor = Descriptor(oci.OCI_MANIFEST, oci.sha256_digest(data), len(data),
                             annotations=entry.annotations if entry else {},
                             platform=_features(entry.platform if entry else None))
     return descriptor, data
 
 
 # --- command line ------------------------------------------------------------------------------
-
-
-def add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `lazyfs convert` that only whole images use."""
-    parser.add_argument("-o", "--oci-layout", metavar="DIR[:TAG]",
-                        help="write the converted image to this OCI layout directory")
-    parser.add_argument("--push", metavar="REF", help="push the converted image to this tag")
-    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                        help="convert only the image for this platform (default: all)")
-    parser.add_argument("--insecure-registry", action="store_true",
-                        help="talk plain HTTP to the registries (e.g. a local test registry)")
-    parser.add_argument("--mirror", action="append", default=[], metavar="HOST[:PORT]",
-                        help="pull through this mirror first (repeatable)")
-    parser.add_argument("--creds", metavar="USER:PASS",
-                        help="credentials for the source registry (default: docker login's)")
-    parser.add_argument("--push-creds", metavar="USER:PASS",
-                        help="credentials for the push registry (default: --creds when it is "
-                             "the same registry, else docker login's)")
-    parser.add_argument("-j", "--jobs", type=int, default=2,
-                        help="layers converted at the same time (default: 2)")
 
 
 def _credentials(text: str | None, flag: str) -> Credentials | None:
@@ -540,8 +503,13 @@ def _layout_target(text: str) -> tuple[Path, str | None]:
 
 def run_image_convert(args: argparse.Namespace,
                       layer_options: ConvertOptions | None = None) -> int:
-    """`lazyfs convert SRC` for a whole image (see add_image_arguments). Returns 0; raises
-    ConvertError and the fetch layer's errors for the CLI to print as one line."""
+    """`lazyfs convert SRC` for a whole image; prints the new image's digest and returns 0.
+
+    Reads args.source and, where present: oci_layout ("DIR" or "DIR:TAG"), push, platform,
+    insecure_registry, mirror (a list), creds and push_creds ("USER:PASS"; --creds counts for
+    the push too when it goes to the source's registry), jobs, force (replace a name taken in
+    the layout). Raises ConvertError and the fetch layer's errors, for one-line messages.
+    """
     src = args.source
     creds = _credentials(getattr(args, "creds", None), "--creds")
     push_creds = _credentials(getattr(args, "push_creds", None), "--push-creds")
@@ -557,7 +525,7 @@ def run_image_convert(args: argparse.Namespace,
     if getattr(args, "oci_layout", None):
         layout, tag = _layout_target(args.oci_layout)
     try:
-        platform = parse_platform(args.platform) if getattr(args, "platform", None) else None
+        platform = oci.parse_platform(args.platform) if getattr(args, "platform", None) else None
         image_source = open_image_source(src, source_options)
     except ValueError as e:  # a malformed --platform, or an unreadable docker config
         raise ConvertError(str(e)) from None

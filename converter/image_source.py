@@ -52,7 +52,7 @@ from lazyfs.fetch.oci import (
 )
 from lazyfs.fetch.reference import DOCKER_HUB, ImageReference, parse_reference, validate_tag
 from lazyfs.fetch.registry import RegistryClient, RegistryError
-from lazyfs.fetch.registry_auth import Credentials, load_docker_credentials
+from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 # What `docker save` (legacy and OCI form), podman and skopeo put at an archive's top.
@@ -74,7 +74,10 @@ class RegistryOptions:
     timeout_s: float = 30.0
 
     def client(self, registry: str, *, mirrors: bool = True) -> RegistryClient:
-        credentials = self.credentials or load_docker_credentials(registry)
+        try:
+            credentials = self.credentials or load_docker_credentials(registry)
+        except DockerConfigError as e:
+            raise ConvertError(str(e)) from None
         return RegistryClient(registry, credentials=credentials, insecure=self.insecure,
                               mirrors=self.mirrors if mirrors else (), timeout=self.timeout_s)
 

@@ -308,18 +308,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class LayoutWriter:
     """Adds blobs and tagged images to an OCI layout directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, made_dir: bool = False) -> None:
         self.root = root
         self.store = DirStore(root)
+        self._made_dir = made_dir
 
     @classmethod
     def open_or_create(cls, root: Path) -> tuple[LayoutWriter, bool]:
         """Open the layout at `root`, or create it (also in an existing empty directory).
 
-        Returns (writer, whether it was created). Raises LayoutError for a non-empty
+        Returns (writer, whether the layout is new). Raises LayoutError for a non-empty
         directory that is not a layout, or a file in the way.
         """
-        created = False
+        created = made_dir = False
         try:
             if root.is_dir() and is_layout_dir(root):
                 check_layout_marker(DirStore(root))
@@ -329,7 +330,7 @@ class LayoutWriter:
             elif root.exists() and not root.is_dir():
                 raise LayoutError(f"{root}: exists and is not a directory")
             else:
-                created = not root.exists()
+                created, made_dir = True, not root.exists()
                 root.mkdir(parents=True, exist_ok=True)
                 (root / BLOBS_DIR).mkdir(exist_ok=True)
                 _write_atomic(root / INDEX_FILE, _dump({"schemaVersion": 2,
@@ -339,7 +340,18 @@ class LayoutWriter:
                               _dump({"imageLayoutVersion": LAYOUT_VERSION}))
         except OSError as e:
             raise LayoutError(f"{root}: cannot create the OCI layout: {e.strerror}") from None
-        return cls(root), created
+        return cls(root, made_dir), created
+
+    def discard(self) -> None:
+        """Remove a layout this writer created, and the directory if it made that too."""
+        if self._made_dir:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for entry in list(self.root.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def blob_path(self, digest: str) -> Path:
         return self.root / blob_name(digest)
