@@ -28,7 +28,6 @@ from lazyfs.fuse.state import (
     load_record,
     private_dir,
 )
-from lazyfs.image.cache import DEFAULT_CACHE_BYTES
 from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.open import LayerSource
 
@@ -68,10 +67,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     mount.add_argument(
         "--cache-size",
-        type=parse_size,
-        default=DEFAULT_CACHE_BYTES,
+        default="256M",
         metavar="SIZE",
-        help="decoded chunk cache, e.g. 512M (default 256M)",
+        help="decoded chunk cache, bytes or with K/M/G (default 256M)",
     )
     mount.add_argument(
         "--header",
@@ -153,7 +151,8 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         raise UserError("--block-only DIR replaces MOUNTPOINT; give one of them")
     if not args.block_only and not args.mountpoint:
         raise UserError("give MOUNTPOINT (or --block-only DIR)")
-    if args.cache_size <= 0:
+    cache_size = parse_size(args.cache_size, "--cache-size")
+    if cache_size <= 0:
         raise UserError("--cache-size must be positive")
     if args.readahead is not None and args.readahead < 0:
         raise UserError("--readahead must be 0 or more")
@@ -181,7 +180,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         sources=[source],
         mountpoint=mountpoint,
         block_only=bool(args.block_only),
-        cache_size_bytes=args.cache_size,
+        cache_size_bytes=cache_size,
         readahead_chunks=args.readahead,
         trace_file=trace,
     )

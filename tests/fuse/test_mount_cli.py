@@ -301,6 +301,27 @@ def test_mountpoint_must_be_an_empty_unmounted_directory(
     assert result.returncode == 2 and "already mounted" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--cache-size", "12Q"], "--cache-size '12Q': not a size"),
+        (["--cache-size", "0"], "--cache-size must be positive"),
+        (["--header", "no colon"], "expected 'Name: value'"),
+        (["--readahead", "-1"], "--readahead must be 0 or more"),
+        (["--block-only", "/tmp"], "replaces MOUNTPOINT"),
+    ],
+)
+def test_bad_options_are_one_line_errors(
+    lazyfs: Lazyfs, vectors_dir: Path, mountpoint: Path, options: list[str], message: str
+) -> None:
+    result = lazyfs.run(
+        "mount", str(vectors_dir / "basic-verity-64k.blob"), str(mountpoint), *options
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert lazyfs.records() == [] and not os.path.ismount(mountpoint)
+
+
 def test_start_failure_is_reported_in_one_line_and_leaves_nothing(
     lazyfs: Lazyfs, tmp_path: Path, mountpoint: Path
 ) -> None:
