@@ -1,5 +1,5 @@
 """The mount daemon: one trio nursery owns the FUSE loop, the layers' background work and
-the kernel mounts, from start-up to an orderly teardown on SIGTERM or SIGINT.
+the kernel mounts, from start-up to an orderly teardown on SIGTERM, SIGINT or SIGHUP.
 
 Start-up order: open and authenticate every layer, mount FUSE on a private directory (or the
 user's block-only directory), start serving, then mount EROFS from the block file while the
@@ -39,7 +39,8 @@ from lazyfs.image.stats import TraceWriter
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: a foreground mount whose terminal goes away unmounts instead of dying mid-mount.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
