@@ -27,8 +27,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or an unreachable source, not a bug in lazyfs."""
     from lazyfs.fetch.errors import FetchError
     from lazyfs.format.errors import FormatError
+    from lazyfs.fuse.kernel_mount import MountError
+    from lazyfs.image.errors import LayerOpenError
 
-    types: list[type[BaseException]] = [UserError, FormatError, FetchError]
+    types: list[type[BaseException]] = [UserError, FormatError, FetchError, LayerOpenError,
+                                        MountError]
     try:
         from converter.errors import ConvertError
 
