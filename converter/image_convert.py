@@ -35,7 +35,7 @@ from converter.image_source import (
     DOCKER_LAYER_TAR,
     ImageSource,
     RegistryOptions,
-    is_image_on_disk,
+    RegistrySource,
     open_image_source,
 )
 from converter.layer import ConvertOptions, convert_layer
@@ -146,20 +146,20 @@ async def convert_image(
     images, index = await _load_images(source, root.data, root.media_type, platform)
     layers = _distinct_layers(images)
 
+    client = None
+    if push_ref is not None:
+        client = (push_registry or RegistryOptions()).client(push_ref.registry, mirrors=False)
     writer, fresh = None, False
     if dest_layout is not None:
         writer, fresh = await trio.to_thread.run_sync(LayoutWriter.open_or_create, dest_layout)
         if not fresh:
             await trio.to_thread.run_sync(_check_room, writer, tag, overwrite)
-    client = None
-    if push_ref is not None:
-        client = (push_registry or RegistryOptions()).client(push_ref.registry, mirrors=False)
-    # Inside the layout, finished blobs are renamed into place rather than copied.
-    work = Path(tempfile.mkdtemp(prefix=".lazyfs-convert-", dir=dest_layout))
-    run = _Run(source, work, layer_options or ConvertOptions(), progress or _stderr, writer,
+    run = _Run(source, Path(), layer_options or ConvertOptions(), progress or _stderr, writer,
                client, push_ref.repository if push_ref else "", trio.CapacityLimiter(jobs),
                trio.CapacityLimiter(jobs), len(layers))
     try:
+        # Inside the layout, finished blobs are renamed into place rather than copied.
+        run.work = Path(tempfile.mkdtemp(prefix=".lazyfs-convert-", dir=dest_layout))
         outcomes: dict[str, LayerOutcome] = {}
         try:
             async with trio.open_nursery() as nursery:
@@ -186,7 +186,8 @@ async def convert_image(
             await trio.to_thread.run_sync(_undo, writer, fresh, run.added)
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if run.work != Path():
+            shutil.rmtree(run.work, ignore_errors=True)
         if client is not None:
             await client.aclose()
     run.report(f"image {top.digest} written" + (f" to {dest_layout}" if dest_layout else "")
@@ -458,6 +459,10 @@ def new_config(config: dict[str, Any], diff_ids: list[str]) -> dict[str, Any]:
 async def _write_image(run: _Run, image: _Image,
                        outcomes: dict[str, LayerOutcome]) -> tuple[Descriptor, bytes]:
     """Write the config of one converted image; return its manifest's descriptor and bytes."""
+    # containerd (core/images/converter/default.go: convertManifest, convertConfig) replaces
+    # each old diff ID by GetDiffID of the converted layer, i.e. its `containerd.io/uncompressed`
+    # label, which the seekable converter (core/images/converter/erofs/seekable.go) sets to the
+    # sha256 of the raw EROFS image it encoded. Layers passed through keep their diff ID.
     old_ids = image.config["rootfs"]["diff_ids"]
     diff_ids = [outcomes[layer.digest].diff_id or old
                 for layer, old in zip(image.manifest.layers, old_ids, strict=True)]
@@ -517,18 +522,17 @@ def run_image_convert(args: argparse.Namespace,
     mirrors = tuple(getattr(args, "mirror", None) or ())
     source_options = RegistryOptions(creds, insecure, mirrors)
     push = getattr(args, "push", None)
-    if push is not None and push_creds is None and creds is not None:
-        source = parse_reference(src) if not is_image_on_disk(src) else None
-        if source is not None and source.registry == _push_reference(push).registry:
-            push_creds = creds  # the same registry: the same account
     layout, tag = (None, None)
     if getattr(args, "oci_layout", None):
         layout, tag = _layout_target(args.oci_layout)
     try:
         platform = oci.parse_platform(args.platform) if getattr(args, "platform", None) else None
-        image_source = open_image_source(src, source_options)
-    except ValueError as e:  # a malformed --platform, or an unreadable docker config
+    except ValueError as e:
         raise ConvertError(str(e)) from None
+    image_source = open_image_source(src, source_options)
+    if (push is not None and push_creds is None and isinstance(image_source, RegistrySource)
+            and image_source.reference.registry == _push_reference(push).registry):
+        push_creds = creds  # the same registry: the same account
 
     async def main() -> ImageConvertResult:
         async with image_source:

@@ -61,7 +61,7 @@ _ARCHIVE_NAME = re.compile(
     r"|[0-9a-f]{64}(\.json|\.tar|/|/VERSION|/json|/layer\.tar)?"
 )
 _HEX_NAME = re.compile(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json|\.tar)?")
-_IO_THREADS = trio.CapacityLimiter(4)
+_IO_THREADS = 4  # blobs copied (and hashed) at once from one layout or archive
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class LayoutSource(ImageSource):
 
     def __init__(self, store: FileStore, name: str | None, cleanup: Path | None = None) -> None:
         self.store, self.name, self._cleanup = store, name, cleanup
+        self._threads = trio.CapacityLimiter(_IO_THREADS)
         self.description = f"OCI layout {store.description}" + (f":{name}" if name else "")
 
     async def root(self) -> RootImage:
@@ -146,16 +147,16 @@ class LayoutSource(ImageSource):
             tag = _tag_of(self.name or (names[0] if names else None))
             return RootImage(data, entry.media_type, entry.digest, tag)
 
-        return await trio.to_thread.run_sync(load, limiter=_IO_THREADS)
+        return await trio.to_thread.run_sync(load, limiter=self._threads)
 
     async def read_blob(self, descriptor: Descriptor, what: str) -> bytes:
         return await trio.to_thread.run_sync(read_blob, self.store, descriptor, what,
-                                             limiter=_IO_THREADS)
+                                             limiter=self._threads)
 
     async def fetch_blob(self, descriptor: Descriptor, dest: Path) -> None:
         name = blob_name(descriptor.digest)
         await trio.to_thread.run_sync(_fetch_to_file, self.store, name, descriptor, dest,
-                                      limiter=_IO_THREADS)
+                                      limiter=self._threads)
 
     async def aclose(self) -> None:
         if self._cleanup is not None:
@@ -170,6 +171,7 @@ class DockerArchiveSource(ImageSource):
 
     def __init__(self, store: TarStore, name: str | None, cleanup: Path | None = None) -> None:
         self.store, self.name, self._cleanup = store, name, cleanup
+        self._threads = trio.CapacityLimiter(_IO_THREADS)
         self.description = f"docker archive {store.description}" + (f":{name}" if name else "")
         self._paths: dict[str, str] = {}
 
@@ -220,7 +222,7 @@ class DockerArchiveSource(ImageSource):
         return RootImage(data, DOCKER_MANIFEST, sha256_digest(data), tag)
 
     async def root(self) -> RootImage:
-        return await trio.to_thread.run_sync(self._load, limiter=_IO_THREADS)
+        return await trio.to_thread.run_sync(self._load, limiter=self._threads)
 
     async def read_blob(self, descriptor: Descriptor, what: str) -> bytes:
         if self._paths.get(descriptor.digest) is None or descriptor.media_type != DOCKER_CONFIG:
@@ -232,7 +234,7 @@ class DockerArchiveSource(ImageSource):
         if name is None:
             raise LayoutError(f"{self.description}: blob {descriptor.digest} is not in it")
         await trio.to_thread.run_sync(_fetch_to_file, self.store, name, descriptor, dest,
-                                      limiter=_IO_THREADS)
+                                      limiter=self._threads)
 
     async def aclose(self) -> None:
         if self._cleanup is not None:
@@ -326,8 +328,8 @@ def _archive_members(path: Path, kind: SourceKind) -> set[str] | None:
                 if not _ARCHIVE_NAME.fullmatch(name):
                     return None
                 names.add(name)
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot read the archive: {e}") from None
+    except (tarfile.TarError, OSError, EOFError, ValueError, ConvertError):
+        return None  # not a readable archive: whoever reads it as a layer will say why
     return names
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import zstandard
 
 from converter.errors import ConvertError
 from converter.image_convert import (
@@ -201,6 +203,31 @@ def test_platform_filter_on_two_platform_index(tmp_path: Path) -> None:
         _convert(f"{image.layout}:multi", dest_layout=tmp_path / "none",
                  platform=oci.parse_platform("linux/s390x"))
     assert not (tmp_path / "none").exists()
+
+
+def test_every_tar_compression_and_media_type(tmp_path: Path) -> None:
+    base, change = busybox_layers()
+    third = busybox_layers("-3")[1]
+    layers = [(oci.OCI_LAYER_ZSTD, zstandard.ZstdCompressor().compress(base), {}),
+              (oci.OCI_LAYER_TAR, change, {"org.example.kept": "yes"}),
+              (oci.DOCKER_LAYER_GZIP, gzip.compress(third, mtime=0), {})]
+    image = write_image_blobs(tmp_path / "src", "v1", layers,
+                              [sha256(t) for t in (base, change, third)])
+    out = tmp_path / "out"
+    result, _ = _convert(str(image.layout), dest_layout=out)
+    assert [o.action for o in result.layers] == ["converted"] * 3
+    _, manifest = _image(out, "v1")
+    assert manifest["layers"][1]["annotations"]["org.example.kept"] == "yes"
+    for layer, tar in zip(manifest["layers"], (base, change, third), strict=True):
+        _check_layer(_blob(out, layer["digest"]), layer, tar, tmp_path)
+
+
+def test_config_that_does_not_fit_the_manifest(tmp_path: Path) -> None:
+    base = busybox_layers()[0]
+    image = write_image_blobs(tmp_path / "src", "v1",
+                              [(oci.OCI_LAYER_TAR, base, {})], [sha256(base), sha256(b"")])
+    with pytest.raises(ConvertError, match=r"rootfs.diff_ids do not match the 1 layers"):
+        _convert(str(image.layout), dest_layout=tmp_path / "out")
 
 
 def test_raw_erofs_wrapped_and_seekable_passed_through(tmp_path: Path) -> None:
