@@ -26,7 +26,7 @@ from lazyfs.format.descriptor import (
     SeekableAnnotations,
     parse_descriptor,
 )
-from lazyfs.format.errors import FormatError, IntegrityError, LayoutError
+from lazyfs.format.errors import FormatError, IntegrityError, LayoutError, TruncatedError
 from lazyfs.format.frames import (
     SKIPPABLE_HEADER_SIZE,
     decode_chunk_frame,
@@ -143,10 +143,12 @@ def scan_annotations(f: BinaryIO, blob_size: int, source: str = "blob") -> Seeka
             try:
                 info = walk_zstd_frame(_pread(f, offset, size), offset)
                 break
-            except FormatError as exc:
-                if size >= blob_size - offset or "truncated" not in str(exc):
+            except TruncatedError as exc:
+                if size >= blob_size - offset:
                     raise LayoutError(f"{source}: not a seekable EROFS blob: {exc}") from None
-                size = min(size * 4, blob_size - offset)
+                size = min(size * 4, blob_size - offset)  # the frame is longer: read more
+            except FormatError as exc:
+                raise LayoutError(f"{source}: not a seekable EROFS blob: {exc}") from None
         offset += info.compressed_size
         guess = max(info.compressed_size * 2, 1 << 16)
     table_offset: int | None = None
@@ -387,27 +389,21 @@ def _max_frame_size(decoded_size: int) -> int:
     return decoded_size + decoded_size // 64 + (64 << 10)
 
 
-def _check_chunk(metadata: BlobMetadata, tree: _Tree | None, index: int, frame: bytes,
-                 offset: int, verity_here: bool) -> tuple[bytes | None, list[str]]:
-    """Worker: hash, decode and (for block-aligned chunks) verity-check one chunk."""
+def _check_chunk(metadata: BlobMetadata, index: int, frame: bytes,
+                 offset: int) -> tuple[bytes | None, str | None]:
+    """Worker: check one frame's SHA-512 and decode it to exactly its chunk's size."""
     table = metadata.table
     try:
         verify_frame(table, index, frame, offset)
-        data = decode_chunk_frame(frame, table.decoded_size(index), index, offset)
+        return decode_chunk_frame(frame, table.decoded_size(index), index, offset), None
     except FormatError as exc:
-        return None, [str(exc)]
-    if verity_here and tree is not None and tree.root is not None:
-        first_block = index * table.chunk_size // tree.geometry.superblock.data_block_size
-        try:
-            verify_data_blocks(tree.geometry, first_block, data, tree.blocks, tree.root)
-        except IntegrityError as exc:
-            return data, [f"chunk {index}: {exc}"]
-    return data, []
+        return None, str(exc)
 
 
 class _VerityStream:
-    """Verity checks when chunks do not hold whole data blocks: blocks are reassembled across
-    chunk boundaries on the caller's thread. Blocks touching a chunk that failed are skipped."""
+    """Checks decoded chunks, in order, against the tree's level 0. Chunks need not hold
+    whole data blocks: blocks are reassembled across chunk boundaries. Blocks touching a
+    chunk that failed to decode are skipped (that chunk is already reported)."""
 
     def __init__(self, tree: _Tree, image_size: int, problems: _Problems) -> None:
         self.tree = tree
@@ -450,24 +446,22 @@ def _check_frames(f: BinaryIO, report: BlobReport, metadata: BlobMetadata, tree:
                   blob_hash: hashlib._Hash, progress: Progress | None) -> None:
     """Read the data frames in order; check them on a pool, consume the results in order."""
     table = metadata.table
-    block_size = tree.geometry.superblock.data_block_size if tree is not None else 1
-    aligned = table.chunk_size % block_size == 0
     stream = None
-    if tree is not None and tree.root is not None and not aligned:
+    if tree is not None and tree.root is not None:
         stream = _VerityStream(tree, table.uncompressed_size, problems)
     image_hash = hashlib.sha256()
     image_complete = True
     threads = threads or os.cpu_count() or 1
     window_size = max(1, min(threads * 2, _WINDOW_BYTES // max(table.chunk_size, 1)))
-    window: deque[tuple[int, Future[tuple[bytes | None, list[str]]]]] = deque()
+    window: deque[tuple[int, Future[tuple[bytes | None, str | None]]]] = deque()
     f.seek(0)
 
     def drain_one() -> None:
         nonlocal image_complete
         index, future = window.popleft()
-        data, found = future.result()
-        for message in found:
-            problems.add(message)
+        data, problem = future.result()
+        if problem is not None:
+            problems.add(problem)
         report.chunks_checked += 1
         if data is None:
             image_complete = False
@@ -490,8 +484,7 @@ def _check_frames(f: BinaryIO, report: BlobReport, metadata: BlobMetadata, tree:
             else:
                 frame = _pread(f, start, end - start)
                 blob_hash.update(frame)
-                window.append((index, pool.submit(_check_chunk, metadata, tree, index, frame,
-                                                  start, aligned)))
+                window.append((index, pool.submit(_check_chunk, metadata, index, frame, start)))
             if progress is not None:
                 progress(end, report.blob_size)
             while len(window) > window_size:
@@ -502,9 +495,9 @@ def _check_frames(f: BinaryIO, report: BlobReport, metadata: BlobMetadata, tree:
         report.image_digest = "sha256:" + image_hash.hexdigest()
 
 
-def _failed() -> Future[tuple[bytes | None, list[str]]]:
-    future: Future[tuple[bytes | None, list[str]]] = Future()
-    future.set_result((None, []))
+def _failed() -> Future[tuple[bytes | None, str | None]]:
+    future: Future[tuple[bytes | None, str | None]] = Future()
+    future.set_result((None, None))
     return future
 
 

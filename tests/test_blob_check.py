@@ -166,6 +166,36 @@ def test_data_blocks_checked_against_the_tree(tmp_path: Path, image: bytes,
     assert f"data block {123_456 // 4096} (image offset {123_456 // 4096 * 4096})" in problems[0]
 
 
+def test_dm_verity_frame_before_the_chunk_table(tmp_path: Path, blob: Path,
+                                                image: bytes) -> None:
+    """The proposed order of the format: offsets come from the annotations (or the scan)."""
+    descriptor, _ = find_descriptor(blob, None)
+    assert descriptor is not None
+    seekable = descriptor.seekable()
+    table_offset, verity_offset = seekable.chunk_table_offset, seekable.verity_offset
+    assert verity_offset is not None
+    data = blob.read_bytes()
+    verity_frame = data[verity_offset:]
+    swapped = data[:table_offset] + verity_frame + data[table_offset:verity_offset]
+    path = tmp_path / "swapped.blob"
+    path.write_bytes(swapped)
+    annotations = dict(descriptor.annotations)
+    annotations["dev.containerd.erofs.dmverity.offset"] = str(table_offset)
+    annotations["dev.containerd.erofs.zstd.chunk_table_offset"] = str(
+        table_offset + len(verity_frame))
+    reordered = LayerDescriptor(descriptor.media_type,
+                                "sha256:" + hashlib.sha256(swapped).hexdigest(), len(swapped),
+                                annotations)
+    out = io.BytesIO()
+    report = check_blob(path, reordered, output=out)
+    assert report.ok, report.problems
+    assert out.getvalue() == image
+    scanned = check_blob(path)
+    assert scanned.ok, scanned.problems
+    assert scanned.annotations.chunk_table_offset == table_offset + len(verity_frame)
+    assert scanned.annotations.verity_offset == table_offset
+
+
 def test_bytes_after_the_metadata_are_reported(tmp_path: Path, blob: Path) -> None:
     descriptor, _ = find_descriptor(blob, None)
     assert descriptor is not None

@@ -178,17 +178,19 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         raise UserError(f"--salt {args.salt!r}: not hexadecimal") from None
     if len(salt) > 256:
         raise UserError(f"--salt: {len(salt)} bytes, dm-verity allows at most 256")
+    if not 1 <= args.zstd_level <= 22:
+        raise UserError(f"--zstd-level {args.zstd_level}: must be 1..22")
     if args.jobs < 0:
         raise UserError(f"--jobs {args.jobs}: must be >= 0")
     try:
         mkfs_opts = tuple(shlex.split(args.mkfs_opts))
-        encode = EncodeOptions(
-            chunk_size=chunk_size, zstd_level=args.zstd_level, verity=not args.no_verity,
-            verity_data_block_size=block, verity_hash_block_size=block,
-            verity_hash=args.verity_hash, verity_salt=salt, threads=args.jobs,
-        )
     except ValueError as exc:
-        raise UserError(str(exc).replace("zstd level", "--zstd-level")) from None
+        raise UserError(f"--mkfs-opts {args.mkfs_opts!r}: {exc}") from None
+    encode = EncodeOptions(
+        chunk_size=chunk_size, zstd_level=args.zstd_level, verity=not args.no_verity,
+        verity_data_block_size=block, verity_hash_block_size=block,
+        verity_hash=args.verity_hash, verity_salt=salt, threads=args.jobs,
+    )
     return ConvertOptions(encode=encode, erofs_compression=args.erofs_compression,
                           mkfs_opts=mkfs_opts, reproducible=args.reproducible, force=args.force)
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from lazyfs.blob_check import find_descriptor, read_metadata, scan_annotations
 from lazyfs.cli import UserError
@@ -106,7 +106,7 @@ def describe(blob: Path, descriptor: LayerDescriptor | None) -> dict[str, Any]:
     }
 
 
-def _verity(f: Any, metadata: BlobMetadata) -> dict[str, Any]:
+def _verity(f: BinaryIO, metadata: BlobMetadata) -> dict[str, Any]:
     geometry = metadata.verity
     assert geometry is not None
     superblock = geometry.superblock
