@@ -129,14 +129,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a layer into a seekable EROFS blob",
+        help="convert a layer or a whole image into seekable EROFS",
         description="Convert a directory, a tar layer (plain, gzip or zstd) or a raw EROFS "
         "image into a seekable EROFS blob, and write its OCI descriptor beside it "
-        "(X.blob -> X.descriptor.json, otherwise OUT.descriptor.json).",
+        "(X.blob -> X.descriptor.json, otherwise OUT.descriptor.json). A whole image (an OCI "
+        "layout DIR[:TAG], an image archive, or a registry reference) is converted layer by "
+        "layer into an OCI layout (--oci-layout) and/or pushed (--push).",
     )
-    parser.add_argument("src", type=Path, metavar="SRC", help="directory, tar layer or EROFS image")
-    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
-                        help="the blob to write")
+    parser.add_argument("src", metavar="SRC",
+                        help="directory, tar layer or EROFS image; or an image")
+    parser.add_argument("-o", "--output", type=Path, metavar="OUT",
+                        help="the blob to write (a layer source)")
     parser.add_argument("--chunk-size", default="4M", metavar="SIZE",
                         help="image bytes per zstd frame, K/M suffixes (default 4M)")
     parser.add_argument("--zstd-level", type=int, default=3, metavar="N",
@@ -155,10 +158,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--reproducible", action="store_true",
                         help="fixed UUIDs and timestamps: the same input gives the same bytes")
     parser.add_argument("--force", action="store_true",
-                        help="overwrite an existing blob and descriptor")
+                        help="overwrite an existing blob and descriptor (or image name)")
     parser.add_argument("-j", "--jobs", type=int, default=0, metavar="N",
-                        help="encoder threads (default: one per core)")
+                        help="encoder threads for a layer (default: one per core); layers "
+                        "converted at once for an image (default 2)")
+    image = parser.add_argument_group("whole images")
+    image.add_argument("--oci-layout", metavar="DIR[:TAG]",
+                       help="write the converted image into this OCI layout")
+    image.add_argument("--push", metavar="REF", help="push the converted image to this tag")
+    image.add_argument("--platform", metavar="OS/ARCH", help="convert only this platform")
+    image.add_argument("--creds", metavar="USER:PASS", help="registry credentials")
+    image.add_argument("--push-creds", metavar="USER:PASS",
+                       help="credentials for --push (default: --creds on the same registry)")
+    image.add_argument("--insecure-registry", action="store_true",
+                       help="plain HTTP to the registries")
+    image.add_argument("--mirror", action="append", metavar="HOST",
+                       help="a registry mirror to try first (repeatable)")
     parser.set_defaults(func=run)
+
+
+_IMAGE_OPTIONS = ("oci_layout", "push", "platform", "creds", "push_creds", "mirror")
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -195,20 +214,41 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
                           mkfs_opts=mkfs_opts, reproducible=args.reproducible, force=args.force)
 
 
-def _converter_for(src: Path) -> Callable[..., ConvertResult]:
-    """The conversion for a source. Layers only for now; a whole OCI image (a layout
-    directory or archive) is the place to dispatch to an image converter."""
-    from converter.layer import convert_layer
+def _image_options(args: argparse.Namespace) -> list[str]:
+    used = [f"--{name.replace('_', '-')}" for name in _IMAGE_OPTIONS if getattr(args, name)]
+    return used + (["--insecure-registry"] if args.insecure_registry else [])
 
-    return convert_layer
+
+def _is_image(args: argparse.Namespace) -> bool:
+    """Whether SRC is a whole image. With -o and no image option, SRC is meant as a layer,
+    so only an image on disk counts (a missing path is not taken for a registry name)."""
+    from converter.image_source import is_image_on_disk, is_image_source
+
+    if args.output is not None and not _image_options(args):
+        return is_image_on_disk(args.src)
+    return is_image_source(args.src)
 
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    convert = _converter_for(args.src)
+    if _is_image(args):
+        if args.output is not None:
+            raise UserError(f"{args.src} is an image: write it with --oci-layout DIR[:TAG] "
+                            "and/or --push REF, not -o")
+        from converter.image_convert import run_image_convert
+
+        args.source = args.src
+        return run_image_convert(args, options)
+    if _image_options(args):
+        raise UserError(f"{', '.join(_image_options(args))}: only for a whole image; "
+                        f"{args.src} is a layer")
+    if args.output is None:
+        raise UserError("give the blob to write: -o OUT")
+    from converter.layer import convert_layer
+
     start = time.monotonic()
     with ProgressLine() as progress, sigterm_as_interrupt():
-        result = convert(args.src, args.output, options, progress.update)
+        result = convert_layer(Path(args.src), args.output, options, progress.update)
     write_stdout(summary(result, time.monotonic() - start))
     return 0
 

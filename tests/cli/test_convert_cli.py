@@ -12,6 +12,7 @@ import pytest
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import ProgressLine, parse_size
 from tests.cli import assert_one_line_error, run_lazyfs
+from tests.support.images import write_oci_image
 
 
 @pytest.fixture
@@ -179,3 +180,33 @@ def test_progress_line_on_a_terminal() -> None:
     with ProgressLine(quiet) as progress:
         progress.update("encode", 5, 10)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.root  # the image's tar layers are extracted with their owners
+def test_a_whole_image_goes_to_the_image_converter(tmp_path: Path) -> None:
+    image = write_oci_image(tmp_path / "src", "v1")
+    out = tmp_path / "out"
+    result = run_lazyfs("convert", f"{image.layout}:v1", "--oci-layout", f"{out}:seekable",
+                        "--platform", "linux/amd64", "--no-verity", "--chunk-size", "64K")
+    assert result.returncode == 0, result.stderr
+    digest = result.stdout.strip()
+    assert digest.startswith("sha256:")
+    index = json.loads((out / "index.json").read_text())
+    assert [m["digest"] for m in index["manifests"]] == [digest]
+    manifest = json.loads((out / "blobs" / "sha256" / digest.split(":")[1]).read_text())
+    layer = manifest["layers"][0]
+    assert layer["mediaType"] == "application/vnd.erofs.layer.v1+zstd"
+    assert "dev.containerd.erofs.dmverity.offset" not in layer["annotations"]
+    blob = out / "blobs" / "sha256" / layer["digest"].split(":")[1]
+    info = _inspect(blob)  # the layer options reached the layers
+    assert info["chunk_size"] == 65536 and info["verity"] is None
+
+
+def test_layer_and_image_options_do_not_mix(tmp_path: Path, src: Path) -> None:
+    image = write_oci_image(tmp_path / "image", "v1")
+    assert_one_line_error(run_lazyfs("convert", image.layout, "-o", tmp_path / "x.blob"),
+                          "is an image", "--oci-layout")
+    assert_one_line_error(run_lazyfs("convert", src, "--oci-layout", tmp_path / "layout"),
+                          "--oci-layout: only for a whole image")
+    assert_one_line_error(run_lazyfs("convert", src), "give the blob to write: -o OUT")
+    assert_one_line_error(run_lazyfs("convert", image.layout), "nothing to write")
