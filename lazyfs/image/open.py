@@ -30,6 +30,7 @@ from lazyfs.format.descriptor import (
     parse_annotations,
     parse_descriptor,
 )
+from lazyfs.format.errors import IntegrityError
 from lazyfs.format.layout import (
     VERITY_HEAD_SIZE,
     BlobMetadata,
@@ -37,7 +38,7 @@ from lazyfs.format.layout import (
     metadata_frame_end,
     parse_metadata,
 )
-from lazyfs.format.verity_tree import verify_hash_blocks
+from lazyfs.format.verity_tree import VerityGeometry, verify_hash_blocks
 from lazyfs.image.cache import ChunkCache
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.remote_image import RemoteImage
@@ -194,7 +195,11 @@ async def load_metadata(reader: BlobReader, annotations: SeekableAnnotations,
 
 
 async def load_tree_top(reader: BlobReader, metadata: BlobMetadata) -> dict[int, bytes]:
-    """Fetch and authenticate the upper tree levels (the whole tree when it is small)."""
+    """Fetch and authenticate the upper tree levels (and level 0 too when the tree is small).
+
+    The upper levels must verify, or nothing can be: that raises IntegrityError. A level-0
+    block that fails is left out, so only the chunks it covers fail (with EIO) when read.
+    """
     geometry = metadata.verity
     if geometry is None or metadata.root is None or not geometry.levels:
         return {}
@@ -211,9 +216,26 @@ async def load_tree_top(reader: BlobReader, metadata: BlobMetadata) -> dict[int,
         geometry.tree_offset + position: span[position:position + block_size]
         for position in range(0, len(span), block_size)
     }
-    verified = await trio.to_thread.run_sync(verify_hash_blocks, geometry, blocks,
-                                             metadata.root, set())
-    return {offset: blocks[offset] for offset in verified}
+    return await trio.to_thread.run_sync(_verify_tree_top, geometry, blocks, metadata.root)
+
+
+def _verify_tree_top(geometry: VerityGeometry, blocks: dict[int, bytes],
+                     root: bytes) -> dict[int, bytes]:
+    level0_start = geometry.levels[0].payload_offset
+    upper = {offset: block for offset, block in blocks.items() if offset < level0_start}
+    trusted = verify_hash_blocks(geometry, upper, root, set())
+    verified = {offset: upper[offset] for offset in trusted}
+    for offset, block in blocks.items():
+        if offset < level0_start:
+            continue
+        try:
+            verify_hash_blocks(geometry, {**verified, offset: block}, root, trusted)
+        except IntegrityError as exc:
+            log.warning("dm-verity level-0 block at payload offset %d does not verify; the "
+                        "chunks it covers will fail: %s", offset, exc)
+            continue
+        verified[offset] = block
+    return verified
 
 
 async def open_layer(

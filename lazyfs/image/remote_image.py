@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 DEFAULT_READAHEAD_CHUNKS = 2
 DEFAULT_COALESCE_BYTES = 16 * 1024 * 1024
 DEFAULT_PARALLEL_FETCHES = 4
+# After a fetch fails (retries exhausted), further fetches fail at once for this long, so a
+# dead server costs one retry cycle rather than one per chunk a directory walk touches.
+DEFAULT_FAILURE_HOLDOFF_S = 2.0
 
 
 class RemoteImage:
@@ -55,6 +58,7 @@ class RemoteImage:
         readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
         coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
         parallel_fetches: int = DEFAULT_PARALLEL_FETCHES,
+        failure_holdoff_s: float = DEFAULT_FAILURE_HOLDOFF_S,
     ) -> None:
         self.name = name
         self.reader = reader
@@ -69,6 +73,9 @@ class RemoteImage:
         self._readahead_chunks = max(0, readahead_chunks)
         self._coalesce_bytes = max(1, coalesce_bytes)
         self._bad_chunks: dict[int, str] = {}
+        self._failure_holdoff_s = max(0.0, failure_holdoff_s)
+        self._failing_until = 0.0
+        self._last_fetch_error = ""
         self._last_chunk_read = -2
         self._content_key: Hashable = metadata.annotations.chunk_digest or (
             "unauthenticated", reader.source)
@@ -149,6 +156,11 @@ class RemoteImage:
                     self._record(chunk=index, event="hit")
                     continue
                 self.stats.cache_misses += 1
+                if trio.current_time() < self._failing_until and not self.cache.is_loading(
+                    self._key(index)
+                ):
+                    raise ImageReadError(f"chunk {index}: source failing: "
+                                         f"{self._last_fetch_error}")
                 if self.cache.claim(self._key(index)):
                     claimed.append(index)
             for run in self._runs(claimed):
@@ -224,6 +236,8 @@ class RemoteImage:
             else:
                 self.stats.fetch_failures += 1
                 message = _messages(fetch_errors)
+                self._failing_until = trio.current_time() + self._failure_holdoff_s
+                self._last_fetch_error = message
                 log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0],
                             run[-1], message)
                 self._fail_run(run, f"fetch failed: {message}")

@@ -262,26 +262,48 @@ def test_cache_stays_within_cap(blob: Path) -> None:
     assert cached <= 2 * CHUNK
 
 
+def _fail_first_fetch(image: RemoteImage) -> None:
+    real_read = image.reader.read
+    calls = 0
+
+    async def flaky(offset: int, size: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise FetchError(f"test: {offset}+{size} refused")
+        return await real_read(offset, size)
+
+    image.reader.read = flaky  # type: ignore[method-assign]
+
+
 def test_fetch_failure_is_eio_and_not_remembered(blob: Path) -> None:
     async def body(image: RemoteImage) -> object:
-        real_read = image.reader.read
-        calls = 0
-
-        async def flaky(offset: int, size: int) -> bytes:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise FetchError(f"test: {offset}+{size} refused")
-            return await real_read(offset, size)
-
-        image.reader.read = flaky
+        _fail_first_fetch(image)
         with pytest.raises(ImageReadError):
             await image.read(4 * CHUNK, 10)
         return await image.read(4 * CHUNK, 10), image.stats_snapshot()
 
-    data, stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+    data, stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0,
+                                 failure_holdoff_s=0)
     assert data == IMAGE[4 * CHUNK:4 * CHUNK + 10]
     assert stats["fetch_failures"] == 1 and stats["verify_failures"] == 0
+
+
+def test_after_a_fetch_failure_reads_fail_fast_for_a_while(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        _fail_first_fetch(image)
+        with pytest.raises(ImageReadError):
+            await image.read(4 * CHUNK, 10)
+        requests = image.reader.stats.requests
+        with pytest.raises(ImageReadError, match="source failing"):
+            await image.read(6 * CHUNK, 10)  # another chunk: no request is even sent
+        assert image.reader.stats.requests == requests
+        await trio.sleep(0.3)
+        return await image.read(6 * CHUNK, 10)
+
+    data = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0,
+                          failure_holdoff_s=0.2)
+    assert data == IMAGE[6 * CHUNK:6 * CHUNK + 10]
 
 
 def test_read_past_end_is_empty(blob: Path) -> None:
