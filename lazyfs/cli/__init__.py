@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,10 @@ def configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="lazyfs: %(levelname)s: %(message)s",
                         stream=sys.stderr)
+    # httpx logs every request at INFO: that is per-read noise below -vv.
+    quiet_level = logging.DEBUG if verbosity >= 2 else logging.WARNING
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(quiet_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lazyfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into something like `head` that stopped reading: not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except _user_error_types() as exc:
         print(f"lazyfs {args.command}: error: {exc}", file=sys.stderr)
         return 2
