@@ -29,8 +29,8 @@ from typing import BinaryIO
 
 from converter.errors import ConvertError, UnsafeTarError
 from converter.source import CHUNK_SIZE, iter_layer, read_member
-from converter.tar_extract import (
-    IMPLICIT_DIR_MODE,
+from converter.tar_extract import IMPLICIT_DIR_MODE
+from converter.tar_members import (
     OPAQUE_VALUE,
     OPAQUE_XATTR,
     ROOT,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.tar_extract import OPAQUE_XATTR, normalize_path
+from converter.tar_members import OPAQUE_XATTR, normalize_path
 from converter.tree import TreeEntry, scan_tar
 
 BUSYBOX = Path("/bin/busybox")
