@@ -1,53 +1,73 @@
-"""`lazyfs mount`, `umount`, `stats` and `mounts`: start, stop and look at mount daemons.
+"""`lazyfs mount`: check the arguments, resolve images, and start a mount daemon.
 
-The commands only check arguments and talk to the daemon; the daemon itself (start-up order,
-teardown, the ready pipe) lives in `lazyfs.fuse.daemon`.
+The daemon itself (start-up order, teardown) lives in `lazyfs.fuse.daemon`, starting it in
+the background in `lazyfs.fuse.background`; `umount`, `stats` and `mounts` in `mounts.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
-from typing import Any
-
-import trio
 
 from lazyfs.cli import UserError
-from lazyfs.cli.convert import human_size, parse_size
+from lazyfs.cli._images import (
+    REFERENCE_RULE,
+    add_registry_arguments,
+    platform_of,
+    registry_options,
+    resolve_images,
+)
+from lazyfs.cli.convert import parse_size
 from lazyfs.fuse import kernel_mount
-from lazyfs.fuse.daemon import DaemonConfig, DaemonStartError, run_daemon, spawn_daemon, stop_mount
+from lazyfs.fuse.background import spawn_daemon
+from lazyfs.fuse.daemon import DaemonConfig, DaemonStartError, run_daemon
+from lazyfs.fuse.image_mount import writable_dirs
 from lazyfs.fuse.state import (
-    MountRecord,
+    ImageRecord,
     StateError,
     daemon_alive,
     ensure_state_dir,
-    iter_records,
-    load_record,
+    find_record,
     private_dir,
 )
 from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.open import LayerSource
+from lazyfs.image.registry_source import is_image_reference
 
-STATS_TIMEOUT_S = 10.0
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mount = subparsers.add_parser(
         "mount",
-        help="mount a seekable EROFS layer, fetched and verified on demand",
+        help="mount a seekable EROFS layer, or an image, fetched and verified on demand",
         description="Mount the layer at SOURCE (an http(s) URL, file:// URL or path) read-only "
-        "at MOUNTPOINT, an empty directory. Runs in the background once mounted.",
+        "at MOUNTPOINT, an empty directory; or the image SOURCE names in a registry: every "
+        "layer is mounted as EROFS and they are stacked with overlayfs at MOUNTPOINT, "
+        "read-only unless --writable. The manifest is pinned by digest (printed), and it "
+        "authenticates every layer. " + REFERENCE_RULE + " Further IMAGE_REF MOUNTPOINT "
+        "pairs mount more images in the same daemon: layers they share are fetched and "
+        "cached once. Runs in the background once mounted.",
     )
-    mount.add_argument("source", metavar="SOURCE", help="blob URL or path")
+    mount.add_argument("source", metavar="SOURCE", help="blob URL or path, or image reference")
     mount.add_argument(
         "mountpoint",
         metavar="MOUNTPOINT",
         nargs="?",
         help="empty directory (not with --block-only)",
+    )
+    mount.add_argument(
+        "more",
+        metavar="IMAGE_REF MOUNTPOINT",
+        nargs="*",
+        help="more images to mount with the same daemon",
+    )
+    mount.add_argument(
+        "--writable",
+        metavar="DIR",
+        help="images: keep changes in DIR/upper (work dir DIR/work) instead of read-only",
     )
     mount.add_argument("--descriptor", metavar="FILE|URL", help="the layer's OCI descriptor")
     mount.add_argument("--chunk-table-offset", type=int, metavar="OFFSET")
@@ -83,26 +103,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mount.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
+    add_registry_arguments(mount)
     mount.set_defaults(func=cmd_mount)
-
-    umount = subparsers.add_parser(
-        "umount",
-        help="unmount a lazyfs mount",
-        description="Unmount MOUNTPOINT and stop its daemon.",
-    )
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.add_argument(
-        "-l", "--lazy", action="store_true", help="detach a busy mount now, clean up when unused"
-    )
-    umount.set_defaults(func=cmd_umount)
-
-    stats = subparsers.add_parser("stats", help="show what a mount fetched, cached, verified")
-    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
-    stats.add_argument("--json", action="store_true", help="the raw JSON")
-    stats.set_defaults(func=cmd_stats)
-
-    mounts = subparsers.add_parser("mounts", help="list active lazyfs mounts")
-    mounts.set_defaults(func=cmd_mounts)
 
 
 # -- mount --------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def check_mountpoint(path: str, what: str = "mountpoint") -> str:
     """Return the canonical path of an empty, unmounted directory. Raises UserError."""
     target = kernel_mount.canonical(path)
     try:
-        record = load_record(target)
+        record = find_record(target)
     except StateError as exc:
         raise UserError(str(exc)) from None
     if record is not None:
@@ -146,19 +148,13 @@ def check_mountpoint(path: str, what: str = "mountpoint") -> str:
     return target
 
 
-def build_config(args: argparse.Namespace) -> DaemonConfig:
-    if args.block_only and args.mountpoint:
-        raise UserError("--block-only DIR replaces MOUNTPOINT; give one of them")
-    if not args.block_only and not args.mountpoint:
-        raise UserError("give MOUNTPOINT (or --block-only DIR)")
+def _common_checks(args: argparse.Namespace) -> tuple[int, str | None]:
+    """(cache size, absolute trace file) after checking the options every mount has."""
     cache_size = parse_size(args.cache_size, "--cache-size")
     if cache_size <= 0:
         raise UserError("--cache-size must be positive")
     if args.readahead is not None and args.readahead < 0:
         raise UserError("--readahead must be 0 or more")
-    if not args.block_only and os.geteuid() != 0:
-        raise UserError("lazyfs mount needs root: it mounts FUSE and EROFS file systems")
-    mountpoint = check_mountpoint(args.block_only or args.mountpoint)
     trace = _absolute(args.trace)
     if trace is not None:
         try:
@@ -166,6 +162,35 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
+    return cache_size, trace
+
+
+def build_config(args: argparse.Namespace) -> DaemonConfig:
+    """The daemon's configuration for a layer blob or, if SOURCE is one, for images."""
+    if is_image_reference(args.source):
+        return build_image_config(args)
+    image_only = [
+        flag
+        for flag, value in (
+            ("IMAGE_REF MOUNTPOINT", args.more),
+            ("--writable", args.writable),
+            ("--platform", args.platform),
+            ("--creds", args.creds),
+            ("--mirror", args.mirror),
+            ("--insecure-registry", args.insecure_registry),
+        )
+        if value
+    ]
+    if image_only:
+        raise UserError(f"{image_only[0]} applies to images; {args.source} is a layer blob")
+    if args.block_only and args.mountpoint:
+        raise UserError("--block-only DIR replaces MOUNTPOINT; give one of them")
+    if not args.block_only and not args.mountpoint:
+        raise UserError("give MOUNTPOINT (or --block-only DIR)")
+    cache_size, trace = _common_checks(args)
+    if not args.block_only and os.geteuid() != 0:
+        raise UserError("lazyfs mount needs root: it mounts FUSE and EROFS file systems")
+    mountpoint = check_mountpoint(args.block_only or args.mountpoint)
     source = LayerSource(
         blob=_absolute(args.source) or args.source,
         descriptor=_absolute(args.descriptor),
@@ -186,14 +211,95 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     )
 
 
+def build_image_config(args: argparse.Namespace) -> DaemonConfig:
+    """Resolve the images (pinned manifests, seekable layers) and plan their mounts."""
+    blob_only = [
+        flag
+        for flag, value in (
+            ("--descriptor", args.descriptor),
+            ("--chunk-table-offset", args.chunk_table_offset is not None),
+            ("--chunk-digest", args.chunk_digest),
+            ("--verity-offset", args.verity_offset is not None),
+            ("--root-digest", args.root_digest),
+            ("--header", args.header),
+        )
+        if value
+    ]
+    if blob_only:
+        raise UserError(f"{blob_only[0]} applies to layer blobs; {args.source} is an image")
+    pairs = [args.source, *([args.mountpoint] if args.mountpoint else []), *args.more]
+    if args.block_only:
+        if len(pairs) != 1:
+            raise UserError("--block-only DIR replaces MOUNTPOINT; give one image")
+        if args.writable:
+            raise UserError("--writable needs an overlay; not with --block-only")
+    elif len(pairs) % 2:
+        raise UserError(f"give a MOUNTPOINT for {pairs[-1]}")
+    references, targets = pairs[0::2], pairs[1::2]
+    for reference in references[1:]:
+        if not is_image_reference(reference):
+            raise UserError(f"{reference}: only images can be mounted together, not layers")
+    if args.writable and len(references) > 1:
+        raise UserError("--writable works with one image at a time")
+    cache_size, trace = _common_checks(args)
+    if os.geteuid() != 0:
+        raise UserError("lazyfs mount needs root: it mounts FUSE, EROFS and overlay file systems")
+    mountpoints = [check_mountpoint(path) for path in targets or [args.block_only]]
+    if len(set(mountpoints)) != len(mountpoints):
+        raise UserError("each image needs a mountpoint of its own")
+    upper = work = None
+    if args.writable:
+        try:
+            upper, work = writable_dirs(kernel_mount.canonical(args.writable))
+        except OSError as exc:
+            raise UserError(f"--writable {args.writable}: {exc.strerror}") from None
+    found = resolve_images(
+        references, registry_options(args), platform_of(args), insecure=args.insecure
+    )
+    images = [
+        ImageRecord(
+            reference=reference,
+            manifest_digest=image.manifest_digest,
+            platform=image.platform,
+            mountpoint=mountpoint,
+            layers=[layer.name for layer in image.layers],
+            upperdir=upper,
+            workdir=work,
+        )
+        for reference, image, mountpoint in zip(references, found.images, mountpoints, strict=False)
+    ]
+    return DaemonConfig(
+        sources=found.sources,
+        mountpoint=mountpoints[0],
+        images=[] if args.block_only else images,
+        blob_sizes=found.blob_sizes,
+        block_only=bool(args.block_only),
+        cache_size_bytes=cache_size,
+        readahead_chunks=args.readahead,
+        trace_file=trace,
+    )
+
+
+def _pinned_lines(config: DaemonConfig) -> str:
+    """What was mounted, by digest: `MOUNTPOINT: REF@DIGEST (PLATFORM, N layers)`."""
+    return "".join(
+        f"{image.mountpoint}: {image.reference.partition('@')[0]}@{image.manifest_digest} "
+        f"({image.platform}, {len(image.layers)} layers)\n"
+        for image in config.images
+    )
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     config = build_config(args)
     try:
         if args.foreground:
-            run_daemon(
-                config,
-                on_ready=lambda: print(f"lazyfs: mounted {config.mountpoint}", file=sys.stderr),
-            )
+
+            def on_ready() -> None:
+                sys.stdout.write(_pinned_lines(config))
+                sys.stdout.flush()
+                print(f"lazyfs: mounted {config.mountpoint}", file=sys.stderr)
+
+            run_daemon(config, on_ready=on_ready)
             return 0
         ensure_state_dir()
         config.log_file = str(private_dir(config.mountpoint, ".log"))
@@ -202,128 +308,5 @@ def cmd_mount(args: argparse.Namespace) -> int:
         spawn_daemon(config)
     except (DaemonStartError, LayerOpenError, kernel_mount.MountError) as exc:
         raise UserError(str(exc)) from None
-    return 0
-
-
-# -- umount, stats, mounts ----------------------------------------------------------------------
-
-
-def _record_of(path: str) -> MountRecord:
-    target = kernel_mount.canonical(path)
-    try:
-        record = load_record(target)
-    except StateError as exc:
-        raise UserError(str(exc)) from None
-    if record is None:
-        hint = " (not by lazyfs)" if kernel_mount.is_mountpoint(target) else ""
-        raise UserError(f"{target}: no lazyfs mount here{hint}; `lazyfs mounts` lists them")
-    return record
-
-
-def cmd_umount(args: argparse.Namespace) -> int:
-    record = _record_of(args.mountpoint)
-    try:
-        trio.run(lambda: stop_mount(record, lazy=args.lazy))
-    except kernel_mount.MountError as exc:
-        raise UserError(str(exc)) from None
-    return 0
-
-
-def read_stats(record: MountRecord) -> dict[str, Any]:
-    """The daemon's stats file, read with a deadline (a hung daemon must not hang us)."""
-    if not daemon_alive(record):
-        raise UserError(f"{record.mountpoint}: the daemon is not running; run `lazyfs umount`")
-
-    def load() -> bytes:
-        with open(record.stats_file, "rb") as stream:
-            return stream.read()
-
-    async def load_with_deadline() -> bytes:
-        with trio.fail_after(STATS_TIMEOUT_S):
-            return await trio.to_thread.run_sync(load, abandon_on_cancel=True)
-
-    try:
-        return json.loads(trio.run(load_with_deadline))  # type: ignore[no-any-return]
-    except trio.TooSlowError:
-        raise UserError(
-            f"{record.mountpoint}: no answer from the daemon within {STATS_TIMEOUT_S:.0f} s"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{record.stats_file}: {exc.strerror}") from None
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} ms"
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f} s"
-
-
-def format_stats(stats: dict[str, Any], mountpoint: str) -> str:
-    daemon = stats.get("daemon", {})
-    latency = daemon.get("read_latency", {})
-    lines = [
-        f"{mountpoint} (daemon {daemon.get('pid')}, up {daemon.get('uptime_s', 0):.1f} s)",
-        f"  ready after               {_s(daemon.get('ready_after_s'))}",
-        f"  first read after          {_s(daemon.get('first_read_after_s'))}",
-        f"  reads                     {daemon.get('reads', 0)} "
-        f"({human_size(daemon.get('read_bytes', 0))}), {daemon.get('read_errors', 0)} failed",
-        f"  read latency              p50 {_ms(latency.get('p50_ms'))}, "
-        f"p90 {_ms(latency.get('p90_ms'))}, p99 {_ms(latency.get('p99_ms'))}",
-    ]
-    for name, layer in stats.get("layers", {}).items():
-        fetch = layer.get("fetch_latency", {})
-        lines += [
-            f"layer {name} ({layer.get('source', '?')})",
-            f"  fetched                   {human_size(layer.get('bytes_fetched', 0))} in "
-            f"{layer.get('requests', 0)} requests, {layer.get('retries', 0)} retries, "
-            f"{layer.get('fetch_failures', 0)} failed",
-            f"  chunks fetched            {layer.get('chunks_fetched', 0)} of "
-            f"{layer.get('chunk_count', '?')} ({layer.get('readahead_chunks', 0)} by readahead)",
-            f"  cache hits / misses       {layer.get('cache_hits', 0)} / "
-            f"{layer.get('cache_misses', 0)}",
-            f"  verification failures     {layer.get('verify_failures', 0)}",
-            f"  fetch latency             p50 {_ms(fetch.get('p50_ms'))}, "
-            f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
-        ]
-    return "\n".join(lines)
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    record = _record_of(args.mountpoint)
-    stats = read_stats(record)
-    if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-    else:
-        print(format_stats(stats, record.mountpoint))
-    return 0
-
-
-def cmd_mounts(args: argparse.Namespace) -> int:
-    rows = []
-    try:
-        items = list(iter_records())
-    except StateError as exc:
-        raise UserError(str(exc)) from None
-    for item in items:
-        if isinstance(item, StateError):
-            rows.append(("?", "unreadable", "-", str(item)))
-            continue
-        if not daemon_alive(item):
-            state = "dead (run lazyfs umount)"
-        elif not item.ready:
-            state = "starting"
-        else:
-            state = "block-only" if item.block_only else "mounted"
-        rows.append((item.mountpoint, state, str(item.pid), " ".join(item.sources)))
-    if not rows:
-        return 0
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-            + "  "
-            + row[3]
-        )
+    sys.stdout.write(_pinned_lines(config))
     return 0

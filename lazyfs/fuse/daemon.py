@@ -1,10 +1,15 @@
 """The mount daemon: one trio nursery owns the FUSE loop, the layers' background work and
 the kernel mounts, from start-up to an orderly teardown on SIGTERM, SIGINT or SIGHUP.
 
-Start-up order: open and authenticate every layer, mount FUSE on a private directory (or the
-user's block-only directory), start serving, then mount EROFS from the block file while the
-loop serves the kernel's reads. Teardown runs the other way round and also after a failure
-half-way: each step is recorded in the mount record first, so whatever came up goes down.
+Start-up order: open and authenticate every layer (all at once, a few in flight), mount FUSE
+on a private directory (or the user's block-only directory), start serving, then mount EROFS
+from the block files while the loop serves the kernel's reads, and for images stack them with
+overlayfs. Teardown runs the other way round and also after a failure half-way: each step is
+recorded in the mount record first, so whatever came up goes down.
+
+One daemon serves every layer of the images one command mounts: a layer they share is opened,
+fetched and cached once (the chunk cache is keyed by content). Separate commands run separate
+daemons that share nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,17 +25,18 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from lazyfs.fuse import kernel_mount
+from lazyfs.fuse import image_mount, kernel_mount
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
 from lazyfs.fuse.state import (
+    ImageRecord,
     MountRecord,
-    daemon_alive,
     private_dir,
     process_start_ticks,
     remove_record,
     write_record,
 )
 from lazyfs.image.cache import DEFAULT_CACHE_BYTES, ChunkCache
+from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
@@ -41,6 +45,12 @@ log = logging.getLogger(__name__)
 
 # SIGHUP: a foreground mount whose terminal goes away unmounts instead of dying mid-mount.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Layers opened at once (each a few round trips: size, chunk table, top of the verity tree).
+PARALLEL_LAYER_OPENS = 8
+
+
+class DaemonStartError(Exception):
+    """The daemon did not come up; the message says why (one line)."""
 
 
 @dataclass(frozen=True)
@@ -67,15 +77,25 @@ class WorkerLimits:
 @dataclass
 class DaemonConfig:
     """What to mount, and where. `mountpoint` is the EROFS mountpoint, or with `block_only`
-    the directory where the block files appear."""
+    the directory where the block files appear. `temp_dir` is scratch space of the caller
+    that `lazyfs umount` removes with the mount (after a caller that died).
+
+    With `images`, `sources` are their distinct layers (named as the images list them) and
+    each image is stacked at its own mountpoint, the first at `mountpoint`. `blob_sizes`
+    holds the sizes the manifests give ({layer name: bytes}): a blob of another size is
+    refused.
+    """
 
     sources: list[LayerSource]
     mountpoint: str
+    images: list[ImageRecord] = field(default_factory=list)
+    blob_sizes: dict[str, int] = field(default_factory=dict)
     block_only: bool = False
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     readahead_chunks: int | None = None
     trace_file: str | None = None
     log_file: str | None = None
+    temp_dir: str | None = None
     allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
 
 
@@ -108,6 +128,9 @@ class Daemon:
             log_file=config.log_file,
             started_at=time.time(),
         )
+        if config.images and not config.block_only:
+            self.record.layers_dir = str(private_dir(mountpoint, ".layers"))
+        self.record.temp_dir = config.temp_dir
         self.images: list[RemoteImage] = []
         self._fuse_mounted = False
         self._fuse_serving = False
@@ -141,29 +164,8 @@ class Daemon:
 
     async def _start(self, nursery: trio.Nursery, trace: TraceWriter | None) -> None:
         config, record = self.config, self.record
-        cache = ChunkCache(config.cache_size_bytes)
-        cpu_limiter = trio.CapacityLimiter(self.limits.decode_threads)
-        options: dict[str, int] = {"parallel_fetches": self.limits.parallel_fetches}
-        if config.readahead_chunks is not None:
-            options["readahead_chunks"] = config.readahead_chunks
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
-        for source in config.sources:
-            source.reader_options.setdefault("max_connections", self.limits.http_connections)
-            image = await open_layer(
-                source,
-                cache=cache,
-                nursery=nursery,
-                trace=trace,
-                cpu_limiter=cpu_limiter,
-                **options,
-            )
-            self.images.append(image)
-            log.info(
-                "%s: %d bytes in %d chunks",
-                source.blob,
-                image.size,
-                image.metadata.table.chunk_count,
-            )
+        await self._open_layers(nursery, trace)
         ops = LayerOperations(self.images, self.stats)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -183,7 +185,15 @@ class Daemon:
         nursery.start_soon(self._serve_fuse)
         log.info("serving %s at %s", ", ".join(record.block_files), record.fuse_dir)
 
-        if not config.block_only:
+        if config.images and not config.block_only:
+            block_files = dict(
+                zip((image.name for image in self.images), record.block_files, strict=True)
+            )
+            layer_dirs = await image_mount.mount_layers(
+                record, block_files, on_loop_attached=self._loop_attached
+            )
+            await image_mount.mount_overlays(record, config.images, layer_dirs)
+        elif not config.block_only:
             for block_file in record.block_files:
                 erofs = await kernel_mount.mount_erofs(
                     block_file, record.mountpoint, on_loop_attached=self._loop_attached
@@ -194,6 +204,52 @@ class Daemon:
         write_record(record)
         self.stats.mark_ready()
         log.info("%s: ready after %.3f s", record.mountpoint, self.stats.ready_after_s or 0)
+
+    async def _open_layers(self, nursery: trio.Nursery, trace: TraceWriter | None) -> None:
+        """Open and authenticate every source, a few at once; `self.images` keeps the order of
+        the sources. Background fetches of each layer run in `nursery` (the daemon's)."""
+        config = self.config
+        cache = ChunkCache(config.cache_size_bytes)
+        cpu_limiter = trio.CapacityLimiter(self.limits.decode_threads)
+        options: dict[str, int] = {"parallel_fetches": self.limits.parallel_fetches}
+        if config.readahead_chunks is not None:
+            options["readahead_chunks"] = config.readahead_chunks
+        limiter = trio.CapacityLimiter(PARALLEL_LAYER_OPENS)
+        opened: dict[int, RemoteImage] = {}
+
+        async def open_one(index: int, source: LayerSource) -> None:
+            source.reader_options.setdefault("max_connections", self.limits.http_connections)
+            async with limiter:
+                image = await open_layer(
+                    source,
+                    cache=cache,
+                    nursery=nursery,
+                    trace=trace,
+                    cpu_limiter=cpu_limiter,
+                    **options,
+                )
+            self.images.append(image)  # closed at teardown, whatever happens next
+            opened[index] = image
+            expected = config.blob_sizes.get(image.name)
+            if expected is not None and image.metadata.blob_size != expected:
+                raise LayerOpenError(
+                    f"{source.blob}: blob is {image.metadata.blob_size} bytes, the manifest "
+                    f"says {expected}"
+                )
+            log.info(
+                "%s: %d bytes in %d chunks",
+                source.blob,
+                image.size,
+                image.metadata.table.chunk_count,
+            )
+
+        try:
+            async with trio.open_nursery() as opening:
+                for index, source in enumerate(config.sources):
+                    opening.start_soon(open_one, index, source)
+        except BaseExceptionGroup as group:
+            raise _sole_exception(group) from None
+        self.images = [opened[index] for index in range(len(config.sources))]
 
     def _loop_attached(self, device: str) -> None:
         self.record.loop_devices.append(device)
@@ -251,6 +307,7 @@ class Daemon:
         if self._created_fuse_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(record.fuse_dir)
+        image_mount.remove_layer_dirs(record)
         remove_record(record.mountpoint)
 
 
@@ -274,182 +331,3 @@ def _sole_exception(group: BaseExceptionGroup) -> BaseException:
 
     collect(group)
     return leaves[0] if len(leaves) == 1 else group
-
-
-# -- running in the background, and stopping --------------------------------------------------
-
-START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
-_READY = b"ready\n"
-
-
-class DaemonStartError(Exception):
-    """The background daemon did not come up; the message says why (one line)."""
-
-
-def _user_facing() -> tuple[type[BaseException], ...]:
-    """Errors whose message is the whole story for the user (bad input, unreachable source,
-    a refused mount); anything else is a bug, reported with a pointer to the log."""
-    from lazyfs.fetch.errors import FetchError
-    from lazyfs.format.errors import FormatError
-    from lazyfs.image.errors import LayerOpenError
-
-    return (
-        LayerOpenError,
-        FormatError,
-        FetchError,
-        kernel_mount.MountError,
-        DaemonStartError,
-        OSError,
-    )
-
-
-def spawn_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
-    """Fork a daemon for `config` and wait until it reports ready. Returns its pid.
-
-    Call before trio or pyfuse3 run in this process. The child starts a new session and
-    writes to `config.log_file`. Raises DaemonStartError with the child's reason, or on
-    timeout (after telling the child to stop and undo what it set up).
-    """
-    if config.log_file is None:
-        raise ValueError("a background daemon needs a log file")
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        code = 1
-        try:
-            os.close(read_fd)
-            code = _daemon_child(config, write_fd)
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    try:
-        return _await_ready(read_fd, pid, timeout_s, config.log_file)
-    finally:
-        os.close(read_fd)
-
-
-def _daemon_child(config: DaemonConfig, ready_fd: int) -> int:
-    # A daemon of its own: no terminal, no inherited descriptors but the ready pipe, and no
-    # hold on the caller's working directory (which would keep that file system busy).
-    os.setsid()
-    os.chdir("/")
-    os.closerange(3, ready_fd)
-    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    log_fd = os.open(config.log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(devnull, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(devnull)
-    os.close(log_fd)
-    root = logging.getLogger()
-    logging.basicConfig(
-        force=True,
-        stream=sys.stderr,
-        level=min(root.level or logging.INFO, logging.INFO),
-        format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
-
-    def on_ready() -> None:
-        _send(ready_fd, _READY)
-
-    try:
-        run_daemon(config, on_ready)
-        return 0
-    except _user_facing() as exc:
-        log.log(logging.INFO if isinstance(exc, DaemonStartError) else logging.ERROR, "%s", exc)
-        _send(ready_fd, f"error: {exc}\n".encode())
-        return 2
-    except BaseException as exc:
-        log.exception("lazyfs daemon failed")
-        _send(ready_fd, f"error: internal error ({exc!r}); details in {config.log_file}\n".encode())
-        return 1
-
-
-def _send(fd: int, message: bytes) -> None:
-    """Tell the waiting parent; it may be gone (timed out), which is fine."""
-    with contextlib.suppress(OSError):
-        os.write(fd, message.replace(b"\n", b" ").rstrip() + b"\n")
-
-
-def _await_ready(read_fd: int, pid: int, timeout_s: float, log_file: str) -> int:
-    deadline = time.monotonic() + timeout_s
-    received = b""
-    try:
-        while b"\n" not in received:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-                raise DaemonStartError(
-                    f"the mount did not come up within {timeout_s:.0f} s (daemon {pid} told "
-                    f"to stop); see {log_file}"
-                )
-            readable, _, _ = select.select([read_fd], [], [], remaining)
-            if readable:
-                chunk = os.read(read_fd, 4096)
-                if not chunk:
-                    break
-                received += chunk
-    except KeyboardInterrupt:
-        # Ctrl-C on `lazyfs mount` means no mount: the daemon must not come up later.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        _reap(pid)
-        raise
-    line = received.decode(errors="replace").strip()
-    if received == _READY:
-        return pid
-    _reap(pid)
-    if line.startswith("error: "):
-        raise DaemonStartError(line.removeprefix("error: "))
-    raise DaemonStartError(f"the daemon exited during start-up; see {log_file}")
-
-
-def _reap(pid: int, timeout_s: float = 10.0) -> None:
-    """Collect a failed child (it has already undone its mounts when it reports)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        time.sleep(0.02)
-
-
-async def stop_mount(
-    record: MountRecord, *, lazy: bool = False, timeout_s: float = STOP_TIMEOUT_S
-) -> None:
-    """Unmount everything `record` lists and end its daemon.
-
-    With the daemon alive, the kernel mounts are taken down here first (so a busy mountpoint
-    is reported to the caller while the daemon keeps serving), then the daemon gets SIGTERM
-    and finishes the teardown. A dead or stuck daemon is replaced by umount(8), losetup -d
-    and fusermount3 -u -z. Raises MountBusyError (unless `lazy`) or MountError.
-    """
-    if daemon_alive(record):
-        await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=lazy)
-        os.kill(record.pid, signal.SIGTERM)
-        if not await _wait_for_exit(record, timeout_s):
-            log.warning("daemon %d did not stop within %.0f s; killing it", record.pid, timeout_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.pid, signal.SIGKILL)
-            await _wait_for_exit(record, 5.0)
-    # Whatever the daemon could not finish (or nothing, after a clean stop).
-    await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=lazy)
-    await kernel_mount.fuse_unmount_lazy(record.fuse_dir)
-    if not record.block_only:
-        with contextlib.suppress(OSError):
-            os.rmdir(record.fuse_dir)
-    remove_record(record.mountpoint)
-
-
-async def _wait_for_exit(record: MountRecord, timeout_s: float) -> bool:
-    with trio.move_on_after(timeout_s):
-        while daemon_alive(record):
-            await trio.sleep(0.05)
-        return True
-    return False

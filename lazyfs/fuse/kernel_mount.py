@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 COMMAND_TIMEOUT_S = 60.0
 UNMOUNT_ATTEMPTS = 6
 UNMOUNT_FIRST_DELAY_S = 0.1
+# mount(2) copies at most one page of options; leave room for what mount(8) adds.
+MAX_MOUNT_OPTIONS_BYTES = 3584
 _ENV = {**os.environ, "LC_ALL": "C"}  # stable messages to match "busy" in
 
 
@@ -121,7 +123,7 @@ def loops_backed_by(path_prefix: str) -> list[str]:
     return devices
 
 
-async def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+async def _run(argv: Sequence[str], cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run a mount tool; never raises for its exit status. Raises MountError on timeout."""
     try:
         with trio.fail_after(COMMAND_TIMEOUT_S):
@@ -132,6 +134,7 @@ async def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
                 capture_stderr=True,
                 env=_ENV,
                 stdin=subprocess.DEVNULL,
+                cwd=cwd,
             )
     except trio.TooSlowError:
         raise MountError(
@@ -260,11 +263,26 @@ async def mount_overlay(
     workdir: str | None = None,
 ) -> None:
     """Stack `lowerdirs` (top-most first) at `mountpoint`, read-only without an upper dir.
-    Raises MountError quoting mount(8), ValueError for bad arguments."""
+
+    Mount options must fit in one page: when absolute paths of many layers would not, and the
+    lower directories share a parent, they are named relative to it and mount(8) runs there
+    (the kernel resolves them against the caller's working directory, as containerd does).
+    Raises MountError quoting mount(8), ValueError for bad arguments.
+    """
     options = overlay_options(lowerdirs, upperdir, workdir)
+    cwd = None
+    parents = {os.path.dirname(path) for path in lowerdirs}
+    if len(options) > MAX_MOUNT_OPTIONS_BYTES and len(parents) == 1:
+        cwd = parents.pop()
+        options = overlay_options([os.path.basename(p) for p in lowerdirs], upperdir, workdir)
+    if len(options) > MAX_MOUNT_OPTIONS_BYTES:
+        raise MountError(
+            f"cannot mount overlay at {mountpoint}: {len(lowerdirs)} layers make "
+            f"{len(options)} bytes of mount options, more than the kernel takes"
+        )
     if upperdir is None:
         options = "ro," + options
-    result = await _run(["mount", "-t", "overlay", "overlay", "-o", options, mountpoint])
+    result = await _run(["mount", "-t", "overlay", "overlay", "-o", options, mountpoint], cwd)
     if result.returncode != 0:
         raise MountError(f"cannot mount overlay at {mountpoint}: {_stderr(result)}")
     log.info("mounted overlay at %s (%s)", mountpoint, options)
@@ -322,22 +340,39 @@ def erofs_mounts_of(record: MountRecord) -> list[str]:
     """Mountpoints of EROFS mounts reading the record's block files, directly or through a
     loop device: recorded ones, and one a killed mount(8) may have finished unrecorded."""
     loops = set(loops_backed_by(record.fuse_dir))
+    if record.temp_dir is not None:
+        loops.update(loops_backed_by(record.temp_dir))
     block_files = {canonical(path) for path in record.block_files}
     found = [erofs.mountpoint for erofs in reversed(record.erofs_mounts)]
-    for mount in mounts_at_or_below(record.mountpoint):
-        if mount.fstype == "erofs" and (mount.source in loops or mount.source in block_files):
-            found.append(mount.mountpoint)
+    for directory in (record.mountpoint, record.layers_dir):
+        if directory is None:
+            continue
+        for mount in mounts_at_or_below(directory):
+            if mount.fstype == "erofs" and (mount.source in loops or mount.source in block_files):
+                found.append(mount.mountpoint)
     return list(dict.fromkeys(found))
 
 
-async def unmount_kernel_mounts(record: MountRecord, *, lazy_fallback: bool) -> None:
-    """Take down what the record lists above the FUSE mount, top first: overlay, EROFS
-    mounts (newest first), then the loop devices still backed by a block file (only those:
-    a recorded device may since have been reused by someone else). Raises MountError
-    (MountBusyError) and leaves the rest in place if one fails."""
+def overlays_of(record: MountRecord) -> list[str]:
+    """Overlay mountpoints of the record, last stacked first: each image's (whether or not
+    recording it finished) and the single-layer `overlay`."""
+    wanted = [image.mountpoint for image in reversed(record.images)]
     if record.overlay is not None:
-        await unmount(record.overlay, lazy_fallback=lazy_fallback)
+        wanted.append(record.overlay)
+    mounted = {m.mountpoint for m in current_mounts() if m.fstype == "overlay"}
+    return [path for path in dict.fromkeys(wanted) if canonical(path) in mounted]
+
+
+async def unmount_kernel_mounts(record: MountRecord, *, lazy_fallback: bool) -> None:
+    """Take down what the record lists above the FUSE mount, top first: overlays, EROFS
+    mounts (newest first), then the loop devices still backed by a block file or a file of
+    `temp_dir` (only those: a recorded device may since have been reused by someone else).
+    Raises MountError (MountBusyError) and leaves the rest in place if one fails."""
+    for mountpoint in overlays_of(record):
+        await unmount(mountpoint, lazy_fallback=lazy_fallback)
     for mountpoint in erofs_mounts_of(record):
         await unmount(mountpoint, lazy_fallback=lazy_fallback)
-    for device in loops_backed_by(record.fuse_dir):
-        await detach_loop(device)
+    for directory in (record.fuse_dir, record.temp_dir):
+        if directory is not None:
+            for device in loops_backed_by(directory):
+                await detach_loop(device)

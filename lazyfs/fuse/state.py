@@ -52,8 +52,27 @@ class ErofsMountRecord:
 
 
 @dataclass
+class ImageRecord:
+    """One image stacked with overlayfs: what it is (the manifest digest pins every layer) and
+    where its layers are. `layers` names block files in manifest order, bottom layer first."""
+
+    reference: str
+    manifest_digest: str
+    platform: str
+    mountpoint: str
+    layers: list[str] = field(default_factory=list)
+    upperdir: str | None = None
+    workdir: str | None = None
+
+
+@dataclass
 class MountRecord:
-    """Everything one `lazyfs mount` set up, in the order it was set up."""
+    """Everything one `lazyfs mount` set up, in the order it was set up.
+
+    An image mount also has `images` (one overlay each; the first is at `mountpoint`) and
+    `layers_dir`, the private directory holding one EROFS mountpoint per layer. `temp_dir` is
+    scratch space that `lazyfs run` made for the mount and that goes with it.
+    """
 
     mountpoint: str
     pid: int
@@ -68,6 +87,9 @@ class MountRecord:
     log_file: str | None = None
     started_at: float = 0.0
     ready: bool = False
+    images: list[ImageRecord] = field(default_factory=list)
+    layers_dir: str | None = None
+    temp_dir: str | None = None
 
     @property
     def key(self) -> str:
@@ -76,6 +98,12 @@ class MountRecord:
     @property
     def stats_file(self) -> str:
         return os.path.join(self.fuse_dir, STATS_FILE_NAME)
+
+    @property
+    def mountpoints(self) -> list[str]:
+        """Every user-visible mountpoint: `mountpoint`, then those of further images."""
+        found = [self.mountpoint, *(image.mountpoint for image in self.images)]
+        return list(dict.fromkeys(found))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -86,7 +114,8 @@ class MountRecord:
         try:
             obj: Any = json.loads(text)
             erofs = [ErofsMountRecord(**item) for item in obj.pop("erofs_mounts", [])]
-            return cls(**obj, erofs_mounts=erofs)
+            images = [ImageRecord(**item) for item in obj.pop("images", [])]
+            return cls(**obj, erofs_mounts=erofs, images=images)
         except (json.JSONDecodeError, TypeError, AttributeError) as exc:
             raise StateError(
                 f"{source}: not a lazyfs mount record ({exc}); "
@@ -136,6 +165,19 @@ def load_record(mountpoint: str | os.PathLike[str]) -> MountRecord | None:
     except PermissionError:
         raise StateError(f"{path}: permission denied (lazyfs mounts belong to root)") from None
     return MountRecord.from_json(text, str(path))
+
+
+def find_record(mountpoint: str | os.PathLike[str]) -> MountRecord | None:
+    """The record that `mountpoint` belongs to: its own, or that of the mount that stacked an
+    image there together with others. None if there is none. Raises StateError."""
+    record = load_record(mountpoint)
+    if record is not None:
+        return record
+    target = os.path.abspath(os.fspath(mountpoint))
+    for item in iter_records():
+        if isinstance(item, MountRecord) and target in item.mountpoints:
+            return item
+    return None
 
 
 def remove_record(mountpoint: str | os.PathLike[str]) -> None:

@@ -1,0 +1,178 @@
+"""`lazyfs umount`, `stats` and `mounts`: stop and look at mount daemons, found through their
+records (by any mountpoint of the mount: several images may share one daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import trio
+
+from lazyfs.cli import UserError
+from lazyfs.cli.convert import human_size
+from lazyfs.fuse import kernel_mount
+from lazyfs.fuse.background import stop_mount
+from lazyfs.fuse.state import MountRecord, StateError, daemon_alive, find_record, iter_records
+
+STATS_TIMEOUT_S = 10.0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    umount = subparsers.add_parser(
+        "umount",
+        help="unmount a lazyfs mount",
+        description="Unmount MOUNTPOINT and stop its daemon.",
+    )
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.add_argument(
+        "-l", "--lazy", action="store_true", help="detach a busy mount now, clean up when unused"
+    )
+    umount.set_defaults(func=cmd_umount)
+
+    stats = subparsers.add_parser("stats", help="show what a mount fetched, cached, verified")
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    stats.add_argument("--json", action="store_true", help="the raw JSON")
+    stats.set_defaults(func=cmd_stats)
+
+    mounts = subparsers.add_parser("mounts", help="list active lazyfs mounts")
+    mounts.set_defaults(func=cmd_mounts)
+
+
+def _record_of(path: str) -> MountRecord:
+    target = kernel_mount.canonical(path)
+    try:
+        record = find_record(target)
+    except StateError as exc:
+        raise UserError(str(exc)) from None
+    if record is None:
+        hint = " (not by lazyfs)" if kernel_mount.is_mountpoint(target) else ""
+        raise UserError(f"{target}: no lazyfs mount here{hint}; `lazyfs mounts` lists them")
+    return record
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    record = _record_of(args.mountpoint)
+    try:
+        trio.run(lambda: stop_mount(record, lazy=args.lazy))
+    except kernel_mount.MountError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def read_stats(record: MountRecord) -> dict[str, Any]:
+    """The daemon's stats file, read with a deadline (a hung daemon must not hang us)."""
+    if not daemon_alive(record):
+        raise UserError(f"{record.mountpoint}: the daemon is not running; run `lazyfs umount`")
+
+    def load() -> bytes:
+        with open(record.stats_file, "rb") as stream:
+            return stream.read()
+
+    async def load_with_deadline() -> bytes:
+        with trio.fail_after(STATS_TIMEOUT_S):
+            return await trio.to_thread.run_sync(load, abandon_on_cancel=True)
+
+    try:
+        return json.loads(trio.run(load_with_deadline))  # type: ignore[no-any-return]
+    except trio.TooSlowError:
+        raise UserError(
+            f"{record.mountpoint}: no answer from the daemon within {STATS_TIMEOUT_S:.0f} s"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{record.stats_file}: {exc.strerror}") from None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def _share(part: float, whole: float | None) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | None = None) -> str:
+    daemon = stats.get("daemon", {})
+    latency = daemon.get("read_latency", {})
+    lines = [
+        f"{mountpoint} (daemon {daemon.get('pid')}, up {daemon.get('uptime_s', 0):.1f} s)",
+        f"  ready after               {_s(daemon.get('ready_after_s'))}",
+        f"  first read after          {_s(daemon.get('first_read_after_s'))}",
+        f"  reads                     {daemon.get('reads', 0)} "
+        f"({human_size(daemon.get('read_bytes', 0))}), {daemon.get('read_errors', 0)} failed",
+        f"  read latency              p50 {_ms(latency.get('p50_ms'))}, "
+        f"p90 {_ms(latency.get('p90_ms'))}, p99 {_ms(latency.get('p99_ms'))}",
+    ]
+    for image in record.images if record is not None else []:
+        lines += [
+            f"image {image.reference} at {image.mountpoint}",
+            f"  manifest                  {image.manifest_digest} ({image.platform})",
+            f"  layers, top first         {' '.join(reversed(image.layers))}",
+        ]
+    for name, layer in stats.get("layers", {}).items():
+        fetch = layer.get("fetch_latency", {})
+        fetched, blob_size = layer.get("bytes_fetched", 0), layer.get("blob_size")
+        chunks, chunk_count = layer.get("chunks_fetched", 0), layer.get("chunk_count")
+        lines += [
+            f"layer {name} ({layer.get('source', '?')})",
+            f"  fetched                   {human_size(fetched)} in "
+            f"{layer.get('requests', 0)} requests, {layer.get('retries', 0)} retries, "
+            f"{layer.get('fetch_failures', 0)} failed ({_share(fetched, blob_size)} of the "
+            f"{human_size(blob_size or 0)} blob)",
+            f"  chunks fetched            {chunks} of {chunk_count if chunk_count else '?'} "
+            f"({_share(chunks, chunk_count)}; {layer.get('readahead_chunks', 0)} by readahead)",
+            f"  cache hits / misses       {layer.get('cache_hits', 0)} / "
+            f"{layer.get('cache_misses', 0)}",
+            f"  verification failures     {layer.get('verify_failures', 0)}",
+            f"  fetch latency             p50 {_ms(fetch.get('p50_ms'))}, "
+            f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
+        ]
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    record = _record_of(args.mountpoint)
+    stats = read_stats(record)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print(format_stats(stats, record.mountpoint, record))
+    return 0
+
+
+def cmd_mounts(args: argparse.Namespace) -> int:
+    rows = []
+    try:
+        items = list(iter_records())
+    except StateError as exc:
+        raise UserError(str(exc)) from None
+    for item in items:
+        if isinstance(item, StateError):
+            rows.append(("?", "unreadable", "-", str(item)))
+            continue
+        if not daemon_alive(item):
+            state = "dead (run lazyfs umount)"
+        elif not item.ready:
+            state = "starting"
+        else:
+            state = "block-only" if item.block_only else "mounted"
+        if item.images:
+            for image in item.images:
+                pinned = f"{image.reference.partition('@')[0]}@{image.manifest_digest}"
+                rows.append((image.mountpoint, state, str(item.pid), pinned))
+        else:
+            rows.append((item.mountpoint, state, str(item.pid), " ".join(item.sources)))
+    if not rows:
+        return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[3]
+        )
+    return 0

@@ -1,0 +1,315 @@
+"""Images in a registry as layers to mount: resolve a reference to one manifest pinned by
+digest, check that every layer is seekable EROFS, and describe where to read each one.
+
+The manifest digest is the root of trust. A tag is looked up once; from then on everything
+is fetched by digest and checked against it (RegistryClient does), so each layer's
+annotations (chunk table offset and digest, dm-verity offset and root digest) are exactly
+those of the manifest whose digest is reported to the user.
+
+Layer blobs are read with HTTP ranges from the registry with its credentials (RegistryAuth
+follows the same token flows as manifest pulls, and never sends them to a redirect target).
+With mirrors, the first mirror that has a blob serves all of its ranges instead: the chunk
+digests authenticate whatever a mirror sends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform as host
+from dataclasses import dataclass, field
+from typing import Any
+
+from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.oci import (
+    Index,
+    OCIFormatError,
+    Platform,
+    PlatformNotFoundError,
+    parse_manifest,
+    parse_manifest_or_index,
+)
+from lazyfs.fetch.reference import ImageReference, parse_reference
+from lazyfs.fetch.registry import RegistryClient
+from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_TABLE_OFFSET,
+    SeekableAnnotations,
+    parse_annotations,
+)
+from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
+from lazyfs.image.open import LayerSource
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+LAYER_NAME_HEX = 12
+_HOST_ARCHITECTURES = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", "v8"),
+    "arm64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i686": ("386", None),
+    "i386": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+class ImageResolveError(LayerOpenError):
+    """The reference does not lead to one mountable manifest (no manifest for the platform,
+    a malformed manifest or config, no layers)."""
+
+
+class UnconvertedLayerError(LayerOpenError):
+    """A layer of the image has no seekable EROFS annotations."""
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How to reach registries. Without `credentials`, those of `docker login` are used."""
+
+    credentials: Credentials | None = None
+    insecure: bool = False
+    mirrors: tuple[str, ...] = ()
+    timeout_s: float = 30.0
+
+    def client(self, registry: str) -> RegistryClient:
+        """A client for `registry` (use `async with`). Raises ImageResolveError for an
+        unreadable Docker config, ValueError for a malformed registry or mirror name."""
+        try:
+            credentials = self.credentials or load_docker_credentials(registry)
+        except DockerConfigError as exc:
+            raise ImageResolveError(str(exc)) from None
+        return RegistryClient(
+            registry,
+            credentials=credentials,
+            insecure=self.insecure,
+            mirrors=self.mirrors,
+            timeout=self.timeout_s,
+        )
+
+
+@dataclass(frozen=True)
+class ImageLayer:
+    """One layer as the manifest lists it; `name` is what the mount calls it."""
+
+    name: str
+    digest: str
+    size: int
+    media_type: str
+    annotations: SeekableAnnotations
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What running a command in the image needs from its config."""
+
+    env: tuple[str, ...] = ()
+    working_dir: str = ""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image reference resolved to one manifest. `layers` in manifest order, bottom first
+    (a layer listed twice appears twice)."""
+
+    reference: ImageReference
+    manifest_digest: str
+    platform: str
+    layers: tuple[ImageLayer, ...]
+    config: ImageConfig = field(default_factory=ImageConfig)
+    index_digest: str | None = None
+
+    @property
+    def pinned(self) -> str:
+        """The reference pinned to the manifest digest, e.g. `host/app:v1@sha256:…`."""
+        return str(self.reference.with_digest(self.manifest_digest))
+
+    @property
+    def distinct_layers(self) -> list[ImageLayer]:
+        """Each layer once, in order of first appearance."""
+        return list({layer.digest: layer for layer in self.layers}.values())
+
+
+def host_platform() -> Platform:
+    """The platform of this machine in OCI terms (linux/amd64, linux/arm64/v8, ...)."""
+    machine = host.machine().lower()
+    architecture, variant = _HOST_ARCHITECTURES.get(machine, (machine, None))
+    return Platform("linux", architecture, variant)
+
+
+def is_image_reference(source: str) -> bool:
+    """Whether `lazyfs mount SOURCE` means an image in a registry: SOURCE is not a URL
+    (contains no `://`), names no existing file or directory, and parses as a reference."""
+    if "://" in source or os.path.lexists(source):
+        return False
+    try:
+        parse_reference(source)
+    except ValueError:
+        return False
+    return True
+
+
+async def resolve_image(
+    client: RegistryClient,
+    reference: ImageReference,
+    platform: Platform,
+    *,
+    insecure: bool = False,
+) -> ResolvedImage:
+    """Fetch the manifest `reference` names (through an index: the one for `platform`) and
+    its config, and check every layer. Layers without trusted digests are refused unless
+    `insecure`.
+
+    Raises UnconvertedLayerError naming the first layer that is not seekable EROFS,
+    UntrustedLayerError, ImageResolveError, DescriptorError for malformed annotations, and
+    RegistryError subclasses (NotFoundError, UnauthorizedError, ...).
+    """
+    repository = reference.repository
+    data, media_type, digest = await client.get_manifest(repository, reference.reference)
+    try:
+        top = parse_manifest_or_index(data, media_type)
+        index_digest = None
+        if isinstance(top, Index):
+            try:
+                entry = top.select(platform)
+            except PlatformNotFoundError as exc:
+                raise ImageResolveError(f"{reference}: {exc}") from None
+            index_digest = digest
+            data, media_type, digest = await client.get_manifest(repository, entry.digest)
+            manifest = parse_manifest(data, media_type)
+        else:
+            manifest = top
+    except OCIFormatError as exc:
+        raise ImageResolveError(f"{reference}@{digest}: {exc}") from None
+    if not manifest.layers:
+        raise ImageResolveError(f"{reference}@{digest}: the image has no layers")
+    if manifest.config.size > MAX_CONFIG_BYTES:
+        raise ImageResolveError(
+            f"{reference}@{digest}: config of {manifest.config.size} bytes is too large"
+        )
+    config_bytes = await client.get_blob(
+        repository, manifest.config.digest, max_size_bytes=max(1, manifest.config.size)
+    )
+    config, config_platform = _parse_config(config_bytes, f"{reference} config")
+    names = _layer_names([layer.digest for layer in manifest.layers])
+    layers = []
+    for number, descriptor in enumerate(manifest.layers, start=1):
+        where = f"{reference}: layer {number} of {len(manifest.layers)} ({descriptor.digest})"
+        if ANNOTATION_CHUNK_TABLE_OFFSET not in descriptor.annotations:
+            raise UnconvertedLayerError(
+                f"{where} is not a seekable EROFS layer ({descriptor.media_type}); convert it "
+                f"first with `lazyfs convert {reference} --push …`"
+            )
+        annotations = parse_annotations(dict(descriptor.annotations), where)
+        if not annotations.is_trusted and not insecure:
+            raise UntrustedLayerError(
+                f"{where}: refusing to mount: its annotations have no digest to authenticate "
+                "it (give --insecure to mount unverified data)"
+            )
+        layers.append(
+            ImageLayer(
+                names[descriptor.digest],
+                descriptor.digest,
+                descriptor.size,
+                descriptor.media_type,
+                annotations,
+            )
+        )
+    shown = config_platform or (str(platform.normalized()) if index_digest else "unknown")
+    return ResolvedImage(reference, digest, shown, tuple(layers), config, index_digest)
+
+
+def _parse_config(data: bytes, where: str) -> tuple[ImageConfig, str | None]:
+    """The run settings and `os/architecture[/variant]` of an image config."""
+    try:
+        obj: Any = json.loads(data)
+    except ValueError as exc:
+        raise ImageResolveError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ImageResolveError(f"{where}: expected a JSON object")
+    settings = obj.get("config") or {}
+    if not isinstance(settings, dict):
+        raise ImageResolveError(f"{where}: 'config' must be an object")
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = settings.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ImageResolveError(f"{where}: config.{key} must be a list of strings")
+        return tuple(value)
+
+    working_dir = settings.get("WorkingDir") or ""
+    if not isinstance(working_dir, str):
+        raise ImageResolveError(f"{where}: config.WorkingDir must be a string")
+    config = ImageConfig(strings("Env"), working_dir, strings("Entrypoint"), strings("Cmd"))
+    os_name, architecture = obj.get("os"), obj.get("architecture")
+    platform = None
+    if isinstance(os_name, str) and isinstance(architecture, str):
+        variant = obj.get("variant")
+        platform = f"{os_name}/{architecture}" + (f"/{variant}" if variant else "")
+    return config, platform
+
+
+def _layer_names(digests: list[str]) -> dict[str, str]:
+    """Short unique names for layer digests: the first hex digits, more where they clash."""
+    distinct = list(dict.fromkeys(digests))
+    for length in (LAYER_NAME_HEX, 64, 128):
+        names = {digest: digest.partition(":")[2][:length] for digest in distinct}
+        if len(set(names.values())) == len(names):
+            return names
+    return {digest: digest.replace(":", "-") for digest in distinct}
+
+
+async def layer_sources(
+    reference: ImageReference,
+    layers: list[ImageLayer],
+    client: RegistryClient,
+    options: RegistryOptions,
+) -> list[LayerSource]:
+    """One LayerSource per layer of `layers` (of the image `reference` names), read from the
+    first mirror that has the blob, else from the registry (`client`'s, with its
+    credentials)."""
+    repository = reference.repository
+    sources = []
+    for layer in layers:
+        blob, auth = await _blob_location(reference, layer.digest, options)
+        if blob is None:
+            blob, auth = client.blob_url(repository, layer.digest), client.auth
+        values = layer.annotations
+        sources.append(
+            LayerSource(
+                blob=blob,
+                chunk_table_offset=values.chunk_table_offset,
+                chunk_digest=values.chunk_digest,
+                verity_offset=values.verity_offset,
+                root_digest=values.root_digest,
+                insecure=not values.is_trusted,
+                name=layer.name,
+                reader_options={"auth": auth, "read_timeout": options.timeout_s},
+            )
+        )
+    return sources
+
+
+async def _blob_location(
+    reference: ImageReference, digest: str, options: RegistryOptions
+) -> tuple[str | None, Any]:
+    """(blob URL, auth) on the first mirror that has the blob; (None, None) if none does."""
+    for mirror in options.mirrors:
+        try:
+            async with RegistryClient(
+                mirror, insecure=options.insecure, timeout=options.timeout_s, retries=0
+            ) as client:
+                if await client.blob_exists(reference.repository, digest):
+                    log.info("%s: reading %s from mirror %s", reference, digest, mirror)
+                    return client.blob_url(reference.repository, digest), client.auth
+        except FetchError as exc:
+            log.info("mirror %s: %s; trying the next source", mirror, exc)
+    return None, None
