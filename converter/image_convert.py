@@ -13,11 +13,13 @@ GetDiffID reads; the legacy `config.Image` and `container_config.Image` ids are 
 diff_ids change; `os.features` gains "erofs", as containerd stamps on config and index platform
 so that EROFS-aware runtimes can tell such images apart. History is kept. Manifests are OCI
 image manifests; a multi-platform input gives a new OCI index.
+
+Which images of the source are converted is decided (and checked) by `image_select`; the
+command line (`lazyfs convert SRC` for a whole image) is `image_cli.run_image_convert`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -31,31 +33,22 @@ from typing import Any
 import trio
 
 from converter.errors import ConvertError, UnsupportedSourceError
-from converter.image_source import (
-    DOCKER_LAYER_TAR,
-    ImageSource,
-    RegistryOptions,
-    RegistrySource,
-    open_image_source,
-)
+from converter.image_select import TAR_TYPES, SourceImage, distinct_layers, select_images
+from converter.image_source import ImageSource, RegistryOptions
 from converter.layer import ConvertOptions, convert_layer
 from converter.oci_layout import LayoutWriter, index_entries
 from converter.source import SourceKind, detect_source
 from lazyfs.fetch import oci
 from lazyfs.fetch.oci import Descriptor, Platform
-from lazyfs.fetch.reference import ImageReference, parse_reference, validate_tag
+from lazyfs.fetch.reference import ImageReference, parse_reference
 from lazyfs.fetch.registry import RegistryClient
-from lazyfs.fetch.registry_auth import Credentials
 from lazyfs.format.descriptor import SeekableAnnotations
 
 Progress = Callable[[str], None]
 """Called with one line of progress for humans (per layer: phases, then the outcome)."""
 
 EROFS_FEATURE = "erofs"
-TAR_TYPES = oci.TAR_LAYER_TYPES | {DOCKER_LAYER_TAR}
 _SEEKABLE_KEYS = frozenset(SeekableAnnotations(0, "", 0, "").to_annotations())
-# docker buildx puts provenance next to the images of an index; it describes the source image.
-_REFERENCE_TYPE = "vnd.docker.reference.type"
 _PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding"}
 
 
@@ -81,13 +74,6 @@ class ImageConvertResult:
     layout: Path | None = None
     tag: str | None = None
     pushed: str | None = None
-
-
-@dataclass
-class _Image:
-    entry: Descriptor | None  # its descriptor in the source index, None for a lone manifest
-    manifest: oci.Manifest
-    config: dict[str, Any]
 
 
 @dataclass
@@ -140,11 +126,11 @@ async def convert_image(
         raise ConvertError("nothing to write: give an OCI layout directory or a push reference")
     if jobs < 1:
         raise ConvertError(f"jobs must be at least 1, got {jobs}")
-    push_ref = _push_reference(push) if push is not None else None
+    push_ref = parse_push_reference(push) if push is not None else None
     root = await source.root()
     tag = dest_tag or root.tag
-    images, index = await _load_images(source, root.data, root.media_type, platform)
-    layers = _distinct_layers(images)
+    images, index = await select_images(source, root.data, root.media_type, platform)
+    layers = distinct_layers(images)
 
     client = None
     if push_ref is not None:
@@ -213,7 +199,8 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     return (real or leaves)[0]
 
 
-def _push_reference(push: str) -> ImageReference:
+def parse_push_reference(push: str) -> ImageReference:
+    """The tag reference to push to; ConvertError for anything else."""
     try:
         reference = parse_reference(push)
     except ValueError as e:
@@ -244,90 +231,6 @@ def _undo(writer: LayoutWriter, fresh: bool, added: list[str]) -> None:
         return
     for digest in added:
         writer.remove_blob(digest)
-
-
-# --- reading the source ------------------------------------------------------------------------
-
-
-def _features(platform: Platform | None) -> Platform | None:
-    if platform is None or EROFS_FEATURE in platform.os_features:
-        return platform
-    return replace(platform, os_features=(*platform.os_features, EROFS_FEATURE))
-
-
-def _config_platform(config: dict[str, Any]) -> Platform:
-    return Platform(str(config.get("os", "")), str(config.get("architecture", "")),
-                    config.get("variant") or None)
-
-
-async def _load_image(source: ImageSource, entry: Descriptor | None, data: bytes,
-                      media_type: str) -> _Image:
-    what = f"{source.description}: manifest {entry.digest if entry else ''}".rstrip()
-    try:
-        manifest = oci.parse_manifest(data, media_type)
-    except oci.OCIFormatError as e:
-        raise ConvertError(f"{what}: {e}") from None
-    raw = await source.read_blob(manifest.config, "image config")
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ConvertError(f"{what}: config is not valid JSON: {e}") from None
-    rootfs = config.get("rootfs") if isinstance(config, dict) else None
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
-        raise ConvertError(f"{what}: the config's rootfs.diff_ids do not match the "
-                           f"{len(manifest.layers)} layers of the manifest")
-    for number, layer in enumerate(manifest.layers, 1):
-        if layer.media_type not in TAR_TYPES | {oci.EROFS_LAYER, oci.EROFS_LAYER_ZSTD}:
-            raise ConvertError(f"{what}: layer {number} ({layer.digest}) has media type "
-                               f"{layer.media_type}, which is neither a tar nor an EROFS layer")
-    return _Image(entry, manifest, config)
-
-
-async def _load_images(
-    source: ImageSource, data: bytes, media_type: str, platform: Platform | None
-) -> tuple[list[_Image], oci.Index | None]:
-    """The images to convert, and the source index when there is one."""
-    if media_type in oci.MANIFEST_TYPES:
-        image = await _load_image(source, None, data, media_type)
-        found = _config_platform(image.config)
-        if platform is not None and not platform.matches(found):
-            raise ConvertError(f"{source.description}: the image is for {found}, not {platform}")
-        return [image], None
-    if media_type not in oci.INDEX_TYPES:
-        raise ConvertError(f"{source.description}: unsupported media type {media_type}")
-    try:
-        index = oci.parse_index(data, media_type)
-    except oci.OCIFormatError as e:
-        raise ConvertError(f"{source.description}: {e}") from None
-    images, seen = [], []
-    for entry in index.manifests:
-        if entry.media_type not in oci.MANIFEST_TYPES or _REFERENCE_TYPE in entry.annotations:
-            continue  # nested indexes, attestations and other artifacts are left out
-        if platform is not None and entry.platform is not None:
-            seen.append(str(entry.platform))
-            if not platform.matches(entry.platform):
-                continue
-        body = await source.read_blob(entry, "manifest")
-        image = await _load_image(source, entry, body, entry.media_type)
-        if platform is not None and entry.platform is None:
-            seen.append(str(_config_platform(image.config)))
-            if not platform.matches(_config_platform(image.config)):
-                continue
-        images.append(image)
-    if not images:
-        wanted = f"for platform {platform} " if platform else ""
-        raise ConvertError(f"{source.description}: no image {wanted}in the index "
-                           f"(available: {', '.join(seen) or 'none'})")
-    return images, index
-
-
-def _distinct_layers(images: list[_Image]) -> list[Descriptor]:
-    layers: dict[str, Descriptor] = {}
-    for image in images:
-        for layer in image.manifest.layers:
-            layers.setdefault(layer.digest, layer)
-    return list(layers.values())
 
 
 # --- layers ------------------------------------------------------------------------------------
@@ -439,6 +342,12 @@ async def _publish_manifest(run: _Run, descriptor: Descriptor, data: bytes,
 # --- configs and manifests ---------------------------------------------------------------------
 
 
+def _features(platform: Platform | None) -> Platform | None:
+    if platform is None or EROFS_FEATURE in platform.os_features:
+        return platform
+    return replace(platform, os_features=(*platform.os_features, EROFS_FEATURE))
+
+
 def new_config(config: dict[str, Any], diff_ids: list[str]) -> dict[str, Any]:
     """The image config for the converted layers (see the module docstring), key order kept."""
     out = dict(config)
@@ -456,7 +365,7 @@ def new_config(config: dict[str, Any], diff_ids: list[str]) -> dict[str, Any]:
     return out
 
 
-async def _write_image(run: _Run, image: _Image,
+async def _write_image(run: _Run, image: SourceImage,
                        outcomes: dict[str, LayerOutcome]) -> tuple[Descriptor, bytes]:
     """Write the config of one converted image; return its manifest's descriptor and bytes."""
     # containerd (core/images/converter/default.go: convertManifest, convertConfig) replaces
@@ -483,66 +392,23 @@ async def _write_image(run: _Run, image: _Image,
     return descriptor, data
 
 
-# --- command line ------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # run_image_convert moved to converter.image_cli, which imports this module: it is looked
+    # up lazily so that `from converter.image_convert import run_image_convert` keeps working.
+    if name == "run_image_convert":
+        from converter.image_cli import run_image_convert
+
+        return run_image_convert
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _credentials(text: str | None, flag: str) -> Credentials | None:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise ConvertError(f"{flag}: expected USER:PASSWORD")
-    return Credentials(user, password)
-
-
-def _layout_target(text: str) -> tuple[Path, str | None]:
-    """DIR or DIR:TAG (DIR itself may contain ':' when it exists)."""
-    path, sep, tag = text.rpartition(":")
-    if not sep or "/" in tag or Path(text).exists() or not path:
-        return Path(text), None
-    try:
-        return Path(path), validate_tag(tag)
-    except ValueError as e:
-        raise ConvertError(f"OCI layout {text}: {e}") from None
-
-
-def run_image_convert(args: argparse.Namespace,
-                      layer_options: ConvertOptions | None = None) -> int:
-    """`lazyfs convert SRC` for a whole image; prints the new image's digest and returns 0.
-
-    Reads args.source and, where present: oci_layout ("DIR" or "DIR:TAG"), push, platform,
-    insecure_registry, mirror (a list), creds and push_creds ("USER:PASS"; --creds counts for
-    the push too when it goes to the source's registry), jobs, force (replace a name taken in
-    the layout). Raises ConvertError and the fetch layer's errors, for one-line messages.
-    """
-    src = args.source
-    creds = _credentials(getattr(args, "creds", None), "--creds")
-    push_creds = _credentials(getattr(args, "push_creds", None), "--push-creds")
-    insecure = bool(getattr(args, "insecure_registry", False))
-    mirrors = tuple(getattr(args, "mirror", None) or ())
-    source_options = RegistryOptions(creds, insecure, mirrors)
-    push = getattr(args, "push", None)
-    layout, tag = (None, None)
-    if getattr(args, "oci_layout", None):
-        layout, tag = _layout_target(args.oci_layout)
-    try:
-        platform = oci.parse_platform(args.platform) if getattr(args, "platform", None) else None
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
-    image_source = open_image_source(src, source_options)
-    if (push is not None and push_creds is None and isinstance(image_source, RegistrySource)
-            and image_source.reference.registry == _push_reference(push).registry):
-        push_creds = creds  # the same registry: the same account
-
-    async def main() -> ImageConvertResult:
-        async with image_source:
-            return await convert_image(
-                image_source, dest_layout=layout, push=push, layer_options=layer_options,
-                platform=platform, jobs=int(getattr(args, "jobs", 2) or 2), dest_tag=tag,
-                overwrite=bool(getattr(args, "force", False)),
-                push_registry=RegistryOptions(push_creds, insecure),
-            )
-
-    result = trio.run(main)
-    print(result.digest)
-    return 0
+__all__ = [
+    "EROFS_FEATURE",
+    "TAR_TYPES",
+    "ImageConvertResult",
+    "LayerOutcome",
+    "Progress",
+    "convert_image",
+    "new_config",
+    "parse_push_reference",
+]

@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         if args.output is not None:
             raise UserError(f"{args.src} is an image: write it with --oci-layout DIR[:TAG] "
                             "and/or --push REF, not -o")
-        from converter.image_convert import run_image_convert
+        from converter.image_cli import run_image_convert
 
         args.source = args.src
         return run_image_convert(args, options)

@@ -21,12 +21,8 @@ import trio
 import zstandard
 
 from converter.errors import ConvertError
-from converter.image_convert import (
-    ImageConvertResult,
-    convert_image,
-    new_config,
-    run_image_convert,
-)
+from converter.image_cli import run_image_convert
+from converter.image_convert import ImageConvertResult, convert_image, new_config
 from converter.image_source import RegistryOptions, open_image_source
 from converter.layer import ConvertOptions, convert_layer
 from converter.mkfs import build_erofs
