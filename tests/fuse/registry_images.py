@@ -1,0 +1,68 @@
+"""Converted test images in a local docker-registry, and checks that nothing stayed mounted.
+
+The busybox image of tests/support/images.py is pushed with skopeo as `test/busybox:v1` and
+converted with `lazyfs convert REF --push REF2` into `test/busybox:v1-erofs`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.images import busybox_layers, skopeo_push, write_oci_image
+from tests.support.mounts import mounts_below
+
+REPO = Path(__file__).resolve().parents[2]
+ORIGINAL = "test/busybox:v1"
+CONVERTED = "test/busybox:v1-erofs"
+
+
+@dataclass(frozen=True)
+class PublishedImage:
+    """An image in a registry: the original tag, the converted one, its uncompressed layers."""
+
+    host: str
+    original: str
+    converted: str
+    layers: list[bytes]
+
+
+def lazyfs_command(*args: str, env: dict[str, str] | None = None,
+                   timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lazyfs", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def convert_push(source: str, target: str, *options: str) -> str:
+    """`lazyfs convert SOURCE --push TARGET` (plain HTTP); returns the new digest."""
+    result = lazyfs_command("convert", source, "--push", target, "--insecure-registry",
+                            "--reproducible", *options)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def publish(work: Path, host: str, *, layers: list[bytes] | None = None,
+            repository: str = "test/busybox", creds: str | None = None) -> PublishedImage:
+    """Build an image (the busybox one by default), push it to `host` and convert it there."""
+    layers = layers if layers is not None else busybox_layers()
+    image = write_oci_image(work / repository.replace("/", "-"), "v1", layers)
+    original, converted = f"{host}/{repository}:v1", f"{host}/{repository}:v1-erofs"
+    skopeo_push(image.layout, "v1", host, f"{repository}:v1", creds=creds)
+    convert_push(original, converted, *(["--creds", creds] if creds else []))
+    return PublishedImage(host, original, converted, layers)
+
+
+def loop_devices_below(path: Path) -> list[str]:
+    """Lines of `losetup -a` whose backing file lies below `path`."""
+    listing = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
+    return [line for line in listing.stdout.splitlines() if str(path) in line]
+
+
+def assert_nothing_left(*paths: Path) -> None:
+    """No mount at or below any of `paths` (from /proc/self/mountinfo), no loop device backed
+    by a file below them."""
+    for path in paths:
+        assert mounts_below(path) == [], path
+        assert loop_devices_below(path) == [], path

@@ -1,0 +1,327 @@
+"""`lazyfs mount IMAGE_REF MOUNTPOINT` against Debian's docker-registry on 127.0.0.1: images
+built from busybox-static, pushed with skopeo, converted with `lazyfs convert --push`, mounted
+through the CLI as overlays of per-layer EROFS mounts, compared with the tree the layers mean.
+
+Every test takes down its mounts, loop devices and daemons in `finally` (the `lazyfs` fixture)
+and checks that `umount` left nothing in /proc/self/mountinfo or `losetup -a`.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from converter.tree import compare_trees, scan_directory
+from tests.fuse.registry_images import (
+    PublishedImage,
+    assert_nothing_left,
+    publish,
+)
+from tests.fuse.test_mount_cli import Lazyfs, pid_gone, wait_until
+from tests.fuse.test_mount_cli import lazyfs as lazyfs
+from tests.support.images import base_layer, change_layer, expected_rootfs_tree, write_index_image
+from tests.support.registry import (
+    Registry,
+    htpasswd_auth,
+    redirecting_front_end,
+    running_registry,
+    token_registry,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.network]
+
+INSECURE = "--insecure-registry"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running_registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def busybox(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> PublishedImage:
+    return publish(tmp_path_factory.mktemp("busybox"), registry.host)
+
+
+def directories(tmp_path: Path, *names: str) -> list[Path]:
+    paths = [tmp_path / name for name in names]
+    for path in paths:
+        path.mkdir()
+    return paths
+
+
+def mount_image(lazyfs: Lazyfs, *args: str, mountpoints: list[Path]) -> tuple[str, dict[str, Any]]:
+    """Mount through the CLI; return (stdout, the mount record). Cleanup is registered first."""
+    lazyfs.mountpoints.extend(mountpoints)
+    result = lazyfs.run("mount", *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    record = lazyfs.record(mountpoints[0])
+    assert record is not None and record["ready"]
+    lazyfs.pids.append(record["pid"])
+    return result.stdout, record
+
+
+def umount_leaves_nothing(lazyfs: Lazyfs, path: Path, record: dict[str, Any]) -> None:
+    result = lazyfs.run("umount", str(path))
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: pid_gone(record["pid"]), "the daemon to exit")
+    assert lazyfs.records() == []
+    for image in record["images"]:
+        assert_nothing_left(Path(image["mountpoint"]))
+    assert_nothing_left(lazyfs.state_dir)
+    assert not os.path.exists(record["layers_dir"]) and not os.path.exists(record["fuse_dir"])
+
+
+def one_line_error(result: Any, *needles: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+
+
+# -- the image as a root file system ------------------------------------------------------------
+
+
+def test_mount_shows_the_rootfs_read_only_and_umount_leaves_nothing(
+    lazyfs: Lazyfs, busybox: PublishedImage, tmp_path: Path
+) -> None:
+    (mountpoint,) = directories(tmp_path, "mnt")
+    stdout, record = mount_image(
+        lazyfs, busybox.converted, str(mountpoint), INSECURE, mountpoints=[mountpoint]
+    )
+    (image,) = record["images"]
+    assert stdout == (
+        f"{mountpoint}: {busybox.converted}@{image['manifest_digest']} (linux/amd64, 2 layers)\n"
+    )
+    assert compare_trees(expected_rootfs_tree(busybox.layers), scan_directory(mountpoint)) == []
+    assert (mountpoint / "etc" / "hostname").read_text() == "changed\n"  # modified
+    assert not (mountpoint / "etc" / "os-release").exists()  # whiteout
+    assert not (mountpoint / "var" / "log").exists()  # whiteout of a directory
+    assert os.listdir(mountpoint / "var" / "cache" / "app") == ["fresh.txt"]  # opaque
+    with pytest.raises(OSError) as refused:
+        (mountpoint / "etc" / "new").write_text("x")
+    assert refused.value.errno == errno.EROFS
+
+    listed = lazyfs.run("mounts").stdout
+    assert f"{busybox.converted}@{image['manifest_digest']}" in listed and "mounted" in listed
+    stats = lazyfs.run("stats", str(mountpoint))
+    assert stats.returncode == 0, stats.stderr
+    assert image["manifest_digest"] in stats.stdout
+    for name in image["layers"]:
+        assert f"layer {name} (" in stats.stdout
+    raw = json.loads(lazyfs.run("stats", str(mountpoint), "--json").stdout)
+    assert sorted(raw["layers"]) == sorted(image["layers"])
+    assert all(layer["chunks_fetched"] >= 1 for layer in raw["layers"].values())
+    umount_leaves_nothing(lazyfs, mountpoint, record)
+
+
+def test_writable_mount_keeps_changes_in_the_upper_directory(
+    lazyfs: Lazyfs, busybox: PublishedImage, tmp_path: Path
+) -> None:
+    mountpoint, changes = directories(tmp_path, "mnt", "changes")
+    _, record = mount_image(
+        lazyfs, busybox.converted, str(mountpoint), INSECURE, "--writable", str(changes),
+        mountpoints=[mountpoint],
+    )  # fmt: skip
+    (mountpoint / "etc" / "hostname").write_text("mine\n")
+    (mountpoint / "bin" / "busybox").unlink()
+    assert (changes / "upper" / "etc" / "hostname").read_text() == "mine\n"
+    umount_leaves_nothing(lazyfs, mountpoint, record)
+    assert (changes / "upper" / "etc" / "hostname").read_text() == "mine\n"
+    assert (changes / "upper" / "bin" / "busybox").is_char_device()  # overlay's whiteout
+
+
+def test_images_mounted_together_share_layers_and_a_repeated_layer_is_mounted_once(
+    lazyfs: Lazyfs, registry: Registry, busybox: PublishedImage, tmp_path: Path
+) -> None:
+    repeated = [base_layer(), change_layer("-b"), base_layer()]
+    other = publish(tmp_path / "work", registry.host, layers=repeated, repository="test/again")
+    first, second = directories(tmp_path, "first", "second")
+    stdout, record = mount_image(
+        lazyfs, busybox.converted, str(first), other.converted, str(second), INSECURE,
+        mountpoints=[first, second],
+    )  # fmt: skip
+    assert len(stdout.splitlines()) == 2 and "3 layers" in stdout.splitlines()[1]
+    # base (shared, converted reproducibly to the same blob), busybox's change, the other's
+    assert len(record["sources"]) == 3
+    mine, theirs = record["images"]
+    assert theirs["layers"][0] == theirs["layers"][2] == mine["layers"][0]
+    assert len(record["erofs_mounts"]) == 3
+    assert compare_trees(expected_rootfs_tree(busybox.layers), scan_directory(first)) == []
+    assert compare_trees(expected_rootfs_tree(repeated), scan_directory(second)) == []
+    assert (second / "etc" / "os-release").exists()  # the base layer again, on top
+    assert theirs["mountpoint"] == str(second)
+    listed = lazyfs.run("mounts").stdout
+    assert str(first) in listed and str(second) in listed
+    assert lazyfs.run("stats", str(second)).returncode == 0
+    umount_leaves_nothing(lazyfs, second, record)  # either mountpoint takes down both
+
+
+def test_platform_is_picked_from_an_index(
+    lazyfs: Lazyfs, registry: Registry, tmp_path: Path
+) -> None:
+    from tests.fuse.registry_images import convert_push
+    from tests.support.images import skopeo_push
+
+    image = write_index_image(tmp_path / "layout", "v1")
+    skopeo_push(image.layout, "v1", registry.host, "test/multi:v1", all_platforms=True)
+    reference = f"{registry.host}/test/multi:v1-erofs"
+    convert_push(f"{registry.host}/test/multi:v1", reference)
+    amd64, arm64, elsewhere = directories(tmp_path, "amd64", "arm64", "elsewhere")
+    stdout, record = mount_image(
+        lazyfs, reference, str(amd64), INSECURE, mountpoints=[amd64]
+    )
+    assert "(linux/amd64, 2 layers)" in stdout
+    assert (amd64 / "etc" / "hostname").read_text() == "changed\n"
+    umount_leaves_nothing(lazyfs, amd64, record)
+
+    stdout, record = mount_image(
+        lazyfs, reference, str(arm64), INSECURE, "--platform", "linux/arm64",
+        mountpoints=[arm64],
+    )  # fmt: skip
+    assert "(linux/arm64/v8, 2 layers)" in stdout or "(linux/arm64, 2 layers)" in stdout
+    assert (arm64 / "etc" / "hostname").read_text() == "changed-arm\n"
+    umount_leaves_nothing(lazyfs, arm64, record)
+
+    refused = lazyfs.run("mount", reference, str(elsewhere), INSECURE, "--platform", "linux/s390x")
+    one_line_error(refused, "no manifest for platform linux/s390x", "linux/arm64")
+
+
+# -- refusals -------------------------------------------------------------------------------------
+
+
+def test_unconverted_image_and_missing_tag_fail_in_one_line(
+    lazyfs: Lazyfs, busybox: PublishedImage, tmp_path: Path
+) -> None:
+    (mountpoint,) = directories(tmp_path, "mnt")
+    lazyfs.mountpoints.append(mountpoint)
+    unconverted = lazyfs.run("mount", busybox.original, str(mountpoint), INSECURE)
+    one_line_error(unconverted, "layer 1 of 2 (sha256:", "not a seekable EROFS layer",
+                   f"lazyfs convert {busybox.original} --push")
+    missing = lazyfs.run("mount", f"{busybox.host}/test/busybox:nope", str(mountpoint), INSECURE)
+    one_line_error(missing, "test/busybox:nope", "not found")
+    plain_http = lazyfs.run("mount", busybox.converted, str(mountpoint))
+    one_line_error(plain_http, "insecure")
+    for args, message in (
+        ([busybox.converted], "give a MOUNTPOINT"),
+        ([busybox.converted, str(mountpoint), "--header", "A: b"], "--header applies to layer"),
+        ([busybox.converted, str(mountpoint), "--platform", "linux"], "--platform"),
+        ([busybox.converted, str(mountpoint), "--creds", "nocolon"], "USER:PASSWORD"),
+    ):
+        one_line_error(lazyfs.run("mount", *args, INSECURE), message)
+    assert lazyfs.records() == []
+    assert_nothing_left(mountpoint, lazyfs.state_dir)
+
+
+def test_umount_cleans_up_after_a_killed_daemon(
+    lazyfs: Lazyfs, busybox: PublishedImage, tmp_path: Path
+) -> None:
+    (mountpoint,) = directories(tmp_path, "mnt")
+    _, record = mount_image(
+        lazyfs, busybox.converted, str(mountpoint), INSECURE, mountpoints=[mountpoint]
+    )
+    assert (mountpoint / "etc" / "passwd").read_bytes().startswith(b"root:")
+    os.kill(record["pid"], signal.SIGKILL)
+    wait_until(lambda: pid_gone(record["pid"]), "the daemon to die")
+    assert "dead" in lazyfs.run("mounts").stdout
+    umount_leaves_nothing(lazyfs, mountpoint, record)
+
+
+# -- registries with credentials, a CDN, a mirror -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_basic_auth_registry_with_credentials_and_docker_config(
+    lazyfs: Lazyfs, tmp_path: Path
+) -> None:
+    auth = htpasswd_auth(tmp_path / "auth", {"alice": "secret"})
+    with running_registry(tmp_path / "registry", auth) as registry:
+        image = publish(tmp_path / "work", registry.host, creds="alice:secret")
+        (mountpoint,) = directories(tmp_path, "mnt")
+        lazyfs.mountpoints.append(mountpoint)
+        wrong = lazyfs.run("mount", image.converted, str(mountpoint), INSECURE,
+                           "--creds", "alice:wrong")
+        one_line_error(wrong, "'alice'", "refused")
+        anonymous = lazyfs.run("mount", image.converted, str(mountpoint), INSECURE)
+        one_line_error(anonymous, "authentication required")
+
+        _, record = mount_image(lazyfs, image.converted, str(mountpoint), INSECURE,
+                                "--creds", "alice:secret", mountpoints=[mountpoint])
+        assert compare_trees(expected_rootfs_tree(image.layers), scan_directory(mountpoint)) == []
+        umount_leaves_nothing(lazyfs, mountpoint, record)
+
+        config = tmp_path / "docker"
+        config.mkdir()
+        token = base64.b64encode(b"alice:secret").decode()
+        (config / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
+        lazyfs.env["DOCKER_CONFIG"] = str(config)
+        _, record = mount_image(lazyfs, image.converted, str(mountpoint), INSECURE,
+                                mountpoints=[mountpoint])
+        assert (mountpoint / "etc" / "hostname").read_text() == "changed\n"
+        umount_leaves_nothing(lazyfs, mountpoint, record)
+
+
+@pytest.mark.slow
+def test_token_registry_with_credentials(lazyfs: Lazyfs, tmp_path: Path) -> None:
+    with token_registry(tmp_path / "token", {"bob": "hunter2"}) as (registry, tokens):
+        image = publish(tmp_path / "work", registry.host, creds="bob:hunter2")
+        (mountpoint,) = directories(tmp_path, "mnt")
+        lazyfs.mountpoints.append(mountpoint)
+        wrong = lazyfs.run("mount", image.converted, str(mountpoint), INSECURE,
+                           "--creds", "bob:wrong")
+        one_line_error(wrong, "token server", "refused", "'bob'")
+
+        before = len(tokens.requests)
+        _, record = mount_image(lazyfs, image.converted, str(mountpoint), INSECURE,
+                                "--creds", "bob:hunter2", mountpoints=[mountpoint])
+        assert compare_trees(expected_rootfs_tree(image.layers), scan_directory(mountpoint)) == []
+        issued = tokens.requests[before:]
+        assert issued and all(r["ok"] and r["account"] == "bob" for r in issued)
+        umount_leaves_nothing(lazyfs, mountpoint, record)
+
+
+@pytest.mark.slow
+def test_blobs_through_a_redirecting_cdn_get_no_credentials(
+    lazyfs: Lazyfs, tmp_path: Path
+) -> None:
+    auth = htpasswd_auth(tmp_path / "auth", {"carol": "pw"})
+    with running_registry(tmp_path / "registry", auth) as registry:
+        image = publish(tmp_path / "work", registry.host, creds="carol:pw")
+        with redirecting_front_end(registry, ("carol", "pw")) as front:
+            front_host = front.url.removeprefix("http://")
+            reference = image.converted.replace(registry.host, front_host)
+            (mountpoint,) = directories(tmp_path, "mnt")
+            _, record = mount_image(lazyfs, reference, str(mountpoint), INSECURE,
+                                    "--creds", "carol:pw", mountpoints=[mountpoint])
+            tree = scan_directory(mountpoint)
+            umount_leaves_nothing(lazyfs, mountpoint, record)
+        assert compare_trees(expected_rootfs_tree(image.layers), tree) == []
+        assert front.redirects >= 2  # at least one per layer
+        assert front.cdn_requests and all(r["status"] in (200, 206) for r in front.cdn_requests)
+        assert not any("Authorization" in r["headers"] for r in front.cdn_requests)
+
+
+@pytest.mark.slow
+def test_mirror_serves_manifest_and_blobs(
+    lazyfs: Lazyfs, busybox: PublishedImage, tmp_path: Path
+) -> None:
+    with running_registry(tmp_path / "origin") as origin:  # empty: only the mirror has it
+        reference = busybox.converted.replace(busybox.host, origin.host)
+        (mountpoint,) = directories(tmp_path, "mnt")
+        lazyfs.mountpoints.append(mountpoint)
+        one_line_error(lazyfs.run("mount", reference, str(mountpoint), INSECURE), "not found")
+        _, record = mount_image(lazyfs, reference, str(mountpoint), INSECURE,
+                                "--mirror", busybox.host, mountpoints=[mountpoint])
+        assert all(source.startswith(f"http://{busybox.host}/") for source in record["sources"])
+        assert (mountpoint / "etc" / "hostname").read_text() == "changed\n"
+        umount_leaves_nothing(lazyfs, mountpoint, record)
