@@ -5,6 +5,9 @@ leaves no partial output. The blob is read once, in order, one frame at a time, 
 tree once; frames are hashed and decoded on a small thread pool (zstandard and hashlib release
 the GIL) with a bounded window in flight, so memory is a few chunks plus the tree, never the
 image. This is batch work on a local file, so plain threads, not trio.
+
+Finding the descriptor and the metadata frames is `lazyfs.blob_locate`; its public names are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -18,33 +21,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from lazyfs.format.chunk_table import CHUNK_TABLE_MAGIC, verify_chunk_table_digest, verify_frame
+from lazyfs.blob_locate import (
+    find_descriptor,
+    load_descriptor,
+    read_at,
+    read_metadata,
+    scan_annotations,
+    sibling_descriptor_path,
+)
+from lazyfs.format.chunk_table import verify_chunk_table_digest, verify_frame
 from lazyfs.format.descriptor import (
     LABEL_UNCOMPRESSED,
     MEDIA_TYPE_EROFS_ZSTD,
     LayerDescriptor,
     SeekableAnnotations,
-    parse_descriptor,
 )
-from lazyfs.format.errors import FormatError, IntegrityError, LayoutError, TruncatedError
-from lazyfs.format.frames import (
-    SKIPPABLE_HEADER_SIZE,
-    decode_chunk_frame,
-    is_skippable_magic,
-    parse_skippable_header,
-    walk_zstd_frame,
-)
-from lazyfs.format.layout import (
-    VERITY_HEAD_SIZE,
-    BlobMetadata,
-    metadata_frame_end,
-    parse_metadata,
-)
-from lazyfs.format.verity_superblock import (
-    SUPERBLOCK_SIZE,
-    VERITY_SIGNATURE,
-    root_digest_annotation,
-)
+from lazyfs.format.errors import FormatError, IntegrityError
+from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE, decode_chunk_frame
+from lazyfs.format.layout import BlobMetadata, metadata_frame_end
+from lazyfs.format.verity_superblock import SUPERBLOCK_SIZE, root_digest_annotation
 from lazyfs.format.verity_tree import (
     BlockHasher,
     VerityGeometry,
@@ -89,101 +84,6 @@ class BlobReport:
     def authenticated(self) -> bool:
         """True when the descriptor pinned every metadata structure the blob has."""
         return self.descriptor is not None and self.annotations.is_trusted
-
-
-# --- descriptors beside blobs ------------------------------------------------------------------
-
-
-def sibling_descriptor_path(blob_path: Path) -> Path:
-    """Where `lazyfs convert` writes a blob's descriptor: `X.blob` -> `X.descriptor.json`,
-    anything else -> `NAME.descriptor.json`."""
-    if blob_path.suffix == ".blob":
-        return blob_path.with_suffix(".descriptor.json")
-    return blob_path.with_name(blob_path.name + ".descriptor.json")
-
-
-def load_descriptor(path: Path) -> LayerDescriptor:
-    """Read a descriptor JSON file. Raises DescriptorError, or OSError when unreadable."""
-    return parse_descriptor(path.read_bytes(), str(path))
-
-
-def find_descriptor(blob_path: Path, explicit: Path | None) -> tuple[LayerDescriptor | None,
-                                                                     Path | None]:
-    """The descriptor given, else the one beside the blob if there is one, else (None, None)."""
-    if explicit is not None:
-        return load_descriptor(explicit), explicit
-    beside = sibling_descriptor_path(blob_path)
-    if beside.is_file():
-        return load_descriptor(beside), beside
-    return None, None
-
-
-# --- locating metadata without a descriptor ----------------------------------------------------
-
-
-def _pread(f: BinaryIO, offset: int, size: int) -> bytes:
-    return os.pread(f.fileno(), size, offset)
-
-
-def scan_annotations(f: BinaryIO, blob_size: int, source: str = "blob") -> SeekableAnnotations:
-    """Find the metadata frames of a blob that came without a descriptor.
-
-    Walks the data frames from offset 0 by their headers up to the first skippable frame,
-    then identifies it and the one after it by their magic. The result carries no digests:
-    nothing it points at is authenticated. Raises FormatError when the blob has no chunk table.
-    """
-    offset = 0
-    guess = 1 << 18
-    while offset < blob_size:
-        head = _pread(f, offset, 4)
-        if len(head) == 4 and is_skippable_magic(int.from_bytes(head, "little")):
-            break
-        size = min(guess, blob_size - offset)
-        while True:
-            try:
-                info = walk_zstd_frame(_pread(f, offset, size), offset)
-                break
-            except TruncatedError as exc:
-                if size >= blob_size - offset:
-                    raise LayoutError(f"{source}: not a seekable EROFS blob: {exc}") from None
-                size = min(size * 4, blob_size - offset)  # the frame is longer: read more
-            except FormatError as exc:
-                raise LayoutError(f"{source}: not a seekable EROFS blob: {exc}") from None
-        offset += info.compressed_size
-        guess = max(info.compressed_size * 2, 1 << 16)
-    table_offset: int | None = None
-    verity_offset: int | None = None
-    for _ in range(2):
-        if offset + SKIPPABLE_HEADER_SIZE > blob_size:
-            break
-        header = _pread(f, offset, SKIPPABLE_HEADER_SIZE + len(VERITY_SIGNATURE))
-        payload_size = parse_skippable_header(header, offset, "metadata frame")
-        payload_head = header[SKIPPABLE_HEADER_SIZE:]
-        if payload_head[:4] == CHUNK_TABLE_MAGIC.to_bytes(4, "little") and table_offset is None:
-            table_offset = offset
-        elif payload_head == VERITY_SIGNATURE and verity_offset is None:
-            verity_offset = offset
-        else:
-            break
-        offset += SKIPPABLE_HEADER_SIZE + payload_size
-    if table_offset is None:
-        raise LayoutError(f"{source}: no chunk table frame after the data frames (at offset "
-                          f"{offset}): not a seekable EROFS blob")
-    return SeekableAnnotations(chunk_table_offset=table_offset, verity_offset=verity_offset)
-
-
-def read_metadata(f: BinaryIO, blob_size: int, annotations: SeekableAnnotations) -> BlobMetadata:
-    """Read and parse a blob's metadata frames (authenticated by the digests it carries)."""
-    table_offset = annotations.chunk_table_offset
-    header = _pread(f, table_offset, SKIPPABLE_HEADER_SIZE)
-    table_size = SKIPPABLE_HEADER_SIZE + parse_skippable_header(header, table_offset,
-                                                                "chunk table frame")
-    limit = metadata_frame_end(annotations, table_offset, blob_size) - table_offset
-    table_frame = _pread(f, table_offset, min(table_size, max(limit, 0)))
-    verity_head = None
-    if annotations.verity_offset is not None:
-        verity_head = _pread(f, annotations.verity_offset, VERITY_HEAD_SIZE)
-    return parse_metadata(annotations, blob_size, table_frame, verity_head)
 
 
 # --- the check ---------------------------------------------------------------------------------
@@ -306,7 +206,7 @@ def _check_tree(f: BinaryIO, report: BlobReport, metadata: BlobMetadata,
     geometry = metadata.verity
     if geometry is None:
         return None
-    payload = _pread(f, metadata.verity_payload_offset, metadata.verity_payload_size)
+    payload = read_at(f, metadata.verity_payload_offset, metadata.verity_payload_size)
     at = metadata.verity_payload_offset
     salt_end = 88 + len(geometry.superblock.salt)
     tree_end = geometry.payload_size
@@ -375,7 +275,7 @@ def _hash_range(f: BinaryIO, start: int, end: int, blob_hash: hashlib._Hash,
                 progress: Progress | None, blob_size: int) -> None:
     offset = start
     while offset < end:
-        piece = _pread(f, offset, min(_READ_SIZE, end - offset))
+        piece = read_at(f, offset, min(_READ_SIZE, end - offset))
         if not piece:
             raise OSError(f"{f.name}: file shrank while being read (at offset {offset})")
         blob_hash.update(piece)
@@ -482,7 +382,7 @@ def _check_frames(f: BinaryIO, report: BlobReport, metadata: BlobMetadata, tree:
                 _hash_range(f, start, end, blob_hash, progress, report.blob_size)
                 window.append((index, _failed()))
             else:
-                frame = _pread(f, start, end - start)
+                frame = read_at(f, start, end - start)
                 blob_hash.update(frame)
                 window.append((index, pool.submit(_check_chunk, metadata, index, frame, start)))
             if progress is not None:
@@ -538,3 +438,17 @@ def unpack_blob(
         temp.unlink(missing_ok=True)
         raise
     return report
+
+
+__all__ = [
+    "BlobCheckError",
+    "BlobReport",
+    "Progress",
+    "check_blob",
+    "find_descriptor",
+    "load_descriptor",
+    "read_metadata",
+    "scan_annotations",
+    "sibling_descriptor_path",
+    "unpack_blob",
+]

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lazyfs.blob_check import find_descriptor, read_metadata, scan_annotations
+from lazyfs.blob_locate import find_descriptor, read_metadata, scan_annotations
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import human_size, write_stdout
 from lazyfs.format.chunk_table import chunk_table_digest

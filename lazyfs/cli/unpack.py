@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lazyfs.blob_check import find_descriptor, unpack_blob
+from lazyfs.blob_check import unpack_blob
+from lazyfs.blob_locate import find_descriptor
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import ProgressLine, sigterm_as_interrupt
 

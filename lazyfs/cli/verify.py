@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazyfs.blob_check import BlobReport, check_blob, find_descriptor
+from lazyfs.blob_check import BlobReport, check_blob
+from lazyfs.blob_locate import find_descriptor
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import ProgressLine, sigterm_as_interrupt, write_stdout
 

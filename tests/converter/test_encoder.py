@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
-from lazyfs.blob_check import check_blob, find_descriptor
+from lazyfs.blob_check import check_blob
+from lazyfs.blob_locate import find_descriptor
 from lazyfs.format.descriptor import LayerDescriptor
 from tests.image.helpers import make_image_bytes
 
