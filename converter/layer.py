@@ -30,6 +30,7 @@ from lazyfs.format.descriptor import (
     LayerDescriptor,
     serialize_descriptor,
 )
+from lazyfs.format.descriptor import descriptor_path_for as descriptor_name_for
 
 Progress = Callable[[str, int, int | None], None]
 """Called with (phase, bytes done, total bytes or None when unknown); phases are "extract"
@@ -65,10 +66,9 @@ class ConvertResult:
 
 def descriptor_path_for(blob_path: Path) -> Path:
     """The descriptor beside a blob, where readers look for it: `X.blob` ->
-    `X.descriptor.json`, any other name -> `NAME.descriptor.json`."""
-    if blob_path.suffix == ".blob":
-        return blob_path.with_suffix(".descriptor.json")
-    return blob_path.with_name(blob_path.name + ".descriptor.json")
+    `X.descriptor.json`, any other name -> `NAME.descriptor.json` (the rule of
+    `lazyfs.format.descriptor.descriptor_path_for`, which readers share)."""
+    return blob_path.with_name(descriptor_name_for(blob_path.name))
 
 
 def convert_layer(

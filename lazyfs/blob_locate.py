@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lazyfs.format.chunk_table import CHUNK_TABLE_MAGIC
-from lazyfs.format.descriptor import LayerDescriptor, SeekableAnnotations, parse_descriptor
+from lazyfs.format.descriptor import (
+    LayerDescriptor,
+    SeekableAnnotations,
+    descriptor_path_for,
+    parse_descriptor,
+)
 from lazyfs.format.errors import FormatError, LayoutError, TruncatedError
 from lazyfs.format.frames import (
     SKIPPABLE_HEADER_SIZE,
@@ -35,10 +40,8 @@ from lazyfs.format.verity_superblock import VERITY_SIGNATURE
 
 def sibling_descriptor_path(blob_path: Path) -> Path:
     """Where `lazyfs convert` writes a blob's descriptor: `X.blob` -> `X.descriptor.json`,
-    anything else -> `NAME.descriptor.json`."""
-    if blob_path.suffix == ".blob":
-        return blob_path.with_suffix(".descriptor.json")
-    return blob_path.with_name(blob_path.name + ".descriptor.json")
+    anything else -> `NAME.descriptor.json` (see `descriptor_path_for`)."""
+    return blob_path.with_name(descriptor_path_for(blob_path.name))
 
 
 def load_descriptor(path: Path) -> LayerDescriptor:

@@ -2,6 +2,8 @@
 
 The descriptor is the root of trust: it comes from a manifest fetched by digest, or from the
 user. It locates the chunk table and verity tree and carries the digests that authenticate them.
+Beside a blob file it is stored by convention as `X.descriptor.json` for `X.blob`, else as
+`BLOB.descriptor.json` (`descriptor_path_for`); the writer and every reader share that rule.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ ANNOTATION_CHUNK_DIGEST = "dev.containerd.erofs.zstd.chunk_digest"
 ANNOTATION_VERITY_OFFSET = "dev.containerd.erofs.dmverity.offset"
 ANNOTATION_ROOT_DIGEST = "dev.containerd.erofs.dmverity.root_digest"
 LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
+
+DESCRIPTOR_SUFFIX = ".descriptor.json"
+BLOB_SUFFIX = ".blob"
 
 # Used with fullmatch: "^...$" would also accept a trailing newline.
 _SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -192,3 +197,24 @@ def parse_descriptor(text: bytes | str, source: str = "descriptor") -> LayerDesc
 
 def serialize_descriptor(descriptor: LayerDescriptor) -> str:
     return json.dumps(descriptor.to_json_dict(), indent=2) + "\n"
+
+
+def descriptor_path_candidates(blob: str) -> list[str]:
+    """Where the descriptor of the blob at `blob` (a path or URL) is looked for, in order.
+
+    For `X.blob`: `X.descriptor.json` (where `lazyfs convert` writes it), then
+    `X.blob.descriptor.json`; for any other name only `NAME.descriptor.json`. A name that is
+    just `.blob` has no `X` (as pathlib sees it: no suffix), so it is an other name. Pure
+    string work on the last `/`-separated part: a URL's query is the caller's to remove.
+    """
+    beside = blob + DESCRIPTOR_SUFFIX
+    name = blob.rpartition("/")[2]
+    if name.endswith(BLOB_SUFFIX) and len(name) > len(BLOB_SUFFIX):
+        return [blob[: -len(BLOB_SUFFIX)] + DESCRIPTOR_SUFFIX, beside]
+    return [beside]
+
+
+def descriptor_path_for(blob: str) -> str:
+    """The descriptor's path beside the blob at `blob`: `X.blob` -> `X.descriptor.json`, any
+    other name -> `NAME.descriptor.json` (the first of `descriptor_path_candidates`)."""
+    return descriptor_path_candidates(blob)[0]

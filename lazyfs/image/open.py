@@ -27,9 +27,11 @@ from lazyfs.format.descriptor import (
     DescriptorError,
     LayerDescriptor,
     SeekableAnnotations,
+    descriptor_path_candidates,
     parse_annotations,
     parse_descriptor,
 )
+from lazyfs.format.descriptor import DESCRIPTOR_SUFFIX as DESCRIPTOR_SUFFIX  # re-exported
 from lazyfs.format.errors import IntegrityError
 from lazyfs.format.layout import (
     VERITY_HEAD_SIZE,
@@ -46,7 +48,6 @@ from lazyfs.image.stats import TraceWriter
 
 log = logging.getLogger(__name__)
 
-DESCRIPTOR_SUFFIX = ".descriptor.json"
 MAX_DESCRIPTOR_BYTES = 1024 * 1024
 MAX_CHUNK_TABLE_FRAME = 64 * 1024 * 1024
 # Trees up to this size are fetched whole at open; larger ones keep level 0 on demand.
@@ -75,13 +76,8 @@ class LayerSource:
 
 
 def descriptor_candidates(blob: str) -> list[str]:
-    """Where a descriptor is looked for next to `blob`, in order."""
-    stem = blob.partition("?")[0]
-    candidates = []
-    if stem.endswith(".blob"):
-        candidates.append(stem[: -len(".blob")] + DESCRIPTOR_SUFFIX)
-    candidates.append(stem + DESCRIPTOR_SUFFIX)
-    return candidates
+    """Where a descriptor is looked for next to `blob` (a URL's query dropped), in order."""
+    return descriptor_path_candidates(blob.partition("?")[0])
 
 
 async def _read_text(location: str, headers: dict[str, str]) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import PurePosixPath
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +20,8 @@ from lazyfs.format.descriptor import (
     LayerDescriptor,
     SeekableAnnotations,
     descriptor_from_dict,
+    descriptor_path_candidates,
+    descriptor_path_for,
     parse_annotations,
     parse_descriptor,
     serialize_descriptor,
@@ -237,3 +240,31 @@ def test_garbage_text_raises_only_descriptor_errors(text):
         parse_descriptor(text)
     except DescriptorError as exc:
         assert isinstance(exc, FormatError)
+
+
+@pytest.mark.parametrize(("blob", "candidates"), [
+    ("x.blob", ["x.descriptor.json", "x.blob.descriptor.json"]),
+    ("/srv/a.b.blob", ["/srv/a.b.descriptor.json", "/srv/a.b.blob.descriptor.json"]),
+    ("https://h/v2/x.blob", ["https://h/v2/x.descriptor.json",
+                             "https://h/v2/x.blob.descriptor.json"]),
+    ("layer.erofs.zst", ["layer.erofs.zst.descriptor.json"]),
+    ("dir/.blob", ["dir/.blob.descriptor.json"]),
+    ("x.blob/y", ["x.blob/y.descriptor.json"]),
+])
+def test_descriptor_beside_a_blob(blob, candidates):
+    assert descriptor_path_candidates(blob) == candidates
+    assert descriptor_path_for(blob) == candidates[0]
+
+
+name_parts = st.sampled_from(["x", ".", "blob", ".blob", "b", "lob"])
+
+
+@given(st.lists(name_parts, min_size=1, max_size=5).map("".join)
+       .filter(lambda n: n not in (".", "..")))
+def test_descriptor_path_follows_pathlib_suffixes(name):
+    blob = PurePosixPath("dir") / name
+    if blob.suffix == ".blob":
+        expected = blob.with_suffix(".descriptor.json")
+    else:
+        expected = blob.with_name(blob.name + ".descriptor.json")
+    assert descriptor_path_for(str(blob)) == str(expected)
