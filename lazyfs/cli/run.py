@@ -79,6 +79,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="decoded chunk cache of the lazy mount (default 256M)",
     )
     parser.add_argument(
+        "--readahead", type=int, metavar="N", help="chunks the lazy mount reads ahead"
+    )
+    parser.add_argument(
         "--insecure", action="store_true", help="allow layers without trusted digests"
     )
     add_registry_arguments(parser)
@@ -121,8 +124,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     split_command(args)
     if os.geteuid() != 0:
         raise UserError("lazyfs run needs root: it mounts file systems and creates namespaces")
-    if args.eager and args.trace:
-        raise UserError("--trace records the chunks a lazy run reads; not with --eager")
+    if args.eager and (args.trace or args.readahead is not None):
+        flag = "--trace" if args.trace else "--readahead"
+        raise UserError(f"{flag} applies to the lazy mount; not with --eager")
+    if args.readahead is not None and args.readahead < 0:
+        raise UserError("--readahead must be 0 or more")
     cache_size = parse_size(args.cache_size, "--cache-size")
     if cache_size <= 0:
         raise UserError("--cache-size must be positive")
@@ -176,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 record = _eager_record(target, work)
                 pulled = trio.run(_eager_mount, record, target, image, options)
             else:
-                record = _lazy_mount(found, target, work, cache_size, trace)
+                record = _lazy_mount(found, target, work, cache_size, trace, args.readahead)
             report.mounted_s = time.monotonic() - started
             report.exit_code = run_container(spec)
             report.total_s = time.monotonic() - started
@@ -198,7 +204,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _lazy_mount(
-    found: ImageSet, target: ImageRecord, work: Path, cache_size: int, trace: str | None
+    found: ImageSet,
+    target: ImageRecord,
+    work: Path,
+    cache_size: int,
+    trace: str | None,
+    readahead: int | None,
 ) -> MountRecord:
     """Start a mount daemon for the image; returns its record once everything is mounted."""
     root = target.mountpoint
@@ -208,6 +219,7 @@ def _lazy_mount(
         images=[target],
         blob_sizes=found.blob_sizes,
         cache_size_bytes=cache_size,
+        readahead_chunks=readahead,
         trace_file=trace,
         log_file=str(private_dir(root, ".log")),
         temp_dir=str(work),

@@ -153,6 +153,8 @@ def test_unconverted_image_and_bad_options_fail_in_one_line(
          "not found"),
         ([busybox.converted, "--insecure-registry", "--eager", "--trace",
           str(tmp_path / "t"), "--", "true"], "not with --eager"),
+        ([busybox.converted, "--insecure-registry", "--readahead", "-1", "--", "true"],
+         "--readahead must be 0 or more"),
     ):
         result = runner.run(*args)
         assert result.returncode == 2, result.stderr
