@@ -56,6 +56,10 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def count_layers(count: int) -> str:
+    return f"{count} layer" if count == 1 else f"{count} layers"
+
+
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
     """The RegistryOptions of the command line. Raises UserError."""
     credentials = None

@@ -15,6 +15,7 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     REFERENCE_RULE,
     add_registry_arguments,
+    count_layers,
     platform_of,
     registry_options,
     resolve_images,
@@ -284,7 +285,7 @@ def _pinned_lines(config: DaemonConfig) -> str:
     """What was mounted, by digest: `MOUNTPOINT: REF@DIGEST (PLATFORM, N layers)`."""
     return "".join(
         f"{image.mountpoint}: {image.reference.partition('@')[0]}@{image.manifest_digest} "
-        f"({image.platform}, {len(image.layers)} layers)\n"
+        f"({image.platform}, {count_layers(len(image.layers))})\n"
         for image in config.images
     )
 

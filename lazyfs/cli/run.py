@@ -4,9 +4,10 @@ The image is mounted lazily (a daemon fetches and verifies only the chunks the c
 reads), or with --eager pulled whole first (every blob downloaded, digest-checked and
 decompressed, then the EROFS images mounted directly); either way the layers are stacked with
 overlayfs under a temporary writable upper layer and CMD runs chrooted in it, in new mount and
-PID namespaces. Afterwards a report on stderr gives the wall time from start to CMD's exit and,
-per layer, the bytes and requests fetched and the share of its chunks and bytes. The exit
-status is CMD's. Everything is torn down on the way out, also after a failure or Ctrl-C.
+PID namespaces, with /proc, a minimal /dev and a writable /tmp. Afterwards a report on stderr
+gives the wall time from start to CMD's exit and, per layer, the bytes and requests fetched
+and the share of its chunks and bytes. The exit status is CMD's. Everything is torn down on
+the way out, also after a failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     ImageSet,
     add_registry_arguments,
+    count_layers,
     platform_of,
     registry_options,
     resolve_images,
@@ -90,6 +92,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = subparsers.add_parser(
         "run",
+        usage="lazyfs run [OPTIONS] IMAGE_REF [OPTIONS] [-- CMD [ARG ...]]",
         help="run a command in an image, mounted lazily (or pulled eagerly), and time it",
         description=__doc__.split("\n\n", 1)[1].replace("\n", " ") if __doc__ else None,
     )
@@ -148,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.image}: the image has no command; give one after --")
     mode = "eager" if args.eager else "lazy"
     print(
-        f"lazyfs run: {image.pinned} ({image.platform}, {len(image.layers)} layers), {mode}",
+        f"lazyfs run: {image.pinned} ({image.platform}, {count_layers(len(image.layers))}), {mode}",
         file=sys.stderr,
         flush=True,
     )
@@ -193,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 report.layers = _lazy_layers(image, record)
     finally:
         with interrupts_ignored():
-            _teardown(root, work, eager=args.eager)
+            _teardown(root, work, eager=args.eager, relay_log=report.mounted_s > 0)
     sys.stderr.write(format_report(report))
     if args.report:
         Path(args.report).write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -298,9 +301,10 @@ def _eager_layers(pulled: list[PulledLayer]) -> list[LayerReport]:
 # -- teardown -------------------------------------------------------------------------------------
 
 
-def _teardown(root: Path, work: Path, *, eager: bool) -> None:
+def _teardown(root: Path, work: Path, *, eager: bool, relay_log: bool) -> None:
     """Unmount everything (the daemon's way for a lazy run), pass on what the daemon logged
-    as a problem, and delete the scratch directory. Reports failures, never raises."""
+    as a problem (if `relay_log`: a failed start has already said why), and delete the
+    scratch directory. Reports failures, never raises."""
     try:
         record = find_record(root)
         if record is not None:
@@ -310,7 +314,7 @@ def _teardown(root: Path, work: Path, *, eager: bool) -> None:
         print(f"lazyfs run: {exc}", file=sys.stderr)
     log_file = private_dir(root, ".log")
     with contextlib.suppress(FileNotFoundError):
-        for line in log_file.read_text(errors="replace").splitlines():
+        for line in log_file.read_text(errors="replace").splitlines() if relay_log else []:
             if " WARNING " in line or " ERROR " in line or "Traceback" in line:
                 print(f"lazyfs run: daemon: {line}", file=sys.stderr)
         log_file.unlink()

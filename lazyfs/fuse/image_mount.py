@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # EROFS mounts started at once: each reads its superblock (one chunk) through the daemon.
 PARALLEL_LAYER_MOUNTS = 4
+EMPTY_LAYER = "empty"
 UPPER_DIR = "upper"
 WORK_DIR = "work"
 
@@ -111,6 +112,8 @@ async def mount_overlays(
             record.images.append(image)
             write_record(record)
         lowerdirs = [layer_dirs[name] for name in stack_order(image.layers)]
+        if len(lowerdirs) == 1 and image.upperdir is None:
+            lowerdirs.append(_empty_layer(record))
         try:
             await kernel_mount.mount_overlay(
                 lowerdirs, image.mountpoint, upperdir=image.upperdir, workdir=image.workdir
@@ -120,6 +123,16 @@ async def mount_overlays(
                 f"cannot mount overlay at {image.mountpoint}: {exc}"
             ) from None
         log.info("%s: %s (%d layers)", image.mountpoint, image.reference, len(lowerdirs))
+
+
+def _empty_layer(record: MountRecord) -> str:
+    """An empty directory to stack under a lone layer: a read-only overlay needs two lower
+    directories."""
+    assert record.layers_dir is not None
+    path = os.path.join(record.layers_dir, EMPTY_LAYER)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o755)
+    return path
 
 
 def remove_layer_dirs(record: MountRecord) -> None:

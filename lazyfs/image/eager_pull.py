@@ -18,6 +18,7 @@ import trio
 import zstandard
 
 from lazyfs.fetch.registry import RegistryClient
+from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.registry_source import ImageLayer
 
 PARALLEL_DOWNLOADS = 3
@@ -58,7 +59,7 @@ async def pull_layers(
 ) -> list[PulledLayer]:
     """Download (digest and size checked) and decompress `layers` into `directory`; the blobs
     are deleted once decompressed. Returns them in the order given. Raises RegistryError
-    subclasses, zstandard.ZstdError, OSError."""
+    subclasses, LayerOpenError (a blob that does not decompress), OSError."""
     downloads = trio.CapacityLimiter(max(1, parallel))
     decoders = trio.CapacityLimiter(2)
     pulled: dict[str, PulledLayer] = {}
@@ -73,6 +74,8 @@ async def pull_layers(
             downloaded = time.monotonic()
         try:
             size = await trio.to_thread.run_sync(decompress_blob, blob, image, limiter=decoders)
+        except zstandard.ZstdError as exc:
+            raise LayerOpenError(f"layer {layer.digest}: not a zstd stream: {exc}") from None
         finally:
             blob.unlink(missing_ok=True)
         pulled[layer.digest] = PulledLayer(

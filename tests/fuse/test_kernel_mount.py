@@ -167,3 +167,64 @@ def test_overlay_stacks_lower_dirs_read_only(work: Path) -> None:
 
     trio.run(main)
     assert not is_mountpoint(work / "mnt")
+
+
+@pytest.mark.root
+def test_overlay_of_many_layers_names_them_relative_to_their_parent(work: Path) -> None:
+    """Absolute paths of 60 long-named layers do not fit in one page of mount options."""
+    parent = work / ("layers-" + "x" * 60)
+    lowers = []
+    for number in range(60):
+        lower = parent / f"{number:02d}-{'y' * 40}"
+        lower.mkdir(parents=True)
+        (lower / f"only-{number}").write_text(str(number))
+        (lower / "shared").write_text(str(number))
+        lowers.append(str(lower))
+    assert len(overlay_options(lowers)) > kernel_mount.MAX_MOUNT_OPTIONS_BYTES
+
+    async def main() -> None:
+        await kernel_mount.mount_overlay(lowers, str(work / "mnt"))
+        merged = work / "mnt"
+        assert len(os.listdir(merged)) == 61
+        assert (merged / "shared").read_text() == "0"  # the first is on top
+        assert (merged / "only-59").read_text() == "59"
+        await kernel_mount.unmount(str(merged))
+        scattered = [str(work / f"elsewhere-{n}" / ("z" * 80)) for n in range(60)]
+        with pytest.raises(MountError, match="60 layers make"):
+            await kernel_mount.mount_overlay(scattered, str(merged))
+
+    trio.run(main)
+    assert not is_mountpoint(work / "mnt")
+
+
+@pytest.mark.root
+def test_unmount_kernel_mounts_takes_down_image_overlays_and_layer_mounts(
+    work: Path, erofs_image: Path
+) -> None:
+    """An image record: overlays at its mountpoints (recorded or not), EROFS in layers_dir."""
+    from lazyfs.fuse.state import ImageRecord
+
+    layers_dir = work / "layers"
+    (layers_dir / "0").mkdir(parents=True)
+    (layers_dir / "empty").mkdir()
+    second = work / "second"
+    second.mkdir()
+    record = MountRecord(
+        mountpoint=str(work / "mnt"), pid=0, fuse_dir=str(work / "none"),
+        block_files=[str(work / "image.erofs")], layers_dir=str(layers_dir),
+        images=[ImageRecord("r", "sha256:x", "linux/amd64", str(work / "mnt"), ["0"]),
+                ImageRecord("r", "sha256:x", "linux/amd64", str(second), ["0"])],
+    )  # fmt: skip
+
+    async def main() -> None:
+        await kernel_mount.mount_erofs_file_backed(str(work / "image.erofs"), str(layers_dir / "0"))
+        for target in (work / "mnt", second):
+            lowers = [str(layers_dir / "0"), str(layers_dir / "empty")]
+            await kernel_mount.mount_overlay(lowers, str(target))
+        assert kernel_mount.overlays_of(record) == [str(second), str(work / "mnt")]
+        assert kernel_mount.erofs_mounts_of(record) == [str(layers_dir / "0")]
+        await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=False)
+
+    trio.run(main)
+    for path in (work / "mnt", second, layers_dir / "0"):
+        assert not is_mountpoint(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -92,3 +93,42 @@ def test_a_recycled_pid_is_not_the_daemon() -> None:
     assert not daemon_alive(make_record("/mnt/d", pid=0))
     beyond_max = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
     assert not daemon_alive(make_record("/mnt/d", pid=beyond_max))
+
+
+def test_image_records_round_trip_and_are_found_by_any_mountpoint(state_dir: Path) -> None:
+    from lazyfs.fuse.state import ImageRecord, find_record
+
+    record = make_record("/mnt/first")
+    record.layers_dir = "/state/first.layers"
+    record.images = [
+        ImageRecord("reg/app:v1", "sha256:" + "1" * 64, "linux/amd64", "/mnt/first", ["a", "b"]),
+        ImageRecord(
+            "reg/app:v2",
+            "sha256:" + "2" * 64,
+            "linux/amd64",
+            "/mnt/second",
+            ["a"],
+            upperdir="/w/upper",
+            workdir="/w/work",
+        ),
+    ]
+    write_record(record)
+    assert load_record("/mnt/first") == record
+    assert record.mountpoints == ["/mnt/first", "/mnt/second"]
+    assert find_record("/mnt/second") == record
+    assert find_record("/mnt/first/") == record
+    assert find_record("/mnt/third") is None
+    assert load_record("/mnt/second") is None  # one record, under the first mountpoint
+
+
+def test_a_record_from_before_images_still_loads(state_dir: Path) -> None:
+    record = make_record("/mnt/old")
+    path = write_record(record)
+    text = path.read_text()
+    for key in ("images", "layers_dir", "temp_dir"):
+        assert f'"{key}"' in text
+    old = {
+        k: v for k, v in json.loads(text).items() if k not in ("images", "layers_dir", "temp_dir")
+    }
+    path.write_text(json.dumps(old))
+    assert load_record("/mnt/old") == record
