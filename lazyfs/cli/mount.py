@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "read-only unless --writable. The manifest is pinned by digest (printed), and it "
         "authenticates every layer. " + REFERENCE_RULE + " Further IMAGE_REF MOUNTPOINT "
         "pairs mount more images in the same daemon: layers they share are fetched and "
-        "cached once. Runs in the background once mounted.",
+        "cached once (separate mount commands share nothing). Runs in the background once "
+        "mounted.",
     )
     mount.add_argument("source", metavar="SOURCE", help="blob URL or path, or image reference")
     mount.add_argument(
