@@ -93,7 +93,7 @@ def _base_url(name: str, insecure: bool, role: str) -> tuple[str, httpx.URL]:
     validate_registry(host)
     if scheme == "http" and not insecure:
         raise ValueError(
-            f"{role} {name!r}: plain HTTP needs insecure=True (lazyfs --insecure), "
+            f"{role} {name!r}: plain HTTP needs insecure=True (lazyfs --insecure-registry), "
             "even for localhost"
         )
     return host, httpx.URL(f"{scheme}://{host}")
@@ -233,7 +233,7 @@ class RegistrySession:
                     raise RegistryError(
                         f"registry {source.name}: {what}: TLS handshake with {url.host} failed "
                         f"({_describe(error)}); if it serves plain HTTP, pass insecure=True "
-                        "(lazyfs --insecure): plain HTTP is never assumed, not even for "
+                        "(lazyfs --insecure-registry): plain HTTP is never assumed, not even for "
                         "localhost or 127.0.0.1"
                     ) from None
                 last, retry_after_s = _describe(error), None

@@ -66,6 +66,7 @@ class LayerSource:
     verity_offset: int | None = None
     root_digest: str | None = None
     insecure: bool = False
+    expected_size: int | None = None  # the blob size a manifest or descriptor promises
     headers: dict[str, str] = field(default_factory=dict)
     name: str | None = None
     reader_options: dict[str, Any] = field(default_factory=dict)
@@ -220,12 +221,14 @@ def _verify_tree_top(geometry: VerityGeometry, blocks: dict[int, bytes],
     level0_start = geometry.levels[0].payload_offset
     upper = {offset: block for offset, block in blocks.items() if offset < level0_start}
     trusted = verify_hash_blocks(geometry, upper, root, set())
-    verified = {offset: upper[offset] for offset in trusted}
+    upper_verified = {offset: upper[offset] for offset in trusted}
+    verified = dict(upper_verified)
     for offset, block in blocks.items():
         if offset < level0_start:
             continue
         try:
-            verify_hash_blocks(geometry, {**verified, offset: block}, root, trusted)
+            # Each level-0 block is checked against its (verified) parent only.
+            verify_hash_blocks(geometry, {**upper_verified, offset: block}, root, trusted)
         except IntegrityError as exc:
             log.warning("dm-verity level-0 block at payload offset %d does not verify; the "
                         "chunks it covers will fail: %s", offset, exc)
@@ -250,7 +253,7 @@ async def open_layer(
     """
     annotations, descriptor = await resolve_annotations(source)
     _check_trust(source, annotations)
-    expected_size = descriptor.size if descriptor is not None else None
+    expected_size = descriptor.size if descriptor is not None else source.expected_size
     reader = open_blob_reader(source.blob, headers=source.headers,
                               expected_size=expected_size, **source.reader_options)
     try:

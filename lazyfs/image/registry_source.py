@@ -290,7 +290,10 @@ async def layer_sources(
                 chunk_digest=values.chunk_digest,
                 verity_offset=values.verity_offset,
                 root_digest=values.root_digest,
-                insecure=not values.is_trusted,
+                # The manifest is pinned by digest, but a layer it lists without digests for
+                # its metadata still cannot be authenticated: refused like any other.
+                insecure=False,
+                expected_size=layer.size,
                 name=layer.name,
                 reader_options={"auth": auth, "read_timeout": options.timeout_s},
             )

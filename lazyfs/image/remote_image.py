@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_READAHEAD_CHUNKS = 2
 DEFAULT_COALESCE_BYTES = 16 * 1024 * 1024
 DEFAULT_PARALLEL_FETCHES = 4
+READAHEAD_TRIGGER_BYTES = 1024 * 1024
 # After a fetch fails (retries exhausted), further fetches fail at once for this long, so a
 # dead server costs one retry cycle rather than one per chunk a directory walk touches.
 DEFAULT_FAILURE_HOLDOFF_S = 2.0
@@ -76,7 +77,11 @@ class RemoteImage:
         self._failure_holdoff_s = max(0.0, failure_holdoff_s)
         self._failing_until = 0.0
         self._last_fetch_error = ""
-        self._last_chunk_read = -2
+        # Readahead starts once this many bytes were read back to back: a file streamed
+        # in order, not two small files that happen to share a chunk.
+        self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
+        self._last_read_end = -1
+        self._sequential_bytes = 0
         self._content_key: Hashable = metadata.annotations.chunk_digest or (
             "unauthenticated", reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
@@ -99,7 +104,7 @@ class RemoteImage:
         if not indices:
             return b""
         chunks = await self._get_chunks(indices)
-        self._schedule_readahead(indices)
+        self._schedule_readahead(offset, size, indices)
         end = min(offset + size, self.size)
         first = indices[0]
         if len(indices) == 1:
@@ -175,10 +180,14 @@ class RemoteImage:
                 return found
             # Evicted between its load and our wait (a tiny cache): go round again.
 
-    def _schedule_readahead(self, indices: range) -> None:
-        sequential = indices[0] in (self._last_chunk_read, self._last_chunk_read + 1)
-        self._last_chunk_read = indices[-1]
-        if not sequential or not self._readahead_chunks:
+    def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
+        end = min(offset + size, self.size)
+        if offset == self._last_read_end:
+            self._sequential_bytes += end - offset
+        else:
+            self._sequential_bytes = end - offset
+        self._last_read_end = end
+        if self._sequential_bytes < self._readahead_trigger_bytes or not self._readahead_chunks:
             return
         last = min(indices[-1] + self._readahead_chunks, self.metadata.table.chunk_count - 1)
         claimed = [

@@ -230,14 +230,27 @@ def test_coalescing_respects_cap(blob: Path) -> None:
 
 def test_sequential_reads_trigger_readahead(blob: Path) -> None:
     async def body(image: RemoteImage) -> object:
-        await image.read(0, 4096)
-        await image.read(4096, 4096)
+        for offset in range(0, CHUNK, 16384):  # one whole chunk, streamed in order
+            await image.read(offset, 16384)
         await trio.sleep(0.2)
         return image.stats_snapshot()
 
     stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=3)
     assert stats["readahead_chunks"] == 3
     assert stats["chunks_fetched"] == 4
+
+
+def test_small_reads_in_one_chunk_do_not_read_ahead(blob: Path) -> None:
+    async def body(image: RemoteImage) -> object:
+        await image.read(0, 4096)
+        await image.read(4096, 4096)
+        await image.read(20000, 4096)
+        await trio.sleep(0.1)
+        return image.stats_snapshot()
+
+    stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=3)
+    assert stats["readahead_chunks"] == 0
+    assert stats["chunks_fetched"] == 1
 
 
 def test_random_reads_do_not_read_ahead(blob: Path) -> None:
