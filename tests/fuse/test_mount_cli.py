@@ -430,8 +430,10 @@ def test_foreground_mount_stops_on_sigint(
         "mount", "--foreground", str(vectors_dir / "basic-noverity.blob"), str(mountpoint)
     )
     try:
+        # Ready, not merely mounted: a signal before readiness is a failed start (exit 2).
         wait_until(
-            lambda: os.path.ismount(mountpoint) or process.poll() is not None,
+            lambda: bool((lazyfs.record(mountpoint) or {}).get("ready"))
+            or process.poll() is not None,
             "the foreground mount",
         )
         assert process.poll() is None, process.communicate()
