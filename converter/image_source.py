@@ -351,7 +351,7 @@ def classify_path(path: Path) -> str | None:
 
 def _split(src: str) -> tuple[Path, str | None, str] | None:
     """(path, name, kind) when `src` is an image on disk, as PATH or PATH:NAME."""
-    candidates = [(src, None)] if os.path.lexists(src) else []
+    candidates: list[tuple[str, str | None]] = [(src, None)] if os.path.lexists(src) else []
     candidates += [(src[:i], src[i + 1:] or None) for i, c in enumerate(src) if c == ":" and i]
     for head, name in candidates:
         if os.path.exists(head):

@@ -19,7 +19,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, Self, cast
 
 import zstandard
 
@@ -166,7 +166,9 @@ def open_tar_stream(path: Path, kind: SourceKind | None = None) -> BinaryIO:
     if kind is SourceKind.TAR:
         return raw
     if kind is SourceKind.TAR_GZIP:
-        return _ClosingGzip(raw)
+        # GzipFile is a BufferedIOBase: it has every BinaryIO method the callers use, but
+        # typeshed does not declare it a BinaryIO (nor the zstd reader below).
+        return cast(BinaryIO, _ClosingGzip(raw))
     reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
     return cast(BinaryIO, reader)
 
@@ -179,19 +181,26 @@ class _BrokenTarError(Exception):
     truncation or a corrupt header as a normal end of the archive."""
 
 
+# tarfile's header exceptions are private, so typeshed does not declare them.
+_EOFHeaderError: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_EmptyHeaderError: type[Exception] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
+_TruncatedHeaderError: type[Exception] = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+_InvalidHeaderError: type[Exception] = tarfile.InvalidHeaderError  # type: ignore[attr-defined]
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
         offset = tarfile_.offset
         try:
             return super().fromtarfile(tarfile_)
-        except tarfile.EOFHeaderError:
+        except _EOFHeaderError:
             raise  # a zero block: the regular end of the archive
-        except tarfile.EmptyHeaderError:
+        except _EmptyHeaderError:
             raise _BrokenTarError(
                 f"archive ends at offset {offset} without an end-of-archive marker (truncated?)"
             ) from None
-        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+        except (_TruncatedHeaderError, _InvalidHeaderError) as e:
             raise _BrokenTarError(f"bad tar header at offset {offset}: {e}") from None
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -200,7 +209,9 @@ class _StrictTarInfo(tarfile.TarInfo):
                 f"metadata header of {self.size} bytes at offset {self.offset} is larger than "
                 f"the {_MAX_META_HEADER_BYTES} byte limit"
             )
-        return super()._proc_member(tarfile_)
+        # A private tarfile hook (the one place every header passes), absent from typeshed.
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
 
 
 def iter_layer(stream: BinaryIO) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
@@ -230,7 +241,8 @@ def iter_layer(stream: BinaryIO) -> Iterator[tuple[tarfile.TarFile, tarfile.TarI
             if member is None:
                 break
             # tarfile keeps every member it has read; a stream needs none of them.
-            archive.members.clear()
+            # `members` is undocumented, so typeshed omits it; getmembers() would read ahead.
+            archive.members.clear()  # type: ignore[attr-defined]
             yield archive, member
             last = member.name
     try:
