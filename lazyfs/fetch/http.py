@@ -207,7 +207,7 @@ class HttpRangeReader:
         raise FetchError(f"{what}: failed after {self._max_retries + 1} attempts; last: {last}")
 
     def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
-        delay_s = min(_MAX_BACKOFF_S, self._backoff_base * 2 ** (attempt - 1))
+        delay_s = min(_MAX_BACKOFF_S, self._backoff_base * 2.0 ** (attempt - 1))
         delay_s *= 0.5 + random.random()
         if retry_after_s is not None:
             delay_s = max(delay_s, min(retry_after_s, _RETRY_AFTER_CAP_S))

@@ -133,11 +133,11 @@ def _entry_credentials(entry: dict[str, Any], where: str) -> Credentials | None:
         if not sep or not username:
             raise DockerConfigError(f"{where}.auth does not decode to 'user:password'")
         return Credentials(username, password)
-    username, password = entry.get("username"), entry.get("password")
-    if username and password:
-        if not isinstance(username, str) or not isinstance(password, str):
+    name, secret = entry.get("username"), entry.get("password")
+    if name and secret:
+        if not isinstance(name, str) or not isinstance(secret, str):
             raise DockerConfigError(f"{where}: username and password must be strings")
-        return Credentials(username, password)
+        return Credentials(name, secret)
     return None
 
 
@@ -251,7 +251,7 @@ class RegistryAuth(httpx.Auth):
 
     async def async_auth_flow(
         self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response, None]:
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         # Only token responses are read here: a streamed blob body must stay unread.
         flow = self._flow(request)
         try:
@@ -273,9 +273,8 @@ class RegistryAuth(httpx.Auth):
         fresh_scopes: tuple[str, ...] | None = None
         header = self._cached_header(scope)
         if header is None and self._bearer is not None and scope is not None:
-            realm, service = self._bearer
             fresh_scopes = tuple(scope.split())
-            token = yield from self._fetch_token(realm, service, fresh_scopes, scope)
+            token = yield from self._fetch_token(*self._bearer, fresh_scopes, scope)
             header = f"Bearer {token}"
         if header is not None:
             request.headers["Authorization"] = header
@@ -337,7 +336,7 @@ class RegistryAuth(httpx.Auth):
             params.append(("account", self.credentials.username))
             headers["Authorization"] = self.credentials.basic_header()
         self.token_requests += 1
-        url = realm_url.copy_merge_params(httpx.QueryParams(params))
+        url = realm_url.copy_merge_params(httpx.QueryParams(tuple(params)))
         token_request = httpx.Request("GET", url, headers=headers)
         response = yield token_request, True
         who = f"user {self.credentials.username!r}" if self.credentials else "anonymous access"

@@ -63,8 +63,9 @@ async def push_blob(
     Raises ValueError for bytes that do not hash to `digest`, RegistryError subclasses.
     """
     blob_path(repository, digest)  # validates both
+    data: bytes | None
     if isinstance(data_or_path, bytes | bytearray | memoryview):
-        data: bytes | None = bytes(data_or_path)
+        data = bytes(data_or_path)
         actual = await session.hash(data, algorithm_of(digest))
         if actual != digest:
             raise ValueError(f"blob for {repository}@{digest}: data has digest {actual}")

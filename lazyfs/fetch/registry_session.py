@@ -287,7 +287,7 @@ class RegistrySession:
 
     def delay_s(self, attempt: int, retry_after_s: float | None) -> float:
         """How long to wait before retry number `attempt` (1 for the first retry)."""
-        delay_s = min(_MAX_BACKOFF_S, self._backoff_s * 2 ** (attempt - 1))
+        delay_s = min(_MAX_BACKOFF_S, self._backoff_s * 2.0 ** (attempt - 1))
         delay_s *= 0.5 + random.random()
         if retry_after_s is not None:
             delay_s = max(delay_s, min(retry_after_s, _RETRY_AFTER_CAP_S))
