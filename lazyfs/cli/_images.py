@@ -106,6 +106,7 @@ def resolve_images(
         images: list[ResolvedImage] = []
         sources: dict[str, LayerSource] = {}
         sizes: dict[str, int] = {}
+        names: list[str] = []  # the mount's name of each distinct layer
         for text, reference in zip(references, parsed, strict=True):
             try:
                 async with options.client(reference.registry) as client:
@@ -124,8 +125,8 @@ def resolve_images(
             for layer, source in zip(wanted, found, strict=True):
                 sources[layer.digest] = source
                 sizes[layer.name] = layer.size
+                names.append(layer.name)
             images.append(image)
-        names = [source.name for source in sources.values()]
         if len(set(names)) != len(names):
             raise UserError(f"layers of different digests share a name: {sorted(names)}")
         return ImageSet(images, list(sources.values()), sizes)

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NotRequired, TypedDict
 
 from lazyfs.blob_locate import find_descriptor, read_metadata, scan_annotations
 from lazyfs.cli import UserError
@@ -54,6 +54,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Region(TypedDict):
+    """One entry of the `layout` of `describe`, in blob order."""
+
+    what: str
+    offset: int
+    size: int
+    frames: NotRequired[int]  # data frames only
+
+
 def describe(blob: Path, descriptor: LayerDescriptor | None) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data. Raises FormatError, OSError."""
     with open(blob, "rb") as f:
@@ -75,7 +84,7 @@ def describe(blob: Path, descriptor: LayerDescriptor | None) -> dict[str, Any]:
         for start, end in [metadata.frame_range(index)]
     ]
     sizes = [frame["size"] for frame in frames]
-    regions = [{"what": "data frames", "offset": 0, "size": metadata.data_end,
+    regions: list[_Region] = [{"what": "data frames", "offset": 0, "size": metadata.data_end,
                 "frames": table.chunk_count},
                {"what": "chunk table frame", "offset": annotations.chunk_table_offset,
                 "size": SKIPPABLE_HEADER_SIZE + len(metadata.table_payload)}]
