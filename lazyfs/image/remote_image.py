@@ -153,6 +153,9 @@ class RemoteImage:
                 if index in found:
                     continue
                 if index in self._bad_chunks:
+                    # Chunks claimed before this one must still be loaded: others may wait.
+                    for run in self._runs(claimed):
+                        self._nursery.start_soon(self._load_run, run, "read")
                     raise ImageReadError(f"chunk {index} failed verification earlier")
                 data = self.cache.get(self._key(index))
                 if data is not None:
@@ -213,15 +216,20 @@ class RemoteImage:
 
     async def _load_run(self, run: list[int], reason: str) -> None:
         """Fetch, verify and decode adjacent chunks; complete or fail every claimed key."""
+        unresolved = set(run)
         try:
             async with self._fetch_limiter:
-                await self._fetch_and_verify(run, reason)
+                await self._fetch_and_verify(run, reason, unresolved)
         finally:
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
-            for index in run:
+            # Only keys this run still holds: one it completed may be claimed anew by now.
+            for index in sorted(unresolved):
                 self.cache.fail(self._key(index), ImageReadError(f"chunk {index} not loaded"))
 
-    async def _fetch_and_verify(self, run: list[int], reason: str) -> None:
+    async def _fetch_and_verify(self, run: list[int], reason: str,
+                                unresolved: set[int]) -> None:
+        """Load `run`, removing from `unresolved` each index whose key was completed or
+        failed (after that, the key may belong to another loader)."""
         start = self.metadata.frame_range(run[0])[0]
         end = self.metadata.frame_range(run[-1])[1]
         began = time.monotonic()
@@ -265,9 +273,11 @@ class RemoteImage:
                 )
             except FormatError as exc:
                 self._mark_bad([index], str(exc))
+                unresolved.discard(index)
                 continue
             self.stats.chunks_fetched.add(index)
             self.cache.complete(self._key(index), data)
+            unresolved.discard(index)
             self._record(chunk=index, event=reason, bytes=len(frame),
                          latency_ms=round(latency * 1000, 3))
 

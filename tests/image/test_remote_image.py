@@ -335,3 +335,65 @@ def test_vectors_read_back(vectors_dir: Path) -> None:
             descriptor.name.replace(".descriptor.json", ".files.json")).read_text())
         data = run_with_layer(LayerSource(str(blob_path)), read_all)
         assert hashlib.sha256(data).hexdigest() == listing["raw_erofs_sha256"]
+
+
+def test_read_spanning_a_bad_chunk_leaves_no_claim_behind(blob: Path) -> None:
+    """A read that fails on a chunk remembered as bad must not leave the chunks before it
+    claimed: a later read of those would wait for a load nobody started, forever."""
+
+    async def body(image: RemoteImage) -> object:
+        start, end = image.metadata.frame_range(1)
+        flip_byte(blob, (start + end) // 2)  # the reader holds the same file open
+        with pytest.raises(ImageReadError):
+            await image.read(CHUNK, 10)
+        with pytest.raises(ImageReadError):
+            await image.read(0, 2 * CHUNK)  # chunk 0 is missing, chunk 1 is bad
+        with trio.fail_after(5):
+            return await image.read(0, 10)
+
+    assert run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0) == IMAGE[:10]
+
+
+def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
+    blob: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk completed early in a run and gone from the cache (here: a cache too small to
+    keep it) may be claimed again while the run still decodes its other chunks; the run's
+    end must not fail that newer load, whose own completion would then find no claim."""
+    from lazyfs.image import remote_image
+
+    real = remote_image._verify_and_decode
+    decodes: list[int] = []
+
+    def slow(metadata: Any, blocks: Any, chunk_index: int, frame: bytes, offset: int) -> bytes:
+        import time
+
+        decodes.append(chunk_index)
+        if chunk_index == 1:
+            time.sleep(0.3)  # the run [0, 1] is still busy after chunk 0 completed
+        elif decodes.count(0) == 2:
+            time.sleep(0.8)  # the second load of chunk 0 outlasts the run
+        return real(metadata, blocks, chunk_index, frame, offset)
+
+    monkeypatch.setattr(remote_image, "_verify_and_decode", slow)
+
+    async def body(image: RemoteImage) -> object:
+        results: dict[str, bytes] = {}
+
+        async def first() -> None:
+            results["first"] = await image.read(0, 2 * CHUNK)
+
+        async def second() -> None:
+            while 0 not in image.stats.chunks_fetched:
+                await trio.sleep(0.01)
+            results["second"] = await image.read(0, 10)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                nursery.start_soon(second)
+            await trio.sleep(1)  # the second load completes in the background nursery
+        return results
+
+    results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, readahead_chunks=0)
+    assert results == {"first": IMAGE[:2 * CHUNK], "second": IMAGE[:10]}
