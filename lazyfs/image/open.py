@@ -19,6 +19,7 @@ import trio
 from lazyfs.fetch.base import BlobReader
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.local import open_blob_reader
+from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_DIGEST,
     ANNOTATION_CHUNK_TABLE_OFFSET,
@@ -158,6 +159,24 @@ def _check_trust(source: LayerSource, annotations: SeekableAnnotations) -> None:
     )
 
 
+def _check_data_trust(source: LayerSource, annotations: SeekableAnnotations,
+                      metadata: BlobMetadata) -> None:
+    """Refuse a layer whose chunk table lists no frame hashes when no dm-verity root
+    authenticates its data either: a trusted table then vouches for no byte."""
+    if metadata.table.hash_algorithm != HASH_NONE or metadata.root is not None:
+        return
+    if source.insecure:
+        if annotations.is_trusted:  # otherwise _check_trust has warned already
+            log.warning("%s: its chunk table lists no frame hashes and it has no dm-verity "
+                        "root: its bytes are NOT authenticated (--insecure)", source.blob)
+        return
+    raise UntrustedLayerError(
+        f"{source.blob}: refusing to mount: its chunk table lists no frame hashes and no "
+        "dm-verity root digest authenticates its data (give --insecure to mount unverified "
+        "data)"
+    )
+
+
 async def load_metadata(reader: BlobReader, annotations: SeekableAnnotations,
                         blob_size: int) -> BlobMetadata:
     """Fetch the chunk table and verity superblock (one request when they are adjacent)."""
@@ -259,6 +278,7 @@ async def open_layer(
     try:
         blob_size = await reader.open()
         metadata = await load_metadata(reader, annotations, blob_size)
+        _check_data_trust(source, annotations, metadata)
         tree_blocks = await load_tree_top(reader, metadata)
         name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
         return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,

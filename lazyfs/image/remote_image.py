@@ -18,7 +18,7 @@ import trio
 
 from lazyfs.fetch.base import BlobReader
 from lazyfs.fetch.errors import FetchError
-from lazyfs.format.chunk_table import verify_frame
+from lazyfs.format.chunk_table import HASH_NONE, verify_frame
 from lazyfs.format.errors import FormatError
 from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
@@ -82,8 +82,7 @@ class RemoteImage:
         self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
         self._last_read_end = -1
         self._sequential_bytes = 0
-        self._content_key: Hashable = metadata.annotations.chunk_digest or (
-            "unauthenticated", reader.source)
+        self._content_key: Hashable = _content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
         table = metadata.table
         geometry = metadata.verity
@@ -346,6 +345,21 @@ class RemoteImage:
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
             self._trace.record(layer=self.name, **fields)
+
+
+def _content_key(metadata: BlobMetadata, source: str) -> Hashable:
+    """What names this layer's decoded chunks in the shared cache: a digest that
+    authenticates them, else the blob itself (nothing shared)."""
+    annotations = metadata.annotations
+    if annotations.chunk_digest is None:
+        return ("unauthenticated", source)
+    if metadata.table.hash_algorithm == HASH_NONE:
+        # The table then lists no frame hashes: equal tables (equal frame sizes) say nothing
+        # of the bytes; only the verity root names them.
+        if annotations.root_digest is None:
+            return ("unauthenticated", source)
+        return (annotations.chunk_digest, annotations.root_digest)
+    return annotations.chunk_digest
 
 
 def _messages(group: BaseExceptionGroup | None) -> str:

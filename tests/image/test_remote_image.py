@@ -397,3 +397,57 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
 
     results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, readahead_chunks=0)
     assert results == {"first": IMAGE[:2 * CHUNK], "second": IMAGE[:10]}
+
+
+def _hashless_blob(directory: Path, image: bytes, name: str, verity: bool) -> LayerSource:
+    """A blob whose chunk table carries no frame hashes (algorithm 0), named by annotations."""
+    from lazyfs.format.chunk_table import HASH_NONE
+    from tests.format import build_blob, make_superblock
+
+    built = build_blob(image, chunk_size=4096, hash_algorithm=HASH_NONE,
+                       verity=make_superblock(len(image)) if verity else None)
+    path = directory / f"{name}.blob"
+    path.write_bytes(built.blob)
+    a = built.annotations
+    return LayerSource(str(path), chunk_table_offset=a.chunk_table_offset,
+                       chunk_digest=a.chunk_digest, verity_offset=a.verity_offset,
+                       root_digest=a.root_digest, name=name)
+
+
+def test_frames_without_hashes_and_without_verity_are_untrusted(tmp_path: Path) -> None:
+    """A chunk digest pins a table that authenticates nothing when it lists no frame hashes:
+    without a verity root no byte of such a layer can be checked."""
+    image = make_image_bytes(3 * 4096 + 100)
+    source = _hashless_blob(tmp_path, image, "bare", verity=False)
+    with pytest.raises(UntrustedLayerError, match="frame hashes"):
+        run_with_layer(source, read_all)
+    source.insecure = True
+    assert run_with_layer(source, read_all) == image
+
+
+def test_hashless_layers_with_equal_tables_do_not_share_cached_chunks(tmp_path: Path) -> None:
+    """Without frame hashes the chunk table does not name the content (equal frame sizes give
+    equal tables): one layer's chunks must not be served as another's, unchecked by its root."""
+    import random
+
+    size = 3 * 4096
+    first = random.Random(1).randbytes(size)  # incompressible: frames of equal size
+    second = random.Random(2).randbytes(size)
+    source_a = _hashless_blob(tmp_path, first, "a", verity=True)
+    source_b = _hashless_blob(tmp_path, second, "b", verity=True)
+    assert source_a.chunk_digest == source_b.chunk_digest
+    assert source_a.root_digest != source_b.root_digest
+
+    async def main() -> tuple[bytes, bytes]:
+        cache = ChunkCache(1 << 20)
+        async with trio.open_nursery() as nursery:
+            image_a = await open_layer(source_a, cache=cache, nursery=nursery)
+            image_b = await open_layer(source_b, cache=cache, nursery=nursery)
+            try:
+                return await read_all(image_a), await read_all(image_b)
+            finally:
+                await image_a.aclose()
+                await image_b.aclose()
+                nursery.cancel_scope.cancel()
+
+    assert trio.run(main) == (first, second)
