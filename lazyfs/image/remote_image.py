@@ -233,6 +233,7 @@ class RemoteImage:
         end = self.metadata.frame_range(run[-1])[1]
         began = time.monotonic()
         blob = b""
+        tree_failures: dict[int, str] = {}
 
         async def fetch_frames() -> None:
             nonlocal blob
@@ -241,7 +242,7 @@ class RemoteImage:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fetch_frames)
-                nursery.start_soon(self._ensure_tree_blocks, run)
+                nursery.start_soon(self._ensure_tree_blocks, run, tree_failures)
         except BaseExceptionGroup as group:
             fetch_errors, rest = group.split(FetchError)
             format_errors, rest = rest.split(FormatError) if rest is not None else (None, None)
@@ -261,7 +262,12 @@ class RemoteImage:
         latency = time.monotonic() - began
         self.stats.fetch_latency.add(latency)
         self.stats.chunk_fetches += 1
+        for index, message in sorted(tree_failures.items()):
+            self._mark_bad([index], f"dm-verity tree: {message}")
+            unresolved.discard(index)
         for index in run:
+            if index in tree_failures:
+                continue
             frame_start, frame_end = self.metadata.frame_range(index)
             frame = blob[frame_start - start:frame_end - start]
             try:
@@ -298,8 +304,12 @@ class RemoteImage:
                 for offset in self._hash_blocks_for([chunk_index])
                 if offset in self._tree_blocks}
 
-    async def _ensure_tree_blocks(self, run: list[int]) -> None:
-        """Fetch and authenticate the hash blocks covering `run` that are not yet verified."""
+    async def _ensure_tree_blocks(self, run: list[int], failures: dict[int, str]) -> None:
+        """Fetch and authenticate the hash blocks covering `run` that are not yet verified.
+
+        For a run of several chunks, those whose blocks do not verify are put in `failures`
+        (index: reason) and the others stay usable; for a single chunk, raises IntegrityError.
+        """
         needed = self._hash_blocks_for(run)
         missing = [offset for offset in needed if offset not in self._tree_blocks]
         if not missing:
@@ -319,10 +329,25 @@ class RemoteImage:
                  if offset in self._tree_blocks}
         candidates = {**known, **fetched}
         root = self.metadata.root
-        newly = await trio.to_thread.run_sync(
-            verify_hash_blocks, geometry, candidates, root, set(known),
-            limiter=self._cpu_limiter,
-        )
+        try:
+            newly = await trio.to_thread.run_sync(
+                verify_hash_blocks, geometry, candidates, root, set(known),
+                limiter=self._cpu_limiter,
+            )
+        except FormatError:
+            if len(run) == 1:
+                raise
+            # One bad block must not condemn the chunks of the run it does not cover.
+            newly = set()
+            for index in run:
+                own = {offset: candidates[offset] for offset in self._hash_blocks_for([index])}
+                try:
+                    newly |= await trio.to_thread.run_sync(
+                        verify_hash_blocks, geometry, own, root, set(known),
+                        limiter=self._cpu_limiter,
+                    )
+                except FormatError as exc:
+                    failures[index] = str(exc)
         for offset in newly:
             self._tree_blocks[offset] = candidates[offset]
 

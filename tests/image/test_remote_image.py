@@ -451,3 +451,22 @@ def test_hashless_layers_with_equal_tables_do_not_share_cached_chunks(tmp_path: 
                 nursery.cancel_scope.cancel()
 
     assert trio.run(main) == (first, second)
+
+
+def test_corrupt_tree_block_fails_only_its_chunks_of_a_coalesced_run(tmp_path: Path) -> None:
+    """A run of adjacent chunks (a long read, readahead) whose tree blocks include a bad one
+    fails the chunks that block covers; the others verify and stay readable."""
+    image_bytes = make_image_bytes(2 * 1024 * 1024, seed=7)
+    blob_path, result = write_blob(tmp_path, image_bytes, chunk_size=CHUNK)
+    verity_payload = result.annotations.verity_offset + SKIPPABLE_HEADER_SIZE
+    # Level-0 block 2 (after the superblock block and level 1) covers chunks 8-11.
+    flip_byte(blob_path, verity_payload + 4096 * (2 + 2) + 10)
+
+    async def body(image: RemoteImage) -> object:
+        with pytest.raises(ImageReadError):
+            await image.read(11 * CHUNK, 2 * CHUNK)  # chunks 11 and 12, fetched as one run
+        return await image.read(12 * CHUNK, CHUNK), image.stats_snapshot()["bad_chunks"]
+
+    data, bad = run_with_layer(LayerSource(str(blob_path)), body, readahead_chunks=0)
+    assert data == image_bytes[12 * CHUNK:13 * CHUNK]
+    assert bad == [11]
