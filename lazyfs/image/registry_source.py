@@ -290,9 +290,9 @@ async def layer_sources(
                 chunk_digest=values.chunk_digest,
                 verity_offset=values.verity_offset,
                 root_digest=values.root_digest,
-                # The manifest is pinned by digest, but a layer it lists without digests for
-                # its metadata still cannot be authenticated: refused like any other.
-                insecure=False,
+                # resolve_image has already refused an unauthenticated layer unless the user
+                # asked for --insecure; such a layer reaching here is one they accepted.
+                insecure=not values.is_trusted,
                 expected_size=layer.size,
                 name=layer.name,
                 reader_options={"auth": auth, "read_timeout": options.timeout_s},

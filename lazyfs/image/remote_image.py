@@ -28,7 +28,7 @@ from lazyfs.format.verity_tree import (
     verify_hash_blocks,
 )
 from lazyfs.image.cache import ChunkCache
-from lazyfs.image.errors import ImageReadError
+from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.stats import ImageStats, TraceWriter
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,11 @@ class RemoteImage:
         table = metadata.table
         geometry = metadata.verity
         if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
-            raise ValueError("chunk size must be a multiple of the verity data block size")
+            raise LayerOpenError(
+                f"{reader.source}: chunk size {table.chunk_size} is not a multiple of the "
+                f"dm-verity block size {geometry.superblock.data_block_size}: blocks would "
+                "straddle chunks, which lazy reads do not support (`lazyfs unpack` reads it)"
+            )
 
     @property
     def size(self) -> int:
@@ -105,13 +109,13 @@ class RemoteImage:
         chunks = await self._get_chunks(indices)
         self._schedule_readahead(offset, size, indices)
         end = min(offset + size, self.size)
-        first = indices[0]
-        if len(indices) == 1:
-            base = first * table.chunk_size
-            return chunks[first][offset - base:end - base]
-        joined = b"".join(chunks[index] for index in indices)
-        base = first * table.chunk_size
-        return joined[offset - base:end - base]
+        # Copy only the requested bytes of each chunk, not whole chunks.
+        pieces = []
+        for index in indices:
+            base = index * table.chunk_size
+            view = memoryview(chunks[index])
+            pieces.append(view[max(offset - base, 0):min(end - base, len(view))])
+        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
     def stats_snapshot(self) -> dict[str, Any]:
         fetch_stats = self.reader.stats

@@ -470,3 +470,12 @@ def test_corrupt_tree_block_fails_only_its_chunks_of_a_coalesced_run(tmp_path: P
     data, bad = run_with_layer(LayerSource(str(blob_path)), body, readahead_chunks=0)
     assert data == image_bytes[12 * CHUNK:13 * CHUNK]
     assert bad == [11]
+
+
+def test_chunks_not_aligned_to_verity_blocks_are_refused_clearly(tmp_path: Path) -> None:
+    blob_path = write_blob(tmp_path, IMAGE[:100_000], chunk_size=6000)[0]
+    with pytest.raises(LayerOpenError, match="not a multiple of the dm-verity block size"):
+        run_with_layer(LayerSource(str(blob_path)), read_all)
+    unverified = write_blob(tmp_path, IMAGE[:100_000], name="plain", chunk_size=6000,
+                            verity=False)[0]
+    assert run_with_layer(LayerSource(str(unverified)), read_all) == IMAGE[:100_000]
