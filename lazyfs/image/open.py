@@ -82,23 +82,31 @@ def descriptor_candidates(blob: str) -> list[str]:
     return descriptor_path_candidates(blob.partition("?")[0])
 
 
+async def _fetch_descriptor(url: str, headers: dict[str, str]) -> bytes | None:
+    """GET a descriptor, reading at most MAX_DESCRIPTOR_BYTES of it; None on 404."""
+    async with httpx.AsyncClient(follow_redirects=True, timeout=10) as client, \
+            client.stream("GET", url, headers=headers) as response:
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise FetchError(f"{url}: descriptor fetch failed (HTTP {response.status_code})")
+        body = bytearray()
+        async for piece in response.aiter_bytes():
+            body += piece
+            if len(body) > MAX_DESCRIPTOR_BYTES:
+                raise DescriptorError(f"{url}: descriptor larger than 1 MiB")
+        return bytes(body)
+
+
 async def _read_text(location: str, headers: dict[str, str]) -> bytes | None:
     """Read a small descriptor from a path or URL; None if it does not exist."""
     if "://" in location and not location.startswith("file://"):
         try:
             with trio.fail_after(DESCRIPTOR_TIMEOUT_S):
-                async with httpx.AsyncClient(follow_redirects=True, timeout=10) as client:
-                    response = await client.get(location, headers=headers)
+                return await _fetch_descriptor(location, headers)
         except (httpx.HTTPError, trio.TooSlowError) as exc:
             raise FetchError(f"{location}: cannot fetch descriptor: {exc or type(exc).__name__}"
                              ) from None
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise FetchError(f"{location}: descriptor fetch failed (HTTP {response.status_code})")
-        if len(response.content) > MAX_DESCRIPTOR_BYTES:
-            raise DescriptorError(f"{location}: descriptor larger than 1 MiB")
-        return response.content
     path = location.removeprefix("file://")
 
     def load() -> bytes | None:

@@ -1,0 +1,67 @@
+"""open_layer against a real nginx: descriptors found beside the blob by URL, and bounded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from lazyfs.format.descriptor import DescriptorError
+from lazyfs.image.cache import ChunkCache
+from lazyfs.image.errors import LayerOpenError
+from lazyfs.image.open import LayerSource, open_layer
+from tests.image.helpers import make_image_bytes, write_blob
+from tests.support import nginx
+
+nginx_server = nginx.nginx_server
+StartNginx = Callable[[Path], nginx.NginxServer]
+pytestmark = pytest.mark.network
+IMAGE = make_image_bytes(300_000, seed=11)
+
+
+def open_and_read(url: str) -> bytes:
+    async def main() -> bytes:
+        async with trio.open_nursery() as nursery:
+            image = await open_layer(LayerSource(url), cache=ChunkCache(1 << 20), nursery=nursery)
+            try:
+                return await image.read(0, image.size)
+            finally:
+                await image.aclose()
+                nursery.cancel_scope.cancel()
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        raise group from None
+
+
+def test_descriptor_beside_the_blob_url(tmp_path: Path, nginx_server: StartNginx) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=65536)
+    server = nginx_server(tmp_path)
+    assert open_and_read(server.url + "layer.blob") == IMAGE
+
+
+def test_missing_descriptor_url_names_what_was_tried(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=65536)
+    (tmp_path / "layer.descriptor.json").unlink()
+    server = nginx_server(tmp_path)
+    with pytest.raises(LayerOpenError, match=r"layer\.descriptor\.json"):
+        open_and_read(server.url + "layer.blob")
+
+
+def test_oversized_descriptor_is_refused_without_reading_it_all(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=65536)
+    (tmp_path / "layer.descriptor.json").write_bytes(b" " * (8 * 1024 * 1024))
+    server = nginx_server(tmp_path)
+    with pytest.raises(DescriptorError, match="larger than 1 MiB"):
+        open_and_read(server.url + "layer.blob")
+    sent = [line for line in server.access_lines() if "descriptor" in line]
+    assert sent and all(int(line.split()[-1]) < 8 * 1024 * 1024 for line in sent), sent
