@@ -2,8 +2,8 @@
 
 SRC is a directory, a tar layer (plain, gzip or zstd, told apart by content) or a raw EROFS
 image. Also home of the small helpers the other blob commands share: size parsing and
-printing, and a progress line on stderr (drawn only on a terminal; a dozen lines do not
-justify a dependency).
+printing, finding a blob's descriptor, and a progress line on stderr (drawn only on a
+terminal; a dozen lines do not justify a dependency).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
+from lazyfs.blob_locate import find_descriptor
 from lazyfs.cli import UserError
 
 if TYPE_CHECKING:
     from converter.layer import ConvertOptions, ConvertResult
+    from lazyfs.format.descriptor import LayerDescriptor
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -121,6 +123,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def blob_descriptor(blob: Path, explicit: Path | None) -> tuple[LayerDescriptor | None,
+                                                                Path | None]:
+    """`find_descriptor` for a command: the descriptor and its path, or (None, None).
+    Raises UserError when the descriptor cannot be read."""
+    try:
+        return find_descriptor(blob, explicit)
+    except OSError as exc:
+        raise UserError(f"{exc.filename}: cannot read descriptor: {exc.strerror}") from None
 
 
 # --- convert -----------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 from lazyfs.blob_check import unpack_blob
-from lazyfs.blob_locate import find_descriptor
 from lazyfs.cli import UserError
-from lazyfs.cli.convert import ProgressLine, sigterm_as_interrupt
+from lazyfs.cli.convert import ProgressLine, blob_descriptor, sigterm_as_interrupt
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,10 +30,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        descriptor, descriptor_path = find_descriptor(args.blob, args.descriptor)
-    except OSError as exc:
-        raise UserError(f"{exc.filename}: cannot read descriptor: {exc.strerror}") from None
+    descriptor, descriptor_path = blob_descriptor(args.blob, args.descriptor)
     if descriptor is None:
         print(f"lazyfs unpack: warning: no descriptor for {args.blob}: checked for "
               "consistency only, NOT AUTHENTICATED", file=sys.stderr)

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazyfs.blob_check import BlobReport, check_blob
-from lazyfs.blob_locate import find_descriptor
 from lazyfs.cli import UserError
-from lazyfs.cli.convert import ProgressLine, sigterm_as_interrupt, write_stdout
+from lazyfs.cli.convert import ProgressLine, blob_descriptor, sigterm_as_interrupt, write_stdout
 
 if TYPE_CHECKING:
     from converter.tree import TreeEntry
@@ -70,10 +69,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        descriptor, descriptor_path = find_descriptor(args.blob, args.descriptor)
-    except OSError as exc:
-        raise UserError(f"{exc.filename}: cannot read descriptor: {exc.strerror}") from None
+    descriptor, descriptor_path = blob_descriptor(args.blob, args.descriptor)
     expected = _expected_tree(args.against) if args.against is not None else None
     outcome = _Outcome()
     with tempfile.TemporaryDirectory(prefix="lazyfs-verify-") as work_dir:
