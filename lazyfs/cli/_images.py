@@ -1,5 +1,6 @@
 """What `lazyfs mount` and `lazyfs run` share for images in registries: the registry options,
-resolving references to pinned manifests, and the layers one daemon serves for them."""
+resolving references to pinned manifests, the layers one daemon serves for them, and the
+checks of the options both give a mount (cache size, writable directory)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.cli import UserError
+from lazyfs.cli.convert import parse_size
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.oci import Platform, parse_platform
 from lazyfs.fetch.reference import DOCKER_HUB, parse_reference
 from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.fuse import kernel_mount
+from lazyfs.fuse.image_mount import writable_dirs
+from lazyfs.fuse.state import ImageRecord
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import (
     RegistryOptions,
@@ -58,6 +63,41 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
 
 def count_layers(count: int) -> str:
     return f"{count} layer" if count == 1 else f"{count} layers"
+
+
+def cache_size_of(args: argparse.Namespace) -> int:
+    """--cache-size in bytes. Raises UserError."""
+    cache_size = parse_size(args.cache_size, "--cache-size")
+    if cache_size <= 0:
+        raise UserError("--cache-size must be positive")
+    return cache_size
+
+
+def writable_upper(directory: str) -> tuple[str, str]:
+    """The (upper, work) directories of --writable DIR, created if missing. Raises UserError."""
+    try:
+        return writable_dirs(kernel_mount.canonical(directory))
+    except OSError as exc:
+        raise UserError(f"--writable {directory}: {exc.strerror}") from None
+
+
+def image_record(
+    reference: str,
+    image: ResolvedImage,
+    mountpoint: str,
+    upperdir: str | None,
+    workdir: str | None,
+) -> ImageRecord:
+    """The mount's record of `image`, resolved from `reference`, stacked at `mountpoint`."""
+    return ImageRecord(
+        reference=reference,
+        manifest_digest=image.manifest_digest,
+        platform=image.platform,
+        mountpoint=mountpoint,
+        layers=[layer.name for layer in image.layers],
+        upperdir=upperdir,
+        workdir=workdir,
+    )
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:

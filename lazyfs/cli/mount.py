@@ -15,18 +15,18 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     REFERENCE_RULE,
     add_registry_arguments,
+    cache_size_of,
     count_layers,
+    image_record,
     platform_of,
     registry_options,
     resolve_images,
+    writable_upper,
 )
-from lazyfs.cli.convert import parse_size
 from lazyfs.fuse import kernel_mount
 from lazyfs.fuse.background import spawn_daemon
 from lazyfs.fuse.daemon import DaemonConfig, DaemonStartError, run_daemon
-from lazyfs.fuse.image_mount import writable_dirs
 from lazyfs.fuse.state import (
-    ImageRecord,
     StateError,
     daemon_alive,
     ensure_state_dir,
@@ -152,9 +152,7 @@ def check_mountpoint(path: str, what: str = "mountpoint") -> str:
 
 def _common_checks(args: argparse.Namespace) -> tuple[int, str | None]:
     """(cache size, absolute trace file) after checking the options every mount has."""
-    cache_size = parse_size(args.cache_size, "--cache-size")
-    if cache_size <= 0:
-        raise UserError("--cache-size must be positive")
+    cache_size = cache_size_of(args)
     if args.readahead is not None and args.readahead < 0:
         raise UserError("--readahead must be 0 or more")
     trace = _absolute(args.trace)
@@ -251,23 +249,12 @@ def build_image_config(args: argparse.Namespace) -> DaemonConfig:
         raise UserError("each image needs a mountpoint of its own")
     upper = work = None
     if args.writable:
-        try:
-            upper, work = writable_dirs(kernel_mount.canonical(args.writable))
-        except OSError as exc:
-            raise UserError(f"--writable {args.writable}: {exc.strerror}") from None
+        upper, work = writable_upper(args.writable)
     found = resolve_images(
         references, registry_options(args), platform_of(args), insecure=args.insecure
     )
     images = [
-        ImageRecord(
-            reference=reference,
-            manifest_digest=image.manifest_digest,
-            platform=image.platform,
-            mountpoint=mountpoint,
-            layers=[layer.name for layer in image.layers],
-            upperdir=upper,
-            workdir=work,
-        )
+        image_record(reference, image, mountpoint, upper, work)
         for reference, image, mountpoint in zip(references, found.images, mountpoints, strict=False)
     ]
     return DaemonConfig(

@@ -31,13 +31,16 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     ImageSet,
     add_registry_arguments,
+    cache_size_of,
     count_layers,
+    image_record,
     platform_of,
     registry_options,
     resolve_images,
+    writable_upper,
 )
 from lazyfs.cli._run_report import LayerReport, RunReport, format_report, lazy_layer_report
-from lazyfs.cli.convert import parse_size, sigterm_as_interrupt
+from lazyfs.cli.convert import sigterm_as_interrupt
 from lazyfs.cli.mounts import read_stats
 from lazyfs.fuse import image_mount, kernel_mount
 from lazyfs.fuse.background import spawn_daemon, stop_mount, undo_mounts
@@ -132,9 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{flag} applies to the lazy mount; not with --eager")
     if args.readahead is not None and args.readahead < 0:
         raise UserError("--readahead must be 0 or more")
-    cache_size = parse_size(args.cache_size, "--cache-size")
-    if cache_size <= 0:
-        raise UserError("--cache-size must be positive")
+    cache_size = cache_size_of(args)
     trace = os.path.abspath(args.trace) if args.trace else None
     for path in (trace, args.report):
         if path is not None:
@@ -157,24 +158,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     ensure_state_dir()
     if args.writable:
-        try:
-            upper, workdir = image_mount.writable_dirs(kernel_mount.canonical(args.writable))
-        except OSError as exc:
-            raise UserError(f"--writable {args.writable}: {exc.strerror}") from None
+        upper, workdir = writable_upper(args.writable)
     work = Path(tempfile.mkdtemp(prefix="lazyfs-run-"))
     root = work / "root"
     root.mkdir()
     if not args.writable:
         upper, workdir = image_mount.writable_dirs(str(work / "rw"))
-    target = ImageRecord(
-        reference=args.image,
-        manifest_digest=image.manifest_digest,
-        platform=image.platform,
-        mountpoint=str(root),
-        layers=[layer.name for layer in image.layers],
-        upperdir=upper,
-        workdir=workdir,
-    )
+    target = image_record(args.image, image, str(root), upper, workdir)
     report = RunReport(mode=mode, image=image.pinned, platform=image.platform)
     spec = ContainerSpec(
         str(root), argv, container_env(image.config.env), image.config.working_dir or "/"
