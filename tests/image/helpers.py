@@ -1,13 +1,21 @@
-"""Blobs for image-layer tests, written by the real encoder from deterministic bytes."""
+"""Blobs for image-layer tests, written by the real encoder from deterministic bytes, and
+a way to open one as a layer and read it."""
 
 from __future__ import annotations
 
 import io
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
 from lazyfs.format.descriptor import LayerDescriptor, serialize_descriptor
+from lazyfs.image.cache import ChunkCache
+from lazyfs.image.open import LayerSource, open_layer
+from lazyfs.image.remote_image import RemoteImage
 
 
 def make_image_bytes(size: int, seed: int = 1) -> bytes:
@@ -43,3 +51,30 @@ def flip_byte(path: Path, offset: int) -> None:
         byte = stream.read(1)
         stream.seek(offset)
         stream.write(bytes([byte[0] ^ 0x40]))
+
+
+def run_with_layer(
+    source: LayerSource, body: Callable[[RemoteImage], Awaitable[Any]],
+    cache_bytes: int = 64 << 20, **options: Any,
+) -> Any:
+    """Open `source` in a nursery, run `body(image)`, close everything; return body's result."""
+    result = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            image = await open_layer(source, cache=ChunkCache(cache_bytes), nursery=nursery,
+                                     **options)
+            try:
+                result.append(await body(image))
+            finally:
+                await image.aclose()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # One failure inside the nursery: raise it as itself, as the CLI reports it.
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        raise group from None
+    return result[0]

@@ -6,13 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trio
 
 from lazyfs.format.descriptor import DescriptorError
-from lazyfs.image.cache import ChunkCache
 from lazyfs.image.errors import LayerOpenError
-from lazyfs.image.open import LayerSource, open_layer
-from tests.image.helpers import make_image_bytes, write_blob
+from lazyfs.image.open import LayerSource
+from lazyfs.image.remote_image import RemoteImage
+from tests.image.helpers import make_image_bytes, run_with_layer, write_blob
 from tests.support import nginx
 
 nginx_server = nginx.nginx_server
@@ -22,21 +21,11 @@ IMAGE = make_image_bytes(300_000, seed=11)
 
 
 def open_and_read(url: str) -> bytes:
-    async def main() -> bytes:
-        async with trio.open_nursery() as nursery:
-            image = await open_layer(LayerSource(url), cache=ChunkCache(1 << 20), nursery=nursery)
-            try:
-                return await image.read(0, image.size)
-            finally:
-                await image.aclose()
-                nursery.cancel_scope.cancel()
+    async def read_whole(image: RemoteImage) -> bytes:
+        return await image.read(0, image.size)
 
-    try:
-        return trio.run(main)
-    except BaseExceptionGroup as group:
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]
-        raise group from None
+    data: bytes = run_with_layer(LayerSource(url), read_whole, cache_bytes=1 << 20)
+    return data
 
 
 def test_descriptor_beside_the_blob_url(tmp_path: Path, nginx_server: StartNginx) -> None:

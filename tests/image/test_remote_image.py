@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +19,10 @@ from lazyfs.image.cache import ChunkCache
 from lazyfs.image.errors import ImageReadError, LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
-from tests.image.helpers import flip_byte, make_image_bytes, write_blob
+from tests.image.helpers import flip_byte, make_image_bytes, run_with_layer, write_blob
 
 CHUNK = 64 * 1024
 IMAGE = make_image_bytes(10 * CHUNK + 12345)
-
-
-def run_with_layer(
-    source: LayerSource, body: Callable[[RemoteImage], Awaitable[Any]],
-    cache_bytes: int = 64 << 20, **options: Any,
-) -> Any:
-    """Open `source` in a nursery, run `body(image)`, close everything; return body's result."""
-    result = []
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            image = await open_layer(source, cache=ChunkCache(cache_bytes), nursery=nursery,
-                                     **options)
-            try:
-                result.append(await body(image))
-            finally:
-                await image.aclose()
-                nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:
-        # One failure inside the nursery: raise it as itself, as the CLI reports it.
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]
-        raise group from None
-    return result[0]
 
 
 @pytest.fixture
