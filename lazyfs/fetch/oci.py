@@ -232,6 +232,16 @@ def parse_descriptor(obj: Any, where: str = "descriptor") -> Descriptor:
     )
 
 
+def _load_document(
+    data: bytes, what: str, expected: frozenset[str], content_type: str | None, default: str
+) -> tuple[dict[str, Any], str]:
+    """The decoded JSON of a manifest or index and its media type: the JSON `mediaType`, else
+    `content_type` if it is one of `expected`, else `default`. Raises OCIFormatError."""
+    obj = _load(data, what)
+    hint = content_type if content_type in expected else default
+    return obj, _check_header(obj, what, expected, hint)
+
+
 def _check_header(obj: Mapping[str, Any], what: str, expected: frozenset[str], hint: str) -> str:
     version = _get(obj, "schemaVersion", int, what, required=True)
     if version != 2:
@@ -242,6 +252,10 @@ def _check_header(obj: Mapping[str, Any], what: str, expected: frozenset[str], h
             f"{what}.mediaType: expected one of {sorted(expected)}, found {media_type!r}"
         )
     return media_type
+
+
+def _descriptors(items: list[Any], where: str) -> tuple[Descriptor, ...]:
+    return tuple(parse_descriptor(item, f"{where}[{i}]") for i, item in enumerate(items))
 
 
 def _subject(obj: Mapping[str, Any], what: str) -> Descriptor | None:
@@ -255,18 +269,14 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
     `media_type` (e.g. the HTTP Content-Type) is used when the JSON has no `mediaType`.
     Raises OCIFormatError naming the bad field.
     """
-    obj = _load(data, "manifest")
-    hint = media_type if media_type in MANIFEST_TYPES else OCI_MANIFEST
-    kind = _check_header(obj, "manifest", MANIFEST_TYPES, hint)
+    obj, kind = _load_document(data, "manifest", MANIFEST_TYPES, media_type, OCI_MANIFEST)
     layers = _get(obj, "layers", list, "manifest", required=True)
     return Manifest(
         media_type=kind,
         config=parse_descriptor(
             _get(obj, "config", dict, "manifest", required=True), "manifest.config"
         ),
-        layers=tuple(
-            parse_descriptor(item, f"manifest.layers[{i}]") for i, item in enumerate(layers)
-        ),
+        layers=_descriptors(layers, "manifest.layers"),
         annotations=_annotations(obj, "manifest"),
         subject=_subject(obj, "manifest"),
         artifact_type=_get(obj, "artifactType", str, "manifest", required=False),
@@ -275,15 +285,11 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
 
 def parse_index(data: bytes, media_type: str | None = None) -> Index:
     """Parse an OCI image index or Docker manifest list; raise OCIFormatError if invalid."""
-    obj = _load(data, "index")
-    hint = media_type if media_type in INDEX_TYPES else OCI_INDEX
-    kind = _check_header(obj, "index", INDEX_TYPES, hint)
+    obj, kind = _load_document(data, "index", INDEX_TYPES, media_type, OCI_INDEX)
     items = _get(obj, "manifests", list, "index", required=True)
     return Index(
         media_type=kind,
-        manifests=tuple(
-            parse_descriptor(item, f"index.manifests[{i}]") for i, item in enumerate(items)
-        ),
+        manifests=_descriptors(items, "index.manifests"),
         annotations=_annotations(obj, "index"),
         subject=_subject(obj, "index"),
         artifact_type=_get(obj, "artifactType", str, "index", required=False),
