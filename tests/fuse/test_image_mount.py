@@ -25,9 +25,8 @@ from tests.fuse.registry_images import (
     assert_nothing_left,
     publish,
 )
-from tests.fuse.test_mount_cli import Lazyfs, pid_gone, wait_until
-from tests.fuse.test_mount_cli import lazyfs as lazyfs
 from tests.support.images import base_layer, change_layer, expected_rootfs_tree, write_index_image
+from tests.support.lazyfs_cli import Lazyfs, pid_gone, wait_until
 from tests.support.registry import (
     Registry,
     htpasswd_auth,

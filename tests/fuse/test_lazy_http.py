@@ -23,9 +23,7 @@ import pytest
 from converter.tree import compare_trees, scan_directory
 from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
-from tests.fuse.test_mount_cli import REPO, Lazyfs
-from tests.fuse.test_mount_cli import lazyfs as lazyfs
-from tests.fuse.test_mount_cli import mountpoint as mountpoint
+from tests.support.lazyfs_cli import REPO, Lazyfs
 from tests.support.nginx import serve_directory
 from tools.sample_tree import make_sample_tree
 
