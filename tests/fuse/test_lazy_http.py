@@ -23,6 +23,7 @@ import pytest
 from converter.tree import compare_trees, scan_directory
 from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
+from tests.image.helpers import flip_byte
 from tests.support.lazyfs_cli import REPO, Lazyfs
 from tests.support.nginx import serve_directory
 from tools.sample_tree import make_sample_tree
@@ -160,20 +161,12 @@ def read_outcomes(mountpoint: Path, tree: Path, limit: int | None = None) -> tup
     return correct, eio, wrong
 
 
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as stream:
-        stream.seek(offset)
-        byte = stream.read(1)
-        stream.seek(offset)
-        stream.write(bytes([byte[0] ^ 0x20]))
-
-
 def test_corrupted_frame_over_http_is_eio_there_and_only_there(
     lazyfs: Lazyfs, mountpoint: Path, small_layer: tuple[Path, Path], served_copy: Path
 ) -> None:
     tree, _ = small_layer
     descriptor = parse_descriptor((served_copy / "layer.descriptor.json").read_text())
-    flip(served_copy / "layer.blob", descriptor.seekable().chunk_table_offset // 2)
+    flip_byte(served_copy / "layer.blob", descriptor.seekable().chunk_table_offset // 2, 0x20)
     lazyfs.expected_log_levels.update(("WARNING", "ERROR"))
     with serve_directory(served_copy) as server:
         lazyfs.mount(server.url + "layer.blob", str(mountpoint), mountpoint=mountpoint)
@@ -195,7 +188,7 @@ def test_corrupted_tree_block_over_http_is_eio_there_and_only_there(
     payload = annotations.verity_offset + SKIPPABLE_HEADER_SIZE
     # 24 MiB image / 4 KiB blocks * 64 B = 384 KiB of level 0 (96 blocks) under one level-1
     # block: payload = superblock block, level 1, then level 0. Corrupt level-0 block 40.
-    flip(served_copy / "layer.blob", payload + 4096 * (2 + 40) + 100)
+    flip_byte(served_copy / "layer.blob", payload + 4096 * (2 + 40) + 100, 0x20)
     lazyfs.expected_log_levels.update(("WARNING", "ERROR"))
     with serve_directory(served_copy) as server:
         lazyfs.mount(server.url + "layer.blob", str(mountpoint), mountpoint=mountpoint)

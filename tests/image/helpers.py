@@ -45,12 +45,13 @@ def write_blob(directory: Path, image: bytes, name: str = "layer", **options: ob
     return blob_path, result
 
 
-def flip_byte(path: Path, offset: int) -> None:
+def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
+    """XOR the byte of `path` at `offset` with `mask`, in place."""
     with open(path, "r+b") as stream:
         stream.seek(offset)
         byte = stream.read(1)
         stream.seek(offset)
-        stream.write(bytes([byte[0] ^ 0x40]))
+        stream.write(bytes([byte[0] ^ mask]))
 
 
 def run_with_layer(
