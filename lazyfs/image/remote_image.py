@@ -287,7 +287,7 @@ class RemoteImage:
             self.stats.chunks_fetched.add(index)
             self.cache.complete(self._key(index), data)
             unresolved.discard(index)
-            self._record(chunk=index, event=reason, bytes=len(frame),
+            self._record(chunk=index, event="fetch", reason=reason, bytes=len(frame),
                          latency_ms=round(latency * 1000, 3))
 
     def _hash_blocks_for(self, run: list[int]) -> list[int]:

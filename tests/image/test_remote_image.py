@@ -451,3 +451,28 @@ def test_chunks_not_aligned_to_verity_blocks_are_refused_clearly(tmp_path: Path)
     unverified = write_blob(tmp_path, IMAGE[:100_000], name="plain", chunk_size=6000,
                             verity=False)[0]
     assert run_with_layer(LayerSource(str(unverified)), read_all) == IMAGE[:100_000]
+
+
+def test_trace_records_fetches_hits_and_bad_chunks(blob: Path, tmp_path: Path) -> None:
+    from lazyfs.image.stats import TraceWriter
+
+    flip_byte(blob, 3 * CHUNK // 4 + 100)
+    trace_path = tmp_path / "trace.jsonl"
+    trace = TraceWriter.open(str(trace_path))
+
+    async def body(image: RemoteImage) -> object:
+        bad = image.metadata.table.chunk_at_blob_offset(3 * CHUNK // 4 + 100)
+        await image.read(9 * CHUNK, 100)
+        await image.read(9 * CHUNK + 200, 100)
+        with pytest.raises(ImageReadError):
+            await image.read(bad * CHUNK, 100)
+        return bad
+
+    bad = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0, trace=trace)
+    trace.close()
+    records = [json.loads(line) for line in trace_path.read_text().splitlines()]
+    assert [(r["chunk"], r["event"]) for r in records] == [(9, "fetch"), (9, "hit"),
+                                                             (bad, "bad")]
+    fetch = records[0]
+    assert fetch["reason"] == "read" and fetch["layer"] == "layer.blob"
+    assert fetch["bytes"] > 0 and fetch["latency_ms"] >= 0 and fetch["t"] >= 0
