@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import zstandard
 
+from converter.source import read_up_to
 from lazyfs.format.chunk_table import (
     DEFAULT_CHUNK_SIZE,
     HASH_SHA512,
@@ -93,18 +94,6 @@ def _compress_chunk(chunk: bytes, level: int, verity_superblock: VeritySuperbloc
     return frame, hashlib.sha512(frame).digest(), leaves
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    parts = []
-    remaining = size
-    while remaining:
-        piece = stream.read(remaining)
-        if not piece:
-            break
-        parts.append(piece)
-        remaining -= len(piece)
-    return b"".join(parts)
-
-
 def encode_image(
     image: BinaryIO,
     image_size: int,
@@ -170,7 +159,7 @@ def encode_image(
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lazyfs-encode") as pool:
         for chunk_index in range(chunk_count):
             want = min(options.chunk_size, image_size - chunk_index * options.chunk_size)
-            chunk = _read_exact(image, want)
+            chunk = read_up_to(image, want)
             if len(chunk) != want:
                 raise ValueError(f"image ended at byte {done_bytes + len(chunk)}, "
                                  f"expected {image_size} bytes")

@@ -290,7 +290,7 @@ def _decoded_head(path: Path, kind: SourceKind) -> bytes:
     """The first decoded bytes of a compressed source (fewer if the stream is shorter)."""
     try:
         with open_tar_stream(path, kind) as stream:
-            return _read_up_to(stream, _SNIFF_SIZE)
+            return read_up_to(stream, _SNIFF_SIZE)
     except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
         raise UnsupportedSourceError(
             f"{path}: {kind.value} stream is corrupt or truncated at its start: {e}"
@@ -299,7 +299,8 @@ def _decoded_head(path: Path, kind: SourceKind) -> bytes:
         raise ConvertError(f"{path}: cannot read source: {e}") from None
 
 
-def _read_up_to(stream: BinaryIO, size: int) -> bytes:
+def read_up_to(stream: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes of `stream`, fewer only at its end (a read may return less)."""
     parts: list[bytes] = []
     remaining = size
     while remaining > 0:

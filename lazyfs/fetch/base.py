@@ -6,6 +6,7 @@ local file or an HTTP resource; both readers check the same preconditions the sa
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -66,3 +67,15 @@ def check_read_args(source: str, offset: int, size: int, blob_size: int) -> None
             f"{source} {byte_range(offset, size)}: range ends past the end of the blob "
             f"({blob_size} bytes)"
         )
+
+
+def backoff_delay_s(attempt: int, base_s: float, retry_after_s: float | None, *,
+                    max_s: float, retry_after_cap_s: float) -> float:
+    """How long to wait before retry `attempt` (1 for the first): exponential from `base_s`,
+    capped at `max_s`, jittered by +-50% so clients do not retry in step, and never shorter
+    than a server's Retry-After (itself capped at `retry_after_cap_s`)."""
+    delay_s = min(max_s, base_s * 2.0 ** (attempt - 1))
+    delay_s *= 0.5 + random.random()
+    if retry_after_s is not None:
+        delay_s = max(delay_s, min(retry_after_s, retry_after_cap_s))
+    return delay_s

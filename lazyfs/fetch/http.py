@@ -10,7 +10,6 @@ for the origin; when it stops accepting (an expired signed URL) the origin is as
 from __future__ import annotations
 
 import logging
-import random
 import re
 import ssl
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import trio
 
-from lazyfs.fetch.base import FetchStats, byte_range, check_read_args
+from lazyfs.fetch.base import FetchStats, backoff_delay_s, byte_range, check_read_args
 from lazyfs.fetch.errors import BlobChangedError, FetchError, RangeNotSupportedError
 
 log = logging.getLogger(__name__)
@@ -207,11 +206,8 @@ class HttpRangeReader:
         raise FetchError(f"{what}: failed after {self._max_retries + 1} attempts; last: {last}")
 
     def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
-        delay_s = min(_MAX_BACKOFF_S, self._backoff_base * 2.0 ** (attempt - 1))
-        delay_s *= 0.5 + random.random()
-        if retry_after_s is not None:
-            delay_s = max(delay_s, min(retry_after_s, _RETRY_AFTER_CAP_S))
-        return delay_s
+        return backoff_delay_s(attempt, self._backoff_base, retry_after_s, max_s=_MAX_BACKOFF_S,
+                               retry_after_cap_s=_RETRY_AFTER_CAP_S)
 
     async def _attempt(
         self, start: int, end: int, probe: bool, what: str

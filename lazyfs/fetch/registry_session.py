@@ -10,7 +10,6 @@ turned into the RegistryError subclass a caller can act on.
 from __future__ import annotations
 
 import hashlib
-import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import nullcontext
@@ -21,6 +20,7 @@ import httpx
 import trio
 
 from lazyfs import __version__
+from lazyfs.fetch.base import backoff_delay_s
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.reference import (
     registry_api_host,
@@ -287,8 +287,5 @@ class RegistrySession:
 
     def delay_s(self, attempt: int, retry_after_s: float | None) -> float:
         """How long to wait before retry number `attempt` (1 for the first retry)."""
-        delay_s = min(_MAX_BACKOFF_S, self._backoff_s * 2.0 ** (attempt - 1))
-        delay_s *= 0.5 + random.random()
-        if retry_after_s is not None:
-            delay_s = max(delay_s, min(retry_after_s, _RETRY_AFTER_CAP_S))
-        return delay_s
+        return backoff_delay_s(attempt, self._backoff_s, retry_after_s, max_s=_MAX_BACKOFF_S,
+                               retry_after_cap_s=_RETRY_AFTER_CAP_S)
