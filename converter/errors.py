@@ -4,8 +4,10 @@ Every message says what is wrong and where (file, tar entry, offset), so the CLI
 as one line without a traceback.
 """
 
+from lazyfs.errors import LazyfsError
 
-class ConvertError(Exception):
+
+class ConvertError(LazyfsError):
     """A conversion cannot proceed because of its input or environment."""
 
 

@@ -2,7 +2,7 @@
 
 A module takes part by defining `register(subparsers)`, which adds its parser and sets
 `func` to a function taking the parsed arguments and returning the exit code. A user error is
-raised as `UserError` (or a known error type) and printed as one line without a traceback.
+raised as a `LazyfsError` (`UserError` here) and printed as one line without a traceback.
 """
 
 from __future__ import annotations
@@ -16,30 +16,13 @@ import sys
 from collections.abc import Sequence
 
 from lazyfs import __version__
+from lazyfs.errors import LazyfsError
 
 log = logging.getLogger("lazyfs")
 
 
-class UserError(Exception):
+class UserError(LazyfsError):
     """Something the user can fix: printed as one line, exit code 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors that describe bad input or an unreachable source, not a bug in lazyfs."""
-    from lazyfs.fetch.errors import FetchError
-    from lazyfs.format.errors import FormatError
-    from lazyfs.fuse.kernel_mount import MountError
-    from lazyfs.image.errors import LayerOpenError
-
-    types: list[type[BaseException]] = [UserError, FormatError, FetchError, LayerOpenError,
-                                        MountError]
-    try:
-        from converter.errors import ConvertError
-
-        types.append(ConvertError)
-    except ImportError:  # the converter is an optional part of a minimal install
-        pass
-    return tuple(types)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except _user_error_types() as exc:
+    except LazyfsError as exc:
         print(f"lazyfs {args.command}: error: {exc}", file=sys.stderr)
         return 2

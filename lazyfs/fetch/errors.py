@@ -1,7 +1,9 @@
 """Errors of the fetch layer. Each message names the source, the byte range and the status."""
 
+from lazyfs.errors import LazyfsError
 
-class FetchError(Exception):
+
+class FetchError(LazyfsError):
     """Bytes of a blob could not be obtained (after any retries)."""
 
 

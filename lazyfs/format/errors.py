@@ -7,8 +7,10 @@ a truncated download from a corrupted byte from a blob of another format.
 
 from __future__ import annotations
 
+from lazyfs.errors import LazyfsError
 
-class FormatError(Exception):
+
+class FormatError(LazyfsError):
     """Bytes do not follow the seekable EROFS format."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from lazyfs.errors import LazyfsError
 from lazyfs.fuse.state import ErofsMountRecord, MountRecord
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ MAX_MOUNT_OPTIONS_BYTES = 3584
 _ENV = {**os.environ, "LC_ALL": "C"}  # stable messages to match "busy" in
 
 
-class MountError(Exception):
+class MountError(LazyfsError):
     """A mount, unmount or loop operation failed; the message quotes the tool's stderr,
     `reason` is that quote alone."""
 

@@ -1,7 +1,9 @@
 """Errors of the image layer."""
 
+from lazyfs.errors import LazyfsError
 
-class LayerOpenError(Exception):
+
+class LayerOpenError(LazyfsError):
     """A layer cannot be mounted as given (no descriptor, no trusted digest, size mismatch)."""
 
 
