@@ -165,7 +165,7 @@ class Daemon:
         config, record = self.config, self.record
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
         await self._open_layers(nursery, trace)
-        ops = LayerOperations(self.images, self.stats)
+        ops = LayerOperations(self.images, self.stats, cache=self.cache)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
         if not config.block_only:
