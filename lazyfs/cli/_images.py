@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import trio
 
+from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import parse_size
 from lazyfs.fetch.errors import FetchError
@@ -26,12 +27,14 @@ from lazyfs.image.registry_source import (
     layer_sources,
     resolve_image,
 )
+from lazyfs.image.tuning import ImageTuning
 
 REFERENCE_RULE = (
     "SOURCE is an image reference ([REGISTRY/]REPOSITORY[:TAG][@DIGEST]) when it is not a URL "
     "(no '://'), names no existing file or directory, and parses as a reference; otherwise it "
     "is a layer blob (http(s) URL, file:// URL or path)."
 )
+DEFAULT_CACHE_SIZE = f"{DEFAULT_CACHE_BYTES >> 20}M"
 
 
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +74,13 @@ def cache_size_of(args: argparse.Namespace) -> int:
     if cache_size <= 0:
         raise UserError("--cache-size must be positive")
     return cache_size
+
+
+def tuning_of(args: argparse.Namespace) -> ImageTuning:
+    """The layers' ImageTuning: --readahead where given, else the defaults."""
+    if args.readahead is None:
+        return ImageTuning()
+    return ImageTuning(readahead_chunks=args.readahead)
 
 
 def writable_upper(directory: str) -> tuple[str, str]:
@@ -126,7 +136,6 @@ class ImageSet:
 
     images: list[ResolvedImage]
     sources: list[LayerSource]
-    blob_sizes: dict[str, int]
 
 
 def resolve_images(
@@ -145,7 +154,6 @@ def resolve_images(
     async def main() -> ImageSet:
         images: list[ResolvedImage] = []
         sources: dict[str, LayerSource] = {}
-        sizes: dict[str, int] = {}
         names: list[str] = []  # the mount's name of each distinct layer
         for text, reference in zip(references, parsed, strict=True):
             try:
@@ -164,12 +172,11 @@ def resolve_images(
                 raise UserError(str(exc)) from None
             for layer, source in zip(wanted, found, strict=True):
                 sources[layer.digest] = source
-                sizes[layer.name] = layer.size
                 names.append(layer.name)
             images.append(image)
         if len(set(names)) != len(names):
             raise UserError(f"layers of different digests share a name: {sorted(names)}")
-        return ImageSet(images, list(sources.values()), sizes)
+        return ImageSet(images, list(sources.values()))
 
     return trio.run(main)
 

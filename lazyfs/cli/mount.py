@@ -13,6 +13,7 @@ import sys
 
 from lazyfs.cli import UserError
 from lazyfs.cli._images import (
+    DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
     add_registry_arguments,
     cache_size_of,
@@ -21,8 +22,10 @@ from lazyfs.cli._images import (
     platform_of,
     registry_options,
     resolve_images,
+    tuning_of,
     writable_upper,
 )
+from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fuse import kernel_mount
 from lazyfs.fuse.background import spawn_daemon
 from lazyfs.fuse.daemon import DaemonConfig, DaemonStartError, run_daemon
@@ -89,9 +92,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     mount.add_argument(
         "--cache-size",
-        default="256M",
+        default=DEFAULT_CACHE_SIZE,
         metavar="SIZE",
-        help="decoded chunk cache, bytes or with K/M/G (default 256M)",
+        help=f"decoded chunk cache, bytes or with K/M/G (default {DEFAULT_CACHE_SIZE})",
     )
     mount.add_argument(
         "--header",
@@ -199,14 +202,16 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         verity_offset=args.verity_offset,
         root_digest=args.root_digest,
         insecure=args.insecure,
-        headers=dict(parse_header(header) for header in args.header),
+        reader_options=ReaderOptions(
+            headers=dict(parse_header(header) for header in args.header)
+        ),
     )
     return DaemonConfig(
         sources=[source],
         mountpoint=mountpoint,
         block_only=bool(args.block_only),
         cache_size_bytes=cache_size,
-        readahead_chunks=args.readahead,
+        tuning=tuning_of(args),
         trace_file=trace,
     )
 
@@ -261,10 +266,9 @@ def build_image_config(args: argparse.Namespace) -> DaemonConfig:
         sources=found.sources,
         mountpoint=mountpoints[0],
         images=[] if args.block_only else images,
-        blob_sizes=found.blob_sizes,
         block_only=bool(args.block_only),
         cache_size_bytes=cache_size,
-        readahead_chunks=args.readahead,
+        tuning=tuning_of(args),
         trace_file=trace,
     )
 

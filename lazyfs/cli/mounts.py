@@ -107,6 +107,7 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
         f"  read latency              p50 {_ms(latency.get('p50_ms'))}, "
         f"p90 {_ms(latency.get('p90_ms'))}, p99 {_ms(latency.get('p99_ms'))}",
     ]
+    lines += _cache_lines(stats.get("cache"))
     for image in record.images if record is not None else []:
         lines += [
             f"image {image.reference} at {image.mountpoint}",
@@ -125,13 +126,25 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
             f"{human_size(blob_size or 0)} blob)",
             f"  chunks fetched            {chunks} of {chunk_count if chunk_count else '?'} "
             f"({_share(chunks, chunk_count)}; {layer.get('readahead_chunks', 0)} by readahead)",
-            f"  cache hits / misses       {layer.get('cache_hits', 0)} / "
-            f"{layer.get('cache_misses', 0)}",
             f"  verification failures     {layer.get('verify_failures', 0)}",
             f"  fetch latency             p50 {_ms(fetch.get('p50_ms'))}, "
             f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
         ]
     return "\n".join(lines)
+
+
+def _cache_lines(cache: dict[str, Any] | None) -> list[str]:
+    """The chunk cache that all layers of the mount share; none in an older stats file."""
+    if cache is None:
+        return []
+    return [
+        "chunk cache",
+        f"  capacity                  {human_size(cache.get('capacity_bytes', 0))}",
+        f"  used                      {human_size(cache.get('size_bytes', 0))} in "
+        f"{cache.get('entries', 0)} entries",
+        f"  hits / misses             {cache.get('hits', 0)} / {cache.get('misses', 0)}",
+        f"  evictions                 {cache.get('evictions', 0)}",
+    ]
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ import trio
 
 from lazyfs.cli import UserError
 from lazyfs.cli._images import (
+    DEFAULT_CACHE_SIZE,
     ImageSet,
     add_registry_arguments,
     cache_size_of,
@@ -37,6 +38,7 @@ from lazyfs.cli._images import (
     platform_of,
     registry_options,
     resolve_images,
+    tuning_of,
     writable_upper,
 )
 from lazyfs.cli._run_report import LayerReport, RunReport, format_report, lazy_layer_report
@@ -59,6 +61,7 @@ from lazyfs.fuse.state import (
 from lazyfs.image.eager_pull import PulledLayer, pull_layers
 from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.registry_source import RegistryOptions, ResolvedImage
+from lazyfs.image.tuning import ImageTuning
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -79,9 +82,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="FILE", help="also write the report to FILE as JSON")
     parser.add_argument(
         "--cache-size",
-        default="256M",
+        default=DEFAULT_CACHE_SIZE,
         metavar="SIZE",
-        help="decoded chunk cache of the lazy mount (default 256M)",
+        help=f"decoded chunk cache of the lazy mount (default {DEFAULT_CACHE_SIZE})",
     )
     parser.add_argument(
         "--readahead", type=int, metavar="N", help="chunks the lazy mount reads ahead"
@@ -175,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 record = _eager_record(target, work)
                 pulled = trio.run(_eager_mount, record, target, image, options)
             else:
-                record = _lazy_mount(found, target, work, cache_size, trace, args.readahead)
+                record = _lazy_mount(found, target, work, cache_size, trace, tuning_of(args))
             report.mounted_s = time.monotonic() - started
             report.exit_code = run_container(spec)
             report.total_s = time.monotonic() - started
@@ -202,7 +205,7 @@ def _lazy_mount(
     work: Path,
     cache_size: int,
     trace: str | None,
-    readahead: int | None,
+    tuning: ImageTuning,
 ) -> MountRecord:
     """Start a mount daemon for the image; returns its record once everything is mounted."""
     root = target.mountpoint
@@ -210,9 +213,8 @@ def _lazy_mount(
         sources=found.sources,
         mountpoint=root,
         images=[target],
-        blob_sizes=found.blob_sizes,
         cache_size_bytes=cache_size,
-        readahead_chunks=readahead,
+        tuning=tuning,
         trace_file=trace,
         log_file=str(private_dir(root, ".log")),
         temp_dir=str(work),

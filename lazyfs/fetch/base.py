@@ -7,10 +7,54 @@ local file or an HTTP resource; both readers check the same preconditions the sa
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import httpx
+
 from lazyfs.fetch.errors import FetchError
+
+# A body arriving slower than this is treated as stalled, on top of the fixed timeouts.
+MIN_RATE_BYTES_PER_S = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How a blob reader reaches its blob; the one place for these defaults.
+
+    `headers` and `auth` go to the origin only, never to a redirect target. Each attempt of a
+    request has a deadline derived from the timeouts (and the size asked for); transient
+    faults are retried `max_retries` times with jittered backoff from `backoff_base_s`.
+    `max_connections` bounds the requests in flight. `expected_size`, when a manifest or
+    descriptor promises one, must be the blob's size. `verify_tls` is False, True or a CA
+    bundle path. A local file uses `expected_size` only.
+    """
+
+    headers: Mapping[str, str] = field(default_factory=dict)
+    auth: httpx.Auth | None = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    max_retries: int = 4
+    backoff_base_s: float = 0.2
+    max_connections: int = 8
+    expected_size: int | None = None
+    verify_tls: bool | str = True
+
+    def __post_init__(self) -> None:
+        if (self.max_retries < 0 or self.max_connections < 1 or self.connect_timeout_s <= 0
+                or self.read_timeout_s <= 0 or self.backoff_base_s < 0):
+            raise ValueError(
+                "reader options: need max_retries >= 0, max_connections >= 1, positive "
+                "timeouts and backoff_base_s >= 0"
+            )
+
+    def attempt_deadline_s(self, size_bytes: int) -> float:
+        """The deadline of one attempt to fetch `size_bytes`: the fixed timeouts twice over,
+        plus the time the body takes at the slowest rate not taken for a stall."""
+        return 2 * (self.connect_timeout_s + self.read_timeout_s) + (
+            size_bytes / MIN_RATE_BYTES_PER_S
+        )
 
 
 @dataclass

@@ -12,15 +12,23 @@ from __future__ import annotations
 import logging
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit, urlunsplit
+from typing import TypeVar
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
 import trio
 
-from lazyfs.fetch.base import FetchStats, backoff_delay_s, byte_range, check_read_args
+from lazyfs.fetch.base import (
+    FetchStats,
+    ReaderOptions,
+    backoff_delay_s,
+    byte_range,
+    check_read_args,
+)
+from lazyfs.fetch.body import read_capped
 from lazyfs.fetch.errors import BlobChangedError, FetchError, RangeNotSupportedError
 
 log = logging.getLogger(__name__)
@@ -28,8 +36,6 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
 _RETRY_AFTER_CAP_S = 10.0
 _MAX_REDIRECTS = 10
-# A body arriving slower than this is treated as stalled, on top of the fixed timeouts.
-_MIN_RATE_BYTES_PER_S = 64 * 1024
 # Error and redirect bodies are read up to this much so the connection can be reused.
 _DRAIN_CAP_BYTES = 64 * 1024
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -37,6 +43,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _EXPIRED_STATUSES = frozenset({401, 403, 404, 410})
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+T = TypeVar("T")
 
 
 class _Transient(Exception):
@@ -54,63 +61,25 @@ class HttpRangeReader:
     def __init__(
         self,
         url: str,
+        options: ReaderOptions | None = None,
         *,
-        headers: Mapping[str, str] | None = None,
-        auth: httpx.Auth | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        connect_timeout: float = 10,
-        read_timeout: float = 30,
-        max_retries: int = 4,
-        backoff_base: float = 0.2,
-        max_connections: int = 8,
-        expected_size: int | None = None,
-        verify_tls: bool | str = True,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url}: not an http(s) URL")
-        if max_retries < 0 or max_connections < 1 or connect_timeout <= 0 or read_timeout <= 0:
-            raise ValueError(
-                f"{url}: need max_retries >= 0, max_connections >= 1 and positive timeouts"
-            )
         # Credentials in the URL must not end up in log lines.
-        self.source = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        self.source = _redacted(parts)
         self.stats = FetchStats()
+        self.options = options = options or ReaderOptions()
         self._url = httpx.URL(url)
-        self._headers = dict(headers or {})
-        self._auth = auth
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._max_retries = max_retries
-        self._backoff_base = backoff_base
-        self._expected_size = expected_size
-        self._limiter = trio.CapacityLimiter(max_connections)
+        self._limiter = trio.CapacityLimiter(options.max_connections)
         self._open_lock = trio.Lock()
         self._size: int | None = None
         self._etag: str | None = None
         # Where the origin last redirected to; asked directly until it refuses.
         self._resolved_url: httpx.URL | None = None
-        verify: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=verify_tls)
-            if isinstance(verify_tls, str)
-            else verify_tls
-        )
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            verify=verify,
-            http1=True,
-            http2=False,
-            follow_redirects=False,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            timeout=httpx.Timeout(
-                connect=connect_timeout,
-                read=read_timeout,
-                write=read_timeout,
-                pool=connect_timeout + read_timeout,
-            ),
-        )
+        self._client = _client(options, transport, options.max_connections)
 
     @property
     def size(self) -> int | None:
@@ -135,9 +104,10 @@ class HttpRangeReader:
                 return self._size
             try:
                 _, total, etag = await self._fetch(0, 0, probe=True)
-                if self._expected_size is not None and total != self._expected_size:
+                expected = self.options.expected_size
+                if expected is not None and total != expected:
                     raise BlobChangedError(
-                        f"{self.source}: blob is {total} bytes, expected {self._expected_size}"
+                        f"{self.source}: blob is {total} bytes, expected {expected}"
                     )
             except FetchError as exc:
                 self._fail(exc)
@@ -166,48 +136,18 @@ class HttpRangeReader:
         await self._client.aclose()
 
     def _fail(self, exc: FetchError) -> None:
+        # Counted, not logged: the caller reports the error (once) with what it was for.
         self.stats.failures += 1
-        log.warning("%s", exc)
 
     async def _fetch(self, start: int, end: int, *, probe: bool) -> tuple[bytes, int, str | None]:
         """Fetch bytes start..end (inclusive) with bounded retries: (body, blob size, ETag)."""
         what = f"{self.source} {byte_range(start, end - start + 1)}"
-        deadline_s = 2 * (self._connect_timeout + self._read_timeout) + (
-            (end - start + 1) / _MIN_RATE_BYTES_PER_S
-        )
-        last = ""
-        retry_after_s: float | None = None
-        for attempt in range(self._max_retries + 1):
-            if attempt:
-                self.stats.retries += 1
-                delay_s = self._backoff_s(attempt, retry_after_s)
-                log.debug(
-                    "%s: %s; retry %d of %d in %.2f s",
-                    what,
-                    last,
-                    attempt,
-                    self._max_retries,
-                    delay_s,
-                )
-                await trio.sleep(delay_s)
-            retry_after_s = None
-            try:
-                async with self._limiter:
-                    with trio.fail_after(deadline_s):
-                        return await self._attempt(start, end, probe, what)
-            except _Transient as exc:
-                last, retry_after_s = exc.reason, exc.retry_after_s
-            except trio.TooSlowError:
-                last = f"no complete answer within {deadline_s:.1f} s"
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                last = _describe(exc)
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise FetchError(f"{what}: {_describe(exc)}") from exc
-        raise FetchError(f"{what}: failed after {self._max_retries + 1} attempts; last: {last}")
 
-    def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
-        return backoff_delay_s(attempt, self._backoff_base, retry_after_s, max_s=_MAX_BACKOFF_S,
-                               retry_after_cap_s=_RETRY_AFTER_CAP_S)
+        async def attempt() -> tuple[bytes, int, str | None]:
+            return await self._attempt(start, end, probe, what)
+
+        return await _with_retries(what, self.options, end - start + 1, attempt,
+                                   self._limiter, self.stats)
 
     async def _attempt(
         self, start: int, end: int, probe: bool, what: str
@@ -245,11 +185,12 @@ class HttpRangeReader:
         """Send one GET; headers and auth only to the origin, never to another host."""
         headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
         if trusted:
-            headers = {**self._headers, **headers}
+            headers = {**self.options.headers, **headers}
         request = self._client.build_request("GET", url, headers=headers)
         self.stats.requests += 1
         return await self._client.send(
-            request, auth=self._auth if trusted else None, stream=True, follow_redirects=False
+            request, auth=self.options.auth if trusted else None, stream=True,
+            follow_redirects=False,
         )
 
     async def _accept(
@@ -304,6 +245,127 @@ class HttpRangeReader:
                 f"{what}: server sent Content-Range {content_range!r} for a different range"
             )
         return total
+
+
+async def get_small(
+    url: str,
+    max_bytes: int,
+    options: ReaderOptions | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> bytes | None:
+    """GET a small whole resource (a descriptor) with the deadline and retries of range reads;
+    its body is read at most `max_bytes`. Redirects are followed; headers and auth go to the
+    origin only. Returns None on 404.
+
+    Raises BodyTooLargeError, FetchError naming the URL and the last status or error (or that
+    it is not an http(s) URL).
+    """
+    options = options or ReaderOptions()
+    parts = urlsplit(url)
+    what = _redacted(parts)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FetchError(f"{what}: not an http(s) URL")
+    origin = httpx.URL(url)
+
+    async def attempt() -> bytes | None:
+        target = origin
+        for _ in range(_MAX_REDIRECTS + 1):
+            trusted = _same_origin(target, origin)
+            request = client.build_request(
+                "GET", target, headers=options.headers if trusted else None
+            )
+            response = await client.send(
+                request, auth=options.auth if trusted else None, stream=True,
+                follow_redirects=False,
+            )
+            location = response.headers.get("Location")
+            if response.status_code in _REDIRECT_STATUSES and location is not None:
+                await _drain(response)
+                target = response.url.join(location)
+                continue
+            try:
+                if response.status_code == 404:
+                    return None
+                if response.status_code == 429 or response.status_code >= 500:
+                    raise _Transient(_status_text(response), _retry_after_s(response))
+                if response.status_code != 200:
+                    raise FetchError(f"{what}: {_status_text(response)}")
+                return await read_capped(response, max_bytes, what)
+            finally:
+                await response.aclose()
+        raise FetchError(f"{what}: more than {_MAX_REDIRECTS} redirects")
+
+    async with _client(options, transport, 1) as client:
+        return await _with_retries(what, options, max_bytes, attempt,
+                                   trio.CapacityLimiter(1), None)
+
+
+async def _with_retries(
+    what: str,
+    options: ReaderOptions,
+    size_bytes: int,
+    attempt: Callable[[], Awaitable[T]],
+    limiter: trio.CapacityLimiter,
+    stats: FetchStats | None,
+) -> T:
+    """Run `attempt` holding `limiter`, under a deadline (waiting for the limiter is not
+    counted against it), retrying transient faults `options.max_retries` times
+    with jittered backoff. Raises FetchError naming `what` and the last fault."""
+    deadline_s = options.attempt_deadline_s(size_bytes)
+    last = ""
+    retry_after_s: float | None = None
+    for number in range(options.max_retries + 1):
+        if number:
+            if stats is not None:
+                stats.retries += 1
+            delay_s = backoff_delay_s(number, options.backoff_base_s, retry_after_s,
+                                      max_s=_MAX_BACKOFF_S, retry_after_cap_s=_RETRY_AFTER_CAP_S)
+            log.debug("%s: %s; retry %d of %d in %.2f s", what, last, number,
+                      options.max_retries, delay_s)
+            await trio.sleep(delay_s)
+        retry_after_s = None
+        try:
+            async with limiter:
+                with trio.fail_after(deadline_s):
+                    return await attempt()
+        except _Transient as exc:
+            last, retry_after_s = exc.reason, exc.retry_after_s
+        except trio.TooSlowError:
+            last = f"no complete answer within {deadline_s:.1f} s"
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            last = _describe(exc)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise FetchError(f"{what}: {_describe(exc)}") from exc
+    raise FetchError(f"{what}: failed after {options.max_retries + 1} attempts; last: {last}")
+
+
+def _client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | None,
+            max_connections: int) -> httpx.AsyncClient:
+    """A pooled client with the timeouts of `options`; redirects are followed by hand."""
+    verify: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=options.verify_tls)
+        if isinstance(options.verify_tls, str)
+        else options.verify_tls
+    )
+    connect_s, read_s = options.connect_timeout_s, options.read_timeout_s
+    return httpx.AsyncClient(
+        transport=transport,
+        verify=verify,
+        http1=True,
+        http2=False,
+        follow_redirects=False,
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        timeout=httpx.Timeout(connect=connect_s, read=read_s, write=read_s,
+                              pool=connect_s + read_s),
+    )
+
+
+def _redacted(parts: SplitResult) -> str:
+    """The URL without credentials, for messages."""
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 async def _read_body(response: httpx.Response, size: int, what: str) -> bytes:

@@ -7,16 +7,14 @@ in place is reported instead of returning short data.
 
 from __future__ import annotations
 
-import inspect
 import os
 import stat
-from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import trio
 
-from lazyfs.fetch.base import BlobReader, FetchStats, byte_range, check_read_args
+from lazyfs.fetch.base import BlobReader, FetchStats, ReaderOptions, byte_range, check_read_args
 from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.fetch.http import HttpRangeReader
 
@@ -149,29 +147,20 @@ def _pread_exactly(fd: int, offset: int, size: int) -> tuple[bytes, int | None]:
     return b"".join(parts), None
 
 
-_HTTP_OPTIONS = frozenset(
-    name
-    for name, param in inspect.signature(HttpRangeReader.__init__).parameters.items()
-    if param.kind is inspect.Parameter.KEYWORD_ONLY
-)
-
-
-def open_blob_reader(source: str, **http_options: Any) -> BlobReader:
+def open_blob_reader(source: str, options: ReaderOptions | None = None) -> BlobReader:
     """Return a reader for an http(s) URL, a file:// URL or a local path (not yet opened).
 
-    Options are those of HttpRangeReader; for a local file they are checked (a misspelt name
-    raises TypeError) and only `expected_size` applies. Raises ValueError for another scheme.
+    For a local file only `options.expected_size` applies. Raises ValueError for another
+    scheme.
     """
-    unknown = set(http_options) - _HTTP_OPTIONS
-    if unknown:
-        raise TypeError(f"unknown blob reader option(s): {', '.join(sorted(unknown))}")
+    options = options or ReaderOptions()
     if "://" not in source:
-        return LocalFileReader(source, expected_size=http_options.get("expected_size"))
+        return LocalFileReader(source, expected_size=options.expected_size)
     parts = urlsplit(source)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        return HttpRangeReader(source, **http_options)
+        return HttpRangeReader(source, options)
     if scheme == "file" and parts.netloc in ("", "localhost"):
         path = url2pathname(parts.path)
-        return LocalFileReader(path, expected_size=http_options.get("expected_size"))
+        return LocalFileReader(path, expected_size=options.expected_size)
     raise ValueError(f"{source}: unsupported source; use an http(s):// or file:// URL or a path")

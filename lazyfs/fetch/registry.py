@@ -25,6 +25,7 @@ import httpx
 import trio
 
 from lazyfs.fetch import registry_push
+from lazyfs.fetch.body import BodyTooLargeError, read_capped
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.oci import ACCEPTED_MANIFEST_TYPES, OCIFormatError, detect_media_type
 from lazyfs.fetch.reference import (
@@ -67,12 +68,10 @@ __all__ = [
 
 
 async def _read_capped(source: Source, response: httpx.Response, cap: int, what: str) -> bytes:
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > cap:
-            raise RegistryError(f"registry {source.name}: {what}: larger than {cap} bytes")
-    return bytes(body)
+    try:
+        return await read_capped(response, cap, what)
+    except BodyTooLargeError as error:
+        raise RegistryError(f"registry {source.name}: {error}") from None
 
 
 def _check_digest(source: Source, what: str, expected: str, actual: str) -> None:

@@ -20,11 +20,12 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyfuse3
 import trio
 
+from lazyfs.cache.memory import DEFAULT_CACHE_BYTES, ChunkCache
 from lazyfs.fuse import image_mount, kernel_mount
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
 from lazyfs.fuse.state import (
@@ -35,11 +36,10 @@ from lazyfs.fuse.state import (
     remove_record,
     write_record,
 )
-from lazyfs.image.cache import DEFAULT_CACHE_BYTES, ChunkCache
-from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
+from lazyfs.image.tuning import ImageTuning
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +81,16 @@ class DaemonConfig:
     that `lazyfs umount` removes with the mount (after a caller that died).
 
     With `images`, `sources` are their distinct layers (named as the images list them) and
-    each image is stacked at its own mountpoint, the first at `mountpoint`. `blob_sizes`
-    holds the sizes the manifests give ({layer name: bytes}): a blob of another size is
-    refused.
+    each image is stacked at its own mountpoint, the first at `mountpoint`. `tuning` applies
+    to every layer (its `parallel_fetches` is sized by the daemon, with its other limits).
     """
 
     sources: list[LayerSource]
     mountpoint: str
     images: list[ImageRecord] = field(default_factory=list)
-    blob_sizes: dict[str, int] = field(default_factory=dict)
     block_only: bool = False
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
-    readahead_chunks: int | None = None
+    tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
     log_file: str | None = None
     temp_dir: str | None = None
@@ -132,6 +130,7 @@ class Daemon:
             self.record.layers_dir = str(private_dir(mountpoint, ".layers"))
         self.record.temp_dir = config.temp_dir
         self.images: list[RemoteImage] = []
+        self.cache = ChunkCache(config.cache_size_bytes)
         self._fuse_mounted = False
         self._fuse_serving = False
         self._fuse_done = trio.Event()
@@ -166,7 +165,7 @@ class Daemon:
         config, record = self.config, self.record
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
         await self._open_layers(nursery, trace)
-        ops = LayerOperations(self.images, self.stats)
+        ops = LayerOperations(self.images, self.stats, cache=self.cache)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
         if not config.block_only:
@@ -209,33 +208,26 @@ class Daemon:
         """Open and authenticate every source, a few at once; `self.images` keeps the order of
         the sources. Background fetches of each layer run in `nursery` (the daemon's)."""
         config = self.config
-        cache = ChunkCache(config.cache_size_bytes)
         cpu_limiter = trio.CapacityLimiter(self.limits.decode_threads)
-        options: dict[str, int] = {"parallel_fetches": self.limits.parallel_fetches}
-        if config.readahead_chunks is not None:
-            options["readahead_chunks"] = config.readahead_chunks
+        tuning = replace(config.tuning, parallel_fetches=self.limits.parallel_fetches)
         limiter = trio.CapacityLimiter(PARALLEL_LAYER_OPENS)
         opened: dict[int, RemoteImage] = {}
 
         async def open_one(index: int, source: LayerSource) -> None:
-            source.reader_options.setdefault("max_connections", self.limits.http_connections)
+            reader_options = replace(
+                source.reader_options, max_connections=self.limits.http_connections
+            )
             async with limiter:
                 image = await open_layer(
-                    source,
-                    cache=cache,
+                    replace(source, reader_options=reader_options),
+                    cache=self.cache,
                     nursery=nursery,
+                    tuning=tuning,
                     trace=trace,
                     cpu_limiter=cpu_limiter,
-                    **options,
                 )
             self.images.append(image)  # closed at teardown, whatever happens next
             opened[index] = image
-            expected = config.blob_sizes.get(image.name)
-            if expected is not None and image.metadata.blob_size != expected:
-                raise LayerOpenError(
-                    f"{source.blob}: blob is {image.metadata.blob_size} bytes, the manifest "
-                    f"says {expected}"
-                )
             log.info(
                 "%s: %d bytes in %d chunks",
                 source.blob,

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import pyfuse3
 
+from lazyfs.cache.memory import ChunkCache
 from lazyfs.fuse.state import STATS_FILE_NAME
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.stats import LatencyRecorder
@@ -102,6 +103,8 @@ class LayerOperations(pyfuse3.Operations):
         daemon_stats: DaemonStats | None = None,
         uid: int | None = None,
         gid: int | None = None,
+        *,
+        cache: ChunkCache | None = None,
     ) -> None:
         names = [image.name for image in images]
         for name in names:
@@ -111,6 +114,7 @@ class LayerOperations(pyfuse3.Operations):
             raise ValueError(f"layer names must be unique, got {names}")
         super().__init__()
         self.daemon_stats = daemon_stats or DaemonStats()
+        self._cache = cache
         self._layers: dict[int, Image] = {
             FIRST_LAYER_INODE + i: image for i, image in enumerate(images)
         }
@@ -269,11 +273,14 @@ class LayerOperations(pyfuse3.Operations):
         pass
 
     def render_stats(self) -> bytes:
-        """The stats file: daemon counters and every layer's `stats_snapshot()`, as JSON."""
+        """The stats file: daemon counters, the layers' shared chunk cache and every layer's
+        `stats_snapshot()`, as JSON."""
         snapshot = {
             "daemon": self.daemon_stats.snapshot(),
             "layers": {image.name: image.stats_snapshot() for image in self._layers.values()},
         }
+        if self._cache is not None:
+            snapshot["cache"] = self._cache.stats_snapshot()
         return (json.dumps(snapshot, indent=2, sort_keys=True) + "\n").encode()
 
     # -- everything that would write ---------------------------------------------------------

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
-import httpx
 import trio
 
-from lazyfs.fetch.base import BlobReader
+from lazyfs.cache.memory import ChunkCache
+from lazyfs.fetch.base import BlobReader, ReaderOptions
+from lazyfs.fetch.body import BodyTooLargeError
 from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.http import get_small
 from lazyfs.fetch.local import open_blob_reader
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
@@ -42,10 +43,10 @@ from lazyfs.format.layout import (
     parse_metadata,
 )
 from lazyfs.format.verity_tree import VerityGeometry, verify_hash_blocks
-from lazyfs.image.cache import ChunkCache
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
+from lazyfs.image.tuning import ImageTuning
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,13 @@ MAX_DESCRIPTOR_BYTES = 1024 * 1024
 MAX_CHUNK_TABLE_FRAME = 64 * 1024 * 1024
 # Trees up to this size are fetched whole at open; larger ones keep level 0 on demand.
 WHOLE_TREE_BYTES = 4 * 1024 * 1024
-DESCRIPTOR_TIMEOUT_S = 30.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerSource:
-    """One layer as the user named it."""
+    """One layer as the user named it. `reader_options` reach the blob and a descriptor
+    beside it; their `expected_size` is the blob size a manifest promises (a descriptor
+    found for the blob promises its own)."""
 
     blob: str
     descriptor: str | None = None
@@ -67,10 +69,8 @@ class LayerSource:
     verity_offset: int | None = None
     root_digest: str | None = None
     insecure: bool = False
-    expected_size: int | None = None  # the blob size a manifest or descriptor promises
-    headers: dict[str, str] = field(default_factory=dict)
     name: str | None = None
-    reader_options: dict[str, Any] = field(default_factory=dict)
+    reader_options: ReaderOptions = field(default_factory=ReaderOptions)
 
     @property
     def has_overrides(self) -> bool:
@@ -82,31 +82,16 @@ def descriptor_candidates(blob: str) -> list[str]:
     return descriptor_path_candidates(blob.partition("?")[0])
 
 
-async def _fetch_descriptor(url: str, headers: dict[str, str]) -> bytes | None:
-    """GET a descriptor, reading at most MAX_DESCRIPTOR_BYTES of it; None on 404."""
-    async with httpx.AsyncClient(follow_redirects=True, timeout=10) as client, \
-            client.stream("GET", url, headers=headers) as response:
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise FetchError(f"{url}: descriptor fetch failed (HTTP {response.status_code})")
-        body = bytearray()
-        async for piece in response.aiter_bytes():
-            body += piece
-            if len(body) > MAX_DESCRIPTOR_BYTES:
-                raise DescriptorError(f"{url}: descriptor larger than 1 MiB")
-        return bytes(body)
-
-
-async def _read_text(location: str, headers: dict[str, str]) -> bytes | None:
-    """Read a small descriptor from a path or URL; None if it does not exist."""
+async def _read_text(location: str, options: ReaderOptions) -> bytes | None:
+    """Read a small descriptor from a path or URL; None if it does not exist. A URL is fetched
+    with the deadline and retries of range reads. Raises DescriptorError, FetchError."""
     if "://" in location and not location.startswith("file://"):
         try:
-            with trio.fail_after(DESCRIPTOR_TIMEOUT_S):
-                return await _fetch_descriptor(location, headers)
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
-            raise FetchError(f"{location}: cannot fetch descriptor: {exc or type(exc).__name__}"
-                             ) from None
+            return await get_small(location, MAX_DESCRIPTOR_BYTES, options)
+        except BodyTooLargeError:
+            raise DescriptorError(f"{location}: descriptor larger than 1 MiB") from None
+        except FetchError as exc:
+            raise FetchError(f"cannot fetch descriptor: {exc}") from None
     path = location.removeprefix("file://")
 
     def load() -> bytes | None:
@@ -138,7 +123,7 @@ async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
                              "--chunk-table-offset too")
     tried = [source.descriptor] if source.descriptor else descriptor_candidates(source.blob)
     for location in tried:
-        text = await _read_text(location, source.headers)
+        text = await _read_text(location, source.reader_options)
         if text is None:
             continue
         descriptor = parse_descriptor(text, location)
@@ -269,20 +254,20 @@ async def open_layer(
     *,
     cache: ChunkCache,
     nursery: trio.Nursery,
+    tuning: ImageTuning | None = None,
     trace: TraceWriter | None = None,
     cpu_limiter: trio.CapacityLimiter | None = None,
-    **options: Any,
 ) -> RemoteImage:
     """Open, authenticate and return the layer `source` names, ready for reads.
 
-    `options` go to RemoteImage (readahead_chunks, coalesce_bytes, parallel_fetches).
     Raises LayerOpenError, FormatError (incl. IntegrityError) or FetchError.
     """
     annotations, descriptor = await resolve_annotations(source)
     _check_trust(source, annotations)
-    expected_size = descriptor.size if descriptor is not None else source.expected_size
-    reader = open_blob_reader(source.blob, headers=source.headers,
-                              expected_size=expected_size, **source.reader_options)
+    options = source.reader_options
+    if descriptor is not None:
+        options = replace(options, expected_size=descriptor.size)
+    reader = open_blob_reader(source.blob, options)
     try:
         blob_size = await reader.open()
         metadata = await load_metadata(reader, annotations, blob_size)
@@ -290,7 +275,7 @@ async def open_layer(
         tree_blocks = await load_tree_top(reader, metadata)
         name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
         return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,
-                           cpu_limiter=cpu_limiter, trace=trace, **options)
+                           cpu_limiter=cpu_limiter, trace=trace, tuning=tuning)
     except BaseException:
         await reader.aclose()
         raise

@@ -21,6 +21,7 @@ import platform as host
 from dataclasses import dataclass, field
 from typing import Any
 
+from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.oci import (
     Index,
@@ -293,9 +294,10 @@ async def layer_sources(
                 # resolve_image has already refused an unauthenticated layer unless the user
                 # asked for --insecure; such a layer reaching here is one they accepted.
                 insecure=not values.is_trusted,
-                expected_size=layer.size,
                 name=layer.name,
-                reader_options={"auth": auth, "read_timeout": options.timeout_s},
+                reader_options=ReaderOptions(
+                    auth=auth, read_timeout_s=options.timeout_s, expected_size=layer.size
+                ),
             )
         )
     return sources

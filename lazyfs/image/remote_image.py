@@ -16,6 +16,8 @@ from typing import Any
 
 import trio
 
+from lazyfs.cache.memory import ChunkCache
+from lazyfs.exception_groups import leaf_errors
 from lazyfs.fetch.base import BlobReader
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.chunk_table import HASH_NONE, verify_frame
@@ -27,19 +29,13 @@ from lazyfs.format.verity_tree import (
     verify_data_blocks,
     verify_hash_blocks,
 )
-from lazyfs.image.cache import ChunkCache
 from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.stats import ImageStats, TraceWriter
+from lazyfs.image.tuning import ImageTuning
 
 log = logging.getLogger(__name__)
 
-DEFAULT_READAHEAD_CHUNKS = 2
-DEFAULT_COALESCE_BYTES = 16 * 1024 * 1024
-DEFAULT_PARALLEL_FETCHES = 4
 READAHEAD_TRIGGER_BYTES = 1024 * 1024
-# After a fetch fails (retries exhausted), further fetches fail at once for this long, so a
-# dead server costs one retry cycle rather than one per chunk a directory walk touches.
-DEFAULT_FAILURE_HOLDOFF_S = 2.0
 
 
 class RemoteImage:
@@ -56,10 +52,7 @@ class RemoteImage:
         tree_blocks: Mapping[int, bytes] | None = None,
         cpu_limiter: trio.CapacityLimiter | None = None,
         trace: TraceWriter | None = None,
-        readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
-        coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
-        parallel_fetches: int = DEFAULT_PARALLEL_FETCHES,
-        failure_holdoff_s: float = DEFAULT_FAILURE_HOLDOFF_S,
+        tuning: ImageTuning | None = None,
     ) -> None:
         self.name = name
         self.reader = reader
@@ -69,12 +62,10 @@ class RemoteImage:
         # Verified hash blocks, keyed by verity payload offset: bounded by the tree's size.
         self._tree_blocks: dict[int, bytes] = dict(tree_blocks or {})
         self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
-        self._fetch_limiter = trio.CapacityLimiter(max(1, parallel_fetches))
+        self.tuning = tuning = tuning or ImageTuning()
+        self._fetch_limiter = trio.CapacityLimiter(tuning.parallel_fetches)
         self._trace = trace
-        self._readahead_chunks = max(0, readahead_chunks)
-        self._coalesce_bytes = max(1, coalesce_bytes)
         self._bad_chunks: dict[int, str] = {}
-        self._failure_holdoff_s = max(0.0, failure_holdoff_s)
         self._failing_until = 0.0
         self._last_fetch_error = ""
         # Readahead starts once this many bytes were read back to back: a file streamed
@@ -133,8 +124,6 @@ class RemoteImage:
             "retries": fetch_stats.retries,
             "fetch_failures": self.stats.fetch_failures,
             "verify_failures": self.stats.verify_failures,
-            "cache_hits": self.stats.cache_hits,
-            "cache_misses": self.stats.cache_misses,
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
             "bad_chunks": sorted(self._bad_chunks),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
@@ -163,10 +152,8 @@ class RemoteImage:
                 data = self.cache.get(self._key(index))
                 if data is not None:
                     found[index] = data
-                    self.stats.cache_hits += 1
                     self._record(chunk=index, event="hit")
                     continue
-                self.stats.cache_misses += 1
                 if trio.current_time() < self._failing_until and not self.cache.is_loading(
                     self._key(index)
                 ):
@@ -193,9 +180,10 @@ class RemoteImage:
         else:
             self._sequential_bytes = end - offset
         self._last_read_end = end
-        if self._sequential_bytes < self._readahead_trigger_bytes or not self._readahead_chunks:
+        readahead = self.tuning.readahead_chunks
+        if self._sequential_bytes < self._readahead_trigger_bytes or not readahead:
             return
-        last = min(indices[-1] + self._readahead_chunks, self.metadata.table.chunk_count - 1)
+        last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
         claimed = [
             index for index in range(indices[-1] + 1, last + 1)
             if index not in self._bad_chunks and self.cache.claim(self._key(index))
@@ -210,7 +198,8 @@ class RemoteImage:
         run_start = 0
         for index in indices:
             start, end = self.metadata.frame_range(index)
-            if runs and runs[-1][-1] + 1 == index and end - run_start <= self._coalesce_bytes:
+            cap = self.tuning.coalesce_bytes
+            if runs and runs[-1][-1] + 1 == index and end - run_start <= cap:
                 runs[-1].append(index)
             else:
                 runs.append([index])
@@ -248,16 +237,18 @@ class RemoteImage:
                 nursery.start_soon(fetch_frames)
                 nursery.start_soon(self._ensure_tree_blocks, run, tree_failures)
         except BaseExceptionGroup as group:
-            fetch_errors, rest = group.split(FetchError)
-            format_errors, rest = rest.split(FormatError) if rest is not None else (None, None)
-            if rest is not None:
+            errors = leaf_errors(group)
+            if not errors or not all(isinstance(e, FetchError | FormatError) for e in errors):
                 raise
-            if format_errors is not None:
-                self._mark_bad(run, f"dm-verity tree: {_messages(format_errors)}")
+            bad = [str(error) for error in errors if isinstance(error, FormatError)]
+            if bad:
+                self._mark_bad(run, f"dm-verity tree: {'; '.join(bad)}")
             else:
                 self.stats.fetch_failures += 1
-                message = _messages(fetch_errors)
-                self._failing_until = trio.current_time() + self._failure_holdoff_s
+                # The one line for this failure (the reader raises, it does not log): the
+                # message names the URL or file, the byte range and the last status or error.
+                message = "; ".join(str(error) for error in errors)
+                self._failing_until = trio.current_time() + self.tuning.failure_holdoff_s
                 self._last_fetch_error = message
                 log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0],
                             run[-1], message)
@@ -389,12 +380,6 @@ def _content_key(metadata: BlobMetadata, source: str) -> Hashable:
             return ("unauthenticated", source)
         return (annotations.chunk_digest, annotations.root_digest)
     return annotations.chunk_digest
-
-
-def _messages(group: BaseExceptionGroup | None) -> str:
-    if group is None:
-        return ""
-    return "; ".join(str(exc) for exc in group.exceptions)
 
 
 def _contiguous(offsets: list[int], step: int) -> list[list[int]]:

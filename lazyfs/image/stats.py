@@ -44,14 +44,13 @@ class LatencyRecorder:
 
 @dataclass
 class ImageStats:
-    """What one layer did: chunk traffic, cache use, verification outcomes."""
+    """What one layer did: chunk traffic, verification outcomes (the shared chunk cache
+    counts its own hits and misses)."""
 
     chunk_count: int
     chunks_fetched: set[int] = field(default_factory=set)
     chunk_fetches: int = 0
     readahead_chunks: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
     verify_failures: int = 0
     fetch_failures: int = 0
     tree_blocks_fetched: int = 0

@@ -16,8 +16,10 @@ import pytest
 import trio
 import trio.testing
 
+from lazyfs.fetch.base import ReaderOptions
+from lazyfs.fetch.body import BodyTooLargeError
 from lazyfs.fetch.errors import BlobChangedError, FetchError, RangeNotSupportedError
-from lazyfs.fetch.http import HttpRangeReader
+from lazyfs.fetch.http import HttpRangeReader, get_small
 
 BLOB = bytes(range(256)) * 40  # 10240 bytes
 URL = "https://registry.test/v2/app/blobs/sha256:0123"
@@ -65,8 +67,8 @@ class Server:
         return partial(request)
 
     def reader(self, **options: Any) -> HttpRangeReader:
-        options.setdefault("backoff_base", 0.01)
-        return HttpRangeReader(URL, transport=httpx.MockTransport(self), **options)
+        options.setdefault("backoff_base_s", 0.01)
+        return HttpRangeReader(URL, ReaderOptions(**options), transport=httpx.MockTransport(self))
 
 
 def test_open_returns_size_and_reads_exact_ranges() -> None:
@@ -203,9 +205,9 @@ def test_short_body_fails_after_max_retries(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.DEBUG, logger="lazyfs.fetch.http"):
         run(main)
     assert len(server.requests) == 1 + 4
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "bytes=200-499" in warnings[0].getMessage()
-    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 3
+    # Retries are debug lines; the failure is raised, not logged: its caller reports it.
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+    assert sum("bytes=200-499" in r.getMessage() for r in caplog.records) == 3
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
@@ -227,7 +229,7 @@ def test_retry_after_honoured_and_capped() -> None:
     server = Server([throttled("3"), throttled("86400")])
 
     async def main() -> None:
-        async with server.reader(backoff_base=0.001) as reader:
+        async with server.reader(backoff_base_s=0.001) as reader:
             started = trio.current_time()
             await reader.read(0, 10)
             waited = trio.current_time() - started
@@ -249,7 +251,7 @@ def test_client_error_fails_at_once(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         run(main)
     assert len(server.requests) == 2
-    assert len(caplog.records) == 1
+    assert not caplog.records  # raised, not logged: its caller reports it
 
 
 def test_connection_error_retried() -> None:
@@ -291,7 +293,7 @@ def test_stalled_server_times_out_and_is_retried() -> None:
     server = Server([stall])
 
     async def main() -> None:
-        async with server.reader(connect_timeout=1, read_timeout=2) as reader:
+        async with server.reader(connect_timeout_s=1, read_timeout_s=2) as reader:
             started = trio.current_time()
             assert await reader.read(0, 100) == BLOB[:100]
             assert reader.stats.retries == 1
@@ -308,7 +310,7 @@ def test_stalled_server_fails_after_retries() -> None:
     server = Server([stall] * 10)
 
     async def main() -> None:
-        async with server.reader(connect_timeout=1, read_timeout=2, max_retries=1) as reader:
+        async with server.reader(connect_timeout_s=1, read_timeout_s=2, max_retries=1) as reader:
             with pytest.raises(FetchError, match=r"no complete answer within"):
                 await reader.read(0, 100)
 
@@ -426,8 +428,7 @@ def test_redirect_followed_remembered_and_credentials_not_leaked() -> None:
     async def main() -> None:
         reader = HttpRangeReader(
             URL,
-            headers={"Authorization": "Bearer secret"},
-            auth=Token(),
+            ReaderOptions(headers={"Authorization": "Bearer secret"}, auth=Token()),
             transport=httpx.MockTransport(registry),
         )
         async with reader:
@@ -450,7 +451,8 @@ def test_expired_redirect_reresolved_through_origin(caplog: pytest.LogCaptureFix
 
     async def main() -> None:
         reader = HttpRangeReader(
-            URL, headers={"Authorization": "Bearer secret"}, transport=httpx.MockTransport(registry)
+            URL, ReaderOptions(headers={"Authorization": "Bearer secret"}),
+            transport=httpx.MockTransport(registry),
         )
         async with reader:
             assert await reader.read(0, 10) == BLOB[:10]
@@ -473,7 +475,8 @@ def test_fresh_redirect_refused_fails_at_once() -> None:
 
     async def main() -> None:
         reader = HttpRangeReader(
-            URL, headers={"Authorization": "Bearer secret"}, transport=httpx.MockTransport(registry)
+            URL, ReaderOptions(headers={"Authorization": "Bearer secret"}),
+            transport=httpx.MockTransport(registry),
         )
         async with reader:
             registry.revoked = True
@@ -524,7 +527,8 @@ def test_concurrency_bounded_by_max_connections() -> None:
         return partial(request)
 
     async def main() -> None:
-        reader = HttpRangeReader(URL, transport=httpx.MockTransport(slow), max_connections=3)
+        reader = HttpRangeReader(URL, ReaderOptions(max_connections=3),
+                                 transport=httpx.MockTransport(slow))
         async with reader, trio.open_nursery() as nursery:
             results: dict[int, bytes] = {}
 
@@ -548,3 +552,62 @@ def test_credentials_in_url_kept_out_of_messages() -> None:
 def test_rejects_non_http_url() -> None:
     with pytest.raises(ValueError, match="not an http"):
         HttpRangeReader("ftp://example.test/blob")
+
+
+# -- get_small: a small whole resource (a descriptor), with the same deadline and retries ------
+
+DESCRIPTOR_URL = "https://registry.test/layers/layer.descriptor.json"
+
+
+def small_get(answers: list[httpx.Response], **options: Any) -> tuple[bytes | None, list[Any]]:
+    """get_small against scripted answers (the last repeats); (result, requests sent)."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers[min(len(seen), len(answers)) - 1]
+
+    async def main() -> bytes | None:
+        return await get_small(DESCRIPTOR_URL, 64, ReaderOptions(backoff_base_s=0.01, **options),
+                               transport=httpx.MockTransport(handler))
+
+    return run(main), seen
+
+
+def test_get_small_retries_transient_faults_like_range_reads() -> None:
+    body, seen = small_get([httpx.Response(503), httpx.Response(429),
+                            httpx.Response(200, content=b"{}")])
+    assert body == b"{}" and len(seen) == 3
+
+
+def test_get_small_gives_up_after_max_retries() -> None:
+    with pytest.raises(FetchError, match=r"3 attempts; last: HTTP 502") as info:
+        small_get([httpx.Response(502)], max_retries=2)
+    assert DESCRIPTOR_URL in str(info.value)
+
+
+def test_get_small_absent_is_none_other_errors_fail_at_once() -> None:
+    assert small_get([httpx.Response(404)])[0] is None
+    with pytest.raises(FetchError, match="HTTP 403"):
+        small_get([httpx.Response(403)])
+
+
+def test_get_small_reads_at_most_the_cap() -> None:
+    with pytest.raises(BodyTooLargeError, match="larger than 64 bytes"):
+        small_get([httpx.Response(200, content=b"x" * 65)])
+    assert small_get([httpx.Response(200, content=b"x" * 64)])[0] == b"x" * 64
+
+
+def test_get_small_sends_headers_to_the_origin_only() -> None:
+    moved = httpx.Response(302, headers={"Location": "https://cdn.test/d.json"})
+    body, seen = small_get([moved, httpx.Response(200, content=b"{}")],
+                           headers={"Authorization": "Bearer secret"})
+    assert body == b"{}"
+    assert [r.url.host for r in seen] == ["registry.test", CDN]
+    assert seen[0].headers["Authorization"] == "Bearer secret"
+    assert "Authorization" not in seen[1].headers
+
+
+def test_get_small_refuses_other_schemes() -> None:
+    with pytest.raises(FetchError, match="not an http"):
+        run(lambda: get_small("ftp://example.test/d.json", 64))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.fetch.http import HttpRangeReader
 from lazyfs.fetch.local import open_blob_reader
@@ -53,7 +54,7 @@ def test_open_blob_reader_picks_http(
     server = nginx_server(tmp_path)
 
     async def main() -> None:
-        reader = open_blob_reader(server.url + "layer.blob", max_connections=2)
+        reader = open_blob_reader(server.url + "layer.blob", ReaderOptions(max_connections=2))
         assert isinstance(reader, HttpRangeReader)
         assert await reader.open() == len(blob)
         assert await reader.read(77, 77) == blob[77:154]
@@ -104,7 +105,8 @@ def test_concurrent_reads_correct(nginx_server: StartServer, tmp_path: Path, blo
 
     async def main() -> None:
         results: dict[int, bytes] = {}
-        async with HttpRangeReader(server.url + "layer.blob", max_connections=4) as reader:
+        options = ReaderOptions(max_connections=4)
+        async with HttpRangeReader(server.url + "layer.blob", options) as reader:
 
             async def fetch(index: int, offset: int, size: int) -> None:
                 results[index] = await reader.read(offset, size)
@@ -126,7 +128,8 @@ def test_stopped_server_fails_after_retries(
 
     async def main() -> None:
         reader = HttpRangeReader(
-            server.url + "layer.blob", max_retries=2, backoff_base=0.01, connect_timeout=2
+            server.url + "layer.blob",
+            ReaderOptions(max_retries=2, backoff_base_s=0.01, connect_timeout_s=2),
         )
         async with reader:
             server.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lazyfs.fetch.base import BlobReader
+from lazyfs.fetch.base import BlobReader, ReaderOptions
 from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.fetch.http import HttpRangeReader
 from lazyfs.fetch.local import LocalFileReader, open_blob_reader
@@ -128,14 +128,18 @@ def test_closed_reader_refuses(blob_path: Path) -> None:
 
 
 def test_open_blob_reader_dispatch(blob_path: Path) -> None:
-    local = open_blob_reader(str(blob_path), expected_size=len(BLOB), max_retries=2)
+    local = open_blob_reader(str(blob_path), ReaderOptions(expected_size=len(BLOB),
+                                                           max_retries=2))
     assert isinstance(local, LocalFileReader)
     by_url = open_blob_reader(blob_path.as_uri())
     assert isinstance(by_url, LocalFileReader) and by_url.source == str(blob_path)
-    remote = open_blob_reader("https://registry.test/blob", max_connections=2)
+    remote = open_blob_reader("https://registry.test/blob", ReaderOptions(max_connections=2))
     assert isinstance(remote, HttpRangeReader)
+    assert remote.options.max_connections == 2
     with pytest.raises(TypeError, match="max_retry"):
-        open_blob_reader(str(blob_path), max_retry=2)
+        ReaderOptions(max_retry=2)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="max_connections >= 1"):
+        ReaderOptions(max_connections=0)
     with pytest.raises(ValueError, match="unsupported source"):
         open_blob_reader("s3://bucket/blob")
 

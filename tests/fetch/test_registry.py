@@ -338,7 +338,8 @@ def test_range_reader_with_registry_auth(front: RedirectingFrontEnd) -> None:
         async with RegistryClient(host, insecure=True, credentials=ALICE) as client:
             await push_image(client, "app", "v1", layer)
             url = client.blob_url("app", digest(layer))
-            async with http.HttpRangeReader(url, auth=client.auth, backoff_base=0) as reader:
+            options = http.ReaderOptions(auth=client.auth, backoff_base_s=0)
+            async with http.HttpRangeReader(url, options) as reader:
                 assert await reader.read(100, 50) == layer[100:150]
                 front.clock_offset_s += 3600  # the remembered signed URL expires
                 assert await reader.read(1000, 10) == layer[1000:1010]

@@ -103,13 +103,22 @@ def test_stats_count_fetches_cache_and_reads(
     assert stats["daemon"]["reads"] > 0 and stats["daemon"]["read_errors"] == 0
     assert stats["daemon"]["first_read_after_s"] is not None
     assert stats["daemon"]["read_latency"]["p99_ms"] is not None
+    cache = stats["cache"]
+    assert cache["capacity_bytes"] == 256 << 20  # the default --cache-size
+    assert 0 < cache["entries"] <= layer["chunks_fetched"]
+    assert 0 < cache["size_bytes"] <= cache["capacity_bytes"]
+    assert cache["misses"] > 0 and cache["evictions"] == 0
+    assert "cache_hits" not in layer  # counted once, by the cache
 
     text = lazyfs.run("stats", str(mountpoint))
     assert text.returncode == 0, text.stderr
     for label in (
         "read latency",
         "chunks fetched",
-        "cache hits / misses",
+        "chunk cache",
+        f"in {cache['entries']} entries",
+        "hits / misses",
+        "evictions",
         "verification failures",
         "first read after",
     ):

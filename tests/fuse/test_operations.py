@@ -13,6 +13,7 @@ import pyfuse3
 import pytest
 import trio
 
+from lazyfs.cache.memory import ChunkCache
 from lazyfs.fuse.operations import FIRST_LAYER_INODE, STATS_INODE, LayerOperations
 from lazyfs.fuse.state import STATS_FILE_NAME
 from tests.fuse.fakes import BuggyImage, FakeImage
@@ -179,3 +180,16 @@ def test_extended_attributes_are_absent(ops: LayerOperations) -> None:
 def test_layer_names_must_be_usable_and_unique(names: list[str]) -> None:
     with pytest.raises(ValueError):
         LayerOperations([FakeImage(name, b"") for name in names])
+
+
+def test_stats_file_has_the_shared_cache_when_given(image: FakeImage) -> None:
+    cache = ChunkCache(1000)
+    assert cache.claim("chunk")
+    cache.complete("chunk", b"x" * 300)
+    assert cache.get("chunk") is not None and cache.get("other") is None
+    with_cache = json.loads(LayerOperations([image], cache=cache).render_stats())
+    assert with_cache["cache"] == cache.stats_snapshot() == {
+        "capacity_bytes": 1000, "size_bytes": 300, "entries": 1, "hits": 1, "misses": 1,
+        "evictions": 0,
+    }
+    assert "cache" not in json.loads(LayerOperations([image]).render_stats())

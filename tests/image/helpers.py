@@ -12,10 +12,12 @@ from typing import Any
 import trio
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
+from lazyfs.cache.memory import ChunkCache
 from lazyfs.format.descriptor import LayerDescriptor, serialize_descriptor
-from lazyfs.image.cache import ChunkCache
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.stats import TraceWriter
+from lazyfs.image.tuning import ImageTuning
 
 
 def make_image_bytes(size: int, seed: int = 1) -> bytes:
@@ -56,7 +58,8 @@ def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
 
 def run_with_layer(
     source: LayerSource, body: Callable[[RemoteImage], Awaitable[Any]],
-    cache_bytes: int = 64 << 20, **options: Any,
+    cache_bytes: int = 64 << 20, *, tuning: ImageTuning | None = None,
+    trace: TraceWriter | None = None,
 ) -> Any:
     """Open `source` in a nursery, run `body(image)`, close everything; return body's result."""
     result = []
@@ -64,7 +67,7 @@ def run_with_layer(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             image = await open_layer(source, cache=ChunkCache(cache_bytes), nursery=nursery,
-                                     **options)
+                                     tuning=tuning, trace=trace)
             try:
                 result.append(await body(image))
             finally:

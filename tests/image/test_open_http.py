@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from lazyfs.format.descriptor import DescriptorError
-from lazyfs.image.errors import LayerOpenError
+from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.open import LayerSource
 from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.tuning import ImageTuning
 from tests.image.helpers import make_image_bytes, run_with_layer, write_blob
 from tests.support import nginx
 
@@ -54,3 +56,25 @@ def test_oversized_descriptor_is_refused_without_reading_it_all(
         open_and_read(server.url + "layer.blob")
     sent = [line for line in server.access_lines() if "descriptor" in line]
     assert sent and all(int(line.split()[-1]) < 8 * 1024 * 1024 for line in sent), sent
+
+
+def test_a_failed_fetch_is_logged_once_with_url_range_and_status(
+    tmp_path: Path, nginx_server: StartNginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=65536)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+
+    async def body(image: RemoteImage) -> None:
+        (tmp_path / "layer.blob").rename(tmp_path / "moved.blob")  # now 404
+        with pytest.raises(ImageReadError, match="HTTP 404"):
+            await image.read(0, 100)
+        with pytest.raises(ImageReadError, match="source failing"):
+            await image.read(2 * 65536, 100)  # within the hold-off: no fetch, no line
+
+    with caplog.at_level(logging.DEBUG):
+        run_with_layer(LayerSource(url), body, tuning=ImageTuning(readahead_chunks=0))
+    lines = [record.getMessage() for record in caplog.records
+             if record.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert url in lines[0] and "bytes=" in lines[0] and "HTTP 404" in lines[0]

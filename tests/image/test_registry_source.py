@@ -219,12 +219,13 @@ def test_layer_sources_read_from_the_registry_with_its_auth() -> None:
             sources = await layer_sources(
                 image.reference, image.distinct_layers, client, RegistryOptions(insecure=True)
             )
-            return [(s.blob, s.reader_options["auth"] is client.auth, s.chunk_table_offset,
-                     s.name, s.insecure) for s in sources]
+            return [(s.blob, s.reader_options.auth is client.auth, s.chunk_table_offset,
+                     s.name, s.insecure, s.reader_options.expected_size) for s in sources]
 
+    # The manifest's size goes to the reader, which refuses a blob of another size at open.
     assert trio.run(main) == [
         (f"http://{HOST}/v2/app/blobs/{entry.digest}", True,
-         entry.annotations.chunk_table_offset, entry.name, False)
+         entry.annotations.chunk_table_offset, entry.name, False, entry.size)
         for entry in image.layers
     ]
 

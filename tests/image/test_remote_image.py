@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,19 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.errors import IntegrityError
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
-from lazyfs.image.cache import ChunkCache
 from lazyfs.image.errors import ImageReadError, LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.tuning import ImageTuning
 from tests.image.helpers import flip_byte, make_image_bytes, run_with_layer, write_blob
 
 CHUNK = 64 * 1024
 IMAGE = make_image_bytes(10 * CHUNK + 12345)
+NO_READAHEAD = ImageTuning(readahead_chunks=0)
 
 
 @pytest.fixture
@@ -83,7 +86,7 @@ def test_corrupt_frame_fails_only_its_chunk(blob: Path, caplog: pytest.LogCaptur
         return bad, good, image.stats_snapshot()
 
     with caplog.at_level(logging.ERROR):
-        bad, good, stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+        bad, good, stats = run_with_layer(LayerSource(str(blob)), body, tuning=NO_READAHEAD)
     assert good == IMAGE[9 * CHUNK:10 * CHUNK]
     assert stats["verify_failures"] == 1
     assert stats["bad_chunks"] == [bad]
@@ -110,7 +113,7 @@ def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path) -> None:
     saved = open_module.WHOLE_TREE_BYTES
     open_module.WHOLE_TREE_BYTES = 0
     try:
-        assert run_with_layer(LayerSource(str(blob_path)), body, readahead_chunks=0) == (
+        assert run_with_layer(LayerSource(str(blob_path)), body, tuning=NO_READAHEAD) == (
             image_bytes[:CHUNK])
     finally:
         open_module.WHOLE_TREE_BYTES = saved
@@ -173,7 +176,7 @@ def test_concurrent_reads_of_one_chunk_fetch_once(blob: Path) -> None:
                 nursery.start_soon(reader, 5 * CHUNK + index * 2048)
         return results, image.reader.stats.requests - before
 
-    results, requests = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+    results, requests = run_with_layer(LayerSource(str(blob)), body, tuning=NO_READAHEAD)
     assert sorted(results) == sorted(IMAGE[5 * CHUNK + i * 2048:5 * CHUNK + i * 2048 + 4096]
                                      for i in range(20))
     assert requests == 1
@@ -185,7 +188,7 @@ def test_adjacent_missing_chunks_are_coalesced(blob: Path) -> None:
         data = await image.read(2 * CHUNK + 10, 4 * CHUNK)
         return data, image.reader.stats.requests - before
 
-    data, requests = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0)
+    data, requests = run_with_layer(LayerSource(str(blob)), body, tuning=NO_READAHEAD)
     assert data == IMAGE[2 * CHUNK + 10:6 * CHUNK + 10]
     assert requests == 1
 
@@ -196,8 +199,8 @@ def test_coalescing_respects_cap(blob: Path) -> None:
         await image.read(0, 6 * CHUNK)
         return image.reader.stats.requests - before
 
-    assert run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0,
-                          coalesce_bytes=1) == 6
+    tuning = ImageTuning(readahead_chunks=0, coalesce_bytes=1)
+    assert run_with_layer(LayerSource(str(blob)), body, tuning=tuning) == 6
 
 
 def test_sequential_reads_trigger_readahead(blob: Path) -> None:
@@ -207,7 +210,7 @@ def test_sequential_reads_trigger_readahead(blob: Path) -> None:
         await trio.sleep(0.2)
         return image.stats_snapshot()
 
-    stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=3)
+    stats = run_with_layer(LayerSource(str(blob)), body, tuning=ImageTuning(readahead_chunks=3))
     assert stats["readahead_chunks"] == 3
     assert stats["chunks_fetched"] == 4
 
@@ -220,7 +223,7 @@ def test_small_reads_in_one_chunk_do_not_read_ahead(blob: Path) -> None:
         await trio.sleep(0.1)
         return image.stats_snapshot()
 
-    stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=3)
+    stats = run_with_layer(LayerSource(str(blob)), body, tuning=ImageTuning(readahead_chunks=3))
     assert stats["readahead_chunks"] == 0
     assert stats["chunks_fetched"] == 1
 
@@ -232,7 +235,7 @@ def test_random_reads_do_not_read_ahead(blob: Path) -> None:
         await trio.sleep(0.1)
         return image.stats_snapshot()
 
-    stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=3)
+    stats = run_with_layer(LayerSource(str(blob)), body, tuning=ImageTuning(readahead_chunks=3))
     assert stats["readahead_chunks"] == 0
     assert stats["chunks_fetched"] == 2
 
@@ -268,8 +271,8 @@ def test_fetch_failure_is_eio_and_not_remembered(blob: Path) -> None:
             await image.read(4 * CHUNK, 10)
         return await image.read(4 * CHUNK, 10), image.stats_snapshot()
 
-    data, stats = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0,
-                                 failure_holdoff_s=0)
+    tuning = ImageTuning(readahead_chunks=0, failure_holdoff_s=0)
+    data, stats = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
     assert data == IMAGE[4 * CHUNK:4 * CHUNK + 10]
     assert stats["fetch_failures"] == 1 and stats["verify_failures"] == 0
 
@@ -286,8 +289,8 @@ def test_after_a_fetch_failure_reads_fail_fast_for_a_while(blob: Path) -> None:
         await trio.sleep(0.3)
         return await image.read(6 * CHUNK, 10)
 
-    data = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0,
-                          failure_holdoff_s=0.2)
+    tuning = ImageTuning(readahead_chunks=0, failure_holdoff_s=0.2)
+    data = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
     assert data == IMAGE[6 * CHUNK:6 * CHUNK + 10]
 
 
@@ -323,7 +326,7 @@ def test_read_spanning_a_bad_chunk_leaves_no_claim_behind(blob: Path) -> None:
         with trio.fail_after(5):
             return await image.read(0, 10)
 
-    assert run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0) == IMAGE[:10]
+    assert run_with_layer(LayerSource(str(blob)), body, tuning=NO_READAHEAD) == IMAGE[:10]
 
 
 def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
@@ -367,7 +370,7 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
             await trio.sleep(1)  # the second load completes in the background nursery
         return results
 
-    results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, readahead_chunks=0)
+    results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, tuning=NO_READAHEAD)
     assert results == {"first": IMAGE[:2 * CHUNK], "second": IMAGE[:10]}
 
 
@@ -393,8 +396,7 @@ def test_frames_without_hashes_and_without_verity_are_untrusted(tmp_path: Path) 
     source = _hashless_blob(tmp_path, image, "bare", verity=False)
     with pytest.raises(UntrustedLayerError, match="frame hashes"):
         run_with_layer(source, read_all)
-    source.insecure = True
-    assert run_with_layer(source, read_all) == image
+    assert run_with_layer(replace(source, insecure=True), read_all) == image
 
 
 def test_hashless_layers_with_equal_tables_do_not_share_cached_chunks(tmp_path: Path) -> None:
@@ -439,7 +441,7 @@ def test_corrupt_tree_block_fails_only_its_chunks_of_a_coalesced_run(tmp_path: P
             await image.read(11 * CHUNK, 2 * CHUNK)  # chunks 11 and 12, fetched as one run
         return await image.read(12 * CHUNK, CHUNK), image.stats_snapshot()["bad_chunks"]
 
-    data, bad = run_with_layer(LayerSource(str(blob_path)), body, readahead_chunks=0)
+    data, bad = run_with_layer(LayerSource(str(blob_path)), body, tuning=NO_READAHEAD)
     assert data == image_bytes[12 * CHUNK:13 * CHUNK]
     assert bad == [11]
 
@@ -468,7 +470,7 @@ def test_trace_records_fetches_hits_and_bad_chunks(blob: Path, tmp_path: Path) -
             await image.read(bad * CHUNK, 100)
         return bad
 
-    bad = run_with_layer(LayerSource(str(blob)), body, readahead_chunks=0, trace=trace)
+    bad = run_with_layer(LayerSource(str(blob)), body, tuning=NO_READAHEAD, trace=trace)
     trace.close()
     records = [json.loads(line) for line in trace_path.read_text().splitlines()]
     assert [(r["chunk"], r["event"]) for r in records] == [(9, "fetch"), (9, "hit"),

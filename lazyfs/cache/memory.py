@@ -1,8 +1,34 @@
-"""A memory cache of verified, decompressed chunks, capped in bytes, with single flight.
+"""A memory cache of verified, decoded chunks, capped in bytes, with single flight per key.
 
-Keys name content (the chunk table digest that authenticates a layer, and a chunk index), so
-layers shared by several mounts are fetched and kept once. Single flight: the first caller to
-miss a key loads it; later callers wait for that load instead of fetching again.
+Keys name content (the digest that authenticates a layer, and a chunk index), so a layer
+shared by several images is fetched and kept once. Single flight: the first caller to miss a
+key loads it; later callers wait for that load instead of fetching again. Everything runs on
+the trio thread, and no method awaits between looking at the state and changing it, so no
+lock is needed.
+
+The protocol (`claim` / `complete` / `fail` / `wait`):
+
+- **Who may claim.** Anyone, for a key that is neither cached nor loading: `claim(key)` then
+  returns True and the caller is the key's one *claimer* until it resolves it. Otherwise it
+  returns False and the caller must not load the key; it `wait`s.
+- **What a claimer must do, in every outcome.** Resolve every key it claimed exactly once:
+  `complete(key, data)` with verified bytes, or `fail(key, error)`. That includes errors it
+  did not expect and cancellation (unmount): resolve in a `finally`, or waiters hang for ever.
+  A load that others may wait on runs in the mount's nursery, not in the reader's call, so a
+  reader that is interrupted does not cancel it. After resolving a key, never touch it
+  again: it may already be claimed anew by another loader, whose load a late `fail` would
+  break (`fail` of a key that is not loading does nothing, but it cannot tell whose it is).
+- **What waiters see.** `wait(key)` on a loading key blocks until it is resolved, then
+  returns the claimer's bytes or raises the claimer's error (the same exception object for
+  every waiter: do not modify it). A failure is not cached: the next `claim` may try again;
+  remembering bad chunks is the caller's business. `wait` on a key that is not loading
+  returns the cached bytes, or None.
+- **Eviction between complete and wait.** `complete` hands the bytes to the waiters already
+  blocked even if they are evicted at once (or never stored, being larger than the cache).
+  A caller that reaches `wait` after the load finished, when the bytes were evicted already,
+  gets None, and must go round again: `get`, then `claim` or `wait`.
+- **Counts.** `get` counts a hit or a miss; `wait` counts neither; eviction to stay under
+  `capacity_bytes` counts an eviction. The cache is the only place these are counted.
 """
 
 from __future__ import annotations
@@ -65,12 +91,16 @@ class ChunkCache:
         return True
 
     def complete(self, key: Hashable, data: bytes) -> None:
+        """Store the claimed `key`'s bytes and hand them to its waiters. KeyError if `key`
+        is not loading (resolved already, or never claimed)."""
         pending = self._pending.pop(key)
         self._store(key, data)
         pending.data = data
         pending.done.set()
 
     def fail(self, key: Hashable, error: BaseException) -> None:
+        """Raise `error` in the claimed `key`'s waiters; nothing is stored. No-op if `key` is
+        not loading."""
         pending = self._pending.pop(key, None)
         if pending is not None:
             pending.error = error
@@ -86,6 +116,21 @@ class ChunkCache:
         if pending.error is not None:
             raise pending.error
         return pending.data
+
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    def stats_snapshot(self) -> dict[str, int]:
+        """Capacity, use and counts, for the stats file."""
+        return {
+            "capacity_bytes": self.capacity_bytes,
+            "size_bytes": self.size_bytes,
+            "entries": self.entries,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+        }
 
     def _store(self, key: Hashable, data: bytes) -> None:
         if len(data) > self.capacity_bytes:

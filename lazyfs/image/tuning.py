@@ -1,0 +1,30 @@
+"""How a layer reads: readahead, request coalescing, parallel fetches, failure hold-off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageTuning:
+    """The knobs of RemoteImage, and the one place for their defaults.
+
+    `readahead_chunks` chunks past a sequential read are loaded in the background (0: none);
+    adjacent missing chunks are fetched in one request of at most `coalesce_bytes`; at most
+    `parallel_fetches` requests of one layer are in flight. After a fetch fails (retries
+    exhausted), further fetches fail at once for `failure_holdoff_s`, so a dead server costs
+    one retry cycle rather than one per chunk a directory walk touches.
+    """
+
+    readahead_chunks: int = 2
+    coalesce_bytes: int = 16 * 1024 * 1024
+    parallel_fetches: int = 4
+    failure_holdoff_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if (self.readahead_chunks < 0 or self.coalesce_bytes < 1 or self.parallel_fetches < 1
+                or self.failure_holdoff_s < 0):
+            raise ValueError(
+                "image tuning: need readahead_chunks >= 0, coalesce_bytes >= 1, "
+                "parallel_fetches >= 1 and failure_holdoff_s >= 0"
+            )

@@ -1,0 +1,33 @@
+"""`lazyfs stats` text: the daemon, the shared chunk cache, then each layer."""
+
+from __future__ import annotations
+
+from lazyfs.cli.mounts import format_stats
+
+STATS = {
+    "daemon": {"pid": 42, "uptime_s": 3.5, "reads": 7, "read_bytes": 4096},
+    "cache": {"capacity_bytes": 256 << 20, "size_bytes": 3 << 20, "entries": 12, "hits": 30,
+              "misses": 12, "evictions": 2},
+    "layers": {"layer.blob": {"source": "http://h/layer.blob", "chunk_count": 40,
+                              "chunks_fetched": 12, "bytes_fetched": 1 << 20,
+                              "blob_size": 4 << 20}},
+}
+
+
+def test_cache_section_between_daemon_and_layers() -> None:
+    lines = format_stats(STATS, "/mnt/x").splitlines()
+    start = lines.index("chunk cache")
+    assert lines[start + 1:start + 5] == [
+        "  capacity                  256.0 MiB",
+        "  used                      3.0 MiB in 12 entries",
+        "  hits / misses             30 / 12",
+        "  evictions                 2",
+    ]
+    assert lines[0].startswith("/mnt/x (daemon 42")
+    assert lines.index("layer layer.blob (http://h/layer.blob)") > start
+    assert not any("cache hits" in line for line in lines)  # counted once, by the cache
+
+
+def test_stats_without_a_cache_section_still_print() -> None:
+    stats = {key: value for key, value in STATS.items() if key != "cache"}
+    assert "chunk cache" not in format_stats(stats, "/mnt/x")
