@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, NotRequired, TypedDict
 
-from lazyfs.blob_locate import find_descriptor, read_metadata, scan_annotations
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import human_size, write_stdout
+from lazyfs.eager.locate import find_descriptor, read_metadata, scan_annotations
 from lazyfs.format.chunk_table import chunk_table_digest
 from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, LayerDescriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE

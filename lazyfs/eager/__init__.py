@@ -1,0 +1,2 @@
+"""Whole local blobs, the eager counterpart of `lazyfs.image`: find a blob's metadata
+(`locate`), check every digest, frame and dm-verity block, and unpack it (`check`)."""
