@@ -21,8 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
-from lazyfs.blob_locate import find_descriptor
 from lazyfs.cli import UserError
+from lazyfs.eager.locate import find_descriptor
 
 if TYPE_CHECKING:
     from converter.layer import ConvertOptions, ConvertResult
@@ -89,7 +89,7 @@ class ProgressLine:
         self.stream.flush()
 
     def blob_progress(self, phase: str) -> Callable[[int, int], None]:
-        """An adapter for `lazyfs.blob_check` progress callbacks."""
+        """An adapter for `lazyfs.eager.check` progress callbacks."""
         return lambda done, total: self.update(phase, done, total)
 
     def close(self) -> None:

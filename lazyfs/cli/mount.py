@@ -1,8 +1,5 @@
-"""`lazyfs mount`: check the arguments, resolve images, and start a mount daemon.
-
-The daemon itself (start-up order, teardown) lives in `lazyfs.fuse.daemon`, starting it in
-the background in `lazyfs.fuse.background`; `umount`, `stats` and `mounts` in `mounts.py`.
-"""
+"""`lazyfs mount`: check the arguments and call the mount service (`lazyfs.mount.service`),
+which resolves images and starts the daemon; `umount`, `stats` and `mounts` in `mounts.py`."""
 
 from __future__ import annotations
 
@@ -18,27 +15,26 @@ from lazyfs.cli._images import (
     add_registry_arguments,
     cache_size_of,
     count_layers,
-    image_record,
     platform_of,
     registry_options,
-    resolve_images,
     tuning_of,
     writable_upper,
 )
 from lazyfs.fetch.base import ReaderOptions
-from lazyfs.fuse import kernel_mount
-from lazyfs.fuse.background import spawn_daemon
-from lazyfs.fuse.daemon import DaemonConfig, DaemonStartError, run_daemon
-from lazyfs.fuse.state import (
-    StateError,
-    daemon_alive,
-    ensure_state_dir,
-    find_record,
-    private_dir,
-)
-from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import is_image_reference
+from lazyfs.mount.daemon import DaemonConfig
+from lazyfs.mount.service import (
+    MountOptions,
+    MountpointError,
+    check_mountpoint,
+    image_config,
+    layer_config,
+    log_path,
+    resolve,
+    serve,
+    start,
+)
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -130,34 +126,10 @@ def _absolute(location: str | None) -> str | None:
     return os.path.abspath(location)
 
 
-def check_mountpoint(path: str, what: str = "mountpoint") -> str:
-    """Return the canonical path of an empty, unmounted directory. Raises UserError."""
-    target = kernel_mount.canonical(path)
-    try:
-        record = find_record(target)
-    except StateError as exc:
-        raise UserError(str(exc)) from None
-    if record is not None:
-        if daemon_alive(record):
-            raise UserError(f"{target}: already a lazyfs mount (daemon {record.pid})")
-        raise UserError(
-            f"{target}: a lazyfs mount whose daemon died is still recorded here; "
-            f"run `lazyfs umount {path}` first"
-        )
-    if kernel_mount.is_mountpoint(target):
-        raise UserError(f"{target}: something is already mounted there")
-    if not os.path.isdir(target):
-        raise UserError(f"{target}: {what} must be an existing empty directory")
-    if os.listdir(target):
-        raise UserError(f"{target}: {what} is not empty")
-    return target
-
-
-def _common_checks(args: argparse.Namespace) -> tuple[int, str | None]:
-    """(cache size, absolute trace file) after checking the options every mount has."""
+def _common_checks(args: argparse.Namespace) -> MountOptions:
+    """The options every mount has, checked."""
     cache_size = cache_size_of(args)
-    if args.readahead is not None and args.readahead < 0:
-        raise UserError("--readahead must be 0 or more")
+    tuning = tuning_of(args)
     trace = _absolute(args.trace)
     if trace is not None:
         try:
@@ -165,7 +137,7 @@ def _common_checks(args: argparse.Namespace) -> tuple[int, str | None]:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
-    return cache_size, trace
+    return MountOptions(cache_size, tuning, trace)
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:
@@ -190,7 +162,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         raise UserError("--block-only DIR replaces MOUNTPOINT; give one of them")
     if not args.block_only and not args.mountpoint:
         raise UserError("give MOUNTPOINT (or --block-only DIR)")
-    cache_size, trace = _common_checks(args)
+    options = _common_checks(args)
     if not args.block_only and os.geteuid() != 0:
         raise UserError("lazyfs mount needs root: it mounts FUSE and EROFS file systems")
     mountpoint = check_mountpoint(args.block_only or args.mountpoint)
@@ -206,14 +178,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
             headers=dict(parse_header(header) for header in args.header)
         ),
     )
-    return DaemonConfig(
-        sources=[source],
-        mountpoint=mountpoint,
-        block_only=bool(args.block_only),
-        cache_size_bytes=cache_size,
-        tuning=tuning_of(args),
-        trace_file=trace,
-    )
+    return layer_config(source, mountpoint, block_only=bool(args.block_only), options=options)
 
 
 def build_image_config(args: argparse.Namespace) -> DaemonConfig:
@@ -246,30 +211,21 @@ def build_image_config(args: argparse.Namespace) -> DaemonConfig:
             raise UserError(f"{reference}: only images can be mounted together, not layers")
     if args.writable and len(references) > 1:
         raise UserError("--writable works with one image at a time")
-    cache_size, trace = _common_checks(args)
+    options = _common_checks(args)
     if os.geteuid() != 0:
         raise UserError("lazyfs mount needs root: it mounts FUSE, EROFS and overlay file systems")
     mountpoints = [check_mountpoint(path) for path in targets or [args.block_only]]
     if len(set(mountpoints)) != len(mountpoints):
-        raise UserError("each image needs a mountpoint of its own")
-    upper = work = None
-    if args.writable:
-        upper, work = writable_upper(args.writable)
-    found = resolve_images(
-        references, registry_options(args), platform_of(args), insecure=args.insecure
-    )
-    images = [
-        image_record(reference, image, mountpoint, upper, work)
-        for reference, image, mountpoint in zip(references, found.images, mountpoints, strict=False)
-    ]
-    return DaemonConfig(
-        sources=found.sources,
-        mountpoint=mountpoints[0],
-        images=[] if args.block_only else images,
+        raise MountpointError("each image needs a mountpoint of its own")
+    writable = writable_upper(args.writable) if args.writable else None
+    found = resolve(references, registry_options(args), platform_of(args), insecure=args.insecure)
+    return image_config(
+        found,
+        references,
+        mountpoints,
+        writable=writable,
         block_only=bool(args.block_only),
-        cache_size_bytes=cache_size,
-        tuning=tuning_of(args),
-        trace_file=trace,
+        options=options,
     )
 
 
@@ -284,22 +240,18 @@ def _pinned_lines(config: DaemonConfig) -> str:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = build_config(args)
-    try:
-        if args.foreground:
+    if args.foreground:
 
-            def on_ready() -> None:
-                sys.stdout.write(_pinned_lines(config))
-                sys.stdout.flush()
-                print(f"lazyfs: mounted {config.mountpoint}", file=sys.stderr)
+        def on_ready() -> None:
+            sys.stdout.write(_pinned_lines(config))
+            sys.stdout.flush()
+            print(f"lazyfs: mounted {config.mountpoint}", file=sys.stderr)
 
-            run_daemon(config, on_ready=on_ready)
-            return 0
-        ensure_state_dir()
-        config.log_file = str(private_dir(config.mountpoint, ".log"))
-        if getattr(args, "verbose", 0):
-            print(f"lazyfs: daemon log: {config.log_file}", file=sys.stderr)
-        spawn_daemon(config)
-    except (DaemonStartError, LayerOpenError, kernel_mount.MountError) as exc:
-        raise UserError(str(exc)) from None
+        serve(config, on_ready=on_ready)
+        return 0
+    config.log_file = log_path(config.mountpoint)
+    if getattr(args, "verbose", 0):
+        print(f"lazyfs: daemon log: {config.log_file}", file=sys.stderr)
+    start(config)
     sys.stdout.write(_pinned_lines(config))
     return 0

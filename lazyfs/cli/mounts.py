@@ -7,15 +7,9 @@ import argparse
 import json
 from typing import Any
 
-import trio
-
-from lazyfs.cli import UserError
 from lazyfs.cli.convert import human_size
-from lazyfs.fuse import kernel_mount
-from lazyfs.fuse.background import stop_mount
-from lazyfs.fuse.state import MountRecord, StateError, daemon_alive, find_record, iter_records
-
-STATS_TIMEOUT_S = 10.0
+from lazyfs.mount.service import find_mount, read_stats, unmount
+from lazyfs.mount.state import MountRecord, StateError, daemon_alive, iter_records
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,48 +33,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mounts.set_defaults(func=cmd_mounts)
 
 
-def _record_of(path: str) -> MountRecord:
-    target = kernel_mount.canonical(path)
-    try:
-        record = find_record(target)
-    except StateError as exc:
-        raise UserError(str(exc)) from None
-    if record is None:
-        hint = " (not by lazyfs)" if kernel_mount.is_mountpoint(target) else ""
-        raise UserError(f"{target}: no lazyfs mount here{hint}; `lazyfs mounts` lists them")
-    return record
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
-    record = _record_of(args.mountpoint)
-    try:
-        trio.run(lambda: stop_mount(record, lazy=args.lazy))
-    except kernel_mount.MountError as exc:
-        raise UserError(str(exc)) from None
+    unmount(args.mountpoint, lazy=args.lazy)
     return 0
-
-
-def read_stats(record: MountRecord) -> dict[str, Any]:
-    """The daemon's stats file, read with a deadline (a hung daemon must not hang us)."""
-    if not daemon_alive(record):
-        raise UserError(f"{record.mountpoint}: the daemon is not running; run `lazyfs umount`")
-
-    def load() -> bytes:
-        with open(record.stats_file, "rb") as stream:
-            return stream.read()
-
-    async def load_with_deadline() -> bytes:
-        with trio.fail_after(STATS_TIMEOUT_S):
-            return await trio.to_thread.run_sync(load, abandon_on_cancel=True)
-
-    try:
-        return json.loads(trio.run(load_with_deadline))  # type: ignore[no-any-return]
-    except trio.TooSlowError:
-        raise UserError(
-            f"{record.mountpoint}: no answer from the daemon within {STATS_TIMEOUT_S:.0f} s"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{record.stats_file}: {exc.strerror}") from None
 
 
 def _ms(value: float | None) -> str:
@@ -148,7 +103,7 @@ def _cache_lines(cache: dict[str, Any] | None) -> list[str]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    record = _record_of(args.mountpoint)
+    record = find_mount(args.mountpoint)
     stats = read_stats(record)
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
@@ -159,11 +114,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_mounts(args: argparse.Namespace) -> int:
     rows = []
-    try:
-        items = list(iter_records())
-    except StateError as exc:
-        raise UserError(str(exc)) from None
-    for item in items:
+    for item in list(iter_records()):
         if isinstance(item, StateError):
             rows.append(("?", "unreadable", "-", str(item)))
             continue

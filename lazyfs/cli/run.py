@@ -13,55 +13,27 @@ the way out, also after a failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
-from typing import Any
-
-import trio
 
 from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
-    ImageSet,
     add_registry_arguments,
     cache_size_of,
     count_layers,
-    image_record,
     platform_of,
     registry_options,
-    resolve_images,
     tuning_of,
-    writable_upper,
 )
-from lazyfs.cli._run_report import LayerReport, RunReport, format_report, lazy_layer_report
+from lazyfs.cli._run_report import format_report
 from lazyfs.cli.convert import sigterm_as_interrupt
-from lazyfs.cli.mounts import read_stats
-from lazyfs.fuse import image_mount, kernel_mount
-from lazyfs.fuse.background import spawn_daemon, stop_mount, undo_mounts
-from lazyfs.fuse.container import ContainerSpec, container_env, interrupts_ignored, run_container
-from lazyfs.fuse.daemon import DaemonConfig, DaemonStartError
-from lazyfs.fuse.state import (
-    ImageRecord,
-    MountRecord,
-    StateError,
-    ensure_state_dir,
-    find_record,
-    private_dir,
-    process_start_ticks,
-    write_record,
-)
-from lazyfs.image.eager_pull import PulledLayer, pull_layers
-from lazyfs.image.errors import LayerOpenError
-from lazyfs.image.registry_source import RegistryOptions, ResolvedImage
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.container.run import RunRequest, prepare, run
+from lazyfs.mount.service import MountOptions
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -136,8 +108,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.eager and (args.trace or args.readahead is not None):
         flag = "--trace" if args.trace else "--readahead"
         raise UserError(f"{flag} applies to the lazy mount; not with --eager")
-    if args.readahead is not None and args.readahead < 0:
-        raise UserError("--readahead must be 0 or more")
     cache_size = cache_size_of(args)
     trace = os.path.abspath(args.trace) if args.trace else None
     for path in (trace, args.report):
@@ -147,170 +117,31 @@ def cmd_run(args: argparse.Namespace) -> int:
                     pass
             except OSError as exc:
                 raise UserError(f"{path}: {exc.strerror}") from None
-    options = registry_options(args)
-    found = resolve_images([args.image], options, platform_of(args), insecure=args.insecure)
-    image = found.images[0]
-    argv = args.command or [*image.config.entrypoint, *image.config.cmd]
-    if not argv:
-        raise UserError(f"{args.image}: the image has no command; give one after --")
-    mode = "eager" if args.eager else "lazy"
+    request = RunRequest(
+        reference=args.image,
+        command=tuple(args.command),
+        registry=registry_options(args),
+        platform=platform_of(args),
+        eager=args.eager,
+        insecure=args.insecure,
+        writable=args.writable,
+        mount=MountOptions(cache_size, tuning_of(args), trace),
+    )
+    prepared = prepare(request)
+    image = prepared.image
     print(
-        f"lazyfs run: {image.pinned} ({image.platform}, {count_layers(len(image.layers))}), {mode}",
+        f"lazyfs run: {image.pinned} ({image.platform}, {count_layers(len(image.layers))}), "
+        f"{request.mode}",
         file=sys.stderr,
         flush=True,
     )
-    ensure_state_dir()
-    if args.writable:
-        upper, workdir = writable_upper(args.writable)
-    work = Path(tempfile.mkdtemp(prefix="lazyfs-run-"))
-    root = work / "root"
-    root.mkdir()
-    if not args.writable:
-        upper, workdir = image_mount.writable_dirs(str(work / "rw"))
-    target = image_record(args.image, image, str(root), upper, workdir)
-    report = RunReport(mode=mode, image=image.pinned, platform=image.platform)
-    spec = ContainerSpec(
-        str(root), argv, container_env(image.config.env), image.config.working_dir or "/"
-    )
-    try:
-        with sigterm_as_interrupt():
-            if args.eager:
-                record = _eager_record(target, work)
-                pulled = trio.run(_eager_mount, record, target, image, options)
-            else:
-                record = _lazy_mount(found, target, work, cache_size, trace, tuning_of(args))
-            report.mounted_s = time.monotonic() - started
-            report.exit_code = run_container(spec)
-            report.total_s = time.monotonic() - started
-            report.command_s = report.total_s - report.mounted_s
-            if args.eager:
-                report.layers = _eager_layers(pulled)
-            else:
-                report.layers = _lazy_layers(image, record)
-    finally:
-        with interrupts_ignored():
-            _teardown(root, work, eager=args.eager, relay_log=report.mounted_s > 0)
+    with sigterm_as_interrupt():
+        report = run(prepared, started=started, notify=_notify)
     sys.stderr.write(format_report(report))
     if args.report:
         Path(args.report).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report.exit_code
 
 
-# -- lazy -----------------------------------------------------------------------------------------
-
-
-def _lazy_mount(
-    found: ImageSet,
-    target: ImageRecord,
-    work: Path,
-    cache_size: int,
-    trace: str | None,
-    tuning: ImageTuning,
-) -> MountRecord:
-    """Start a mount daemon for the image; returns its record once everything is mounted."""
-    root = target.mountpoint
-    config = DaemonConfig(
-        sources=found.sources,
-        mountpoint=root,
-        images=[target],
-        cache_size_bytes=cache_size,
-        tuning=tuning,
-        trace_file=trace,
-        log_file=str(private_dir(root, ".log")),
-        temp_dir=str(work),
-    )
-    try:
-        spawn_daemon(config)
-    except (DaemonStartError, LayerOpenError) as exc:
-        raise UserError(str(exc)) from None
-    record = find_record(root)
-    if record is None:
-        raise UserError(f"{root}: the mount daemon exited; see {config.log_file}")
-    return record
-
-
-def _lazy_layers(image: ResolvedImage, record: MountRecord) -> list[LayerReport]:
-    """Per-layer numbers from the daemon's stats file (none if it cannot be read)."""
-    try:
-        stats: dict[str, Any] = read_stats(record)
-    except UserError as exc:
-        print(f"lazyfs run: no layer statistics: {exc}", file=sys.stderr)
-        return []
-    layers = stats.get("layers", {})
-    return [
-        lazy_layer_report(layer.name, layer.digest, layer.size, layers.get(layer.name, {}))
-        for layer in image.distinct_layers
-    ]
-
-
-# -- eager ----------------------------------------------------------------------------------------
-
-
-def _eager_record(target: ImageRecord, work: Path) -> MountRecord:
-    """The record of an eager run's mounts (this process is their owner): written before
-    anything is mounted, so that `lazyfs umount` can clean up after a killed run."""
-    root = target.mountpoint
-    record = MountRecord(
-        mountpoint=root,
-        pid=os.getpid(),
-        pid_start_ticks=process_start_ticks(os.getpid()),
-        fuse_dir=str(private_dir(root, ".fuse")),  # never created: no FUSE in an eager run
-        layers_dir=str(private_dir(root, ".layers")),
-        temp_dir=str(work),
-        started_at=time.time(),
-    )
-    write_record(record)
-    return record
-
-
-async def _eager_mount(
-    record: MountRecord, target: ImageRecord, image: ResolvedImage, options: RegistryOptions
-) -> list[PulledLayer]:
-    """Pull every layer into the scratch directory, mount the EROFS images, stack them."""
-    assert record.temp_dir is not None
-    directory = Path(record.temp_dir) / "layers"
-    directory.mkdir()
-    async with options.client(image.reference.registry) as client:
-        pulled = await pull_layers(
-            client, image.reference.repository, image.distinct_layers, directory
-        )
-    record.sources = [str(layer.image_file) for layer in pulled]
-    files = {layer.name: str(layer.image_file) for layer in pulled}
-    layer_dirs = await image_mount.mount_layers(record, files)
-    await image_mount.mount_overlays(record, [target], layer_dirs)
-    record.ready = True
-    write_record(record)
-    return pulled
-
-
-def _eager_layers(pulled: list[PulledLayer]) -> list[LayerReport]:
-    return [
-        LayerReport(layer.name, layer.digest, layer.blob_size, layer.blob_size, requests=1)
-        for layer in pulled
-    ]
-
-
-# -- teardown -------------------------------------------------------------------------------------
-
-
-def _teardown(root: Path, work: Path, *, eager: bool, relay_log: bool) -> None:
-    """Unmount everything (the daemon's way for a lazy run), pass on what the daemon logged
-    as a problem (if `relay_log`: a failed start has already said why), and delete the
-    scratch directory. Reports failures, never raises."""
-    try:
-        record = find_record(root)
-        if record is not None:
-            stop = undo_mounts if eager else stop_mount
-            trio.run(partial(stop, record, lazy=True))
-    except (kernel_mount.MountError, StateError) as exc:
-        print(f"lazyfs run: {exc}", file=sys.stderr)
-    log_file = private_dir(root, ".log")
-    with contextlib.suppress(FileNotFoundError):
-        for line in log_file.read_text(errors="replace").splitlines() if relay_log else []:
-            if " WARNING " in line or " ERROR " in line or "Traceback" in line:
-                print(f"lazyfs run: daemon: {line}", file=sys.stderr)
-        log_file.unlink()
-    if kernel_mount.mounts_at_or_below(work):
-        print(f"lazyfs run: {work} still has mounts below it; not removed", file=sys.stderr)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+def _notify(message: str) -> None:
+    print(f"lazyfs run: {message}", file=sys.stderr)

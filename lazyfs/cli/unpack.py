@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lazyfs.blob_check import unpack_blob
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import ProgressLine, blob_descriptor, sigterm_as_interrupt
+from lazyfs.eager.check import unpack_blob
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

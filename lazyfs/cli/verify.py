@@ -1,6 +1,6 @@
 """`lazyfs verify BLOB`: every check there is, end to end; exit 0 only when all hold.
 
-1. `lazyfs.blob_check`: descriptor digest and size, chunk table digest, every frame's SHA-512
+1. `lazyfs.eager.check`: descriptor digest and size, chunk table digest, every frame's SHA-512
    and decoded size, the whole dm-verity tree and every data block; all problems listed.
 2. `veritysetup verify` on the hash payload and the padded image, when installed: an
    independent implementation confirms the tree and the root.
@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazyfs.blob_check import BlobReport, check_blob
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import ProgressLine, blob_descriptor, sigterm_as_interrupt, write_stdout
+from lazyfs.eager.check import BlobReport, check_blob
 
 if TYPE_CHECKING:
     from converter.tree import TreeEntry

@@ -1,1 +1,1 @@
-"""The FUSE daemon that exposes layers as block-like files, and the kernel mounts on top."""
+"""The FUSE file system: one read-only directory holding one verified block file per layer."""

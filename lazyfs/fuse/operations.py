@@ -21,10 +21,11 @@ from typing import Any, Protocol
 import pyfuse3
 
 from lazyfs.cache.memory import ChunkCache
-from lazyfs.fuse.state import STATS_FILE_NAME
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.stats import LatencyRecorder
 
+# The virtual file in the FUSE root that `lazyfs stats` reads (JSON).
+STATS_FILE_NAME = ".lazyfs-stats.json"
 STATS_INODE = pyfuse3.ROOT_INODE + 1
 FIRST_LAYER_INODE = STATS_INODE + 1
 BLOCK_SIZE = 4096

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 import zstandard
 
+from lazyfs.exception_groups import first_error
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.image.errors import LayerOpenError
 from lazyfs.image.registry_source import ImageLayer
@@ -93,14 +94,6 @@ async def pull_layers(
             for layer in layers:
                 nursery.start_soon(pull, layer)
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     return [pulled[layer.digest] for layer in layers]
 
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """What made the pull fail: the first error that is not the cancellation it caused."""
-    for exc in group.exceptions:
-        found = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-        if not isinstance(found, trio.Cancelled):
-            return found
-    return group

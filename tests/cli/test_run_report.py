@@ -1,20 +1,13 @@
-"""The parts of `lazyfs run` that need no root: its command line, the container's environment,
-the report, and the exit statuses of the container init script."""
+"""The parts of `lazyfs run`'s command line that need no root: its options and its report."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lazyfs.cli import build_parser
-from lazyfs.cli._run_report import LayerReport, RunReport, format_report, lazy_layer_report
+from lazyfs.cli._run_report import format_report
 from lazyfs.cli.run import split_command
-from lazyfs.fuse.container import DEFAULT_PATH, INIT_SCRIPT, container_env
+from lazyfs.container.report import LayerReport, RunReport, lazy_layer_report
 
 
 @pytest.mark.parametrize(
@@ -54,17 +47,6 @@ def test_an_unknown_option_before_the_double_dash_is_a_usage_error(
         split_command(args)
     assert info.value.code == 2
     assert "--eagre" in capsys.readouterr().err
-
-
-def test_the_environment_comes_from_the_image_with_defaults(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("TERM", "xterm")
-    monkeypatch.setenv("SECRET", "not passed on")
-    assert container_env([]) == {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm"}
-    env = container_env(["PATH=/opt/bin", "EQ=a=b", "EMPTY=", "junk", "=x"])
-    assert env["PATH"] == "/opt/bin" and env["EQ"] == "a=b" and env["EMPTY"] == ""
-    assert "SECRET" not in env and "junk" not in env and "" not in env
 
 
 def test_the_report_has_a_row_per_layer_and_a_total() -> None:
@@ -117,30 +99,3 @@ def test_the_report_has_a_row_per_layer_and_a_total() -> None:
     eager = RunReport("eager", "x", "linux/amd64", layers=[LayerReport("c", "d", 10, 10, 1)])
     assert "all (whole blob)" in format_report(eager)
     assert "all layers" not in format_report(eager)  # no total for a single layer
-
-
-@pytest.mark.root
-def test_the_init_script_reports_setup_and_exec_failures(tmp_path: Path) -> None:
-    def init(root: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        spec = json.dumps({"root": str(root), "argv": argv, "env": {}, "cwd": "/"})
-        return subprocess.run(
-            [sys.executable, "-I", "-S", str(INIT_SCRIPT), spec],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-
-    not_a_directory = tmp_path / "file"
-    not_a_directory.write_text("")
-    failed = init(not_a_directory, ["/bin/sh"])
-    assert failed.returncode == 125
-    assert failed.stderr.startswith("lazyfs run: cannot set up the container:")
-    empty = tmp_path / "root"
-    empty.mkdir()
-    missing = init(empty, ["/no/such/command"])
-    assert missing.returncode == 127
-    assert missing.stderr == "lazyfs run: /no/such/command: No such file or directory\n"
-    # /proc, /dev and /dev/shm were mounted in the command's mount namespace only.
-    assert sorted(os.listdir(empty)) == ["dev", "proc", "tmp"]
-    assert os.listdir(empty / "dev") == [] and os.listdir(empty / "proc") == []

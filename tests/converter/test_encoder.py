@@ -1,4 +1,4 @@
-"""The encoder, checked by decoding everything it writes (`lazyfs.blob_check`), by cryptsetup's
+"""The encoder, checked by decoding everything it writes (`lazyfs.eager.check`), by cryptsetup's
 own dm-verity implementation, and against the blobs containerd wrote."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
-from lazyfs.blob_check import check_blob
-from lazyfs.blob_locate import find_descriptor
+from lazyfs.eager.check import check_blob
+from lazyfs.eager.locate import find_descriptor
 from lazyfs.format.descriptor import LayerDescriptor
 from tests.image.helpers import make_image_bytes
 

@@ -28,8 +28,8 @@ from converter.layer import ConvertOptions, convert_layer
 from converter.mkfs import build_erofs
 from converter.oci_layout import LayoutError
 from converter.tree import compare_trees, scan_directory, scan_tar
-from lazyfs.blob_check import unpack_blob
-from lazyfs.blob_locate import read_metadata
+from lazyfs.eager.check import unpack_blob
+from lazyfs.eager.locate import read_metadata
 from lazyfs.fetch import oci
 from lazyfs.fetch.registry import UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials

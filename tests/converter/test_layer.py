@@ -19,7 +19,7 @@ import pytest
 from converter.errors import ConvertError, UnsafeTarError, UnsupportedSourceError
 from converter.layer import ConvertOptions, convert_layer, descriptor_path_for
 from converter.mkfs import build_erofs
-from lazyfs.blob_check import unpack_blob
+from lazyfs.eager.check import unpack_blob
 from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, parse_descriptor
 from tests.cli import lazyfs_env, run_lazyfs
 from tests.converter import LayerBuilder, rich_layer

@@ -14,8 +14,12 @@ import pytest
 import trio
 
 from lazyfs.cache.memory import ChunkCache
-from lazyfs.fuse.operations import FIRST_LAYER_INODE, STATS_INODE, LayerOperations
-from lazyfs.fuse.state import STATS_FILE_NAME
+from lazyfs.fuse.operations import (
+    FIRST_LAYER_INODE,
+    STATS_FILE_NAME,
+    STATS_INODE,
+    LayerOperations,
+)
 from tests.fuse.fakes import BuggyImage, FakeImage
 
 T = TypeVar("T")

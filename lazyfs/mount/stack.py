@@ -22,8 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from lazyfs.fuse import kernel_mount
-from lazyfs.fuse.state import ErofsMountRecord, ImageRecord, MountRecord, write_record
+from lazyfs.exception_groups import first_error
+from lazyfs.mount import kernel
+from lazyfs.mount.state import ErofsMountRecord, ImageRecord, MountRecord, write_record
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ async def mount_layers(
         with contextlib.suppress(FileExistsError):
             os.mkdir(target, 0o700)
         async with limiter:
-            erofs: ErofsMountRecord = await kernel_mount.mount_erofs(
+            erofs: ErofsMountRecord = await kernel.mount_erofs(
                 image_file, target, on_loop_attached=on_loop_attached
             )
         record.erofs_mounts.append(erofs)
@@ -96,7 +97,7 @@ async def mount_layers(
             for index, (name, image_file) in enumerate(image_files.items()):
                 nursery.start_soon(mount_one, index, name, image_file)
     except BaseExceptionGroup as group:
-        raise _first(group) from None
+        raise first_error(group) from None
     return mounted
 
 
@@ -115,11 +116,11 @@ async def mount_overlays(
         if len(lowerdirs) == 1 and image.upperdir is None:
             lowerdirs.append(_empty_layer(record))
         try:
-            await kernel_mount.mount_overlay(
+            await kernel.mount_overlay(
                 lowerdirs, image.mountpoint, upperdir=image.upperdir, workdir=image.workdir
             )
         except ValueError as exc:  # a path that cannot go into the option string
-            raise kernel_mount.MountError(
+            raise kernel.MountError(
                 f"cannot mount overlay at {image.mountpoint}: {exc}"
             ) from None
         log.info("%s: %s (%d layers)", image.mountpoint, image.reference, len(lowerdirs))
@@ -140,7 +141,7 @@ def remove_layer_dirs(record: MountRecord) -> None:
     (a busy mount detached lazily) is left alone."""
     if record.layers_dir is None or not os.path.isdir(record.layers_dir):
         return
-    mounted = {m.mountpoint for m in kernel_mount.mounts_at_or_below(record.layers_dir)}
+    mounted = {m.mountpoint for m in kernel.mounts_at_or_below(record.layers_dir)}
     for name in os.listdir(record.layers_dir):
         path = os.path.join(record.layers_dir, name)
         if path not in mounted:
@@ -149,12 +150,3 @@ def remove_layer_dirs(record: MountRecord) -> None:
     with contextlib.suppress(OSError):
         os.rmdir(record.layers_dir)
 
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a nursery of mounts: the first that is not a cancellation."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first(exc)
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return group

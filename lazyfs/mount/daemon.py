@@ -26,9 +26,15 @@ import pyfuse3
 import trio
 
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES, ChunkCache
-from lazyfs.fuse import image_mount, kernel_mount
+from lazyfs.errors import LazyfsError
+from lazyfs.exception_groups import sole_error
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
-from lazyfs.fuse.state import (
+from lazyfs.image.open import LayerSource, open_layer
+from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.stats import TraceWriter
+from lazyfs.image.tuning import ImageTuning
+from lazyfs.mount import kernel, stack
+from lazyfs.mount.state import (
     ImageRecord,
     MountRecord,
     private_dir,
@@ -36,10 +42,6 @@ from lazyfs.fuse.state import (
     remove_record,
     write_record,
 )
-from lazyfs.image.open import LayerSource, open_layer
-from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.stats import TraceWriter
-from lazyfs.image.tuning import ImageTuning
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PARALLEL_LAYER_OPENS = 8
 
 
-class DaemonStartError(Exception):
+class DaemonStartError(LazyfsError):
     """The daemon did not come up; the message says why (one line)."""
 
 
@@ -114,7 +116,7 @@ class Daemon:
         self.config = config
         self.limits = WorkerLimits.for_layers(len(config.sources))
         self.stats = DaemonStats()
-        mountpoint = kernel_mount.canonical(config.mountpoint)
+        mountpoint = kernel.canonical(config.mountpoint)
         fuse_dir = mountpoint if config.block_only else str(private_dir(mountpoint, ".fuse"))
         self.record = MountRecord(
             mountpoint=mountpoint,
@@ -151,7 +153,7 @@ class Daemon:
                     await self._fuse_done.wait()
                     nursery.cancel_scope.cancel()  # background fetches, the signal watcher
             except BaseExceptionGroup as group:
-                raise _sole_exception(group) from None
+                raise sole_error(group) from None
             finally:
                 with trio.CancelScope(shield=True):
                     await self._teardown()
@@ -177,7 +179,7 @@ class Daemon:
         try:
             pyfuse3.init(ops, record.fuse_dir, fuse_options(config))
         except RuntimeError as exc:  # libfuse printed its reason to stderr (the daemon log)
-            raise kernel_mount.MountError(
+            raise kernel.MountError(
                 f"cannot mount the FUSE file system at {record.fuse_dir}: {exc}"
             ) from None
         self._fuse_mounted = True
@@ -188,13 +190,13 @@ class Daemon:
             block_files = dict(
                 zip((image.name for image in self.images), record.block_files, strict=True)
             )
-            layer_dirs = await image_mount.mount_layers(
+            layer_dirs = await stack.mount_layers(
                 record, block_files, on_loop_attached=self._loop_attached
             )
-            await image_mount.mount_overlays(record, config.images, layer_dirs)
+            await stack.mount_overlays(record, config.images, layer_dirs)
         elif not config.block_only:
             for block_file in record.block_files:
-                erofs = await kernel_mount.mount_erofs(
+                erofs = await kernel.mount_erofs(
                     block_file, record.mountpoint, on_loop_attached=self._loop_attached
                 )
                 record.erofs_mounts.append(erofs)
@@ -240,7 +242,7 @@ class Daemon:
                 for index, source in enumerate(config.sources):
                     opening.start_soon(open_one, index, source)
         except BaseExceptionGroup as group:
-            raise _sole_exception(group) from None
+            raise sole_error(group) from None
         self.images = [opened[index] for index in range(len(config.sources))]
 
     def _loop_attached(self, device: str) -> None:
@@ -276,8 +278,8 @@ class Daemon:
             # Kernel mounts go first, while FUSE still serves the reads of files open on
             # them; only then may the loop stop.
             try:
-                await kernel_mount.unmount_kernel_mounts(self.record, lazy_fallback=True)
-            except kernel_mount.MountError as exc:
+                await kernel.unmount_kernel_mounts(self.record, lazy_fallback=True)
+            except kernel.MountError as exc:
                 log.error("%s", exc)
             pyfuse3.terminate()
             return
@@ -286,8 +288,8 @@ class Daemon:
         """Undo whatever came up, in reverse order; keep going past failures."""
         record = self.record
         try:
-            await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=True)
-        except kernel_mount.MountError as exc:
+            await kernel.unmount_kernel_mounts(record, lazy_fallback=True)
+        except kernel.MountError as exc:
             log.error("%s", exc)
         if self._fuse_mounted:
             # After a bug stopped the loop or after terminate(): unmount(2) here, not by
@@ -299,7 +301,7 @@ class Daemon:
         if self._created_fuse_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(record.fuse_dir)
-        image_mount.remove_layer_dirs(record)
+        stack.remove_layer_dirs(record)
         remove_record(record.mountpoint)
 
 
@@ -308,18 +310,3 @@ def run_daemon(config: DaemonConfig, on_ready: Callable[[], None]) -> None:
     everything is mounted. Raises what made start-up fail, after undoing it."""
     Daemon(config).run(on_ready)
 
-
-def _sole_exception(group: BaseExceptionGroup) -> BaseException:
-    """The one real error inside a nursery's group (what the caller should see), or the
-    group itself when several tasks failed."""
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    collect(group)
-    return leaves[0] if len(leaves) == 1 else group

@@ -1,6 +1,6 @@
 """Run one command in a mounted root file system, in new mount and PID namespaces.
 
-A standalone script, started by `lazyfs.fuse.container` with the host's Python (`-I -S`, so
+A standalone script, started by `lazyfs.container.process` with the host's Python (`-I -S`, so
 it imports nothing from the environment); argv[1] is a JSON object with `root`, `argv`,
 `env` and `cwd`. Three processes:
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from lazyfs.fuse import kernel_mount
-from lazyfs.fuse.kernel_mount import (
+from lazyfs.mount import kernel
+from lazyfs.mount.kernel import (
     MountBusyError,
     MountError,
     is_mountpoint,
@@ -20,7 +20,7 @@ from lazyfs.fuse.kernel_mount import (
     overlay_options,
     parse_mountinfo,
 )
-from lazyfs.fuse.state import MountRecord
+from lazyfs.mount.state import MountRecord
 from tests.support.mounts import cleanup
 
 
@@ -73,15 +73,15 @@ def test_file_backed_mount_and_unmount(work: Path) -> None:
     image, mnt = str(work / "image.erofs"), str(work / "mnt")
 
     async def main() -> None:
-        record = await kernel_mount.mount_erofs(image, mnt)
+        record = await kernel.mount_erofs(image, mnt)
         assert record.loop_device is None  # a kernel that reads files directly
         assert (work / "mnt" / "hello").read_text() == "hello\n"
         with pytest.raises(OSError) as info:
             (work / "mnt" / "new").write_text("x")
         assert info.value.errno == errno.EROFS
-        await kernel_mount.unmount(mnt)
+        await kernel.unmount(mnt)
         assert not is_mountpoint(mnt)
-        await kernel_mount.unmount(mnt)  # nothing mounted is fine
+        await kernel.unmount(mnt)  # nothing mounted is fine
 
     trio.run(main)
 
@@ -92,11 +92,11 @@ def test_loop_device_mount_records_and_detaches_its_device(work: Path) -> None:
     attached: list[str] = []
 
     async def main() -> None:
-        device = await kernel_mount.mount_erofs_via_loop(image, mnt, attached.append)
+        device = await kernel.mount_erofs_via_loop(image, mnt, attached.append)
         assert attached == [device] and loops_backed_by(str(work)) == [device]
         assert (work / "mnt" / "hello").read_text() == "hello\n"
         record = MountRecord(mountpoint=mnt, pid=0, fuse_dir=str(work), block_files=[image])
-        await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=False)
+        await kernel.unmount_kernel_mounts(record, lazy_fallback=False)
         assert not is_mountpoint(mnt) and loops_backed_by(str(work)) == []
 
     trio.run(main)
@@ -108,7 +108,7 @@ def test_a_bad_image_fails_both_ways_and_leaves_no_loop_device(work: Path) -> No
 
     async def main() -> None:
         with pytest.raises(MountError) as info:
-            await kernel_mount.mount_erofs(str(work / "bad.img"), str(work / "mnt"))
+            await kernel.mount_erofs(str(work / "bad.img"), str(work / "mnt"))
         assert "file-backed" in str(info.value) and "bad.img" in str(info.value)
 
     trio.run(main)
@@ -120,12 +120,12 @@ def test_busy_mount_is_refused_or_detached_lazily(work: Path) -> None:
     image, mnt = str(work / "image.erofs"), str(work / "mnt")
 
     async def main() -> None:
-        await kernel_mount.mount_erofs(image, mnt)
+        await kernel.mount_erofs(image, mnt)
         with open(work / "mnt" / "hello") as busy:
             with pytest.raises(MountBusyError, match="busy"):
-                await kernel_mount.unmount(mnt, attempts=2)
+                await kernel.unmount(mnt, attempts=2)
             assert is_mountpoint(mnt)
-            await kernel_mount.unmount(mnt, attempts=1, lazy_fallback=True)
+            await kernel.unmount(mnt, attempts=1, lazy_fallback=True)
             assert not is_mountpoint(mnt)
             assert busy.read() == "hello\n"  # open files keep working after a lazy detach
 
@@ -139,9 +139,9 @@ def test_unrecorded_erofs_mount_of_a_block_file_is_found(work: Path) -> None:
     record = MountRecord(mountpoint=mnt, pid=0, fuse_dir=str(work), block_files=[image])
 
     async def main() -> None:
-        await kernel_mount.mount_erofs_file_backed(image, mnt)
-        assert kernel_mount.erofs_mounts_of(record) == [mnt]
-        await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=False)
+        await kernel.mount_erofs_file_backed(image, mnt)
+        assert kernel.erofs_mounts_of(record) == [mnt]
+        await kernel.unmount_kernel_mounts(record, lazy_fallback=False)
 
     trio.run(main)
     assert not is_mountpoint(mnt)
@@ -156,14 +156,14 @@ def test_overlay_stacks_lower_dirs_read_only(work: Path) -> None:
             (directory / name).write_text(text)
 
     async def main() -> None:
-        await kernel_mount.mount_overlay([str(top), str(bottom)], str(work / "mnt"))
+        await kernel.mount_overlay([str(top), str(bottom)], str(work / "mnt"))
         merged = work / "mnt"
         assert sorted(os.listdir(merged)) == ["a", "b"]
         assert (merged / "a").read_text() == "top" and (merged / "b").read_text() == "bottom"
         with pytest.raises(OSError) as info:
             (merged / "c").write_text("x")
         assert info.value.errno == errno.EROFS
-        await kernel_mount.unmount(str(merged))
+        await kernel.unmount(str(merged))
 
     trio.run(main)
     assert not is_mountpoint(work / "mnt")
@@ -180,18 +180,18 @@ def test_overlay_of_many_layers_names_them_relative_to_their_parent(work: Path) 
         (lower / f"only-{number}").write_text(str(number))
         (lower / "shared").write_text(str(number))
         lowers.append(str(lower))
-    assert len(overlay_options(lowers)) > kernel_mount.MAX_MOUNT_OPTIONS_BYTES
+    assert len(overlay_options(lowers)) > kernel.MAX_MOUNT_OPTIONS_BYTES
 
     async def main() -> None:
-        await kernel_mount.mount_overlay(lowers, str(work / "mnt"))
+        await kernel.mount_overlay(lowers, str(work / "mnt"))
         merged = work / "mnt"
         assert len(os.listdir(merged)) == 61
         assert (merged / "shared").read_text() == "0"  # the first is on top
         assert (merged / "only-59").read_text() == "59"
-        await kernel_mount.unmount(str(merged))
+        await kernel.unmount(str(merged))
         scattered = [str(work / f"elsewhere-{n}" / ("z" * 80)) for n in range(60)]
         with pytest.raises(MountError, match="60 layers make"):
-            await kernel_mount.mount_overlay(scattered, str(merged))
+            await kernel.mount_overlay(scattered, str(merged))
 
     trio.run(main)
     assert not is_mountpoint(work / "mnt")
@@ -202,7 +202,7 @@ def test_unmount_kernel_mounts_takes_down_image_overlays_and_layer_mounts(
     work: Path, erofs_image: Path
 ) -> None:
     """An image record: overlays at its mountpoints (recorded or not), EROFS in layers_dir."""
-    from lazyfs.fuse.state import ImageRecord
+    from lazyfs.mount.state import ImageRecord
 
     layers_dir = work / "layers"
     (layers_dir / "0").mkdir(parents=True)
@@ -217,13 +217,13 @@ def test_unmount_kernel_mounts_takes_down_image_overlays_and_layer_mounts(
     )  # fmt: skip
 
     async def main() -> None:
-        await kernel_mount.mount_erofs_file_backed(str(work / "image.erofs"), str(layers_dir / "0"))
+        await kernel.mount_erofs_file_backed(str(work / "image.erofs"), str(layers_dir / "0"))
         for target in (work / "mnt", second):
             lowers = [str(layers_dir / "0"), str(layers_dir / "empty")]
-            await kernel_mount.mount_overlay(lowers, str(target))
-        assert kernel_mount.overlays_of(record) == [str(second), str(work / "mnt")]
-        assert kernel_mount.erofs_mounts_of(record) == [str(layers_dir / "0")]
-        await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=False)
+            await kernel.mount_overlay(lowers, str(target))
+        assert kernel.overlays_of(record) == [str(second), str(work / "mnt")]
+        assert kernel.erofs_mounts_of(record) == [str(layers_dir / "0")]
+        await kernel.unmount_kernel_mounts(record, lazy_fallback=False)
 
     trio.run(main)
     for path in (work / "mnt", second, layers_dir / "0"):

@@ -6,7 +6,7 @@ tree once; frames are hashed and decoded on a small thread pool (zstandard and h
 the GIL) with a bounded window in flight, so memory is a few chunks plus the tree, never the
 image. This is batch work on a local file, so plain threads, not trio.
 
-Finding the descriptor and the metadata frames is `lazyfs.blob_locate`; its public names are
+Finding the descriptor and the metadata frames is `lazyfs.eager.locate`; its public names are
 importable from here too.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from lazyfs.blob_locate import (
+from lazyfs.eager.locate import (
     find_descriptor,
     load_descriptor,
     read_at,

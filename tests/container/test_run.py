@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.registry_images import REPO, PublishedImage, assert_nothing_left, publish
 from tests.support.mounts import cleanup
 from tests.support.registry import Registry, running_registry
+from tests.support.registry_images import REPO, PublishedImage, assert_nothing_left, publish
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.fuse.state import (
+from lazyfs.mount.state import (
     STATE_DIR_ENV,
     ErofsMountRecord,
     MountRecord,
@@ -96,7 +96,7 @@ def test_a_recycled_pid_is_not_the_daemon() -> None:
 
 
 def test_image_records_round_trip_and_are_found_by_any_mountpoint(state_dir: Path) -> None:
-    from lazyfs.fuse.state import ImageRecord, find_record
+    from lazyfs.mount.state import ImageRecord, find_record
 
     record = make_record("/mnt/first")
     record.layers_dir = "/state/first.layers"

@@ -17,13 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lazyfs.errors import LazyfsError
+from lazyfs.fuse.operations import STATS_FILE_NAME
+
 DEFAULT_STATE_DIR = "/run/lazyfs"
 STATE_DIR_ENV = "LAZYFS_STATE_DIR"
 RECORD_SUFFIX = ".json"
-STATS_FILE_NAME = ".lazyfs-stats.json"
 
 
-class StateError(Exception):
+class StateError(LazyfsError):
     """A state record exists but cannot be read."""
 
 

@@ -20,11 +20,6 @@ from typing import Any
 import pytest
 
 from converter.tree import compare_trees, scan_directory
-from tests.fuse.registry_images import (
-    PublishedImage,
-    assert_nothing_left,
-    publish,
-)
 from tests.support.images import base_layer, change_layer, expected_rootfs_tree, write_index_image
 from tests.support.lazyfs_cli import Lazyfs, pid_gone, wait_until
 from tests.support.registry import (
@@ -33,6 +28,11 @@ from tests.support.registry import (
     redirecting_front_end,
     running_registry,
     token_registry,
+)
+from tests.support.registry_images import (
+    PublishedImage,
+    assert_nothing_left,
+    publish,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
@@ -203,8 +203,8 @@ def test_an_image_of_one_layer(lazyfs: Lazyfs, registry: Registry, tmp_path: Pat
 def test_platform_is_picked_from_an_index(
     lazyfs: Lazyfs, registry: Registry, tmp_path: Path
 ) -> None:
-    from tests.fuse.registry_images import convert_push
     from tests.support.images import skopeo_push
+    from tests.support.registry_images import convert_push
 
     image = write_index_image(tmp_path / "layout", "v1")
     skopeo_push(image.layout, "v1", registry.host, "test/multi:v1", all_platforms=True)

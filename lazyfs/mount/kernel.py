@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fuse.state import ErofsMountRecord, MountRecord
+from lazyfs.mount.state import ErofsMountRecord, MountRecord
 
 log = logging.getLogger(__name__)
 

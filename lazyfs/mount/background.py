@@ -18,9 +18,9 @@ import time
 
 import trio
 
-from lazyfs.fuse import image_mount, kernel_mount
-from lazyfs.fuse.daemon import DaemonConfig, DaemonStartError, run_daemon
-from lazyfs.fuse.state import MountRecord, daemon_alive, remove_record
+from lazyfs.mount import kernel, stack
+from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
+from lazyfs.mount.state import MountRecord, daemon_alive, remove_record
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _user_facing() -> tuple[type[BaseException], ...]:
         LayerOpenError,
         FormatError,
         FetchError,
-        kernel_mount.MountError,
+        kernel.MountError,
         DaemonStartError,
         OSError,
     )
@@ -173,7 +173,7 @@ async def stop_mount(
     and fusermount3 -u -z. Raises MountBusyError (unless `lazy`) or MountError.
     """
     if daemon_alive(record):
-        await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=lazy)
+        await kernel.unmount_kernel_mounts(record, lazy_fallback=lazy)
         os.kill(record.pid, signal.SIGTERM)
         if not await _wait_for_exit(record, timeout_s):
             log.warning("daemon %d did not stop within %.0f s; killing it", record.pid, timeout_s)
@@ -187,12 +187,12 @@ async def undo_mounts(record: MountRecord, *, lazy: bool = False) -> None:
     """Take down whatever the record lists without a daemon's help (after a clean stop,
     nothing is left): overlays, EROFS mounts, loop devices, FUSE, the private directories
     and the record. Raises MountBusyError (unless `lazy`) or MountError."""
-    await kernel_mount.unmount_kernel_mounts(record, lazy_fallback=lazy)
-    await kernel_mount.fuse_unmount_lazy(record.fuse_dir)
+    await kernel.unmount_kernel_mounts(record, lazy_fallback=lazy)
+    await kernel.fuse_unmount_lazy(record.fuse_dir)
     if not record.block_only:
         with contextlib.suppress(OSError):
             os.rmdir(record.fuse_dir)
-    image_mount.remove_layer_dirs(record)
+    stack.remove_layer_dirs(record)
     remove_temp_dir(record)
     remove_record(record.mountpoint)
 
@@ -202,7 +202,7 @@ def remove_temp_dir(record: MountRecord) -> None:
     (a lazily detached busy mount): deleting through a mount would delete its files."""
     if record.temp_dir is None or not os.path.isdir(record.temp_dir):
         return
-    if kernel_mount.mounts_at_or_below(record.temp_dir):
+    if kernel.mounts_at_or_below(record.temp_dir):
         log.warning("%s: still has mounts below it; not removed", record.temp_dir)
         return
     shutil.rmtree(record.temp_dir, ignore_errors=True)

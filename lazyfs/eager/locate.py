@@ -4,7 +4,7 @@ With a descriptor (given, or the one `lazyfs convert` wrote beside the blob) the
 say where the chunk table and dm-verity frames are and carry the digests that authenticate
 them. Without one, the data frames are walked from the start of the blob to find the
 metadata frames, which then authenticate nothing. Either way `read_metadata` reads and
-parses the metadata frames. Used by the eager checks (`lazyfs.blob_check`) and `lazyfs inspect`.
+parses the metadata frames. Used by the eager checks (`lazyfs.eager.check`) and `lazyfs inspect`.
 """
 
 from __future__ import annotations

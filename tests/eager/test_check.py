@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from converter.encoder import EncodeOptions, encode_image
-from lazyfs.blob_check import BlobCheckError, check_blob, unpack_blob
-from lazyfs.blob_locate import find_descriptor, sibling_descriptor_path
+from lazyfs.eager.check import BlobCheckError, check_blob, unpack_blob
+from lazyfs.eager.locate import find_descriptor, sibling_descriptor_path
 from lazyfs.format.descriptor import LayerDescriptor, serialize_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from tests.image.helpers import flip_byte, make_image_bytes, write_blob

@@ -1,0 +1,93 @@
+"""Images in registries, ready to mount: references resolved to pinned manifests, the distinct
+layers one daemon serves for them all, and the record of each image's overlay."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.oci import Platform
+from lazyfs.fetch.reference import DOCKER_HUB, parse_reference
+from lazyfs.image.open import LayerSource
+from lazyfs.image.registry_source import (
+    ImageResolveError,
+    RegistryOptions,
+    ResolvedImage,
+    layer_sources,
+    resolve_image,
+)
+from lazyfs.mount.state import ImageRecord
+
+
+@dataclass
+class ImageSet:
+    """Resolved images and the distinct layers that serve them all (each once)."""
+
+    images: list[ResolvedImage]
+    sources: list[LayerSource]
+
+
+def image_record(
+    reference: str,
+    image: ResolvedImage,
+    mountpoint: str,
+    upperdir: str | None = None,
+    workdir: str | None = None,
+) -> ImageRecord:
+    """The mount's record of `image`, resolved from `reference`, stacked at `mountpoint`
+    (writable when `upperdir` and `workdir` are given)."""
+    return ImageRecord(
+        reference=reference,
+        manifest_digest=image.manifest_digest,
+        platform=image.platform,
+        mountpoint=mountpoint,
+        layers=[layer.name for layer in image.layers],
+        upperdir=upperdir,
+        workdir=workdir,
+    )
+
+
+async def resolve_images(
+    references: Sequence[str], options: RegistryOptions, platform: Platform, *, insecure: bool
+) -> ImageSet:
+    """Resolve every reference and collect their layers; a layer shared by several images
+    (or repeated in one) is listed once. Raises ImageResolveError for a malformed reference,
+    and the errors of `resolve_image` (one line each)."""
+    parsed = []
+    for text in references:
+        try:
+            parsed.append(parse_reference(text))
+        except ValueError as exc:
+            raise ImageResolveError(str(exc)) from None
+
+    images: list[ResolvedImage] = []
+    sources: dict[str, LayerSource] = {}
+    names: list[str] = []  # the mount's name of each distinct layer
+    for text, reference in zip(references, parsed, strict=True):
+        try:
+            async with options.client(reference.registry) as client:
+                image = await resolve_image(client, reference, platform, insecure=insecure)
+                wanted = [layer for layer in image.distinct_layers if layer.digest not in sources]
+                found = await layer_sources(reference, wanted, client, options)
+        except FetchError as exc:
+            hint = _hint(text, reference.registry)
+            if hint:
+                raise ImageResolveError(f"{exc}{hint}") from None
+            raise
+        except ValueError as exc:  # a malformed registry or mirror name
+            raise ImageResolveError(str(exc)) from None
+        for layer, source in zip(wanted, found, strict=True):
+            sources[layer.digest] = source
+            names.append(layer.name)
+        images.append(image)
+    if len(set(names)) != len(names):
+        raise ImageResolveError(f"layers of different digests share a name: {sorted(names)}")
+    return ImageSet(images, list(sources.values()))
+
+
+def _hint(text: str, registry: str) -> str:
+    """A reminder when a name meant as a file was taken for a Docker Hub image."""
+    if registry == DOCKER_HUB and not text.startswith(DOCKER_HUB):
+        return f" (and there is no file or directory named {text!r})"
+    return ""

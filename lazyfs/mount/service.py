@@ -1,0 +1,269 @@
+"""The mount service's public calls: mount one layer or whole images lazily, find a mount,
+read its statistics, take it down. For the command line and anything else that mounts
+(a containerd snapshotter): no argparse, errors are `LazyfsError`s with one-line messages.
+
+A mount is a daemon process (`background.spawn_daemon`) serving the FUSE file system of its
+layers and owning the kernel mounts on top; its record in the state directory
+(`state.MountRecord`) is how any process finds and stops it. The synchronous calls here run
+trio themselves: call them from plain threads, not from inside a trio run (use
+`resolve_images` and `background.stop_mount` there), and fork daemons before trio runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
+from lazyfs.errors import LazyfsError
+from lazyfs.fetch.oci import Platform
+from lazyfs.image.open import LayerSource
+from lazyfs.image.registry_source import RegistryOptions, host_platform
+from lazyfs.image.tuning import ImageTuning
+from lazyfs.mount import kernel, stack
+from lazyfs.mount.background import spawn_daemon, stop_mount
+from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
+from lazyfs.mount.images import ImageSet, image_record, resolve_images
+from lazyfs.mount.state import (
+    MountRecord,
+    daemon_alive,
+    ensure_state_dir,
+    find_record,
+    private_dir,
+)
+
+STATS_TIMEOUT_S = 10.0
+
+
+class MountpointError(LazyfsError):
+    """A mountpoint that cannot take a new mount (missing, not empty, already mounted)."""
+
+
+class NotMountedError(LazyfsError):
+    """No lazyfs mount at the path given."""
+
+
+class StatsError(LazyfsError):
+    """A mount's statistics cannot be read (daemon gone, not answering)."""
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """How a daemon serves its layers: the decoded chunk cache (bytes), how each layer reads
+    (readahead, coalescing, parallel fetches), and a file to append a JSON line per chunk
+    access."""
+
+    cache_size_bytes: int = DEFAULT_CACHE_BYTES
+    tuning: ImageTuning = field(default_factory=ImageTuning)
+    trace_file: str | None = None
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+
+def check_mountpoint(path: str, what: str = "mountpoint") -> str:
+    """Return the canonical path of an empty, unmounted directory. Raises MountpointError,
+    StateError (an unreadable record)."""
+    target = kernel.canonical(path)
+    record = find_record(target)
+    if record is not None:
+        if daemon_alive(record):
+            raise MountpointError(f"{target}: already a lazyfs mount (daemon {record.pid})")
+        raise MountpointError(
+            f"{target}: a lazyfs mount whose daemon died is still recorded here; "
+            f"run `lazyfs umount {path}` first"
+        )
+    if kernel.is_mountpoint(target):
+        raise MountpointError(f"{target}: something is already mounted there")
+    if not os.path.isdir(target):
+        raise MountpointError(f"{target}: {what} must be an existing empty directory")
+    if os.listdir(target):
+        raise MountpointError(f"{target}: {what} is not empty")
+    return target
+
+
+def writable_dirs(directory: str) -> tuple[str, str]:
+    """The (upper, work) directories for a writable image in `directory`, created if
+    missing. Raises OSError."""
+    return stack.writable_dirs(kernel.canonical(directory))
+
+
+def layer_config(
+    source: LayerSource,
+    mountpoint: str,
+    *,
+    block_only: bool = False,
+    options: MountOptions = MountOptions(),
+) -> DaemonConfig:
+    """A daemon serving one layer blob: EROFS-mounted at `mountpoint`, or with `block_only`
+    only its verified image file in the directory `mountpoint`."""
+    return DaemonConfig(
+        sources=[source],
+        mountpoint=mountpoint,
+        block_only=block_only,
+        cache_size_bytes=options.cache_size_bytes,
+        tuning=options.tuning,
+        trace_file=options.trace_file,
+    )
+
+
+def image_config(
+    found: ImageSet,
+    references: Sequence[str],
+    mountpoints: Sequence[str],
+    *,
+    writable: tuple[str, str] | None = None,
+    block_only: bool = False,
+    options: MountOptions = MountOptions(),
+    temp_dir: str | None = None,
+) -> DaemonConfig:
+    """A daemon serving the resolved images `found` (from `references`): each stacked at its
+    mountpoint, read-only unless `writable` gives (upper, work) directories; with
+    `block_only`, only the layers' image files in `mountpoints[0]`. `temp_dir` is scratch
+    space removed with the mount."""
+    upper, work = writable if writable is not None else (None, None)
+    images = [
+        image_record(reference, image, mountpoint, upper, work)
+        for reference, image, mountpoint in zip(references, found.images, mountpoints, strict=False)
+    ]
+    return DaemonConfig(
+        sources=found.sources,
+        mountpoint=mountpoints[0],
+        images=[] if block_only else images,
+        block_only=block_only,
+        cache_size_bytes=options.cache_size_bytes,
+        tuning=options.tuning,
+        trace_file=options.trace_file,
+        temp_dir=temp_dir,
+    )
+
+
+def resolve(
+    references: Sequence[str],
+    registry: RegistryOptions,
+    platform: Platform | None = None,
+    *,
+    insecure: bool = False,
+) -> ImageSet:
+    """`images.resolve_images` from synchronous code (`platform` defaults to this
+    machine's). Raises ImageResolveError, FetchError."""
+    return trio.run(
+        lambda: resolve_images(references, registry, platform or host_platform(), insecure=insecure)
+    )
+
+
+# -- starting and stopping ------------------------------------------------------------------------
+
+
+def log_path(mountpoint: str) -> str:
+    """Where the background daemon of `mountpoint` logs (in the state directory, created)."""
+    ensure_state_dir()
+    return str(private_dir(mountpoint, ".log"))
+
+
+def serve(config: DaemonConfig, on_ready: Callable[[], None]) -> None:
+    """Serve the mount in this process until SIGTERM/SIGINT/SIGHUP or an outside unmount;
+    `on_ready` runs once everything is mounted. Raises what made start-up fail (after
+    undoing it): DaemonStartError, LayerOpenError, MountError, ..."""
+    run_daemon(config, on_ready)
+
+
+def start(config: DaemonConfig) -> MountRecord:
+    """Start a background daemon for `config` (logging to `config.log_file`, by default
+    `log_path(config.mountpoint)`) and wait until everything is mounted. Returns the mount's
+    record. Raises DaemonStartError with the daemon's reason, and the daemon's errors."""
+    if config.log_file is None:
+        config.log_file = log_path(config.mountpoint)
+    spawn_daemon(config)
+    record = find_record(kernel.canonical(config.mountpoint))
+    if record is None:
+        raise DaemonStartError(
+            f"{config.mountpoint}: the mount daemon exited; see {config.log_file}"
+        )
+    return record
+
+
+def mount_layer(
+    source: LayerSource,
+    mountpoint: str,
+    *,
+    block_only: bool = False,
+    options: MountOptions = MountOptions(),
+) -> MountRecord:
+    """Mount one layer blob lazily in a background daemon (see `layer_config`)."""
+    target = check_mountpoint(mountpoint)
+    return start(layer_config(source, target, block_only=block_only, options=options))
+
+
+def mount_images(
+    targets: Sequence[tuple[str, str]],
+    registry: RegistryOptions | None = None,
+    platform: Platform | None = None,
+    *,
+    insecure: bool = False,
+    writable: str | None = None,
+    options: MountOptions = MountOptions(),
+) -> MountRecord:
+    """Mount images lazily in one background daemon: `targets` are (reference, mountpoint)
+    pairs; layers the images share are fetched and cached once. `writable` is a directory
+    for the changes (upper and work directories), read-only without it."""
+    mountpoints = [check_mountpoint(path) for _, path in targets]
+    if len(set(mountpoints)) != len(mountpoints):
+        raise MountpointError("each image needs a mountpoint of its own")
+    references = [reference for reference, _ in targets]
+    dirs = writable_dirs(writable) if writable is not None else None
+    found = resolve(references, registry or RegistryOptions(), platform, insecure=insecure)
+    return start(image_config(found, references, mountpoints, writable=dirs, options=options))
+
+
+def find_mount(path: str) -> MountRecord:
+    """The record of the lazyfs mount at `path` (any of its mountpoints). Raises
+    NotMountedError, StateError."""
+    target = kernel.canonical(path)
+    record = find_record(target)
+    if record is None:
+        hint = " (not by lazyfs)" if kernel.is_mountpoint(target) else ""
+        raise NotMountedError(f"{target}: no lazyfs mount here{hint}; `lazyfs mounts` lists them")
+    return record
+
+
+def unmount(path: str, *, lazy: bool = False, missing_ok: bool = False) -> None:
+    """Unmount the lazyfs mount at `path` and stop its daemon (see `background.stop_mount`).
+    Raises NotMountedError (unless `missing_ok`), MountBusyError (unless `lazy`),
+    MountError, StateError."""
+    try:
+        record = find_mount(path)
+    except NotMountedError:
+        if missing_ok:
+            return
+        raise
+    trio.run(lambda: stop_mount(record, lazy=lazy))
+
+
+def read_stats(record: MountRecord) -> dict[str, Any]:
+    """The daemon's statistics (its stats file), read with a deadline: a hung daemon must not
+    hang the caller. Raises StatsError."""
+    if not daemon_alive(record):
+        raise StatsError(f"{record.mountpoint}: the daemon is not running; run `lazyfs umount`")
+
+    def load() -> bytes:
+        with open(record.stats_file, "rb") as stream:
+            return stream.read()
+
+    async def load_with_deadline() -> bytes:
+        with trio.fail_after(STATS_TIMEOUT_S):
+            return await trio.to_thread.run_sync(load, abandon_on_cancel=True)
+
+    try:
+        return json.loads(trio.run(load_with_deadline))  # type: ignore[no-any-return]
+    except trio.TooSlowError:
+        raise StatsError(
+            f"{record.mountpoint}: no answer from the daemon within {STATS_TIMEOUT_S:.0f} s"
+        ) from None
+    except OSError as exc:
+        raise StatsError(f"{record.stats_file}: {exc.strerror}") from None

@@ -1,0 +1,82 @@
+"""The mount service's public calls, used the way a program other than the CLI would: mount a
+layer blob, read through the mount, read its statistics, unmount; and the mountpoint checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lazyfs.mount.service import MountpointError, NotMountedError, check_mountpoint, find_mount
+from tests.image.helpers import write_blob
+from tests.support.lazyfs_cli import REPO, pid_gone
+from tests.support.mounts import cleanup, mounts_below
+
+# Run in a process of its own: the daemon is forked, which must happen before trio runs.
+SCRIPT = """
+import json, os, sys
+from lazyfs.image.open import LayerSource
+from lazyfs.mount.service import MountOptions, find_mount, mount_layer, read_stats, unmount
+
+blob, mountpoint = sys.argv[1:3]
+record = mount_layer(LayerSource(blob=blob), mountpoint, options=MountOptions(8 << 20))
+print(json.dumps({"pid": record.pid}), flush=True)
+with open(os.path.join(mountpoint, "hello.txt")) as stream:
+    text = stream.read()
+stats = read_stats(find_mount(mountpoint))
+unmount(mountpoint)
+print(json.dumps({"text": text, "layers": sorted(stats["layers"]), "ready": record.ready}))
+"""
+
+
+@pytest.mark.root
+def test_mount_layer_read_stats_and_unmount(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.txt").write_text("hello from the service\n")
+    raw = tmp_path / "image.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", "-T0", "--all-root", str(raw), str(src)], check=True)
+    blob, _ = write_blob(tmp_path, raw.read_bytes(), name="layer")
+    mountpoint, state = tmp_path / "mnt", tmp_path / "state"
+    mountpoint.mkdir()
+    env = {**os.environ, "LAZYFS_STATE_DIR": str(state)}
+    pid = None
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(blob), str(mountpoint)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )
+        lines = result.stdout.splitlines()
+        pid = json.loads(lines[0])["pid"] if lines else None
+        assert result.returncode == 0, result.stderr
+        assert json.loads(lines[1]) == {
+            "text": "hello from the service\n",
+            "layers": ["layer.blob"],
+            "ready": True,
+        }
+        assert mounts_below(tmp_path) == []
+        assert list(state.glob("*.json")) == []
+        assert pid is not None and pid_gone(pid)
+    finally:
+        cleanup(mountpoints=[mountpoint], backing_prefixes=[state], pids=[pid])
+
+
+def test_check_mountpoint_wants_an_empty_unmounted_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAZYFS_STATE_DIR", str(tmp_path / "state"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check_mountpoint(str(empty)) == str(empty.resolve())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "file").write_text("")
+    with pytest.raises(MountpointError, match="is not empty"):
+        check_mountpoint(str(tmp_path / "full"))
+    with pytest.raises(MountpointError, match="must be an existing empty directory"):
+        check_mountpoint(str(tmp_path / "missing"))
+    with pytest.raises(NotMountedError, match="no lazyfs mount here"):
+        find_mount(str(empty))
