@@ -17,9 +17,9 @@ from converter.errors import ConvertError
 from converter.image_convert import ImageConvertResult, convert_image, parse_push_reference
 from converter.image_source import RegistryOptions, RegistrySource, open_image_source
 from converter.layer import ConvertOptions
-from lazyfs.fetch import oci
-from lazyfs.fetch.reference import validate_tag
 from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.format.platform import parse_platform
+from lazyfs.format.reference import validate_tag
 
 
 def _credentials(text: str | None, flag: str) -> Credentials | None:
@@ -62,7 +62,7 @@ def run_image_convert(args: argparse.Namespace,
     if getattr(args, "oci_layout", None):
         layout, tag = _layout_target(args.oci_layout)
     try:
-        platform = oci.parse_platform(args.platform) if getattr(args, "platform", None) else None
+        platform = parse_platform(args.platform) if getattr(args, "platform", None) else None
     except ValueError as e:
         raise ConvertError(str(e)) from None
     image_source = open_image_source(src, source_options)

@@ -38,11 +38,11 @@ from converter.image_source import ImageSource, RegistryOptions
 from converter.layer import ConvertOptions, convert_layer
 from converter.oci_layout import LayoutWriter, index_entries
 from converter.source import SourceKind, detect_source
-from lazyfs.fetch import oci
-from lazyfs.fetch.oci import Descriptor, Platform
-from lazyfs.fetch.reference import ImageReference, parse_reference
 from lazyfs.fetch.registry import RegistryClient
-from lazyfs.format.descriptor import SeekableAnnotations
+from lazyfs.format import oci
+from lazyfs.format.descriptor import Descriptor, SeekableAnnotations
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import ImageReference, parse_reference
 
 Progress = Callable[[str], None]
 """Called with one line of progress for humans (per layer: phases, then the outcome)."""

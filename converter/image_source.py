@@ -40,19 +40,19 @@ from converter.oci_layout import (
     select_entry,
 )
 from converter.source import SourceKind, detect_source, open_tar_stream
-from lazyfs.fetch.oci import (
+from lazyfs.fetch.registry import RegistryClient, RegistryError
+from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
+from lazyfs.format.descriptor import Descriptor
+from lazyfs.format.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     INDEX_TYPES,
     MANIFEST_TYPES,
-    Descriptor,
     Manifest,
     serialize_manifest,
     sha256_digest,
 )
-from lazyfs.fetch.reference import DOCKER_HUB, ImageReference, parse_reference, validate_tag
-from lazyfs.fetch.registry import RegistryClient, RegistryError
-from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
+from lazyfs.format.reference import DOCKER_HUB, ImageReference, parse_reference, validate_tag
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 # What `docker save` (legacy and OCI form), podman and skopeo put at an archive's top.

@@ -12,9 +12,9 @@ import trio
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import parse_size
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.oci import Platform, parse_platform
-from lazyfs.fetch.reference import DOCKER_HUB, parse_reference
 from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.format.platform import Platform, parse_platform
+from lazyfs.format.reference import DOCKER_HUB, parse_reference
 from lazyfs.fuse import kernel_mount
 from lazyfs.fuse.image_mount import writable_dirs
 from lazyfs.fuse.state import ImageRecord

@@ -26,7 +26,7 @@ from lazyfs.cli import UserError
 
 if TYPE_CHECKING:
     from converter.layer import ConvertOptions, ConvertResult
-    from lazyfs.format.descriptor import LayerDescriptor
+    from lazyfs.format.descriptor import Descriptor
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -125,7 +125,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def blob_descriptor(blob: Path, explicit: Path | None) -> tuple[LayerDescriptor | None,
+def blob_descriptor(blob: Path, explicit: Path | None) -> tuple[Descriptor | None,
                                                                 Path | None]:
     """`find_descriptor` for a command: the descriptor and its path, or (None, None).
     Raises UserError when the descriptor cannot be read."""

@@ -17,7 +17,7 @@ from lazyfs.blob_locate import find_descriptor, read_metadata, scan_annotations
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import human_size, write_stdout
 from lazyfs.format.chunk_table import chunk_table_digest
-from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, LayerDescriptor
+from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, Descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.verity_superblock import HASH_TYPE_NORMAL, root_digest_annotation
@@ -63,7 +63,7 @@ class _Region(TypedDict):
     frames: NotRequired[int]  # data frames only
 
 
-def describe(blob: Path, descriptor: LayerDescriptor | None) -> dict[str, Any]:
+def describe(blob: Path, descriptor: Descriptor | None) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data. Raises FormatError, OSError."""
     with open(blob, "rb") as f:
         blob_size = os.fstat(f.fileno()).st_size

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.reference import DOCKER_HUB, normalize_registry
+from lazyfs.format.reference import DOCKER_HUB, normalize_registry
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     ANNOTATION_ROOT_DIGEST,
     ANNOTATION_VERITY_OFFSET,
+    Descriptor,
     DescriptorError,
-    LayerDescriptor,
     SeekableAnnotations,
     descriptor_path_candidates,
     parse_annotations,
@@ -122,7 +122,7 @@ async def _read_text(location: str, headers: dict[str, str]) -> bytes | None:
 
 
 async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
-                                                            LayerDescriptor | None]:
+                                                            Descriptor | None]:
     """Find the annotations for `source`. Raises LayerOpenError, DescriptorError, FetchError."""
     if source.has_overrides:
         values = {ANNOTATION_CHUNK_TABLE_OFFSET: str(source.chunk_table_offset)}

@@ -22,15 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.oci import (
-    Index,
-    OCIFormatError,
-    Platform,
-    PlatformNotFoundError,
-    parse_manifest,
-    parse_manifest_or_index,
-)
-from lazyfs.fetch.reference import ImageReference, parse_reference
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
 from lazyfs.format.descriptor import (
@@ -38,6 +29,15 @@ from lazyfs.format.descriptor import (
     SeekableAnnotations,
     parse_annotations,
 )
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.oci import (
+    Index,
+    PlatformNotFoundError,
+    parse_manifest,
+    parse_manifest_or_index,
+)
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import ImageReference, parse_reference
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import LayerSource
 

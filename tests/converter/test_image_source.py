@@ -25,9 +25,9 @@ from converter.image_source import (
     open_image_source,
 )
 from converter.oci_layout import LayoutError
-from lazyfs.fetch import oci
 from lazyfs.fetch.registry import DigestMismatchError, NotFoundError, UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.format import oci
 from tests.support.images import (
     BUSYBOX,
     base_layer,
