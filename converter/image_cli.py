@@ -15,20 +15,11 @@ import trio
 
 from converter.errors import ConvertError
 from converter.image_convert import ImageConvertResult, convert_image, parse_push_reference
-from converter.image_source import RegistryOptions, RegistrySource, open_image_source
+from converter.image_source import RegistrySource, open_image_source
 from converter.layer import ConvertOptions
-from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
 from lazyfs.format.platform import parse_platform
 from lazyfs.format.reference import validate_tag
-
-
-def _credentials(text: str | None, flag: str) -> Credentials | None:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise ConvertError(f"{flag}: expected USER:PASSWORD")
-    return Credentials(user, password)
 
 
 def _layout_target(text: str) -> tuple[Path, str | None]:
@@ -52,8 +43,9 @@ def run_image_convert(args: argparse.Namespace,
     the layout). Raises ConvertError and the fetch layer's errors, for one-line messages.
     """
     src = args.source
-    creds = _credentials(getattr(args, "creds", None), "--creds")
-    push_creds = _credentials(getattr(args, "push_creds", None), "--push-creds")
+    creds_text, push_text = getattr(args, "creds", None), getattr(args, "push_creds", None)
+    creds = None if creds_text is None else parse_credentials(creds_text, "--creds")
+    push_creds = None if push_text is None else parse_credentials(push_text, "--push-creds")
     insecure = bool(getattr(args, "insecure_registry", False))
     mirrors = tuple(getattr(args, "mirror", None) or ())
     source_options = RegistryOptions(creds, insecure, mirrors)

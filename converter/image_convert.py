@@ -34,11 +34,12 @@ import trio
 
 from converter.errors import ConvertError, UnsupportedSourceError
 from converter.image_select import TAR_TYPES, SourceImage, distinct_layers, select_images
-from converter.image_source import ImageSource, RegistryOptions
+from converter.image_source import ImageSource
 from converter.layer import ConvertOptions, convert_layer
 from converter.oci_layout import LayoutWriter, index_entries
 from converter.source import SourceKind, detect_source
 from lazyfs.fetch.registry import RegistryClient
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format import oci
 from lazyfs.format.descriptor import Descriptor, SeekableAnnotations
 from lazyfs.format.platform import Platform

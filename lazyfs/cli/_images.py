@@ -12,7 +12,7 @@ import trio
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import parse_size
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
 from lazyfs.format.platform import Platform, parse_platform
 from lazyfs.format.reference import DOCKER_HUB, parse_reference
 from lazyfs.fuse import kernel_mount
@@ -20,7 +20,6 @@ from lazyfs.fuse.image_mount import writable_dirs
 from lazyfs.fuse.state import ImageRecord
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import (
-    RegistryOptions,
     ResolvedImage,
     host_platform,
     layer_sources,
@@ -101,13 +100,8 @@ def image_record(
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
-    """The RegistryOptions of the command line. Raises UserError."""
-    credentials = None
-    if args.creds is not None:
-        user, sep, password = args.creds.partition(":")
-        if not sep or not user:
-            raise UserError("--creds: expected USER:PASSWORD")
-        credentials = Credentials(user, password)
+    """The RegistryOptions of the command line. Raises CredentialsError."""
+    credentials = None if args.creds is None else parse_credentials(args.creds)
     return RegistryOptions(credentials, args.insecure_registry, tuple(args.mirror))
 
 

@@ -42,6 +42,7 @@ from lazyfs.cli._images import (
 from lazyfs.cli._run_report import LayerReport, RunReport, format_report, lazy_layer_report
 from lazyfs.cli.convert import sigterm_as_interrupt
 from lazyfs.cli.mounts import read_stats
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.fuse import image_mount, kernel_mount
 from lazyfs.fuse.background import spawn_daemon, stop_mount, undo_mounts
 from lazyfs.fuse.container import ContainerSpec, container_env, interrupts_ignored, run_container
@@ -58,7 +59,7 @@ from lazyfs.fuse.state import (
 )
 from lazyfs.image.eager_pull import PulledLayer, pull_layers
 from lazyfs.image.errors import LayerOpenError
-from lazyfs.image.registry_source import RegistryOptions, ResolvedImage
+from lazyfs.image.registry_source import ResolvedImage
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.registry import RegistryClient
-from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     SeekableAnnotations,
@@ -67,31 +67,6 @@ class ImageResolveError(LayerOpenError):
 
 class UnconvertedLayerError(LayerOpenError):
     """A layer of the image has no seekable EROFS annotations."""
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    """How to reach registries. Without `credentials`, those of `docker login` are used."""
-
-    credentials: Credentials | None = None
-    insecure: bool = False
-    mirrors: tuple[str, ...] = ()
-    timeout_s: float = 30.0
-
-    def client(self, registry: str) -> RegistryClient:
-        """A client for `registry` (use `async with`). Raises ImageResolveError for an
-        unreadable Docker config, ValueError for a malformed registry or mirror name."""
-        try:
-            credentials = self.credentials or load_docker_credentials(registry)
-        except DockerConfigError as exc:
-            raise ImageResolveError(str(exc)) from None
-        return RegistryClient(
-            registry,
-            credentials=credentials,
-            insecure=self.insecure,
-            mirrors=self.mirrors,
-            timeout=self.timeout_s,
-        )
 
 
 @dataclass(frozen=True)

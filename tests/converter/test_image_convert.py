@@ -23,15 +23,17 @@ import zstandard
 from converter.errors import ConvertError
 from converter.image_cli import run_image_convert
 from converter.image_convert import ImageConvertResult, convert_image, new_config
-from converter.image_source import RegistryOptions, open_image_source
+from converter.image_source import open_image_source
 from converter.layer import ConvertOptions, convert_layer
 from converter.mkfs import build_erofs
 from converter.oci_layout import LayoutError
 from converter.tree import compare_trees, scan_directory, scan_tar
 from lazyfs.blob_check import unpack_blob
 from lazyfs.blob_locate import read_metadata
+from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry import UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format import oci
 from lazyfs.format.descriptor import Descriptor, descriptor_from_dict
 from lazyfs.format.platform import parse_platform
@@ -334,7 +336,7 @@ def test_run_image_convert_from_command_line_arguments(tmp_path: Path,
                                     ("creds", "alice", "--creds: expected USER:PASSWORD"),
                                     ("oci_layout", f"{out}:Bad Tag", "tag 'Bad Tag'")):
         bad = argparse.Namespace(**{**vars(args), field: value})
-        with pytest.raises(ConvertError, match=complaint):
+        with pytest.raises(LazyfsError, match=complaint):
             run_image_convert(bad)
 
 

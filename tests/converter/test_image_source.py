@@ -19,7 +19,6 @@ from converter.image_source import (
     DockerArchiveSource,
     ImageSource,
     LayoutSource,
-    RegistryOptions,
     RegistrySource,
     is_image_source,
     open_image_source,
@@ -27,6 +26,7 @@ from converter.image_source import (
 from converter.oci_layout import LayoutError
 from lazyfs.fetch.registry import DigestMismatchError, NotFoundError, UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format import oci
 from tests.support.images import (
     BUSYBOX,
