@@ -3,7 +3,6 @@ out. Converted layers are checked by format, by digest and by the tree their ima
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import io
@@ -21,16 +20,14 @@ import trio
 import zstandard
 
 from converter.errors import ConvertError
-from converter.image_cli import run_image_convert
-from converter.image_convert import ImageConvertResult, convert_image, new_config
-from converter.image_source import open_image_source
+from converter.image.convert import ImageConvertResult, convert_image, new_config
+from converter.image.oci_layout import LayoutError
+from converter.image.sources import open_image_source
 from converter.layer import ConvertOptions, convert_layer
 from converter.mkfs import build_erofs
-from converter.oci_layout import LayoutError
 from converter.tree import compare_trees, scan_directory, scan_tar
 from lazyfs.blob_check import unpack_blob
 from lazyfs.blob_locate import read_metadata
-from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry import UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials
 from lazyfs.fetch.registry_options import RegistryOptions
@@ -321,23 +318,6 @@ def test_bad_push_destination_and_nothing_to_write(tmp_path: Path) -> None:
         _convert(str(image.layout), push="127.0.0.1:1/a/b@sha256:" + "0" * 64)
     with pytest.raises(ConvertError, match="nothing to write"):
         _convert(str(image.layout))
-
-
-def test_run_image_convert_from_command_line_arguments(tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    image = write_oci_image(tmp_path / "src", "v1")
-    out = tmp_path / "out"
-    args = argparse.Namespace(source=f"{image.layout}:v1", oci_layout=f"{out}:renamed",
-                              platform="linux/amd64", jobs=1, force=False, mirror=[])
-    assert run_image_convert(args, ConvertOptions()) == 0
-    digest = capsys.readouterr().out.strip()
-    assert _image(out, "renamed")[0].digest == digest
-    for field, value, complaint in (("platform", "linux", "expected 'os/architecture"),
-                                    ("creds", "alice", "--creds: expected USER:PASSWORD"),
-                                    ("oci_layout", f"{out}:Bad Tag", "tag 'Bad Tag'")):
-        bad = argparse.Namespace(**{**vars(args), field: value})
-        with pytest.raises(LazyfsError, match=complaint):
-            run_image_convert(bad)
 
 
 def test_new_config_follows_containerd() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from converter.errors import ConvertError
-from converter.image_source import DOCKER_LAYER_TAR, ImageSource
+from converter.image.sources import DOCKER_LAYER_TAR, ImageSource
 from lazyfs.format import oci
 from lazyfs.format.descriptor import Descriptor
 from lazyfs.format.errors import OCIFormatError

@@ -14,7 +14,8 @@ import pytest
 import trio
 
 from converter.errors import ConvertError
-from converter.image_source import (
+from converter.image.oci_layout import LayoutError
+from converter.image.sources import (
     DOCKER_LAYER_TAR,
     DockerArchiveSource,
     ImageSource,
@@ -23,7 +24,6 @@ from converter.image_source import (
     is_image_source,
     open_image_source,
 )
-from converter.oci_layout import LayoutError
 from lazyfs.fetch.registry import DigestMismatchError, NotFoundError, UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials
 from lazyfs.fetch.registry_options import RegistryOptions

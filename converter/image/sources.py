@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from converter.errors import ConvertError, UnsupportedSourceError
-from converter.oci_layout import (
+from converter.image.oci_layout import (
     LAYOUT_FILE,
     MAX_JSON_BYTES,
     DirStore,
