@@ -136,8 +136,8 @@ def parse_annotations(annotations: Mapping[str, str], source: str = "descriptor"
 
 @dataclass(frozen=True)
 class Descriptor:
-    """An OCI content descriptor: content by media type, digest and size. Fields after `size`
-    are keyword-only (their order differs between the OCI spec and older callers)."""
+    """An OCI content descriptor: content by media type, digest and size. The fields after
+    `size` are keyword-only, so no call depends on their order."""
 
     media_type: str
     digest: str
