@@ -27,7 +27,7 @@ from converter.source import SourceKind, detect_source, open_tar_stream
 from converter.tar_extract import ExtractStats, extract_layer
 from lazyfs.format.descriptor import (
     LABEL_UNCOMPRESSED,
-    LayerDescriptor,
+    Descriptor,
     serialize_descriptor,
 )
 from lazyfs.format.descriptor import descriptor_path_for as descriptor_name_for
@@ -58,7 +58,7 @@ class ConvertResult:
     source_kind: SourceKind
     blob_path: Path
     descriptor_path: Path
-    descriptor: LayerDescriptor
+    descriptor: Descriptor
     encoded: EncodeResult
     extract_stats: ExtractStats | None
     seconds: dict[str, float]
@@ -174,7 +174,7 @@ def _extract(src: Path, kind: SourceKind, dest: Path, report: Progress) -> Extra
 def _write_outputs(
     image: Path, out: Path, descriptor_path: Path, encode_options: EncodeOptions, force: bool,
     report: Progress,
-) -> tuple[EncodeResult, LayerDescriptor]:
+) -> tuple[EncodeResult, Descriptor]:
     """Encode `image` into a temporary blob beside `out`, write the descriptor likewise, then
     move both into place (never over existing files unless `force`)."""
     temps: list[Path] = []
@@ -193,8 +193,8 @@ def _write_outputs(
             raise ConvertError(f"{exc.filename or out}: {exc.strerror or exc}") from None
         annotations = encoded.annotations.to_annotations()
         annotations[LABEL_UNCOMPRESSED] = encoded.image_digest
-        descriptor = LayerDescriptor(encoded.media_type, encoded.blob_digest, encoded.blob_size,
-                                     annotations)
+        descriptor = Descriptor(encoded.media_type, encoded.blob_digest, encoded.blob_size,
+                                annotations=annotations)
         descriptor_temp = _temp_beside(descriptor_path, temps)
         with open(descriptor_temp, "w", encoding="utf-8") as text:
             text.write(serialize_descriptor(descriptor))

@@ -1,61 +1,186 @@
-"""The layer rule of lazyfs: imports point down only (errors → format → fetch → image, eager,
-cache → fuse → mount → container, snapshotter → cli). A module may import its own layer and
-any below; `TYPE_CHECKING` and function-level imports count too."""
+"""The import rule of the layout, enforced: imports point down the layer table, never up or
+sideways. The table is README's "Layout" section; a module that needs something from a layer
+it may not import is in the wrong room, or the thing it needs is.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-LAZYFS = Path(__file__).resolve().parents[1] / "lazyfs"
+import pytest
 
-RANKS = {
-    "errors": 0,
-    "exception_groups": 0,
-    "format": 1,
-    "fetch": 2,
-    "cache": 3,
-    "image": 3,
-    "eager": 3,
-    "fuse": 4,
-    "mount": 5,
-    "container": 6,
-    "snapshotter": 6,
-    "cli": 7,
-    "__main__": 7,
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {"lazyfs", "lazyfs.errors", "lazyfs.exception_groups"}
+
+# layer -> the layers it may import (besides itself and the base modules).
+ALLOWED: dict[str, set[str]] = {
+    "format": set(),
+    "fetch": {"format"},
+    "cache": {"format"},
+    "image": {"format", "fetch", "cache"},
+    "eager": {"format", "fetch"},
+    "containerd": {"format", "fetch"},
+    "fuse": {"format", "fetch", "cache", "image"},
+    "mount": {"format", "fetch", "cache", "image", "eager", "fuse"},
+    "container": {"format", "fetch", "cache", "image", "eager", "fuse", "mount"},
+    "snapshotter": {"format", "fetch", "cache", "image", "eager", "fuse", "mount",
+                    "containerd"},
+    "cli": {"format", "fetch", "cache", "image", "eager", "fuse", "mount", "container",
+            "snapshotter", "containerd", "converter", "converter.image"},
+    "converter": {"format"},
+    "converter.image": {"format", "fetch", "converter"},
 }
 
 
-def _layer(module: str) -> str:
-    """`lazyfs.mount.state` -> `mount`; `lazyfs` itself (its version) counts as base."""
+def layer_of(module: str) -> str | None:
+    """The layer a dotted module name belongs to; None for the base and for third parties."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "errors"
+    if module in BASE:
+        return None
+    if parts[0] == "converter":
+        return "converter.image" if parts[1:2] == ["image"] else "converter"
+    if parts[0] != "lazyfs":
+        return None
+    if parts[1] == "__main__":
+        return "cli"
+    return parts[1]
 
 
-def _imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
+def imported_modules(source: str, module: str, is_package: bool) -> set[str]:
+    """Every lazyfs/converter module `source` imports, anywhere in the file (functions and
+    TYPE_CHECKING blocks included), relative imports resolved."""
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-    return {name for name in found if name == "lazyfs" or name.startswith("lazyfs.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in {"lazyfs", "converter"}}
 
 
-def test_every_lazyfs_import_points_down() -> None:
-    upward = []
-    for path in sorted(LAZYFS.rglob("*.py")):
-        relative = path.relative_to(LAZYFS.parent).with_suffix("")
-        own = _layer(".".join(relative.parts))
-        if own == "__init__":
-            continue
-        for module in _imports(path):
-            if RANKS[_layer(module)] > RANKS[own]:
-                upward.append(f"{relative}: imports {module}")
-    assert upward == []
+def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
+    """`module imports target` lines for every import against the table.
+
+    `sources` maps a dotted module name to (its source, whether it is a package __init__).
+    """
+    known = set(sources)
+    found = []
+    for module, (source, is_package) in sorted(sources.items()):
+        own = layer_of(module)
+        for target in sorted(imported_modules(source, module, is_package)):
+            if target not in known and target.rpartition(".")[0] in known:
+                continue  # `from pkg.mod import name`: the name, not a module
+            other = layer_of(target)
+            if own is None:
+                if other is not None:
+                    found.append(f"{module} (base) imports {target} ({other})")
+                continue
+            if other is None or other == own or other in ALLOWED[own]:
+                continue
+            found.append(f"{module} ({own}) imports {target} ({other})")
+    return found
 
 
-def test_every_package_has_a_layer() -> None:
-    names = {p.stem if p.is_file() else p.name for p in LAZYFS.iterdir()}
-    names -= {"__init__", "__pycache__"}
-    assert names <= set(RANKS), names - set(RANKS)
+def project_sources() -> dict[str, tuple[str, bool]]:
+    sources = {}
+    for top in ("lazyfs", "converter"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            relative = path.relative_to(REPO).with_suffix("")
+            parts = list(relative.parts)
+            is_package = parts[-1] == "__init__"
+            if is_package:
+                parts.pop()
+            sources[".".join(parts)] = (path.read_text(), is_package)
+    return sources
+
+
+def test_every_package_is_in_the_table() -> None:
+    layers = {layer_of(module) for module in project_sources()}
+    assert layers - {None} <= set(ALLOWED), sorted(layers - {None} - set(ALLOWED))
+
+
+def test_imports_point_down_the_layer_table() -> None:
+    assert violations(project_sources()) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "line"),
+    [
+        ("lazyfs.format.frames", "from lazyfs.fetch.http import HttpBlobReader"),
+        ("lazyfs.fetch.http", "import lazyfs.image.remote_image"),
+        ("lazyfs.image.remote_image", "from lazyfs.mount import daemon"),
+        ("lazyfs.mount.daemon", "from lazyfs.cli import main"),
+        ("lazyfs.container.runner", "from lazyfs.snapshotter import service"),
+        ("converter.encoder", "from lazyfs.fetch import http"),
+        ("converter.image.convert", "from lazyfs.image import remote_image"),
+        ("lazyfs.errors", "from lazyfs.format import errors"),
+        ("lazyfs.format.chunk_table", "from ..fetch import http"),
+    ],
+)
+def test_a_planted_import_against_the_table_is_reported(module: str, line: str) -> None:
+    sources = project_sources()
+    source, is_package = sources.get(module, ("", False))
+    sources[module] = (f"{source}\ndef planted() -> None:\n    {line}\n", is_package)
+    assert any(report.startswith(f"{module} ") for report in violations(sources))
+
+
+# Third-party modules a layer must not use at all: the format is bytes only, and nothing
+# below the FUSE layer knows FUSE.
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "format": ("trio", "httpx", "pyfuse3", "grpc"),
+    "fetch": ("pyfuse3",),
+    "cache": ("httpx", "pyfuse3"),
+    "image": ("pyfuse3",),
+    "converter": ("pyfuse3", "httpx", "trio"),
+}
+
+
+def third_party_imports(source: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_layers_use_only_their_own_libraries() -> None:
+    found = []
+    for module, (source, _) in sorted(project_sources().items()):
+        banned = FORBIDDEN.get(layer_of(module) or "", ())
+        found += [f"{module} imports {name}" for name in sorted(third_party_imports(source))
+                  if name in banned]
+    assert found == []
+
+
+def test_no_import_cycles() -> None:
+    sources = project_sources()
+    graph = {
+        module: sorted(name for name in imported_modules(source, module, is_package)
+                       if name in sources and name != module)
+        for module, (source, is_package) in sources.items()
+    }
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            pytest.fail("import cycle: " + " -> ".join([*path[path.index(module):], module]))
+        if module in done:
+            return
+        for imported in graph[module]:
+            visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

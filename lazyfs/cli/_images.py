@@ -8,9 +8,9 @@ import argparse
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import parse_size
-from lazyfs.fetch.oci import Platform, parse_platform
-from lazyfs.fetch.registry_auth import Credentials
-from lazyfs.image.registry_source import RegistryOptions, host_platform
+from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
+from lazyfs.format.platform import Platform, parse_platform
+from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.mount.service import writable_dirs
 
@@ -79,13 +79,8 @@ def writable_upper(directory: str) -> tuple[str, str]:
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
-    """The RegistryOptions of the command line. Raises UserError."""
-    credentials = None
-    if args.creds is not None:
-        user, sep, password = args.creds.partition(":")
-        if not sep or not user:
-            raise UserError("--creds: expected USER:PASSWORD")
-        credentials = Credentials(user, password)
+    """The RegistryOptions of the command line. Raises CredentialsError."""
+    credentials = None if args.creds is None else parse_credentials(args.creds)
     return RegistryOptions(credentials, args.insecure_registry, tuple(args.mirror))
 
 

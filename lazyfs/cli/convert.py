@@ -1,9 +1,10 @@
 """`lazyfs convert SRC -o OUT`: write a seekable EROFS blob and its OCI descriptor.
 
 SRC is a directory, a tar layer (plain, gzip or zstd, told apart by content) or a raw EROFS
-image. Also home of the small helpers the other blob commands share: size parsing and
-printing, finding a blob's descriptor, and a progress line on stderr (drawn only on a
-terminal; a dozen lines do not justify a dependency).
+image; for a whole image (OCI layout, image archive, registry reference) the new image goes
+into an OCI layout and/or a registry, and its digest to stdout. Also home of the small helpers
+the other blob commands share: size parsing and printing, finding a blob's descriptor, and a
+progress line on stderr (drawn only on a terminal; a dozen lines do not justify a dependency).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lazyfs.eager.locate import find_descriptor
 
 if TYPE_CHECKING:
     from converter.layer import ConvertOptions, ConvertResult
-    from lazyfs.format.descriptor import LayerDescriptor
+    from lazyfs.format.descriptor import Descriptor
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -125,7 +126,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def blob_descriptor(blob: Path, explicit: Path | None) -> tuple[LayerDescriptor | None,
+def blob_descriptor(blob: Path, explicit: Path | None) -> tuple[Descriptor | None,
                                                                 Path | None]:
     """`find_descriptor` for a command: the descriptor and its path, or (None, None).
     Raises UserError when the descriptor cannot be read."""
@@ -234,7 +235,7 @@ def _image_options(args: argparse.Namespace) -> list[str]:
 def _is_image(args: argparse.Namespace) -> bool:
     """Whether SRC is a whole image. With -o and no image option, SRC is meant as a layer,
     so only an image on disk counts (a missing path is not taken for a registry name)."""
-    from converter.image_source import is_image_on_disk, is_image_source
+    from converter.image.sources import is_image_on_disk, is_image_source
 
     if args.output is not None and not _image_options(args):
         return is_image_on_disk(args.src)
@@ -247,9 +248,6 @@ def run(args: argparse.Namespace) -> int:
         if args.output is not None:
             raise UserError(f"{args.src} is an image: write it with --oci-layout DIR[:TAG] "
                             "and/or --push REF, not -o")
-        from converter.image_cli import run_image_convert
-
-        args.source = args.src
         return run_image_convert(args, options)
     if _image_options(args):
         raise UserError(f"{', '.join(_image_options(args))}: only for a whole image; "
@@ -262,6 +260,60 @@ def run(args: argparse.Namespace) -> int:
     with ProgressLine() as progress, sigterm_as_interrupt():
         result = convert_layer(Path(args.src), args.output, options, progress.update)
     write_stdout(summary(result, time.monotonic() - start))
+    return 0
+
+
+def _layout_target(text: str) -> tuple[Path, str | None]:
+    """DIR or DIR:TAG (DIR itself may contain ':' when it exists). Raises UserError."""
+    from lazyfs.format.reference import validate_tag
+
+    path, sep, tag = text.rpartition(":")
+    if not sep or "/" in tag or Path(text).exists() or not path:
+        return Path(text), None
+    try:
+        return Path(path), validate_tag(tag)
+    except ValueError as exc:
+        raise UserError(f"OCI layout {text}: {exc}") from None
+
+
+def run_image_convert(args: argparse.Namespace, layer_options: ConvertOptions) -> int:
+    """Convert the whole image SRC; print the new image's digest and return 0.
+
+    --creds counts for the push too when it goes to the source's registry. Progress lines go
+    to stderr. Raises UserError, ConvertError and the fetch layer's errors (one line each).
+    """
+    import trio
+
+    from converter.image.convert import ImageConvertResult, convert_image, parse_push_reference
+    from converter.image.sources import RegistrySource, open_image_source
+    from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
+    from lazyfs.format.platform import parse_platform
+
+    creds = None if args.creds is None else parse_credentials(args.creds, "--creds")
+    push_creds = (None if args.push_creds is None
+                  else parse_credentials(args.push_creds, "--push-creds"))
+    insecure = args.insecure_registry
+    layout, tag = _layout_target(args.oci_layout) if args.oci_layout else (None, None)
+    try:
+        platform = parse_platform(args.platform) if args.platform else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    image_source = open_image_source(args.src,
+                                     RegistryOptions(creds, insecure, tuple(args.mirror or ())))
+    push = args.push
+    if (push is not None and push_creds is None and isinstance(image_source, RegistrySource)
+            and image_source.reference.registry == parse_push_reference(push).registry):
+        push_creds = creds  # the same registry: the same account
+
+    async def main() -> ImageConvertResult:
+        async with image_source:
+            return await convert_image(
+                image_source, dest_layout=layout, push=push, layer_options=layer_options,
+                platform=platform, jobs=args.jobs or 2, dest_tag=tag, overwrite=args.force,
+                push_registry=RegistryOptions(push_creds, insecure),
+            )
+
+    print(trio.run(main).digest)
     return 0
 
 

@@ -26,9 +26,10 @@ from lazyfs.container.process import (
 )
 from lazyfs.container.report import LayerReport, RunReport, lazy_layer_report
 from lazyfs.errors import LazyfsError
-from lazyfs.fetch.oci import Platform
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format.platform import Platform
 from lazyfs.image.eager_pull import PulledLayer
-from lazyfs.image.registry_source import RegistryOptions, ResolvedImage
+from lazyfs.image.registry_source import ResolvedImage
 from lazyfs.mount import kernel
 from lazyfs.mount.eager import mount_eager, unmount_eager
 from lazyfs.mount.images import ImageSet, image_record

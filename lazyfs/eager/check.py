@@ -33,7 +33,7 @@ from lazyfs.format.chunk_table import verify_chunk_table_digest, verify_frame
 from lazyfs.format.descriptor import (
     LABEL_UNCOMPRESSED,
     MEDIA_TYPE_EROFS_ZSTD,
-    LayerDescriptor,
+    Descriptor,
     SeekableAnnotations,
 )
 from lazyfs.format.errors import FormatError, IntegrityError
@@ -66,7 +66,7 @@ class BlobReport:
 
     path: str
     blob_size: int
-    descriptor: LayerDescriptor | None
+    descriptor: Descriptor | None
     annotations: SeekableAnnotations
     metadata: BlobMetadata | None = None
     problems: list[str] = field(default_factory=list)
@@ -102,7 +102,7 @@ class _Problems:
 
 def check_blob(
     path: Path,
-    descriptor: LayerDescriptor | None = None,
+    descriptor: Descriptor | None = None,
     *,
     output: BinaryIO | None = None,
     stop_at_first: bool = False,
@@ -149,7 +149,7 @@ def check_blob(
     return report
 
 
-def _check_descriptor(descriptor: LayerDescriptor, blob_size: int, problems: _Problems) -> None:
+def _check_descriptor(descriptor: Descriptor, blob_size: int, problems: _Problems) -> None:
     if descriptor.media_type != MEDIA_TYPE_EROFS_ZSTD:
         problems.add(f"descriptor media type is {descriptor.media_type}, expected "
                      f"{MEDIA_TYPE_EROFS_ZSTD}")
@@ -407,7 +407,7 @@ def _failed() -> Future[tuple[bytes | None, str | None]]:
 def unpack_blob(
     path: Path,
     out_path: Path,
-    descriptor: LayerDescriptor | None = None,
+    descriptor: Descriptor | None = None,
     *,
     force: bool = False,
     threads: int = 0,

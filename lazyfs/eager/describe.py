@@ -9,7 +9,7 @@ from typing import Any, BinaryIO, NotRequired, TypedDict
 
 from lazyfs.eager.locate import read_metadata, scan_annotations
 from lazyfs.format.chunk_table import chunk_table_digest
-from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, LayerDescriptor
+from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, Descriptor
 from lazyfs.format.errors import FormatError
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.format.layout import BlobMetadata
@@ -30,7 +30,7 @@ class _Region(TypedDict):
     frames: NotRequired[int]  # data frames only
 
 
-def describe(blob: Path, descriptor: LayerDescriptor | None) -> dict[str, Any]:
+def describe(blob: Path, descriptor: Descriptor | None) -> dict[str, Any]:
     """Everything `lazyfs inspect` shows, as JSON-ready data. Raises FormatError (among them
     DescriptorMismatchError), OSError."""
     with open(blob, "rb") as f:

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from lazyfs.format.chunk_table import CHUNK_TABLE_MAGIC
 from lazyfs.format.descriptor import (
-    LayerDescriptor,
+    Descriptor,
     SeekableAnnotations,
     descriptor_path_for,
     parse_descriptor,
@@ -44,12 +44,12 @@ def sibling_descriptor_path(blob_path: Path) -> Path:
     return blob_path.with_name(descriptor_path_for(blob_path.name))
 
 
-def load_descriptor(path: Path) -> LayerDescriptor:
+def load_descriptor(path: Path) -> Descriptor:
     """Read a descriptor JSON file. Raises DescriptorError, or OSError when unreadable."""
     return parse_descriptor(path.read_bytes(), str(path))
 
 
-def find_descriptor(blob_path: Path, explicit: Path | None) -> tuple[LayerDescriptor | None,
+def find_descriptor(blob_path: Path, explicit: Path | None) -> tuple[Descriptor | None,
                                                                      Path | None]:
     """The descriptor given, else the one beside the blob if there is one, else (None, None)."""
     if explicit is not None:

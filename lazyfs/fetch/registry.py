@@ -27,12 +27,6 @@ import trio
 from lazyfs.fetch import registry_push
 from lazyfs.fetch.body import BodyTooLargeError, read_capped
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.oci import ACCEPTED_MANIFEST_TYPES, OCIFormatError, detect_media_type
-from lazyfs.fetch.reference import (
-    is_digest_reference,
-    validate_digest,
-    validate_repository,
-)
 from lazyfs.fetch.registry_auth import Credentials, RegistryAuth
 from lazyfs.fetch.registry_session import (
     CHUNK_BYTES,
@@ -46,6 +40,13 @@ from lazyfs.fetch.registry_session import (
     algorithm_of,
     blob_path,
     make_source,
+)
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.oci import ACCEPTED_MANIFEST_TYPES, detect_media_type
+from lazyfs.format.reference import (
+    is_digest_reference,
+    validate_digest,
+    validate_repository,
 )
 
 log = logging.getLogger(__name__)

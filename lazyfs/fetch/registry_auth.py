@@ -24,8 +24,9 @@ from typing import Any
 
 import httpx
 
+from lazyfs.errors import LazyfsError
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.reference import DOCKER_HUB, normalize_registry
+from lazyfs.format.reference import DOCKER_HUB, normalize_registry
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class RegistryAuthError(FetchError):
         return self.status is not None and (self.status == 429 or self.status >= 500)
 
 
-class DockerConfigError(ValueError):
+class DockerConfigError(LazyfsError, ValueError):
     """The Docker client configuration file cannot be read or has a malformed entry."""
 
 

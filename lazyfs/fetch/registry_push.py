@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import trio
 
-from lazyfs.fetch.reference import is_digest_reference, validate_repository
 from lazyfs.fetch.registry_session import (
     CHUNK_BYTES,
     DigestMismatchError,
@@ -26,6 +25,7 @@ from lazyfs.fetch.registry_session import (
     algorithm_of,
     blob_path,
 )
+from lazyfs.format.reference import is_digest_reference, validate_repository
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:

@@ -22,13 +22,13 @@ import trio
 from lazyfs import __version__
 from lazyfs.fetch.base import backoff_delay_s
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.reference import (
+from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
+from lazyfs.format.reference import (
     registry_api_host,
     validate_digest,
     validate_registry,
     validate_repository,
 )
-from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
 
 CHUNK_BYTES = 1024 * 1024  # streamed blob bodies are read and written in pieces of this size
 _ERROR_BODY_BYTES = 64 * 1024

@@ -1,19 +1,24 @@
-"""The OCI layer descriptor of a seekable EROFS blob and its four annotations (SPEC §5).
+"""The OCI content descriptor, and the four annotations of a seekable EROFS layer (SPEC §5).
 
-The descriptor is the root of trust: it comes from a manifest fetched by digest, or from the
-user. It locates the chunk table and verity tree and carries the digests that authenticate them.
-Beside a blob file it is stored by convention as `X.descriptor.json` for `X.blob`, else as
-`BLOB.descriptor.json` (`descriptor_path_for`); the writer and every reader share that rule.
+One `Descriptor` type serves every use: layers, configs, manifests in an index (with their
+platform). For a layer it is the root of trust: it comes from a manifest fetched by digest, or
+from the user. It locates the chunk table and verity tree and carries the digests that
+authenticate them (`Descriptor.seekable`). Beside a blob file it is stored by convention as
+`X.descriptor.json` for `X.blob`, else as `BLOB.descriptor.json` (`descriptor_path_for`); the
+writer and every reader share that rule.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
-from lazyfs.format.errors import FormatError
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import InvalidReferenceError, validate_digest
 
 MEDIA_TYPE_EROFS_ZSTD = "application/vnd.erofs.layer.v1+zstd"
 MEDIA_TYPE_EROFS = "application/vnd.erofs.layer.v1"
@@ -28,12 +33,11 @@ DESCRIPTOR_SUFFIX = ".descriptor.json"
 BLOB_SUFFIX = ".blob"
 
 # Used with fullmatch: "^...$" would also accept a trailing newline.
-_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _SHA512_DIGEST = re.compile(r"sha512:[0-9a-f]{128}")
 _ROOT_DIGEST = re.compile(r"(sha256|sha512|sha1):[0-9a-f]+")
 
 
-class DescriptorError(FormatError):
+class DescriptorError(OCIFormatError):
     """A descriptor or its annotations are missing or malformed."""
 
 
@@ -79,7 +83,7 @@ class SeekableAnnotations:
 _MAX_OFFSET_DIGITS = 20  # 2**64 - 1 has 20 decimal digits
 
 
-def _offset(annotations: dict[str, str], key: str, source: str) -> int | None:
+def _offset(annotations: Mapping[str, str], key: str, source: str) -> int | None:
     value = annotations.get(key)
     if value is None:
         return None
@@ -91,14 +95,14 @@ def _offset(annotations: dict[str, str], key: str, source: str) -> int | None:
     return int(value)
 
 
-def _string(annotations: dict[str, str], key: str, source: str) -> str | None:
+def _string(annotations: Mapping[str, str], key: str, source: str) -> str | None:
     value = annotations.get(key)
     if value is not None and not isinstance(value, str):
         raise DescriptorError(f"{source}: annotation {key}: expected a string, found {value!r}")
     return value
 
 
-def parse_annotations(annotations: dict[str, str], source: str = "descriptor") -> (
+def parse_annotations(annotations: Mapping[str, str], source: str = "descriptor") -> (
     SeekableAnnotations
 ):
     """Read the seekable EROFS annotations. Raises DescriptorError naming the bad one."""
@@ -131,30 +135,70 @@ def parse_annotations(annotations: dict[str, str], source: str = "descriptor") -
 
 
 @dataclass(frozen=True)
-class LayerDescriptor:
-    """An OCI content descriptor of a layer blob."""
+class Descriptor:
+    """An OCI content descriptor: content by media type, digest and size. The fields after
+    `size` are keyword-only, so no call depends on their order."""
 
     media_type: str
     digest: str
     size: int
-    annotations: dict[str, str] = field(default_factory=dict)
+    _: KW_ONLY
+    annotations: Mapping[str, str] = field(default_factory=dict)
     urls: tuple[str, ...] = ()
+    platform: Platform | None = None
+    artifact_type: str | None = None
 
     def seekable(self, source: str = "descriptor") -> SeekableAnnotations:
+        """The seekable EROFS annotations of a layer. Raises DescriptorError."""
         return parse_annotations(self.annotations, source)
 
     def to_json_dict(self) -> dict[str, Any]:
+        """The JSON object, fields in the order the OCI image spec lists them, annotations
+        sorted, optional fields left out when empty."""
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
                                "size": self.size}
         if self.urls:
             out["urls"] = list(self.urls)
         if self.annotations:
             out["annotations"] = dict(sorted(self.annotations.items()))
+        if self.platform is not None:
+            out["platform"] = self.platform.to_json_dict()
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
         return out
 
 
-def descriptor_from_dict(obj: object, source: str = "descriptor") -> LayerDescriptor:
-    """Build a LayerDescriptor from decoded JSON. Raises DescriptorError naming the field."""
+def _is_digest(value: object) -> bool:
+    try:
+        return isinstance(value, str) and validate_digest(value) == value
+    except InvalidReferenceError:
+        return False
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _platform_from_dict(obj: object, source: str) -> Platform:
+    if not isinstance(obj, dict):
+        raise DescriptorError(f"{source}: platform: expected a JSON object, "
+                              f"found {type(obj).__name__}")
+    fields = {key: obj.get(key) for key in ("os", "architecture", "variant", "os.version")}
+    for key, value in fields.items():
+        required = key in ("os", "architecture")
+        if (value is None and required) or not isinstance(value, str | None):
+            raise DescriptorError(f"{source}: platform.{key}: expected a string, "
+                                  f"found {value!r:.200}")
+    features = obj.get("os.features")
+    if features is not None and not _is_strings(features):
+        raise DescriptorError(f"{source}: platform.os.features: expected a list of strings, "
+                              f"found {features!r:.200}")
+    return Platform(str(fields["os"]), str(fields["architecture"]), fields["variant"],
+                    fields["os.version"], tuple(features or ()))
+
+
+def descriptor_from_dict(obj: object, source: str = "descriptor") -> Descriptor:
+    """Build a Descriptor from decoded JSON. Raises DescriptorError naming the field."""
     if not isinstance(obj, dict):
         raise DescriptorError(f"{source}: expected a JSON object, found {type(obj).__name__}")
     media_type = obj.get("mediaType")
@@ -166,10 +210,11 @@ def descriptor_from_dict(obj: object, source: str = "descriptor") -> LayerDescri
     urls = obj.get("urls")
     if urls is None:
         urls = []
+    platform = obj.get("platform")
+    artifact_type = obj.get("artifactType")
     if not isinstance(media_type, str):
         raise DescriptorError(f"{source}: mediaType: expected a string, found {media_type!r}")
-    if not isinstance(digest, str) or not (_SHA256_DIGEST.fullmatch(digest) or
-                                           _SHA512_DIGEST.fullmatch(digest)):
+    if not _is_digest(digest):
         raise DescriptorError(f"{source}: digest: expected sha256:<64 hex digits> or "
                               f"sha512:<128 hex digits>, found {digest!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -179,12 +224,19 @@ def descriptor_from_dict(obj: object, source: str = "descriptor") -> LayerDescri
     ):
         raise DescriptorError(f"{source}: annotations: expected an object of strings, "
                               f"found {annotations!r:.200}")
-    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+    if not _is_strings(urls):
         raise DescriptorError(f"{source}: urls: expected a list of strings, found {urls!r:.200}")
-    return LayerDescriptor(media_type, digest, size, dict(annotations), tuple(urls))
+    if not isinstance(artifact_type, str | None):
+        raise DescriptorError(f"{source}: artifactType: expected a string, "
+                              f"found {artifact_type!r:.200}")
+    return Descriptor(
+        media_type, str(digest), size, annotations=dict(annotations), urls=tuple(urls),
+        platform=None if platform is None else _platform_from_dict(platform, source),
+        artifact_type=artifact_type,
+    )
 
 
-def parse_descriptor(text: bytes | str, source: str = "descriptor") -> LayerDescriptor:
+def parse_descriptor(text: bytes | str, source: str = "descriptor") -> Descriptor:
     """Parse descriptor JSON. Raises DescriptorError (bad JSON included)."""
     try:
         obj = json.loads(text)
@@ -195,7 +247,8 @@ def parse_descriptor(text: bytes | str, source: str = "descriptor") -> LayerDesc
     return descriptor_from_dict(obj, source)
 
 
-def serialize_descriptor(descriptor: LayerDescriptor) -> str:
+def serialize_descriptor(descriptor: Descriptor) -> str:
+    """The text of a `.descriptor.json` file: indented JSON and a final newline."""
     return json.dumps(descriptor.to_json_dict(), indent=2) + "\n"
 
 

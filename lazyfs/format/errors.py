@@ -54,3 +54,9 @@ class IntegrityError(FormatError):
 
 class FrameDecodeError(IntegrityError):
     """A zstd frame is corrupt, or decodes to other than the exact expected size."""
+
+
+class OCIFormatError(FormatError, ValueError):
+    """An OCI document (manifest, index, descriptor, platform) is not of the expected shape.
+
+    Also a ValueError, like `json.JSONDecodeError`: bad text given for a value."""

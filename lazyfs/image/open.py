@@ -26,8 +26,8 @@ from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     ANNOTATION_ROOT_DIGEST,
     ANNOTATION_VERITY_OFFSET,
+    Descriptor,
     DescriptorError,
-    LayerDescriptor,
     SeekableAnnotations,
     descriptor_path_candidates,
     parse_annotations,
@@ -107,7 +107,7 @@ async def _read_text(location: str, options: ReaderOptions) -> bytes | None:
 
 
 async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
-                                                            LayerDescriptor | None]:
+                                                            Descriptor | None]:
     """Find the annotations for `source`. Raises LayerOpenError, DescriptorError, FetchError."""
     if source.has_overrides:
         values = {ANNOTATION_CHUNK_TABLE_OFFSET: str(source.chunk_table_offset)}

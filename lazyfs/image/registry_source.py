@@ -23,22 +23,22 @@ from typing import Any
 
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.oci import (
-    Index,
-    OCIFormatError,
-    Platform,
-    PlatformNotFoundError,
-    parse_manifest,
-    parse_manifest_or_index,
-)
-from lazyfs.fetch.reference import ImageReference, parse_reference
 from lazyfs.fetch.registry import RegistryClient
-from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     SeekableAnnotations,
     parse_annotations,
 )
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.oci import (
+    Index,
+    PlatformNotFoundError,
+    parse_manifest,
+    parse_manifest_or_index,
+)
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import ImageReference, parse_reference
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import LayerSource
 
@@ -68,31 +68,6 @@ class ImageResolveError(LayerOpenError):
 
 class UnconvertedLayerError(LayerOpenError):
     """A layer of the image has no seekable EROFS annotations."""
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    """How to reach registries. Without `credentials`, those of `docker login` are used."""
-
-    credentials: Credentials | None = None
-    insecure: bool = False
-    mirrors: tuple[str, ...] = ()
-    timeout_s: float = 30.0
-
-    def client(self, registry: str) -> RegistryClient:
-        """A client for `registry` (use `async with`). Raises ImageResolveError for an
-        unreadable Docker config, ValueError for a malformed registry or mirror name."""
-        try:
-            credentials = self.credentials or load_docker_credentials(registry)
-        except DockerConfigError as exc:
-            raise ImageResolveError(str(exc)) from None
-        return RegistryClient(
-            registry,
-            credentials=credentials,
-            insecure=self.insecure,
-            mirrors=self.mirrors,
-            timeout=self.timeout_s,
-        )
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import trio
 
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.image.eager_pull import PulledLayer, pull_layers
-from lazyfs.image.registry_source import RegistryOptions, ResolvedImage
+from lazyfs.image.registry_source import ResolvedImage
 from lazyfs.mount import stack
 from lazyfs.mount.background import undo_mounts
 from lazyfs.mount.state import (

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.oci import Platform
-from lazyfs.fetch.reference import DOCKER_HUB, parse_reference
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import DOCKER_HUB, parse_reference
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import (
     ImageResolveError,
-    RegistryOptions,
     ResolvedImage,
     layer_sources,
     resolve_image,

@@ -21,9 +21,10 @@ import trio
 
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
-from lazyfs.fetch.oci import Platform
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
-from lazyfs.image.registry_source import RegistryOptions, host_platform
+from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.background import spawn_daemon, stop_mount

@@ -202,6 +202,35 @@ def test_a_whole_image_goes_to_the_image_converter(tmp_path: Path) -> None:
     assert info["chunk_size"] == 65536 and info["verity"] is None
 
 
+@pytest.mark.root  # the image's tar layers are extracted with their owners
+def test_image_options_reach_the_conversion(tmp_path: Path) -> None:
+    image = write_oci_image(tmp_path / "src", "v1")
+    out = tmp_path / "out"
+    result = run_lazyfs("convert", f"{image.layout}:v1", "--oci-layout", f"{out}:renamed",
+                        "--platform", "linux/amd64", "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert [(entry["digest"], entry["annotations"]["org.opencontainers.image.ref.name"])
+            for entry in index["manifests"]] == [(result.stdout.strip(), "renamed")]
+    assert "lazyfs convert: layer 1/" in result.stderr  # progress lines
+
+
+@pytest.mark.parametrize(("option", "value", "fragment"), [
+    ("--platform", "linux", "platform 'linux': expected 'os/architecture"),
+    ("--creds", "alice", "--creds: expected USER:PASSWORD"),
+    ("--push-creds", ":secret", "--push-creds: expected USER:PASSWORD"),
+    ("--oci-layout", "{out}:Bad Tag", "OCI layout {out}:Bad Tag: tag 'Bad Tag'"),
+])
+def test_bad_image_options_are_one_line(tmp_path: Path, option: str, value: str,
+                                        fragment: str) -> None:
+    image = write_oci_image(tmp_path / "src", "v1")
+    out = tmp_path / "out"
+    result = run_lazyfs("convert", f"{image.layout}:v1", "--oci-layout", out,
+                        option, value.format(out=out))
+    assert_one_line_error(result, fragment.format(out=out))
+    assert not out.exists()
+
+
 def test_layer_and_image_options_do_not_mix(tmp_path: Path, src: Path) -> None:
     image = write_oci_image(tmp_path / "image", "v1")
     assert_one_line_error(run_lazyfs("convert", image.layout, "-o", tmp_path / "x.blob"),

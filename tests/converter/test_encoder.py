@@ -14,24 +14,24 @@ import pytest
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
 from lazyfs.eager.check import check_blob
 from lazyfs.eager.locate import find_descriptor
-from lazyfs.format.descriptor import LayerDescriptor
+from lazyfs.format.descriptor import Descriptor
 from tests.image.helpers import make_image_bytes
 
 VECTORS = ("basic-noverity", "basic-verity-64k")
 
 
-def _encode(tmp_path: Path, image: bytes, **options: object) -> tuple[Path, LayerDescriptor,
+def _encode(tmp_path: Path, image: bytes, **options: object) -> tuple[Path, Descriptor,
                                                                       EncodeResult]:
     path = tmp_path / "layer.blob"
     with open(path, "wb") as out:
         result = encode_image(io.BytesIO(image), len(image), out,
                               EncodeOptions(**options))  # type: ignore[arg-type]
-    descriptor = LayerDescriptor(result.media_type, result.blob_digest, result.blob_size,
-                                 result.annotations.to_annotations())
+    descriptor = Descriptor(result.media_type, result.blob_digest, result.blob_size,
+                            annotations=result.annotations.to_annotations())
     return path, descriptor, result
 
 
-def _round_trip(path: Path, descriptor: LayerDescriptor) -> bytes:
+def _round_trip(path: Path, descriptor: Descriptor) -> bytes:
     out = io.BytesIO()
     report = check_blob(path, descriptor, output=out)
     assert report.ok, report.problems

@@ -12,7 +12,7 @@ import pytest
 from converter.encoder import EncodeOptions, encode_image
 from lazyfs.eager.check import BlobCheckError, check_blob, unpack_blob
 from lazyfs.eager.locate import find_descriptor, sibling_descriptor_path
-from lazyfs.format.descriptor import LayerDescriptor, serialize_descriptor
+from lazyfs.format.descriptor import Descriptor, serialize_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from tests.image.helpers import flip_byte, make_image_bytes, write_blob
 
@@ -153,9 +153,9 @@ def test_data_blocks_checked_against_the_tree(tmp_path: Path, image: bytes,
     annotations["dev.containerd.erofs.dmverity.root_digest"] = theirs.root_digest
     path = tmp_path / "mixed.blob"
     path.write_bytes(mixed)
-    descriptor = LayerDescriptor(result_a.media_type,  # type: ignore[attr-defined]
-                                 "sha256:" + hashlib.sha256(mixed).hexdigest(), len(mixed),
-                                 annotations)
+    descriptor = Descriptor(result_a.media_type,  # type: ignore[attr-defined]
+                            "sha256:" + hashlib.sha256(mixed).hexdigest(), len(mixed),
+                            annotations=annotations)
     problems = check_blob(path, descriptor).problems
     assert len(problems) == 1, problems
     assert f"data block {123_456 // 4096} (image offset {123_456 // 4096 * 4096})" in problems[0]
@@ -178,9 +178,9 @@ def test_dm_verity_frame_before_the_chunk_table(tmp_path: Path, blob: Path,
     annotations["dev.containerd.erofs.dmverity.offset"] = str(table_offset)
     annotations["dev.containerd.erofs.zstd.chunk_table_offset"] = str(
         table_offset + len(verity_frame))
-    reordered = LayerDescriptor(descriptor.media_type,
-                                "sha256:" + hashlib.sha256(swapped).hexdigest(), len(swapped),
-                                annotations)
+    reordered = Descriptor(descriptor.media_type,
+                           "sha256:" + hashlib.sha256(swapped).hexdigest(), len(swapped),
+                           annotations=annotations)
     out = io.BytesIO()
     report = check_blob(path, reordered, output=out)
     assert report.ok, report.problems
@@ -196,8 +196,8 @@ def test_bytes_after_the_metadata_are_reported(tmp_path: Path, blob: Path) -> No
     assert descriptor is not None
     data = blob.read_bytes() + b"trailing"
     blob.write_bytes(data)
-    longer = LayerDescriptor(descriptor.media_type, "sha256:" + hashlib.sha256(data).hexdigest(),
-                             len(data), descriptor.annotations)
+    longer = Descriptor(descriptor.media_type, "sha256:" + hashlib.sha256(data).hexdigest(),
+                        len(data), annotations=descriptor.annotations)
     problems = check_blob(blob, longer).problems
     assert len(problems) == 1 and "8 unaccounted bytes" in problems[0], problems
 
@@ -244,8 +244,8 @@ def test_unpack_writes_only_a_verified_image(tmp_path: Path, blob: Path, image: 
 def test_descriptor_file_beside_the_blob(tmp_path: Path) -> None:
     assert sibling_descriptor_path(tmp_path / "x.blob") == tmp_path / "x.descriptor.json"
     assert sibling_descriptor_path(tmp_path / "x.zst") == tmp_path / "x.zst.descriptor.json"
-    descriptor = LayerDescriptor("application/vnd.erofs.layer.v1+zstd", "sha256:" + "0" * 64, 1,
-                                 {"dev.containerd.erofs.zstd.chunk_table_offset": "0"})
+    descriptor = Descriptor("application/vnd.erofs.layer.v1+zstd", "sha256:" + "0" * 64, 1,
+                            annotations={"dev.containerd.erofs.zstd.chunk_table_offset": "0"})
     explicit = tmp_path / "elsewhere.json"
     explicit.write_text(serialize_descriptor(descriptor))
     assert find_descriptor(tmp_path / "x.blob", explicit) == (descriptor, explicit)

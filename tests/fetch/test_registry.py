@@ -14,7 +14,6 @@ import pytest
 import trio
 import trio.testing
 
-from lazyfs.fetch import oci
 from lazyfs.fetch.registry import (
     DigestMismatchError,
     NotFoundError,
@@ -24,6 +23,9 @@ from lazyfs.fetch.registry import (
     UnauthorizedError,
 )
 from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
+from lazyfs.format import oci
+from lazyfs.format.descriptor import Descriptor
+from lazyfs.format.platform import Platform, parse_platform
 from tests.support.registry import (
     RedirectingFrontEnd,
     Registry,
@@ -115,11 +117,11 @@ def test_push_and_pull_round_trip(registry: Registry, tmp_path: Path) -> None:
 
             index = oci.Index(
                 manifests=(
-                    oci.Descriptor(
+                    Descriptor(
                         oci.OCI_MANIFEST,
                         got,
                         len(body),
-                        platform=oci.Platform("linux", "amd64"),
+                        platform=Platform("linux", "amd64"),
                     ),
                 )
             )
@@ -128,7 +130,7 @@ def test_push_and_pull_round_trip(registry: Registry, tmp_path: Path) -> None:
             assert await client.push_manifest("team/app", index_digest, index_body, oci.OCI_INDEX)
             fetched, kind, _ = await client.get_manifest("team/app", index_digest)
             assert kind == oci.OCI_INDEX
-            assert oci.parse_index(fetched).select(oci.parse_platform("linux/amd64")).digest == got
+            assert oci.parse_index(fetched).select(parse_platform("linux/amd64")).digest == got
 
     run(main)
 
@@ -590,54 +592,3 @@ def test_load_docker_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DockerConfigError, match=r"broken\.json: not valid JSON"):
         load_docker_credentials("docker.io", tmp_path / "broken.json")
-
-
-# --- OCI models as the client hands them out --------------------------------------------------
-
-
-def test_oci_models_round_trip_and_select_platform() -> None:
-    layer = oci.descriptor_for(b"x", oci.OCI_LAYER_GZIP, annotations={"b": "2", "a": "1"})
-    manifest = oci.Manifest(config=oci.descriptor_for(b"{}", oci.OCI_CONFIG), layers=(layer,))
-    body = oci.serialize_manifest(manifest)
-    assert oci.parse_manifest(body) == manifest
-    assert b'"annotations":{"a":"1","b":"2"}' in body and b" " not in body
-
-    def entry(arch: str, variant: str | None = None) -> oci.Descriptor:
-        platform = oci.Platform("linux", arch, variant)
-        return oci.Descriptor(oci.OCI_MANIFEST, digest(arch.encode()), 1, platform=platform)
-
-    index = oci.Index(manifests=(entry("amd64"), entry("arm", "v6"), entry("arm64", "v8")))
-    assert oci.parse_index(oci.serialize_index(index)) == index
-    assert index.select(oci.parse_platform("linux/x86_64")).digest == digest(b"amd64")
-    assert index.select(oci.parse_platform("linux/arm64")).digest == digest(b"arm64")
-    with pytest.raises(oci.PlatformNotFoundError, match=r"linux/arm/v7 \(available: linux/amd64"):
-        index.select(oci.parse_platform("linux/arm"))
-
-
-@pytest.mark.parametrize(
-    ("body", "complaint"),
-    [
-        (b"[]", "manifest: expected a JSON object"),
-        (b"{", "manifest: not valid JSON"),
-        (b'{"schemaVersion":1,"config":{},"layers":[]}', "schemaVersion: expected 2, found 1"),
-        (b'{"schemaVersion":2,"layers":[]}', "missing field 'config'"),
-        (
-            b'{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:00","size":1},'
-            b'"layers":[]}',
-            "manifest.config.digest",
-        ),
-        (
-            b'{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:%s","size":true},'
-            b'"layers":[]}' % (b"0" * 64),
-            "manifest.config.size: expected int, found bool",
-        ),
-        (
-            b'{"schemaVersion":2,"mediaType":"%s","manifests":[]}' % oci.OCI_INDEX.encode(),
-            "manifest.mediaType: expected one of",
-        ),
-    ],
-)
-def test_oci_parse_errors_name_the_field(body: bytes, complaint: str) -> None:
-    with pytest.raises(oci.OCIFormatError) as info:
-        oci.parse_manifest(body)
-    assert complaint in str(info.value)

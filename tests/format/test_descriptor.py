@@ -16,8 +16,8 @@ from lazyfs.format.descriptor import (
     ANNOTATION_ROOT_DIGEST,
     ANNOTATION_VERITY_OFFSET,
     MEDIA_TYPE_EROFS_ZSTD,
+    Descriptor,
     DescriptorError,
-    LayerDescriptor,
     SeekableAnnotations,
     descriptor_from_dict,
     descriptor_path_candidates,
@@ -51,7 +51,7 @@ def seekable_annotations(draw: st.DrawFn) -> SeekableAnnotations:
 
 
 descriptors = st.builds(
-    LayerDescriptor,
+    Descriptor,
     media_type=st.text(max_size=40),
     digest=st.one_of(hex_digests("sha256", 32), hex_digests("sha512", 64)),
     size=st.integers(0, 2**63),
@@ -73,7 +73,7 @@ def test_descriptor_round_trips(descriptor):
 def test_annotations_round_trip(annotations, unrelated):
     as_dict = {**unrelated, **annotations.to_annotations()}
     assert parse_annotations(as_dict) == annotations
-    descriptor = LayerDescriptor(MEDIA_TYPE_EROFS_ZSTD, SHA256, 10, as_dict)
+    descriptor = Descriptor(MEDIA_TYPE_EROFS_ZSTD, SHA256, 10, annotations=as_dict)
     assert parse_descriptor(serialize_descriptor(descriptor)).seekable() == annotations
 
 

@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from lazyfs.format.chunk_table import verify_frame
-from lazyfs.format.descriptor import LayerDescriptor, parse_descriptor
+from lazyfs.format.descriptor import Descriptor, parse_descriptor
 from lazyfs.format.errors import FormatError, IntegrityError
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE, decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata, parse_metadata
@@ -33,7 +33,7 @@ from tests.format import flip, needs_veritysetup, veritysetup_verify
 class Vector:
     name: str
     blob: bytes
-    descriptor: LayerDescriptor
+    descriptor: Descriptor
     files: dict[str, object]
 
     def __repr__(self) -> str:

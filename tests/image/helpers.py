@@ -13,7 +13,7 @@ import trio
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
 from lazyfs.cache.memory import ChunkCache
-from lazyfs.format.descriptor import LayerDescriptor, serialize_descriptor
+from lazyfs.format.descriptor import Descriptor, serialize_descriptor
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
@@ -41,8 +41,8 @@ def write_blob(directory: Path, image: bytes, name: str = "layer", **options: ob
     with open(blob_path, "wb") as out:
         result = encode_image(io.BytesIO(image), len(image), out,
                               EncodeOptions(**options))  # type: ignore[arg-type]
-    descriptor = LayerDescriptor(result.media_type, result.blob_digest, result.blob_size,
-                                 result.annotations.to_annotations())
+    descriptor = Descriptor(result.media_type, result.blob_digest, result.blob_size,
+                            annotations=result.annotations.to_annotations())
     (directory / f"{name}.descriptor.json").write_text(serialize_descriptor(descriptor))
     return blob_path, result
 

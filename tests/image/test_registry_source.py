@@ -12,14 +12,14 @@ import httpx
 import pytest
 import trio
 
-from lazyfs.fetch.oci import Platform
-from lazyfs.fetch.reference import parse_reference
 from lazyfs.fetch.registry import RegistryClient
+from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import DescriptorError
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import parse_reference
 from lazyfs.image.errors import UntrustedLayerError
 from lazyfs.image.registry_source import (
     ImageResolveError,
-    RegistryOptions,
     ResolvedImage,
     UnconvertedLayerError,
     host_platform,

@@ -14,8 +14,8 @@ diff_ids change; `os.features` gains "erofs", as containerd stamps on config and
 so that EROFS-aware runtimes can tell such images apart. History is kept. Manifests are OCI
 image manifests; a multi-platform input gives a new OCI index.
 
-Which images of the source are converted is decided (and checked) by `image_select`; the
-command line (`lazyfs convert SRC` for a whole image) is `image_cli.run_image_convert`.
+Which images of the source are converted is decided (and checked) by `selection`; the
+command line (`lazyfs convert SRC` for a whole image) is `lazyfs.cli.convert`.
 """
 
 from __future__ import annotations
@@ -33,16 +33,18 @@ from typing import Any
 import trio
 
 from converter.errors import ConvertError, UnsupportedSourceError
-from converter.image_select import TAR_TYPES, SourceImage, distinct_layers, select_images
-from converter.image_source import ImageSource, RegistryOptions
+from converter.image.oci_layout import LayoutWriter, index_entries
+from converter.image.selection import TAR_TYPES, SourceImage, distinct_layers, select_images
+from converter.image.sources import ImageSource
 from converter.layer import ConvertOptions, convert_layer
-from converter.oci_layout import LayoutWriter, index_entries
 from converter.source import SourceKind, detect_source
-from lazyfs.fetch import oci
-from lazyfs.fetch.oci import Descriptor, Platform
-from lazyfs.fetch.reference import ImageReference, parse_reference
+from lazyfs.exception_groups import first_error
 from lazyfs.fetch.registry import RegistryClient
-from lazyfs.format.descriptor import SeekableAnnotations
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format import oci
+from lazyfs.format.descriptor import Descriptor, SeekableAnnotations
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import ImageReference, parse_reference
 
 Progress = Callable[[str], None]
 """Called with one line of progress for humans (per layer: phases, then the outcome)."""
@@ -152,7 +154,7 @@ async def convert_image(
                 for number, layer in enumerate(layers, 1):
                     nursery.start_soon(_layer_task, run, number, layer, outcomes)
         except BaseExceptionGroup as group:
-            raise _first_error(group) from None
+            raise first_error(group) from None
         written = [await _write_image(run, image, outcomes) for image in images]
         push_tag = push_ref.tag if push_ref else None
         if index is None:
@@ -182,21 +184,6 @@ async def convert_image(
                               tuple(d for d, _ in written),
                               tuple(outcomes[d.digest] for d in layers), dest_layout, tag,
                               str(push_ref) if push_ref else None)
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report when layers failed: the first that is not a consequence of it (the
-    others were cancelled, or failed the same way)."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        error = pending.pop(0)
-        if isinstance(error, BaseExceptionGroup):
-            pending[:0] = list(error.exceptions)
-        else:
-            leaves.append(error)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return (real or leaves)[0]
 
 
 def parse_push_reference(push: str) -> ImageReference:
@@ -390,16 +377,6 @@ async def _write_image(run: _Run, image: SourceImage,
                             annotations=entry.annotations if entry else {},
                             platform=_features(entry.platform if entry else None))
     return descriptor, data
-
-
-def __getattr__(name: str) -> Any:
-    # run_image_convert moved to converter.image_cli, which imports this module: it is looked
-    # up lazily so that `from converter.image_convert import run_image_convert` keeps working.
-    if name == "run_image_convert":
-        from converter.image_cli import run_image_convert
-
-        return run_image_convert
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from converter.errors import ConvertError
-from converter.image_source import DOCKER_LAYER_TAR, ImageSource
-from lazyfs.fetch import oci
-from lazyfs.fetch.oci import Descriptor, Platform
+from converter.image.sources import DOCKER_LAYER_TAR, ImageSource
+from lazyfs.format import oci
+from lazyfs.format.descriptor import Descriptor
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.platform import Platform
 
 TAR_TYPES = oci.TAR_LAYER_TYPES | {DOCKER_LAYER_TAR}
 # docker buildx puts provenance next to the images of an index; it describes the source image.
@@ -42,7 +44,7 @@ async def _load_image(source: ImageSource, entry: Descriptor | None, data: bytes
     what = f"{source.description}: manifest {entry.digest if entry else ''}".rstrip()
     try:
         manifest = oci.parse_manifest(data, media_type)
-    except oci.OCIFormatError as e:
+    except OCIFormatError as e:
         raise ConvertError(f"{what}: {e}") from None
     raw = await source.read_blob(manifest.config, "image config")
     try:
@@ -76,7 +78,7 @@ async def select_images(
         raise ConvertError(f"{source.description}: unsupported media type {media_type}")
     try:
         index = oci.parse_index(data, media_type)
-    except oci.OCIFormatError as e:
+    except OCIFormatError as e:
         raise ConvertError(f"{source.description}: {e}") from None
     images, seen = [], []
     for entry in index.manifests:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfs.fetch.reference import (
+from lazyfs.format.reference import (
     ImageReference,
     InvalidReferenceError,
     parse_reference,

@@ -14,20 +14,20 @@ import pytest
 import trio
 
 from converter.errors import ConvertError
-from converter.image_source import (
+from converter.image.oci_layout import LayoutError
+from converter.image.sources import (
     DOCKER_LAYER_TAR,
     DockerArchiveSource,
     ImageSource,
     LayoutSource,
-    RegistryOptions,
     RegistrySource,
     is_image_source,
     open_image_source,
 )
-from converter.oci_layout import LayoutError
-from lazyfs.fetch import oci
 from lazyfs.fetch.registry import DigestMismatchError, NotFoundError, UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format import oci
 from tests.support.images import (
     BUSYBOX,
     base_layer,

@@ -1,4 +1,4 @@
-"""OCI and Docker v2 manifest, index and descriptor models: parsing and serialization, no I/O.
+"""OCI and Docker v2 manifest and index models: parsing and serialization, no I/O.
 
 Serialization is canonical for lazyfs: compact JSON (`separators=(",", ":")`), UTF-8, fields
 in the order the OCI image spec lists them, optional fields omitted when empty, annotation
@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazyfs.fetch.reference import InvalidReferenceError, validate_digest
+from lazyfs.errors import LazyfsError
+from lazyfs.format.descriptor import (
+    MEDIA_TYPE_EROFS,
+    MEDIA_TYPE_EROFS_ZSTD,
+    Descriptor,
+    descriptor_from_dict,
+)
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.platform import Platform
 
 # Manifests and indexes.
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -40,76 +48,15 @@ OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-EROFS_LAYER = "application/vnd.erofs.layer.v1"
-EROFS_LAYER_ZSTD = "application/vnd.erofs.layer.v1+zstd"
+EROFS_LAYER = MEDIA_TYPE_EROFS
+EROFS_LAYER_ZSTD = MEDIA_TYPE_EROFS_ZSTD
 TAR_LAYER_TYPES = frozenset(
     {OCI_LAYER_TAR, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_GZIP}
 )
 EROFS_LAYER_TYPES = frozenset({EROFS_LAYER, EROFS_LAYER_ZSTD})
 
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm"}
-_DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
-
-
-class OCIFormatError(ValueError):
-    """A manifest, index or descriptor is not valid JSON of the expected shape."""
-
-
-class PlatformNotFoundError(LookupError):
+class PlatformNotFoundError(LazyfsError, LookupError):
     """An index has no manifest for the requested platform."""
-
-
-@dataclass(frozen=True)
-class Platform:
-    """Where an image runs. `architecture` and `os` use Go names (amd64, arm64, linux)."""
-
-    os: str
-    architecture: str
-    variant: str | None = None
-    os_version: str | None = None
-    os_features: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        text = f"{self.os}/{self.architecture}"
-        return f"{text}/{self.variant}" if self.variant else text
-
-    def normalized(self) -> Platform:
-        """Return this platform with architecture aliases resolved and the default variant."""
-        arch = _ARCH_ALIASES.get(self.architecture, self.architecture)
-        variant = self.variant or _DEFAULT_VARIANTS.get(arch)
-        if arch == "arm64" and variant == "8":
-            variant = "v8"
-        return Platform(self.os, arch, variant, self.os_version, self.os_features)
-
-    def matches(self, candidate: Platform) -> bool:
-        """Whether `candidate` (from an index) can run where this platform is wanted."""
-        want, have = self.normalized(), candidate.normalized()
-        return (want.os, want.architecture, want.variant) == (
-            have.os,
-            have.architecture,
-            have.variant,
-        )
-
-
-def parse_platform(text: str) -> Platform:
-    """Parse `os/arch[/variant]` as given to `--platform`, e.g. `linux/amd64`, `linux/arm/v7`."""
-    parts = text.split("/")
-    if not 2 <= len(parts) <= 3 or not all(parts):
-        raise ValueError(f"platform {text!r}: expected 'os/architecture[/variant]'")
-    return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """A reference to content by digest, size and media type."""
-
-    media_type: str
-    digest: str
-    size: int
-    urls: tuple[str, ...] = ()
-    annotations: Mapping[str, str] = field(default_factory=dict)
-    platform: Platform | None = None
-    artifact_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,9 +98,10 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def descriptor_for(data: bytes, media_type: str, **fields: Any) -> Descriptor:
-    """Return a Descriptor of `data` (digest and size computed); `fields` as in Descriptor."""
-    return Descriptor(media_type=media_type, digest=sha256_digest(data), size=len(data), **fields)
+def descriptor_for(data: bytes, media_type: str, *,
+                   annotations: Mapping[str, str] | None = None) -> Descriptor:
+    """Return a Descriptor of `data` (digest and size computed)."""
+    return Descriptor(media_type, sha256_digest(data), len(data), annotations=annotations or {})
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -190,48 +138,6 @@ def _annotations(obj: Mapping[str, Any], where: str) -> dict[str, str]:
     return dict(value)
 
 
-def _parse_platform(obj: Any, where: str) -> Platform:
-    if not isinstance(obj, dict):
-        raise OCIFormatError(f"{where}: expected an object")
-    features = _get(obj, "os.features", list, where, required=False) or []
-    if not all(isinstance(item, str) for item in features):
-        raise OCIFormatError(f"{where}.os.features: expected a list of str")
-    return Platform(
-        os=_get(obj, "os", str, where, required=True),
-        architecture=_get(obj, "architecture", str, where, required=True),
-        variant=_get(obj, "variant", str, where, required=False),
-        os_version=_get(obj, "os.version", str, where, required=False),
-        os_features=tuple(features),
-    )
-
-
-def parse_descriptor(obj: Any, where: str = "descriptor") -> Descriptor:
-    """Build a Descriptor from decoded JSON; raise OCIFormatError naming the bad field."""
-    if not isinstance(obj, dict):
-        raise OCIFormatError(f"{where}: expected an object, found {type(obj).__name__}")
-    digest = _get(obj, "digest", str, where, required=True)
-    try:
-        validate_digest(digest)
-    except InvalidReferenceError as error:
-        raise OCIFormatError(f"{where}.digest: {error}") from None
-    size = _get(obj, "size", int, where, required=True)
-    if size < 0:
-        raise OCIFormatError(f"{where}.size: expected >= 0, found {size}")
-    urls = _get(obj, "urls", list, where, required=False) or []
-    if not all(isinstance(url, str) for url in urls):
-        raise OCIFormatError(f"{where}.urls: expected a list of str")
-    platform = obj.get("platform")
-    return Descriptor(
-        media_type=_get(obj, "mediaType", str, where, required=True),
-        digest=digest,
-        size=size,
-        urls=tuple(urls),
-        annotations=_annotations(obj, where),
-        platform=None if platform is None else _parse_platform(platform, f"{where}.platform"),
-        artifact_type=_get(obj, "artifactType", str, where, required=False),
-    )
-
-
 def _load_document(
     data: bytes, what: str, expected: frozenset[str], content_type: str | None, default: str
 ) -> tuple[dict[str, Any], str]:
@@ -255,12 +161,12 @@ def _check_header(obj: Mapping[str, Any], what: str, expected: frozenset[str], h
 
 
 def _descriptors(items: list[Any], where: str) -> tuple[Descriptor, ...]:
-    return tuple(parse_descriptor(item, f"{where}[{i}]") for i, item in enumerate(items))
+    return tuple(descriptor_from_dict(item, f"{where}[{i}]") for i, item in enumerate(items))
 
 
 def _subject(obj: Mapping[str, Any], what: str) -> Descriptor | None:
     subject = obj.get("subject")
-    return None if subject is None else parse_descriptor(subject, f"{what}.subject")
+    return None if subject is None else descriptor_from_dict(subject, f"{what}.subject")
 
 
 def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
@@ -273,7 +179,7 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
     layers = _get(obj, "layers", list, "manifest", required=True)
     return Manifest(
         media_type=kind,
-        config=parse_descriptor(
+        config=descriptor_from_dict(
             _get(obj, "config", dict, "manifest", required=True), "manifest.config"
         ),
         layers=_descriptors(layers, "manifest.layers"),
@@ -327,37 +233,13 @@ def parse_manifest_or_index(data: bytes, media_type: str | None = None) -> Manif
 # --- serialization ------------------------------------------------------------------------
 
 
-def _descriptor_json(descriptor: Descriptor) -> dict[str, Any]:
-    obj: dict[str, Any] = {
-        "mediaType": descriptor.media_type,
-        "digest": descriptor.digest,
-        "size": descriptor.size,
-    }
-    if descriptor.urls:
-        obj["urls"] = list(descriptor.urls)
-    if descriptor.annotations:
-        obj["annotations"] = dict(sorted(descriptor.annotations.items()))
-    if descriptor.platform is not None:
-        platform = descriptor.platform
-        obj["platform"] = {"architecture": platform.architecture, "os": platform.os}
-        if platform.os_version:
-            obj["platform"]["os.version"] = platform.os_version
-        if platform.os_features:
-            obj["platform"]["os.features"] = list(platform.os_features)
-        if platform.variant:
-            obj["platform"]["variant"] = platform.variant
-    if descriptor.artifact_type:
-        obj["artifactType"] = descriptor.artifact_type
-    return obj
-
-
 def _dump(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _tail(obj: dict[str, Any], item: Manifest | Index) -> dict[str, Any]:
     if item.subject is not None:
-        obj["subject"] = _descriptor_json(item.subject)
+        obj["subject"] = item.subject.to_json_dict()
     if item.annotations:
         obj["annotations"] = dict(sorted(item.annotations.items()))
     return obj
@@ -368,8 +250,8 @@ def serialize_manifest(manifest: Manifest) -> bytes:
     obj: dict[str, Any] = {"schemaVersion": 2, "mediaType": manifest.media_type}
     if manifest.artifact_type:
         obj["artifactType"] = manifest.artifact_type
-    obj["config"] = _descriptor_json(manifest.config)
-    obj["layers"] = [_descriptor_json(layer) for layer in manifest.layers]
+    obj["config"] = manifest.config.to_json_dict()
+    obj["layers"] = [layer.to_json_dict() for layer in manifest.layers]
     return _dump(_tail(obj, manifest))
 
 
@@ -378,5 +260,5 @@ def serialize_index(index: Index) -> bytes:
     obj: dict[str, Any] = {"schemaVersion": 2, "mediaType": index.media_type}
     if index.artifact_type:
         obj["artifactType"] = index.artifact_type
-    obj["manifests"] = [_descriptor_json(item) for item in index.manifests]
+    obj["manifests"] = [item.to_json_dict() for item in index.manifests]
     return _dump(_tail(obj, index))

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from converter.errors import ConvertError
-from lazyfs.fetch.oci import OCI_INDEX, Descriptor, Index, parse_descriptor, serialize_index
-from lazyfs.fetch.reference import InvalidReferenceError, validate_digest
+from lazyfs.format.descriptor import Descriptor, descriptor_from_dict
+from lazyfs.format.oci import OCI_INDEX, Index, serialize_index
+from lazyfs.format.reference import InvalidReferenceError, validate_digest
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
@@ -241,7 +242,7 @@ def index_entries(store: FileStore) -> list[Descriptor]:
     if not isinstance(items, list):
         raise LayoutError(f"{store.description}: {INDEX_FILE}: no 'manifests' list")
     try:
-        return [parse_descriptor(item, f"{INDEX_FILE}.manifests[{i}]")
+        return [descriptor_from_dict(item, f"{INDEX_FILE}.manifests[{i}]")
                 for i, item in enumerate(items)]
     except ValueError as e:
         raise LayoutError(f"{store.description}: {e}") from None

@@ -3,7 +3,6 @@ out. Converted layers are checked by format, by digest and by the tree their ima
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import io
@@ -21,19 +20,20 @@ import trio
 import zstandard
 
 from converter.errors import ConvertError
-from converter.image_cli import run_image_convert
-from converter.image_convert import ImageConvertResult, convert_image, new_config
-from converter.image_source import RegistryOptions, open_image_source
+from converter.image.convert import ImageConvertResult, convert_image, new_config
+from converter.image.oci_layout import LayoutError
+from converter.image.sources import open_image_source
 from converter.layer import ConvertOptions, convert_layer
 from converter.mkfs import build_erofs
-from converter.oci_layout import LayoutError
 from converter.tree import compare_trees, scan_directory, scan_tar
 from lazyfs.eager.check import unpack_blob
 from lazyfs.eager.locate import read_metadata
-from lazyfs.fetch import oci
 from lazyfs.fetch.registry import UnauthorizedError
 from lazyfs.fetch.registry_auth import Credentials
-from lazyfs.format.descriptor import LayerDescriptor
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format import oci
+from lazyfs.format.descriptor import Descriptor, descriptor_from_dict
+from lazyfs.format.platform import parse_platform
 from tests.converter import mounted_erofs
 from tests.support.images import (
     base_layer,
@@ -77,13 +77,13 @@ def _json(layout: Path, digest: str) -> Any:
     return json.loads(_blob(layout, digest).read_bytes())
 
 
-def _image(layout: Path, tag: str) -> tuple[oci.Descriptor, Any]:
+def _image(layout: Path, tag: str) -> tuple[Descriptor, Any]:
     """The index.json entry named `tag` and the JSON it points at."""
     index = json.loads((layout / "index.json").read_bytes())
     found = [e for e in index["manifests"]
              if e.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
     assert len(found) == 1, index
-    entry = oci.parse_descriptor(found[0])
+    entry = descriptor_from_dict(found[0])
     return entry, _json(layout, entry.digest)
 
 
@@ -93,8 +93,8 @@ def _check_layer(blob: Path, descriptor: dict[str, Any], source_tar: bytes | Non
     its image holds the tree the source layer means. Returns the raw image's digest."""
     assert descriptor["mediaType"] == oci.EROFS_LAYER_ZSTD
     assert set(descriptor["annotations"]) >= SEEKABLE_KEYS
-    layer = LayerDescriptor(descriptor["mediaType"], descriptor["digest"], descriptor["size"],
-                            dict(descriptor["annotations"]))
+    layer = Descriptor(descriptor["mediaType"], descriptor["digest"], descriptor["size"],
+                       annotations=dict(descriptor["annotations"]))
     with open(blob, "rb") as f:
         metadata = read_metadata(f, blob.stat().st_size, layer.seekable())
     assert metadata.verity is not None and metadata.root is not None
@@ -177,7 +177,7 @@ def test_docker_archive_to_layout_converts_identical_layers_once(tmp_path: Path,
 def test_platform_filter_on_two_platform_index(tmp_path: Path) -> None:
     image = write_index_image(tmp_path / "src", "multi")
     result, _ = _convert(f"{image.layout}:multi", dest_layout=tmp_path / "arm",
-                         platform=oci.parse_platform("linux/arm64"))
+                         platform=parse_platform("linux/arm64"))
     assert len(result.layers) == 2
     entry, index = _image(tmp_path / "arm", "multi")
     assert entry.media_type == oci.OCI_INDEX
@@ -198,7 +198,7 @@ def test_platform_filter_on_two_platform_index(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match=r"no image for platform linux/s390x in the index "
                                            r"\(available: linux/amd64, linux/arm64\)"):
         _convert(f"{image.layout}:multi", dest_layout=tmp_path / "none",
-                 platform=oci.parse_platform("linux/s390x"))
+                 platform=parse_platform("linux/s390x"))
     assert not (tmp_path / "none").exists()
 
 
@@ -320,23 +320,6 @@ def test_bad_push_destination_and_nothing_to_write(tmp_path: Path) -> None:
         _convert(str(image.layout))
 
 
-def test_run_image_convert_from_command_line_arguments(tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    image = write_oci_image(tmp_path / "src", "v1")
-    out = tmp_path / "out"
-    args = argparse.Namespace(source=f"{image.layout}:v1", oci_layout=f"{out}:renamed",
-                              platform="linux/amd64", jobs=1, force=False, mirror=[])
-    assert run_image_convert(args, ConvertOptions()) == 0
-    digest = capsys.readouterr().out.strip()
-    assert _image(out, "renamed")[0].digest == digest
-    for field, value, complaint in (("platform", "linux", "expected 'os/architecture"),
-                                    ("creds", "alice", "--creds: expected USER:PASSWORD"),
-                                    ("oci_layout", f"{out}:Bad Tag", "tag 'Bad Tag'")):
-        bad = argparse.Namespace(**{**vars(args), field: value})
-        with pytest.raises(ConvertError, match=complaint):
-            run_image_convert(bad)
-
-
 def test_new_config_follows_containerd() -> None:
     config = {"architecture": "amd64", "os": "linux", "config": {"Image": "x", "Cmd": ["sh"]},
               "container_config": {"Image": "y"}, "rootfs": {"type": "layers",
@@ -452,8 +435,8 @@ def test_overlay_of_converted_layers_shows_the_image(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
         lowers = []
         for number, layer in enumerate(manifest["layers"]):
-            descriptor = LayerDescriptor(layer["mediaType"], layer["digest"], layer["size"],
-                                         layer["annotations"])
+            descriptor = Descriptor(layer["mediaType"], layer["digest"], layer["size"],
+                                    annotations=layer["annotations"])
             raw = tmp_path / f"{number}.erofs"
             unpack_blob(_blob(out, layer["digest"]), raw, descriptor)
             lowers.append(stack.enter_context(mounted_erofs(raw, tmp_path / f"l{number}")))

@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from converter.errors import ConvertError, UnsupportedSourceError
-from converter.oci_layout import (
+from converter.image.oci_layout import (
     LAYOUT_FILE,
     MAX_JSON_BYTES,
     DirStore,
@@ -40,19 +40,19 @@ from converter.oci_layout import (
     select_entry,
 )
 from converter.source import SourceKind, detect_source, open_tar_stream
-from lazyfs.fetch.oci import (
+from lazyfs.fetch.registry import RegistryClient, RegistryError
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format.descriptor import Descriptor
+from lazyfs.format.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     INDEX_TYPES,
     MANIFEST_TYPES,
-    Descriptor,
     Manifest,
     serialize_manifest,
     sha256_digest,
 )
-from lazyfs.fetch.reference import DOCKER_HUB, ImageReference, parse_reference, validate_tag
-from lazyfs.fetch.registry import RegistryClient, RegistryError
-from lazyfs.fetch.registry_auth import Credentials, DockerConfigError, load_docker_credentials
+from lazyfs.format.reference import DOCKER_HUB, ImageReference, parse_reference, validate_tag
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 # What `docker save` (legacy and OCI form), podman and skopeo put at an archive's top.
@@ -62,24 +62,6 @@ _ARCHIVE_NAME = re.compile(
 )
 _HEX_NAME = re.compile(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json|\.tar)?")
 _IO_THREADS = 4  # blobs copied (and hashed) at once from one layout or archive
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    """How to reach a registry. Without `credentials`, those of `docker login` are used."""
-
-    credentials: Credentials | None = None
-    insecure: bool = False
-    mirrors: tuple[str, ...] = ()
-    timeout_s: float = 30.0
-
-    def client(self, registry: str, *, mirrors: bool = True) -> RegistryClient:
-        try:
-            credentials = self.credentials or load_docker_credentials(registry)
-        except DockerConfigError as e:
-            raise ConvertError(str(e)) from None
-        return RegistryClient(registry, credentials=credentials, insecure=self.insecure,
-                              mirrors=self.mirrors if mirrors else (), timeout=self.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -438,7 +420,6 @@ __all__ = [
     "DockerArchiveSource",
     "ImageSource",
     "LayoutSource",
-    "RegistryOptions",
     "RegistrySource",
     "RootImage",
     "classify_path",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from lazyfs.format.errors import FormatError
+
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
 _DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -24,8 +26,9 @@ _DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[0-9a-f]+")
 
 
-class InvalidReferenceError(ValueError):
-    """An image reference, or one of its parts, does not follow the reference grammar."""
+class InvalidReferenceError(FormatError, ValueError):
+    """An image reference, or one of its parts, does not follow the reference grammar.
+    Also a ValueError, like `json.JSONDecodeError`: bad text given for a value."""
 
 
 def validate_digest(digest: str) -> str:

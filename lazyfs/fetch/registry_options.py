@@ -1,0 +1,49 @@
+"""How to reach registries: the knobs a user gives once for pulls, pushes and lazy mounts.
+
+`RegistryOptions` makes a `RegistryClient` per registry; `parse_credentials` reads the
+`USER:PASSWORD` of a `--creds` option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fetch.registry import RegistryClient
+from lazyfs.fetch.registry_auth import Credentials, load_docker_credentials
+
+
+class CredentialsError(LazyfsError):
+    """Credentials given as text are not `USER:PASSWORD`."""
+
+
+def parse_credentials(text: str, option: str = "--creds") -> Credentials:
+    """`USER:PASSWORD` as an option gives it (the password may contain ':'). Raises
+    CredentialsError naming `option`."""
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise CredentialsError(f"{option}: expected USER:PASSWORD")
+    return Credentials(user, password)
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How to reach registries. Without `credentials`, those of `docker login` are used."""
+
+    credentials: Credentials | None = None
+    insecure: bool = False
+    mirrors: tuple[str, ...] = ()
+    timeout_s: float = 30.0
+
+    def client(self, registry: str, *, mirrors: bool = True) -> RegistryClient:
+        """A client for `registry` (use `async with`); with `mirrors=False` it talks to the
+        registry alone (as a push must). Raises DockerConfigError for an unreadable Docker
+        config, ValueError for a malformed registry or mirror name."""
+        credentials = self.credentials or load_docker_credentials(registry)
+        return RegistryClient(
+            registry,
+            credentials=credentials,
+            insecure=self.insecure,
+            mirrors=self.mirrors if mirrors else (),
+            timeout=self.timeout_s,
+        )

@@ -1,0 +1,1 @@
+"""Tests of whole-image conversion (converter/image)."""
