@@ -41,7 +41,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
-    """The containerd-written test vectors, used in place; skip when they are absent."""
+    """The containerd-written test vectors, used in place; skip when they are absent, except in
+    CI (CI=true), where a test that silently skipped would hide a broken checkout."""
     if not VECTORS_DIR.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"containerd vectors not found at {VECTORS_DIR} (CI=true: they must "
+                        "be there)")
         pytest.skip(f"containerd vectors not found at {VECTORS_DIR}")
     return VECTORS_DIR

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from lazyfs.fetch import http
 from lazyfs.fetch.registry import (
     DigestMismatchError,
     NotFoundError,
@@ -332,7 +333,6 @@ def test_expired_signed_url_is_resolved_again(front: RedirectingFrontEnd) -> Non
 
 @pytest.mark.network
 def test_range_reader_with_registry_auth(front: RedirectingFrontEnd) -> None:
-    http = pytest.importorskip("lazyfs.fetch.http")
     host = front.url.removeprefix("http://")
     layer = bytes(range(256)) * 64
 

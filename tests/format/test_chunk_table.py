@@ -214,6 +214,16 @@ def test_chunk_arithmetic():
     assert [table.decoded_size(i) for i in range(5)] == [65536] * 4 + [300_000 - 4 * 65536]
     assert table.chunks_for_range(0, 1) == range(0, 1)
     assert table.chunks_for_range(65535, 2) == range(0, 2)
+    # Reads ending one byte before, exactly at and one byte after a chunk boundary.
+    assert table.chunks_for_range(0, 65535) == range(0, 1)
+    assert table.chunks_for_range(0, 65536) == range(0, 1)
+    assert table.chunks_for_range(0, 65537) == range(0, 2)
+    assert table.chunks_for_range(70_000, 2 * 65536 - 70_000 - 1) == range(1, 2)
+    assert table.chunks_for_range(70_000, 2 * 65536 - 70_000) == range(1, 2)
+    assert table.chunks_for_range(70_000, 2 * 65536 - 70_000 + 1) == range(1, 3)
+    assert table.chunks_for_range(65536, 3 * 65536) == range(1, 4)
+    assert table.chunks_for_range(4 * 65536 - 1, 1) == range(3, 4)
+    assert table.chunks_for_range(4 * 65536, 300_000) == range(4, 5)
     assert table.chunks_for_range(299_999, 100) == range(4, 5)
     assert table.chunks_for_range(300_000, 10) == range(0)
     assert table.chunks_for_range(10, 0) == range(0)

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -106,12 +107,15 @@ def test_read_returns_image_bytes_and_empty_at_eof(ops: LayerOperations) -> None
     assert run(lambda: ops.read(FIRST_LAYER_INODE + 1, 0, 4096)) == b"xyz"
 
 
-def test_unverifiable_read_is_eio_and_counted(ops: LayerOperations) -> None:
+def test_unverifiable_read_is_eio_and_counted(image: FakeImage) -> None:
+    began = time.monotonic()
+    ops = LayerOperations([image, FakeImage("second", b"xyz")])
     assert fuse_errno(lambda: ops.read(FIRST_LAYER_INODE, 8000, 1000)) == errno.EIO
     assert run(lambda: ops.read(FIRST_LAYER_INODE, 0, 100)) == DATA[:100]
     stats = ops.daemon_stats
     assert (stats.reads, stats.read_errors, stats.read_bytes) == (2, 1, 100)
     assert stats.first_read_after_s is not None
+    assert 0 < stats.first_read_after_s < time.monotonic() - began
 
 
 def test_a_bug_in_the_image_is_not_turned_into_eio() -> None:

@@ -1,0 +1,103 @@
+"""Image mounts (`lazyfs mount REF`) against a registry that serves a forged frame which
+decodes cleanly (tests/support/forged_images.py): reads of the forged chunk fail with EIO
+through overlayfs and EROFS; every other byte of every layer is the image's own."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.forged_images import (
+    AFTER,
+    CHUNK,
+    NOISE,
+    TARGET_IN_FILE,
+    forged_image,
+    publish_noise_image,
+)
+from tests.support.images import busybox_bytes
+from tests.support.lazyfs_cli import Lazyfs
+from tests.support.registry import Registry, running_registry
+
+pytestmark = [pytest.mark.root, pytest.mark.network]
+
+# case: (dm-verity, chunk table and chunk_digest forged, what the daemon logs)
+CASES = {
+    "frame-hash": (True, False, "SHA-512 mismatch"),
+    "verity-alone": (True, True, "dm-verity: data block"),
+    "frame-hash-alone": (False, False, "SHA-512 mismatch"),
+}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running_registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, str]:
+    work = tmp_path_factory.mktemp("noise-images")
+    return {verity: publish_noise_image(work, registry, verity) for verity in (True, False)}
+
+
+def read_pages(path: Path) -> dict[int, bytes | None]:
+    """Each 4 KiB page of a file: its bytes, or None where the read failed with EIO."""
+    pages: dict[int, bytes | None] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in range(0, os.fstat(fd).st_size, 4096):
+            try:
+                pages[offset] = os.pread(fd, 4096, offset)
+            except OSError as exc:
+                assert exc.errno == errno.EIO, exc
+                pages[offset] = None
+    finally:
+        os.close(fd)
+    return pages
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forged_frame_in_a_registry_is_eio_in_the_image(
+    lazyfs: Lazyfs, registry: Registry, images: dict[bool, str], tmp_path: Path, case: str
+) -> None:
+    verity, table, message = CASES[case]
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    lazyfs.expected_log_levels.update(("WARNING", "ERROR"))
+    with forged_image(registry, images[verity], table=table) as forged:
+        lazyfs.mountpoints.append(mountpoint)
+        result = lazyfs.run("mount", forged.reference, str(mountpoint), "--insecure-registry",
+                            "--readahead", "0")
+        assert result.returncode == 0, result.stderr
+        record = lazyfs.record(mountpoint)
+        assert record is not None
+        lazyfs.pids.append(record["pid"])
+        assert (mountpoint / "bin" / "busybox").read_bytes() == busybox_bytes()
+        assert (mountpoint / "etc" / "hostname").read_bytes() == b"noisy\n"
+        assert (mountpoint / "data" / "after.txt").read_bytes() == AFTER
+        pages = read_pages(mountpoint / "data" / "noise.bin")
+        for offset, page in pages.items():
+            if page is not None:
+                assert page == NOISE[offset:offset + 4096], offset
+                assert forged.forgery.forged_window not in page
+        assert pages[TARGET_IN_FILE - TARGET_IN_FILE % 4096] is None
+        assert pages[0] == NOISE[:4096] and pages[len(NOISE) - 4096] == NOISE[-4096:]
+        failed = [offset for offset, page in pages.items() if page is None]
+        assert max(failed) - min(failed) < 2 * CHUNK, failed
+        stats = lazyfs.run("stats", str(mountpoint), "--json")
+        assert stats.returncode == 0, stats.stderr
+        layers = json.loads(stats.stdout)["layers"]
+        bad = {name: layer["bad_chunks"] for name, layer in layers.items() if layer["bad_chunks"]}
+        assert list(bad.values()) == [[forged.forgery.chunk_index]], layers
+        assert sum(layer["verify_failures"] for layer in layers.values()) == 1
+        result = lazyfs.run("umount", str(mountpoint))
+        assert result.returncode == 0, result.stderr
+    logs = lazyfs.logs()
+    assert f"chunk {forged.forgery.chunk_index} " in logs and message in logs
+    assert not os.path.ismount(mountpoint)
