@@ -196,6 +196,8 @@ class LayerDisk:
         self._nursery = nursery
         self._kept_blocks = kept_blocks  # hash blocks the metadata entry holds
         self._pending_write_bytes = 0
+        self._writes_done = trio.Event()
+        self._writes_done.set()
         self._dropped: set[int] = set()
         self._probe = probe
         self._source_up = source_known_up
@@ -250,6 +252,8 @@ class LayerDisk:
         size = len(frame) + sum(len(block) for block in extra.values())
         if key is None or self._pending_write_bytes + size > MAX_PENDING_WRITE_BYTES:
             return
+        if not self._pending_write_bytes:
+            self._writes_done = trio.Event()
         self._pending_write_bytes += size
         self._nursery.start_soon(self._write, chunk_index, key, frame, extra, size)
 
@@ -262,6 +266,12 @@ class LayerDisk:
             await self.disk.put(key, frame, (self.layer, chunk_index))
         finally:
             self._pending_write_bytes -= size
+            if not self._pending_write_bytes:
+                self._writes_done.set()
+
+    async def writes_done(self) -> None:
+        """Return once no frame waits to be written (at unmount: they are worth keeping)."""
+        await self._writes_done.wait()
 
     async def _load_tree(self, chunk_index: int, known: Mapping[int, bytes],
                          cpu_limiter: trio.CapacityLimiter) -> dict[int, bytes] | None:

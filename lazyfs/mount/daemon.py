@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Layers opened at once (each a few round trips: size, chunk table, top of the verity tree).
 PARALLEL_LAYER_OPENS = 8
+# At unmount, frames still being written to the disk cache get this long to finish.
+DISK_WRITES_GRACE_S = 10.0
 
 
 class DaemonStartError(LazyfsError):
@@ -155,6 +157,10 @@ class Daemon:
                     await self._start(nursery, trace)
                     on_ready()
                     await self._fuse_done.wait()
+                    with trio.move_on_after(DISK_WRITES_GRACE_S):
+                        for image in self.images:  # worth keeping for the next mount
+                            if image.disk is not None:
+                                await image.disk.writes_done()
                     nursery.cancel_scope.cancel()  # background fetches, the signal watcher
             except BaseExceptionGroup as group:
                 raise sole_error(group) from None

@@ -82,10 +82,12 @@ def run_with_layer(
                                          tuning=tuning, trace=trace, disk=store)
                 try:
                     result.append(await body(image))
+                    if image.disk is not None:  # as a daemon does at unmount
+                        with trio.move_on_after(10):
+                            await image.disk.writes_done()
                 finally:
                     await image.aclose()
-                    if store is None:
-                        nursery.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()
         finally:
             if store is not None:
                 await store.aclose()
