@@ -34,7 +34,7 @@ ROOT_CACHE_DIR = "/var/cache/lazyfs"
 DEFAULT_FREE_FRACTION = 0.10
 DEFAULT_MAX_BYTES = 20 << 30
 MIN_DEFAULT_BYTES = 64 << 20
-IO_THREADS = 2
+IO_THREADS = 4
 
 __all__ = ["DiskCache", "DiskCacheError", "DiskCacheOptions", "default_cache_dir"]
 

@@ -6,11 +6,15 @@ What is kept (only for layers whose chunk table a digest authenticates):
   frame, the head of the dm-verity frame, the blob size and the hash blocks verified at open.
   Read back, it is parsed and authenticated again (chunk_digest, every hash block against the
   root) before use; an entry that fails is dropped and the metadata fetched.
-- **frames**, keyed by content (`keys.frame_key`), written once fetched and verified. Read
-  back, a frame is handed to the same checks as a fetched one (`RemoteImage`); one that
-  fails is dropped, logged once, and fetched again.
-- **hash blocks** a chunk needs that the metadata entry does not hold (large trees), one entry
-  per chunk, verified against the blocks above them before use.
+- **frames**, keyed by content (`keys.frame_key`), written once fetched and passed both
+  checks. Read back, a frame passes the cheaper of the two again (`check_frame`): its
+  SHA-512 from the chunk table when the table lists frame hashes (that hashes the compressed
+  bytes, a third or so of what dm-verity hashes, and needs no tree), else every decoded data
+  block against the dm-verity tree. So what the disk returns is trusted exactly as far as
+  the table its digest authenticates. One that fails is dropped, logged once, fetched again.
+- **hash blocks** for layers checked by dm-verity when read back: those a chunk needs that the
+  metadata entry does not hold (large trees), one entry per chunk, verified against the
+  blocks above them before use.
 - **descriptors** fetched from a URL, to open a layer again while the URL is unreachable.
 
 Writes run in the mount's nursery, bounded: a read never waits for the disk to take a copy.
@@ -31,12 +35,17 @@ import trio
 
 from lazyfs.cache.disk import DiskCache
 from lazyfs.fetch.errors import FetchError
+from lazyfs.format.chunk_table import HASH_NONE, verify_frame
 from lazyfs.format.descriptor import SeekableAnnotations
 from lazyfs.format.errors import FormatError
-from lazyfs.format.frames import SKIPPABLE_MAGIC_MIN, serialize_skippable_frame
+from lazyfs.format.frames import (
+    SKIPPABLE_MAGIC_MIN,
+    decode_chunk_frame,
+    serialize_skippable_frame,
+)
 from lazyfs.format.layout import BlobMetadata, parse_metadata
 from lazyfs.format.verity_superblock import serialize_verity_superblock
-from lazyfs.format.verity_tree import verify_hash_blocks
+from lazyfs.format.verity_tree import verify_data_blocks, verify_hash_blocks
 from lazyfs.image.keys import descriptor_key, frame_key, layer_key, tree_key
 
 log = logging.getLogger(__name__)
@@ -128,6 +137,24 @@ def _check_cached_metadata(annotations: SeekableAnnotations, data: bytes,
     return metadata, blocks
 
 
+def check_frame(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes], chunk_index: int,
+                frame: bytes, frame_offset: int) -> bytes:
+    """Runs in a worker thread: check a frame read back from the disk cache (its SHA-512 when
+    the table lists frame hashes, else each data block against the dm-verity tree, with the
+    hash blocks `tree_blocks`) and decode it to exactly its size. Returns the chunk. Raises
+    IntegrityError / FrameDecodeError naming the chunk and offsets."""
+    table = metadata.table
+    if table.hash_algorithm != HASH_NONE:
+        verify_frame(table, chunk_index, frame, frame_offset)
+    data = decode_chunk_frame(frame, table.decoded_size(chunk_index), chunk_index, frame_offset)
+    if table.hash_algorithm == HASH_NONE:
+        geometry, root = metadata.verity, metadata.root
+        assert geometry is not None and root is not None  # else never kept (`frame_key`)
+        first_block = chunk_index * table.chunk_size // geometry.superblock.data_block_size
+        verify_data_blocks(geometry, first_block, data, tree_blocks, root)
+    return data
+
+
 # -- metadata and descriptors at open ------------------------------------------------------------
 
 
@@ -212,12 +239,14 @@ class LayerDisk:
     async def load(self, chunk_index: int, known_blocks: Mapping[int, bytes],
                    needed_blocks: list[int], cpu_limiter: trio.CapacityLimiter,
                    ) -> tuple[bytes, dict[int, bytes]] | None:
-        """The chunk's frame from the disk (NOT verified: the caller checks it as it checks a
-        fetched frame) and the hash blocks `needed_blocks` it is checked against (verified);
-        None when the disk lacks either."""
+        """The chunk's frame from the disk (NOT verified: the caller runs `check_frame`) and,
+        for a layer checked by dm-verity, the hash blocks `needed_blocks` (verified); None when
+        the disk lacks either."""
         key = frame_key(self.metadata, chunk_index)
         if key is None:
             return None
+        if self.metadata.table.hash_algorithm != HASH_NONE:
+            needed_blocks = []  # the frame's SHA-512 is its check
         blocks = {offset: known_blocks[offset] for offset in needed_blocks
                   if offset in known_blocks}
         missing = [offset for offset in needed_blocks if offset not in blocks]
@@ -244,11 +273,14 @@ class LayerDisk:
         await self.disk.delete(tree_key(self.layer, chunk_index))
 
     def save(self, chunk_index: int, frame: bytes, blocks: Mapping[int, bytes]) -> None:
-        """Keep a verified frame (and the hash blocks it was verified with that the metadata
-        entry lacks), in the background; skipped while too much is waiting to be written."""
+        """Keep a verified frame (and for a layer checked by dm-verity when read back, the hash
+        blocks it was verified with that the metadata entry lacks), in the background; skipped
+        while too much is waiting to be written."""
         key = frame_key(self.metadata, chunk_index)
         extra = {offset: block for offset, block in blocks.items()
                  if offset not in self._kept_blocks}
+        if self.metadata.table.hash_algorithm != HASH_NONE:
+            extra = {}
         size = len(frame) + sum(len(block) for block in extra.values())
         if key is None or self._pending_write_bytes + size > MAX_PENDING_WRITE_BYTES:
             return

@@ -6,7 +6,7 @@ must be exact, and every data block is checked against the authenticated dm-veri
 then do bytes reach the cache and the caller. Loads run in the mount's nursery, so a read that
 is interrupted does not abandon a fetch other readers wait on, and unmount cancels them all.
 With a disk cache (`disk_tier.LayerDisk`), a load looks there first: a frame read back is
-checked exactly as a fetched one, and a verified fetched frame is written back.
+checked again (`disk_tier.check_frame`), and a verified fetched frame is written back.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lazyfs.format.verity_tree import (
     verify_data_blocks,
     verify_hash_blocks,
 )
-from lazyfs.image.disk_tier import LayerDisk
+from lazyfs.image.disk_tier import LayerDisk, check_frame
 from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.keys import content_key
 from lazyfs.image.stats import ImageStats, TraceWriter
@@ -297,32 +297,38 @@ class RemoteImage:
                          latency_ms=round(latency * 1000, 3))
 
     async def _load_from_disk(self, run: list[int], unresolved: set[int]) -> list[int]:
-        """Complete the chunks of `run` that the disk cache holds, each checked exactly as a
-        fetched frame is; return the others. A copy that fails is dropped, to be fetched."""
-        assert self.disk is not None
-        rest = []
-        for index in run:
-            found = await self.disk.load(index, self._tree_blocks, self._hash_blocks_for([index]),
-                                         self._cpu_limiter)
+        """Complete the chunks of `run` that the disk cache holds, each checked again; return
+        the others. A copy that fails is dropped, to be fetched."""
+        disk = self.disk
+        assert disk is not None
+        rest: list[int] = []
+
+        async def load(index: int) -> None:
+            found = await disk.load(index, self._tree_blocks, self._hash_blocks_for([index]),
+                                    self._cpu_limiter)
             if found is None:
                 rest.append(index)
-                continue
+                return
             frame, blocks = found
             try:
                 data = await trio.to_thread.run_sync(
-                    _verify_and_decode, self.metadata, blocks, index, frame,
+                    check_frame, self.metadata, blocks, index, frame,
                     self.metadata.frame_range(index)[0], limiter=self._cpu_limiter,
                 )
             except FormatError as exc:
-                await self.disk.forget(index, str(exc))
+                await disk.forget(index, str(exc))
                 rest.append(index)
-                continue
+                return
             self._tree_blocks.update(blocks)
             self.stats.chunks_from_disk += 1
             self.cache.complete(self._key(index), data)
             unresolved.discard(index)
             self._record(chunk=index, event="disk", bytes=len(frame))
-        return rest
+
+        async with trio.open_nursery() as nursery:  # the chunks of a run side by side
+            for index in run:
+                nursery.start_soon(load, index)
+        return sorted(rest)
 
     def _hash_blocks_for(self, run: list[int]) -> list[int]:
         """Payload offsets of the hash blocks (all levels, top first) that cover `run`."""

@@ -13,11 +13,13 @@ import pytest
 import trio
 
 from lazyfs.cache.disk import DiskCache, DiskCacheOptions
+from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.keys import frame_key, layer_key, tree_key
 from lazyfs.image.open import LayerSource, load_metadata
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning
+from tests.format import build_blob, make_superblock
 from tests.image.helpers import (
     flip_byte,
     make_image_bytes,
@@ -150,11 +152,18 @@ async def _metadata(source: LayerSource):  # type: ignore[no-untyped-def]
 
 def test_hash_blocks_of_large_trees_are_kept_per_chunk(tmp_path: Path,
                                                        disk: DiskCacheOptions) -> None:
-    """A layer whose tree is not kept whole with its metadata (only the levels above level 0
-    are): the level-0 blocks a chunk needs are kept with its frame and verified when read
-    back, so that the warm read needs no request at all."""
-    blob = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)[0]
-    source = LayerSource(str(blob))
+    """A layer checked by dm-verity when read back (no frame hashes) whose tree is not kept
+    whole with its metadata (only the levels above level 0 are): the level-0 blocks a chunk
+    needs are kept with its frame and verified when read back, so that the warm read needs
+    no request at all."""
+    built = build_blob(IMAGE, chunk_size=CHUNK, verity=make_superblock(len(IMAGE)),
+                       hash_algorithm=HASH_NONE)
+    blob = tmp_path / "hashless.blob"
+    blob.write_bytes(built.blob)
+    a = built.annotations
+    source = LayerSource(str(blob), chunk_table_offset=a.chunk_table_offset,
+                         chunk_digest=a.chunk_digest, verity_offset=a.verity_offset,
+                         root_digest=a.root_digest)
 
     async def run() -> tuple[bytes, dict]:  # type: ignore[type-arg]
         store = DiskCache.open(disk)
@@ -167,14 +176,34 @@ def test_hash_blocks_of_large_trees_are_kept_per_chunk(tmp_path: Path,
 
     data, cold = trio.run(run)
     assert data == IMAGE and cold["tree_blocks_fetched"] > 0
-    metadata = trio.run(_metadata, source)
-    key = layer_key(metadata.annotations) or ""
+    key = layer_key(a) or ""
     trees = [Path(disk.directory) / "data" / "tree" / tree_key(key, i)[5:7] / tree_key(key, i)[5:]
              for i in range(11)]
     assert all(path.is_file() for path in trees)
     data, warm = trio.run(run)
     assert data == IMAGE and warm["tree_blocks_fetched"] == 0 and warm["requests"] == 0
     assert warm["chunks_from_disk"] == 11
+
+
+def test_frames_checked_by_their_hash_need_no_hash_blocks_on_disk(
+    tmp_path: Path, disk: DiskCacheOptions
+) -> None:
+    blob = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)[0]
+
+    async def run() -> dict:  # type: ignore[type-arg]
+        store = DiskCache.open(disk)
+        async with trio.open_nursery() as nursery:
+            image = await open_with_level0_on_demand(LayerSource(str(blob)), store, nursery,
+                                                     NO_READAHEAD)
+            assert await read_all(image) == IMAGE
+            await image.aclose()
+        await store.aclose()
+        return image.stats_snapshot()
+
+    trio.run(run)
+    assert not (Path(disk.directory) / "data" / "tree").exists()
+    warm = trio.run(run)
+    assert warm["chunks_from_disk"] == 11 and warm["requests"] == 0
 
 
 @pytest.mark.network

@@ -1,7 +1,8 @@
 """The disk cache against forged data (tests/support/forge.py: frames that decode cleanly to
 wrong bytes) put where a read finds it: a frame, the hash blocks kept for a chunk, a layer's
-metadata entry. Everything read back is checked as fetched data is, so a forgery there is
-dropped and never served; where the source has the true bytes, the read gets them."""
+metadata entry. What is read back is checked again (a frame by its SHA-512 from the chunk
+table, or where the table lists none by dm-verity), so a forgery there is dropped, logged,
+and the true bytes fetched from the source: a reader never sees it."""
 
 from __future__ import annotations
 
@@ -13,44 +14,50 @@ import pytest
 import trio
 
 from lazyfs.cache.disk import DiskCache, DiskCacheOptions
-from lazyfs.format.descriptor import parse_descriptor
+from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.verity_tree import VerityGeometry, data_block_digests, hash_blocks_needed
 from lazyfs.image.disk_tier import pack_blocks, pack_metadata
-from lazyfs.image.errors import ImageReadError
 from lazyfs.image.keys import frame_key, layer_key, tree_key
 from lazyfs.image.open import LayerSource
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning
+from tests.format import build_blob, make_superblock
 from tests.image.helpers import open_with_level0_on_demand, run_with_layer, write_blob
 from tests.image.test_forged_frames import CHUNK, IMAGE, TARGET, read_pieces
-from tests.support.forge import Forgery, blob_metadata, forge_blob, forge_layer
+from tests.support.forge import Forgery, blob_metadata, forge_blob
 
 NO_READAHEAD = ImageTuning(readahead_chunks=0)
 BAD = TARGET // CHUNK
 
-# case: (dm-verity in the blob, chunk table and chunk_digest forged too)
+# case: (dm-verity in the blob, frame hashes in the chunk table, what catches it read back)
 CASES = {
-    "frame-hash": (True, False),
-    "frame-hash-alone": (False, False),
-    "verity-alone": (True, True),
+    "frame-hash": (True, True, "SHA-512 mismatch"),
+    "frame-hash-alone": (False, True, "SHA-512 mismatch"),
+    "verity-alone": (True, False, "dm-verity: data block"),
 }
 
 
-def forged_setup(directory: Path, case: str) -> tuple[Path, Forgery, BlobMetadata]:
-    """The layer as the source serves it, the forgery, and the metadata the descriptor
-    authenticates. With a forged table the source serves the forged blob (so only the
-    dm-verity root is left to catch it); else the source's blob is true."""
-    verity, table = CASES[case]
-    blob, _ = write_blob(directory, IMAGE, chunk_size=CHUNK, verity=verity)
-    descriptor = blob.with_name("layer.descriptor.json")
-    if table:
-        forgery = forge_layer(blob, descriptor, TARGET, table=True)
+def layer(directory: Path, case: str) -> tuple[LayerSource, Forgery, BlobMetadata]:
+    """A true layer as the source serves it; a forgery of its frame holding TARGET (not
+    written anywhere yet); the layer's metadata."""
+    verity, hashes, _ = CASES[case]
+    if hashes:
+        blob, result = write_blob(directory, IMAGE, chunk_size=CHUNK, verity=verity)
+        source, annotations = LayerSource(str(blob)), result.annotations
     else:
-        annotations = parse_descriptor(descriptor.read_text()).seekable(str(descriptor))
-        forgery = forge_blob(blob.read_bytes(), annotations, TARGET)
-    annotations = parse_descriptor(descriptor.read_text()).seekable(str(descriptor))
-    return blob, forgery, blob_metadata(forgery.blob, annotations)
+        built = build_blob(IMAGE, chunk_size=CHUNK, verity=make_superblock(len(IMAGE)),
+                           hash_algorithm=HASH_NONE)
+        blob = directory / "layer.blob"
+        blob.write_bytes(built.blob)
+        annotations = built.annotations
+        source = LayerSource(str(blob), chunk_table_offset=annotations.chunk_table_offset,
+                             chunk_digest=annotations.chunk_digest,
+                             verity_offset=annotations.verity_offset,
+                             root_digest=annotations.root_digest)
+    metadata = blob_metadata(blob.read_bytes(), annotations)
+    assert (metadata.table.hash_algorithm != HASH_NONE) == hashes
+    return source, forge_blob(blob.read_bytes(), annotations, TARGET), metadata
 
 
 def forged_frame(forgery: Forgery, metadata: BlobMetadata) -> bytes:
@@ -60,29 +67,27 @@ def forged_frame(forgery: Forgery, metadata: BlobMetadata) -> bytes:
 
 def put(disk: DiskCacheOptions, key: str, data: bytes) -> None:
     store = DiskCache.open(disk).store
-    store.delete(key)
     store.put(key, data)
     store.close()
 
 
-def never_forged(pieces: Mapping[int, bytes | None], forgery: Forgery) -> list[int]:
-    """The offsets whose reads failed; every other piece is the image's own."""
+def assert_never_forged(pieces: Mapping[int, bytes | None], forgery: Forgery) -> None:
+    """Every piece read is the image's own (the source has the true bytes: none fails)."""
     for offset, data in pieces.items():
-        if data is not None:
-            assert data == IMAGE[offset:offset + len(data)], offset
-            assert forgery.forged_window not in data
-    return [offset for offset, data in pieces.items() if data is None]
+        assert data is not None, offset
+        assert data == IMAGE[offset:offset + len(data)], offset
+        assert forgery.forged_window not in data
 
 
-def bad_chunk_pages() -> list[int]:
-    return list(range(BAD * CHUNK, (BAD + 1) * CHUNK, 4096))
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_forged_frame_in_the_disk_cache_is_never_served(
     tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    blob, forgery, metadata = forged_setup(tmp_path, case)
+    source, forgery, metadata = layer(tmp_path, case)
     disk = DiskCacheOptions(str(tmp_path / "cache"), 64 << 20)
     put(disk, frame_key(metadata, BAD) or "", forged_frame(forgery, metadata))
 
@@ -90,20 +95,16 @@ def test_a_forged_frame_in_the_disk_cache_is_never_served(
         return await read_pieces(image, 4096), image.stats_snapshot()
 
     with caplog.at_level(logging.WARNING):
-        pieces, stats = run_with_layer(LayerSource(str(blob)), body, disk=disk,
-                                       tuning=NO_READAHEAD)
-    failed = never_forged(pieces, forgery)
-    source_forged = CASES[case][1]
-    assert failed == (bad_chunk_pages() if source_forged else [])
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and f"chunk {BAD}: the disk cache's copy failed" in warnings[0]
-    assert stats["bad_chunks"] == ([BAD] if source_forged else [])
-    assert stats["chunks_from_disk"] == 0
+        pieces, stats = run_with_layer(source, body, disk=disk, tuning=NO_READAHEAD)
+    assert_never_forged(pieces, forgery)
+    (warning,) = warnings_of(caplog)
+    assert f"chunk {BAD}: the disk cache's copy failed" in warning and CASES[case][2] in warning
+    assert stats["chunks_fetched"] == stats["chunk_count"] and stats["bad_chunks"] == []
 
 
-def _forged_level0(geometry: VerityGeometry, blocks: Mapping[int, bytes],
-                   forgery: Forgery) -> dict[int, bytes]:
-    """The level-0 blocks covering the forged chunk, rewritten to match its forged data."""
+def forged_level0(geometry: VerityGeometry, blocks: Mapping[int, bytes],
+                  forgery: Forgery) -> dict[int, bytes]:
+    """The level-0 blocks `blocks` with the digests of the forged chunk's data blocks."""
     first = forgery.chunk_index * CHUNK // geometry.superblock.data_block_size
     digests = data_block_digests(geometry, forgery.forged_chunk)
     forged = {offset: bytearray(block) for offset, block in blocks.items()}
@@ -114,76 +115,76 @@ def _forged_level0(geometry: VerityGeometry, blocks: Mapping[int, bytes],
     return {offset: bytes(block) for offset, block in forged.items()}
 
 
-def _level0_of_chunk(metadata: BlobMetadata, blob: bytes) -> dict[int, bytes]:
+def tree_blocks(metadata: BlobMetadata, blob: bytes, *, level0_of_bad_only: bool
+                ) -> dict[int, bytes]:
+    """The blob's hash blocks by payload offset: the level-0 ones covering the bad chunk, or
+    the whole tree."""
     geometry = metadata.verity
     assert geometry is not None
-    first = BAD * CHUNK // geometry.superblock.data_block_size
-    size = geometry.superblock.hash_block_size
-    base = metadata.verity_payload_offset
-    level0 = geometry.levels[0].payload_offset
-    return {offset: blob[base + offset:base + offset + size]
-            for offset in hash_blocks_needed(geometry, first, CHUNK // 4096) if offset >= level0}
+    size, base = geometry.superblock.hash_block_size, metadata.verity_payload_offset
+    if level0_of_bad_only:
+        first = BAD * CHUNK // geometry.superblock.data_block_size
+        level0 = geometry.levels[0].payload_offset
+        offsets = [offset for offset in hash_blocks_needed(geometry, first, CHUNK // 4096)
+                   if offset >= level0]
+    else:
+        count = sum(level.block_count for level in geometry.levels)
+        offsets = list(range(geometry.tree_offset, geometry.tree_offset + count * size, size))
+    return {offset: blob[base + offset:base + offset + size] for offset in offsets}
 
 
 def test_forged_hash_blocks_kept_for_a_chunk_are_never_trusted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A forged frame and, for the chunk, level-0 hash blocks forged to match it (the table
-    forged too): only the check of kept hash blocks against the levels above stops them."""
-    blob, forgery, metadata = forged_setup(tmp_path, "verity-alone")
+    """A layer checked by dm-verity when read back, whose level-0 blocks are loaded on demand:
+    a forged frame and level-0 blocks forged to match it, both on disk. Only the check of
+    kept hash blocks against the levels above stops them."""
+    source, forgery, metadata = layer(tmp_path, "verity-alone")
     disk = DiskCacheOptions(str(tmp_path / "cache"), 64 << 20)
     assert metadata.verity is not None
-    level0 = _level0_of_chunk(metadata, forgery.blob)
-    forged = _forged_level0(metadata.verity, level0, forgery)
-    assert forged != level0
+    true_blocks = tree_blocks(metadata, forgery.blob, level0_of_bad_only=True)
+    forged = forged_level0(metadata.verity, true_blocks, forgery)
+    assert forged != true_blocks
     put(disk, frame_key(metadata, BAD) or "", forged_frame(forgery, metadata))
     put(disk, tree_key(layer_key(metadata.annotations) or "", BAD),
         pack_blocks(b"LZFSTREE\x01", forged))
 
-    async def run() -> tuple[dict[int, bytes | None], dict]:  # type: ignore[type-arg]
+    async def run() -> dict[int, bytes | None]:
         store = DiskCache.open(disk)
         async with trio.open_nursery() as nursery:
-            image = await open_with_level0_on_demand(LayerSource(str(blob)), store, nursery,
-                                                     NO_READAHEAD)
+            image = await open_with_level0_on_demand(source, store, nursery, NO_READAHEAD)
             pieces = await read_pieces(image, 4096)
             await image.aclose()
         await store.aclose()
-        return pieces, image.stats_snapshot()
+        return pieces
 
     with caplog.at_level(logging.WARNING):
-        pieces, stats = trio.run(run)
-    assert never_forged(pieces, forgery) == bad_chunk_pages()
-    assert stats["bad_chunks"] == [BAD] and stats["chunks_from_disk"] == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("disk cache's copy failed" in w and "hash blocks" in w for w in warnings)
+        pieces = trio.run(run)
+    assert_never_forged(pieces, forgery)
+    (warning,) = warnings_of(caplog)
+    assert f"chunk {BAD}: the disk cache's copy failed" in warning and "hash blocks" in warning
 
 
 def test_a_metadata_entry_with_a_forged_tree_is_never_trusted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A metadata entry whose level-0 blocks are forged to match a forged frame kept on disk
-    (the table forged too): the entry is checked against the root and dropped."""
-    blob, forgery, metadata = forged_setup(tmp_path, "verity-alone")
+    """A metadata entry whose level-0 blocks are forged to match a forged frame kept on disk:
+    the entry is checked against the root and dropped; then the frame fails too."""
+    source, forgery, metadata = layer(tmp_path, "verity-alone")
     disk = DiskCacheOptions(str(tmp_path / "cache"), 64 << 20)
-    geometry = metadata.verity
-    assert geometry is not None
-    size, base = geometry.superblock.hash_block_size, metadata.verity_payload_offset
-    whole = {offset: forgery.blob[base + offset:base + offset + size]
-             for offset in range(geometry.tree_offset, geometry.tree_offset
-                                 + sum(level.block_count for level in geometry.levels) * size,
-                                 size)}
-    forged = {**whole, **_forged_level0(geometry, _level0_of_chunk(metadata, forgery.blob),
-                                        forgery)}
+    assert metadata.verity is not None
+    whole = tree_blocks(metadata, forgery.blob, level0_of_bad_only=False)
+    forged = {**whole, **forged_level0(
+        metadata.verity, tree_blocks(metadata, forgery.blob, level0_of_bad_only=True), forgery)}
     put(disk, layer_key(metadata.annotations) or "", pack_metadata(metadata, forged))
     put(disk, frame_key(metadata, BAD) or "", forged_frame(forgery, metadata))
 
     async def body(image: RemoteImage) -> object:
-        with pytest.raises(ImageReadError):
-            await image.read(TARGET, 1)
         return await read_pieces(image, 4096)
 
     with caplog.at_level(logging.WARNING):
-        pieces = run_with_layer(LayerSource(str(blob)), body, disk=disk, tuning=NO_READAHEAD)
-    assert never_forged(pieces, forgery) == bad_chunk_pages()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("metadata entry" in w and "dm-verity" in w for w in warnings), warnings
+        pieces = run_with_layer(source, body, disk=disk, tuning=NO_READAHEAD)
+    assert_never_forged(pieces, forgery)
+    first, second = warnings_of(caplog)
+    assert "metadata entry" in first and "dm-verity" in first
+    assert f"chunk {BAD}: the disk cache's copy failed" in second
