@@ -10,6 +10,7 @@ import os
 import subprocess
 import tarfile
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tests.fuse.registry_images import PublishedImage, convert_push
 from tests.support.containerd import NAMESPACE, Containerd, running_containerd
 from tests.support.images import base_layer, change_layer, skopeo_push, write_oci_image
 from tests.support.mounts import mounts_below
-from tests.support.registry import Registry, running_registry
+from tests.support.registry import Registry, free_port, running_registry
 
 BIG_FILE_BYTES = 8 * 1024 * 1024
 CHUNK_SIZE = "64K"  # many chunks per layer, so that a fraction can be fetched
@@ -122,6 +123,8 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
     # Nothing but the superblocks was read so far.
     assert all(s["chunks_fetched"] <= 2 for s in layer_stats(containerd).values())
 
+    port = free_port()
+    containerd.snapshotter.extra = ["--metrics-address", f"127.0.0.1:{port}"]
     containerd.snapshotter.restart()  # between pull and run: the layers are mounted again
     assert len(layer_stats(containerd)) == 2
 
@@ -146,6 +149,13 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
         assert values["chunk_fetches"] <= values["chunks_fetched"]
         assert values["bytes_fetched"] <= values["blob_size"]
         assert values["verify_failures"] == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    for name, values in stats.items():  # file names: the digests' first hex digits
+        assert values["bytes_fetched"] > 0
+        assert f'lazyfs_layer_fetched_bytes_total{{layer="sha256:{name}' in metrics
+        assert f'lazyfs_layer_fetch_latency_seconds_count{{layer="sha256:{name}' in metrics
+    assert "lazyfs_layer_verification_failures_total" in metrics
     # containerd knows the layers as committed snapshots of ours.
     listing = containerd.ctr("snapshots", "--snapshotter", "lazyfs", "ls").stdout
     assert listing.count("Committed") == 2
@@ -156,6 +166,16 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
         "Committed") == 0
     assert layer_stats(containerd) == {}
     assert [m for m, kind in mounts_below(containerd.snapshotter.root) if kind == "erofs"] == []
+
+
+def test_sigterm_unmounts_everything(containerd: Containerd, image: PublishedImage) -> None:
+    result = lazy_pull(containerd, image.converted)
+    assert result.returncode == 0, result.stderr
+    root = containerd.snapshotter.root
+    assert len([m for m, kind in mounts_below(root) if kind == "erofs"]) == 2
+    assert containerd.snapshotter.stop() == 0
+    assert mounts_below(root) == []
+    assert "Traceback" not in containerd.snapshotter.log.read_text()
 
 
 def cri_labels(image: PublishedImage, manifest_digest: str, layer_digest: str
