@@ -23,6 +23,7 @@ from lazyfs.snapshotter.remote import CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIF
 from tests.fuse.registry_images import PublishedImage, convert_push
 from tests.support.containerd import NAMESPACE, Containerd, running_containerd
 from tests.support.images import base_layer, change_layer, skopeo_push, write_oci_image
+from tests.support.lazyfs_cli import wait_until
 from tests.support.mounts import mounts_below
 from tests.support.registry import Registry, free_port, running_registry
 
@@ -127,6 +128,9 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
     containerd.snapshotter.extra = ["--metrics-address", f"127.0.0.1:{port}"]
     containerd.snapshotter.restart()  # between pull and run: the layers are mounted again
     assert len(layer_stats(containerd)) == 2
+    # containerd's connection to the old socket broke; it reconnects on the next calls.
+    wait_until(lambda: containerd.ctr("snapshots", "--snapshotter", "lazyfs", "ls",
+                                      check=False).returncode == 0, "containerd reconnecting")
 
     runs = [
         subprocess.Popen(
