@@ -30,6 +30,7 @@ a torn or flipped file costs a refetch, never a wrong byte.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -42,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import LazyfsError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DISK_BLOCK = 4096
@@ -117,7 +120,12 @@ class DiskStore:
         try:
             for sub in ("data", "tmp"):
                 (self.directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._db = self._connect()
+            try:
+                self._db = self._connect()
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise  # locked, read-only, out of space: not the index's fault
+                self._db = self._start_afresh(exc)
         except (OSError, sqlite3.Error) as exc:
             raise DiskCacheError(f"cannot use the cache directory {self.directory}: "
                                  f"{_reason(exc)}") from None
@@ -140,6 +148,16 @@ class DiskStore:
             db.close()
             raise
         return db
+
+    def _start_afresh(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+        """An index sqlite cannot read (damaged): the cache starts empty, as a cache may."""
+        log.warning("disk cache %s: the index cannot be read (%s); starting afresh",
+                    self.directory, exc)
+        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+            (self.directory / name).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "data", ignore_errors=True)
+        (self.directory / "data").mkdir(mode=0o700, exist_ok=True)
+        return self._connect()
 
     def close(self) -> None:
         with self._lock:

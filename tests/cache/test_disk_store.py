@@ -181,6 +181,22 @@ def test_an_index_from_a_newer_lazyfs_is_refused(tmp_path: Path) -> None:
         DiskStore(tmp_path, 1)
 
 
+def test_a_damaged_index_starts_the_cache_afresh(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    store.put(key(1), b"x")
+    store.close()
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "index.sqlite").write_bytes(b"not a database, " * 512)
+    store = DiskStore(tmp_path, 1 << 20)
+    assert "starting afresh" in caplog.text
+    assert store.get(key(1)) is None and store.totals().size_bytes == 0
+    store.put(key(2), b"y")
+    assert store.get(key(2)) == b"y"
+    store.close()
+
+
 def test_an_unusable_directory_is_one_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(DiskCacheError, match="cannot use the cache directory"):
