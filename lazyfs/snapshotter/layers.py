@@ -107,7 +107,7 @@ class LayerHost:
         self.layers_dir = os.path.join(root, LAYERS_DIR)
         self.cache = ChunkCache(cache_size_bytes)
         self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
-        self.ops = LayerOperations([])
+        self.ops = LayerOperations([], cache=self.cache)
         self.mounted: dict[str, MountedLayer] = {}
         self._attaching: dict[str, trio.Event] = {}
         self._errors: dict[str, BaseException] = {}
