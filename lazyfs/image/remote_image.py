@@ -116,6 +116,7 @@ class RemoteImage:
 
     def stats_snapshot(self) -> dict[str, Any]:
         fetch_stats = self.reader.stats
+        cache_hits, cache_misses = self.cache.counts(self._content_key)
         return {
             "name": self.name,
             "source": self.reader.source,
@@ -126,6 +127,8 @@ class RemoteImage:
             "chunk_fetches": self.stats.chunk_fetches,
             "chunks_from_disk": self.stats.chunks_from_disk,
             "readahead_chunks": self.stats.readahead_chunks,
+            "cache_hits": cache_hits,
+            "cache_misses": cache_misses,
             "bytes_fetched": fetch_stats.bytes_fetched,
             "requests": fetch_stats.requests,
             "retries": fetch_stats.retries,
