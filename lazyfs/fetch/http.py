@@ -30,6 +30,7 @@ import trio
 from lazyfs.fetch.base import (
     FetchStats,
     ReaderOptions,
+    SpeedLimit,
     backoff_delay_s,
     byte_range,
     check_read_args,
@@ -200,12 +201,12 @@ class HttpRangeReader:
             headers = {**self.options.headers, **headers}
         request = self._client.build_request("GET", url, headers=headers)
         self.stats.requests += 1
-        with trio.move_on_after(self.options.low_speed_time_s):
+        with trio.move_on_after(self.options.low_speed.time_s):
             return await self._client.send(
                 request, auth=self.options.auth if trusted else None, stream=True,
                 follow_redirects=False,
             )
-        raise _Transient(f"no answer within {self.options.low_speed_time_s:g} s")
+        raise _Transient(f"no answer within {self.options.low_speed.time_s:g} s")
 
     async def _accept(
         self, response: httpx.Response, start: int, end: int, probe: bool, what: str
@@ -234,7 +235,7 @@ class HttpRangeReader:
             encoding = response.headers.get("Content-Encoding", "identity").lower()
             if encoding != "identity":
                 raise FetchError(f"{what}: body is {encoding}-encoded; expected raw bytes")
-            body = await _read_body(response, end - start + 1, what, self.options)
+            body = await _read_body(response, end - start + 1, what, self.options.low_speed)
         finally:
             await response.aclose()
         self.stats.bytes_fetched += len(body)
@@ -389,13 +390,13 @@ def _redacted(parts: SplitResult) -> str:
 
 
 async def _read_body(response: httpx.Response, size: int, what: str,
-                     options: ReaderOptions) -> bytes:
+                     limit: SpeedLimit) -> bytes:
     """Read exactly `size` body bytes: fewer is transient, more is a broken server.
 
-    The low-speed limit: each window of `low_speed_time_s` must bring the limit's worth of
+    The low-speed limit: each window of `limit.time_s` must bring the limit's worth of
     bytes (or the rest of the body), else the attempt is a transient fault."""
-    window_s = options.low_speed_time_s
-    window_bytes = options.low_speed_bytes_per_s * window_s
+    window_s = limit.time_s
+    window_bytes = limit.bytes_per_s * window_s
     body = bytearray()
     received = 0
     with trio.CancelScope(deadline=trio.current_time() + window_s) as window:
@@ -408,7 +409,7 @@ async def _read_body(response: httpx.Response, size: int, what: str,
                 received = 0
                 window.deadline = trio.current_time() + window_s
     if window.cancelled_caught:
-        raise _Transient(f"slower than {options.low_speed_bytes_per_s} bytes/s for "
+        raise _Transient(f"slower than {limit.bytes_per_s} bytes/s for "
                          f"{window_s:g} s ({len(body)} of {size} bytes)")
     if len(body) < size:
         raise _Transient(f"short body: {len(body)} of {size} bytes")

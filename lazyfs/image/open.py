@@ -57,10 +57,19 @@ WHOLE_TREE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class AlternateBlob:
+    """Another place serving the same blob (a registry behind its mirror), with its own
+    reader options; tried after a failed fetch and for refetches after a failed check."""
+
+    blob: str
+    reader_options: ReaderOptions = field(default_factory=ReaderOptions)
+
+
+@dataclass(frozen=True)
 class LayerSource:
     """One layer as the user named it. `reader_options` reach the blob and a descriptor
     beside it; their `expected_size` is the blob size a manifest promises (a descriptor
-    found for the blob promises its own)."""
+    found for the blob promises its own). `alternates` serve the same blob elsewhere."""
 
     blob: str
     descriptor: str | None = None
@@ -71,6 +80,7 @@ class LayerSource:
     insecure: bool = False
     name: str | None = None
     reader_options: ReaderOptions = field(default_factory=ReaderOptions)
+    alternates: tuple[AlternateBlob, ...] = ()
 
     @property
     def has_overrides(self) -> bool:
@@ -274,8 +284,15 @@ async def open_layer(
         _check_data_trust(source, annotations, metadata)
         tree_blocks = await load_tree_top(reader, metadata)
         name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
+        # Opened on first use, with the size the first one was seen to have.
+        alternates = [
+            open_blob_reader(alternate.blob, replace(alternate.reader_options,
+                                                     expected_size=blob_size))
+            for alternate in source.alternates
+        ]
         return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,
-                           cpu_limiter=cpu_limiter, trace=trace, tuning=tuning)
+                           cpu_limiter=cpu_limiter, trace=trace, tuning=tuning,
+                           alternates=alternates)
     except BaseException:
         await reader.aclose()
         raise

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from lazyfs.fetch.base import ReaderOptions
+from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fetch.body import BodyTooLargeError
 from lazyfs.fetch.errors import (
     BlobChangedError,
@@ -360,7 +360,7 @@ def test_trickling_body_abandoned_by_the_low_speed_limit_and_retried() -> None:
     server = Server([lambda request: trickle(request, 100)])
 
     async def main() -> None:
-        async with server.reader(low_speed_bytes_per_s=1000, low_speed_time_s=2) as reader:
+        async with server.reader(low_speed=SpeedLimit(1000, 2)) as reader:
             started = trio.current_time()
             assert await reader.read(0, 8000) == BLOB[:8000]
             assert reader.stats.retries == 1
@@ -374,8 +374,7 @@ def test_stall_mid_body_abandoned_by_the_low_speed_limit() -> None:
     server = Server([lambda request: trickle(request, 10_000, stop_after=2000)] * 3)
 
     async def main() -> None:
-        async with server.reader(low_speed_bytes_per_s=1000, low_speed_time_s=2,
-                                 max_retries=2) as reader:
+        async with server.reader(low_speed=SpeedLimit(1000, 2), max_retries=2) as reader:
             started = trio.current_time()
             with pytest.raises(FetchError, match=r"slower than 1000 bytes/s for 2 s "
                                                  r"\(2000 of 8000 bytes\)"):
@@ -389,7 +388,7 @@ def test_a_fast_body_is_not_limited() -> None:
     server = Server([lambda request: trickle(request, 20_000)])
 
     async def main() -> None:
-        async with server.reader(low_speed_bytes_per_s=1000, low_speed_time_s=1) as reader:
+        async with server.reader(low_speed=SpeedLimit(1000, 1)) as reader:
             assert await reader.read(0, 8000) == BLOB[:8000]
             assert reader.stats.retries == 0
 
@@ -404,7 +403,7 @@ def test_no_headers_within_the_low_speed_time_is_retried() -> None:
     server = Server([stall] * 2)
 
     async def main() -> None:
-        async with server.reader(low_speed_time_s=1.5, max_retries=1) as reader:
+        async with server.reader(low_speed=SpeedLimit(time_s=1.5), max_retries=1) as reader:
             started = trio.current_time()
             with pytest.raises(FetchError, match=r"last: no answer within 1.5 s"):
                 await reader.read(0, 100)
