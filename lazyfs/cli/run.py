@@ -23,9 +23,11 @@ from pathlib import Path
 from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
+    add_read_arguments,
     add_registry_arguments,
     cache_size_of,
     count_layers,
+    low_speed_of,
     platform_of,
     registry_options,
     tuning_of,
@@ -64,6 +66,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--insecure", action="store_true", help="allow layers without trusted digests"
     )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
+    )
+    add_read_arguments(parser)
     add_registry_arguments(parser)
 
 
@@ -125,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         eager=args.eager,
         insecure=args.insecure,
         writable=args.writable,
-        mount=MountOptions(cache_size, tuning_of(args), trace),
+        mount=MountOptions(cache_size, tuning_of(args), trace, low_speed_of(args)),
     )
     prepared = prepare(request)
     image = prepared.image

@@ -21,6 +21,7 @@ import trio
 
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
+from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
@@ -55,13 +56,15 @@ class StatsError(LazyfsError):
 
 @dataclass(frozen=True)
 class MountOptions:
-    """How a daemon serves its layers: the decoded chunk cache (bytes), how each layer reads
-    (readahead, coalescing, parallel fetches), and a file to append a JSON line per chunk
-    access."""
+    """How a daemon serves its layers: the decoded chunk cache (bytes, at least one chunk of
+    every layer), how each layer reads (readahead, coalescing, parallel fetches, the read
+    timeout, failure retries), the low-speed limit of every fetch, and a file to append a
+    JSON line per chunk access."""
 
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
+    low_speed: SpeedLimit = field(default_factory=SpeedLimit)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -110,6 +113,7 @@ def layer_config(
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
         trace_file=options.trace_file,
+        low_speed=options.low_speed,
     )
 
 
@@ -140,6 +144,7 @@ def image_config(
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
         trace_file=options.trace_file,
+        low_speed=options.low_speed,
         temp_dir=temp_dir,
     )
 
