@@ -4,7 +4,8 @@ One pooled keep-alive client per blob. Every attempt runs under a trio deadline 
 low-speed limit (too few bytes for too long, headers included, ends it); transient faults
 (connection and read errors, timeouts, slow or stalled answers, 5xx, 429, short bodies) are
 retried a bounded number of times with jittered exponential backoff, anything else fails at
-once. When no attempt even connected, the error says the source is unreachable. A redirect
+once. When the first attempts find nobody to connect to, the error says at once that the
+source is unreachable, without the rest of the backoff. A redirect
 target (object storage, a CDN) is remembered and asked directly, without the credentials meant
 for the origin; when it stops accepting (an expired signed URL) the origin is asked again.
 
@@ -53,6 +54,9 @@ _DRAIN_CAP_BYTES = 64 * 1024
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # What an expired or revoked signed URL answers.
 _EXPIRED_STATUSES = frozenset({401, 403, 404, 410})
+# Attempts in a row that found nobody to connect to before the source counts as down: a
+# server that refuses twice is not listening, and every read would pay the whole backoff.
+UNREACHABLE_AFTER_ATTEMPTS = 2
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 T = TypeVar("T")
@@ -351,12 +355,16 @@ async def _with_retries(
             # Refused, unresolvable, unroutable: nothing of this source answers.
             last = _describe(exc)
             unconnected += 1
+            if unconnected == number + 1 >= UNREACHABLE_AFTER_ATTEMPTS:
+                raise SourceUnreachableError(
+                    f"{what}: no connection in {unconnected} attempts; last: {last}"
+                ) from exc
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             last = _describe(exc)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise FetchError(f"{what}: {_describe(exc)}") from exc
     message = f"{what}: failed after {options.max_retries + 1} attempts; last: {last}"
-    if unconnected == options.max_retries + 1:
+    if unconnected == options.max_retries + 1:  # fewer attempts than UNREACHABLE_AFTER_...
         raise SourceUnreachableError(message)
     raise FetchError(message)
 

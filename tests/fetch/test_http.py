@@ -280,7 +280,11 @@ def test_connection_errors_exhaust_retries() -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    server = Server([refuse] * 10)
+    def reset(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("connection reset by peer", request=request)
+
+    # Connected once: the source is there, so every attempt is made.
+    server = Server([reset] + [refuse] * 10)
 
     async def main() -> None:
         async with server.reader(max_retries=2) as reader:
@@ -420,8 +424,13 @@ def test_no_connection_at_all_is_source_unreachable() -> None:
         return httpx.Response(503)
 
     async def main() -> None:
-        async with Server([refuse] * 3).reader(max_retries=2) as reader:
-            with pytest.raises(SourceUnreachableError, match=r"3 attempts; last: ConnectError"):
+        async with Server([refuse] * 3).reader(max_retries=4) as reader:
+            with pytest.raises(SourceUnreachableError,
+                               match=r"no connection in 2 attempts; last: ConnectError"):
+                await reader.read(5, 5)
+            assert reader.stats.retries == 1  # not the whole backoff
+        async with Server([refuse] * 3).reader(max_retries=0) as reader:
+            with pytest.raises(SourceUnreachableError, match=r"1 attempts; last: ConnectError"):
                 await reader.read(5, 5)
         # One attempt that got an answer: the source is there, this range failed.
         async with Server([refuse, fail, refuse]).reader(max_retries=2) as reader:
