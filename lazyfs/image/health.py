@@ -13,7 +13,8 @@ whole layer for one bad range.
   `retry_max_s`): a dead server costs one retry cycle, not one per chunk a directory walk
   touches. It is logged once when it goes down and once when it answers again.
 
-All times are trio's clock (`trio.current_time()`), passed in by the caller.
+All times are `time.monotonic()` seconds, passed in by the caller (statistics are read from
+other threads too, outside trio).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class ChunkLoader:
         if self._closing:
             return "the mount is going down"
         sources = [reader.source for reader in self.readers]
-        return self.health.refusal(chunk_index, sources, trio.current_time())
+        return self.health.refusal(chunk_index, sources, time.monotonic())
 
     def cancel(self) -> None:
         """End every load in flight now and refuse new ones (unmount)."""
@@ -146,7 +146,7 @@ class ChunkLoader:
         sources after a failed fetch. Returns the chunks that failed a check (index: reason);
         those whose fetch failed everywhere are failed and held off."""
         usable = self.health.usable([reader.source for reader in self.readers],
-                                    trio.current_time())
+                                    time.monotonic())
         readers = [reader for reader in self.readers if reader.source in usable] or self.readers
         failed: _FetchFailed | None = None
         for step in range(len(readers)):
@@ -157,7 +157,7 @@ class ChunkLoader:
                 failed = exc
                 if exc.unreachable:
                     self.health.source_unreachable(reader.source, exc.message,
-                                                   trio.current_time())
+                                                   time.monotonic())
                 else:
                     self.health.answered(reader.source)
                 if step + 1 < len(readers):
@@ -346,7 +346,7 @@ class ChunkLoader:
     def _mark_bad(self, index: int, reason: str) -> None:
         """A chunk failed a check on every refetch: remember it (for a while), log once, and
         fail its waiters."""
-        if self.health.chunk_bad(index, reason, trio.current_time()):
+        if self.health.chunk_bad(index, reason, time.monotonic()):
             self.stats.verify_failures += 1
             start, _ = self.metadata.frame_range(index)
             log.error("layer %s: chunk %d (frame at blob offset %d): verification failed: %s",
@@ -361,7 +361,7 @@ class ChunkLoader:
         off all of them already, and was logged once), log, fail their waiters."""
         self.stats.fetch_failures += 1
         if not source_down:
-            self.health.fetch_failed(chunks, message, trio.current_time())
+            self.health.fetch_failed(chunks, message, time.monotonic())
             log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, chunks[0],
                         chunks[-1], message)
         for index in chunks:
@@ -369,8 +369,8 @@ class ChunkLoader:
                             ImageReadError(f"chunk {index}: fetch failed: {message}"))
 
     def snapshot(self) -> dict[str, Any]:
-        """The loader's part of the layer's statistics."""
-        now = trio.current_time()
+        """The loader's part of the layer's statistics (from any thread, in trio or not)."""
+        now = time.monotonic()
         return {
             "bytes_fetched": sum(reader.stats.bytes_fetched for reader in self.readers),
             "requests": sum(reader.stats.requests for reader in self.readers),

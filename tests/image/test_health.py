@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,16 @@ def test_cancel_fetches_ends_a_stalled_read_at_once(server: FaultServer) -> None
         return outcome[0] - cancelled
 
     assert run_with_layer(source(server), body, tuning=ImageTuning(read_timeout_s=30)) < 0.2
+
+
+def test_statistics_are_read_from_other_threads_outside_trio(server: FaultServer) -> None:
+    """The snapshotter's metrics server reads them from its own thread."""
+    async def body(image: RemoteImage) -> object:
+        server.add(Fault("status", at=frame_offset(image, 4)))
+        with pytest.raises(ImageReadError):
+            await image.read(4 * CHUNK, 10)
+        return image
+
+    image = run_with_layer(source(server), body, tuning=replace(TUNING, retry_after_s=30))
+    stats = image.stats_snapshot()
+    assert stats["failing_chunks"] == [4] and stats["bad_chunks"] == []
