@@ -331,7 +331,7 @@ def test_a_stalled_server_fails_reads_within_the_read_timeout(
     lazyfs.expected_log_levels.add("WARNING")
     mount(lazyfs, server, mountpoint, "--readahead", "0")
     server.add(Fault("stall"))
-    some = layer.files()[::64]
+    some = layer.files()[::128]
     stalled = read_tree(mountpoint, layer, some)
     server.clear()
     time.sleep(RETRY_S * 2)
