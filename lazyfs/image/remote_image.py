@@ -109,6 +109,7 @@ class RemoteImage:
         self.loader.cancel()
 
     def stats_snapshot(self) -> dict[str, Any]:
+        cache_hits, cache_misses = self.cache.counts(self._content_key)
         return {
             "name": self.name,
             "source": self.reader.source,
@@ -118,6 +119,8 @@ class RemoteImage:
             "chunks_fetched": len(self.stats.chunks_fetched),
             "chunk_fetches": self.stats.chunk_fetches,
             "readahead_chunks": self.stats.readahead_chunks,
+            "cache_hits": cache_hits,
+            "cache_misses": cache_misses,
             "fetch_failures": self.stats.fetch_failures,
             "verify_failures": self.stats.verify_failures,
             "refetches": self.stats.refetches,

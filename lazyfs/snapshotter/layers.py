@@ -23,9 +23,14 @@ import trio
 
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.registry_options import RegistryOptions
-from lazyfs.format.descriptor import SeekableAnnotations
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_DIGEST,
+    ANNOTATION_ROOT_DIGEST,
+    SeekableAnnotations,
+)
 from lazyfs.format.reference import parse_reference
 from lazyfs.fuse.operations import LayerOperations
+from lazyfs.image.errors import UntrustedLayerError
 from lazyfs.image.open import open_layer
 from lazyfs.image.registry_source import ImageLayer, layer_sources
 from lazyfs.image.remote_image import RemoteImage
@@ -46,6 +51,17 @@ PARALLEL_FETCHES_PER_LAYER = 4
 def layer_name(digest: str) -> str:
     """The block file and mountpoint name of a layer (short: overlay options list many)."""
     return digest.partition(":")[2][:NAME_HEX] or digest.replace(":", "-")
+
+
+def untrusted_reason(annotations: SeekableAnnotations) -> str | None:
+    """Why no digest authenticates a layer with these annotations, or None if one does.
+    The snapshotter mounts verified layers only: it has no --insecure."""
+    if annotations.is_trusted:
+        return None
+    missing = ANNOTATION_CHUNK_DIGEST if annotations.chunk_digest is None else (
+        ANNOTATION_ROOT_DIGEST)
+    return (f"refusing to mount it: its descriptor has no {missing} annotation to "
+            "authenticate it (convert the image again with `lazyfs convert`)")
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,7 @@ class LayerHost:
         self.layers_dir = os.path.join(root, LAYERS_DIR)
         self.cache = ChunkCache(cache_size_bytes)
         self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
-        self.ops = LayerOperations([])
+        self.ops = LayerOperations([], cache=self.cache)
         self.mounted: dict[str, MountedLayer] = {}
         self._attaching: dict[str, trio.Event] = {}
         self._errors: dict[str, BaseException] = {}
@@ -141,6 +157,9 @@ class LayerHost:
         return layer
 
     async def _attach(self, spec: LayerSpec) -> MountedLayer:
+        reason = untrusted_reason(spec.image_layer().annotations)
+        if reason is not None:
+            raise UntrustedLayerError(reason)
         reference = parse_reference(spec.reference)
         async with self.options.client(reference.registry) as client:
             source = (await layer_sources(reference, [spec.image_layer()], client,
