@@ -85,6 +85,11 @@ class ChunkCache:
         counts[0] += 1
         return data
 
+    def peek(self, key: Hashable) -> bytes | None:
+        """The cached bytes of `key` without counting a hit or a miss or refreshing it: for
+        bytes a check borrows (a neighbouring chunk), not bytes a read returns."""
+        return self._entries.get(key)
+
     def counts(self, namespace: Hashable) -> tuple[int, int]:
         """(hits, misses) of the keys in `namespace` (see `get`)."""
         hits, misses = self._counts.get(namespace, (0, 0))

@@ -11,10 +11,11 @@ from lazyfs.cache.disk import CACHE_DIR_ENV, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import parse_size
+from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
 from lazyfs.format.platform import Platform, parse_platform
 from lazyfs.image.registry_source import host_platform
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
 from lazyfs.mount.service import writable_dirs
 
 REFERENCE_RULE = (
@@ -23,6 +24,7 @@ REFERENCE_RULE = (
     "is a layer blob (http(s) URL, file:// URL or path)."
 )
 DEFAULT_CACHE_SIZE = f"{DEFAULT_CACHE_BYTES >> 20}M"
+DEFAULT_LOW_SPEED = f"{SpeedLimit().bytes_per_s >> 10}K"
 
 
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,13 +95,53 @@ def count_layers(count: int) -> str:
     return f"{count} layer" if count == 1 else f"{count} layers"
 
 
+def add_read_arguments(parser: argparse.ArgumentParser) -> None:
+    """How reads of a lazy mount behave when the network does not: timeouts and retries."""
+    group = parser.add_argument_group("reads and faults")
+    group.add_argument(
+        "--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, metavar="SECONDS",
+        help="a read returns its bytes or fails with EIO within this long, whatever the "
+        f"network does; on slow links allow a chunk's time (default {DEFAULT_READ_TIMEOUT_S:g})",
+    )
+    group.add_argument(
+        "--low-speed-limit", default=DEFAULT_LOW_SPEED, metavar="RATE",
+        help="a fetch that receives less than RATE bytes per second (K/M suffixes) for "
+        f"--low-speed-time is abandoned and retried (default {DEFAULT_LOW_SPEED})",
+    )
+    group.add_argument(
+        "--low-speed-time", type=float, default=SpeedLimit().time_s, metavar="SECONDS",
+        help=f"see --low-speed-limit (default {SpeedLimit().time_s:g})",
+    )
+    group.add_argument(
+        "--retry-bad-after", type=float, default=ImageTuning().bad_retry_after_s,
+        metavar="SECONDS",
+        help="a chunk that failed verification (after refetching it) fails at once for this "
+        "long, doubling while it keeps failing, then is fetched again "
+        f"(default {ImageTuning().bad_retry_after_s:g})",
+    )
+
+
 def tuning_of(args: argparse.Namespace) -> ImageTuning:
-    """The layers' ImageTuning: --readahead where given, else the defaults. Raises UserError."""
-    if args.readahead is None:
-        return ImageTuning()
-    if args.readahead < 0:
+    """The layers' ImageTuning from --readahead, --read-timeout and --retry-bad-after.
+    Raises UserError."""
+    if args.readahead is not None and args.readahead < 0:
         raise UserError("--readahead must be 0 or more")
-    return ImageTuning(readahead_chunks=args.readahead)
+    if not args.read_timeout > 0:
+        raise UserError("--read-timeout must be more than 0 seconds")
+    if not args.retry_bad_after >= 0:
+        raise UserError("--retry-bad-after must be 0 seconds or more")
+    defaults = ImageTuning()
+    readahead = defaults.readahead_chunks if args.readahead is None else args.readahead
+    return ImageTuning(readahead_chunks=readahead, read_timeout_s=args.read_timeout,
+                       bad_retry_after_s=args.retry_bad_after)
+
+
+def low_speed_of(args: argparse.Namespace) -> SpeedLimit:
+    """--low-speed-limit and --low-speed-time. Raises UserError."""
+    rate = parse_size(args.low_speed_limit, "--low-speed-limit")
+    if not args.low_speed_time > 0:
+        raise UserError("--low-speed-time must be more than 0 seconds")
+    return SpeedLimit(rate, args.low_speed_time)
 
 
 def cache_size_of(args: argparse.Namespace) -> int:

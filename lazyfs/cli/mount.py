@@ -8,15 +8,17 @@ import os
 import re
 import sys
 
-from lazyfs.cli import UserError
+from lazyfs.cli import CommandParser, UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
     add_disk_cache_arguments,
+    add_read_arguments,
     add_registry_arguments,
     cache_size_of,
     count_layers,
     disk_cache_of,
+    low_speed_of,
     platform_of,
     registry_options,
     tuning_of,
@@ -107,8 +109,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
     add_disk_cache_arguments(mount)
+    add_read_arguments(mount)
     add_registry_arguments(mount)
     mount.set_defaults(func=cmd_mount)
+    if isinstance(mount, CommandParser):
+        mount.intermixed = True  # `lazyfs mount URL --trace F MNT`
 
 
 # -- mount --------------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
-    return MountOptions(cache_size, tuning, trace, disk_cache_of(args))
+    return MountOptions(cache_size, tuning, trace, disk_cache_of(args), low_speed_of(args))
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:

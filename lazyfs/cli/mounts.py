@@ -83,11 +83,23 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
             f"  chunks fetched            {chunks} of {chunk_count if chunk_count else '?'} "
             f"({_share(chunks, chunk_count)}; {layer.get('readahead_chunks', 0)} by readahead)",
             f"  chunks from disk cache    {layer.get('chunks_from_disk', 0)}",
-            f"  verification failures     {layer.get('verify_failures', 0)}",
+            f"  verification failures     {layer.get('verify_failures', 0)} "
+            f"({layer.get('refetches', 0)} chunks fetched again)",
             f"  fetch latency             p50 {_ms(fetch.get('p50_ms'))}, "
             f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
         ]
+        lines += _failure_lines(layer)
     return "\n".join(lines)
+
+
+def _failure_lines(layer: dict[str, Any]) -> list[str]:
+    """What fails at once right now (each for a while): shown only when something does."""
+    shown = []
+    for key, label in (("bad_chunks", "bad chunks"), ("failing_chunks", "held-off chunks"),
+                       ("unreachable_sources", "unreachable")):
+        if layer.get(key):
+            shown.append(f"  {label:<26}{' '.join(str(item) for item in layer[key])}")
+    return shown
 
 
 def _cache_lines(cache: dict[str, Any] | None) -> list[str]:

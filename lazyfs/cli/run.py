@@ -24,10 +24,12 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     add_disk_cache_arguments,
+    add_read_arguments,
     add_registry_arguments,
     cache_size_of,
     count_layers,
     disk_cache_of,
+    low_speed_of,
     platform_of,
     registry_options,
     tuning_of,
@@ -67,6 +69,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="allow layers without trusted digests"
     )
     add_disk_cache_arguments(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
+    )
+    add_read_arguments(parser)
     add_registry_arguments(parser)
 
 
@@ -128,7 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         eager=args.eager,
         insecure=args.insecure,
         writable=args.writable,
-        mount=MountOptions(cache_size, tuning_of(args), trace, disk_cache_of(args)),
+        mount=MountOptions(cache_size, tuning_of(args), trace, disk_cache_of(args),
+                           low_speed_of(args)),
     )
     prepared = prepare(request)
     image = prepared.image

@@ -20,13 +20,28 @@ MIN_RATE_BYTES_PER_S = 64 * 1024
 
 
 @dataclass(frozen=True)
+class SpeedLimit:
+    """An attempt receiving less than `bytes_per_s` for `time_s` (no answer at all for that
+    long included) is abandoned as a transient fault, like curl's --speed-limit/--speed-time:
+    a stalled or trickling connection is given up early and tried again."""
+
+    bytes_per_s: int = 8 * 1024
+    time_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_s < 0 or self.time_s <= 0:
+            raise ValueError("low-speed limit: need bytes_per_s >= 0 and time_s > 0")
+
+
+@dataclass(frozen=True)
 class ReaderOptions:
     """How a blob reader reaches its blob; the one place for these defaults.
 
     `headers` and `auth` go to the origin only, never to a redirect target. Each attempt of a
     request has a deadline derived from the timeouts (and the size asked for); transient
-    faults are retried `max_retries` times with jittered backoff from `backoff_base_s`.
-    `max_connections` bounds the requests in flight. `expected_size`, when a manifest or
+    faults are retried `max_retries` times with jittered backoff from `backoff_base_s`, a
+    connection below `low_speed` among them. `max_connections` bounds the requests in
+    flight. `expected_size`, when a manifest or
     descriptor promises one, must be the blob's size. `verify_tls` is False, True or a CA
     bundle path. A local file uses `expected_size` only.
     """
@@ -40,6 +55,7 @@ class ReaderOptions:
     max_connections: int = 8
     expected_size: int | None = None
     verify_tls: bool | str = True
+    low_speed: SpeedLimit = field(default_factory=SpeedLimit)
 
     def __post_init__(self) -> None:
         if (self.max_retries < 0 or self.max_connections < 1 or self.connect_timeout_s <= 0
@@ -80,8 +96,8 @@ class BlobReader(Protocol):
     stats: FetchStats
 
     async def open(self) -> int:
-        """Probe the blob and return its size in bytes; remember size (and ETag) to detect
-        a blob replaced while it is mounted. Raises FetchError."""
+        """Probe the blob and return its size in bytes; remember the size to detect a blob
+        replaced by one of another size while it is mounted. Raises FetchError."""
         ...
 
     async def read(self, offset: int, size: int) -> bytes:

@@ -12,4 +12,13 @@ class RangeNotSupportedError(FetchError):
 
 
 class BlobChangedError(FetchError):
-    """The blob's size or ETag differs from what was seen when it was opened."""
+    """The blob's size differs from what was seen when it was opened (or was promised).
+
+    A changed ETag or Last-Modified alone is not this error: origins behind a load balancer,
+    or a file touched or copied again, change them with the bytes unchanged, and every frame
+    is checked against its digest anyway."""
+
+
+class SourceUnreachableError(FetchError):
+    """Every attempt failed before a connection was made (refused, unresolvable name,
+    connect timeout): the whole source is down, not one range of it."""

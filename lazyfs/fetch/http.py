@@ -1,10 +1,17 @@
 """Random access to a remote blob with HTTP Range requests.
 
-One pooled keep-alive client per blob. Every attempt runs under a trio deadline; transient
-faults (connection and read errors, timeouts, 5xx, 429, short bodies) are retried a bounded
-number of times with jittered exponential backoff, anything else fails at once. A redirect
+One pooled keep-alive client per blob. Every attempt runs under a trio deadline and a
+low-speed limit (too few bytes for too long, headers included, ends it); transient faults
+(connection and read errors, timeouts, slow or stalled answers, 5xx, 429, short bodies) are
+retried a bounded number of times with jittered exponential backoff, anything else fails at
+once. When the first attempts find nobody to connect to, the error says at once that the
+source is unreachable, without the rest of the backoff. A redirect
 target (object storage, a CDN) is remembered and asked directly, without the credentials meant
 for the origin; when it stops accepting (an expired signed URL) the origin is asked again.
+
+Only the blob's size is held against it: an ETag or Last-Modified that changes with the bytes
+unchanged (origins behind a load balancer, a file touched or copied again) is no error, since
+the image layer checks every frame against its digest.
 """
 
 from __future__ import annotations
@@ -25,12 +32,18 @@ import trio
 from lazyfs.fetch.base import (
     FetchStats,
     ReaderOptions,
+    SpeedLimit,
     backoff_delay_s,
     byte_range,
     check_read_args,
 )
 from lazyfs.fetch.body import read_capped
-from lazyfs.fetch.errors import BlobChangedError, FetchError, RangeNotSupportedError
+from lazyfs.fetch.errors import (
+    BlobChangedError,
+    FetchError,
+    RangeNotSupportedError,
+    SourceUnreachableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,9 @@ _DRAIN_CAP_BYTES = 64 * 1024
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # What an expired or revoked signed URL answers.
 _EXPIRED_STATUSES = frozenset({401, 403, 404, 410})
+# Attempts in a row that found nobody to connect to before the source counts as down: a
+# server that refuses twice is not listening, and every read would pay the whole backoff.
+UNREACHABLE_AFTER_ATTEMPTS = 2
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 T = TypeVar("T")
@@ -77,7 +93,6 @@ class HttpRangeReader:
         self._limiter = trio.CapacityLimiter(options.max_connections)
         self._open_lock = trio.Lock()
         self._size: int | None = None
-        self._etag: str | None = None
         # Where the origin last redirected to; asked directly until it refuses.
         self._resolved_url: httpx.URL | None = None
         self._client = _client(options, transport, options.max_connections)
@@ -95,7 +110,7 @@ class HttpRangeReader:
         await self.aclose()
 
     async def open(self) -> int:
-        """Probe with a one-byte range; return the blob size and remember it and the ETag.
+        """Probe with a one-byte range; return the blob size and remember it.
 
         Raises RangeNotSupportedError if the server ignores Range, BlobChangedError if the
         size differs from `expected_size`, FetchError for anything else.
@@ -104,7 +119,7 @@ class HttpRangeReader:
             if self._size is not None:
                 return self._size
             try:
-                _, total, etag = await self._fetch(0, 0, probe=True)
+                _, total = await self._fetch(0, 0, probe=True)
                 expected = self.options.expected_size
                 if expected is not None and total != expected:
                     raise BlobChangedError(
@@ -113,21 +128,22 @@ class HttpRangeReader:
             except FetchError as exc:
                 self._fail(exc)
                 raise
-            self._size, self._etag = total, etag
+            self._size = total
             return total
 
     async def read(self, offset: int, size: int) -> bytes:
         """Return exactly `size` bytes at `offset` (opening first if needed).
 
-        Raises BlobChangedError if the blob's size or ETag changed since `open`,
-        RangeNotSupportedError, or FetchError naming URL, range and the last status or error.
+        Raises BlobChangedError if the blob's size changed since `open`,
+        RangeNotSupportedError, SourceUnreachableError when no attempt could connect, or
+        FetchError naming URL, range and the last status or error.
         """
         blob_size = await self.open() if self._size is None else self._size
         check_read_args(self.source, offset, size, blob_size)
         if size == 0:
             return b""
         try:
-            body, _, _ = await self._fetch(offset, offset + size - 1, probe=False)
+            body, _ = await self._fetch(offset, offset + size - 1, probe=False)
         except FetchError as exc:
             self._fail(exc)
             raise
@@ -140,11 +156,11 @@ class HttpRangeReader:
         # Counted, not logged: the caller reports the error (once) with what it was for.
         self.stats.failures += 1
 
-    async def _fetch(self, start: int, end: int, *, probe: bool) -> tuple[bytes, int, str | None]:
-        """Fetch bytes start..end (inclusive) with bounded retries: (body, blob size, ETag)."""
+    async def _fetch(self, start: int, end: int, *, probe: bool) -> tuple[bytes, int]:
+        """Fetch bytes start..end (inclusive) with bounded retries: (body, blob size)."""
         what = f"{self.source} {byte_range(start, end - start + 1)}"
 
-        async def attempt() -> tuple[bytes, int, str | None]:
+        async def attempt() -> tuple[bytes, int]:
             return await self._attempt(start, end, probe, what)
 
         return await _with_retries(what, self.options, end - start + 1, attempt,
@@ -152,7 +168,7 @@ class HttpRangeReader:
 
     async def _attempt(
         self, start: int, end: int, probe: bool, what: str
-    ) -> tuple[bytes, int, str | None]:
+    ) -> tuple[bytes, int]:
         """One attempt: try the remembered redirect target, else resolve through the origin."""
         remembered = self._resolved_url
         if remembered is not None:
@@ -183,20 +199,23 @@ class HttpRangeReader:
         raise FetchError(f"{what}: more than {_MAX_REDIRECTS} redirects")
 
     async def _get(self, url: httpx.URL, start: int, end: int, *, trusted: bool) -> httpx.Response:
-        """Send one GET; headers and auth only to the origin, never to another host."""
+        """Send one GET; headers and auth only to the origin, never to another host. No
+        answer within the low-speed time is a transient fault."""
         headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
         if trusted:
             headers = {**self.options.headers, **headers}
         request = self._client.build_request("GET", url, headers=headers)
         self.stats.requests += 1
-        return await self._client.send(
-            request, auth=self.options.auth if trusted else None, stream=True,
-            follow_redirects=False,
-        )
+        with trio.move_on_after(self.options.low_speed.time_s):
+            return await self._client.send(
+                request, auth=self.options.auth if trusted else None, stream=True,
+                follow_redirects=False,
+            )
+        raise _Transient(f"no answer within {self.options.low_speed.time_s:g} s")
 
     async def _accept(
         self, response: httpx.Response, start: int, end: int, probe: bool, what: str
-    ) -> tuple[bytes, int, str | None]:
+    ) -> tuple[bytes, int]:
         """Check a response against the request and the blob seen at open; read its body."""
         status = response.status_code
         if status == 200:
@@ -212,23 +231,20 @@ class HttpRangeReader:
                 raise _Transient(_status_text(response), _retry_after_s(response))
             empty = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", ""))
             if probe and status == 416 and empty and int(empty.group(1)) == 0:
-                return b"", 0, response.headers.get("ETag")
+                return b"", 0
             if status in _EXPIRED_STATUSES and response.url != self._url:
                 raise FetchError(f"{what}: {_status_text(response)} from {response.url.host}")
             raise FetchError(f"{what}: {_status_text(response)}")
         try:
-            etag = response.headers.get("ETag")
-            if self._etag is not None and etag is not None and _weak(etag) != _weak(self._etag):
-                raise BlobChangedError(f"{what}: ETag is now {etag}, was {self._etag} at open")
             total = self._check_content_range(response, start, end, what)
             encoding = response.headers.get("Content-Encoding", "identity").lower()
             if encoding != "identity":
                 raise FetchError(f"{what}: body is {encoding}-encoded; expected raw bytes")
-            body = await _read_body(response, end - start + 1, what)
+            body = await _read_body(response, end - start + 1, what, self.options.low_speed)
         finally:
             await response.aclose()
         self.stats.bytes_fetched += len(body)
-        return body, total, etag
+        return body, total
 
     def _check_content_range(
         self, response: httpx.Response, start: int, end: int, what: str
@@ -312,10 +328,12 @@ async def _with_retries(
 ) -> T:
     """Run `attempt` holding `limiter`, under a deadline (waiting for the limiter is not
     counted against it), retrying transient faults `options.max_retries` times
-    with jittered backoff. Raises FetchError naming `what` and the last fault."""
+    with jittered backoff. Raises FetchError naming `what` and the last fault, or
+    SourceUnreachableError when no attempt got a connection."""
     deadline_s = options.attempt_deadline_s(size_bytes)
     last = ""
     retry_after_s: float | None = None
+    unconnected = 0
     for number in range(options.max_retries + 1):
         if number:
             if stats is not None:
@@ -334,11 +352,22 @@ async def _with_retries(
             last, retry_after_s = exc.reason, exc.retry_after_s
         except trio.TooSlowError:
             last = f"no complete answer within {deadline_s:.1f} s"
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # Refused, unresolvable, unroutable: nothing of this source answers.
+            last = _describe(exc)
+            unconnected += 1
+            if unconnected == number + 1 >= UNREACHABLE_AFTER_ATTEMPTS:
+                raise SourceUnreachableError(
+                    f"{what}: no connection in {unconnected} attempts; last: {last}"
+                ) from exc
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             last = _describe(exc)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise FetchError(f"{what}: {_describe(exc)}") from exc
-    raise FetchError(f"{what}: failed after {options.max_retries + 1} attempts; last: {last}")
+    message = f"{what}: failed after {options.max_retries + 1} attempts; last: {last}"
+    if unconnected == options.max_retries + 1:  # fewer attempts than UNREACHABLE_AFTER_...
+        raise SourceUnreachableError(message)
+    raise FetchError(message)
 
 
 @functools.lru_cache(maxsize=8)
@@ -375,13 +404,28 @@ def _redacted(parts: SplitResult) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-async def _read_body(response: httpx.Response, size: int, what: str) -> bytes:
-    """Read exactly `size` body bytes: fewer is transient, more is a broken server."""
+async def _read_body(response: httpx.Response, size: int, what: str,
+                     limit: SpeedLimit) -> bytes:
+    """Read exactly `size` body bytes: fewer is transient, more is a broken server.
+
+    The low-speed limit: each window of `limit.time_s` must bring the limit's worth of
+    bytes (or the rest of the body), else the attempt is a transient fault."""
+    window_s = limit.time_s
+    window_bytes = limit.bytes_per_s * window_s
     body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > size:
-            raise FetchError(f"{what}: body longer than the {size} bytes requested")
+    received = 0
+    with trio.CancelScope(deadline=trio.current_time() + window_s) as window:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            received += len(chunk)
+            if len(body) > size:
+                raise FetchError(f"{what}: body longer than the {size} bytes requested")
+            if received >= window_bytes:
+                received = 0
+                window.deadline = trio.current_time() + window_s
+    if window.cancelled_caught:
+        raise _Transient(f"slower than {limit.bytes_per_s} bytes/s for "
+                         f"{window_s:g} s ({len(body)} of {size} bytes)")
     if len(body) < size:
         raise _Transient(f"short body: {len(body)} of {size} bytes")
     return bytes(body)
@@ -403,11 +447,6 @@ async def _drain(response: httpx.Response) -> None:
 
 def _same_origin(url: httpx.URL, origin: httpx.URL) -> bool:
     return (url.scheme, url.host, url.port) == (origin.scheme, origin.host, origin.port)
-
-
-def _weak(etag: str) -> str:
-    """Compare ETags ignoring weakness: proxies may weaken an ETag they pass on."""
-    return etag.removeprefix("W/")
 
 
 def _status_text(response: httpx.Response) -> str:

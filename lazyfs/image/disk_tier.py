@@ -1,13 +1,13 @@
 """A layer's use of the shared disk cache (`lazyfs.cache.disk`): its metadata at open, its
-frames and hash blocks on reads, and whether its source can supply what the disk lacks.
+frames and hash blocks on reads.
 
 What is kept (only for layers whose chunk table a digest authenticates):
 - **metadata**, keyed by every annotation that locates or authenticates it: the chunk table
   frame, the head of the dm-verity frame, the blob size and the hash blocks verified at open.
   Read back, it is parsed and authenticated again (chunk_digest, every hash block against the
   root) before use; an entry that fails is dropped and the metadata fetched.
-- **frames**, keyed by content (`keys.frame_key`), written once fetched and passed both
-  checks. Read back, a frame passes the cheaper of the two again (`check_frame`): its
+- **frames**, keyed by content (`keys.frame_key`), written once fetched and passed every
+  check. Read back, a frame passes the cheaper of the two again (`check_frame`): its
   SHA-512 from the chunk table when the table lists frame hashes (that hashes the compressed
   bytes, a third or so of what dm-verity hashes, and needs no tree), else every decoded data
   block against the dm-verity tree. So what the disk returns is trusted exactly as far as
@@ -18,23 +18,21 @@ What is kept (only for layers whose chunk table a digest authenticates):
 - **descriptors** fetched from a URL, to open a layer again while the URL is unreachable.
 
 Writes run in the mount's nursery, bounded: a read never waits for the disk to take a copy.
-A layer opened from the disk does not know whether its source answers: a probe (one attempt)
-tells, in the background; while it does not answer, reads of chunks the disk lacks fail at
-once, and the probe is repeated now and then.
+A layer opened from the disk does not know whether its source answers: the loader asks it
+once in the background (`ChunkLoader.probe_source`), and the layer's failure policy
+(`lazyfs.image.health`) treats a source that does not answer as down, as for any fetch.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
 
 from lazyfs.cache.disk import DiskCache
-from lazyfs.fetch.errors import FetchError
 from lazyfs.format.chunk_table import HASH_NONE, verify_frame
 from lazyfs.format.descriptor import SeekableAnnotations
 from lazyfs.format.errors import FormatError
@@ -51,7 +49,6 @@ from lazyfs.image.keys import descriptor_key, frame_key, layer_key, tree_key
 log = logging.getLogger(__name__)
 
 MAX_PENDING_WRITE_BYTES = 64 << 20
-PROBE_INTERVAL_S = 10.0
 _META_MAGIC = b"LZFSMETA\x01"
 _TREE_MAGIC = b"LZFSTREE\x01"
 
@@ -206,13 +203,10 @@ async def remember_descriptor(disk: DiskCache, location: str, text: bytes) -> No
 
 
 class LayerDisk:
-    """One open layer's disk entries. `probe` asks the source once (raising on failure);
-    `source_known_up` is False for a layer opened from the disk cache alone."""
+    """One open layer's disk entries."""
 
     def __init__(self, disk: DiskCache, metadata: BlobMetadata, name: str,
-                 nursery: trio.Nursery, *, kept_blocks: set[int],
-                 probe: Callable[[], Awaitable[None]] | None = None,
-                 source_known_up: bool = True) -> None:
+                 nursery: trio.Nursery, *, kept_blocks: set[int]) -> None:
         key = layer_key(metadata.annotations)
         if key is None:
             raise ValueError("a layer without a chunk digest is not kept on disk")
@@ -226,15 +220,32 @@ class LayerDisk:
         self._writes_done = trio.Event()
         self._writes_done.set()
         self._dropped: set[int] = set()
-        self._probe = probe
-        self._source_up = source_known_up
-        self._problem = ""
-        self._probe_done: trio.Event | None = None
-        self._last_probe = -PROBE_INTERVAL_S
-        if not source_known_up and probe is not None:
-            self._start_probe()
 
     # -- frames ---------------------------------------------------------------------------
+
+    def may_hold(self, chunk_index: int) -> bool:
+        """Whether the disk may hold the chunk (a copy it could check when read back)."""
+        return frame_key(self.metadata, chunk_index) is not None
+
+    async def load_chunk(self, chunk_index: int, known_blocks: Mapping[int, bytes],
+                         needed_blocks: list[int], cpu_limiter: trio.CapacityLimiter,
+                         ) -> tuple[bytes, int, dict[int, bytes]] | None:
+        """The chunk from the disk, checked again (`check_frame`): (its bytes, its frame's
+        size, the hash blocks it was checked with); None when the disk lacks it or its copy
+        fails the check (the copy is then dropped, to be fetched)."""
+        found = await self.load(chunk_index, known_blocks, needed_blocks, cpu_limiter)
+        if found is None:
+            return None
+        frame, blocks = found
+        try:
+            data = await trio.to_thread.run_sync(
+                check_frame, self.metadata, blocks, chunk_index, frame,
+                self.metadata.frame_range(chunk_index)[0], limiter=cpu_limiter,
+            )
+        except FormatError as exc:
+            await self.forget(chunk_index, str(exc))
+            return None
+        return data, len(frame), blocks
 
     async def load(self, chunk_index: int, known_blocks: Mapping[int, bytes],
                    needed_blocks: list[int], cpu_limiter: trio.CapacityLimiter,
@@ -333,41 +344,3 @@ class LayerDisk:
     def register(self, label: str) -> None:
         self._nursery.start_soon(self.disk.register_layer, self.layer, label,
                                  self.metadata.table.chunk_count)
-
-    # -- the source -------------------------------------------------------------------------
-
-    async def source_problem(self) -> str | None:
-        """None when the source may be asked for what the disk lacks; else why not (the
-        read fails at once). Waits for a probe under way."""
-        if self._source_up or self._probe is None:
-            return None
-        if self._probe_done is not None:
-            await self._probe_done.wait()
-            if self._source_up:
-                return None
-        if time.monotonic() - self._last_probe >= PROBE_INTERVAL_S:
-            self._start_probe()
-        return f"source unreachable: {self._problem}"
-
-    def _start_probe(self) -> None:
-        self._last_probe = time.monotonic()
-        self._probe_done = trio.Event()
-        self._nursery.start_soon(self._run_probe, self._probe_done)
-
-    async def _run_probe(self, done: trio.Event) -> None:
-        assert self._probe is not None
-        try:
-            await self._probe()
-        except FetchError as exc:
-            if self._source_up or not self._problem:
-                log.warning("layer %s: source unreachable (%s); serving what the disk cache "
-                            "holds, other reads fail until it answers", self.name, exc)
-            self._source_up, self._problem = False, str(exc)
-        else:
-            if self._problem:
-                log.info("layer %s: source reachable again", self.name)
-            self._source_up, self._problem = True, ""
-        finally:
-            if self._probe_done is done:
-                self._probe_done = None
-            done.set()

@@ -45,13 +45,18 @@ def layer_key(annotations: SeekableAnnotations) -> str | None:
 def frame_key(metadata: BlobMetadata, chunk_index: int) -> str | None:
     """The disk cache's name for one compressed frame: its SHA-512 from the authenticated
     chunk table (shared by every layer that has the frame); for a table without frame hashes,
-    the layer's digests and the chunk index. None for a layer that cannot be checked."""
+    the layer's digests and the chunk index. None for a layer whose frames could not be
+    checked alone when read back: no digest, or no frame hashes and dm-verity blocks that
+    straddle chunks (such a block is checked across two chunks, see `verify.check_blocks`)."""
     annotations = metadata.annotations
     if annotations.chunk_digest is None:
         return None
     if metadata.table.hash_algorithm != HASH_NONE:
         return "frame-" + metadata.table.frame_digests[chunk_index].hex()
-    if annotations.root_digest is None or metadata.root is None:
+    geometry = metadata.verity
+    if annotations.root_digest is None or metadata.root is None or geometry is None:
+        return None
+    if metadata.table.chunk_size % geometry.superblock.data_block_size:
         return None
     return "frame-" + _hex(annotations.chunk_digest, annotations.root_digest, chunk_index)
 

@@ -64,10 +64,19 @@ WHOLE_TREE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class AlternateBlob:
+    """Another place serving the same blob (a registry behind its mirror), with its own
+    reader options; tried after a failed fetch and for refetches after a failed check."""
+
+    blob: str
+    reader_options: ReaderOptions = field(default_factory=ReaderOptions)
+
+
+@dataclass(frozen=True)
 class LayerSource:
     """One layer as the user named it. `reader_options` reach the blob and a descriptor
     beside it; their `expected_size` is the blob size a manifest promises (a descriptor
-    found for the blob promises its own)."""
+    found for the blob promises its own). `alternates` serve the same blob elsewhere."""
 
     blob: str
     descriptor: str | None = None
@@ -78,6 +87,7 @@ class LayerSource:
     insecure: bool = False
     name: str | None = None
     reader_options: ReaderOptions = field(default_factory=ReaderOptions)
+    alternates: tuple[AlternateBlob, ...] = ()
 
     @property
     def has_overrides(self) -> bool:
@@ -308,16 +318,23 @@ async def open_layer(
             tree_blocks = await load_tree_top(reader, metadata)
         layer_disk = None
         if disk is not None:
-            layer_disk = disk_tier.LayerDisk(
-                disk, metadata, name, nursery, kept_blocks=set(tree_blocks),
-                probe=lambda: _probe(source.blob, options), source_known_up=cached is None)
+            layer_disk = disk_tier.LayerDisk(disk, metadata, name, nursery,
+                                             kept_blocks=set(tree_blocks))
             if cached is None:
                 layer_disk.save_metadata(tree_blocks, reader.source)
             else:
                 layer_disk.register(reader.source)
+        # Opened on first use, with the size the first one was seen to have.
+        alternates = [
+            open_blob_reader(alternate.blob, replace(alternate.reader_options,
+                                                     expected_size=metadata.blob_size))
+            for alternate in source.alternates
+        ]
         return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,
                            cpu_limiter=cpu_limiter, trace=trace, tuning=tuning,
-                           disk=layer_disk)
+                           alternates=alternates, disk=layer_disk,
+                           source_probe=(None if cached is None
+                                         else lambda: _probe(source.blob, options)))
     except BaseException:
         await reader.aclose()
         raise

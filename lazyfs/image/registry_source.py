@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import platform as host
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lazyfs.fetch.base import ReaderOptions
@@ -40,7 +40,7 @@ from lazyfs.format.oci import (
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import ImageReference, parse_reference
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
-from lazyfs.image.open import LayerSource
+from lazyfs.image.open import AlternateBlob, LayerSource
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +251,19 @@ async def layer_sources(
 ) -> list[LayerSource]:
     """One LayerSource per layer of `layers` (of the image `reference` names), read from the
     first mirror that has the blob, else from the registry (`client`'s, with its
-    credentials)."""
+    credentials); behind a mirror, the registry is the alternate source."""
     repository = reference.repository
     sources = []
     for layer in layers:
+        registry_blob = client.blob_url(repository, layer.digest)
+        registry_options = ReaderOptions(auth=client.auth, read_timeout_s=options.timeout_s,
+                                         expected_size=layer.size)
         blob, auth = await _blob_location(reference, layer.digest, options)
+        alternates: tuple[AlternateBlob, ...] = ()
         if blob is None:
-            blob, auth = client.blob_url(repository, layer.digest), client.auth
+            blob, auth = registry_blob, client.auth
+        else:
+            alternates = (AlternateBlob(registry_blob, registry_options),)
         values = layer.annotations
         sources.append(
             LayerSource(
@@ -270,9 +276,8 @@ async def layer_sources(
                 # asked for --insecure; such a layer reaching here is one they accepted.
                 insecure=not values.is_trusted,
                 name=layer.name,
-                reader_options=ReaderOptions(
-                    auth=auth, read_timeout_s=options.timeout_s, expected_size=layer.size
-                ),
+                reader_options=replace(registry_options, auth=auth),
+                alternates=alternates,
             )
         )
     return sources

@@ -1,39 +1,32 @@
 """`RemoteImage.read(offset, size)`: the raw EROFS image of a remote layer, read at random.
 
-A read maps to chunks; missing chunks are fetched by range (adjacent ones in one request up
-to a cap), each frame is checked against its SHA-512 before it is decoded, the decoded size
-must be exact, and every data block is checked against the authenticated dm-verity tree. Only
-then do bytes reach the cache and the caller. Loads run in the mount's nursery, so a read that
-is interrupted does not abandon a fetch other readers wait on, and unmount cancels them all.
-With a disk cache (`disk_tier.LayerDisk`), a load looks there first: a frame read back is
-checked again (`disk_tier.check_frame`), and a verified fetched frame is written back.
+A read maps to chunks; missing chunks are claimed in the cache and loaded by the layer's
+ChunkLoader (`lazyfs.image.loader`: fetch by range, adjacent ones in one request up to a cap;
+each frame checked against its SHA-512, decoded to its exact size, every data block checked
+against the authenticated dm-verity tree). Only then do bytes reach the cache and the caller.
+Loads run in the mount's nursery, so a read that is interrupted does not abandon a fetch
+other readers wait on, and unmount cancels them all.
+
+A read returns or fails within the read timeout, whatever loads its chunks. A chunk that
+failed recently fails at once (`lazyfs.image.health`: per chunk, for a while, not per layer),
+unless the disk cache (`lazyfs.image.disk_tier`) may hold it: a load asks the disk first.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import trio
 
 from lazyfs.cache.memory import ChunkCache
-from lazyfs.exception_groups import leaf_errors
 from lazyfs.fetch.base import BlobReader
-from lazyfs.fetch.errors import FetchError
-from lazyfs.format.chunk_table import verify_frame
-from lazyfs.format.errors import FormatError
-from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
-from lazyfs.format.verity_tree import (
-    hash_blocks_needed,
-    verify_data_blocks,
-    verify_hash_blocks,
-)
-from lazyfs.image.disk_tier import LayerDisk, check_frame
-from lazyfs.image.errors import ImageReadError, LayerOpenError
+from lazyfs.image.disk_tier import LayerDisk
+from lazyfs.image.errors import ImageReadError
 from lazyfs.image.keys import content_key
+from lazyfs.image.loader import ChunkLoader
 from lazyfs.image.stats import ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
 
@@ -43,7 +36,10 @@ READAHEAD_TRIGGER_BYTES = 1024 * 1024
 
 
 class RemoteImage:
-    """One layer's raw EROFS image, backed by a blob reader, verified before it is returned."""
+    """One layer's raw EROFS image, backed by blob readers (the first, then `alternates`:
+    other sources of the same blob) and the disk cache (`disk`), verified before it is
+    returned. `source_probe`, for a layer opened from the disk cache alone, asks the first
+    source once, in the background, whether it answers (raising FetchError if not)."""
 
     def __init__(
         self,
@@ -57,7 +53,9 @@ class RemoteImage:
         cpu_limiter: trio.CapacityLimiter | None = None,
         trace: TraceWriter | None = None,
         tuning: ImageTuning | None = None,
+        alternates: Sequence[BlobReader] = (),
         disk: LayerDisk | None = None,
+        source_probe: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.disk = disk
@@ -65,15 +63,8 @@ class RemoteImage:
         self.metadata = metadata
         self.cache = cache
         self._nursery = nursery
-        # Verified hash blocks, keyed by verity payload offset: bounded by the tree's size.
-        self._tree_blocks: dict[int, bytes] = dict(tree_blocks or {})
-        self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
         self.tuning = tuning = tuning or ImageTuning()
-        self._fetch_limiter = trio.CapacityLimiter(tuning.parallel_fetches)
         self._trace = trace
-        self._bad_chunks: dict[int, str] = {}
-        self._failing_until = 0.0
-        self._last_fetch_error = ""
         # Readahead starts once this many bytes were read back to back: a file streamed
         # in order, not two small files that happen to share a chunk.
         self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
@@ -81,14 +72,12 @@ class RemoteImage:
         self._sequential_bytes = 0
         self._content_key: Hashable = content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
-        table = metadata.table
-        geometry = metadata.verity
-        if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
-            raise LayerOpenError(
-                f"{reader.source}: chunk size {table.chunk_size} is not a multiple of the "
-                f"dm-verity block size {geometry.superblock.data_block_size}: blocks would "
-                "straddle chunks, which lazy reads do not support (`lazyfs unpack` reads it)"
-            )
+        self.loader = ChunkLoader(
+            name, [reader, *alternates], metadata, cache, self._key, self.stats, tuning,
+            tree_blocks=tree_blocks, cpu_limiter=cpu_limiter, record=self._record, disk=disk,
+        )
+        if source_probe is not None:
+            self.loader.probe_source(nursery, source_probe)
 
     @property
     def size(self) -> int:
@@ -97,13 +86,22 @@ class RemoteImage:
     async def read(self, offset: int, size: int) -> bytes:
         """Return verified image bytes `[offset, offset + size)`, clipped at the end of the image.
 
-        Raises ImageReadError (already logged) when a chunk cannot be fetched or verified.
+        Raises ImageReadError (its cause logged once) when a chunk cannot be fetched or
+        verified, or not within the read timeout.
         """
         table = self.metadata.table
         indices = table.chunks_for_range(offset, size)
         if not indices:
             return b""
-        chunks = await self._get_chunks(indices)
+        chunks: dict[int, bytes] | None = None
+        # The one bound on a read, whatever loads its chunks and however.
+        with trio.move_on_after(self.tuning.read_timeout_s):
+            chunks = await self._get_chunks(indices)
+        if chunks is None:
+            log.debug("layer %s: a read of chunks %d-%d gave up after %g s", self.name,
+                      indices[0], indices[-1], self.tuning.read_timeout_s)
+            raise ImageReadError(f"chunks {indices[0]}-{indices[-1]}: not loaded within "
+                                 f"{self.tuning.read_timeout_s:g} s")
         self._schedule_readahead(offset, size, indices)
         end = min(offset + size, self.size)
         # Copy only the requested bytes of each chunk, not whole chunks.
@@ -114,8 +112,12 @@ class RemoteImage:
             pieces.append(view[max(offset - base, 0):min(end - base, len(view))])
         return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
+    def cancel_fetches(self) -> None:
+        """For unmount: end every load in flight now (its readers get EIO) and refuse new
+        ones, so that no read waits on a stalled server while the mount goes down."""
+        self.loader.cancel()
+
     def stats_snapshot(self) -> dict[str, Any]:
-        fetch_stats = self.reader.stats
         cache_hits, cache_misses = self.cache.counts(self._content_key)
         return {
             "name": self.name,
@@ -129,18 +131,17 @@ class RemoteImage:
             "readahead_chunks": self.stats.readahead_chunks,
             "cache_hits": cache_hits,
             "cache_misses": cache_misses,
-            "bytes_fetched": fetch_stats.bytes_fetched,
-            "requests": fetch_stats.requests,
-            "retries": fetch_stats.retries,
             "fetch_failures": self.stats.fetch_failures,
             "verify_failures": self.stats.verify_failures,
+            "refetches": self.stats.refetches,
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
-            "bad_chunks": sorted(self._bad_chunks),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
+            **self.loader.snapshot(),
         }
 
     async def aclose(self) -> None:
-        await self.reader.aclose()
+        for reader in self.loader.readers:
+            await reader.aclose()
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -154,20 +155,21 @@ class RemoteImage:
             for index in indices:
                 if index in found:
                     continue
-                if index in self._bad_chunks:
-                    # Chunks claimed before this one must still be loaded: others may wait.
-                    for run in self._runs(claimed):
-                        self._nursery.start_soon(self._load_run, run, "read")
-                    raise ImageReadError(f"chunk {index} failed verification earlier")
                 data = self.cache.get(self._key(index))
                 if data is not None:
                     found[index] = data
                     self._record(chunk=index, event="hit")
                     continue
+                if self.cache.is_loading(self._key(index)):
+                    continue
+                refusal = self.loader.early_refusal(index)
+                if refusal is not None:
+                    # Chunks claimed before this one must still be loaded: others may wait.
+                    self._start_loads(claimed, "read")
+                    raise ImageReadError(f"chunk {index}: {refusal}")
                 if self.cache.claim(self._key(index)):
                     claimed.append(index)
-            for run in self._runs(claimed):
-                self._nursery.start_soon(self._load_run, run, "read")
+            self._start_loads(claimed, "read")
             for index in indices:
                 if index in found:
                     continue
@@ -191,255 +193,27 @@ class RemoteImage:
         last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
         claimed = [
             index for index in range(indices[-1] + 1, last + 1)
-            if index not in self._bad_chunks and self.cache.claim(self._key(index))
+            if self.loader.early_refusal(index) is None and self.cache.claim(self._key(index))
         ]
-        for run in self._runs(claimed):
-            self.stats.readahead_chunks += len(run)
-            self._nursery.start_soon(self._load_run, run, "readahead")
+        self.stats.readahead_chunks += len(claimed)
+        self._start_loads(claimed, "readahead")
 
-    def _runs(self, indices: list[int]) -> list[list[int]]:
-        """Group chunk indices into runs of adjacent frames, each at most the coalesce cap."""
+    def _start_loads(self, claimed: list[int], reason: str) -> None:
+        """Load claimed chunks in the mount's nursery, in runs of adjacent frames, each at
+        most the coalesce cap."""
         runs: list[list[int]] = []
         run_start = 0
-        for index in indices:
+        for index in claimed:
             start, end = self.metadata.frame_range(index)
-            cap = self.tuning.coalesce_bytes
-            if runs and runs[-1][-1] + 1 == index and end - run_start <= cap:
+            if runs and runs[-1][-1] + 1 == index and end - run_start <= self.tuning.coalesce_bytes:
                 runs[-1].append(index)
             else:
                 runs.append([index])
                 run_start = start
-        return runs
-
-    async def _load_run(self, run: list[int], reason: str) -> None:
-        """Fetch, verify and decode adjacent chunks; complete or fail every claimed key."""
-        unresolved = set(run)
-        try:
-            problem = None
-            if self.disk is not None:
-                run = await self._load_from_disk(run, unresolved)
-                problem = await self.disk.source_problem() if run else None
-            if run and trio.current_time() < self._failing_until:
-                problem = f"source failing: {self._last_fetch_error}"
-            if problem is not None:  # fail at once: the source is known not to answer
-                self._fail_run(run, problem)
-                unresolved.clear()
-                return
-            async with self._fetch_limiter:
-                for part in self._runs(run):
-                    await self._fetch_and_verify(part, reason, unresolved)
-        finally:
-            # Whatever happened (cancellation at unmount included), no waiter is left hanging.
-            # Only keys this run still holds: one it completed may be claimed anew by now.
-            for index in sorted(unresolved):
-                self.cache.fail(self._key(index), ImageReadError(f"chunk {index} not loaded"))
-
-    async def _fetch_and_verify(self, run: list[int], reason: str,
-                                unresolved: set[int]) -> None:
-        """Load `run`, removing from `unresolved` each index whose key was completed or
-        failed (after that, the key may belong to another loader)."""
-        start = self.metadata.frame_range(run[0])[0]
-        end = self.metadata.frame_range(run[-1])[1]
-        began = time.monotonic()
-        blob = b""
-        tree_failures: dict[int, str] = {}
-
-        async def fetch_frames() -> None:
-            nonlocal blob
-            blob = await self.reader.read(start, end - start)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(fetch_frames)
-                nursery.start_soon(self._ensure_tree_blocks, run, tree_failures)
-        except BaseExceptionGroup as group:
-            errors = leaf_errors(group)
-            if not errors or not all(isinstance(e, FetchError | FormatError) for e in errors):
-                raise
-            bad = [str(error) for error in errors if isinstance(error, FormatError)]
-            if bad:
-                self._mark_bad(run, f"dm-verity tree: {'; '.join(bad)}")
-            else:
-                self.stats.fetch_failures += 1
-                # The one line for this failure (the reader raises, it does not log): the
-                # message names the URL or file, the byte range and the last status or error.
-                message = "; ".join(str(error) for error in errors)
-                self._failing_until = trio.current_time() + self.tuning.failure_holdoff_s
-                self._last_fetch_error = message
-                log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0],
-                            run[-1], message)
-                self._fail_run(run, f"fetch failed: {message}")
-            return
-        latency = time.monotonic() - began
-        self.stats.fetch_latency.add(latency)
-        self.stats.chunk_fetches += 1
-        for index, message in sorted(tree_failures.items()):
-            self._mark_bad([index], f"dm-verity tree: {message}")
-            unresolved.discard(index)
-        for index in run:
-            if index in tree_failures:
-                continue
-            frame_start, frame_end = self.metadata.frame_range(index)
-            frame = blob[frame_start - start:frame_end - start]
-            try:
-                data = await trio.to_thread.run_sync(
-                    _verify_and_decode, self.metadata, self._level0_blocks(index), index, frame,
-                    frame_start,
-                    limiter=self._cpu_limiter,
-                )
-            except FormatError as exc:
-                self._mark_bad([index], str(exc))
-                unresolved.discard(index)
-                continue
-            self.stats.chunks_fetched.add(index)
-            self.cache.complete(self._key(index), data)
-            unresolved.discard(index)
-            if self.disk is not None:
-                self.disk.save(index, frame, self._level0_blocks(index))
-            self._record(chunk=index, event="fetch", reason=reason, bytes=len(frame),
-                         latency_ms=round(latency * 1000, 3))
-
-    async def _load_from_disk(self, run: list[int], unresolved: set[int]) -> list[int]:
-        """Complete the chunks of `run` that the disk cache holds, each checked again; return
-        the others. A copy that fails is dropped, to be fetched."""
-        disk = self.disk
-        assert disk is not None
-        rest: list[int] = []
-
-        async def load(index: int) -> None:
-            found = await disk.load(index, self._tree_blocks, self._hash_blocks_for([index]),
-                                    self._cpu_limiter)
-            if found is None:
-                rest.append(index)
-                return
-            frame, blocks = found
-            try:
-                data = await trio.to_thread.run_sync(
-                    check_frame, self.metadata, blocks, index, frame,
-                    self.metadata.frame_range(index)[0], limiter=self._cpu_limiter,
-                )
-            except FormatError as exc:
-                await disk.forget(index, str(exc))
-                rest.append(index)
-                return
-            self._tree_blocks.update(blocks)
-            self.stats.chunks_from_disk += 1
-            self.cache.complete(self._key(index), data)
-            unresolved.discard(index)
-            self._record(chunk=index, event="disk", bytes=len(frame))
-
-        async with trio.open_nursery() as nursery:  # the chunks of a run side by side
-            for index in run:
-                nursery.start_soon(load, index)
-        return sorted(rest)
-
-    def _hash_blocks_for(self, run: list[int]) -> list[int]:
-        """Payload offsets of the hash blocks (all levels, top first) that cover `run`."""
-        geometry = self.metadata.verity
-        if geometry is None or self.metadata.root is None or not geometry.levels:
-            return []
-        table = self.metadata.table
-        block_size = geometry.superblock.data_block_size
-        first_block = run[0] * table.chunk_size // block_size
-        last_byte = min((run[-1] + 1) * table.chunk_size, self.size)
-        count = -(-last_byte // block_size) - first_block
-        return hash_blocks_needed(geometry, first_block, count)
-
-    def _level0_blocks(self, chunk_index: int) -> dict[int, bytes]:
-        """A private copy of the verified blocks for one chunk: worker threads share no state."""
-        return {offset: self._tree_blocks[offset]
-                for offset in self._hash_blocks_for([chunk_index])
-                if offset in self._tree_blocks}
-
-    async def _ensure_tree_blocks(self, run: list[int], failures: dict[int, str]) -> None:
-        """Fetch and authenticate the hash blocks covering `run` that are not yet verified.
-
-        For a run of several chunks, those whose blocks do not verify are put in `failures`
-        (index: reason) and the others stay usable; for a single chunk, raises IntegrityError.
-        """
-        needed = self._hash_blocks_for(run)
-        missing = [offset for offset in needed if offset not in self._tree_blocks]
-        if not missing:
-            return
-        geometry = self.metadata.verity
-        assert geometry is not None and self.metadata.root is not None
-        hash_block_size = geometry.superblock.hash_block_size
-        fetched: dict[int, bytes] = {}
-        for group in _contiguous(missing, hash_block_size):
-            span = await self.reader.read(self.metadata.verity_payload_offset + group[0],
-                                          len(group) * hash_block_size)
-            self.stats.tree_blocks_fetched += len(group)
-            for position, offset in enumerate(group):
-                fetched[offset] = span[position * hash_block_size:
-                                       (position + 1) * hash_block_size]
-        known = {offset: self._tree_blocks[offset] for offset in needed
-                 if offset in self._tree_blocks}
-        candidates = {**known, **fetched}
-        root = self.metadata.root
-        try:
-            newly = await trio.to_thread.run_sync(
-                verify_hash_blocks, geometry, candidates, root, set(known),
-                limiter=self._cpu_limiter,
-            )
-        except FormatError:
-            if len(run) == 1:
-                raise
-            # One bad block must not condemn the chunks of the run it does not cover.
-            newly = set()
-            for index in run:
-                own = {offset: candidates[offset] for offset in self._hash_blocks_for([index])}
-                try:
-                    newly |= await trio.to_thread.run_sync(
-                        verify_hash_blocks, geometry, own, root, set(known),
-                        limiter=self._cpu_limiter,
-                    )
-                except FormatError as exc:
-                    failures[index] = str(exc)
-        for offset in newly:
-            self._tree_blocks[offset] = candidates[offset]
-
-    def _mark_bad(self, run: list[int], reason: str) -> None:
-        """Remember chunks that failed a check, log once, and fail their waiters."""
-        for index in run:
-            if index not in self._bad_chunks:
-                self._bad_chunks[index] = reason
-                self.stats.verify_failures += 1
-                start, _ = self.metadata.frame_range(index)
-                log.error("layer %s: chunk %d (frame at blob offset %d): verification failed: "
-                          "%s", self.name, index, start, reason)
-                self._record(chunk=index, event="bad")
-        self._fail_run(run, f"verification failed: {reason}")
-
-    def _fail_run(self, run: list[int], reason: str) -> None:
-        for index in run:
-            self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: {reason}"))
+        for run in runs:
+            self._nursery.start_soon(self.loader.load_run, run, reason)
 
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
             self._trace.record(layer=self.name, **fields)
 
-
-def _contiguous(offsets: list[int], step: int) -> list[list[int]]:
-    groups: list[list[int]] = []
-    for offset in sorted(offsets):
-        if groups and groups[-1][-1] + step == offset:
-            groups[-1].append(offset)
-        else:
-            groups.append([offset])
-    return groups
-
-
-def _verify_and_decode(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes],
-                       chunk_index: int, frame: bytes, frame_offset: int) -> bytes:
-    """Runs in a worker thread: frame SHA-512, exact decode, every data block against the tree.
-
-    Raises IntegrityError / FrameDecodeError naming the chunk and offsets.
-    """
-    table = metadata.table
-    verify_frame(table, chunk_index, frame, frame_offset)
-    data = decode_chunk_frame(frame, table.decoded_size(chunk_index), chunk_index, frame_offset)
-    geometry = metadata.verity
-    if geometry is not None and metadata.root is not None:
-        first_block = chunk_index * table.chunk_size // geometry.superblock.data_block_size
-        verify_data_blocks(geometry, first_block, data, tree_blocks, metadata.root)
-    return data

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import trio
+
 _LATENCY_SAMPLES = 4096
 
 
@@ -54,6 +56,7 @@ class ImageStats:
     readahead_chunks: int = 0
     verify_failures: int = 0
     fetch_failures: int = 0
+    refetches: int = 0
     tree_blocks_fetched: int = 0
     fetch_latency: LatencyRecorder = field(default_factory=LatencyRecorder)
 
@@ -62,7 +65,8 @@ class TraceWriter:
     """Writes one JSON line per chunk access: time since mount, layer, chunk, bytes, outcome.
 
     Lines are buffered by the file object; a line is a few dozen bytes, so writing it costs a
-    memory copy on the event loop, and the buffer is flushed every `flush_every` lines.
+    memory copy on the event loop, and the buffer is flushed every `flush_every` lines, and
+    by `flush_periodically` (the mount runs it: a live trace is at most a second behind).
     """
 
     def __init__(self, stream: IO[str], started: float | None = None,
@@ -86,6 +90,13 @@ class TraceWriter:
     def flush(self) -> None:
         self._pending = 0
         self._stream.flush()
+
+    async def flush_periodically(self, interval_s: float) -> None:
+        """Flush what was written every `interval_s`, until cancelled."""
+        while True:
+            await trio.sleep(interval_s)
+            if self._pending:
+                self.flush()
 
     def close(self) -> None:
         self._stream.flush()

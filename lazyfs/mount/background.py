@@ -175,7 +175,9 @@ async def stop_mount(
     and fusermount3 -u -z. Raises MountBusyError (unless `lazy`) or MountError.
     """
     if daemon_alive(record):
-        await kernel.unmount_kernel_mounts(record, lazy_fallback=lazy)
+        # Asked to detach lazily: waiting for a busy mount to become free is pointless.
+        attempts = 1 if lazy else kernel.UNMOUNT_ATTEMPTS
+        await kernel.unmount_kernel_mounts(record, lazy_fallback=lazy, attempts=attempts)
         os.kill(record.pid, signal.SIGTERM)
         if not await _wait_for_exit(record, timeout_s):
             log.warning("daemon %d did not stop within %.0f s; killing it", record.pid, timeout_s)

@@ -5,7 +5,12 @@ Start-up order: open and authenticate every layer (all at once, a few in flight)
 on a private directory (or the user's block-only directory), start serving, then mount EROFS
 from the block files while the loop serves the kernel's reads, and for images stack them with
 overlayfs. Teardown runs the other way round and also after a failure half-way: each step is
-recorded in the mount record first, so whatever came up goes down.
+recorded in the mount record first, so whatever came up goes down. A stop first cancels every
+fetch in flight, so that no read waits on a stalled server while the mount goes down.
+
+Before EROFS is mounted on a layer, its first block (the superblock) is read through the
+verified path: when that fails, the error names what failed (chunk, tree level and block, or
+the fetch), not the kernel's "can't read superblock".
 
 One daemon serves every layer of the images one command mounts: a layer they share is opened,
 fetched and cached once (the chunk cache is keyed by content). Separate commands run separate
@@ -29,7 +34,9 @@ from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES, ChunkCache
 from lazyfs.errors import LazyfsError
 from lazyfs.exception_groups import sole_error
+from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
+from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
@@ -52,6 +59,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PARALLEL_LAYER_OPENS = 8
 # At unmount, frames still being written to the disk cache get this long to finish.
 DISK_WRITES_GRACE_S = 10.0
+# How often the trace file is flushed, so that a live mount can be watched.
+TRACE_FLUSH_INTERVAL_S = 1.0
+# What is read of each layer before EROFS is mounted on it: its superblock.
+SUPERBLOCK_PROBE_BYTES = 4096
 
 
 class DaemonStartError(LazyfsError):
@@ -87,8 +98,8 @@ class DaemonConfig:
 
     With `images`, `sources` are their distinct layers (named as the images list them) and
     each image is stacked at its own mountpoint, the first at `mountpoint`. `tuning` applies
-    to every layer (its `parallel_fetches` is sized by the daemon, with its other limits).
-    `disk_cache` None: no disk cache.
+    to every layer (its `parallel_fetches` is sized by the daemon, with its other limits),
+    `low_speed` to every fetch of every source. `disk_cache` None: no disk cache.
     """
 
     sources: list[LayerSource]
@@ -99,6 +110,7 @@ class DaemonConfig:
     tuning: ImageTuning = field(default_factory=ImageTuning)
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
     trace_file: str | None = None
+    low_speed: SpeedLimit = field(default_factory=SpeedLimit)
     log_file: str | None = None
     temp_dir: str | None = None
     allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
@@ -154,6 +166,8 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
+                    if trace is not None:
+                        nursery.start_soon(trace.flush_periodically, TRACE_FLUSH_INTERVAL_S)
                     await self._start(nursery, trace)
                     on_ready()
                     await self._fuse_done.wait()
@@ -181,6 +195,7 @@ class Daemon:
             log.info("disk cache %s, at most %d bytes", self.disk.directory,
                      self.disk.store.capacity_bytes)
         await self._open_layers(nursery, trace)
+        self._check_cache_size()
         ops = LayerOperations(self.images, self.stats, cache=self.cache, disk=self.disk)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -230,12 +245,9 @@ class Daemon:
         opened: dict[int, RemoteImage] = {}
 
         async def open_one(index: int, source: LayerSource) -> None:
-            reader_options = replace(
-                source.reader_options, max_connections=self.limits.http_connections
-            )
             async with limiter:
                 image = await open_layer(
-                    replace(source, reader_options=reader_options),
+                    self._with_limits(source),
                     cache=self.cache,
                     nursery=nursery,
                     tuning=tuning,
@@ -244,7 +256,9 @@ class Daemon:
                     # A blob on this machine needs no copy in the disk cache.
                     disk=self.disk if _is_remote(source.blob) else None,
                 )
-            self.images.append(image)  # closed at teardown, whatever happens next
+                self.images.append(image)  # closed at teardown, whatever happens next
+                if not config.block_only:
+                    await _probe_superblock(image, source)
             opened[index] = image
             log.info(
                 "%s: %d bytes in %d chunks",
@@ -260,6 +274,35 @@ class Daemon:
         except BaseExceptionGroup as group:
             raise sole_error(group) from None
         self.images = [opened[index] for index in range(len(config.sources))]
+
+    def _with_limits(self, source: LayerSource) -> LayerSource:
+        """`source` with the daemon's connection limit and low-speed limit on every reader."""
+        def limited(options: ReaderOptions) -> ReaderOptions:
+            return replace(options, max_connections=self.limits.http_connections,
+                           low_speed=self.config.low_speed)
+
+        return replace(
+            source,
+            reader_options=limited(source.reader_options),
+            alternates=tuple(replace(alternate, reader_options=limited(alternate.reader_options))
+                             for alternate in source.alternates),
+        )
+
+    def _check_cache_size(self) -> None:
+        """A cache smaller than a chunk keeps nothing: every read would fetch again. Raises
+        DaemonStartError naming the layer and the size needed."""
+        sizes = {image.name: min(image.metadata.table.chunk_size, image.size)
+                 for image in self.images}
+        if not sizes:
+            return
+        name = max(sizes, key=lambda layer: sizes[layer])
+        chunk_size = sizes[name]
+        if self.cache.capacity_bytes < chunk_size:
+            raise DaemonStartError(
+                f"the chunk cache of {self.cache.capacity_bytes} bytes (--cache-size) is "
+                f"smaller than one chunk of layer {name} ({chunk_size} bytes): it "
+                f"could keep nothing; give at least {chunk_size} bytes (better several chunks)"
+            )
 
     def _loop_attached(self, device: str) -> None:
         self.record.loop_devices.append(device)
@@ -286,6 +329,9 @@ class Daemon:
                 "%s: %s received; unmounting", self.record.mountpoint, signal.Signals(signum).name
             )
             self._stopping = True
+            # No read may wait on a stalled server now: end the fetches in flight first.
+            for image in self.images:
+                image.cancel_fetches()
             if not self.record.ready or not self._fuse_serving:
                 # Still starting up: cancel it (a mount(8) waiting on FUSE is killed with it)
                 # and let the teardown undo what came up.
@@ -325,6 +371,17 @@ class Daemon:
 
 def _is_remote(blob: str) -> bool:
     return "://" in blob and not blob.startswith("file://")
+
+
+async def _probe_superblock(image: RemoteImage, source: LayerSource) -> None:
+    """Read the layer's first block through the verified path. Raises LayerOpenError saying
+    what failed (the chunk and the check, or the fetch), which the kernel's mount would not."""
+    try:
+        await image.read(0, min(SUPERBLOCK_PROBE_BYTES, image.size))
+    except ImageReadError as exc:
+        raise LayerOpenError(
+            f"{source.blob}: cannot read the layer's EROFS superblock: {exc}"
+        ) from None
 
 
 def run_daemon(config: DaemonConfig, on_ready: Callable[[], None]) -> None:

@@ -364,15 +364,17 @@ def overlays_of(record: MountRecord) -> list[str]:
     return [path for path in dict.fromkeys(wanted) if canonical(path) in mounted]
 
 
-async def unmount_kernel_mounts(record: MountRecord, *, lazy_fallback: bool) -> None:
+async def unmount_kernel_mounts(record: MountRecord, *, lazy_fallback: bool,
+                                attempts: int = UNMOUNT_ATTEMPTS) -> None:
     """Take down what the record lists above the FUSE mount, top first: overlays, EROFS
     mounts (newest first), then the loop devices still backed by a block file or a file of
     `temp_dir` (only those: a recorded device may since have been reused by someone else).
-    Raises MountError (MountBusyError) and leaves the rest in place if one fails."""
+    Each mount is tried `attempts` times while busy. Raises MountError (MountBusyError) and
+    leaves the rest in place if one fails."""
     for mountpoint in overlays_of(record):
-        await unmount(mountpoint, lazy_fallback=lazy_fallback)
+        await unmount(mountpoint, attempts=attempts, lazy_fallback=lazy_fallback)
     for mountpoint in erofs_mounts_of(record):
-        await unmount(mountpoint, lazy_fallback=lazy_fallback)
+        await unmount(mountpoint, attempts=attempts, lazy_fallback=lazy_fallback)
     for directory in (record.fuse_dir, record.temp_dir):
         if directory is not None:
             for device in loops_backed_by(directory):

@@ -22,6 +22,7 @@ import trio
 from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
+from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
@@ -56,14 +57,16 @@ class StatsError(LazyfsError):
 
 @dataclass(frozen=True)
 class MountOptions:
-    """How a daemon serves its layers: the decoded chunk cache (bytes), how each layer reads
-    (readahead, coalescing, parallel fetches), a file to append a JSON line per chunk
-    access, and the disk cache shared with other daemons (None: none)."""
+    """How a daemon serves its layers: the decoded chunk cache (bytes, at least one chunk of
+    every layer), how each layer reads (readahead, coalescing, parallel fetches, the read
+    timeout, failure retries), a file to append a JSON line per chunk access, the disk cache
+    shared with other daemons (None: none), and the low-speed limit of every fetch."""
 
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
+    low_speed: SpeedLimit = field(default_factory=SpeedLimit)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -113,6 +116,7 @@ def layer_config(
         tuning=options.tuning,
         disk_cache=options.disk_cache,
         trace_file=options.trace_file,
+        low_speed=options.low_speed,
     )
 
 
@@ -144,6 +148,7 @@ def image_config(
         tuning=options.tuning,
         disk_cache=options.disk_cache,
         trace_file=options.trace_file,
+        low_speed=options.low_speed,
         temp_dir=temp_dir,
     )
 

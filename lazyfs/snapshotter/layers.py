@@ -204,6 +204,8 @@ class LayerHost:
         layer = self.mounted.pop(digest, None)
         if layer is None:
             return
+        # No read may wait on a stalled server while the layer goes: end its fetches first.
+        layer.image.cancel_fetches()
         with trio.CancelScope(shield=True):
             try:
                 await kernel_mount.unmount(layer.mountpoint, lazy_fallback=True)

@@ -50,3 +50,15 @@ def test_disk_cache_section_shows_hits_misses_evictions_and_bytes() -> None:
     assert start > lines.index("chunk cache")
     without = format_stats(STATS, "/mnt/x").splitlines()
     assert not any(line.startswith("disk cache") for line in without)
+
+
+def test_what_fails_right_now_is_shown_only_when_something_does() -> None:
+    layer = {**STATS["layers"]["layer.blob"], "verify_failures": 1, "refetches": 2,
+             "bad_chunks": [5], "failing_chunks": [], "unreachable_sources": ["http://h/"]}
+    lines = format_stats({**STATS, "layers": {"layer.blob": layer}}, "/mnt/x").splitlines()
+    assert "  verification failures     1 (2 chunks fetched again)" in lines
+    assert "  bad chunks                5" in lines
+    assert "  unreachable               http://h/" in lines
+    assert not any("held-off" in line for line in lines)
+    quiet = format_stats(STATS, "/mnt/x")
+    assert "bad chunks" not in quiet and "unreachable" not in quiet

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from lazyfs.fetch.base import ReaderOptions
-from lazyfs.fetch.errors import BlobChangedError, FetchError
+from lazyfs.fetch.errors import BlobChangedError, FetchError, SourceUnreachableError
 from lazyfs.fetch.http import HttpRangeReader
 from lazyfs.fetch.local import open_blob_reader
 from tests.support import nginx
@@ -81,19 +81,19 @@ def test_blob_replaced_under_server(nginx_server: StartServer, tmp_path: Path, b
     async def main() -> None:
         async with HttpRangeReader(server.url + "layer.blob") as reader:
             assert await reader.read(0, 100) == blob[:100]
-            # Same size, other bytes and another mtime: only the ETag can tell.
+            # Same size, another mtime (so another ETag): not an error of the reader, which
+            # returns what is served; the image layer checks every frame against its digest.
             replacement = tmp_path / "layer.blob.new"
             replacement.write_bytes(bytes(len(blob)))
             stat = path.stat()
             os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
             replacement.replace(path)
-            with pytest.raises(BlobChangedError, match="ETag"):
-                await reader.read(0, 100)
-            # A different size is caught as well.
+            assert await reader.read(0, 100) == bytes(100)
+            # A different size is caught.
             path.write_bytes(blob[:1000])
-            with pytest.raises(BlobChangedError):
+            with pytest.raises(BlobChangedError, match="now 1000 bytes"):
                 await reader.read(0, 100)
-            assert reader.stats.failures == 2
+            assert reader.stats.failures == 1
 
     trio.run(main)
 
@@ -121,7 +121,7 @@ def test_concurrent_reads_correct(nginx_server: StartServer, tmp_path: Path, blo
     assert len(server.access_lines()) == 1 + len(ranges)
 
 
-def test_stopped_server_fails_after_retries(
+def test_stopped_server_is_unreachable_without_the_whole_backoff(
     nginx_server: StartServer, tmp_path: Path, blob: bytes
 ) -> None:
     server = nginx_server(tmp_path)
@@ -129,12 +129,13 @@ def test_stopped_server_fails_after_retries(
     async def main() -> None:
         reader = HttpRangeReader(
             server.url + "layer.blob",
-            ReaderOptions(max_retries=2, backoff_base_s=0.01, connect_timeout_s=2),
+            ReaderOptions(max_retries=4, backoff_base_s=0.01, connect_timeout_s=2),
         )
         async with reader:
             server.stop()
-            with pytest.raises(FetchError, match=r"3 attempts; last: ConnectError"):
+            with pytest.raises(SourceUnreachableError,
+                               match=r"no connection in 2 attempts; last: ConnectError"):
                 await reader.read(0, 10)
-            assert reader.stats.retries == 2
+            assert reader.stats.retries == 1
 
     trio.run(main)

@@ -69,12 +69,17 @@ def test_a_failed_fetch_is_logged_once_with_url_range_and_status(
         (tmp_path / "layer.blob").rename(tmp_path / "moved.blob")  # now 404
         with pytest.raises(ImageReadError, match="HTTP 404"):
             await image.read(0, 100)
-        with pytest.raises(ImageReadError, match="source failing"):
-            await image.read(2 * 65536, 100)  # within the hold-off: no fetch, no line
+        requests = image.reader.stats.requests
+        with pytest.raises(ImageReadError, match=r"fetch failed \(.*HTTP 404.*tried again in"):
+            await image.read(100, 100)  # the same chunk, held off: no fetch, no line
+        assert image.reader.stats.requests == requests
+        with pytest.raises(ImageReadError, match="HTTP 404"):
+            await image.read(2 * 65536, 100)  # another chunk is tried: its own line
 
     with caplog.at_level(logging.DEBUG):
         run_with_layer(LayerSource(url), body, tuning=ImageTuning(readahead_chunks=0))
     lines = [record.getMessage() for record in caplog.records
              if record.levelno >= logging.WARNING]
-    assert len(lines) == 1, lines
-    assert url in lines[0] and "bytes=" in lines[0] and "HTTP 404" in lines[0]
+    assert len(lines) == 2, lines
+    assert all(url in line and "HTTP 404" in line for line in lines)
+    assert "chunks 0-0" in lines[0] and "bytes=0-" in lines[0] and "chunks 2-2" in lines[1]

@@ -271,27 +271,32 @@ def test_fetch_failure_is_eio_and_not_remembered(blob: Path) -> None:
             await image.read(4 * CHUNK, 10)
         return await image.read(4 * CHUNK, 10), image.stats_snapshot()
 
-    tuning = ImageTuning(readahead_chunks=0, failure_holdoff_s=0)
+    tuning = ImageTuning(readahead_chunks=0, retry_after_s=0)
     data, stats = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
     assert data == IMAGE[4 * CHUNK:4 * CHUNK + 10]
     assert stats["fetch_failures"] == 1 and stats["verify_failures"] == 0
 
 
-def test_after_a_fetch_failure_reads_fail_fast_for_a_while(blob: Path) -> None:
+def test_a_fetch_failure_holds_off_its_chunk_for_a_while_and_no_other(blob: Path) -> None:
     async def body(image: RemoteImage) -> object:
         _fail_first_fetch(image)
         with pytest.raises(ImageReadError):
             await image.read(4 * CHUNK, 10)
+        # Another chunk loads at once: one failing range does not block the others.
+        other = await image.read(6 * CHUNK, 10)
         requests = image.reader.stats.requests
-        with pytest.raises(ImageReadError, match="source failing"):
-            await image.read(6 * CHUNK, 10)  # another chunk: no request is even sent
+        with pytest.raises(ImageReadError, match=r"fetch failed \(.*refused\); tried again in"):
+            await image.read(4 * CHUNK, 10)  # its own chunk: no request is even sent
         assert image.reader.stats.requests == requests
+        assert image.stats_snapshot()["failing_chunks"] == [4]
         await trio.sleep(0.3)
-        return await image.read(6 * CHUNK, 10)
+        return other, await image.read(4 * CHUNK, 10), image.stats_snapshot()["failing_chunks"]
 
-    tuning = ImageTuning(readahead_chunks=0, failure_holdoff_s=0.2)
-    data = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
-    assert data == IMAGE[6 * CHUNK:6 * CHUNK + 10]
+    tuning = ImageTuning(readahead_chunks=0, retry_after_s=0.2)
+    other, data, failing = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
+    assert other == IMAGE[6 * CHUNK:6 * CHUNK + 10]
+    assert data == IMAGE[4 * CHUNK:4 * CHUNK + 10]
+    assert failing == []
 
 
 def test_read_past_end_is_empty(blob: Path) -> None:
@@ -335,12 +340,12 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
     """A chunk completed early in a run and gone from the cache (here: a cache too small to
     keep it) may be claimed again while the run still decodes its other chunks; the run's
     end must not fail that newer load, whose own completion would then find no claim."""
-    from lazyfs.image import remote_image
+    from lazyfs.image import loader
 
-    real = remote_image._verify_and_decode
+    real = loader.decode_frame
     decodes: list[int] = []
 
-    def slow(metadata: Any, blocks: Any, chunk_index: int, frame: bytes, offset: int) -> bytes:
+    def slow(metadata: Any, chunk_index: int, frame: bytes, offset: int) -> bytes:
         import time
 
         decodes.append(chunk_index)
@@ -348,9 +353,9 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
             time.sleep(0.3)  # the run [0, 1] is still busy after chunk 0 completed
         elif decodes.count(0) == 2:
             time.sleep(0.8)  # the second load of chunk 0 outlasts the run
-        return real(metadata, blocks, chunk_index, frame, offset)
+        return real(metadata, chunk_index, frame, offset)
 
-    monkeypatch.setattr(remote_image, "_verify_and_decode", slow)
+    monkeypatch.setattr(loader, "decode_frame", slow)
 
     async def body(image: RemoteImage) -> object:
         results: dict[str, bytes] = {}
@@ -444,15 +449,6 @@ def test_corrupt_tree_block_fails_only_its_chunks_of_a_coalesced_run(tmp_path: P
     data, bad = run_with_layer(LayerSource(str(blob_path)), body, tuning=NO_READAHEAD)
     assert data == image_bytes[12 * CHUNK:13 * CHUNK]
     assert bad == [11]
-
-
-def test_chunks_not_aligned_to_verity_blocks_are_refused_clearly(tmp_path: Path) -> None:
-    blob_path = write_blob(tmp_path, IMAGE[:100_000], chunk_size=6000)[0]
-    with pytest.raises(LayerOpenError, match="not a multiple of the dm-verity block size"):
-        run_with_layer(LayerSource(str(blob_path)), read_all)
-    unverified = write_blob(tmp_path, IMAGE[:100_000], name="plain", chunk_size=6000,
-                            verity=False)[0]
-    assert run_with_layer(LayerSource(str(unverified)), read_all) == IMAGE[:100_000]
 
 
 def test_trace_records_fetches_hits_and_bad_chunks(blob: Path, tmp_path: Path) -> None:

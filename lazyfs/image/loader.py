@@ -1,0 +1,401 @@
+"""Loading chunks of one layer: disk cache or fetch → verify → decode → cache, with the
+failure policy of `lazyfs.image.health`.
+
+A load takes adjacent chunks the caller claimed in the cache (`ChunkCache.claim`) and
+resolves every one of them, whatever happens: complete with verified bytes, or fail. It
+takes what the disk cache holds first (checked again; a disk hit is a success like a
+fetch), fails at once the rest that must not be fetched now (`refusal`), and fetches the
+others' frames in one request (with the neighbours whose bytes straddling dm-verity
+blocks need, unless they are cached) and the hash blocks that cover them, checks each
+frame's digest, decodes it and checks its data blocks. A chunk that fails a check is fetched
+again, alone, up to `refetches` times, cycling through the sources (a mirror, then the
+registry), before it is reported bad; a failed fetch is tried on the next source before the
+chunks are failed and held off. A load gives up after the read timeout, and at once when
+unmount cancels it. Each frame fetched and verified is written back to the disk cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Any
+
+import trio
+
+from lazyfs.cache.memory import ChunkCache
+from lazyfs.exception_groups import leaf_errors
+from lazyfs.fetch.base import BlobReader
+from lazyfs.fetch.errors import FetchError, SourceUnreachableError
+from lazyfs.format.errors import FormatError, IntegrityError
+from lazyfs.format.layout import BlobMetadata
+from lazyfs.image.disk_tier import LayerDisk
+from lazyfs.image.errors import ImageReadError
+from lazyfs.image.health import LayerHealth
+from lazyfs.image.stats import ImageStats
+from lazyfs.image.tree_blocks import TreeBlocks, contiguous
+from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.verify import block_context, check_blocks, decode_frame
+
+log = logging.getLogger(__name__)
+
+
+class _FetchFailed(Exception):
+    """A fetch failed after the reader's retries; `unreachable`: no attempt connected."""
+
+    def __init__(self, message: str, unreachable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.unreachable = unreachable
+
+
+class ChunkLoader:
+    """Loads the chunks of one layer into the shared cache (keys from `key_of`)."""
+
+    def __init__(
+        self,
+        name: str,
+        readers: list[BlobReader],
+        metadata: BlobMetadata,
+        cache: ChunkCache,
+        key_of: Callable[[int], Hashable],
+        stats: ImageStats,
+        tuning: ImageTuning,
+        *,
+        tree_blocks: Mapping[int, bytes] | None = None,
+        cpu_limiter: trio.CapacityLimiter | None = None,
+        record: Callable[..., None] | None = None,
+        disk: LayerDisk | None = None,
+    ) -> None:
+        self.name = name
+        self.readers = readers
+        self.metadata = metadata
+        self.cache = cache
+        self.stats = stats
+        self.tuning = tuning
+        self.health = LayerHealth(name, tuning)
+        self._key = key_of
+        self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
+        self.tree = TreeBlocks(metadata, stats, self._cpu_limiter, tree_blocks)
+        self._fetch_limiter = trio.CapacityLimiter(tuning.parallel_fetches)
+        self._record = record or (lambda **fields: None)
+        # The cancel scopes of the loads in flight, so that unmount can end them at once.
+        self._loads: set[trio.CancelScope] = set()
+        self._closing = False
+        self.disk = disk
+        self._probing: trio.Event | None = None  # set when a probe of the source has told
+
+    def refusal(self, chunk_index: int) -> str | None:
+        """Why a load of `chunk_index` must not be tried now (unmounting, bad, held off,
+        source down), or None."""
+        if self._closing:
+            return "the mount is going down"
+        sources = [reader.source for reader in self.readers]
+        return self.health.refusal(chunk_index, sources, time.monotonic())
+
+    def early_refusal(self, chunk_index: int) -> str | None:
+        """`refusal`, for a read about to claim the chunk: None while the disk cache may hold
+        it (a load asks the disk first, then refuses what it lacks), except at unmount."""
+        if self.disk is not None and not self._closing and self.disk.may_hold(chunk_index):
+            return None
+        return self.refusal(chunk_index)
+
+    def probe_source(self, nursery: trio.Nursery, probe: Callable[[], Awaitable[None]]) -> None:
+        """Ask the first source once, in the background, whether it answers (for a layer
+        opened from the disk cache alone, which has not asked it yet). Loads that would fetch
+        wait for the answer; a source that does not answer is down (`health`)."""
+        self._probing = done = trio.Event()
+        nursery.start_soon(self._run_probe, probe, done)
+
+    async def _run_probe(self, probe: Callable[[], Awaitable[None]], done: trio.Event) -> None:
+        source = self.readers[0].source
+        try:
+            await probe()
+        except FetchError as exc:
+            self.health.source_unreachable(source, str(exc), time.monotonic())
+        else:
+            self.health.answered(source)
+        finally:
+            self._probing = None
+            done.set()
+
+    def cancel(self) -> None:
+        """End every load in flight now and refuse new ones (unmount)."""
+        self._closing = True
+        for scope in self._loads:
+            scope.cancel()
+
+    async def load_run(self, run: list[int], reason: str) -> None:
+        """Fetch, verify and decode adjacent claimed chunks; complete or fail every key,
+        within the read timeout (or at once when cancelled for unmount)."""
+        unresolved = set(run)
+        scope = trio.CancelScope(deadline=trio.current_time() + self.tuning.read_timeout_s)
+        self._loads.add(scope)
+        try:
+            with scope:
+                if self._closing:
+                    scope.cancel()
+                rest = await self._load_from_disk(run, unresolved)
+                rest = await self._refuse(rest, unresolved)
+                async with self._fetch_limiter:
+                    for part in contiguous(rest, 1):
+                        await self._fetch_and_verify(part, reason, unresolved)
+            if scope.cancelled_caught and unresolved and not self._closing:
+                message = (f"no complete answer within {self.tuning.read_timeout_s:g} s "
+                           "(the read timeout)")
+                self._fetch_failed(sorted(unresolved), message)
+                unresolved.clear()
+        finally:
+            self._loads.discard(scope)
+            # Whatever happened (cancellation at unmount included), no waiter is left hanging.
+            # Only keys this run still holds: one it completed may be claimed anew by now.
+            for index in sorted(unresolved):
+                self.cache.fail(self._key(index), ImageReadError(f"chunk {index} not loaded"))
+
+    async def _load_from_disk(self, run: list[int], unresolved: set[int]) -> list[int]:
+        """Complete the chunks of `run` that the disk cache holds, each checked again, side
+        by side; return the others."""
+        disk = self.disk
+        if disk is None:
+            return run
+        rest: list[int] = []
+
+        async def load(index: int) -> None:
+            found = await disk.load_chunk(index, self.tree.verified, self.tree.needed([index]),
+                                          self._cpu_limiter)
+            if found is None:
+                rest.append(index)
+                return
+            data, frame_size, blocks = found
+            self.tree.verified.update(blocks)
+            self.stats.chunks_from_disk += 1
+            self.cache.complete(self._key(index), data)
+            unresolved.discard(index)
+            self.health.loaded([index])
+            self._record(chunk=index, event="disk", bytes=frame_size)
+
+        async with trio.open_nursery() as nursery:
+            for index in run:
+                nursery.start_soon(load, index)
+        return sorted(rest)
+
+    async def _refuse(self, run: list[int], unresolved: set[int]) -> list[int]:
+        """Fail at once the chunks of `run` that must not be fetched now (`refusal`), once a
+        probe of the source under way has told; return the others."""
+        if run and self._probing is not None:
+            await self._probing.wait()
+        rest = []
+        for index in run:
+            refusal = self.refusal(index)
+            if refusal is None:
+                rest.append(index)
+            else:
+                self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: {refusal}"))
+                unresolved.discard(index)
+        return rest
+
+    async def _fetch_and_verify(self, run: list[int], reason: str,
+                                unresolved: set[int]) -> None:
+        """Load `run`; fetch each chunk that fails a check again, alone, up to `refetches`
+        times (cycling through the sources), then report it bad. Removes from `unresolved`
+        each index whose key was completed or failed (after that, the key may belong to
+        another loader)."""
+        failures = await self._load_from_sources(run, reason, unresolved, 0)
+        for attempt in range(1, self.tuning.refetches + 1):
+            if not failures:
+                return
+            self.stats.refetches += len(failures)
+            log.info("layer %s: chunks %s failed a check; fetching them again (%d of %d): %s",
+                     self.name, sorted(failures), attempt, self.tuning.refetches,
+                     "; ".join(sorted(set(failures.values()))))
+            retried, failures = failures, {}
+            for index in sorted(retried):
+                failures.update(await self._load_from_sources([index], reason, unresolved,
+                                                              attempt))
+        for index, message in sorted(failures.items()):
+            self._mark_bad(index, message)
+            unresolved.discard(index)
+
+    async def _load_from_sources(self, group: list[int], reason: str, unresolved: set[int],
+                                 position: int) -> dict[int, str]:
+        """Load adjacent chunks from the source at `position` (cycling), trying the next
+        sources after a failed fetch. Returns the chunks that failed a check (index: reason);
+        those whose fetch failed everywhere are failed and held off."""
+        usable = self.health.usable([reader.source for reader in self.readers],
+                                    time.monotonic())
+        readers = [reader for reader in self.readers if reader.source in usable] or self.readers
+        failed: _FetchFailed | None = None
+        for step in range(len(readers)):
+            reader = readers[(position + step) % len(readers)]
+            try:
+                return await self._load_once(reader, group, reason, unresolved)
+            except _FetchFailed as exc:
+                failed = exc
+                if exc.unreachable:
+                    self.health.source_unreachable(reader.source, exc.message,
+                                                   time.monotonic())
+                else:
+                    self.health.answered(reader.source)
+                if step + 1 < len(readers):
+                    log.info("layer %s: chunks %d-%d: %s; trying the next source", self.name,
+                             group[0], group[-1], exc.message)
+        assert failed is not None
+        self._fetch_failed(group, failed.message, source_down=failed.unreachable)
+        unresolved.difference_update(group)
+        return {}
+
+    async def _load_once(self, reader: BlobReader, group: list[int], reason: str,
+                         unresolved: set[int]) -> dict[int, str]:
+        """One fetch of `group` (with what its straddling dm-verity blocks need) from
+        `reader`: complete each chunk that passes every check. Returns the chunks that failed
+        one (index: reason). Raises _FetchFailed."""
+        metadata = self.metadata
+        first, last, known = self._fetch_span(group)
+        start = metadata.frame_range(first)[0]
+        end = metadata.frame_range(last)[1]
+        began = time.monotonic()
+        blob = b""
+        tree_failures: dict[int, str] = {}
+
+        async def fetch_frames() -> None:
+            nonlocal blob
+            blob = await reader.read(start, end - start)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch_frames)
+                nursery.start_soon(self.tree.ensure, reader, group, tree_failures)
+        except BaseExceptionGroup as error_group:
+            errors = leaf_errors(error_group)
+            if not errors or not all(isinstance(e, FetchError | FormatError) for e in errors):
+                raise
+            fetch_errors = [error for error in errors if isinstance(error, FetchError)]
+            if fetch_errors:
+                # The reader raises without logging: the message names the URL or file, the
+                # byte range and the last status or error.
+                raise _FetchFailed(
+                    "; ".join(str(error) for error in fetch_errors),
+                    all(isinstance(error, SourceUnreachableError) for error in fetch_errors),
+                ) from None
+            return dict.fromkeys(group, "dm-verity tree: " + "; ".join(map(str, errors)))
+        latency = time.monotonic() - began
+        self.stats.fetch_latency.add(latency)
+        self.stats.chunk_fetches += 1
+        failures = {index: f"dm-verity tree: {why}" for index, why in tree_failures.items()}
+        decoded = dict(known)
+        loaded: list[int] = []
+        waiting = list(group)
+        # Past `last` only cached neighbours: they are in `decoded` already.
+        for index in range(first, block_context(metadata, group[-1]).stop):
+            if index not in decoded and index not in failures:
+                frame_start, frame_end = metadata.frame_range(index)
+                try:
+                    decoded[index] = await trio.to_thread.run_sync(
+                        decode_frame, metadata, index,
+                        blob[frame_start - start:frame_end - start], frame_start,
+                        limiter=self._cpu_limiter)
+                except FormatError as exc:
+                    failures[index] = str(exc)
+            # Each chunk is checked and completed as soon as the chunks its blocks share
+            # bytes with are decoded (at once when chunks are whole blocks).
+            while waiting and block_context(metadata, waiting[0]).stop <= index + 1:
+                chunk = waiting.pop(0)
+                if chunk not in failures:
+                    await self._check_and_complete(chunk, decoded, failures, unresolved)
+                if chunk not in failures:
+                    loaded.append(chunk)
+                    if self.disk is not None:
+                        frame_start, frame_end = metadata.frame_range(chunk)
+                        self.disk.save(chunk, blob[frame_start - start:frame_end - start],
+                                       self.tree.for_chunk(chunk))
+                    self._record(chunk=chunk, event="fetch", reason=reason,
+                                 bytes=_frame_size(metadata, chunk),
+                                 latency_ms=round(latency * 1000, 3))
+        self.health.loaded(loaded, reader.source)
+        return {index: failures[index] for index in group if index in failures}
+
+    async def _check_and_complete(self, index: int, decoded: Mapping[int, bytes],
+                                  failures: dict[int, str], unresolved: set[int]) -> None:
+        """Check the data blocks of a decoded chunk; complete its key, or add it to
+        `failures`."""
+        try:
+            before, after = self._context(index, decoded, failures)
+            await trio.to_thread.run_sync(
+                check_blocks, self.metadata, self.tree.for_chunk(index), index, decoded[index],
+                before, after, limiter=self._cpu_limiter)
+        except FormatError as exc:
+            failures[index] = str(exc)
+            return
+        self.stats.chunks_fetched.add(index)
+        self.cache.complete(self._key(index), decoded[index])
+        unresolved.discard(index)
+
+    def _fetch_span(self, group: list[int]) -> tuple[int, int, dict[int, bytes]]:
+        """The chunks to fetch for `group`: (first, last, neighbours' bytes borrowed from
+        the cache instead of fetched). Neighbours count where a dm-verity block straddles."""
+        first = block_context(self.metadata, group[0]).start
+        last = block_context(self.metadata, group[-1]).stop - 1
+        known: dict[int, bytes] = {}
+        while first < group[0] and (data := self.cache.peek(self._key(first))) is not None:
+            known[first] = data
+            first += 1
+        while last > group[-1] and (data := self.cache.peek(self._key(last))) is not None:
+            known[last] = data
+            last -= 1
+        return first, last, known
+
+    def _context(self, index: int, decoded: Mapping[int, bytes],
+                 failures: Mapping[int, str]) -> tuple[bytes, bytes]:
+        """The bytes before and after chunk `index` that its straddling blocks share.
+        Raises IntegrityError when a neighbour failed its own check."""
+        context = block_context(self.metadata, index)
+        for neighbour in context:
+            if neighbour != index and neighbour in failures:
+                raise IntegrityError(f"a dm-verity block it shares with chunk {neighbour} "
+                                     f"cannot be checked: {failures[neighbour]}")
+        before = b"".join(decoded[n] for n in range(context.start, index))
+        after = b"".join(decoded[n] for n in range(index + 1, context.stop))
+        return before, after
+
+    def _mark_bad(self, index: int, reason: str) -> None:
+        """A chunk failed a check on every refetch: remember it (for a while), log once, and
+        fail its waiters."""
+        if self.health.chunk_bad(index, reason, time.monotonic()):
+            self.stats.verify_failures += 1
+            start, _ = self.metadata.frame_range(index)
+            log.error("layer %s: chunk %d (frame at blob offset %d): verification failed: %s",
+                      self.name, index, start, reason)
+            self._record(chunk=index, event="bad")
+        self.cache.fail(self._key(index),
+                        ImageReadError(f"chunk {index}: verification failed: {reason}"))
+
+    def _fetch_failed(self, chunks: list[int], message: str, *,
+                      source_down: bool = False) -> None:
+        """A fetch of `chunks` failed for good: hold them off (a source that is down holds
+        off all of them already, and was logged once), log, fail their waiters."""
+        self.stats.fetch_failures += 1
+        if not source_down:
+            self.health.fetch_failed(chunks, message, time.monotonic())
+            log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, chunks[0],
+                        chunks[-1], message)
+        for index in chunks:
+            self.cache.fail(self._key(index),
+                            ImageReadError(f"chunk {index}: fetch failed: {message}"))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The loader's part of the layer's statistics (from any thread, in trio or not)."""
+        now = time.monotonic()
+        return {
+            "bytes_fetched": sum(reader.stats.bytes_fetched for reader in self.readers),
+            "requests": sum(reader.stats.requests for reader in self.readers),
+            "retries": sum(reader.stats.retries for reader in self.readers),
+            "bad_chunks": self.health.bad_chunks(now),
+            "failing_chunks": self.health.failing_chunks(now),
+            "unreachable_sources": self.health.down_sources(now),
+        }
+
+
+def _frame_size(metadata: BlobMetadata, chunk_index: int) -> int:
+    start, end = metadata.frame_range(chunk_index)
+    return end - start
+
