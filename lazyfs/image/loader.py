@@ -137,8 +137,8 @@ class ChunkLoader:
                     scope.cancel()
                 rest = await self._load_from_disk(run, unresolved)
                 rest = await self._refuse(rest, unresolved)
-                async with self._fetch_limiter:
-                    for part in contiguous(rest, 1):
+                for part in contiguous(rest, 1):  # no wait behind fetches when none is needed
+                    async with self._fetch_limiter:
                         await self._fetch_and_verify(part, reason, unresolved)
             if scope.cancelled_caught and unresolved and not self._closing:
                 message = (f"no complete answer within {self.tuning.read_timeout_s:g} s "
