@@ -97,6 +97,9 @@ class DaemonConfig:
     log_file: str | None = None
     temp_dir: str | None = None
     allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
+    # Monotonic times of the command's start and of the fork, for the start-up phases.
+    command_started: float | None = None
+    forked_at: float | None = None
 
 
 def fuse_options(config: DaemonConfig) -> set[str]:
@@ -143,6 +146,12 @@ class Daemon:
         trio.run(self._main, on_ready)
 
     async def _main(self, on_ready: Callable[[], None]) -> None:
+        phases = self.stats.phases
+        for name, at in (("command", self.config.command_started),
+                         ("forked", self.config.forked_at)):
+            if at is not None:
+                phases.mark(name, at)
+        phases.mark("daemon")
         trace = TraceWriter.open(self.config.trace_file) if self.config.trace_file else None
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             try:
@@ -167,6 +176,7 @@ class Daemon:
         config, record = self.config, self.record
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
         await self._open_layers(nursery, trace)
+        self.stats.phases.mark("metadata")
         ops = LayerOperations(self.images, self.stats, cache=self.cache)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -184,6 +194,7 @@ class Daemon:
             ) from None
         self._fuse_mounted = True
         nursery.start_soon(self._serve_fuse)
+        self.stats.phases.mark("fuse")
         log.info("serving %s at %s", ", ".join(record.block_files), record.fuse_dir)
 
         if config.images and not config.block_only:
@@ -201,6 +212,7 @@ class Daemon:
                 )
                 record.erofs_mounts.append(erofs)
                 write_record(record)
+        self.stats.phases.mark("kernel")
         record.ready = True
         write_record(record)
         self.stats.mark_ready()
