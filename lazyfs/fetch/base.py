@@ -9,11 +9,12 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
-
-import httpx
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lazyfs.fetch.errors import FetchError
+
+if TYPE_CHECKING:
+    import httpx
 
 # A body arriving slower than this is treated as stalled, on top of the fixed timeouts.
 MIN_RATE_BYTES_PER_S = 64 * 1024

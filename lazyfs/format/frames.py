@@ -9,10 +9,12 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-
-import zstandard
+from typing import TYPE_CHECKING
 
 from lazyfs.format.errors import BadMagicError, FieldError, FrameDecodeError, TruncatedError
+
+if TYPE_CHECKING:
+    import zstandard
 
 ZSTD_MAGIC = 0xFD2FB528
 ZSTD_MAGIC_BYTES = struct.pack("<I", ZSTD_MAGIC)
@@ -152,6 +154,8 @@ _thread_state = threading.local()
 
 def _decompressor() -> zstandard.ZstdDecompressor:
     """One decompressor per thread: zstandard contexts are not safe to share across threads."""
+    import zstandard  # imported on first use: `lazyfs --version` and the like never decode
+
     dctx = getattr(_thread_state, "dctx", None)
     if dctx is None:
         dctx = _thread_state.dctx = zstandard.ZstdDecompressor()
@@ -178,6 +182,8 @@ def decode_chunk_frame(frame: bytes, expected_size: int, chunk_index: int, offse
         raise FrameDecodeError(
             f"{where}: frame declares {info.content_size} decoded bytes, expected {expected_size}"
         )
+    import zstandard
+
     try:
         data = _decompressor().decompress(frame, max_output_size=max(expected_size, 1))
     except zstandard.ZstdError as exc:

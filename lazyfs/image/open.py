@@ -16,10 +16,7 @@ import trio
 
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, ReaderOptions
-from lazyfs.fetch.body import BodyTooLargeError
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.http import get_small
-from lazyfs.fetch.local import open_blob_reader
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_DIGEST,
@@ -86,6 +83,10 @@ async def _read_text(location: str, options: ReaderOptions) -> bytes | None:
     """Read a small descriptor from a path or URL; None if it does not exist. A URL is fetched
     with the deadline and retries of range reads. Raises DescriptorError, FetchError."""
     if "://" in location and not location.startswith("file://"):
+        # httpx is imported when a layer is opened, not by everything that names a source.
+        from lazyfs.fetch.body import BodyTooLargeError
+        from lazyfs.fetch.http import get_small
+
         try:
             return await get_small(location, MAX_DESCRIPTOR_BYTES, options)
         except BodyTooLargeError:
@@ -267,6 +268,8 @@ async def open_layer(
     options = source.reader_options
     if descriptor is not None:
         options = replace(options, expected_size=descriptor.size)
+    from lazyfs.fetch.local import open_blob_reader
+
     reader = open_blob_reader(source.blob, options)
     try:
         blob_size = await reader.open()
