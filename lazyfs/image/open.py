@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import trio
 
@@ -31,16 +31,9 @@ from lazyfs.format.descriptor import (
     parse_descriptor,
 )
 from lazyfs.format.descriptor import DESCRIPTOR_SUFFIX as DESCRIPTOR_SUFFIX  # re-exported
-from lazyfs.format.errors import IntegrityError
-from lazyfs.format.layout import (
-    VERITY_HEAD_SIZE,
-    BlobMetadata,
-    check_annotations_fit,
-    metadata_frame_end,
-    parse_metadata,
-)
-from lazyfs.format.verity_tree import VerityGeometry, verify_hash_blocks
+from lazyfs.format.layout import BlobMetadata
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
+from lazyfs.image.metadata import load_metadata
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -48,9 +41,6 @@ from lazyfs.image.tuning import ImageTuning
 log = logging.getLogger(__name__)
 
 MAX_DESCRIPTOR_BYTES = 1024 * 1024
-MAX_CHUNK_TABLE_FRAME = 64 * 1024 * 1024
-# Trees up to this size are fetched whole at open; larger ones keep level 0 on demand.
-WHOLE_TREE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,15 +69,19 @@ def descriptor_candidates(blob: str) -> list[str]:
     return descriptor_path_candidates(blob.partition("?")[0])
 
 
-async def _read_text(location: str, options: ReaderOptions) -> bytes | None:
+async def _read_text(location: str, options: ReaderOptions,
+                     reader: BlobReader | None = None) -> bytes | None:
     """Read a small descriptor from a path or URL; None if it does not exist. A URL is fetched
-    with the deadline and retries of range reads. Raises DescriptorError, FetchError."""
+    with the deadline and retries of range reads, through the connections of the blob's
+    `reader` when it has them. Raises DescriptorError, FetchError."""
     if "://" in location and not location.startswith("file://"):
         # httpx is imported when a layer is opened, not by everything that names a source.
         from lazyfs.fetch.body import BodyTooLargeError
-        from lazyfs.fetch.http import get_small
+        from lazyfs.fetch.http import HttpRangeReader, get_small
 
         try:
+            if isinstance(reader, HttpRangeReader):
+                return await reader.get_small(location, MAX_DESCRIPTOR_BYTES)
             return await get_small(location, MAX_DESCRIPTOR_BYTES, options)
         except BodyTooLargeError:
             raise DescriptorError(f"{location}: descriptor larger than 1 MiB") from None
@@ -107,9 +101,11 @@ async def _read_text(location: str, options: ReaderOptions) -> bytes | None:
     return await trio.to_thread.run_sync(load)
 
 
-async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
-                                                            Descriptor | None]:
-    """Find the annotations for `source`. Raises LayerOpenError, DescriptorError, FetchError."""
+async def resolve_annotations(
+    source: LayerSource, reader: BlobReader | None = None
+) -> tuple[SeekableAnnotations, Descriptor | None]:
+    """Find the annotations for `source` (a descriptor URL is read through `reader`'s
+    connections). Raises LayerOpenError, DescriptorError, FetchError."""
     if source.has_overrides:
         values = {ANNOTATION_CHUNK_TABLE_OFFSET: str(source.chunk_table_offset)}
         for key, value in ((ANNOTATION_CHUNK_DIGEST, source.chunk_digest),
@@ -124,7 +120,7 @@ async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
                              "--chunk-table-offset too")
     tried = [source.descriptor] if source.descriptor else descriptor_candidates(source.blob)
     for location in tried:
-        text = await _read_text(location, source.reader_options)
+        text = await _read_text(location, source.reader_options, reader)
         if text is None:
             continue
         descriptor = parse_descriptor(text, location)
@@ -171,85 +167,6 @@ def _check_data_trust(source: LayerSource, annotations: SeekableAnnotations,
     )
 
 
-async def load_metadata(reader: BlobReader, annotations: SeekableAnnotations,
-                        blob_size: int) -> BlobMetadata:
-    """Fetch the chunk table and verity superblock (one request when they are adjacent)."""
-    check_annotations_fit(annotations, blob_size)
-    table_offset = annotations.chunk_table_offset
-    table_end = metadata_frame_end(annotations, table_offset, blob_size)
-    if table_end - table_offset > MAX_CHUNK_TABLE_FRAME:
-        table_end = table_offset + MAX_CHUNK_TABLE_FRAME
-    ranges = [(table_offset, table_end)]
-    if annotations.verity_offset is not None:
-        verity_end = min(annotations.verity_offset + VERITY_HEAD_SIZE, blob_size)
-        ranges.append((annotations.verity_offset, verity_end))
-    ranges.sort()
-    spans: list[tuple[int, int]] = []
-    for start, end in ranges:
-        if spans and start <= spans[-1][1] + 65536:
-            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
-        else:
-            spans.append((start, end))
-    fetched = {start: await reader.read(start, end - start) for start, end in spans}
-
-    def slice_from(offset: int) -> bytes:
-        for start, data in fetched.items():
-            if start <= offset < start + len(data):
-                return data[offset - start:]
-        return b""
-
-    verity_head = (slice_from(annotations.verity_offset)
-                   if annotations.verity_offset is not None else None)
-    return await trio.to_thread.run_sync(
-        parse_metadata, annotations, blob_size, slice_from(table_offset), verity_head)
-
-
-async def load_tree_top(reader: BlobReader, metadata: BlobMetadata) -> dict[int, bytes]:
-    """Fetch and authenticate the upper tree levels (and level 0 too when the tree is small).
-
-    The upper levels must verify, or nothing can be: that raises IntegrityError. A level-0
-    block that fails is left out, so only the chunks it covers fail (with EIO) when read.
-    """
-    geometry = metadata.verity
-    if geometry is None or metadata.root is None or not geometry.levels:
-        return {}
-    block_size = geometry.superblock.hash_block_size
-    level0 = geometry.levels[0]
-    upper_end = level0.payload_offset
-    if geometry.tree_size <= WHOLE_TREE_BYTES:
-        upper_end = level0.payload_offset + level0.block_count * block_size
-    if upper_end <= geometry.tree_offset:
-        return {}
-    span = await reader.read(metadata.verity_payload_offset + geometry.tree_offset,
-                             upper_end - geometry.tree_offset)
-    blocks = {
-        geometry.tree_offset + position: span[position:position + block_size]
-        for position in range(0, len(span), block_size)
-    }
-    return await trio.to_thread.run_sync(_verify_tree_top, geometry, blocks, metadata.root)
-
-
-def _verify_tree_top(geometry: VerityGeometry, blocks: dict[int, bytes],
-                     root: bytes) -> dict[int, bytes]:
-    level0_start = geometry.levels[0].payload_offset
-    upper = {offset: block for offset, block in blocks.items() if offset < level0_start}
-    trusted = verify_hash_blocks(geometry, upper, root, set())
-    upper_verified = {offset: upper[offset] for offset in trusted}
-    verified = dict(upper_verified)
-    for offset, block in blocks.items():
-        if offset < level0_start:
-            continue
-        try:
-            # Each level-0 block is checked against its (verified) parent only.
-            verify_hash_blocks(geometry, {**upper_verified, offset: block}, root, trusted)
-        except IntegrityError as exc:
-            log.warning("dm-verity level-0 block at payload offset %d does not verify; the "
-                        "chunks it covers will fail: %s", offset, exc)
-            continue
-        verified[offset] = block
-    return verified
-
-
 async def open_layer(
     source: LayerSource,
     *,
@@ -263,22 +180,25 @@ async def open_layer(
 
     Raises LayerOpenError, FormatError (incl. IntegrityError) or FetchError.
     """
-    annotations, descriptor = await resolve_annotations(source)
-    _check_trust(source, annotations)
-    options = source.reader_options
-    if descriptor is not None:
-        options = replace(options, expected_size=descriptor.size)
     from lazyfs.fetch.local import open_blob_reader
 
-    reader = open_blob_reader(source.blob, options)
+    tuning = tuning or ImageTuning()
+    # One reader from the start: a descriptor beside the blob, the metadata and the first
+    # frames share its connections.
+    reader = open_blob_reader(source.blob, source.reader_options)
     try:
-        blob_size = await reader.open()
-        metadata = await load_metadata(reader, annotations, blob_size)
-        _check_data_trust(source, annotations, metadata)
-        tree_blocks = await load_tree_top(reader, metadata)
+        annotations, descriptor = await resolve_annotations(source, reader)
+        _check_trust(source, annotations)
+        if descriptor is not None:
+            reader.expect_size(descriptor.size)
+        loaded = await load_metadata(reader, annotations, tuning.verity_window_bytes)
+        _check_data_trust(source, annotations, loaded.metadata)
         name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
-        return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,
-                           cpu_limiter=cpu_limiter, trace=trace, tuning=tuning)
+        image = RemoteImage(name, reader, loaded.metadata, cache, nursery,
+                            cpu_limiter=cpu_limiter, trace=trace, tuning=tuning)
+        if image.hash_blocks is not None:
+            await image.hash_blocks.add_window(0, loaded.verity_payload)
+        return image
     except BaseException:
         await reader.aclose()
         raise

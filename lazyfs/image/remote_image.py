@@ -24,12 +24,9 @@ from lazyfs.format.chunk_table import HASH_NONE, verify_frame
 from lazyfs.format.errors import FormatError
 from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
-from lazyfs.format.verity_tree import (
-    hash_blocks_needed,
-    verify_data_blocks,
-    verify_hash_blocks,
-)
+from lazyfs.format.verity_tree import verify_data_blocks
 from lazyfs.image.errors import ImageReadError, LayerOpenError
+from lazyfs.image.hash_blocks import Coverage, HashBlockStore
 from lazyfs.image.stats import ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
 
@@ -49,7 +46,6 @@ class RemoteImage:
         cache: ChunkCache,
         nursery: trio.Nursery,
         *,
-        tree_blocks: Mapping[int, bytes] | None = None,
         cpu_limiter: trio.CapacityLimiter | None = None,
         trace: TraceWriter | None = None,
         tuning: ImageTuning | None = None,
@@ -59,8 +55,6 @@ class RemoteImage:
         self.metadata = metadata
         self.cache = cache
         self._nursery = nursery
-        # Verified hash blocks, keyed by verity payload offset: bounded by the tree's size.
-        self._tree_blocks: dict[int, bytes] = dict(tree_blocks or {})
         self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
         self.tuning = tuning = tuning or ImageTuning()
         self._fetch_limiter = trio.CapacityLimiter(tuning.parallel_fetches)
@@ -75,6 +69,11 @@ class RemoteImage:
         self._sequential_bytes = 0
         self._content_key: Hashable = _content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
+        # The dm-verity tree's verified hash blocks, fetched as reads need them.
+        self.hash_blocks = (
+            HashBlockStore(reader, metadata, self.stats, self._cpu_limiter)
+            if metadata.verity is not None and metadata.root is not None else None
+        )
         table = metadata.table
         geometry = metadata.verity
         if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
@@ -226,16 +225,21 @@ class RemoteImage:
         end = self.metadata.frame_range(run[-1])[1]
         began = time.monotonic()
         blob = b""
-        tree_failures: dict[int, str] = {}
+        coverage: Coverage | None = None
 
         async def fetch_frames() -> None:
             nonlocal blob
             blob = await self.reader.read(start, end - start)
 
+        async def fetch_tree() -> None:
+            nonlocal coverage
+            if self.hash_blocks is not None:
+                coverage = await self.hash_blocks.cover(*self._data_blocks(run))
+
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fetch_frames)
-                nursery.start_soon(self._ensure_tree_blocks, run, tree_failures)
+                nursery.start_soon(fetch_tree)
         except BaseExceptionGroup as group:
             errors = leaf_errors(group)
             if not errors or not all(isinstance(e, FetchError | FormatError) for e in errors):
@@ -257,18 +261,18 @@ class RemoteImage:
         latency = time.monotonic() - began
         self.stats.fetch_latency.add(latency)
         self.stats.chunk_fetches += 1
-        for index, message in sorted(tree_failures.items()):
-            self._mark_bad([index], f"dm-verity tree: {message}")
-            unresolved.discard(index)
         for index in run:
-            if index in tree_failures:
+            failure = coverage.failure_in(*self._data_blocks([index])) if coverage else None
+            if failure is not None:
+                self._mark_bad([index], f"dm-verity tree: {failure}")
+                unresolved.discard(index)
                 continue
             frame_start, frame_end = self.metadata.frame_range(index)
             frame = blob[frame_start - start:frame_end - start]
             try:
                 data = await trio.to_thread.run_sync(
-                    _verify_and_decode, self.metadata, self._level0_blocks(index), index, frame,
-                    frame_start,
+                    _verify_and_decode, self.metadata, coverage.blocks if coverage else {},
+                    index, frame, frame_start,
                     limiter=self._cpu_limiter,
                 )
             except FormatError as exc:
@@ -281,70 +285,15 @@ class RemoteImage:
             self._record(chunk=index, event="fetch", reason=reason, bytes=len(frame),
                          latency_ms=round(latency * 1000, 3))
 
-    def _hash_blocks_for(self, run: list[int]) -> list[int]:
-        """Payload offsets of the hash blocks (all levels, top first) that cover `run`."""
+    def _data_blocks(self, run: list[int]) -> tuple[int, int]:
+        """The dm-verity data blocks `(first, count)` of the chunks `run`."""
         geometry = self.metadata.verity
-        if geometry is None or self.metadata.root is None or not geometry.levels:
-            return []
+        assert geometry is not None
         table = self.metadata.table
         block_size = geometry.superblock.data_block_size
         first_block = run[0] * table.chunk_size // block_size
         last_byte = min((run[-1] + 1) * table.chunk_size, self.size)
-        count = -(-last_byte // block_size) - first_block
-        return hash_blocks_needed(geometry, first_block, count)
-
-    def _level0_blocks(self, chunk_index: int) -> dict[int, bytes]:
-        """A private copy of the verified blocks for one chunk: worker threads share no state."""
-        return {offset: self._tree_blocks[offset]
-                for offset in self._hash_blocks_for([chunk_index])
-                if offset in self._tree_blocks}
-
-    async def _ensure_tree_blocks(self, run: list[int], failures: dict[int, str]) -> None:
-        """Fetch and authenticate the hash blocks covering `run` that are not yet verified.
-
-        For a run of several chunks, those whose blocks do not verify are put in `failures`
-        (index: reason) and the others stay usable; for a single chunk, raises IntegrityError.
-        """
-        needed = self._hash_blocks_for(run)
-        missing = [offset for offset in needed if offset not in self._tree_blocks]
-        if not missing:
-            return
-        geometry = self.metadata.verity
-        assert geometry is not None and self.metadata.root is not None
-        hash_block_size = geometry.superblock.hash_block_size
-        fetched: dict[int, bytes] = {}
-        for group in _contiguous(missing, hash_block_size):
-            span = await self.reader.read(self.metadata.verity_payload_offset + group[0],
-                                          len(group) * hash_block_size)
-            self.stats.tree_blocks_fetched += len(group)
-            for position, offset in enumerate(group):
-                fetched[offset] = span[position * hash_block_size:
-                                       (position + 1) * hash_block_size]
-        known = {offset: self._tree_blocks[offset] for offset in needed
-                 if offset in self._tree_blocks}
-        candidates = {**known, **fetched}
-        root = self.metadata.root
-        try:
-            newly = await trio.to_thread.run_sync(
-                verify_hash_blocks, geometry, candidates, root, set(known),
-                limiter=self._cpu_limiter,
-            )
-        except FormatError:
-            if len(run) == 1:
-                raise
-            # One bad block must not condemn the chunks of the run it does not cover.
-            newly = set()
-            for index in run:
-                own = {offset: candidates[offset] for offset in self._hash_blocks_for([index])}
-                try:
-                    newly |= await trio.to_thread.run_sync(
-                        verify_hash_blocks, geometry, own, root, set(known),
-                        limiter=self._cpu_limiter,
-                    )
-                except FormatError as exc:
-                    failures[index] = str(exc)
-        for offset in newly:
-            self._tree_blocks[offset] = candidates[offset]
+        return first_block, -(-last_byte // block_size) - first_block
 
     def _mark_bad(self, run: list[int], reason: str) -> None:
         """Remember chunks that failed a check, log once, and fail their waiters."""
@@ -380,16 +329,6 @@ def _content_key(metadata: BlobMetadata, source: str) -> Hashable:
             return ("unauthenticated", source)
         return (annotations.chunk_digest, annotations.root_digest)
     return annotations.chunk_digest
-
-
-def _contiguous(offsets: list[int], step: int) -> list[list[int]]:
-    groups: list[list[int]] = []
-    for offset in sorted(offsets):
-        if groups and groups[-1][-1] + step == offset:
-            groups[-1].append(offset)
-        else:
-            groups.append([offset])
-    return groups
 
 
 def _verify_and_decode(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes],

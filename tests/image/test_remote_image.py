@@ -94,9 +94,11 @@ def test_corrupt_frame_fails_only_its_chunk(blob: Path, caplog: pytest.LogCaptur
     assert len(errors) == 1 and f"chunk {bad}" in errors[0].getMessage()
 
 
-def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path) -> None:
-    # 40 chunks of 4 KiB -> sha512 level 0 has one hash block per 64 data blocks; a 2 MiB image
-    # has 512 data blocks, 8 level-0 blocks and a top level: big enough to keep level 0 remote.
+@pytest.mark.parametrize("window", [0, 16 * 1024])
+def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path, window: int) -> None:
+    # sha512 level 0 has one hash block per 64 data blocks; a 2 MiB image has 512 data blocks,
+    # 8 level-0 blocks and a top level. With a window of 16 KiB the bad block comes with the
+    # metadata (checked at open), without one it is fetched when read.
     image_bytes = make_image_bytes(2 * 1024 * 1024, seed=7)
     blob_path, result = write_blob(tmp_path, image_bytes, chunk_size=CHUNK)
     verity_payload = result.annotations.verity_offset + SKIPPABLE_HEADER_SIZE
@@ -108,15 +110,8 @@ def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path) -> None:
             await image.read(2 * 64 * 4096, 4096)  # data block 128 -> level-0 block 2
         return await image.read(0, CHUNK)
 
-    import lazyfs.image.open as open_module
-
-    saved = open_module.WHOLE_TREE_BYTES
-    open_module.WHOLE_TREE_BYTES = 0
-    try:
-        assert run_with_layer(LayerSource(str(blob_path)), body, tuning=NO_READAHEAD) == (
-            image_bytes[:CHUNK])
-    finally:
-        open_module.WHOLE_TREE_BYTES = saved
+    tuning = ImageTuning(readahead_chunks=0, verity_window_bytes=window)
+    assert run_with_layer(LayerSource(str(blob_path)), body, tuning=tuning) == image_bytes[:CHUNK]
 
 
 def test_corrupt_upper_tree_refuses_open(tmp_path: Path) -> None:
