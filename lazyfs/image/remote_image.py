@@ -1,38 +1,42 @@
 """`RemoteImage.read(offset, size)`: the raw EROFS image of a remote layer, read at random.
 
 A read maps to chunks; missing chunks are fetched by range (adjacent ones in one request up
-to a cap), each frame is checked against its SHA-512 before it is decoded, the decoded size
-must be exact, and every data block is checked against the authenticated dm-verity tree. Only
-then do bytes reach the cache and the caller. Loads run in the mount's nursery, so a read that
-is interrupted does not abandon a fetch other readers wait on, and unmount cancels them all.
+to a cap). With dm-verity each frame streams in (`frame_stream.py`): every block is checked
+against the tree as it is decoded, and a read is answered as soon as its blocks are; the
+frame's SHA-512 is checked when it has all arrived. Without dm-verity a frame is checked
+against its SHA-512 whole, then decoded to its exact size. Only then do bytes reach the cache
+and the caller. Loads run in the mount's nursery, so a read that is interrupted does not
+abandon a fetch other readers wait on, and unmount cancels them all.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Mapping
+from collections import deque
+from collections.abc import Hashable
 from typing import Any
 
 import trio
 
 from lazyfs.cache.memory import ChunkCache
-from lazyfs.exception_groups import leaf_errors
-from lazyfs.fetch.base import BlobReader
+from lazyfs.fetch.base import BlobReader, StreamingReader
 from lazyfs.fetch.errors import FetchError
-from lazyfs.format.chunk_table import HASH_NONE, verify_frame
-from lazyfs.format.errors import FormatError
-from lazyfs.format.frames import decode_chunk_frame
+from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.layout import BlobMetadata
-from lazyfs.format.verity_tree import verify_data_blocks
 from lazyfs.image.errors import ImageReadError, LayerOpenError
-from lazyfs.image.hash_blocks import Coverage, HashBlockStore
+from lazyfs.image.frame_stream import FrameDone, FrameStream, RunStreamer, StoppedEarly
+from lazyfs.image.hash_blocks import HashBlockStore
 from lazyfs.image.stats import ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.whole_frames import WholeFrameLoader
 
 log = logging.getLogger(__name__)
 
 READAHEAD_TRIGGER_BYTES = 1024 * 1024
+# Chunks kept by their layer alone because some of their blocks cannot be verified (a bad hash
+# block): reads of their other blocks are served from them without fetching the frame again.
+MAX_PARTIAL_CHUNKS = 8
 
 
 class RemoteImage:
@@ -74,6 +78,16 @@ class RemoteImage:
             HashBlockStore(reader, metadata, self.stats, self._cpu_limiter)
             if metadata.verity is not None and metadata.root is not None else None
         )
+        # Frames streaming in (partial frames), and partial chunks kept: chunk index -> stream.
+        self._streams: dict[int, FrameStream] = {}
+        self._partial: deque[FrameStream] = deque()
+        self._streamer = (
+            RunStreamer(reader, metadata, self.hash_blocks, self._cpu_limiter,
+                        tuning.stream_piece_bytes, tuning.finish_frames)
+            if self.hash_blocks is not None and tuning.partial_frames
+            and isinstance(reader, StreamingReader) else None
+        )
+        self._whole = WholeFrameLoader(reader, metadata, self.hash_blocks, self._cpu_limiter)
         table = metadata.table
         geometry = metadata.verity
         if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
@@ -96,16 +110,16 @@ class RemoteImage:
         indices = table.chunks_for_range(offset, size)
         if not indices:
             return b""
-        chunks = await self._get_chunks(indices)
-        self._schedule_readahead(offset, size, indices)
+        found = self._claim(indices, "read")
         end = min(offset + size, self.size)
         # Copy only the requested bytes of each chunk, not whole chunks.
         pieces = []
         for index in indices:
             base = index * table.chunk_size
-            view = memoryview(chunks[index])
-            pieces.append(view[max(offset - base, 0):min(end - base, len(view))])
-        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+            start, stop = max(offset - base, 0), min(end - base, table.decoded_size(index))
+            pieces.append(await self._piece(index, start, stop, found.get(index)))
+        self._schedule_readahead(offset, size, indices)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def stats_snapshot(self) -> dict[str, Any]:
         fetch_stats = self.reader.stats
@@ -125,6 +139,7 @@ class RemoteImage:
             "verify_failures": self.stats.verify_failures,
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
             "bad_chunks": sorted(self._bad_chunks),
+            "partial_chunks": sorted(stream.index for stream in self._partial),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
         }
 
@@ -136,41 +151,52 @@ class RemoteImage:
     def _key(self, chunk_index: int) -> Hashable:
         return (self._content_key, chunk_index)
 
-    async def _get_chunks(self, indices: range) -> dict[int, bytes]:
+    def _claim(self, indices: range, reason: str) -> dict[int, bytes]:
+        """Start loading the chunks of `indices` that are neither cached, nor loading, nor
+        streaming; return those that are cached. Raises ImageReadError for a chunk that
+        failed before, or while the source is failing (the loads claimed so far start)."""
         found: dict[int, bytes] = {}
-        while True:
-            claimed: list[int] = []
+        claimed: list[int] = []
+        try:
             for index in indices:
-                if index in found:
-                    continue
                 if index in self._bad_chunks:
-                    # Chunks claimed before this one must still be loaded: others may wait.
-                    for run in self._runs(claimed):
-                        self._nursery.start_soon(self._load_run, run, "read")
                     raise ImageReadError(f"chunk {index} failed verification earlier")
-                data = self.cache.get(self._key(index))
+                if index in self._streams:
+                    continue
+                key = self._key(index)
+                data = self.cache.get(key)
                 if data is not None:
                     found[index] = data
                     self._record(chunk=index, event="hit")
                     continue
-                if trio.current_time() < self._failing_until and not self.cache.is_loading(
-                    self._key(index)
-                ):
+                if trio.current_time() < self._failing_until and not self.cache.is_loading(key):
                     raise ImageReadError(f"chunk {index}: source failing: "
                                          f"{self._last_fetch_error}")
-                if self.cache.claim(self._key(index)):
+                if self.cache.claim(key):
                     claimed.append(index)
-            for run in self._runs(claimed):
-                self._nursery.start_soon(self._load_run, run, "read")
-            for index in indices:
-                if index in found:
-                    continue
-                data = await self.cache.wait(self._key(index))
-                if data is not None:
-                    found[index] = data
-            if len(found) == len(indices):
-                return found
-            # Evicted between its load and our wait (a tiny cache): go round again.
+        finally:
+            # Chunks claimed before a failure must still be loaded: others may wait for them.
+            self._start_loads(claimed, reason)
+        return found
+
+    def _start_loads(self, claimed: list[int], reason: str) -> None:
+        for run in self._runs(claimed):
+            streams = None
+            if self._streamer is not None:
+                streams = {index: FrameStream(index) for index in run}
+                self._streams.update(streams)
+            self._nursery.start_soon(self._load_run, run, reason, streams)
+
+    async def _piece(self, index: int, start: int, stop: int, data: bytes | None) -> bytes:
+        """Bytes `[start, stop)` of chunk `index`: from `data`, its stream or its load."""
+        while data is None:
+            stream = self._streams.get(index)
+            if stream is not None:
+                return await stream.read(start, stop)
+            data = await self.cache.wait(self._key(index))
+            if data is None:  # evicted between its load and this wait (a tiny cache)
+                data = self._claim(range(index, index + 1), "read").get(index)
+        return memoryview(data)[start:stop].tobytes()
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
         end = min(offset + size, self.size)
@@ -185,11 +211,11 @@ class RemoteImage:
         last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
         claimed = [
             index for index in range(indices[-1] + 1, last + 1)
-            if index not in self._bad_chunks and self.cache.claim(self._key(index))
+            if index not in self._bad_chunks and index not in self._streams
+            and self.cache.claim(self._key(index))
         ]
-        for run in self._runs(claimed):
-            self.stats.readahead_chunks += len(run)
-            self._nursery.start_soon(self._load_run, run, "readahead")
+        self.stats.readahead_chunks += len(claimed)
+        self._start_loads(claimed, "readahead")
 
     def _runs(self, indices: list[int]) -> list[list[int]]:
         """Group chunk indices into runs of adjacent frames, each at most the coalesce cap."""
@@ -205,85 +231,91 @@ class RemoteImage:
                 run_start = start
         return runs
 
-    async def _load_run(self, run: list[int], reason: str) -> None:
-        """Fetch, verify and decode adjacent chunks; complete or fail every claimed key."""
+    async def _load_run(self, run: list[int], reason: str,
+                        streams: dict[int, FrameStream] | None = None) -> None:
+        """Fetch, verify and decode adjacent chunks (as partial frames into `streams`, else
+        whole); complete or fail every claimed key, and every stream of the run."""
         unresolved = set(run)
+
+        def on_done(done: FrameDone) -> None:
+            unresolved.discard(done.index)
+            self._frame_done(done, reason, streams)
+
+        began = time.monotonic()
         try:
             async with self._fetch_limiter:
-                await self._fetch_and_verify(run, reason, unresolved)
+                try:
+                    if streams is not None:
+                        assert self._streamer is not None
+                        await self._streamer.stream(run, streams, self._data_blocks, on_done)
+                    else:
+                        await self._whole.load(run, self._data_blocks, on_done)
+                except FetchError as exc:
+                    self._fetch_failed([index for index in run if index in unresolved], str(exc))
+                    unresolved.clear()
+                    return
+                except StoppedEarly:
+                    return
+            self.stats.fetch_latency.add(time.monotonic() - began)
+            self.stats.chunk_fetches += 1
         finally:
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
             # Only keys this run still holds: one it completed may be claimed anew by now.
             for index in sorted(unresolved):
-                self.cache.fail(self._key(index), ImageReadError(f"chunk {index} not loaded"))
+                error = ImageReadError(f"chunk {index} not loaded")
+                self.cache.fail(self._key(index), error)
+                if streams is not None:
+                    streams[index].fail(error)
+                    self._forget(streams[index])
 
-    async def _fetch_and_verify(self, run: list[int], reason: str,
-                                unresolved: set[int]) -> None:
-        """Load `run`, removing from `unresolved` each index whose key was completed or
-        failed (after that, the key may belong to another loader)."""
-        start = self.metadata.frame_range(run[0])[0]
-        end = self.metadata.frame_range(run[-1])[1]
-        began = time.monotonic()
-        blob = b""
-        coverage: Coverage | None = None
-
-        async def fetch_frames() -> None:
-            nonlocal blob
-            blob = await self.reader.read(start, end - start)
-
-        async def fetch_tree() -> None:
-            nonlocal coverage
-            if self.hash_blocks is not None:
-                coverage = await self.hash_blocks.cover(*self._data_blocks(run))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(fetch_frames)
-                nursery.start_soon(fetch_tree)
-        except BaseExceptionGroup as group:
-            errors = leaf_errors(group)
-            if not errors or not all(isinstance(e, FetchError | FormatError) for e in errors):
-                raise
-            bad = [str(error) for error in errors if isinstance(error, FormatError)]
-            if bad:
-                self._mark_bad(run, f"dm-verity tree: {'; '.join(bad)}")
-            else:
-                self.stats.fetch_failures += 1
-                # The one line for this failure (the reader raises, it does not log): the
-                # message names the URL or file, the byte range and the last status or error.
-                message = "; ".join(str(error) for error in errors)
-                self._failing_until = trio.current_time() + self.tuning.failure_holdoff_s
-                self._last_fetch_error = message
-                log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0],
-                            run[-1], message)
-                self._fail_run(run, f"fetch failed: {message}")
+    def _frame_done(self, done: FrameDone, reason: str,
+                    streams: dict[int, FrameStream] | None) -> None:
+        """Take a frame's outcome: cache a verified chunk, remember a bad one, keep a chunk
+        with holes for its layer alone."""
+        index = done.index
+        stream = streams[index] if streams is not None else None
+        if done.reason is not None:
+            if stream is not None:
+                self._forget(stream)
+            self._mark_bad([index], done.reason)
             return
-        latency = time.monotonic() - began
-        self.stats.fetch_latency.add(latency)
-        self.stats.chunk_fetches += 1
-        for index in run:
-            failure = coverage.failure_in(*self._data_blocks([index])) if coverage else None
-            if failure is not None:
-                self._mark_bad([index], f"dm-verity tree: {failure}")
-                unresolved.discard(index)
-                continue
-            frame_start, frame_end = self.metadata.frame_range(index)
-            frame = blob[frame_start - start:frame_end - start]
-            try:
-                data = await trio.to_thread.run_sync(
-                    _verify_and_decode, self.metadata, coverage.blocks if coverage else {},
-                    index, frame, frame_start,
-                    limiter=self._cpu_limiter,
-                )
-            except FormatError as exc:
-                self._mark_bad([index], str(exc))
-                unresolved.discard(index)
-                continue
-            self.stats.chunks_fetched.add(index)
+        self.stats.chunks_fetched.add(index)
+        self._record(chunk=index, event="fetch", reason=reason, bytes=done.frame_bytes,
+                     latency_ms=round(done.latency_s * 1000, 3))
+        if stream is None or not stream.holes:
+            data = done.data if stream is None else stream.complete()
+            assert data is not None
             self.cache.complete(self._key(index), data)
-            unresolved.discard(index)
-            self._record(chunk=index, event="fetch", reason=reason, bytes=len(frame),
-                         latency_ms=round(latency * 1000, 3))
+            if stream is not None:
+                self._forget(stream)
+            return
+        stream.complete()
+        self.stats.verify_failures += 1
+        log.error("layer %s: chunk %d: %d bytes cannot be verified, the rest is served: %s",
+                  self.name, index, sum(end - start for start, end, _ in stream.holes),
+                  stream.holes[0][2])
+        self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: partly bad"))
+        self._partial.append(stream)
+        if len(self._partial) > MAX_PARTIAL_CHUNKS:
+            self._forget(self._partial.popleft())
+
+    def _forget(self, stream: FrameStream) -> None:
+        """Drop `stream` from the layer's streams (if it is still the one of its chunk)."""
+        if self._streams.get(stream.index) is stream:
+            del self._streams[stream.index]
+        if stream in self._partial:
+            self._partial.remove(stream)
+
+    def _fetch_failed(self, run: list[int], message: str) -> None:
+        """The one line for a failed fetch (the reader raises, it does not log): the message
+        names the URL or file, the byte range and the last status or error."""
+        self.stats.fetch_failures += 1
+        self._failing_until = trio.current_time() + self.tuning.failure_holdoff_s
+        self._last_fetch_error = message
+        if run:
+            log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0], run[-1],
+                        message)
+        self._fail_run(run, f"fetch failed: {message}")
 
     def _data_blocks(self, run: list[int]) -> tuple[int, int]:
         """The dm-verity data blocks `(first, count)` of the chunks `run`."""
@@ -309,7 +341,12 @@ class RemoteImage:
 
     def _fail_run(self, run: list[int], reason: str) -> None:
         for index in run:
-            self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: {reason}"))
+            error = ImageReadError(f"chunk {index}: {reason}")
+            self.cache.fail(self._key(index), error)
+            stream = self._streams.get(index)
+            if stream is not None and not stream.done:
+                stream.fail(error)
+                self._forget(stream)
 
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
@@ -329,19 +366,3 @@ def _content_key(metadata: BlobMetadata, source: str) -> Hashable:
             return ("unauthenticated", source)
         return (annotations.chunk_digest, annotations.root_digest)
     return annotations.chunk_digest
-
-
-def _verify_and_decode(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes],
-                       chunk_index: int, frame: bytes, frame_offset: int) -> bytes:
-    """Runs in a worker thread: frame SHA-512, exact decode, every data block against the tree.
-
-    Raises IntegrityError / FrameDecodeError naming the chunk and offsets.
-    """
-    table = metadata.table
-    verify_frame(table, chunk_index, frame, frame_offset)
-    data = decode_chunk_frame(frame, table.decoded_size(chunk_index), chunk_index, frame_offset)
-    geometry = metadata.verity
-    if geometry is not None and metadata.root is not None:
-        first_block = chunk_index * table.chunk_size // geometry.superblock.data_block_size
-        verify_data_blocks(geometry, first_block, data, tree_blocks, metadata.root)
-    return data

@@ -51,7 +51,8 @@ def test_geometry_of_the_test_tree(tmp_path: Path) -> None:
     assert run_with_layer(LayerSource(str(blob)), body) == [(32, LEVEL0), (2, LEVEL1), (1, TOP)]
 
 
-def test_a_bad_level0_block_fails_only_the_data_under_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("partial", [True, False], ids=["partial-frames", "whole-frames"])
+def test_a_bad_level0_block_fails_only_the_data_under_it(tmp_path: Path, partial: bool) -> None:
     blob, payload = layer(tmp_path)
     flip_byte(blob, payload + LEVEL0 + 5 * HASH_BLOCK + 700)  # level-0 block 5: chunk 5
 
@@ -62,14 +63,17 @@ def test_a_bad_level0_block_fails_only_the_data_under_it(tmp_path: Path) -> None
         before, after = await image.read(4 * CHUNK, CHUNK), await image.read(6 * CHUNK, CHUNK)
         return coverage, (before, after), image.stats_snapshot()
 
+    tuning = ImageTuning(readahead_chunks=0, verity_window_bytes=0, partial_frames=partial)
     coverage, (before, after), stats = run_with_layer(LayerSource(str(blob)), body,
-                                                      tuning=ON_DEMAND)
+                                                      tuning=tuning)
     assert set(coverage.bad) == {LEVEL0 + 5 * HASH_BLOCK}
     assert "does not match its parent" in coverage.bad[LEVEL0 + 5 * HASH_BLOCK]
     assert coverage.failure(5 * 16) and coverage.failure(5 * 16 + 15)
     assert coverage.failure(4 * 16 + 15) is None and coverage.failure(6 * 16) is None
     assert before == IMAGE[4 * CHUNK:5 * CHUNK] and after == IMAGE[6 * CHUNK:7 * CHUNK]
-    assert stats["bad_chunks"] == [5]
+    # Whole frames fail the chunk; a partial frame keeps it, every block under the bad hash
+    # block (here all of the chunk) failing.
+    assert (stats["bad_chunks"], stats["partial_chunks"]) == (([], [5]) if partial else ([5], []))
 
 
 def test_a_bad_level1_block_fails_its_subtree_and_nothing_else(tmp_path: Path) -> None:

@@ -330,9 +330,9 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
     """A chunk completed early in a run and gone from the cache (here: a cache too small to
     keep it) may be claimed again while the run still decodes its other chunks; the run's
     end must not fail that newer load, whose own completion would then find no claim."""
-    from lazyfs.image import remote_image
+    from lazyfs.image import whole_frames
 
-    real = remote_image._verify_and_decode
+    real = whole_frames._verify_and_decode
     decodes: list[int] = []
 
     def slow(metadata: Any, blocks: Any, chunk_index: int, frame: bytes, offset: int) -> bytes:
@@ -345,7 +345,7 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
             time.sleep(0.8)  # the second load of chunk 0 outlasts the run
         return real(metadata, blocks, chunk_index, frame, offset)
 
-    monkeypatch.setattr(remote_image, "_verify_and_decode", slow)
+    monkeypatch.setattr(whole_frames, "_verify_and_decode", slow)
 
     async def body(image: RemoteImage) -> object:
         results: dict[str, bytes] = {}
@@ -365,7 +365,8 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
             await trio.sleep(1)  # the second load completes in the background nursery
         return results
 
-    results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, tuning=NO_READAHEAD)
+    tuning = ImageTuning(readahead_chunks=0, partial_frames=False)  # whole frames decode here
+    results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, tuning=tuning)
     assert results == {"first": IMAGE[:2 * CHUNK], "second": IMAGE[:10]}
 
 
@@ -434,11 +435,16 @@ def test_corrupt_tree_block_fails_only_its_chunks_of_a_coalesced_run(tmp_path: P
     async def body(image: RemoteImage) -> object:
         with pytest.raises(ImageReadError):
             await image.read(11 * CHUNK, 2 * CHUNK)  # chunks 11 and 12, fetched as one run
-        return await image.read(12 * CHUNK, CHUNK), image.stats_snapshot()["bad_chunks"]
+        stats = image.stats_snapshot()
+        return await image.read(12 * CHUNK, CHUNK), stats["bad_chunks"], stats["partial_chunks"]
 
-    data, bad = run_with_layer(LayerSource(str(blob_path)), body, tuning=NO_READAHEAD)
-    assert data == image_bytes[12 * CHUNK:13 * CHUNK]
-    assert bad == [11]
+    for partial in (True, False):
+        tuning = ImageTuning(readahead_chunks=0, partial_frames=partial)
+        data, bad, kept = run_with_layer(LayerSource(str(blob_path)), body, tuning=tuning)
+        assert data == image_bytes[12 * CHUNK:13 * CHUNK]
+        # Whole frames fail chunk 11; a partial frame keeps it, failing the blocks under the
+        # bad hash block (all of chunk 11's).
+        assert (bad, kept) == (([], [11]) if partial else ([11], []))
 
 
 def test_chunks_not_aligned_to_verity_blocks_are_refused_clearly(tmp_path: Path) -> None:
