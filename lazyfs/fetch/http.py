@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from lazyfs.fetch.base import (
 )
 from lazyfs.fetch.body import read_capped
 from lazyfs.fetch.errors import BlobChangedError, FetchError, RangeNotSupportedError
+from lazyfs.fetch.tls import LazyCAContext, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ class HttpRangeReader:
         self._etag: str | None = None
         # Where the origin last redirected to; asked directly until it refuses.
         self._resolved_url: httpx.URL | None = None
-        self._client = _client(options, transport, options.max_connections)
+        self._client = _client(options, transport, options.max_connections,
+                               https=parts.scheme == "https")
 
     @property
     def size(self) -> int | None:
@@ -409,7 +410,8 @@ async def get_small(
     async with contextlib.AsyncExitStack() as stack:
         client = shared_client
         if client is None:
-            client = await stack.enter_async_context(_client(options, transport, 1))
+            client = await stack.enter_async_context(
+                _client(options, transport, 1, https=parts.scheme == "https"))
         return await _with_retries(what, options, max_bytes, lambda: attempt(client),
                                    trio.CapacityLimiter(1), None)
 
@@ -454,13 +456,12 @@ async def _with_retries(
 
 
 def _client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | None,
-            max_connections: int) -> httpx.AsyncClient:
-    """A pooled client with the timeouts of `options`; redirects are followed by hand."""
-    verify: ssl.SSLContext | bool = (
-        ssl.create_default_context(cafile=options.verify_tls)
-        if isinstance(options.verify_tls, str)
-        else options.verify_tls
-    )
+            max_connections: int, *, https: bool) -> httpx.AsyncClient:
+    """A pooled client with the timeouts of `options`; redirects are followed by hand. The
+    process's TLS context is shared (its CAs start loading now for an `https` origin)."""
+    verify = tls_context(options.verify_tls)
+    if https and isinstance(verify, LazyCAContext):
+        verify.start_loading()
     connect_s, read_s = options.connect_timeout_s, options.read_timeout_s
     return httpx.AsyncClient(
         transport=transport,

@@ -11,6 +11,7 @@ abandon a fetch other readers wait on, and unmount cancels them all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -120,6 +121,12 @@ class RemoteImage:
             pieces.append(await self._piece(index, start, stop, found.get(index)))
         self._schedule_readahead(offset, size, indices)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def warm(self, offset: int, size: int) -> None:
+        """Start loading the chunks of `[offset, offset + size)` without waiting for them: the
+        EROFS superblock, say, while the kernel mount that will read it is being set up."""
+        with contextlib.suppress(ImageReadError):  # the read that needs it reports it
+            self._claim(self.metadata.table.chunks_for_range(offset, size), "warm")
 
     def stats_snapshot(self) -> dict[str, Any]:
         fetch_stats = self.reader.stats

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Layers opened at once (each a few round trips: size, chunk table, top of the verity tree).
 PARALLEL_LAYER_OPENS = 8
+# The EROFS superblock lies at image offset 1024; mounting reads its block first.
+EROFS_SUPERBLOCK_END = 4096
 
 
 class DaemonStartError(LazyfsError):
@@ -242,6 +244,9 @@ class Daemon:
                 )
             self.images.append(image)  # closed at teardown, whatever happens next
             opened[index] = image
+            if not config.block_only:
+                # The kernel mount reads the EROFS superblock first: fetch it meanwhile.
+                image.warm(0, EROFS_SUPERBLOCK_END)
             log.info(
                 "%s: %d bytes in %d chunks",
                 source.blob,

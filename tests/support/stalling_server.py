@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.server
 import re
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +35,18 @@ class _Stall:
 class StallingServer:
     """Serves `root`; `requests` lists (path, first byte, last byte) of every range asked."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: ssl.SSLContext | None = None) -> None:
+        """Serve `root`; with `tls` (a server context), over https."""
         self.root = Path(root)
         self.requests: list[tuple[str, int, int]] = []
         self._stalls: list[_Stall] = []
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}/"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def stall(self, path: str, start: int, after_bytes: int) -> threading.Event:
