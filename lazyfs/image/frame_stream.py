@@ -42,6 +42,12 @@ from lazyfs.format.verity_tree import verify_data_blocks
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.hash_blocks import Coverage, HashBlockStore
 
+# Bytes of a run received ahead of its processing at most: then the transfer waits.
+MAX_INBOX_BYTES = 4 * 1024 * 1024
+# The most one worker-thread call takes: what came meanwhile is published in pieces this size,
+# so a read waits for the piece that holds its blocks, not for all that had arrived.
+MAX_PIECE_BYTES = 256 * 1024
+
 
 class FrameStream:
     """One chunk as its frame arrives: the verified prefix grows; readers wait for theirs."""
@@ -170,8 +176,11 @@ class RunStreamer:
         began = time.monotonic()
         coverage: list[Coverage] = []
         covered = trio.Event()
-        pending = bytearray()
-        current = 0
+        # Bytes received and not yet processed: the network fills it, the processor empties
+        # it, a piece of all that has come at a time (small pieces on a slow link, the first
+        # answer comes sooner; large ones on a fast link, fewer thread hops).
+        inbox = bytearray()
+        changed = trio.Event()
 
         async def load_coverage() -> None:
             coverage.append(await self.hash_blocks.cover(*data_blocks(run)))
@@ -196,24 +205,30 @@ class RunStreamer:
             elif not self.finish_frames and not any(s.waiting for s in streams.values()):
                 raise StoppedEarly
 
+        async def wait_for_change() -> None:
+            nonlocal changed
+            changed = trio.Event()
+            await changed.wait()
+
         async def sink(piece: bytes) -> None:
-            nonlocal current
-            view = memoryview(piece)
-            while view and current < len(frames):
-                frame = frames[current]
-                take = view[:frame.size - frame.received]
-                view = view[len(take):]
-                frame.received += len(take)
-                last = frame.received == frame.size
-                if not frame.failed:
-                    pending.extend(take)
-                    if last or len(pending) >= self.piece_bytes:
-                        chunk = bytes(pending)
-                        pending.clear()
-                        await process(frame, chunk, last)
-                if last:
-                    current += 1
-                    pending.clear()
+            while len(inbox) > MAX_INBOX_BYTES:  # the processor is behind: let it catch up
+                await wait_for_change()
+            inbox.extend(piece)
+            changed.set()
+
+        async def processor() -> None:
+            for frame in frames:
+                while frame.received < frame.size:
+                    wanted = min(self.piece_bytes, frame.size - frame.received)
+                    while len(inbox) < wanted:
+                        await wait_for_change()
+                    take = min(len(inbox), frame.size - frame.received, MAX_PIECE_BYTES)
+                    piece = bytes(inbox[:take])
+                    del inbox[:take]
+                    changed.set()
+                    frame.received += take
+                    if not frame.failed:
+                        await process(frame, piece, frame.received == frame.size)
 
         async def body() -> None:
             start = frames[0].offset
@@ -224,6 +239,7 @@ class RunStreamer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(load_coverage)
                 nursery.start_soon(body)
+                nursery.start_soon(processor)
         except BaseExceptionGroup as group:
             errors = leaf_errors(group)
             for wanted in (StoppedEarly, FetchError):

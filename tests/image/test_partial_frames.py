@@ -138,8 +138,10 @@ def test_a_forged_tail_is_never_served(tmp_path: Path, table: bool,
     forged_page = forgery.image_offset - forgery.image_offset % 4096
     served = [offset for offset, piece in pieces.items() if piece is not None]
     assert pieces[forged_page] is None and max(served) < forged_page
-    assert all(offset in served for offset in range(CHUNK, CHUNK + CHUNK // 2, 4096))
-    assert len(served) == (forged_page - CHUNK) // 4096
+    # What was served is a prefix of the chunk, all of what came before the release among it;
+    # a piece of the frame that holds a bad block publishes nothing, so it may stop earlier.
+    assert served == list(range(CHUNK, CHUNK + 4096 * len(served), 4096))
+    assert len(served) >= CHUNK // 4 // 4096
     for offset in served:
         assert pieces[offset] == IMAGE[offset:offset + 4096]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -207,9 +209,11 @@ def test_a_frame_stopped_early_is_fetched_again_from_its_start(tmp_path: Path) -
     with StallingServer(tmp_path) as server:
 
         async def body(image: RemoteImage) -> None:
-            start, _ = frame_of(image, 1)
+            start, size = frame_of(image, 1)
+            gate = server.stall(BLOB, start, size // 2)
             assert await image.read(CHUNK + 10, 100) == NOISE[10:110]
-            await trio.sleep(0.2)
+            gate.set()  # the rest comes, nobody waits for it: the transfer stops
+            await trio.sleep(0.3)
             assert 1 not in image.stats.chunks_fetched
             assert await image.read(2 * CHUNK - 100, 100) == NOISE[-100:]
             assert len([r for r in server.requests if r[1] == start]) == 2
@@ -239,6 +243,7 @@ def test_a_bad_hash_block_fails_only_the_blocks_under_it(tmp_path: Path) -> None
                 outcomes.append(await image.read(offset, 128 * 1024))
             except ImageReadError:
                 outcomes.append(None)
+        await trio.sleep(0.2)  # the frame's end: its load is over
         return outcomes, image.stats_snapshot()
 
     outcomes, stats = run_with_layer(LayerSource(str(blob)), body, tuning=NO_READAHEAD)
