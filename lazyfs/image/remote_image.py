@@ -130,6 +130,7 @@ class RemoteImage:
 
     def stats_snapshot(self) -> dict[str, Any]:
         fetch_stats = self.reader.stats
+        cache_hits, cache_misses = self.cache.counts(self._content_key)
         return {
             "name": self.name,
             "source": self.reader.source,
@@ -139,6 +140,8 @@ class RemoteImage:
             "chunks_fetched": len(self.stats.chunks_fetched),
             "chunk_fetches": self.stats.chunk_fetches,
             "readahead_chunks": self.stats.readahead_chunks,
+            "cache_hits": cache_hits,
+            "cache_misses": cache_misses,
             "bytes_fetched": fetch_stats.bytes_fetched,
             "requests": fetch_stats.requests,
             "retries": fetch_stats.retries,
