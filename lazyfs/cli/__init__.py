@@ -34,8 +34,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mount": ("mount", "mount a seekable EROFS layer, or an image, fetched and verified on "
               "demand"),
     "mounts": ("mounts", "list active lazyfs mounts"),
+    "pull": ("pull", "make a seekable EROFS image runnable by containerd, its layers mounted "
+             "lazily"),
     "run": ("run", "run a command in an image, mounted lazily (or pulled eagerly), and time "
             "it"),
+    "snapshotter": ("snapshotter", "serve containerd's snapshots API: seekable EROFS layers "
+                    "mounted lazily"),
+    "snapshotter-stats": ("snapshotter", "show what the snapshotter's remote layers fetched"),
     "stats": ("mounts", "show what a mount fetched, cached, verified"),
     "umount": ("mounts", "unmount a lazyfs mount"),
     "unpack": ("unpack", "decode a seekable EROFS blob into its raw EROFS image"),

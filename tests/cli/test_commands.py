@@ -57,7 +57,7 @@ def imported_by(*argv: str) -> set[str]:
 
 
 def test_version_and_mount_import_neither_converter_nor_httpx_nor_zstandard() -> None:
-    heavy = {"converter", "httpx", "zstandard", "hypothesis"}
+    heavy = {"converter", "httpx", "zstandard", "hypothesis", "grpc"}
     for argv in (["--version"], ["--help"], ["mount", "--help"], ["stats", "--help"]):
         modules = imported_by(*argv)
         assert not modules & heavy, (argv, modules & heavy)
