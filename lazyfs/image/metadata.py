@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import trio
 
+from lazyfs.errors import LazyfsError
+from lazyfs.exception_groups import leaf_errors
 from lazyfs.fetch.base import BlobReader, ClippingReader
 from lazyfs.format.descriptor import SeekableAnnotations
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE, parse_skippable_header
@@ -97,9 +99,19 @@ async def load_metadata(reader: BlobReader, annotations: SeekableAnnotations,
             fetched[start] = await reader.read(start, min(end, blob_size) - start)
 
     ranges = metadata_ranges(annotations, blob_size, tree_window_bytes)
-    async with trio.open_nursery() as nursery:
-        for start, end in ranges:
-            nursery.start_soon(fetch, start, end)
+    if len(ranges) == 1:
+        await fetch(*ranges[0])
+    else:
+        try:
+            async with trio.open_nursery() as nursery:
+                for start, end in ranges:
+                    nursery.start_soon(fetch, start, end)
+        except BaseExceptionGroup as group:
+            # Callers catch the error itself, as a single request would raise it.
+            errors = leaf_errors(group)
+            if errors and all(isinstance(error, LazyfsError) for error in errors):
+                raise errors[0] from None
+            raise
     blob_size = await reader.open()  # known by now: promised, probed or from Content-Range
     check_annotations_fit(annotations, blob_size)
 

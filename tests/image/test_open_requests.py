@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from lazyfs.cache.memory import ChunkCache
+from lazyfs.fetch.base import ReaderOptions
+from lazyfs.fetch.errors import FetchError
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.image.metadata import TABLE_GUESS_BYTES
-from lazyfs.image.open import LayerSource
+from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning
 from tests.format import build_blob, make_superblock
@@ -144,3 +147,28 @@ def test_hash_blocks_are_fetched_when_reads_need_them_once_each(
                                          for i in (8, 9, 10, 11))
     tree_ranges = [item for item in blob_ranges(server) if item[0] >= level0]
     assert tree_ranges == [(level0 + 2 * 4096, level0 + 3 * 4096)]
+
+
+def test_a_failed_metadata_fetch_raises_the_fetch_error_itself(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    """Two metadata ranges are fetched at once; a failure comes out as the FetchError a
+    caller catches (a mount's retry loop, the CLI's one-line error), not wrapped in a group."""
+    image = make_image_bytes(300_000, seed=6)
+    built = build_blob(image, chunk_size=4096, verity=make_superblock(len(image)),
+                       verity_first=True)
+    a = built.annotations
+    server = nginx_server(tmp_path)  # serving nothing: every range is a 404
+    source = LayerSource(server.url + "layer.blob", chunk_table_offset=a.chunk_table_offset,
+                         chunk_digest=a.chunk_digest, verity_offset=a.verity_offset,
+                         root_digest=a.root_digest,
+                         reader_options=ReaderOptions(expected_size=len(built.blob)))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await open_layer(source, cache=ChunkCache(1 << 20), nursery=nursery)
+
+    with pytest.raises(BaseExceptionGroup) as raised:
+        trio.run(main)
+    (error,) = raised.value.exceptions  # the nursery of `main` only
+    assert isinstance(error, FetchError) and "404" in str(error)
