@@ -29,6 +29,7 @@ class UserError(LazyfsError):
 
 # command: (module of this package that registers it, its help line), in `--help` order.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "cache": ("cache", "list, measure, trim or empty the disk cache"),
     "convert": ("convert", "convert a layer or a whole image into seekable EROFS"),
     "inspect": ("inspect", "show the layout, chunks and dm-verity parameters of a blob"),
     "mount": ("mount", "mount a seekable EROFS layer, or an image, fetched and verified on "

@@ -12,9 +12,11 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
+    add_disk_cache_arguments,
     add_registry_arguments,
     cache_size_of,
     count_layers,
+    disk_cache_of,
     platform_of,
     registry_options,
     tuning_of,
@@ -105,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mount.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
+    add_disk_cache_arguments(mount)
     add_registry_arguments(mount)
     mount.set_defaults(func=cmd_mount)
 
@@ -138,7 +141,7 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
-    return MountOptions(cache_size, tuning, trace)
+    return MountOptions(cache_size, tuning, trace, disk_cache_of(args))
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:

@@ -23,9 +23,11 @@ from pathlib import Path
 from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
+    add_disk_cache_arguments,
     add_registry_arguments,
     cache_size_of,
     count_layers,
+    disk_cache_of,
     platform_of,
     registry_options,
     tuning_of,
@@ -64,6 +66,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--insecure", action="store_true", help="allow layers without trusted digests"
     )
+    add_disk_cache_arguments(parser)
     add_registry_arguments(parser)
 
 
@@ -125,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         eager=args.eager,
         insecure=args.insecure,
         writable=args.writable,
-        mount=MountOptions(cache_size, tuning_of(args), trace),
+        mount=MountOptions(cache_size, tuning_of(args), trace, disk_cache_of(args)),
     )
     prepared = prepare(request)
     image = prepared.image

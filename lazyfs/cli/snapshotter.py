@@ -9,7 +9,13 @@ import os
 import sys
 
 from lazyfs.cli import UserError
-from lazyfs.cli._images import add_registry_arguments, cache_size_of, registry_options
+from lazyfs.cli._images import (
+    add_disk_cache_arguments,
+    add_registry_arguments,
+    cache_size_of,
+    disk_cache_of,
+    registry_options,
+)
 from lazyfs.fuse.operations import STATS_FILE_NAME
 from lazyfs.snapshotter.daemon import SnapshotterConfig, run_snapshotter
 from lazyfs.snapshotter.layers import FUSE_DIR
@@ -51,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS", help="longest wait between two of those retries, which start a "
         f"second apart and double (default {RemountPolicy.max_delay_s:.0f})",
     )
+    add_disk_cache_arguments(parser)
     add_registry_arguments(parser)
     parser.set_defaults(func=cmd_snapshotter)
 
@@ -91,6 +98,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         cache_size_bytes=cache_size_of(args),
         metrics_address=_metrics_address(args.metrics_address),
         remount=_remount_policy(args.remount_retries, args.remount_max_delay),
+        disk_cache=disk_cache_of(args),
     )
 
     def on_ready() -> None:

@@ -120,6 +120,7 @@ class _Frame:
     sha: hashlib._Hash | None
     received: int = 0
     position: int = 0  # chunk bytes published so far
+    kept: bytearray | None = None  # the frame's bytes, when kept for the disk cache
     carry: bytearray = field(default_factory=bytearray)  # decoded, not yet a whole block
     failed: bool = False
 
@@ -141,6 +142,7 @@ class FrameDone:
     frame_bytes: int = 0
     latency_s: float = 0.0
     data: bytes | None = None
+    frame: bytes | None = None  # the verified frame itself, when the loader keeps it
 
 
 class StoppedEarly(Exception):
@@ -157,6 +159,7 @@ class RunStreamer:
     cpu_limiter: trio.CapacityLimiter
     piece_bytes: int
     finish_frames: bool = True
+    keep_frames: bool = False  # hand each verified frame on (for the disk cache)
 
     async def stream(self, run: list[int], streams: dict[int, FrameStream],
                      data_blocks: Callable[[list[int]], tuple[int, int]],
@@ -172,6 +175,7 @@ class RunStreamer:
                 index, start, end - start, data_blocks([index])[0],
                 FrameStreamDecoder(table.decoded_size(index), index, start, end - start),
                 hashlib.sha512() if table.hash_algorithm != HASH_NONE else None,
+                kept=bytearray() if self.keep_frames else None,
             ))
         began = time.monotonic()
         coverage: list[Coverage] = []
@@ -199,9 +203,12 @@ class RunStreamer:
                 on_done(FrameDone(frame.index, reason=str(exc)))
                 return
             streams[frame.index].publish(step.data, step.holes)
+            if frame.kept is not None:
+                frame.kept += piece
             if last:
                 on_done(FrameDone(frame.index, frame_bytes=frame.size,
-                                  latency_s=time.monotonic() - began))
+                                  latency_s=time.monotonic() - began,
+                                  frame=bytes(frame.kept) if frame.kept is not None else None))
             elif not self.finish_frames and not any(s.waiting for s in streams.values()):
                 raise StoppedEarly
 

@@ -96,6 +96,20 @@ class HashBlockStore:
     def is_verified(self, payload_offset: int) -> bool:
         return payload_offset in self._verified
 
+    def known(self, offsets: list[int] | None = None) -> dict[int, bytes]:
+        """The verified blocks among `offsets` (all of them by default), a copy."""
+        if offsets is None:
+            return dict(self._verified)
+        return {offset: self._verified[offset] for offset in offsets
+                if offset in self._verified}
+
+    def adopt(self, blocks: Mapping[int, bytes]) -> None:
+        """Take blocks verified elsewhere against this tree (read back from the disk cache and
+        checked against the blocks above them, up to the root)."""
+        for offset, block in blocks.items():
+            if offset not in self._bad:
+                self._verified.setdefault(offset, block)
+
     def top_offset(self) -> int | None:
         """Payload offset of the top level's one block (None for a tree without levels)."""
         return self.geometry.levels[-1].payload_offset if self.geometry.levels else None

@@ -4,19 +4,24 @@ The descriptor is the root of trust. It comes from `--descriptor FILE|URL`, from
 annotation values, or by convention from beside the blob: for `NAME.blob` the file
 `NAME.descriptor.json`, else `BLOB.descriptor.json` (what `lazyfs convert` writes). Without a
 digest that authenticates the metadata, mounting is refused unless `insecure` is set.
+
+With a disk cache, a layer whose metadata it holds opens without a request (`disk_tier`), and
+a descriptor URL that does not answer is replaced by the descriptor last fetched from it, so
+that a layer can be mounted again while its server is unreachable.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
+from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, ReaderOptions
-from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_DIGEST,
@@ -32,7 +37,9 @@ from lazyfs.format.descriptor import (
 )
 from lazyfs.format.descriptor import DESCRIPTOR_SUFFIX as DESCRIPTOR_SUFFIX  # re-exported
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.image import disk_tier
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
+from lazyfs.image.keys import layer_key
 from lazyfs.image.metadata import load_metadata
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
@@ -69,11 +76,12 @@ def descriptor_candidates(blob: str) -> list[str]:
     return descriptor_path_candidates(blob.partition("?")[0])
 
 
-async def _read_text(location: str, options: ReaderOptions,
-                     reader: BlobReader | None = None) -> bytes | None:
+async def _read_text(location: str, options: ReaderOptions, reader: BlobReader | None = None,
+                     disk: DiskCache | None = None) -> bytes | None:
     """Read a small descriptor from a path or URL; None if it does not exist. A URL is fetched
     with the deadline and retries of range reads, through the connections of the blob's
-    `reader` when it has them. Raises DescriptorError, FetchError."""
+    `reader` when it has them; when it fails, the copy `disk` kept from the last fetch stands
+    in. Raises DescriptorError, FetchError."""
     if "://" in location and not location.startswith("file://"):
         # httpx is imported when a layer is opened, not by everything that names a source.
         from lazyfs.fetch.body import BodyTooLargeError
@@ -81,12 +89,20 @@ async def _read_text(location: str, options: ReaderOptions,
 
         try:
             if isinstance(reader, HttpRangeReader):
-                return await reader.get_small(location, MAX_DESCRIPTOR_BYTES)
-            return await get_small(location, MAX_DESCRIPTOR_BYTES, options)
+                text = await reader.get_small(location, MAX_DESCRIPTOR_BYTES)
+            else:
+                text = await get_small(location, MAX_DESCRIPTOR_BYTES, options)
         except BodyTooLargeError:
             raise DescriptorError(f"{location}: descriptor larger than 1 MiB") from None
         except FetchError as exc:
-            raise FetchError(f"cannot fetch descriptor: {exc}") from None
+            kept = await disk_tier.remembered_descriptor(disk, location) if disk else None
+            if kept is None:
+                raise FetchError(f"cannot fetch descriptor: {exc}") from None
+            log.warning("%s; using the descriptor the disk cache kept from it", exc)
+            return kept
+        if text is not None and disk is not None:
+            await disk_tier.remember_descriptor(disk, location, text)
+        return text
     path = location.removeprefix("file://")
 
     def load() -> bytes | None:
@@ -102,10 +118,11 @@ async def _read_text(location: str, options: ReaderOptions,
 
 
 async def resolve_annotations(
-    source: LayerSource, reader: BlobReader | None = None
+    source: LayerSource, reader: BlobReader | None = None, disk: DiskCache | None = None,
 ) -> tuple[SeekableAnnotations, Descriptor | None]:
     """Find the annotations for `source` (a descriptor URL is read through `reader`'s
-    connections). Raises LayerOpenError, DescriptorError, FetchError."""
+    connections; descriptors fetched before are kept on `disk`). Raises LayerOpenError,
+    DescriptorError, FetchError."""
     if source.has_overrides:
         values = {ANNOTATION_CHUNK_TABLE_OFFSET: str(source.chunk_table_offset)}
         for key, value in ((ANNOTATION_CHUNK_DIGEST, source.chunk_digest),
@@ -120,7 +137,7 @@ async def resolve_annotations(
                              "--chunk-table-offset too")
     tried = [source.descriptor] if source.descriptor else descriptor_candidates(source.blob)
     for location in tried:
-        text = await _read_text(location, source.reader_options, reader)
+        text = await _read_text(location, source.reader_options, reader, disk)
         if text is None:
             continue
         descriptor = parse_descriptor(text, location)
@@ -175,30 +192,79 @@ async def open_layer(
     tuning: ImageTuning | None = None,
     trace: TraceWriter | None = None,
     cpu_limiter: trio.CapacityLimiter | None = None,
+    disk: DiskCache | None = None,
 ) -> RemoteImage:
-    """Open, authenticate and return the layer `source` names, ready for reads.
+    """Open, authenticate and return the layer `source` names, ready for reads; with `disk`,
+    from the metadata it holds when it does (no request), else fetched (one range request:
+    chunk table, dm-verity superblock, top of the tree) and then kept there.
 
     Raises LayerOpenError, FormatError (incl. IntegrityError) or FetchError.
     """
     from lazyfs.fetch.local import open_blob_reader
 
     tuning = tuning or ImageTuning()
+    cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
     # One reader from the start: a descriptor beside the blob, the metadata and the first
     # frames share its connections.
     reader = open_blob_reader(source.blob, source.reader_options)
+    name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
     try:
-        annotations, descriptor = await resolve_annotations(source, reader)
+        annotations, descriptor = await resolve_annotations(source, reader, disk)
         _check_trust(source, annotations)
         if descriptor is not None:
             reader.expect_size(descriptor.size)
-        loaded = await load_metadata(reader, annotations, tuning.verity_window_bytes)
-        _check_data_trust(source, annotations, loaded.metadata)
-        name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
-        image = RemoteImage(name, reader, loaded.metadata, cache, nursery,
-                            cpu_limiter=cpu_limiter, trace=trace, tuning=tuning)
+        if disk is not None and layer_key(annotations) is None:
+            disk = None  # nothing would authenticate it when read back
+        cached = None
+        if disk is not None:
+            cached = await disk_tier.load_metadata(disk, annotations, reader.size, cpu_limiter)
+        if cached is not None:
+            reader.expect_size(cached.metadata.blob_size)
+            metadata = cached.metadata
+        else:
+            loaded = await load_metadata(reader, annotations, tuning.verity_window_bytes)
+            metadata = loaded.metadata
+        _check_data_trust(source, annotations, metadata)
+        layer_disk = None
+        # The hash blocks the metadata entry holds: LayerDisk keeps this very set, which the
+        # top of the tree joins once verified below.
+        kept_blocks = set(cached.tree_blocks) if cached is not None else set()
+        if disk is not None:
+            blob_size = metadata.blob_size
+            layer_disk = disk_tier.LayerDisk(
+                disk, metadata, name, nursery, kept_blocks=kept_blocks,
+                probe=lambda: _probe(source.blob, source.reader_options, blob_size),
+                source_known_up=cached is None)
+        image = RemoteImage(name, reader, metadata, cache, nursery, cpu_limiter=cpu_limiter,
+                            trace=trace, tuning=tuning, disk=layer_disk)
         if image.hash_blocks is not None:
-            await image.hash_blocks.add_window(0, loaded.verity_payload)
+            if cached is not None:
+                image.hash_blocks.adopt(cached.tree_blocks)
+            else:
+                await image.hash_blocks.add_window(0, loaded.verity_payload)
+        if layer_disk is not None:
+            if cached is None:
+                tree_blocks = image.hash_blocks.known() if image.hash_blocks else {}
+                kept_blocks.update(tree_blocks)
+                layer_disk.save_metadata(tree_blocks, reader.source)
+            else:
+                layer_disk.register(reader.source)
         return image
     except BaseException:
         await reader.aclose()
         raise
+
+
+async def _probe(blob: str, options: ReaderOptions, blob_size: int) -> None:
+    """Ask the source of a layer opened from the disk cache once whether it answers (and
+    still has the blob, of `blob_size` bytes). Raises FetchError."""
+    from lazyfs.fetch.local import open_blob_reader
+
+    # No promised size: a reader would trust it and ask nothing.
+    reader = open_blob_reader(blob, replace(options, max_retries=0, expected_size=None))
+    try:
+        size = await reader.open()
+    finally:
+        await reader.aclose()
+    if size != blob_size:
+        raise BlobChangedError(f"{reader.source}: blob is {size} bytes, expected {blob_size}")

@@ -6,7 +6,9 @@ against the tree as it is decoded, and a read is answered as soon as its blocks 
 frame's SHA-512 is checked when it has all arrived. Without dm-verity a frame is checked
 against its SHA-512 whole, then decoded to its exact size. Only then do bytes reach the cache
 and the caller. Loads run in the mount's nursery, so a read that is interrupted does not
-abandon a fetch other readers wait on, and unmount cancels them all.
+abandon a fetch other readers wait on, and unmount cancels them all. With a disk cache
+(`disk_tier.LayerDisk`), a load looks there first: a frame read back is checked again
+(`disk_tier.check_frame`), and a verified fetched frame is written back.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import trio
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, StreamingReader
 from lazyfs.fetch.errors import FetchError
-from lazyfs.format.chunk_table import HASH_NONE
+from lazyfs.format.errors import FormatError
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.verity_tree import hash_blocks_needed
+from lazyfs.image.disk_tier import LayerDisk, check_frame
 from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.frame_stream import FrameDone, FrameStream, RunStreamer, StoppedEarly
 from lazyfs.image.hash_blocks import HashBlockStore
+from lazyfs.image.keys import content_key
 from lazyfs.image.stats import ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.image.whole_frames import WholeFrameLoader
@@ -54,8 +59,10 @@ class RemoteImage:
         cpu_limiter: trio.CapacityLimiter | None = None,
         trace: TraceWriter | None = None,
         tuning: ImageTuning | None = None,
+        disk: LayerDisk | None = None,
     ) -> None:
         self.name = name
+        self.disk = disk
         self.reader = reader
         self.metadata = metadata
         self.cache = cache
@@ -72,7 +79,7 @@ class RemoteImage:
         self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
         self._last_read_end = -1
         self._sequential_bytes = 0
-        self._content_key: Hashable = _content_key(metadata, reader.source)
+        self._content_key: Hashable = content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
         # The dm-verity tree's verified hash blocks, fetched as reads need them.
         self.hash_blocks = (
@@ -84,7 +91,8 @@ class RemoteImage:
         self._partial: deque[FrameStream] = deque()
         self._streamer = (
             RunStreamer(reader, metadata, self.hash_blocks, self._cpu_limiter,
-                        tuning.stream_piece_bytes, tuning.finish_frames)
+                        tuning.stream_piece_bytes, tuning.finish_frames,
+                        keep_frames=disk is not None)
             if self.hash_blocks is not None and tuning.partial_frames
             and isinstance(reader, StreamingReader) else None
         )
@@ -139,6 +147,7 @@ class RemoteImage:
             "chunk_count": self.stats.chunk_count,
             "chunks_fetched": len(self.stats.chunks_fetched),
             "chunk_fetches": self.stats.chunk_fetches,
+            "chunks_from_disk": self.stats.chunks_from_disk,
             "readahead_chunks": self.stats.readahead_chunks,
             "cache_hits": cache_hits,
             "cache_misses": cache_misses,
@@ -179,9 +188,6 @@ class RemoteImage:
                     found[index] = data
                     self._record(chunk=index, event="hit")
                     continue
-                if trio.current_time() < self._failing_until and not self.cache.is_loading(key):
-                    raise ImageReadError(f"chunk {index}: source failing: "
-                                         f"{self._last_fetch_error}")
                 if self.cache.claim(key):
                     claimed.append(index)
         finally:
@@ -243,31 +249,44 @@ class RemoteImage:
 
     async def _load_run(self, run: list[int], reason: str,
                         streams: dict[int, FrameStream] | None = None) -> None:
-        """Fetch, verify and decode adjacent chunks (as partial frames into `streams`, else
-        whole); complete or fail every claimed key, and every stream of the run."""
+        """Load adjacent chunks: from the disk cache, else fetched, verified and decoded (as
+        partial frames into `streams`, else whole); complete or fail every claimed key, and
+        every stream of the run."""
         unresolved = set(run)
 
         def on_done(done: FrameDone) -> None:
             unresolved.discard(done.index)
             self._frame_done(done, reason, streams)
 
-        began = time.monotonic()
         try:
+            problem = None
+            if self.disk is not None:
+                run = await self._load_from_disk(run, unresolved, streams)
+                problem = await self.disk.source_problem() if run else None
+            if run and trio.current_time() < self._failing_until:
+                problem = f"source failing: {self._last_fetch_error}"
+            if problem is not None:  # fail at once: the source is known not to answer
+                self._fail_run(run, problem)
+                unresolved.clear()
+                return
             async with self._fetch_limiter:
-                try:
-                    if streams is not None:
-                        assert self._streamer is not None
-                        await self._streamer.stream(run, streams, self._data_blocks, on_done)
-                    else:
-                        await self._whole.load(run, self._data_blocks, on_done)
-                except FetchError as exc:
-                    self._fetch_failed([index for index in run if index in unresolved], str(exc))
-                    unresolved.clear()
-                    return
-                except StoppedEarly:
-                    return
-            self.stats.fetch_latency.add(time.monotonic() - began)
-            self.stats.chunk_fetches += 1
+                for part in self._runs(run):
+                    began = time.monotonic()
+                    try:
+                        if streams is not None:
+                            assert self._streamer is not None
+                            await self._streamer.stream(part, streams, self._data_blocks,
+                                                        on_done)
+                        else:
+                            await self._whole.load(part, self._data_blocks, on_done)
+                    except FetchError as exc:
+                        self._fetch_failed(sorted(unresolved), str(exc))
+                        unresolved.clear()
+                        return
+                    except StoppedEarly:
+                        return
+                    self.stats.fetch_latency.add(time.monotonic() - began)
+                    self.stats.chunk_fetches += 1
         finally:
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
             # Only keys this run still holds: one it completed may be claimed anew by now.
@@ -277,6 +296,54 @@ class RemoteImage:
                 if streams is not None:
                     streams[index].fail(error)
                     self._forget(streams[index])
+
+    async def _load_from_disk(self, run: list[int], unresolved: set[int],
+                              streams: dict[int, FrameStream] | None) -> list[int]:
+        """Complete the chunks of `run` that the disk cache holds, each checked again; return
+        the others. A copy that fails is dropped, to be fetched."""
+        disk = self.disk
+        assert disk is not None
+        rest: list[int] = []
+
+        async def load(index: int) -> None:
+            needed = self._hash_blocks_for(index)
+            known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
+            found = await disk.load(index, known, needed, self._cpu_limiter)
+            if found is None:
+                rest.append(index)
+                return
+            frame, blocks = found
+            try:
+                data = await trio.to_thread.run_sync(
+                    check_frame, self.metadata, blocks, index, frame,
+                    self.metadata.frame_range(index)[0], limiter=self._cpu_limiter,
+                )
+            except FormatError as exc:
+                await disk.forget(index, str(exc))
+                rest.append(index)
+                return
+            if self.hash_blocks is not None:
+                self.hash_blocks.adopt(blocks)
+            self.stats.chunks_from_disk += 1
+            self.cache.complete(self._key(index), data)
+            unresolved.discard(index)
+            if streams is not None:  # its readers wait on the stream
+                streams[index].publish(data)
+                streams[index].complete()
+                self._forget(streams[index])
+            self._record(chunk=index, event="disk", bytes=len(frame))
+
+        async with trio.open_nursery() as nursery:  # the chunks of a run side by side
+            for index in run:
+                nursery.start_soon(load, index)
+        return sorted(rest)
+
+    def _hash_blocks_for(self, index: int) -> list[int]:
+        """Payload offsets of the hash blocks (all levels, top first) over chunk `index`."""
+        geometry = self.metadata.verity
+        if geometry is None or self.metadata.root is None or not geometry.levels:
+            return []
+        return hash_blocks_needed(geometry, *self._data_blocks([index]))
 
     def _frame_done(self, done: FrameDone, reason: str,
                     streams: dict[int, FrameStream] | None) -> None:
@@ -298,6 +365,10 @@ class RemoteImage:
             self.cache.complete(self._key(index), data)
             if stream is not None:
                 self._forget(stream)
+            if self.disk is not None and done.frame is not None:
+                needed = self._hash_blocks_for(index)
+                known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
+                self.disk.save(index, done.frame, known)
             return
         stream.complete()
         self.stats.verify_failures += 1
@@ -361,18 +432,3 @@ class RemoteImage:
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
             self._trace.record(layer=self.name, **fields)
-
-
-def _content_key(metadata: BlobMetadata, source: str) -> Hashable:
-    """What names this layer's decoded chunks in the shared cache: a digest that
-    authenticates them, else the blob itself (nothing shared)."""
-    annotations = metadata.annotations
-    if annotations.chunk_digest is None:
-        return ("unauthenticated", source)
-    if metadata.table.hash_algorithm == HASH_NONE:
-        # The table then lists no frame hashes: equal tables (equal frame sizes) say nothing
-        # of the bytes; only the verity root names them.
-        if annotations.root_digest is None:
-            return ("unauthenticated", source)
-        return (annotations.chunk_digest, annotations.root_digest)
-    return annotations.chunk_digest

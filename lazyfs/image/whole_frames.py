@@ -80,7 +80,8 @@ class WholeFrameLoader:
             except FormatError as exc:
                 on_done(FrameDone(index, reason=str(exc)))
                 continue
-            on_done(FrameDone(index, frame_bytes=len(frame), latency_s=latency_s, data=data))
+            on_done(FrameDone(index, frame_bytes=len(frame), latency_s=latency_s, data=data,
+                              frame=frame))
 
 
 def _verify_and_decode(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes],

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
 from lazyfs.format.platform import Platform
@@ -58,12 +59,13 @@ class StatsError(LazyfsError):
 @dataclass(frozen=True)
 class MountOptions:
     """How a daemon serves its layers: the decoded chunk cache (bytes), how each layer reads
-    (readahead, coalescing, parallel fetches), and a file to append a JSON line per chunk
-    access."""
+    (readahead, coalescing, parallel fetches), a file to append a JSON line per chunk
+    access, and the disk cache shared with other daemons (None: none)."""
 
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
+    disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -111,6 +113,7 @@ def layer_config(
         block_only=block_only,
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
+        disk_cache=options.disk_cache,
         trace_file=options.trace_file,
     )
 
@@ -141,6 +144,7 @@ def image_config(
         block_only=block_only,
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
+        disk_cache=options.disk_cache,
         trace_file=options.trace_file,
         temp_dir=temp_dir,
     )

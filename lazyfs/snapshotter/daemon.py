@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 from prometheus_client import CollectorRegistry
 
+from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.mount import kernel as kernel_mount
@@ -50,6 +51,7 @@ class SnapshotterConfig:
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     metrics_address: tuple[str, int] | None = None
     remount: RemountPolicy = field(default_factory=RemountPolicy)
+    disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
 
 
 def run_snapshotter(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None:
@@ -75,13 +77,16 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
     store = Store(database_path(root))
     server: grpc.Server | None = None
     fuse_mounted = False
+    disk = None
     try:
+        if config.disk_cache is not None:
+            disk = await trio.to_thread.run_sync(DiskCache.open, config.disk_cache)
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 registry = CollectorRegistry()
                 metrics = LayerMetrics(registry)
                 host = LayerHost(root, config.registry, config.cache_size_bytes, nursery,
-                                 metrics)
+                                 metrics, disk)
                 await recover_mounts(root, host.fuse_dir, host.layers_dir)
                 os.makedirs(host.fuse_dir, mode=0o700, exist_ok=True)
                 os.makedirs(host.layers_dir, mode=0o700, exist_ok=True)
@@ -118,6 +123,8 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
     finally:
         if fuse_mounted:
             pyfuse3.close(unmount=True)
+        if disk is not None:
+            await disk.aclose()
         store.close()
         with contextlib.suppress(OSError):
             os.unlink(config.address)

@@ -1,7 +1,8 @@
 """Remote layers of the snapshotter: one FUSE file system (ROOT/fuse) serving one verified
 block file per layer, added and removed at run time, and a kernel EROFS mount of each at
 ROOT/layers/NAME. All layers share one chunk cache, one decode-thread limiter and the
-daemon's nursery for background fetches.
+daemon's nursery for background fetches; and the disk cache with every other process of the
+machine, so that a restart or a layer mounted again reads what was read before.
 
 Runs on the trio thread. gRPC handler threads come in through `RemoteLayerService`
 (`trio.from_thread.run`). Per layer digest there is at most one attach in flight: concurrent
@@ -21,6 +22,7 @@ from typing import Any
 
 import trio
 
+from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import (
@@ -114,7 +116,8 @@ class LayerHost:
     """The FUSE file system and the EROFS mounts of remote layers (trio thread only)."""
 
     def __init__(self, root: str, options: RegistryOptions, cache_size_bytes: int,
-                 nursery: trio.Nursery, metrics: LayerMetrics | None = None) -> None:
+                 nursery: trio.Nursery, metrics: LayerMetrics | None = None,
+                 disk: DiskCache | None = None) -> None:
         self.root = root
         self.metrics = metrics
         self.options = options
@@ -122,6 +125,7 @@ class LayerHost:
         self.fuse_dir = os.path.join(root, FUSE_DIR)
         self.layers_dir = os.path.join(root, LAYERS_DIR)
         self.cache = ChunkCache(cache_size_bytes)
+        self.disk = disk
         self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
         self.ops = LayerOperations([], cache=self.cache)
         self.mounted: dict[str, MountedLayer] = {}
@@ -169,7 +173,7 @@ class LayerHost:
         if self.metrics is not None:
             self.metrics.digests[layer_name(spec.digest)] = spec.digest
         image = await open_layer(source, cache=self.cache, nursery=self.nursery,
-                                 cpu_limiter=self.cpu_limiter, trace=self.metrics,
+                                 cpu_limiter=self.cpu_limiter, trace=self.metrics, disk=self.disk,
                                  tuning=ImageTuning(parallel_fetches=PARALLEL_FETCHES_PER_LAYER))
         mountpoint = self.mountpoint(spec.digest)
         added = False

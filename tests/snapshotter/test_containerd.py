@@ -63,7 +63,9 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
     assert all(s["chunks_fetched"] <= 2 for s in layer_stats(containerd).values())
 
     port = free_port()
-    containerd.snapshotter.extra = ["--metrics-address", f"127.0.0.1:{port}"]
+    # Without the disk cache (test_a_restarted_snapshotter_reads_from_the_disk_cache has it),
+    # so that the chunks read before the restart are fetched again and counted.
+    containerd.snapshotter.extra = ["--metrics-address", f"127.0.0.1:{port}", "--no-disk-cache"]
     containerd.snapshotter.restart()  # between pull and run: the layers are mounted again
     assert len(layer_stats(containerd)) == 2
     # containerd's connection to the old socket broke; it reconnects on the next calls.
@@ -153,6 +155,27 @@ def read_past_page_cache(path: Path) -> None:
 def snapshotter_stats(containerd: Containerd) -> dict[str, Any]:
     return dict(json.loads((containerd.snapshotter.root / FUSE_DIR / STATS_FILE_NAME)
                            .read_text()))
+
+
+def test_a_restarted_snapshotter_reads_from_the_disk_cache(
+    containerd: Containerd, image: PublishedImage
+) -> None:
+    """What a container read before a restart of the snapshotter is read from the disk cache
+    after it: the same command in a new container fetches nothing."""
+    result = lazy_pull(containerd, image.converted)
+    assert result.returncode == 0, result.stderr
+    check_output(containerd.ctr("run", "--rm", "--snapshotter", "lazyfs", image.converted,
+                                "disk1", "/bin/sh", "-c", SHOW).stdout)
+    containerd.snapshotter.restart()
+    wait_until(lambda: containerd.ctr("snapshots", "--snapshotter", "lazyfs", "ls",
+                                      check=False).returncode == 0, "containerd reconnecting")
+    check_output(containerd.ctr("run", "--rm", "--snapshotter", "lazyfs", image.converted,
+                                "disk2", "/bin/sh", "-c", SHOW).stdout)
+    stats = layer_stats(containerd)
+    assert len(stats) == 2
+    for values in stats.values():
+        assert values["bytes_fetched"] == 0 and values["chunks_fetched"] == 0, values
+        assert values["chunks_from_disk"] >= 1
 
 
 def test_sigterm_unmounts_everything(containerd: Containerd, image: PublishedImage) -> None:

@@ -119,7 +119,8 @@ def test_layers_that_fail_at_start_up_are_retried(containerd: Containerd,
     snapshots = assert_consistent(containerd)
     log = containerd.snapshotter.log
     with blobs_missing(registry, set(snapshots.values())):
-        restart(containerd, "--remount-max-delay", str(RETRY_WAIT_S))  # retries 0.3 s apart
+        # Without the disk cache, which would mount them (see the test after this one).
+        restart(containerd, "--no-disk-cache", "--remount-max-delay", str(RETRY_WAIT_S))
         assert layer_stats(containerd) == {}
         assert log.read_text().count("cannot mount it again") == 2
         # Calls that need the layers try them again, and fail naming one and why.
@@ -140,11 +141,32 @@ def test_layers_that_fail_at_start_up_are_retried(containerd: Containerd,
     assert assert_consistent(containerd) == snapshots
 
     with blobs_missing(registry, set(snapshots.values())):
-        restart(containerd, "--remount-retries", "0")  # no background retries now
+        restart(containerd, "--no-disk-cache", "--remount-retries", "0")  # no retries now
         assert log.read_text().count("not mounted after 0 retries") == 2
     # The first call that needs them mounts them.
     run = containerd.ctr("run", "--rm", "--snapshotter", LAZYFS, image.converted, "c2",
                          "/bin/sh", "-c", SHOW)
     check_output(run.stdout)
     assert log.read_text().count("mounted again for snapshot") == 2
+    assert remote(assert_consistent(containerd)) == snapshots
+
+
+def test_layers_whose_blobs_are_gone_mount_from_the_disk_cache(containerd: Containerd,
+                                                               image: PublishedImage,
+                                                               registry: Registry) -> None:
+    """With the disk cache (the default), a restart while the registry lacks the blobs mounts
+    the layers from it, and a container that reads what one read before runs."""
+    result = lazy_pull(containerd, image.converted)
+    assert result.returncode == 0, result.stderr
+    snapshots = assert_consistent(containerd)
+    check_output(containerd.ctr("run", "--rm", "--snapshotter", LAZYFS, image.converted, "d1",
+                                "/bin/sh", "-c", SHOW).stdout)
+    with blobs_missing(registry, set(snapshots.values())):
+        restart(containerd)
+        assert len(layer_stats(containerd)) == 2
+        check_output(containerd.ctr("run", "--rm", "--snapshotter", LAZYFS, image.converted,
+                                    "d2", "/bin/sh", "-c", SHOW).stdout)
+        for values in layer_stats(containerd).values():
+            assert values["bytes_fetched"] == 0 and values["chunks_from_disk"] >= 1
+    assert "source unreachable" in containerd.snapshotter.log.read_text()
     assert remote(assert_consistent(containerd)) == snapshots
