@@ -40,7 +40,7 @@ from lazyfs.format.frames import FrameStreamDecoder
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.verity_tree import verify_data_blocks
 from lazyfs.image.errors import ImageReadError
-from lazyfs.image.hash_blocks import Coverage, HashBlockStore
+from lazyfs.image.hash_blocks import Coverage, HashBlockStore, data_blocks
 
 # Bytes of a run received ahead of its processing at most: then the transfer waits.
 MAX_INBOX_BYTES = 4 * 1024 * 1024
@@ -162,7 +162,6 @@ class RunStreamer:
     keep_frames: bool = False  # hand each verified frame on (for the disk cache)
 
     async def stream(self, run: list[int], streams: dict[int, FrameStream],
-                     data_blocks: Callable[[list[int]], tuple[int, int]],
                      on_done: Callable[[FrameDone], None]) -> None:
         """Fetch, decode and verify the frames of `run`, publishing into `streams` and
         reporting each frame to `on_done` as it ends. Raises FetchError (the frames not
@@ -172,7 +171,7 @@ class RunStreamer:
         for index in run:
             start, end = self.metadata.frame_range(index)
             frames.append(_Frame(
-                index, start, end - start, data_blocks([index])[0],
+                index, start, end - start, data_blocks(self.metadata, [index])[0],
                 FrameStreamDecoder(table.decoded_size(index), index, start, end - start),
                 hashlib.sha512() if table.hash_algorithm != HASH_NONE else None,
                 kept=bytearray() if self.keep_frames else None,
@@ -187,7 +186,7 @@ class RunStreamer:
         changed = trio.Event()
 
         async def load_coverage() -> None:
-            coverage.append(await self.hash_blocks.cover(*data_blocks(run)))
+            coverage.append(await self.hash_blocks.cover(*data_blocks(self.metadata, run)))
             covered.set()
 
         async def process(frame: _Frame, piece: bytes, last: bool) -> None:

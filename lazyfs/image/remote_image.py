@@ -27,11 +27,10 @@ from lazyfs.fetch.base import BlobReader, StreamingReader
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.errors import FormatError
 from lazyfs.format.layout import BlobMetadata
-from lazyfs.format.verity_tree import hash_blocks_needed
 from lazyfs.image.disk_tier import LayerDisk, check_frame
 from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.frame_stream import FrameDone, FrameStream, RunStreamer, StoppedEarly
-from lazyfs.image.hash_blocks import HashBlockStore
+from lazyfs.image.hash_blocks import HashBlockStore, chunk_hash_blocks
 from lazyfs.image.keys import content_key
 from lazyfs.image.stats import ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -275,10 +274,9 @@ class RemoteImage:
                     try:
                         if streams is not None:
                             assert self._streamer is not None
-                            await self._streamer.stream(part, streams, self._data_blocks,
-                                                        on_done)
+                            await self._streamer.stream(part, streams, on_done)
                         else:
-                            await self._whole.load(part, self._data_blocks, on_done)
+                            await self._whole.load(part, on_done)
                     except FetchError as exc:
                         self._fetch_failed(sorted(unresolved), str(exc))
                         unresolved.clear()
@@ -306,7 +304,7 @@ class RemoteImage:
         rest: list[int] = []
 
         async def load(index: int) -> None:
-            needed = self._hash_blocks_for(index)
+            needed = chunk_hash_blocks(self.metadata, index)
             known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
             found = await disk.load(index, known, needed, self._cpu_limiter)
             if found is None:
@@ -338,13 +336,6 @@ class RemoteImage:
                 nursery.start_soon(load, index)
         return sorted(rest)
 
-    def _hash_blocks_for(self, index: int) -> list[int]:
-        """Payload offsets of the hash blocks (all levels, top first) over chunk `index`."""
-        geometry = self.metadata.verity
-        if geometry is None or self.metadata.root is None or not geometry.levels:
-            return []
-        return hash_blocks_needed(geometry, *self._data_blocks([index]))
-
     def _frame_done(self, done: FrameDone, reason: str,
                     streams: dict[int, FrameStream] | None) -> None:
         """Take a frame's outcome: cache a verified chunk, remember a bad one, keep a chunk
@@ -366,7 +357,7 @@ class RemoteImage:
             if stream is not None:
                 self._forget(stream)
             if self.disk is not None and done.frame is not None:
-                needed = self._hash_blocks_for(index)
+                needed = chunk_hash_blocks(self.metadata, index)
                 known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
                 self.disk.save(index, done.frame, known)
             return
@@ -397,16 +388,6 @@ class RemoteImage:
             log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0], run[-1],
                         message)
         self._fail_run(run, f"fetch failed: {message}")
-
-    def _data_blocks(self, run: list[int]) -> tuple[int, int]:
-        """The dm-verity data blocks `(first, count)` of the chunks `run`."""
-        geometry = self.metadata.verity
-        assert geometry is not None
-        table = self.metadata.table
-        block_size = geometry.superblock.data_block_size
-        first_block = run[0] * table.chunk_size // block_size
-        last_byte = min((run[-1] + 1) * table.chunk_size, self.size)
-        return first_block, -(-last_byte // block_size) - first_block
 
     def _mark_bad(self, run: list[int], reason: str) -> None:
         """Remember chunks that failed a check, log once, and fail their waiters."""

@@ -22,7 +22,7 @@ from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.verity_tree import verify_data_blocks
 from lazyfs.image.frame_stream import FrameDone
-from lazyfs.image.hash_blocks import Coverage, HashBlockStore
+from lazyfs.image.hash_blocks import Coverage, HashBlockStore, data_blocks
 
 
 @dataclass
@@ -34,8 +34,7 @@ class WholeFrameLoader:
     hash_blocks: HashBlockStore | None
     cpu_limiter: trio.CapacityLimiter
 
-    async def load(self, run: list[int], data_blocks: Callable[[list[int]], tuple[int, int]],
-                   on_done: Callable[[FrameDone], None]) -> None:
+    async def load(self, run: list[int], on_done: Callable[[FrameDone], None]) -> None:
         """Fetch the frames of `run` and the hash blocks over them at once, then check and
         decode each frame, reporting it to `on_done` (`data`, or the `reason` it failed).
         Raises FetchError (no frame reported)."""
@@ -52,7 +51,7 @@ class WholeFrameLoader:
         async def fetch_tree() -> None:
             nonlocal coverage
             if self.hash_blocks is not None:
-                coverage = await self.hash_blocks.cover(*data_blocks(run))
+                coverage = await self.hash_blocks.cover(*data_blocks(self.metadata, run))
 
         try:
             async with trio.open_nursery() as nursery:
@@ -65,7 +64,8 @@ class WholeFrameLoader:
             raise FetchError("; ".join(str(error) for error in errors)) from None
         latency_s = time.monotonic() - began
         for index in run:
-            failure = coverage.failure_in(*data_blocks([index])) if coverage else None
+            failure = (coverage.failure_in(*data_blocks(self.metadata, [index])) if coverage
+                       else None)
             if failure is not None:
                 on_done(FrameDone(index, reason=f"dm-verity tree: {failure}"))
                 continue
