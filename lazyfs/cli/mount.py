@@ -23,6 +23,7 @@ from lazyfs.cli._images import (
     writable_upper,
 )
 from lazyfs.fetch.base import ReaderOptions
+from lazyfs.fuse.phases import process_started_monotonic
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import is_image_reference
 from lazyfs.mount.daemon import DaemonConfig
@@ -243,6 +244,7 @@ def _pinned_lines(config: DaemonConfig) -> str:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = build_config(args)
+    config.command_started = process_started_monotonic()
     if args.foreground:
 
         def on_ready() -> None:

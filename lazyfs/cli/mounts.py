@@ -62,6 +62,7 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
         f"  read latency              p50 {_ms(latency.get('p50_ms'))}, "
         f"p90 {_ms(latency.get('p90_ms'))}, p99 {_ms(latency.get('p99_ms'))}",
     ]
+    lines += _phase_lines(daemon.get("phases"))
     lines += _cache_lines(stats.get("cache"))
     lines += _disk_cache_lines(stats.get("disk_cache"))
     for image in record.images if record is not None else []:
@@ -88,6 +89,28 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
             f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
         ]
     return "\n".join(lines)
+
+
+_PHASE_LABELS = (
+    ("cli_start_s", "command start"),
+    ("daemon_start_s", "daemon start"),
+    ("metadata_s", "layer metadata"),
+    ("fuse_init_s", "FUSE init"),
+    ("kernel_mount_s", "kernel mount"),
+    ("ready_s", "ready (total)"),
+    ("first_read_s", "first read after"),
+)
+
+
+def _phase_lines(phases: dict[str, Any] | None) -> list[str]:
+    """Where the start-up time went, phase by phase; none in an older stats file."""
+    if not phases:
+        return []
+    lines = ["start-up phases"]
+    for key, label in _PHASE_LABELS:
+        if phases.get(key) is not None:
+            lines.append(f"  {label:<26}{_s(phases[key])}")
+    return lines
 
 
 def _cache_lines(cache: dict[str, Any] | None) -> list[str]:

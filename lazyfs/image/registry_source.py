@@ -19,12 +19,10 @@ import logging
 import os
 import platform as host
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.registry import RegistryClient
-from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     SeekableAnnotations,
@@ -41,6 +39,10 @@ from lazyfs.format.platform import Platform
 from lazyfs.format.reference import ImageReference, parse_reference
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import LayerSource
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry import RegistryClient
+    from lazyfs.fetch.registry_options import RegistryOptions
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +284,8 @@ async def _blob_location(
     reference: ImageReference, digest: str, options: RegistryOptions
 ) -> tuple[str | None, Any]:
     """(blob URL, auth) on the first mirror that has the blob; (None, None) if none does."""
+    from lazyfs.fetch.registry import RegistryClient  # httpx: only when mounting images
+
     for mirror in options.mirrors:
         try:
             async with RegistryClient(

@@ -1,45 +1,47 @@
 """`RemoteImage.read(offset, size)`: the raw EROFS image of a remote layer, read at random.
 
 A read maps to chunks; missing chunks are fetched by range (adjacent ones in one request up
-to a cap), each frame is checked against its SHA-512 before it is decoded, the decoded size
-must be exact, and every data block is checked against the authenticated dm-verity tree. Only
-then do bytes reach the cache and the caller. Loads run in the mount's nursery, so a read that
-is interrupted does not abandon a fetch other readers wait on, and unmount cancels them all.
-With a disk cache (`disk_tier.LayerDisk`), a load looks there first: a frame read back is
-checked again (`disk_tier.check_frame`), and a verified fetched frame is written back.
+to a cap). With dm-verity each frame streams in (`frame_stream.py`): every block is checked
+against the tree as it is decoded, and a read is answered as soon as its blocks are; the
+frame's SHA-512 is checked when it has all arrived. Without dm-verity a frame is checked
+against its SHA-512 whole, then decoded to its exact size. Only then do bytes reach the cache
+and the caller. Loads run in the mount's nursery, so a read that is interrupted does not
+abandon a fetch other readers wait on, and unmount cancels them all. With a disk cache
+(`disk_tier.LayerDisk`), a load looks there first: a frame read back is checked again
+(`disk_tier.check_frame`), and a verified fetched frame is written back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Hashable, Mapping
+from collections import deque
+from collections.abc import Hashable
 from typing import Any
 
 import trio
 
 from lazyfs.cache.memory import ChunkCache
-from lazyfs.exception_groups import leaf_errors
-from lazyfs.fetch.base import BlobReader
+from lazyfs.fetch.base import BlobReader, StreamingReader
 from lazyfs.fetch.errors import FetchError
-from lazyfs.format.chunk_table import verify_frame
 from lazyfs.format.errors import FormatError
-from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
-from lazyfs.format.verity_tree import (
-    hash_blocks_needed,
-    verify_data_blocks,
-    verify_hash_blocks,
-)
 from lazyfs.image.disk_tier import LayerDisk, check_frame
 from lazyfs.image.errors import ImageReadError, LayerOpenError
+from lazyfs.image.frame_stream import FrameDone, FrameStream, RunStreamer, StoppedEarly
+from lazyfs.image.hash_blocks import HashBlockStore, chunk_hash_blocks
 from lazyfs.image.keys import content_key
 from lazyfs.image.stats import ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.whole_frames import WholeFrameLoader
 
 log = logging.getLogger(__name__)
 
 READAHEAD_TRIGGER_BYTES = 1024 * 1024
+# Chunks kept by their layer alone because some of their blocks cannot be verified (a bad hash
+# block): reads of their other blocks are served from them without fetching the frame again.
+MAX_PARTIAL_CHUNKS = 8
 
 
 class RemoteImage:
@@ -53,7 +55,6 @@ class RemoteImage:
         cache: ChunkCache,
         nursery: trio.Nursery,
         *,
-        tree_blocks: Mapping[int, bytes] | None = None,
         cpu_limiter: trio.CapacityLimiter | None = None,
         trace: TraceWriter | None = None,
         tuning: ImageTuning | None = None,
@@ -65,8 +66,6 @@ class RemoteImage:
         self.metadata = metadata
         self.cache = cache
         self._nursery = nursery
-        # Verified hash blocks, keyed by verity payload offset: bounded by the tree's size.
-        self._tree_blocks: dict[int, bytes] = dict(tree_blocks or {})
         self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
         self.tuning = tuning = tuning or ImageTuning()
         self._fetch_limiter = trio.CapacityLimiter(tuning.parallel_fetches)
@@ -81,6 +80,22 @@ class RemoteImage:
         self._sequential_bytes = 0
         self._content_key: Hashable = content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
+        # The dm-verity tree's verified hash blocks, fetched as reads need them.
+        self.hash_blocks = (
+            HashBlockStore(reader, metadata, self.stats, self._cpu_limiter)
+            if metadata.verity is not None and metadata.root is not None else None
+        )
+        # Frames streaming in (partial frames), and partial chunks kept: chunk index -> stream.
+        self._streams: dict[int, FrameStream] = {}
+        self._partial: deque[FrameStream] = deque()
+        self._streamer = (
+            RunStreamer(reader, metadata, self.hash_blocks, self._cpu_limiter,
+                        tuning.stream_piece_bytes, tuning.finish_frames,
+                        keep_frames=disk is not None)
+            if self.hash_blocks is not None and tuning.partial_frames
+            and isinstance(reader, StreamingReader) else None
+        )
+        self._whole = WholeFrameLoader(reader, metadata, self.hash_blocks, self._cpu_limiter)
         table = metadata.table
         geometry = metadata.verity
         if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
@@ -103,16 +118,22 @@ class RemoteImage:
         indices = table.chunks_for_range(offset, size)
         if not indices:
             return b""
-        chunks = await self._get_chunks(indices)
-        self._schedule_readahead(offset, size, indices)
+        found = self._claim(indices, "read")
         end = min(offset + size, self.size)
         # Copy only the requested bytes of each chunk, not whole chunks.
         pieces = []
         for index in indices:
             base = index * table.chunk_size
-            view = memoryview(chunks[index])
-            pieces.append(view[max(offset - base, 0):min(end - base, len(view))])
-        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+            start, stop = max(offset - base, 0), min(end - base, table.decoded_size(index))
+            pieces.append(await self._piece(index, start, stop, found.get(index)))
+        self._schedule_readahead(offset, size, indices)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def warm(self, offset: int, size: int) -> None:
+        """Start loading the chunks of `[offset, offset + size)` without waiting for them: the
+        EROFS superblock, say, while the kernel mount that will read it is being set up."""
+        with contextlib.suppress(ImageReadError):  # the read that needs it reports it
+            self._claim(self.metadata.table.chunks_for_range(offset, size), "warm")
 
     def stats_snapshot(self) -> dict[str, Any]:
         fetch_stats = self.reader.stats
@@ -136,6 +157,7 @@ class RemoteImage:
             "verify_failures": self.stats.verify_failures,
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
             "bad_chunks": sorted(self._bad_chunks),
+            "partial_chunks": sorted(stream.index for stream in self._partial),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
         }
 
@@ -147,36 +169,49 @@ class RemoteImage:
     def _key(self, chunk_index: int) -> Hashable:
         return (self._content_key, chunk_index)
 
-    async def _get_chunks(self, indices: range) -> dict[int, bytes]:
+    def _claim(self, indices: range, reason: str) -> dict[int, bytes]:
+        """Start loading the chunks of `indices` that are neither cached, nor loading, nor
+        streaming; return those that are cached. Raises ImageReadError for a chunk that
+        failed before, or while the source is failing (the loads claimed so far start)."""
         found: dict[int, bytes] = {}
-        while True:
-            claimed: list[int] = []
+        claimed: list[int] = []
+        try:
             for index in indices:
-                if index in found:
-                    continue
                 if index in self._bad_chunks:
-                    # Chunks claimed before this one must still be loaded: others may wait.
-                    for run in self._runs(claimed):
-                        self._nursery.start_soon(self._load_run, run, "read")
                     raise ImageReadError(f"chunk {index} failed verification earlier")
-                data = self.cache.get(self._key(index))
+                if index in self._streams:
+                    continue
+                key = self._key(index)
+                data = self.cache.get(key)
                 if data is not None:
                     found[index] = data
                     self._record(chunk=index, event="hit")
                     continue
-                if self.cache.claim(self._key(index)):
+                if self.cache.claim(key):
                     claimed.append(index)
-            for run in self._runs(claimed):
-                self._nursery.start_soon(self._load_run, run, "read")
-            for index in indices:
-                if index in found:
-                    continue
-                data = await self.cache.wait(self._key(index))
-                if data is not None:
-                    found[index] = data
-            if len(found) == len(indices):
-                return found
-            # Evicted between its load and our wait (a tiny cache): go round again.
+        finally:
+            # Chunks claimed before a failure must still be loaded: others may wait for them.
+            self._start_loads(claimed, reason)
+        return found
+
+    def _start_loads(self, claimed: list[int], reason: str) -> None:
+        for run in self._runs(claimed):
+            streams = None
+            if self._streamer is not None:
+                streams = {index: FrameStream(index) for index in run}
+                self._streams.update(streams)
+            self._nursery.start_soon(self._load_run, run, reason, streams)
+
+    async def _piece(self, index: int, start: int, stop: int, data: bytes | None) -> bytes:
+        """Bytes `[start, stop)` of chunk `index`: from `data`, its stream or its load."""
+        while data is None:
+            stream = self._streams.get(index)
+            if stream is not None:
+                return await stream.read(start, stop)
+            data = await self.cache.wait(self._key(index))
+            if data is None:  # evicted between its load and this wait (a tiny cache)
+                data = self._claim(range(index, index + 1), "read").get(index)
+        return memoryview(data)[start:stop].tobytes()
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
         end = min(offset + size, self.size)
@@ -191,11 +226,11 @@ class RemoteImage:
         last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
         claimed = [
             index for index in range(indices[-1] + 1, last + 1)
-            if index not in self._bad_chunks and self.cache.claim(self._key(index))
+            if index not in self._bad_chunks and index not in self._streams
+            and self.cache.claim(self._key(index))
         ]
-        for run in self._runs(claimed):
-            self.stats.readahead_chunks += len(run)
-            self._nursery.start_soon(self._load_run, run, "readahead")
+        self.stats.readahead_chunks += len(claimed)
+        self._start_loads(claimed, "readahead")
 
     def _runs(self, indices: list[int]) -> list[list[int]]:
         """Group chunk indices into runs of adjacent frames, each at most the coalesce cap."""
@@ -211,13 +246,21 @@ class RemoteImage:
                 run_start = start
         return runs
 
-    async def _load_run(self, run: list[int], reason: str) -> None:
-        """Fetch, verify and decode adjacent chunks; complete or fail every claimed key."""
+    async def _load_run(self, run: list[int], reason: str,
+                        streams: dict[int, FrameStream] | None = None) -> None:
+        """Load adjacent chunks: from the disk cache, else fetched, verified and decoded (as
+        partial frames into `streams`, else whole); complete or fail every claimed key, and
+        every stream of the run."""
         unresolved = set(run)
+
+        def on_done(done: FrameDone) -> None:
+            unresolved.discard(done.index)
+            self._frame_done(done, reason, streams)
+
         try:
             problem = None
             if self.disk is not None:
-                run = await self._load_from_disk(run, unresolved)
+                run = await self._load_from_disk(run, unresolved, streams)
                 problem = await self.disk.source_problem() if run else None
             if run and trio.current_time() < self._failing_until:
                 problem = f"source failing: {self._last_fetch_error}"
@@ -227,79 +270,33 @@ class RemoteImage:
                 return
             async with self._fetch_limiter:
                 for part in self._runs(run):
-                    await self._fetch_and_verify(part, reason, unresolved)
+                    began = time.monotonic()
+                    try:
+                        if streams is not None:
+                            assert self._streamer is not None
+                            await self._streamer.stream(part, streams, on_done)
+                        else:
+                            await self._whole.load(part, on_done)
+                    except FetchError as exc:
+                        self._fetch_failed(sorted(unresolved), str(exc))
+                        unresolved.clear()
+                        return
+                    except StoppedEarly:
+                        return
+                    self.stats.fetch_latency.add(time.monotonic() - began)
+                    self.stats.chunk_fetches += 1
         finally:
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
             # Only keys this run still holds: one it completed may be claimed anew by now.
             for index in sorted(unresolved):
-                self.cache.fail(self._key(index), ImageReadError(f"chunk {index} not loaded"))
+                error = ImageReadError(f"chunk {index} not loaded")
+                self.cache.fail(self._key(index), error)
+                if streams is not None:
+                    streams[index].fail(error)
+                    self._forget(streams[index])
 
-    async def _fetch_and_verify(self, run: list[int], reason: str,
-                                unresolved: set[int]) -> None:
-        """Load `run`, removing from `unresolved` each index whose key was completed or
-        failed (after that, the key may belong to another loader)."""
-        start = self.metadata.frame_range(run[0])[0]
-        end = self.metadata.frame_range(run[-1])[1]
-        began = time.monotonic()
-        blob = b""
-        tree_failures: dict[int, str] = {}
-
-        async def fetch_frames() -> None:
-            nonlocal blob
-            blob = await self.reader.read(start, end - start)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(fetch_frames)
-                nursery.start_soon(self._ensure_tree_blocks, run, tree_failures)
-        except BaseExceptionGroup as group:
-            errors = leaf_errors(group)
-            if not errors or not all(isinstance(e, FetchError | FormatError) for e in errors):
-                raise
-            bad = [str(error) for error in errors if isinstance(error, FormatError)]
-            if bad:
-                self._mark_bad(run, f"dm-verity tree: {'; '.join(bad)}")
-            else:
-                self.stats.fetch_failures += 1
-                # The one line for this failure (the reader raises, it does not log): the
-                # message names the URL or file, the byte range and the last status or error.
-                message = "; ".join(str(error) for error in errors)
-                self._failing_until = trio.current_time() + self.tuning.failure_holdoff_s
-                self._last_fetch_error = message
-                log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0],
-                            run[-1], message)
-                self._fail_run(run, f"fetch failed: {message}")
-            return
-        latency = time.monotonic() - began
-        self.stats.fetch_latency.add(latency)
-        self.stats.chunk_fetches += 1
-        for index, message in sorted(tree_failures.items()):
-            self._mark_bad([index], f"dm-verity tree: {message}")
-            unresolved.discard(index)
-        for index in run:
-            if index in tree_failures:
-                continue
-            frame_start, frame_end = self.metadata.frame_range(index)
-            frame = blob[frame_start - start:frame_end - start]
-            try:
-                data = await trio.to_thread.run_sync(
-                    _verify_and_decode, self.metadata, self._level0_blocks(index), index, frame,
-                    frame_start,
-                    limiter=self._cpu_limiter,
-                )
-            except FormatError as exc:
-                self._mark_bad([index], str(exc))
-                unresolved.discard(index)
-                continue
-            self.stats.chunks_fetched.add(index)
-            self.cache.complete(self._key(index), data)
-            unresolved.discard(index)
-            if self.disk is not None:
-                self.disk.save(index, frame, self._level0_blocks(index))
-            self._record(chunk=index, event="fetch", reason=reason, bytes=len(frame),
-                         latency_ms=round(latency * 1000, 3))
-
-    async def _load_from_disk(self, run: list[int], unresolved: set[int]) -> list[int]:
+    async def _load_from_disk(self, run: list[int], unresolved: set[int],
+                              streams: dict[int, FrameStream] | None) -> list[int]:
         """Complete the chunks of `run` that the disk cache holds, each checked again; return
         the others. A copy that fails is dropped, to be fetched."""
         disk = self.disk
@@ -307,8 +304,9 @@ class RemoteImage:
         rest: list[int] = []
 
         async def load(index: int) -> None:
-            found = await disk.load(index, self._tree_blocks, self._hash_blocks_for([index]),
-                                    self._cpu_limiter)
+            needed = chunk_hash_blocks(self.metadata, index)
+            known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
+            found = await disk.load(index, known, needed, self._cpu_limiter)
             if found is None:
                 rest.append(index)
                 return
@@ -322,10 +320,15 @@ class RemoteImage:
                 await disk.forget(index, str(exc))
                 rest.append(index)
                 return
-            self._tree_blocks.update(blocks)
+            if self.hash_blocks is not None:
+                self.hash_blocks.adopt(blocks)
             self.stats.chunks_from_disk += 1
             self.cache.complete(self._key(index), data)
             unresolved.discard(index)
+            if streams is not None:  # its readers wait on the stream
+                streams[index].publish(data)
+                streams[index].complete()
+                self._forget(streams[index])
             self._record(chunk=index, event="disk", bytes=len(frame))
 
         async with trio.open_nursery() as nursery:  # the chunks of a run side by side
@@ -333,70 +336,58 @@ class RemoteImage:
                 nursery.start_soon(load, index)
         return sorted(rest)
 
-    def _hash_blocks_for(self, run: list[int]) -> list[int]:
-        """Payload offsets of the hash blocks (all levels, top first) that cover `run`."""
-        geometry = self.metadata.verity
-        if geometry is None or self.metadata.root is None or not geometry.levels:
-            return []
-        table = self.metadata.table
-        block_size = geometry.superblock.data_block_size
-        first_block = run[0] * table.chunk_size // block_size
-        last_byte = min((run[-1] + 1) * table.chunk_size, self.size)
-        count = -(-last_byte // block_size) - first_block
-        return hash_blocks_needed(geometry, first_block, count)
-
-    def _level0_blocks(self, chunk_index: int) -> dict[int, bytes]:
-        """A private copy of the verified blocks for one chunk: worker threads share no state."""
-        return {offset: self._tree_blocks[offset]
-                for offset in self._hash_blocks_for([chunk_index])
-                if offset in self._tree_blocks}
-
-    async def _ensure_tree_blocks(self, run: list[int], failures: dict[int, str]) -> None:
-        """Fetch and authenticate the hash blocks covering `run` that are not yet verified.
-
-        For a run of several chunks, those whose blocks do not verify are put in `failures`
-        (index: reason) and the others stay usable; for a single chunk, raises IntegrityError.
-        """
-        needed = self._hash_blocks_for(run)
-        missing = [offset for offset in needed if offset not in self._tree_blocks]
-        if not missing:
+    def _frame_done(self, done: FrameDone, reason: str,
+                    streams: dict[int, FrameStream] | None) -> None:
+        """Take a frame's outcome: cache a verified chunk, remember a bad one, keep a chunk
+        with holes for its layer alone."""
+        index = done.index
+        stream = streams[index] if streams is not None else None
+        if done.reason is not None:
+            if stream is not None:
+                self._forget(stream)
+            self._mark_bad([index], done.reason)
             return
-        geometry = self.metadata.verity
-        assert geometry is not None and self.metadata.root is not None
-        hash_block_size = geometry.superblock.hash_block_size
-        fetched: dict[int, bytes] = {}
-        for group in _contiguous(missing, hash_block_size):
-            span = await self.reader.read(self.metadata.verity_payload_offset + group[0],
-                                          len(group) * hash_block_size)
-            self.stats.tree_blocks_fetched += len(group)
-            for position, offset in enumerate(group):
-                fetched[offset] = span[position * hash_block_size:
-                                       (position + 1) * hash_block_size]
-        known = {offset: self._tree_blocks[offset] for offset in needed
-                 if offset in self._tree_blocks}
-        candidates = {**known, **fetched}
-        root = self.metadata.root
-        try:
-            newly = await trio.to_thread.run_sync(
-                verify_hash_blocks, geometry, candidates, root, set(known),
-                limiter=self._cpu_limiter,
-            )
-        except FormatError:
-            if len(run) == 1:
-                raise
-            # One bad block must not condemn the chunks of the run it does not cover.
-            newly = set()
-            for index in run:
-                own = {offset: candidates[offset] for offset in self._hash_blocks_for([index])}
-                try:
-                    newly |= await trio.to_thread.run_sync(
-                        verify_hash_blocks, geometry, own, root, set(known),
-                        limiter=self._cpu_limiter,
-                    )
-                except FormatError as exc:
-                    failures[index] = str(exc)
-        for offset in newly:
-            self._tree_blocks[offset] = candidates[offset]
+        self.stats.chunks_fetched.add(index)
+        self._record(chunk=index, event="fetch", reason=reason, bytes=done.frame_bytes,
+                     latency_ms=round(done.latency_s * 1000, 3))
+        if stream is None or not stream.holes:
+            data = done.data if stream is None else stream.complete()
+            assert data is not None
+            self.cache.complete(self._key(index), data)
+            if stream is not None:
+                self._forget(stream)
+            if self.disk is not None and done.frame is not None:
+                needed = chunk_hash_blocks(self.metadata, index)
+                known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
+                self.disk.save(index, done.frame, known)
+            return
+        stream.complete()
+        self.stats.verify_failures += 1
+        log.error("layer %s: chunk %d: %d bytes cannot be verified, the rest is served: %s",
+                  self.name, index, sum(end - start for start, end, _ in stream.holes),
+                  stream.holes[0][2])
+        self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: partly bad"))
+        self._partial.append(stream)
+        if len(self._partial) > MAX_PARTIAL_CHUNKS:
+            self._forget(self._partial.popleft())
+
+    def _forget(self, stream: FrameStream) -> None:
+        """Drop `stream` from the layer's streams (if it is still the one of its chunk)."""
+        if self._streams.get(stream.index) is stream:
+            del self._streams[stream.index]
+        if stream in self._partial:
+            self._partial.remove(stream)
+
+    def _fetch_failed(self, run: list[int], message: str) -> None:
+        """The one line for a failed fetch (the reader raises, it does not log): the message
+        names the URL or file, the byte range and the last status or error."""
+        self.stats.fetch_failures += 1
+        self._failing_until = trio.current_time() + self.tuning.failure_holdoff_s
+        self._last_fetch_error = message
+        if run:
+            log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, run[0], run[-1],
+                        message)
+        self._fail_run(run, f"fetch failed: {message}")
 
     def _mark_bad(self, run: list[int], reason: str) -> None:
         """Remember chunks that failed a check, log once, and fail their waiters."""
@@ -412,34 +403,13 @@ class RemoteImage:
 
     def _fail_run(self, run: list[int], reason: str) -> None:
         for index in run:
-            self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: {reason}"))
+            error = ImageReadError(f"chunk {index}: {reason}")
+            self.cache.fail(self._key(index), error)
+            stream = self._streams.get(index)
+            if stream is not None and not stream.done:
+                stream.fail(error)
+                self._forget(stream)
 
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
             self._trace.record(layer=self.name, **fields)
-
-
-def _contiguous(offsets: list[int], step: int) -> list[list[int]]:
-    groups: list[list[int]] = []
-    for offset in sorted(offsets):
-        if groups and groups[-1][-1] + step == offset:
-            groups[-1].append(offset)
-        else:
-            groups.append([offset])
-    return groups
-
-
-def _verify_and_decode(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes],
-                       chunk_index: int, frame: bytes, frame_offset: int) -> bytes:
-    """Runs in a worker thread: frame SHA-512, exact decode, every data block against the tree.
-
-    Raises IntegrityError / FrameDecodeError naming the chunk and offsets.
-    """
-    table = metadata.table
-    verify_frame(table, chunk_index, frame, frame_offset)
-    data = decode_chunk_frame(frame, table.decoded_size(chunk_index), chunk_index, frame_offset)
-    geometry = metadata.verity
-    if geometry is not None and metadata.root is not None:
-        first_block = chunk_index * table.chunk_size // geometry.superblock.data_block_size
-        verify_data_blocks(geometry, first_block, data, tree_blocks, metadata.root)
-    return data

@@ -14,17 +14,30 @@ class ImageTuning:
     `parallel_fetches` requests of one layer are in flight. After a fetch fails (retries
     exhausted), further fetches fail at once for `failure_holdoff_s`, so a dead server costs
     one retry cycle rather than one per chunk a directory walk touches.
+
+    `verity_window_bytes` of the dm-verity tree, its top levels, come with the chunk table
+    in the one request that opens a layer; the other hash blocks are fetched when reads need
+    them. With dm-verity and `partial_frames`, frames stream in and reads are answered as
+    their blocks verify, decoding at least every `stream_piece_bytes` of a frame; with
+    `finish_frames` a frame keeps streaming into the cache once its readers are answered
+    (off: the transfer stops when nobody waits; for measurements).
     """
 
     readahead_chunks: int = 2
     coalesce_bytes: int = 16 * 1024 * 1024
     parallel_fetches: int = 4
     failure_holdoff_s: float = 2.0
+    verity_window_bytes: int = 16 * 1024
+    partial_frames: bool = True
+    stream_piece_bytes: int = 32 * 1024
+    finish_frames: bool = True
 
     def __post_init__(self) -> None:
         if (self.readahead_chunks < 0 or self.coalesce_bytes < 1 or self.parallel_fetches < 1
-                or self.failure_holdoff_s < 0):
+                or self.failure_holdoff_s < 0 or self.verity_window_bytes < 0
+                or self.stream_piece_bytes < 1):
             raise ValueError(
                 "image tuning: need readahead_chunks >= 0, coalesce_bytes >= 1, "
-                "parallel_fetches >= 1 and failure_holdoff_s >= 0"
+                "parallel_fetches >= 1, failure_holdoff_s >= 0, verity_window_bytes >= 0 and "
+                "stream_piece_bytes >= 1"
             )

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Layers opened at once (each a few round trips: size, chunk table, top of the verity tree).
 PARALLEL_LAYER_OPENS = 8
+# The EROFS superblock lies at image offset 1024; mounting reads its block first.
+EROFS_SUPERBLOCK_END = 4096
 # At unmount, frames still being written to the disk cache get this long to finish.
 DISK_WRITES_GRACE_S = 10.0
 
@@ -102,6 +104,9 @@ class DaemonConfig:
     log_file: str | None = None
     temp_dir: str | None = None
     allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
+    # Monotonic times of the command's start and of the fork, for the start-up phases.
+    command_started: float | None = None
+    forked_at: float | None = None
 
 
 def fuse_options(config: DaemonConfig) -> set[str]:
@@ -149,6 +154,12 @@ class Daemon:
         trio.run(self._main, on_ready)
 
     async def _main(self, on_ready: Callable[[], None]) -> None:
+        phases = self.stats.phases
+        for name, at in (("command", self.config.command_started),
+                         ("forked", self.config.forked_at)):
+            if at is not None:
+                phases.mark(name, at)
+        phases.mark("daemon")
         trace = TraceWriter.open(self.config.trace_file) if self.config.trace_file else None
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             try:
@@ -181,6 +192,7 @@ class Daemon:
             log.info("disk cache %s, at most %d bytes", self.disk.directory,
                      self.disk.store.capacity_bytes)
         await self._open_layers(nursery, trace)
+        self.stats.phases.mark("metadata")
         ops = LayerOperations(self.images, self.stats, cache=self.cache, disk=self.disk)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -198,6 +210,7 @@ class Daemon:
             ) from None
         self._fuse_mounted = True
         nursery.start_soon(self._serve_fuse)
+        self.stats.phases.mark("fuse")
         log.info("serving %s at %s", ", ".join(record.block_files), record.fuse_dir)
 
         if config.images and not config.block_only:
@@ -215,6 +228,7 @@ class Daemon:
                 )
                 record.erofs_mounts.append(erofs)
                 write_record(record)
+        self.stats.phases.mark("kernel")
         record.ready = True
         write_record(record)
         self.stats.mark_ready()
@@ -246,6 +260,9 @@ class Daemon:
                 )
             self.images.append(image)  # closed at teardown, whatever happens next
             opened[index] = image
+            if not config.block_only:
+                # The kernel mount reads the EROFS superblock first: fetch it meanwhile.
+                image.warm(0, EROFS_SUPERBLOCK_END)
             log.info(
                 "%s: %d bytes in %d chunks",
                 source.blob,

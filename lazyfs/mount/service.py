@@ -15,14 +15,13 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
-from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import host_platform
@@ -38,6 +37,9 @@ from lazyfs.mount.state import (
     find_record,
     private_dir,
 )
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry_options import RegistryOptions
 
 STATS_TIMEOUT_S = 10.0
 
@@ -222,7 +224,11 @@ def mount_images(
         raise MountpointError("each image needs a mountpoint of its own")
     references = [reference for reference, _ in targets]
     dirs = writable_dirs(writable) if writable is not None else None
-    found = resolve(references, registry or RegistryOptions(), platform, insecure=insecure)
+    if registry is None:
+        from lazyfs.fetch.registry_options import RegistryOptions
+
+        registry = RegistryOptions()
+    found = resolve(references, registry, platform, insecure=insecure)
     return start(image_config(found, references, mountpoints, writable=dirs, options=options))
 
 
