@@ -187,10 +187,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="plain HTTP to the registries")
     image.add_argument("--mirror", action="append", metavar="HOST",
                        help="a registry mirror to try first (repeatable)")
+    image.add_argument("--prefetch", metavar="FILE",
+                       help="a prefetch list (`lazyfs run --record FILE`) to carry in the "
+                       "annotations of the layers it was recorded from; mounts use it")
     parser.set_defaults(func=run)
 
 
-_IMAGE_OPTIONS = ("oci_layout", "push", "platform", "creds", "push_creds", "mirror")
+_IMAGE_OPTIONS = ("oci_layout", "push", "platform", "creds", "push_creds", "mirror",
+                  "prefetch")
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -300,6 +304,14 @@ def run_image_convert(args: argparse.Namespace, layer_options: ConvertOptions) -
         raise UserError(str(exc)) from None
     image_source = open_image_source(args.src,
                                      RegistryOptions(creds, insecure, tuple(args.mirror or ())))
+    prefetch = None
+    if args.prefetch is not None:
+        from lazyfs.format.prefetch_list import parse_prefetch_list
+
+        try:
+            prefetch = parse_prefetch_list(Path(args.prefetch).read_bytes(), args.prefetch)
+        except OSError as exc:
+            raise UserError(f"--prefetch {args.prefetch}: {exc.strerror}") from None
     push = args.push
     if (push is not None and push_creds is None and isinstance(image_source, RegistrySource)
             and image_source.reference.registry == parse_push_reference(push).registry):
@@ -311,6 +323,7 @@ def run_image_convert(args: argparse.Namespace, layer_options: ConvertOptions) -
                 image_source, dest_layout=layout, push=push, layer_options=layer_options,
                 platform=platform, jobs=args.jobs or 2, dest_tag=tag, overwrite=args.force,
                 push_registry=RegistryOptions(push_creds, insecure),
+                prefetch=prefetch, prefetch_source=args.prefetch or "",
             )
 
     print(trio.run(main).digest)

@@ -20,6 +20,7 @@ from lazyfs.cli._images import (
     tuning_of,
     writable_upper,
 )
+from lazyfs.cli._prefetch import add_prefetch_arguments, prefetch_options_of
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import is_image_reference
@@ -104,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mount.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
+    add_prefetch_arguments(mount)
     add_registry_arguments(mount)
     mount.set_defaults(func=cmd_mount)
 
@@ -137,7 +139,7 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
-    return MountOptions(cache_size, tuning, trace)
+    return MountOptions(cache_size, tuning, trace, prefetch_options_of(args))
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:

@@ -42,6 +42,7 @@ from lazyfs.format.layout import (
     metadata_frame_end,
     parse_metadata,
 )
+from lazyfs.format.prefetch_list import LayerPrefetch
 from lazyfs.format.verity_tree import VerityGeometry, verify_hash_blocks
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.remote_image import RemoteImage
@@ -60,7 +61,8 @@ WHOLE_TREE_BYTES = 4 * 1024 * 1024
 class LayerSource:
     """One layer as the user named it. `reader_options` reach the blob and a descriptor
     beside it; their `expected_size` is the blob size a manifest promises (a descriptor
-    found for the blob promises its own)."""
+    found for the blob promises its own). `prefetch` is the prefetch list an image carries
+    for the layer (checked against the layer's chunk digest before use)."""
 
     blob: str
     descriptor: str | None = None
@@ -71,6 +73,7 @@ class LayerSource:
     insecure: bool = False
     name: str | None = None
     reader_options: ReaderOptions = field(default_factory=ReaderOptions)
+    prefetch: LayerPrefetch | None = None
 
     @property
     def has_overrides(self) -> bool:

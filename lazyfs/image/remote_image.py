@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import trio
@@ -30,6 +30,7 @@ from lazyfs.format.verity_tree import (
     verify_hash_blocks,
 )
 from lazyfs.image.errors import ImageReadError, LayerOpenError
+from lazyfs.image.prefetch import BackgroundStats, DemandGate
 from lazyfs.image.stats import ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
 
@@ -75,6 +76,11 @@ class RemoteImage:
         self._sequential_bytes = 0
         self._content_key: Hashable = _content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
+        # Background loads (lazyfs/image/prefetch.py) wait while `demand` counts fetches;
+        # `on_read` (a recorder's) sees the chunks of every read.
+        self.demand = DemandGate()
+        self.background = BackgroundStats()
+        self.on_read: Callable[[range], None] | None = None
         table = metadata.table
         geometry = metadata.verity
         if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
@@ -97,6 +103,8 @@ class RemoteImage:
         indices = table.chunks_for_range(offset, size)
         if not indices:
             return b""
+        if self.on_read is not None:
+            self.on_read(indices)
         chunks = await self._get_chunks(indices)
         self._schedule_readahead(offset, size, indices)
         end = min(offset + size, self.size)
@@ -127,10 +135,35 @@ class RemoteImage:
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
             "bad_chunks": sorted(self._bad_chunks),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
+            "background": self.background.snapshot(),
         }
 
     async def aclose(self) -> None:
         await self.reader.aclose()
+
+    # -- background loads (lazyfs/image/prefetch.py) -------------------------------------------
+
+    def needs_fetch(self, index: int) -> bool:
+        """Whether chunk `index` is neither cached, loading, known bad, nor failing to fetch."""
+        key = self._key(index)
+        return not (index in self._bad_chunks or key in self.cache or self.cache.is_loading(key)
+                    or trio.current_time() < self._failing_until)
+
+    def claim_for_background(self, run: list[int]) -> list[int]:
+        """Claim the chunks of `run` (adjacent) from the first that needs a fetch to the next
+        that does not; the caller must `load_claimed` them."""
+        claimed: list[int] = []
+        for index in run:
+            if self.needs_fetch(index) and self.cache.claim(self._key(index)):
+                claimed.append(index)
+            elif claimed:
+                break
+        return claimed
+
+    async def load_claimed(self, run: list[int], reason: str,
+                           limiter: trio.CapacityLimiter) -> None:
+        """Load chunks claimed by `claim_for_background`, under the caller's `limiter`."""
+        await self._load_run(run, reason, limiter)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -146,8 +179,7 @@ class RemoteImage:
                     continue
                 if index in self._bad_chunks:
                     # Chunks claimed before this one must still be loaded: others may wait.
-                    for run in self._runs(claimed):
-                        self._nursery.start_soon(self._load_run, run, "read")
+                    self._start_reads(claimed)
                     raise ImageReadError(f"chunk {index} failed verification earlier")
                 data = self.cache.get(self._key(index))
                 if data is not None:
@@ -161,8 +193,7 @@ class RemoteImage:
                                          f"{self._last_fetch_error}")
                 if self.cache.claim(self._key(index)):
                     claimed.append(index)
-            for run in self._runs(claimed):
-                self._nursery.start_soon(self._load_run, run, "read")
+            self._start_reads(claimed)
             for index in indices:
                 if index in found:
                     continue
@@ -172,6 +203,11 @@ class RemoteImage:
             if len(found) == len(indices):
                 return found
             # Evicted between its load and our wait (a tiny cache): go round again.
+
+    def _start_reads(self, claimed: list[int]) -> None:
+        for run in self._runs(claimed):
+            self.demand.begin()  # now, not when the task starts: background loads yield at once
+            self._nursery.start_soon(self._load_run, run, "read")
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
         end = min(offset + size, self.size)
@@ -206,13 +242,16 @@ class RemoteImage:
                 run_start = start
         return runs
 
-    async def _load_run(self, run: list[int], reason: str) -> None:
+    async def _load_run(self, run: list[int], reason: str,
+                        limiter: trio.CapacityLimiter | None = None) -> None:
         """Fetch, verify and decode adjacent chunks; complete or fail every claimed key."""
         unresolved = set(run)
         try:
-            async with self._fetch_limiter:
+            async with limiter or self._fetch_limiter:
                 await self._fetch_and_verify(run, reason, unresolved)
         finally:
+            if reason == "read":
+                self.demand.end()
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
             # Only keys this run still holds: one it completed may be claimed anew by now.
             for index in sorted(unresolved):

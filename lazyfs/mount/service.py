@@ -24,6 +24,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
+from lazyfs.image.prefetch import PrefetchOptions
 from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.mount import kernel, stack
@@ -56,12 +57,13 @@ class StatsError(LazyfsError):
 @dataclass(frozen=True)
 class MountOptions:
     """How a daemon serves its layers: the decoded chunk cache (bytes), how each layer reads
-    (readahead, coalescing, parallel fetches), and a file to append a JSON line per chunk
-    access."""
+    (readahead, coalescing, parallel fetches), a file to append a JSON line per chunk
+    access, and what it fetches in the background or records for later (prefetch lists)."""
 
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ def layer_config(
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
         trace_file=options.trace_file,
+        prefetch=options.prefetch,
     )
 
 
@@ -140,6 +143,7 @@ def image_config(
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
         trace_file=options.trace_file,
+        prefetch=options.prefetch,
         temp_dir=temp_dir,
     )
 
