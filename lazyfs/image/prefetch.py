@@ -78,7 +78,7 @@ class PrefetchOptions:
     fill: bool = False
     fill_rate_bytes: int = DEFAULT_FILL_RATE_BYTES
     record_file: str | None = None
-    parallel_requests: int = 2
+    parallel_requests: int = 4
     request_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ from lazyfs.image.tuning import ImageTuning
 log = logging.getLogger(__name__)
 
 READAHEAD_TRIGGER_BYTES = 1024 * 1024
+READAHEAD_STREAK_CHUNKS = 2
 
 
 class RemoteImage:
@@ -74,6 +75,12 @@ class RemoteImage:
         self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
         self._last_read_end = -1
         self._sequential_bytes = 0
+        # ... or once reads moved on chunk by chunk this many times: a walk through many small
+        # files laid out one after another streams as much as one big file does.
+        self._last_chunk = -2  # no read yet: a first read of chunk 0 is no step forward
+        self._chunk_streak = 0
+        self._streak_trigger = max(READAHEAD_STREAK_CHUNKS,
+                                   READAHEAD_TRIGGER_BYTES // metadata.table.chunk_size)
         self._content_key: Hashable = _content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
         # Background loads (lazyfs/image/prefetch.py) wait while `demand` counts fetches;
@@ -216,8 +223,14 @@ class RemoteImage:
         else:
             self._sequential_bytes = end - offset
         self._last_read_end = end
-        readahead = self.tuning.readahead_chunks
-        if self._sequential_bytes < self._readahead_trigger_bytes or not readahead:
+        if indices[0] == self._last_chunk + 1:
+            self._chunk_streak += 1
+        elif indices[0] != self._last_chunk:
+            self._chunk_streak = 0
+        self._last_chunk = indices[-1]
+        readahead = self.tuning.readahead_for(self.metadata.table.chunk_size)
+        if not readahead or (self._sequential_bytes < self._readahead_trigger_bytes
+                             and self._chunk_streak < self._streak_trigger):
             return
         last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
         claimed = [
