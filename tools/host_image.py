@@ -45,11 +45,15 @@ def _below_real_parent(path: str) -> str:
 
 
 def python_closure() -> list[str]:
-    """The Python interpreter, its shared libraries (ldd) and the loader, the links that lead
-    to them, and the top-level usrmerge links (/bin -> usr/bin, ...)."""
+    """The Python interpreter, its shared libraries and those of its extension modules (ldd;
+    e.g. libsqlite3 for `import sqlite3`) and the loader, the links that lead to them, and the
+    top-level usrmerge links (/bin -> usr/bin, ...)."""
     python = os.path.realpath("/usr/bin/python3")
     paths = ["/bin", "/lib", "/lib64", "/sbin", "/usr/bin/python3", python]
-    ldd = subprocess.run(["ldd", python], capture_output=True, text=True, check=True).stdout
+    dynload = f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}/lib-dynload"
+    modules = sorted(str(p) for p in Path(dynload).glob("*.so")) if os.path.isdir(dynload) else []
+    ldd = subprocess.run(["ldd", python, *modules], capture_output=True, text=True,
+                         check=False).stdout
     for line in ldd.splitlines():
         for word in line.split():
             if word.startswith("/"):

@@ -1,13 +1,15 @@
 """The FUSE file system: one read-only directory holding one block file per layer.
 
-A thin wrapper around the images: the inode table is fixed when the daemon starts, every
-read is delegated to `RemoteImage.read`, and the only state kept here is the open handles of
-the virtual stats file. Handlers raise only FUSEError; anything else is a bug and is left
+A thin wrapper around the images: the inode table is set when the daemon starts (a long-lived
+service may add and remove layers later: `add_image`, `remove_image`), every read is
+delegated to `RemoteImage.read`, and the only state kept here is the open handles of the
+virtual stats file. Handlers raise only FUSEError; anything else is a bug and is left
 to surface (pyfuse3 then stops the loop and the daemon tears the mount down).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -86,6 +88,11 @@ class DaemonStats:
         }
 
 
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "\0" in name or name in (".", "..", STATS_FILE_NAME):
+        raise ValueError(f"{name!r} cannot be a file name in the mount")
+
+
 class LayerOperations(pyfuse3.Operations):
     """A read-only directory of block files, one per layer, plus `.lazyfs-stats.json`.
 
@@ -109,8 +116,7 @@ class LayerOperations(pyfuse3.Operations):
     ) -> None:
         names = [image.name for image in images]
         for name in names:
-            if not name or "/" in name or "\0" in name or name in (".", "..", STATS_FILE_NAME):
-                raise ValueError(f"{name!r} cannot be a file name in the mount")
+            _check_name(name)
         if len(set(names)) != len(names):
             raise ValueError(f"layer names must be unique, got {names}")
         super().__init__()
@@ -128,7 +134,31 @@ class LayerOperations(pyfuse3.Operations):
         self._mtime_ns = time.time_ns()
         # Open stats files: their bytes, as rendered at open. Emptied by release.
         self._stats_handles: dict[int, bytes] = {}
+        # Layer inodes and stats handles share one counter: a read's fh says which it is.
         self._next_stats_fh = itertools.count(FIRST_LAYER_INODE + len(images))
+
+    def add_image(self, image: Image) -> None:
+        """Serve one more layer file (the FUSE loop may be running). Raises ValueError for a
+        bad or taken name."""
+        _check_name(image.name)
+        name = os.fsencode(image.name)
+        if name in self._inode_by_name:
+            raise ValueError(f"a layer named {image.name!r} is served already")
+        inode = next(self._next_stats_fh)
+        self._layers[inode] = image
+        self._inode_by_name[name] = inode
+
+    def remove_image(self, name: str) -> Image | None:
+        """Stop serving the layer file `name` (its EROFS mount must be gone); the kernel's
+        cached entry is dropped. Returns the image, or None if there was none."""
+        inode = self._inode_by_name.get(os.fsencode(name))
+        if inode is None or inode not in self._layers:
+            return None
+        del self._inode_by_name[os.fsencode(name)]
+        image = self._layers.pop(inode)
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, os.fsencode(name))
+        return image
 
     @property
     def images(self) -> Mapping[str, Image]:

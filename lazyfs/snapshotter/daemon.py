@@ -1,0 +1,155 @@
+"""The `lazyfs snapshotter` process: recovery, the FUSE loop and layer mounts on the trio
+thread, the gRPC server on a thread pool, and an orderly teardown on SIGTERM/SIGINT.
+
+Start-up: take down what a previous run left mounted under ROOT (it died with its FUSE
+loop), open the database, mount the FUSE file system, re-attach every committed remote
+snapshot's layer, remove orphan directories, and only then listen on the socket: containerd
+never sees a snapshot whose contents are not there. Teardown: stop taking calls, unmount
+every layer, stop FUSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import pyfuse3
+import trio
+from prometheus_client import CollectorRegistry
+
+from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.mount import kernel as kernel_mount
+from lazyfs.snapshotter.layers import LayerHost, LayerSpec
+from lazyfs.snapshotter.metrics import LayerMetrics, serve_metrics
+from lazyfs.snapshotter.remote import RemoteLayerService
+from lazyfs.snapshotter.service import SnapshotsService
+from lazyfs.snapshotter.snapshots import Snapshots
+from lazyfs.snapshotter.store import Store, database_path
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+GRPC_THREADS = 16
+FUSE_WORKERS = 64
+PARALLEL_REATTACH = 4
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class SnapshotterConfig:
+    address: str  # the unix socket containerd connects to
+    root: str
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    cache_size_bytes: int = DEFAULT_CACHE_BYTES
+    metrics_address: tuple[str, int] | None = None
+
+
+def run_snapshotter(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None:
+    """Serve until SIGTERM/SIGINT; `on_ready` once the socket takes calls."""
+    trio.run(_main, config, on_ready)
+
+
+async def recover_mounts(root: str, fuse_dir: str, layers_dir: str) -> None:
+    """Take down what a dead snapshotter left: EROFS mounts of its layers (lazily: a running
+    container may still hold one), their loop devices, and its FUSE mount."""
+    for mount in kernel_mount.mounts_at_or_below(layers_dir):
+        log.info("%s: left mounted by a previous run; detaching it", mount.mountpoint)
+        await kernel_mount.unmount(mount.mountpoint, attempts=1, lazy_fallback=True)
+    for device in kernel_mount.loops_backed_by(fuse_dir):
+        await kernel_mount.detach_loop(device)
+    if kernel_mount.is_mountpoint(fuse_dir):
+        await kernel_mount.fuse_unmount_lazy(fuse_dir)
+
+
+async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None:
+    root = os.path.abspath(config.root)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    store = Store(database_path(root))
+    server: grpc.Server | None = None
+    fuse_mounted = False
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                registry = CollectorRegistry()
+                metrics = LayerMetrics(registry)
+                host = LayerHost(root, config.registry, config.cache_size_bytes, nursery,
+                                 metrics)
+                await recover_mounts(root, host.fuse_dir, host.layers_dir)
+                os.makedirs(host.fuse_dir, mode=0o700, exist_ok=True)
+                os.makedirs(host.layers_dir, mode=0o700, exist_ok=True)
+                options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions",
+                           "allow_other"}
+                pyfuse3.init(host.ops, host.fuse_dir, options)
+                fuse_mounted = True
+                nursery.start_soon(_serve_fuse)
+                try:
+                    await _reattach(host, store)
+                    token = trio.lowlevel.current_trio_token()
+                    remote = RemoteLayerService(host, store, config.registry, token)
+                    snapshots = Snapshots(root, store, remote)
+                    snapshots.cleanup()
+                    server = _start_server(config.address, SnapshotsService(snapshots))
+                    if config.metrics_address is not None:
+                        serve_metrics(config.metrics_address, host, registry)
+                    log.info("serving snapshots on %s (root %s)", config.address, root)
+                    on_ready()
+                    async for signum in signals:
+                        log.info("%s received; stopping", signal.Signals(signum).name)
+                        break
+                finally:
+                    with trio.CancelScope(shield=True):
+                        if server is not None:
+                            stopping = server
+                            await trio.to_thread.run_sync(
+                                lambda: stopping.stop(STOP_GRACE_S).wait())
+                        await host.detach_all()
+                        pyfuse3.terminate()
+                    nursery.cancel_scope.cancel()
+    finally:
+        if fuse_mounted:
+            pyfuse3.close(unmount=True)
+        store.close()
+        with contextlib.suppress(OSError):
+            os.unlink(config.address)
+    log.info("stopped")
+
+
+async def _serve_fuse() -> None:
+    await pyfuse3.main(min_tasks=1, max_tasks=FUSE_WORKERS)
+
+
+async def _reattach(host: LayerHost, store: Store) -> None:
+    """Mount every layer a committed snapshot uses again; one that fails is logged (its
+    snapshots stay, empty, until it is removed or the snapshotter restarts)."""
+    limiter = trio.CapacityLimiter(PARALLEL_REATTACH)
+
+    async def one(spec: LayerSpec) -> None:
+        async with limiter:
+            try:
+                await host.ensure(spec)
+            except Exception as exc:
+                log.error("layer %s: cannot mount it again: %s", spec.digest, exc)
+
+    async with trio.open_nursery() as nursery:
+        for layer in store.layers():
+            nursery.start_soon(one, LayerSpec.from_json(layer.source))
+
+
+def _start_server(address: str, service: SnapshotsService) -> grpc.Server:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)  # a socket left by a previous run
+    os.makedirs(os.path.dirname(os.path.abspath(address)), exist_ok=True)
+    server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_THREADS,
+                                            thread_name_prefix="snapshots"))
+    server.add_generic_rpc_handlers((service.handler(),))
+    if server.add_insecure_port(f"unix:{os.path.abspath(address)}") == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server

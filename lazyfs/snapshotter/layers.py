@@ -1,0 +1,205 @@
+"""Remote layers of the snapshotter: one FUSE file system (ROOT/fuse) serving one verified
+block file per layer, added and removed at run time, and a kernel EROFS mount of each at
+ROOT/layers/NAME. All layers share one chunk cache, one decode-thread limiter and the
+daemon's nursery for background fetches.
+
+Runs on the trio thread. gRPC handler threads come in through `RemoteLayerService`
+(`trio.from_thread.run`). Per layer digest there is at most one attach in flight: concurrent
+Prepares of one layer wait for the first and share its mount (single flight).
+
+Protocol of a layer: `attach` (open, authenticate, add the block file, mount EROFS; undone
+in reverse if a step fails) → mounted → `detach` (unmount EROFS, remove the file, close).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+
+from lazyfs.cache.memory import ChunkCache
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format.descriptor import SeekableAnnotations
+from lazyfs.format.reference import parse_reference
+from lazyfs.fuse.operations import LayerOperations
+from lazyfs.image.open import open_layer
+from lazyfs.image.registry_source import ImageLayer, layer_sources
+from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.tuning import ImageTuning
+from lazyfs.mount import kernel as kernel_mount
+from lazyfs.mount.state import ErofsMountRecord
+from lazyfs.snapshotter.metrics import LayerMetrics
+
+log = logging.getLogger(__name__)
+
+LAYERS_DIR = "layers"
+FUSE_DIR = "fuse"
+NAME_HEX = 24
+HTTP_CONNECTIONS_PER_LAYER = 8
+PARALLEL_FETCHES_PER_LAYER = 4
+
+
+def layer_name(digest: str) -> str:
+    """The block file and mountpoint name of a layer (short: overlay options list many)."""
+    return digest.partition(":")[2][:NAME_HEX] or digest.replace(":", "-")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What (re-)opening a remote layer needs; stored with the layer as JSON."""
+
+    reference: str  # the image, pinned by manifest digest
+    digest: str
+    size: int
+    media_type: str
+    chunk_table_offset: int
+    chunk_digest: str | None
+    verity_offset: int | None
+    root_digest: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> LayerSpec:
+        return cls(**values)
+
+    @classmethod
+    def of(cls, reference: str, layer: ImageLayer) -> LayerSpec:
+        values = layer.annotations
+        return cls(reference, layer.digest, layer.size, layer.media_type,
+                   values.chunk_table_offset, values.chunk_digest, values.verity_offset,
+                   values.root_digest)
+
+    def image_layer(self) -> ImageLayer:
+        annotations = SeekableAnnotations(
+            chunk_table_offset=self.chunk_table_offset,
+            chunk_digest=self.chunk_digest,
+            verity_offset=self.verity_offset,
+            root_digest=self.root_digest,
+        )
+        return ImageLayer(layer_name(self.digest), self.digest, self.size, self.media_type,
+                          annotations)
+
+
+@dataclass
+class MountedLayer:
+    spec: LayerSpec
+    image: RemoteImage
+    mountpoint: str
+    erofs: ErofsMountRecord
+
+
+class LayerHost:
+    """The FUSE file system and the EROFS mounts of remote layers (trio thread only)."""
+
+    def __init__(self, root: str, options: RegistryOptions, cache_size_bytes: int,
+                 nursery: trio.Nursery, metrics: LayerMetrics | None = None) -> None:
+        self.root = root
+        self.metrics = metrics
+        self.options = options
+        self.nursery = nursery
+        self.fuse_dir = os.path.join(root, FUSE_DIR)
+        self.layers_dir = os.path.join(root, LAYERS_DIR)
+        self.cache = ChunkCache(cache_size_bytes)
+        self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
+        self.ops = LayerOperations([])
+        self.mounted: dict[str, MountedLayer] = {}
+        self._attaching: dict[str, trio.Event] = {}
+        self._errors: dict[str, BaseException] = {}
+
+    def mountpoint(self, digest: str) -> str:
+        return os.path.join(self.layers_dir, layer_name(digest))
+
+    async def ensure(self, spec: LayerSpec) -> MountedLayer:
+        """The layer mounted, attaching it unless it is (or is being) already. Raises what
+        made the attach fail (LazyfsError subclasses for bad input or sources)."""
+        while True:
+            if spec.digest in self.mounted:
+                return self.mounted[spec.digest]
+            pending = self._attaching.get(spec.digest)
+            if pending is None:
+                break
+            await pending.wait()
+            if spec.digest in self._errors and spec.digest not in self.mounted:
+                raise self._errors[spec.digest]
+        done = self._attaching[spec.digest] = trio.Event()
+        self._errors.pop(spec.digest, None)
+        try:
+            layer = await self._attach(spec)
+        except BaseException as exc:
+            self._errors[spec.digest] = exc
+            raise
+        finally:
+            del self._attaching[spec.digest]
+            done.set()
+        self.mounted[spec.digest] = layer
+        return layer
+
+    async def _attach(self, spec: LayerSpec) -> MountedLayer:
+        reference = parse_reference(spec.reference)
+        async with self.options.client(reference.registry) as client:
+            source = (await layer_sources(reference, [spec.image_layer()], client,
+                                          self.options))[0]
+        source = replace(source, reader_options=replace(
+            source.reader_options, max_connections=HTTP_CONNECTIONS_PER_LAYER))
+        if self.metrics is not None:
+            self.metrics.digests[layer_name(spec.digest)] = spec.digest
+        image = await open_layer(source, cache=self.cache, nursery=self.nursery,
+                                 cpu_limiter=self.cpu_limiter, trace=self.metrics,
+                                 tuning=ImageTuning(parallel_fetches=PARALLEL_FETCHES_PER_LAYER))
+        mountpoint = self.mountpoint(spec.digest)
+        added = False
+        try:
+            if image.metadata.blob_size != spec.size:
+                raise kernel_mount.MountError(
+                    f"layer {spec.digest}: blob is {image.metadata.blob_size} bytes, the "
+                    f"manifest says {spec.size}")
+            self.ops.add_image(image)
+            added = True
+            os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+            erofs = await kernel_mount.mount_erofs(os.path.join(self.fuse_dir, image.name),
+                                                   mountpoint)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if added:
+                    self.ops.remove_image(image.name)
+                await image.aclose()
+                with contextlib.suppress(OSError):
+                    os.rmdir(mountpoint)
+            raise
+        log.info("layer %s mounted lazily at %s (%d bytes in %d chunks)", spec.digest,
+                 mountpoint, image.size, image.metadata.table.chunk_count)
+        return MountedLayer(spec, image, mountpoint, erofs)
+
+    async def detach(self, digest: str) -> None:
+        """Unmount a layer (lazily if busy) and stop serving its file; absent is fine."""
+        layer = self.mounted.pop(digest, None)
+        if layer is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await kernel_mount.unmount(layer.mountpoint, lazy_fallback=True)
+                if layer.erofs.loop_device is not None:
+                    await kernel_mount.detach_loop(layer.erofs.loop_device)
+            except kernel_mount.MountError as exc:
+                log.error("%s", exc)
+            self.ops.remove_image(layer.image.name)
+            await layer.image.aclose()
+            with contextlib.suppress(OSError):
+                os.rmdir(layer.mountpoint)
+        log.info("layer %s unmounted", digest)
+
+    async def detach_all(self) -> None:
+        for digest in list(self.mounted):
+            await self.detach(digest)
+
+    def stats(self) -> dict[str, Any]:
+        """Per layer (by digest) what it fetched, hit and verified."""
+        # Also called from the metrics thread: iterate over a copy.
+        return {digest: layer.image.stats_snapshot()
+                for digest, layer in list(self.mounted.items())}

@@ -1,0 +1,173 @@
+"""`lazyfs pull --containerd`: make a seekable EROFS image runnable by containerd without
+downloading a layer byte.
+
+The image is resolved and pinned by digest; its index, manifest and config go into
+containerd's content store with the garbage-collection labels containerd's own unpack sets
+(the config references the top snapshot, the manifest its config and layers, the index its
+manifests), the image record points at them, and each layer is prepared through
+containerd's snapshot service for the `lazyfs` snapshotter with labels naming the layer:
+the snapshotter mounts it lazily and answers AlreadyExists, which containerd records as the
+committed snapshot of that chain ID. All of it under a lease, so nothing is collected
+before the image record holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+
+import grpc
+import trio
+
+from lazyfs.containerd.client import ContainerdClient, ContainerdError, Descriptor
+from lazyfs.errors import LazyfsError
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import parse_reference
+from lazyfs.image.registry_source import ResolvedImage, resolve_image
+from lazyfs.snapshotter.remote import LAZYFS_IMAGE_REF, LAZYFS_LAYER_DIGEST
+from lazyfs.snapshotter.snapshots import TARGET_LABEL
+
+SNAPSHOTTER = "lazyfs"
+GC_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+GC_CONTENT = "containerd.io/gc.ref.content."
+DISTRIBUTION_SOURCE = "containerd.io/distribution.source."
+
+
+class PullError(LazyfsError):
+    """The image could not be made available to containerd."""
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """The resolved image and the bytes containerd's content store needs."""
+
+    resolved: ResolvedImage
+    top: Descriptor
+    index: bytes | None
+    manifest: bytes
+    manifest_media_type: str
+    config: bytes
+    config_digest: str
+
+
+@dataclass(frozen=True)
+class PullResult:
+    name: str
+    pinned: str
+    chain_ids: list[str]
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """containerd's (OCI's) chain IDs of the layers: the first diff ID, then
+    sha256(previous chain ID + " " + diff ID)."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        if not chain:
+            chain.append(diff_id)
+        else:
+            text = f"{chain[-1]} {diff_id}".encode()
+            chain.append("sha256:" + hashlib.sha256(text).hexdigest())
+    return chain
+
+
+async def fetch_image(reference_text: str, options: RegistryOptions, platform: Platform
+                      ) -> FetchedImage:
+    """Resolve the image (every layer must be seekable EROFS with digests) and fetch its
+    index, manifest and config. Raises LazyfsError subclasses."""
+    reference = parse_reference(reference_text)
+    async with options.client(reference.registry) as client:
+        resolved = await resolve_image(client, reference, platform)
+        top_data, top_type, top_digest = await client.get_manifest(
+            reference.repository, reference.reference)
+        index = None
+        manifest, manifest_type = top_data, top_type
+        if resolved.index_digest is not None:
+            index = top_data
+            manifest, manifest_type, _ = await client.get_manifest(
+                reference.repository, resolved.manifest_digest)
+        config_descriptor = json.loads(manifest)["config"]
+        config = await client.get_blob(reference.repository, config_descriptor["digest"],
+                                       max_size_bytes=max(1, int(config_descriptor["size"])))
+    top = Descriptor(top_type, top_digest, len(top_data))
+    return FetchedImage(resolved, top, index, manifest, manifest_type, config,
+                        config_descriptor["digest"])
+
+
+def image_name(reference_text: str) -> str:
+    """The name containerd (and `ctr run`) knows the image by: the full reference."""
+    reference = parse_reference(reference_text)
+    name = f"{reference.registry}/{reference.repository}"
+    if reference.tag:
+        name += f":{reference.tag}"
+    if reference.digest:
+        name += f"@{reference.digest}"
+    return name
+
+
+def pull_into_containerd(reference_text: str, options: RegistryOptions, platform: Platform,
+                         address: str, namespace: str) -> PullResult:
+    """Resolve the image, register it with containerd and prepare every layer lazily.
+    Raises PullError, LazyfsError subclasses of the registry, ContainerdError."""
+    fetched = trio.run(fetch_image, reference_text, options, platform)
+    resolved = fetched.resolved
+    try:
+        diff_ids = list(json.loads(fetched.config)["rootfs"]["diff_ids"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PullError(f"{resolved.pinned}: config has no rootfs.diff_ids: {exc}") from None
+    if len(diff_ids) != len(resolved.layers):
+        raise PullError(f"{resolved.pinned}: {len(diff_ids)} diff IDs for "
+                        f"{len(resolved.layers)} layers")
+    chain = chain_ids(diff_ids)
+    reference = parse_reference(reference_text)
+    name = image_name(reference_text)
+    source_label = {DISTRIBUTION_SOURCE + reference.registry: reference.repository}
+    with ContainerdClient(address, namespace) as client:
+        lease = client.create_lease()
+        try:
+            client.write_content(fetched.config_digest, fetched.config,
+                                 {GC_SNAPSHOT + SNAPSHOTTER: chain[-1], **source_label})
+            manifest_labels = {GC_CONTENT + "config": fetched.config_digest, **source_label}
+            for number, layer in enumerate(resolved.layers):
+                manifest_labels[f"{GC_CONTENT}l.{number}"] = layer.digest
+            client.write_content(resolved.manifest_digest, fetched.manifest, manifest_labels)
+            if fetched.index is not None:
+                entries = json.loads(fetched.index).get("manifests", [])
+                index_labels = {f"{GC_CONTENT}m.{number}": entry["digest"]
+                                for number, entry in enumerate(entries)}
+                client.write_content(fetched.top.digest, fetched.index,
+                                     {**index_labels, **source_label})
+            for number, layer in enumerate(resolved.layers):
+                _prepare_layer(client, resolved, number, layer.digest, chain)
+            client.put_image(name, fetched.top, {})
+        finally:
+            client.delete_lease(lease)
+    return PullResult(name, resolved.pinned, chain)
+
+
+def _prepare_layer(client: ContainerdClient, image: ResolvedImage, number: int, digest: str,
+                   chain: list[str]) -> None:
+    target = chain[number]
+    if client.snapshot_exists(SNAPSHOTTER, target):
+        return
+    key = f"extract-{secrets.token_hex(6)} {target}"
+    labels = {
+        TARGET_LABEL: target,
+        LAZYFS_IMAGE_REF: image.pinned,
+        LAZYFS_LAYER_DIGEST: digest,
+    }
+    parent = chain[number - 1] if number else ""
+    try:
+        client.prepare(SNAPSHOTTER, key, parent, labels)
+    except ContainerdError as exc:
+        if exc.code == grpc.StatusCode.ALREADY_EXISTS:
+            return  # the snapshotter mounted the layer: containerd recorded the target
+        raise PullError(f"layer {number + 1} of {len(chain)} ({digest}): {exc}") from None
+    # An ordinary active snapshot: the snapshotter did not take the layer as remote.
+    client.remove_snapshot(SNAPSHOTTER, key)
+    raise PullError(
+        f"layer {number + 1} of {len(chain)} ({digest}): the {SNAPSHOTTER} snapshotter did "
+        "not mount it lazily (is containerd's proxy plugin `lazyfs` this snapshotter?)"
+    )
