@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         writable=args.writable,
         mount=MountOptions(cache_size, tuning_of(args), trace, prefetch_options_of(args)),
     )
+    recorded_before = _modified(args.record)
     prepared = prepare(request)
     image = prepared.image
     print(
@@ -145,11 +146,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
         report = run(prepared, started=started, notify=_notify)
     sys.stderr.write(format_report(report))
-    if args.record and os.path.exists(args.record):
+    if args.record and _modified(args.record) not in (None, recorded_before):
         _notify(f"prefetch list written to {args.record}")
     if args.report:
         Path(args.report).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report.exit_code
+
+
+def _modified(path: str | None) -> int | None:
+    """When `path` was last written (ns), None if it does not exist."""
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
 
 
 def _notify(message: str) -> None:

@@ -2,11 +2,11 @@
 (the whole layer at a capped rate); and the recorder that writes such a list.
 
 On-demand reads always go first. Background loads have their own slots (`parallel_requests`
-for the whole mount, so they never take the connections or fetch slots of reads), each
-request is at most `request_bytes` of frames so a read is never stuck behind a long one, and
-no background request starts while an on-demand fetch of any layer is waiting or in flight
-(`DemandGate`). A chunk is claimed in the cache only at the moment its request starts, so a
-read never waits on a background load that has not begun. Background loads stop when the
+for the whole mount, so they never take the connections or fetch slots of reads), and no
+background request starts while an on-demand fetch of any layer is waiting or in flight
+(`lazyfs/image/demand.py`). A chunk is claimed in the cache only when its request starts, so
+a read never waits on a background load that has not begun; a read that wants a chunk of a
+request in flight waits for that request, which is at most `request_bytes` of frames. Background loads stop when the
 chunk cache is full rather than evict what reads brought in. Everything runs in the mount's
 nursery and is cancelled on unmount.
 """
@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -35,30 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_FILL_RATE_BYTES = 8 * 1024 * 1024
-
-
-class DemandGate:
-    """The on-demand fetches of one layer that are waiting or in flight; background loads
-    wait until there are none."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self._idle = trio.Event()
-        self._idle.set()
-
-    def begin(self) -> None:
-        self.active += 1
-        if self.active == 1:
-            self._idle = trio.Event()
-
-    def end(self) -> None:
-        self.active -= 1
-        if self.active == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        while self.active:
-            await self._idle.wait()
 
 
 @dataclass(frozen=True)
@@ -85,24 +61,6 @@ class PrefetchOptions:
         if self.fill_rate_bytes < 1 or self.parallel_requests < 1 or self.request_bytes < 1:
             raise ValueError("prefetch options: need fill_rate_bytes, parallel_requests and "
                              "request_bytes >= 1")
-
-
-@dataclass
-class BackgroundStats:
-    """What background loading did for one layer (shown by `lazyfs stats`)."""
-
-    listed_chunks: int = 0
-    prefetched_chunks: int = 0
-    prefetch_requests: int = 0
-    prefetch_bytes: int = 0
-    filled_chunks: int = 0
-    fill_requests: int = 0
-    fill_bytes: int = 0
-    skipped_chunks: int = 0
-    state: str = "idle"
-
-    def snapshot(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 def plan_lists(images: Sequence[RemoteImage], carried: Sequence[LayerPrefetch | None],
@@ -272,7 +230,7 @@ class BackgroundLoader:
         finally:
             self._reserved_bytes -= reserved
             self._slots.release()
-        loaded = sum(1 for index in run if not image.needs_fetch(index))
+        loaded = sum(1 for index in run if index in image.stats.chunks_fetched)
         size = sum(_frame_size(image, index) for index in run)
         if reason == "fill":
             stats.fill_requests += 1

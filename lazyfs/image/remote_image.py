@@ -29,15 +29,13 @@ from lazyfs.format.verity_tree import (
     verify_data_blocks,
     verify_hash_blocks,
 )
+from lazyfs.image.demand import DemandGate
 from lazyfs.image.errors import ImageReadError, LayerOpenError
-from lazyfs.image.prefetch import BackgroundStats, DemandGate
-from lazyfs.image.stats import ImageStats, TraceWriter
+from lazyfs.image.readahead import SequentialReads
+from lazyfs.image.stats import BackgroundStats, ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
 
 log = logging.getLogger(__name__)
-
-READAHEAD_TRIGGER_BYTES = 1024 * 1024
-READAHEAD_STREAK_CHUNKS = 2
 
 
 class RemoteImage:
@@ -70,17 +68,7 @@ class RemoteImage:
         self._bad_chunks: dict[int, str] = {}
         self._failing_until = 0.0
         self._last_fetch_error = ""
-        # Readahead starts once this many bytes were read back to back: a file streamed
-        # in order, not two small files that happen to share a chunk.
-        self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
-        self._last_read_end = -1
-        self._sequential_bytes = 0
-        # ... or once reads moved on chunk by chunk this many times: a walk through many small
-        # files laid out one after another streams as much as one big file does.
-        self._last_chunk = -2  # no read yet: a first read of chunk 0 is no step forward
-        self._chunk_streak = 0
-        self._streak_trigger = max(READAHEAD_STREAK_CHUNKS,
-                                   READAHEAD_TRIGGER_BYTES // metadata.table.chunk_size)
+        self._sequential = SequentialReads(metadata.table.chunk_size)
         self._content_key: Hashable = _content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
         # Background loads (lazyfs/image/prefetch.py) wait while `demand` counts fetches;
@@ -218,19 +206,8 @@ class RemoteImage:
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
         end = min(offset + size, self.size)
-        if offset == self._last_read_end:
-            self._sequential_bytes += end - offset
-        else:
-            self._sequential_bytes = end - offset
-        self._last_read_end = end
-        if indices[0] == self._last_chunk + 1:
-            self._chunk_streak += 1
-        elif indices[0] != self._last_chunk:
-            self._chunk_streak = 0
-        self._last_chunk = indices[-1]
         readahead = self.tuning.readahead_for(self.metadata.table.chunk_size)
-        if not readahead or (self._sequential_bytes < self._readahead_trigger_bytes
-                             and self._chunk_streak < self._streak_trigger):
+        if not self._sequential.observe(offset, end, indices) or not readahead:
             return
         last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
         claimed = [

@@ -31,3 +31,21 @@ def test_cache_section_between_daemon_and_layers() -> None:
 def test_stats_without_a_cache_section_still_print() -> None:
     stats = {key: value for key, value in STATS.items() if key != "cache"}
     assert "chunk cache" not in format_stats(stats, "/mnt/x")
+
+
+def test_background_loads_are_shown_once_they_ran() -> None:
+    layer = STATS["layers"]["layer.blob"]
+    assert "background" not in format_stats(STATS, "/mnt/x")
+    idle = {**STATS, "layers": {"layer.blob": {**layer, "background": {"state": "idle"}}}}
+    assert "background" not in format_stats(idle, "/mnt/x")
+    background = {"state": "filling", "listed_chunks": 9, "prefetched_chunks": 7,
+                  "prefetch_requests": 3, "prefetch_bytes": 3 << 20, "filled_chunks": 4,
+                  "fill_requests": 4, "fill_bytes": 1 << 20, "skipped_chunks": 2}
+    running = {**STATS, "layers": {"layer.blob": {**layer, "background": background}}}
+    lines = format_stats(running, "/mnt/x").splitlines()
+    start = lines.index("  background                filling")
+    assert lines[start + 1:start + 4] == [
+        "    prefetched              7 of 9 listed chunks, 3.0 MiB in 3 requests",
+        "    filled                  4 chunks, 1.0 MiB in 4 requests",
+        "    skipped (had them)      2 chunks",
+    ]
