@@ -39,6 +39,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def private_disk_cache(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets a disk cache of its own (mounts use one by default): none writes into
+    the machine's, and no test sees what another left there."""
+    directory = tmp_path_factory.mktemp("disk-cache")
+    monkeypatch.setenv("LAZYFS_CACHE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
     """The containerd-written test vectors, used in place; skip when they are absent, except in

@@ -69,7 +69,7 @@ def main() -> None:
             url = server.url + "sample.blob"
             print(f"\ndemo: nginx serves {served} at {server.url}")
             started = time.monotonic()
-            run("mount", url, str(mountpoint))
+            run("mount", url, str(mountpoint), "--cache-dir", str(work / "disk-cache"))
             mounted = True
             mount_s = time.monotonic() - started
             small = mountpoint / "etc" / "os-release"

@@ -28,7 +28,10 @@ The protocol (`claim` / `complete` / `fail` / `wait`):
   A caller that reaches `wait` after the load finished, when the bytes were evicted already,
   gets None, and must go round again: `get`, then `claim` or `wait`.
 - **Counts.** `get` counts a hit or a miss; `wait` counts neither; eviction to stay under
-  `capacity_bytes` counts an eviction. The cache is the only place these are counted.
+  `capacity_bytes` counts an eviction. The cache is the only place these are counted. Hits
+  and misses are also kept per key namespace (a tuple key's first element: the layer's
+  content key), so a layer reads its own share with `counts(namespace)`; only the
+  `NAMESPACES_COUNTED` most recently counted namespaces are kept.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from collections.abc import Hashable
 import trio
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+NAMESPACES_COUNTED = 4096
 
 
 class _Pending:
@@ -63,6 +67,7 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self._counts: OrderedDict[Hashable, list[int]] = OrderedDict()  # [hits, misses]
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
@@ -70,12 +75,31 @@ class ChunkCache:
     def get(self, key: Hashable) -> bytes | None:
         """The cached bytes of `key`, counting a hit or a miss."""
         data = self._entries.get(key)
+        counts = self._namespace_counts(key)
         if data is None:
             self.misses += 1
+            counts[1] += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        counts[0] += 1
         return data
+
+    def counts(self, namespace: Hashable) -> tuple[int, int]:
+        """(hits, misses) of the keys in `namespace` (see `get`)."""
+        hits, misses = self._counts.get(namespace, (0, 0))
+        return hits, misses
+
+    def _namespace_counts(self, key: Hashable) -> list[int]:
+        namespace = key[0] if isinstance(key, tuple) and key else key
+        counts = self._counts.get(namespace)
+        if counts is None:
+            counts = self._counts[namespace] = [0, 0]
+            if len(self._counts) > NAMESPACES_COUNTED:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(namespace)
+        return counts
 
     def is_loading(self, key: Hashable) -> bool:
         return key in self._pending

@@ -1,10 +1,13 @@
 """What `lazyfs mount` and `lazyfs run` share for images in registries: the registry options
-and the checks of the options both give a mount (cache size, writable directory)."""
+and the checks of the options both give a mount (cache sizes, disk cache, writable
+directory)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
+from lazyfs.cache.disk import CACHE_DIR_ENV, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import parse_size
@@ -47,6 +50,43 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
         help="try this registry mirror first, for manifests and blobs "
         "(repeatable; content is checked against digests either way)",
     )
+
+
+def add_disk_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("disk cache (shared by every mount on this machine)")
+    add_cache_dir_argument(group)
+    group.add_argument(
+        "--disk-cache-size",
+        metavar="SIZE",
+        help="evict least recently used data beyond SIZE (K/M/G; default a tenth of the free "
+        "space, at most 20G)",
+    )
+    group.add_argument(
+        "--no-disk-cache", action="store_true", help="neither read nor write the disk cache"
+    )
+
+
+def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help=f"the disk cache (default ${CACHE_DIR_ENV}, else /var/cache/lazyfs for root, "
+        "~/.cache/lazyfs for other users)",
+    )
+
+
+def disk_cache_of(args: argparse.Namespace) -> DiskCacheOptions | None:
+    """The disk cache options of the command line (None: --no-disk-cache). Raises UserError."""
+    if args.no_disk_cache:
+        if args.cache_dir or args.disk_cache_size:
+            raise UserError("--no-disk-cache: not with --cache-dir or --disk-cache-size")
+        return None
+    size = None
+    if args.disk_cache_size is not None:
+        size = parse_size(args.disk_cache_size, "--disk-cache-size")
+    if args.cache_dir:
+        return DiskCacheOptions(os.path.abspath(args.cache_dir), size)
+    return DiskCacheOptions(size_bytes=size)
 
 
 def count_layers(count: int) -> str:

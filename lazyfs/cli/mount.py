@@ -12,9 +12,11 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
+    add_disk_cache_arguments,
     add_registry_arguments,
     cache_size_of,
     count_layers,
+    disk_cache_of,
     platform_of,
     registry_options,
     tuning_of,
@@ -106,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
     add_prefetch_arguments(mount)
+    add_disk_cache_arguments(mount)
     add_registry_arguments(mount)
     mount.set_defaults(func=cmd_mount)
 
@@ -139,7 +142,8 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
-    return MountOptions(cache_size, tuning, trace, prefetch_options_of(args))
+    return MountOptions(cache_size, tuning, trace, disk_cache=disk_cache_of(args),
+                        prefetch=prefetch_options_of(args))
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:

@@ -63,6 +63,7 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
         f"p90 {_ms(latency.get('p90_ms'))}, p99 {_ms(latency.get('p99_ms'))}",
     ]
     lines += _cache_lines(stats.get("cache"))
+    lines += _disk_cache_lines(stats.get("disk_cache"))
     for image in record.images if record is not None else []:
         lines += [
             f"image {image.reference} at {image.mountpoint}",
@@ -81,6 +82,7 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
             f"{human_size(blob_size or 0)} blob)",
             f"  chunks fetched            {chunks} of {chunk_count if chunk_count else '?'} "
             f"({_share(chunks, chunk_count)}; {layer.get('readahead_chunks', 0)} by readahead)",
+            f"  chunks from disk cache    {layer.get('chunks_from_disk', 0)}",
             f"  verification failures     {layer.get('verify_failures', 0)}",
             f"  fetch latency             p50 {_ms(fetch.get('p50_ms'))}, "
             f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
@@ -117,6 +119,21 @@ def _cache_lines(cache: dict[str, Any] | None) -> list[str]:
         f"{cache.get('entries', 0)} entries",
         f"  hits / misses             {cache.get('hits', 0)} / {cache.get('misses', 0)}",
         f"  evictions                 {cache.get('evictions', 0)}",
+    ]
+
+
+def _disk_cache_lines(disk: dict[str, Any] | None) -> list[str]:
+    """What this daemon did with the disk cache that every mount shares; none without one."""
+    if disk is None:
+        return []
+    return [
+        f"disk cache {disk.get('directory', '?')}",
+        f"  capacity                  {human_size(disk.get('capacity_bytes', 0))}",
+        f"  hits / misses             {disk.get('hits', 0)} / {disk.get('misses', 0)}",
+        f"  read / written            {human_size(disk.get('bytes_read', 0))} / "
+        f"{human_size(disk.get('bytes_written', 0))} in {disk.get('writes', 0)} writes",
+        f"  evictions                 {disk.get('evictions', 0)}",
+        f"  bad entries dropped       {disk.get('bad_entries', 0)}",
     ]
 
 

@@ -23,9 +23,11 @@ from pathlib import Path
 from lazyfs.cli import UserError
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
+    add_disk_cache_arguments,
     add_registry_arguments,
     cache_size_of,
     count_layers,
+    disk_cache_of,
     platform_of,
     registry_options,
     tuning_of,
@@ -70,6 +72,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="allow layers without trusted digests"
     )
     add_prefetch_arguments(parser)
+    add_disk_cache_arguments(parser)
     add_registry_arguments(parser)
 
 
@@ -132,7 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         eager=args.eager,
         insecure=args.insecure,
         writable=args.writable,
-        mount=MountOptions(cache_size, tuning_of(args), trace, prefetch_options_of(args)),
+        mount=MountOptions(cache_size, tuning_of(args), trace, disk_cache=disk_cache_of(args),
+                           prefetch=prefetch_options_of(args)),
     )
     recorded_before = _modified(args.record)
     prepared = prepare(request)

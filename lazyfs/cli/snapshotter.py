@@ -9,10 +9,17 @@ import os
 import sys
 
 from lazyfs.cli import UserError
-from lazyfs.cli._images import add_registry_arguments, cache_size_of, registry_options
+from lazyfs.cli._images import (
+    add_disk_cache_arguments,
+    add_registry_arguments,
+    cache_size_of,
+    disk_cache_of,
+    registry_options,
+)
 from lazyfs.fuse.operations import STATS_FILE_NAME
 from lazyfs.snapshotter.daemon import SnapshotterConfig, run_snapshotter
 from lazyfs.snapshotter.layers import FUSE_DIR
+from lazyfs.snapshotter.remount import RemountPolicy
 
 DEFAULT_ROOT = "/var/lib/lazyfs-snapshotter"
 
@@ -39,6 +46,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics there",
     )
+    parser.add_argument(
+        "--remount-retries", type=int, default=RemountPolicy.attempts, metavar="N",
+        help="how often a layer that cannot be mounted again at start-up (its registry down) "
+        f"is retried in the background (default {RemountPolicy.attempts}); a call that "
+        "needs it retries it too",
+    )
+    parser.add_argument(
+        "--remount-max-delay", type=float, default=RemountPolicy.max_delay_s,
+        metavar="SECONDS", help="longest wait between two of those retries, which start a "
+        f"second apart and double (default {RemountPolicy.max_delay_s:.0f})",
+    )
+    add_disk_cache_arguments(parser)
     add_registry_arguments(parser)
     parser.set_defaults(func=cmd_snapshotter)
 
@@ -59,6 +78,14 @@ def _metrics_address(text: str | None) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _remount_policy(retries: int, max_delay_s: float) -> RemountPolicy:
+    try:
+        return RemountPolicy(attempts=retries, max_delay_s=max_delay_s)
+    except ValueError:
+        raise UserError(f"--remount-retries {retries} --remount-max-delay {max_delay_s}: "
+                        "expected retries >= 0 and a delay > 0") from None
+
+
 def cmd_snapshotter(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UserError("lazyfs snapshotter needs root: it mounts FUSE and EROFS file systems")
@@ -70,6 +97,8 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         registry=registry_options(args),
         cache_size_bytes=cache_size_of(args),
         metrics_address=_metrics_address(args.metrics_address),
+        remount=_remount_policy(args.remount_retries, args.remount_max_delay),
+        disk_cache=disk_cache_of(args),
     )
 
     def on_ready() -> None:

@@ -10,7 +10,8 @@ from typing import Any
 @dataclass
 class LayerReport:
     """What one distinct layer cost. `chunks_fetched` and `chunk_count` are None for an
-    eager run, which fetches every chunk (the whole blob)."""
+    eager run, which fetches every chunk (the whole blob); `chunks_from_disk` were read
+    from the disk cache instead of fetched."""
 
     name: str
     digest: str
@@ -19,6 +20,7 @@ class LayerReport:
     requests: int
     chunks_fetched: int | None = None
     chunk_count: int | None = None
+    chunks_from_disk: int = 0
 
 
 @dataclass
@@ -46,4 +48,5 @@ def lazy_layer_report(name: str, digest: str, size: int, stats: Mapping[str, Any
         int(stats.get("requests", 0)),
         int(stats.get("chunks_fetched", 0)),
         int(stats.get("chunk_count", 0)),
+        int(stats.get("chunks_from_disk", 0)),
     )

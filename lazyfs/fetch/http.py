@@ -9,6 +9,7 @@ for the origin; when it stops accepting (an expired signed URL) the origin is as
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import ssl
@@ -340,18 +341,24 @@ async def _with_retries(
     raise FetchError(f"{what}: failed after {options.max_retries + 1} attempts; last: {last}")
 
 
+@functools.lru_cache(maxsize=8)
+def tls_context(verify_tls: bool | str) -> ssl.SSLContext | bool:
+    """One TLS context per setting, shared by every client: loading the CA bundle takes tens
+    of milliseconds each time, on the event loop, for every layer a mount opens."""
+    if verify_tls is False:
+        return False
+    if isinstance(verify_tls, str):
+        return ssl.create_default_context(cafile=verify_tls)
+    return httpx.create_ssl_context()
+
+
 def _client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | None,
             max_connections: int) -> httpx.AsyncClient:
     """A pooled client with the timeouts of `options`; redirects are followed by hand."""
-    verify: ssl.SSLContext | bool = (
-        ssl.create_default_context(cafile=options.verify_tls)
-        if isinstance(options.verify_tls, str)
-        else options.verify_tls
-    )
     connect_s, read_s = options.connect_timeout_s, options.read_timeout_s
     return httpx.AsyncClient(
         transport=transport,
-        verify=verify,
+        verify=tls_context(options.verify_tls),
         http1=True,
         http2=False,
         follow_redirects=False,

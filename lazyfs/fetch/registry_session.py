@@ -22,6 +22,7 @@ import trio
 from lazyfs import __version__
 from lazyfs.fetch.base import backoff_delay_s
 from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.http import tls_context
 from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
 from lazyfs.format.reference import (
     registry_api_host,
@@ -172,6 +173,7 @@ class RegistrySession:
         self._limiter: trio.CapacityLimiter | None = None
         self._client = httpx.AsyncClient(
             transport=transport,
+            verify=tls_context(True),
             timeout=httpx.Timeout(timeout),
             follow_redirects=True,
             max_redirects=5,

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import pyfuse3
 
+from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.stats import LatencyRecorder
@@ -113,6 +114,7 @@ class LayerOperations(pyfuse3.Operations):
         gid: int | None = None,
         *,
         cache: ChunkCache | None = None,
+        disk: DiskCache | None = None,
     ) -> None:
         names = [image.name for image in images]
         for name in names:
@@ -122,6 +124,7 @@ class LayerOperations(pyfuse3.Operations):
         super().__init__()
         self.daemon_stats = daemon_stats or DaemonStats()
         self._cache = cache
+        self._disk = disk
         self._layers: dict[int, Image] = {
             FIRST_LAYER_INODE + i: image for i, image in enumerate(images)
         }
@@ -312,6 +315,8 @@ class LayerOperations(pyfuse3.Operations):
         }
         if self._cache is not None:
             snapshot["cache"] = self._cache.stats_snapshot()
+        if self._disk is not None:
+            snapshot["disk_cache"] = self._disk.stats_snapshot()
         return (json.dumps(snapshot, indent=2, sort_keys=True) + "\n").encode()
 
     # -- everything that would write ---------------------------------------------------------

@@ -4,6 +4,10 @@ The descriptor is the root of trust. It comes from `--descriptor FILE|URL`, from
 annotation values, or by convention from beside the blob: for `NAME.blob` the file
 `NAME.descriptor.json`, else `BLOB.descriptor.json` (what `lazyfs convert` writes). Without a
 digest that authenticates the metadata, mounting is refused unless `insecure` is set.
+
+With a disk cache, a layer whose metadata it holds opens without a request (`disk_tier`), and
+a descriptor URL that does not answer is replaced by the descriptor last fetched from it, so
+that a layer can be mounted again while its server is unreachable.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
+from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, ReaderOptions
 from lazyfs.fetch.body import BodyTooLargeError
@@ -44,7 +49,9 @@ from lazyfs.format.layout import (
 )
 from lazyfs.format.prefetch_list import LayerPrefetch
 from lazyfs.format.verity_tree import VerityGeometry, verify_hash_blocks
+from lazyfs.image import disk_tier
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
+from lazyfs.image.keys import layer_key
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -85,16 +92,25 @@ def descriptor_candidates(blob: str) -> list[str]:
     return descriptor_path_candidates(blob.partition("?")[0])
 
 
-async def _read_text(location: str, options: ReaderOptions) -> bytes | None:
+async def _read_text(location: str, options: ReaderOptions,
+                     disk: DiskCache | None = None) -> bytes | None:
     """Read a small descriptor from a path or URL; None if it does not exist. A URL is fetched
-    with the deadline and retries of range reads. Raises DescriptorError, FetchError."""
+    with the deadline and retries of range reads; when it fails, the copy `disk` kept from
+    the last fetch stands in. Raises DescriptorError, FetchError."""
     if "://" in location and not location.startswith("file://"):
         try:
-            return await get_small(location, MAX_DESCRIPTOR_BYTES, options)
+            text = await get_small(location, MAX_DESCRIPTOR_BYTES, options)
         except BodyTooLargeError:
             raise DescriptorError(f"{location}: descriptor larger than 1 MiB") from None
         except FetchError as exc:
-            raise FetchError(f"cannot fetch descriptor: {exc}") from None
+            kept = await disk_tier.remembered_descriptor(disk, location) if disk else None
+            if kept is None:
+                raise FetchError(f"cannot fetch descriptor: {exc}") from None
+            log.warning("%s; using the descriptor the disk cache kept from it", exc)
+            return kept
+        if text is not None and disk is not None:
+            await disk_tier.remember_descriptor(disk, location, text)
+        return text
     path = location.removeprefix("file://")
 
     def load() -> bytes | None:
@@ -109,9 +125,10 @@ async def _read_text(location: str, options: ReaderOptions) -> bytes | None:
     return await trio.to_thread.run_sync(load)
 
 
-async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
-                                                            Descriptor | None]:
-    """Find the annotations for `source`. Raises LayerOpenError, DescriptorError, FetchError."""
+async def resolve_annotations(source: LayerSource, disk: DiskCache | None = None,
+                              ) -> tuple[SeekableAnnotations, Descriptor | None]:
+    """Find the annotations for `source` (descriptors fetched before kept on `disk`). Raises
+    LayerOpenError, DescriptorError, FetchError."""
     if source.has_overrides:
         values = {ANNOTATION_CHUNK_TABLE_OFFSET: str(source.chunk_table_offset)}
         for key, value in ((ANNOTATION_CHUNK_DIGEST, source.chunk_digest),
@@ -126,7 +143,7 @@ async def resolve_annotations(source: LayerSource) -> tuple[SeekableAnnotations,
                              "--chunk-table-offset too")
     tried = [source.descriptor] if source.descriptor else descriptor_candidates(source.blob)
     for location in tried:
-        text = await _read_text(location, source.reader_options)
+        text = await _read_text(location, source.reader_options, disk)
         if text is None:
             continue
         descriptor = parse_descriptor(text, location)
@@ -260,25 +277,60 @@ async def open_layer(
     tuning: ImageTuning | None = None,
     trace: TraceWriter | None = None,
     cpu_limiter: trio.CapacityLimiter | None = None,
+    disk: DiskCache | None = None,
 ) -> RemoteImage:
-    """Open, authenticate and return the layer `source` names, ready for reads.
+    """Open, authenticate and return the layer `source` names, ready for reads; with `disk`,
+    from the metadata it holds when it does (no request), else fetched and then kept there.
 
     Raises LayerOpenError, FormatError (incl. IntegrityError) or FetchError.
     """
-    annotations, descriptor = await resolve_annotations(source)
+    annotations, descriptor = await resolve_annotations(source, disk)
     _check_trust(source, annotations)
     options = source.reader_options
     if descriptor is not None:
         options = replace(options, expected_size=descriptor.size)
+    cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
+    if disk is not None and layer_key(annotations) is None:
+        disk = None  # nothing would authenticate it when read back
+    cached = None
+    if disk is not None:
+        cached = await disk_tier.load_metadata(disk, annotations, options.expected_size,
+                                               cpu_limiter)
+    if cached is not None and options.expected_size is None:
+        options = replace(options, expected_size=cached.metadata.blob_size)
     reader = open_blob_reader(source.blob, options)
+    name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
     try:
-        blob_size = await reader.open()
-        metadata = await load_metadata(reader, annotations, blob_size)
-        _check_data_trust(source, annotations, metadata)
-        tree_blocks = await load_tree_top(reader, metadata)
-        name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
+        if cached is not None:
+            metadata, tree_blocks = cached.metadata, cached.tree_blocks
+            _check_data_trust(source, annotations, metadata)
+        else:
+            blob_size = await reader.open()
+            metadata = await load_metadata(reader, annotations, blob_size)
+            _check_data_trust(source, annotations, metadata)
+            tree_blocks = await load_tree_top(reader, metadata)
+        layer_disk = None
+        if disk is not None:
+            layer_disk = disk_tier.LayerDisk(
+                disk, metadata, name, nursery, kept_blocks=set(tree_blocks),
+                probe=lambda: _probe(source.blob, options), source_known_up=cached is None)
+            if cached is None:
+                layer_disk.save_metadata(tree_blocks, reader.source)
+            else:
+                layer_disk.register(reader.source)
         return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,
-                           cpu_limiter=cpu_limiter, trace=trace, tuning=tuning)
+                           cpu_limiter=cpu_limiter, trace=trace, tuning=tuning,
+                           disk=layer_disk)
     except BaseException:
         await reader.aclose()
         raise
+
+
+async def _probe(blob: str, options: ReaderOptions) -> None:
+    """Ask the source of a layer opened from the disk cache once whether it answers (and
+    still has the blob). Raises FetchError."""
+    reader = open_blob_reader(blob, replace(options, max_retries=0))
+    try:
+        await reader.open()
+    finally:
+        await reader.aclose()

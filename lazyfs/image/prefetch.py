@@ -6,9 +6,10 @@ for the whole mount, so they never take the connections or fetch slots of reads)
 background request starts while an on-demand fetch of any layer is waiting or in flight
 (`lazyfs/image/demand.py`). A chunk is claimed in the cache only when its request starts, so
 a read never waits on a background load that has not begun; a read that wants a chunk of a
-request in flight waits for that request, which is at most `request_bytes` of frames. Background loads stop when the
-chunk cache is full rather than evict what reads brought in. Everything runs in the mount's
-nursery and is cancelled on unmount.
+request in flight waits for that request, which is at most `request_bytes` of frames.
+Without a disk cache, background loads stop when the chunk cache is full rather than evict
+what reads brought in (with one, they go on: what is evicted from memory stays on disk).
+Everything runs in the mount's nursery and is cancelled on unmount.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ class BackgroundLoader:
                 await self._demand_idle()
                 decoded = sum(image.metadata.table.decoded_size(index) for index in run)
                 cache = image.cache
-                if cache.capacity_bytes - cache.size_bytes - self._reserved_bytes < decoded:
+                room = cache.capacity_bytes - cache.size_bytes - self._reserved_bytes
+                if image.disk is None and room < decoded:
                     image.background.state = "stopped: cache full"
                     log.info("layer %s: %s stopped at chunk %d: the chunk cache is full",
                              image.name, reason, run[0])
@@ -230,7 +232,7 @@ class BackgroundLoader:
         finally:
             self._reserved_bytes -= reserved
             self._slots.release()
-        loaded = sum(1 for index in run if index in image.stats.chunks_fetched)
+        loaded = sum(1 for index in run if image.has_chunk(index))
         size = sum(_frame_size(image, index) for index in run)
         if reason == "fill":
             stats.fill_requests += 1

@@ -5,6 +5,8 @@ to a cap), each frame is checked against its SHA-512 before it is decoded, the d
 must be exact, and every data block is checked against the authenticated dm-verity tree. Only
 then do bytes reach the cache and the caller. Loads run in the mount's nursery, so a read that
 is interrupted does not abandon a fetch other readers wait on, and unmount cancels them all.
+With a disk cache (`disk_tier.LayerDisk`), a load looks there first: a frame read back is
+checked again (`disk_tier.check_frame`), and a verified fetched frame is written back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lazyfs.cache.memory import ChunkCache
 from lazyfs.exception_groups import leaf_errors
 from lazyfs.fetch.base import BlobReader
 from lazyfs.fetch.errors import FetchError
-from lazyfs.format.chunk_table import HASH_NONE, verify_frame
+from lazyfs.format.chunk_table import verify_frame
 from lazyfs.format.errors import FormatError
 from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
@@ -30,7 +32,9 @@ from lazyfs.format.verity_tree import (
     verify_hash_blocks,
 )
 from lazyfs.image.demand import DemandGate
+from lazyfs.image.disk_tier import LayerDisk, check_frame
 from lazyfs.image.errors import ImageReadError, LayerOpenError
+from lazyfs.image.keys import content_key
 from lazyfs.image.readahead import SequentialReads
 from lazyfs.image.stats import BackgroundStats, ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -53,8 +57,10 @@ class RemoteImage:
         cpu_limiter: trio.CapacityLimiter | None = None,
         trace: TraceWriter | None = None,
         tuning: ImageTuning | None = None,
+        disk: LayerDisk | None = None,
     ) -> None:
         self.name = name
+        self.disk = disk
         self.reader = reader
         self.metadata = metadata
         self.cache = cache
@@ -69,7 +75,7 @@ class RemoteImage:
         self._failing_until = 0.0
         self._last_fetch_error = ""
         self._sequential = SequentialReads(metadata.table.chunk_size)
-        self._content_key: Hashable = _content_key(metadata, reader.source)
+        self._content_key: Hashable = content_key(metadata, reader.source)
         self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
         # Background loads (lazyfs/image/prefetch.py) wait while `demand` counts fetches;
         # `on_read` (a recorder's) sees the chunks of every read.
@@ -113,6 +119,7 @@ class RemoteImage:
 
     def stats_snapshot(self) -> dict[str, Any]:
         fetch_stats = self.reader.stats
+        cache_hits, cache_misses = self.cache.counts(self._content_key)
         return {
             "name": self.name,
             "source": self.reader.source,
@@ -121,7 +128,10 @@ class RemoteImage:
             "chunk_count": self.stats.chunk_count,
             "chunks_fetched": len(self.stats.chunks_fetched),
             "chunk_fetches": self.stats.chunk_fetches,
+            "chunks_from_disk": self.stats.chunks_from_disk,
             "readahead_chunks": self.stats.readahead_chunks,
+            "cache_hits": cache_hits,
+            "cache_misses": cache_misses,
             "bytes_fetched": fetch_stats.bytes_fetched,
             "requests": fetch_stats.requests,
             "retries": fetch_stats.retries,
@@ -143,6 +153,10 @@ class RemoteImage:
         key = self._key(index)
         return not (index in self._bad_chunks or key in self.cache or self.cache.is_loading(key)
                     or trio.current_time() < self._failing_until)
+
+    def has_chunk(self, index: int) -> bool:
+        """Whether chunk `index` is in the memory cache."""
+        return self._key(index) in self.cache
 
     def claim_for_background(self, run: list[int]) -> list[int]:
         """Claim the chunks of `run` (adjacent) from the first that needs a fetch to the next
@@ -181,11 +195,6 @@ class RemoteImage:
                     found[index] = data
                     self._record(chunk=index, event="hit")
                     continue
-                if trio.current_time() < self._failing_until and not self.cache.is_loading(
-                    self._key(index)
-                ):
-                    raise ImageReadError(f"chunk {index}: source failing: "
-                                         f"{self._last_fetch_error}")
                 if self.cache.claim(self._key(index)):
                     claimed.append(index)
             self._start_reads(claimed)
@@ -237,8 +246,19 @@ class RemoteImage:
         """Fetch, verify and decode adjacent chunks; complete or fail every claimed key."""
         unresolved = set(run)
         try:
+            problem = None
+            if self.disk is not None:
+                run = await self._load_from_disk(run, unresolved)
+                problem = await self.disk.source_problem() if run else None
+            if run and trio.current_time() < self._failing_until:
+                problem = f"source failing: {self._last_fetch_error}"
+            if problem is not None:  # fail at once: the source is known not to answer
+                self._fail_run(run, problem)
+                unresolved.clear()
+                return
             async with limiter or self._fetch_limiter:
-                await self._fetch_and_verify(run, reason, unresolved)
+                for part in self._runs(run):
+                    await self._fetch_and_verify(part, reason, unresolved)
         finally:
             if reason == "read":
                 self.demand.end()
@@ -307,8 +327,44 @@ class RemoteImage:
             self.stats.chunks_fetched.add(index)
             self.cache.complete(self._key(index), data)
             unresolved.discard(index)
+            if self.disk is not None:
+                self.disk.save(index, frame, self._level0_blocks(index))
             self._record(chunk=index, event="fetch", reason=reason, bytes=len(frame),
                          latency_ms=round(latency * 1000, 3))
+
+    async def _load_from_disk(self, run: list[int], unresolved: set[int]) -> list[int]:
+        """Complete the chunks of `run` that the disk cache holds, each checked again; return
+        the others. A copy that fails is dropped, to be fetched."""
+        disk = self.disk
+        assert disk is not None
+        rest: list[int] = []
+
+        async def load(index: int) -> None:
+            found = await disk.load(index, self._tree_blocks, self._hash_blocks_for([index]),
+                                    self._cpu_limiter)
+            if found is None:
+                rest.append(index)
+                return
+            frame, blocks = found
+            try:
+                data = await trio.to_thread.run_sync(
+                    check_frame, self.metadata, blocks, index, frame,
+                    self.metadata.frame_range(index)[0], limiter=self._cpu_limiter,
+                )
+            except FormatError as exc:
+                await disk.forget(index, str(exc))
+                rest.append(index)
+                return
+            self._tree_blocks.update(blocks)
+            self.stats.chunks_from_disk += 1
+            self.cache.complete(self._key(index), data)
+            unresolved.discard(index)
+            self._record(chunk=index, event="disk", bytes=len(frame))
+
+        async with trio.open_nursery() as nursery:  # the chunks of a run side by side
+            for index in run:
+                nursery.start_soon(load, index)
+        return sorted(rest)
 
     def _hash_blocks_for(self, run: list[int]) -> list[int]:
         """Payload offsets of the hash blocks (all levels, top first) that cover `run`."""
@@ -394,21 +450,6 @@ class RemoteImage:
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
             self._trace.record(layer=self.name, **fields)
-
-
-def _content_key(metadata: BlobMetadata, source: str) -> Hashable:
-    """What names this layer's decoded chunks in the shared cache: a digest that
-    authenticates them, else the blob itself (nothing shared)."""
-    annotations = metadata.annotations
-    if annotations.chunk_digest is None:
-        return ("unauthenticated", source)
-    if metadata.table.hash_algorithm == HASH_NONE:
-        # The table then lists no frame hashes: equal tables (equal frame sizes) say nothing
-        # of the bytes; only the verity root names them.
-        if annotations.root_digest is None:
-            return ("unauthenticated", source)
-        return (annotations.chunk_digest, annotations.root_digest)
-    return annotations.chunk_digest
 
 
 def _contiguous(offsets: list[int], step: int) -> list[list[int]]:

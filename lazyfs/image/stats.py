@@ -50,6 +50,7 @@ class ImageStats:
     chunk_count: int
     chunks_fetched: set[int] = field(default_factory=set)
     chunk_fetches: int = 0
+    chunks_from_disk: int = 0
     readahead_chunks: int = 0
     verify_failures: int = 0
     fetch_failures: int = 0

@@ -32,11 +32,13 @@ _READY = b"ready\n"
 def _user_facing() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story for the user (bad input, unreachable source,
     a refused mount); anything else is a bug, reported with a pointer to the log."""
+    from lazyfs.cache.disk import DiskCacheError
     from lazyfs.fetch.errors import FetchError
     from lazyfs.format.errors import FormatError
     from lazyfs.image.errors import LayerOpenError
 
     return (
+        DiskCacheError,
         LayerOpenError,
         FormatError,
         FetchError,

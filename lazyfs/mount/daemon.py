@@ -9,7 +9,7 @@ recorded in the mount record first, so whatever came up goes down.
 
 One daemon serves every layer of the images one command mounts: a layer they share is opened,
 fetched and cached once (the chunk cache is keyed by content). Separate commands run separate
-daemons that share nothing.
+daemons, which share only the disk cache (`lazyfs.cache.disk`), unless it is turned off.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import pyfuse3
 import trio
 
+from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES, ChunkCache
 from lazyfs.errors import LazyfsError
 from lazyfs.exception_groups import sole_error
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Layers opened at once (each a few round trips: size, chunk table, top of the verity tree).
 PARALLEL_LAYER_OPENS = 8
+# At unmount, frames still being written to the disk cache get this long to finish.
+DISK_WRITES_GRACE_S = 10.0
 
 
 class DaemonStartError(LazyfsError):
@@ -86,6 +89,7 @@ class DaemonConfig:
     With `images`, `sources` are their distinct layers (named as the images list them) and
     each image is stacked at its own mountpoint, the first at `mountpoint`. `tuning` applies
     to every layer (its `parallel_fetches` is sized by the daemon, with its other limits).
+    `disk_cache` None: no disk cache.
     """
 
     sources: list[LayerSource]
@@ -94,6 +98,7 @@ class DaemonConfig:
     block_only: bool = False
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
+    disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
     trace_file: str | None = None
     prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
     log_file: str | None = None
@@ -135,6 +140,7 @@ class Daemon:
         self.record.temp_dir = config.temp_dir
         self.images: list[RemoteImage] = []
         self.cache = ChunkCache(config.cache_size_bytes)
+        self.disk: DiskCache | None = None
         self._fuse_mounted = False
         self._fuse_serving = False
         self._fuse_done = trio.Event()
@@ -154,6 +160,10 @@ class Daemon:
                     await self._start(nursery, trace)
                     on_ready()
                     await self._fuse_done.wait()
+                    with trio.move_on_after(DISK_WRITES_GRACE_S):
+                        for image in self.images:  # worth keeping for the next mount
+                            if image.disk is not None:
+                                await image.disk.writes_done()
                     nursery.cancel_scope.cancel()  # background fetches, the signal watcher
             except BaseExceptionGroup as group:
                 raise sole_error(group) from None
@@ -170,9 +180,13 @@ class Daemon:
     async def _start(self, nursery: trio.Nursery, trace: TraceWriter | None) -> None:
         config, record = self.config, self.record
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
+        if config.disk_cache is not None and any(_is_remote(s.blob) for s in config.sources):
+            self.disk = await trio.to_thread.run_sync(DiskCache.open, config.disk_cache)
+            log.info("disk cache %s, at most %d bytes", self.disk.directory,
+                     self.disk.store.capacity_bytes)
         await self._open_layers(nursery, trace)
         self._start_background(nursery)
-        ops = LayerOperations(self.images, self.stats, cache=self.cache)
+        ops = LayerOperations(self.images, self.stats, cache=self.cache, disk=self.disk)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
         if not config.block_only:
@@ -232,6 +246,8 @@ class Daemon:
                     tuning=tuning,
                     trace=trace,
                     cpu_limiter=cpu_limiter,
+                    # A blob on this machine needs no copy in the disk cache.
+                    disk=self.disk if _is_remote(source.blob) else None,
                 )
             self.images.append(image)  # closed at teardown, whatever happens next
             opened[index] = image
@@ -329,11 +345,17 @@ class Daemon:
             self._fuse_mounted = False
         for image in self.images:
             await image.aclose()
+        if self.disk is not None:
+            await self.disk.aclose()
         if self._created_fuse_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(record.fuse_dir)
         stack.remove_layer_dirs(record)
         remove_record(record.mountpoint)
+
+
+def _is_remote(blob: str) -> bool:
+    return "://" in blob and not blob.startswith("file://")
 
 
 def run_daemon(config: DaemonConfig, on_ready: Callable[[], None]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry_options import RegistryOptions
@@ -58,11 +59,13 @@ class StatsError(LazyfsError):
 class MountOptions:
     """How a daemon serves its layers: the decoded chunk cache (bytes), how each layer reads
     (readahead, coalescing, parallel fetches), a file to append a JSON line per chunk
-    access, and what it fetches in the background or records for later (prefetch lists)."""
+    access, the disk cache shared with other daemons (None: none), and what it fetches in the
+    background or records for later (prefetch lists)."""
 
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
+    disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
     prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
 
 
@@ -111,6 +114,7 @@ def layer_config(
         block_only=block_only,
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
+        disk_cache=options.disk_cache,
         trace_file=options.trace_file,
         prefetch=options.prefetch,
     )
@@ -142,6 +146,7 @@ def image_config(
         block_only=block_only,
         cache_size_bytes=options.cache_size_bytes,
         tuning=options.tuning,
+        disk_cache=options.disk_cache,
         trace_file=options.trace_file,
         prefetch=options.prefetch,
         temp_dir=temp_dir,

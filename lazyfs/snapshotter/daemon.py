@@ -3,9 +3,9 @@ thread, the gRPC server on a thread pool, and an orderly teardown on SIGTERM/SIG
 
 Start-up: take down what a previous run left mounted under ROOT (it died with its FUSE
 loop), open the database, mount the FUSE file system, re-attach every committed remote
-snapshot's layer, remove orphan directories, and only then listen on the socket: containerd
-never sees a snapshot whose contents are not there. Teardown: stop taking calls, unmount
-every layer, stop FUSE.
+snapshot's layer (one that fails is retried in the background, and by the calls that need
+it: `remount.py`), remove orphan directories, and only then listen on the socket.
+Teardown: stop taking calls, stop the retries, unmount every layer, stop FUSE.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import pyfuse3
 import trio
 from prometheus_client import CollectorRegistry
 
+from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.mount import kernel as kernel_mount
-from lazyfs.snapshotter.layers import LayerHost, LayerSpec
+from lazyfs.snapshotter.layers import LayerHost
 from lazyfs.snapshotter.metrics import LayerMetrics, serve_metrics
 from lazyfs.snapshotter.remote import RemoteLayerService
+from lazyfs.snapshotter.remount import Remounter, RemountPolicy
 from lazyfs.snapshotter.service import SnapshotsService
 from lazyfs.snapshotter.snapshots import Snapshots
 from lazyfs.snapshotter.store import Store, database_path
@@ -38,7 +40,6 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GRPC_THREADS = 16
 FUSE_WORKERS = 64
-PARALLEL_REATTACH = 4
 STOP_GRACE_S = 5.0
 
 
@@ -49,6 +50,8 @@ class SnapshotterConfig:
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     metrics_address: tuple[str, int] | None = None
+    remount: RemountPolicy = field(default_factory=RemountPolicy)
+    disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
 
 
 def run_snapshotter(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None:
@@ -74,13 +77,16 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
     store = Store(database_path(root))
     server: grpc.Server | None = None
     fuse_mounted = False
+    disk = None
     try:
+        if config.disk_cache is not None:
+            disk = await trio.to_thread.run_sync(DiskCache.open, config.disk_cache)
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 registry = CollectorRegistry()
                 metrics = LayerMetrics(registry)
                 host = LayerHost(root, config.registry, config.cache_size_bytes, nursery,
-                                 metrics)
+                                 metrics, disk)
                 await recover_mounts(root, host.fuse_dir, host.layers_dir)
                 os.makedirs(host.fuse_dir, mode=0o700, exist_ok=True)
                 os.makedirs(host.layers_dir, mode=0o700, exist_ok=True)
@@ -89,8 +95,9 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
                 pyfuse3.init(host.ops, host.fuse_dir, options)
                 fuse_mounted = True
                 nursery.start_soon(_serve_fuse)
+                remounter = Remounter(host, store, config.remount)
                 try:
-                    await _reattach(host, store)
+                    await remounter.attach_all()
                     token = trio.lowlevel.current_trio_token()
                     remote = RemoteLayerService(host, store, config.registry, token)
                     snapshots = Snapshots(root, store, remote)
@@ -109,12 +116,15 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
                             stopping = server
                             await trio.to_thread.run_sync(
                                 lambda: stopping.stop(STOP_GRACE_S).wait())
+                        remounter.cancel()
                         await host.detach_all()
                         pyfuse3.terminate()
                     nursery.cancel_scope.cancel()
     finally:
         if fuse_mounted:
             pyfuse3.close(unmount=True)
+        if disk is not None:
+            await disk.aclose()
         store.close()
         with contextlib.suppress(OSError):
             os.unlink(config.address)
@@ -123,23 +133,6 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
 
 async def _serve_fuse() -> None:
     await pyfuse3.main(min_tasks=1, max_tasks=FUSE_WORKERS)
-
-
-async def _reattach(host: LayerHost, store: Store) -> None:
-    """Mount every layer a committed snapshot uses again; one that fails is logged (its
-    snapshots stay, empty, until it is removed or the snapshotter restarts)."""
-    limiter = trio.CapacityLimiter(PARALLEL_REATTACH)
-
-    async def one(spec: LayerSpec) -> None:
-        async with limiter:
-            try:
-                await host.ensure(spec)
-            except Exception as exc:
-                log.error("layer %s: cannot mount it again: %s", spec.digest, exc)
-
-    async with trio.open_nursery() as nursery:
-        for layer in store.layers():
-            nursery.start_soon(one, LayerSpec.from_json(layer.source))
 
 
 def _start_server(address: str, service: SnapshotsService) -> grpc.Server:

@@ -1,7 +1,8 @@
 """Remote layers of the snapshotter: one FUSE file system (ROOT/fuse) serving one verified
 block file per layer, added and removed at run time, and a kernel EROFS mount of each at
 ROOT/layers/NAME. All layers share one chunk cache, one decode-thread limiter and the
-daemon's nursery for background fetches.
+daemon's nursery for background fetches; and the disk cache with every other process of the
+machine, so that a restart or a layer mounted again reads what was read before.
 
 Runs on the trio thread. gRPC handler threads come in through `RemoteLayerService`
 (`trio.from_thread.run`). Per layer digest there is at most one attach in flight: concurrent
@@ -21,11 +22,17 @@ from typing import Any
 
 import trio
 
+from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.registry_options import RegistryOptions
-from lazyfs.format.descriptor import SeekableAnnotations
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_DIGEST,
+    ANNOTATION_ROOT_DIGEST,
+    SeekableAnnotations,
+)
 from lazyfs.format.reference import parse_reference
 from lazyfs.fuse.operations import LayerOperations
+from lazyfs.image.errors import UntrustedLayerError
 from lazyfs.image.open import open_layer
 from lazyfs.image.registry_source import ImageLayer, layer_sources
 from lazyfs.image.remote_image import RemoteImage
@@ -46,6 +53,17 @@ PARALLEL_FETCHES_PER_LAYER = 4
 def layer_name(digest: str) -> str:
     """The block file and mountpoint name of a layer (short: overlay options list many)."""
     return digest.partition(":")[2][:NAME_HEX] or digest.replace(":", "-")
+
+
+def untrusted_reason(annotations: SeekableAnnotations) -> str | None:
+    """Why no digest authenticates a layer with these annotations, or None if one does.
+    The snapshotter mounts verified layers only: it has no --insecure."""
+    if annotations.is_trusted:
+        return None
+    missing = ANNOTATION_CHUNK_DIGEST if annotations.chunk_digest is None else (
+        ANNOTATION_ROOT_DIGEST)
+    return (f"refusing to mount it: its descriptor has no {missing} annotation to "
+            "authenticate it (convert the image again with `lazyfs convert`)")
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,8 @@ class LayerHost:
     """The FUSE file system and the EROFS mounts of remote layers (trio thread only)."""
 
     def __init__(self, root: str, options: RegistryOptions, cache_size_bytes: int,
-                 nursery: trio.Nursery, metrics: LayerMetrics | None = None) -> None:
+                 nursery: trio.Nursery, metrics: LayerMetrics | None = None,
+                 disk: DiskCache | None = None) -> None:
         self.root = root
         self.metrics = metrics
         self.options = options
@@ -106,8 +125,9 @@ class LayerHost:
         self.fuse_dir = os.path.join(root, FUSE_DIR)
         self.layers_dir = os.path.join(root, LAYERS_DIR)
         self.cache = ChunkCache(cache_size_bytes)
+        self.disk = disk
         self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
-        self.ops = LayerOperations([])
+        self.ops = LayerOperations([], cache=self.cache)
         self.mounted: dict[str, MountedLayer] = {}
         self._attaching: dict[str, trio.Event] = {}
         self._errors: dict[str, BaseException] = {}
@@ -141,6 +161,9 @@ class LayerHost:
         return layer
 
     async def _attach(self, spec: LayerSpec) -> MountedLayer:
+        reason = untrusted_reason(spec.image_layer().annotations)
+        if reason is not None:
+            raise UntrustedLayerError(reason)
         reference = parse_reference(spec.reference)
         async with self.options.client(reference.registry) as client:
             source = (await layer_sources(reference, [spec.image_layer()], client,
@@ -150,7 +173,7 @@ class LayerHost:
         if self.metrics is not None:
             self.metrics.digests[layer_name(spec.digest)] = spec.digest
         image = await open_layer(source, cache=self.cache, nursery=self.nursery,
-                                 cpu_limiter=self.cpu_limiter, trace=self.metrics,
+                                 cpu_limiter=self.cpu_limiter, trace=self.metrics, disk=self.disk,
                                  tuning=ImageTuning(parallel_fetches=PARALLEL_FETCHES_PER_LAYER))
         mountpoint = self.mountpoint(spec.digest)
         added = False

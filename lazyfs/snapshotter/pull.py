@@ -27,6 +27,7 @@ from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.registry_source import ResolvedImage, resolve_image
+from lazyfs.snapshotter.layers import untrusted_reason
 from lazyfs.snapshotter.remote import LAZYFS_IMAGE_REF, LAZYFS_LAYER_DIGEST
 from lazyfs.snapshotter.snapshots import TARGET_LABEL
 
@@ -79,7 +80,12 @@ async def fetch_image(reference_text: str, options: RegistryOptions, platform: P
     index, manifest and config. Raises LazyfsError subclasses."""
     reference = parse_reference(reference_text)
     async with options.client(reference.registry) as client:
-        resolved = await resolve_image(client, reference, platform)
+        resolved = await resolve_image(client, reference, platform, insecure=True)
+        for number, layer in enumerate(resolved.layers, start=1):
+            reason = untrusted_reason(layer.annotations)
+            if reason is not None:  # before containerd sees anything
+                raise PullError(f"{resolved.pinned}: layer {number} of {len(resolved.layers)}"
+                                f" ({layer.digest}): {reason}")
         top_data, top_type, top_digest = await client.get_manifest(
             reference.repository, reference.reference)
         index = None

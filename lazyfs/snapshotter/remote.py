@@ -33,7 +33,13 @@ from lazyfs.image.registry_source import (
 )
 from lazyfs.snapshotter.layers import LayerHost, LayerSpec
 from lazyfs.snapshotter.snapshots import TARGET_LABEL
-from lazyfs.snapshotter.store import AlreadyExistsError, Snapshot, SnapshotError, Store
+from lazyfs.snapshotter.store import (
+    AlreadyExistsError,
+    NotFoundError,
+    Snapshot,
+    SnapshotError,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ CRI_MANIFEST_DIGEST = LABEL_PREFIX + "cri.manifest-digest"
 CRI_LAYER_DIGEST = LABEL_PREFIX + "cri.layer-digest"
 RESOLVED_IMAGES_KEPT = 64
 PREPARE_TIMEOUT_S = 300.0
+REMOUNT_TIMEOUT_S = 60.0
 
 
 class RemoteLayerError(SnapshotError):
@@ -108,7 +115,11 @@ class RemoteLayerService:
 
     def path(self, snapshot: Snapshot) -> str:
         assert snapshot.layer_id is not None
-        return self.host.mountpoint(self.store.layer(snapshot.layer_id).digest)
+        layer = self.store.layer(snapshot.layer_id)
+        if layer.digest not in self.host.mounted:  # its mount failed at start-up: try again
+            trio.from_thread.run(self._mount_again, snapshot.key,
+                                 LayerSpec.from_json(layer.source), trio_token=self.token)
+        return self.host.mountpoint(layer.digest)
 
     def release(self, layer_id: int, digest: str) -> None:
         trio.from_thread.run(self.host.detach, digest, trio_token=self.token)
@@ -150,6 +161,21 @@ class RemoteLayerService:
         log.info("%s: committed as %s", where, target)
         return True
 
+    async def _mount_again(self, key: str, spec: LayerSpec) -> None:
+        try:
+            with trio.fail_after(REMOUNT_TIMEOUT_S):
+                await self.host.ensure(spec)
+        except trio.TooSlowError:
+            raise RemoteLayerError(f"snapshot {key}: layer {spec.digest} is not mounted: not "
+                                   f"mounted again within {REMOUNT_TIMEOUT_S:.0f} s") from None
+        except (LazyfsError, OSError) as exc:
+            raise RemoteLayerError(
+                f"snapshot {key}: layer {spec.digest} is not mounted: {exc}") from None
+        if not any(layer.digest == spec.digest for layer in self.store.layers()):
+            await self.host.detach(spec.digest)  # its last snapshot went meanwhile
+            raise NotFoundError(f"snapshot {key} does not exist")
+        log.info("layer %s mounted again for snapshot %s", spec.digest, key)
+
     async def _resolve(self, pinned: str) -> ResolvedImage | UnconvertedLayerError:
         """The image, resolved once per pinned reference (kept for the next layers)."""
         lock = self._resolving.setdefault(pinned, trio.Lock())
@@ -160,8 +186,10 @@ class RemoteLayerService:
             reference = parse_reference(pinned)
             try:
                 async with self.options.client(reference.registry) as client:
+                    # Every layer is resolved; the one asked for is refused when no digest
+                    # authenticates it (LayerHost), not the image for any other's sake.
                     found: ResolvedImage | UnconvertedLayerError = await resolve_image(
-                        client, reference, host_platform())
+                        client, reference, host_platform(), insecure=True)
             except UnconvertedLayerError as exc:
                 found = exc
             except ValueError as exc:  # a malformed registry or mirror name

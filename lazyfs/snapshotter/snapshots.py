@@ -52,7 +52,8 @@ class RemoteLayers(Protocol):
         Raises SnapshotError for a layer that cannot be mounted."""
 
     def path(self, snapshot: Snapshot) -> str:
-        """The contents of the remote snapshot (its layer's EROFS mountpoint)."""
+        """The contents of the remote snapshot (its layer's EROFS mountpoint), mounting the
+        layer again if it is not. Raises SnapshotError naming the layer if it cannot be."""
 
     def release(self, layer_id: int, digest: str) -> None:
         """Unmount a layer no snapshot uses any more."""
@@ -150,11 +151,16 @@ class Snapshots:
             if kind == Kind.ACTIVE:
                 os.mkdir(os.path.join(directory, "work"), 0o700)
 
+        # The parents' contents first: a layer that cannot be mounted fails the call before
+        # anything is created.
+        try:
+            parents = self.store.chain(parent) if parent else []
+        except NotFoundError:
+            parents = []  # store.create says which parent of which key
+        for snapshot in parents:
+            self.contents(snapshot)
         snapshot = self.store.create(key, parent, kind, labels, on_created=make_dirs)
-        chain = [snapshot]
-        if parent:
-            chain += self.store.chain(parent)
-        return self._mounts(chain)
+        return self._mounts([snapshot, *parents])
 
     def _mounts(self, chain: list[Snapshot]) -> list[Mount]:
         """The mounts of `chain[0]`, whose ancestors follow it."""

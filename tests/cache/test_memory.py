@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from lazyfs.cache.memory import ChunkCache
+from lazyfs.cache.memory import NAMESPACES_COUNTED, ChunkCache
 
 
 def run(fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -147,3 +147,27 @@ def test_lru_within_the_byte_cap_and_the_counts() -> None:
 def test_capacity_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         ChunkCache(-1)
+
+
+def test_hits_and_misses_per_namespace_add_up_to_the_totals() -> None:
+    cache = ChunkCache(100)
+    for key in (("layer-a", 0), ("layer-b", 0)):
+        assert cache.claim(key)
+        cache.complete(key, b"x")
+    for key in (("layer-a", 0), ("layer-a", 0), ("layer-a", 1), ("layer-b", 0), ("layer-b", 2)):
+        cache.get(key)
+    assert cache.counts("layer-a") == (2, 1)
+    assert cache.counts("layer-b") == (1, 1)
+    assert cache.counts("layer-c") == (0, 0)
+    assert (cache.hits, cache.misses) == (3, 2)  # each get counted once in each
+
+
+def test_only_the_most_recently_counted_namespaces_are_kept() -> None:
+    cache = ChunkCache(100)
+    cache.get(("first", 0))
+    for number in range(NAMESPACES_COUNTED - 1):
+        cache.get((number, 0))
+    cache.get(("first", 1))  # counted again: now the most recent
+    cache.get(("one-more", 0))  # the oldest, namespace 0, goes
+    assert cache.counts("first") == (0, 2)
+    assert cache.counts(0) == (0, 0) and cache.counts(1) == (0, 1)

@@ -49,3 +49,22 @@ def test_background_loads_are_shown_once_they_ran() -> None:
         "    filled                  4 chunks, 1.0 MiB in 4 requests",
         "    skipped (had them)      2 chunks",
     ]
+
+
+def test_disk_cache_section_shows_hits_misses_evictions_and_bytes() -> None:
+    stats = {**STATS, "disk_cache": {"directory": "/var/cache/lazyfs", "capacity_bytes": 1 << 30,
+                                     "hits": 5, "misses": 3, "bytes_read": 2 << 20,
+                                     "bytes_written": 1 << 20, "writes": 4, "evictions": 6,
+                                     "bad_entries": 1}}
+    lines = format_stats(stats, "/mnt/x").splitlines()
+    start = lines.index("disk cache /var/cache/lazyfs")
+    assert lines[start + 1:start + 6] == [
+        "  capacity                  1.0 GiB",
+        "  hits / misses             5 / 3",
+        "  read / written            2.0 MiB / 1.0 MiB in 4 writes",
+        "  evictions                 6",
+        "  bad entries dropped       1",
+    ]
+    assert start > lines.index("chunk cache")
+    without = format_stats(STATS, "/mnt/x").splitlines()
+    assert not any(line.startswith("disk cache") for line in without)

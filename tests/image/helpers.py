@@ -12,9 +12,18 @@ from typing import Any
 import trio
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
+from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import ChunkCache
+from lazyfs.fetch.local import LocalFileReader
 from lazyfs.format.descriptor import Descriptor, serialize_descriptor
-from lazyfs.image.open import LayerSource, open_layer
+from lazyfs.image.disk_tier import LayerDisk
+from lazyfs.image.open import (
+    LayerSource,
+    load_metadata,
+    load_tree_top,
+    open_layer,
+    resolve_annotations,
+)
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -59,20 +68,29 @@ def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
 def run_with_layer(
     source: LayerSource, body: Callable[[RemoteImage], Awaitable[Any]],
     cache_bytes: int = 64 << 20, *, tuning: ImageTuning | None = None,
-    trace: TraceWriter | None = None,
+    trace: TraceWriter | None = None, disk: DiskCacheOptions | None = None,
 ) -> Any:
-    """Open `source` in a nursery, run `body(image)`, close everything; return body's result."""
+    """Open `source` in a nursery (with the disk cache `disk` if given), run `body(image)`,
+    let the disk cache's writes finish, close everything; return body's result."""
     result = []
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            image = await open_layer(source, cache=ChunkCache(cache_bytes), nursery=nursery,
-                                     tuning=tuning, trace=trace)
-            try:
-                result.append(await body(image))
-            finally:
-                await image.aclose()
-                nursery.cancel_scope.cancel()
+        store = DiskCache.open(disk) if disk is not None else None
+        try:
+            async with trio.open_nursery() as nursery:
+                image = await open_layer(source, cache=ChunkCache(cache_bytes), nursery=nursery,
+                                         tuning=tuning, trace=trace, disk=store)
+                try:
+                    result.append(await body(image))
+                    if image.disk is not None:  # as a daemon does at unmount
+                        with trio.move_on_after(10):
+                            await image.disk.writes_done()
+                finally:
+                    await image.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if store is not None:
+                await store.aclose()
 
     try:
         trio.run(main)
@@ -82,3 +100,22 @@ def run_with_layer(
             group = group.exceptions[0]
         raise group from None
     return result[0]
+
+
+async def open_with_level0_on_demand(source: LayerSource, disk: DiskCache,
+                                     nursery: trio.Nursery,
+                                     tuning: ImageTuning | None = None) -> RemoteImage:
+    """Open `source` (a local blob with a two-level tree and its descriptor beside it) as a
+    layer whose tree is too large to fetch whole at open: only the levels above level 0 are
+    loaded, level-0 blocks come on demand (and from the disk cache `disk`)."""
+    annotations, _ = await resolve_annotations(source)
+    async with LocalFileReader(source.blob) as setup:
+        metadata = await load_metadata(setup, annotations, await setup.open())
+        tree = await load_tree_top(setup, metadata)
+    geometry = metadata.verity
+    assert geometry is not None and len(geometry.levels) == 2
+    level0 = geometry.levels[0].payload_offset
+    top = {offset: block for offset, block in tree.items() if offset < level0}
+    layer = LayerDisk(disk, metadata, "layer", nursery, kept_blocks=set(top))
+    return RemoteImage("layer", LocalFileReader(source.blob), metadata, ChunkCache(1 << 20),
+                       nursery, tree_blocks=top, tuning=tuning, disk=layer)

@@ -5,12 +5,18 @@ proxy snapshotter `lazyfs`, for tests that run real containers with runc.
 failure) it kills containers, stops containerd and the snapshotter, and unmounts whatever
 is left below `work`. Socket paths must stay short (108 bytes): `work` should be a short
 temporary directory.
+
+Each `Containerd` works in a namespace of its own: runc keeps container state in
+/run/containerd/runc/NAMESPACE/ID and cgroups at /NAMESPACE/ID, the same for every
+containerd of the machine, so two test runs at once (or a test and the benchmark) with one
+namespace and the same container IDs would break each other's containers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,7 +31,9 @@ import pytest
 from tests.support.mounts import cleanup
 
 REPO = Path(__file__).resolve().parents[2]
-NAMESPACE = "lazyfs-test"
+NAMESPACE_PREFIX = "lazyfs-test"
+RUNC_STATE = Path("/run/containerd/runc")
+CGROUPS = Path("/sys/fs/cgroup")
 START_TIMEOUT_S = 30.0
 CONTAINERD_CONFIG = """version = 2
 root = "{root}"
@@ -42,6 +50,9 @@ disabled_plugins = [
 
 [grpc]
   address = "{socket}"
+
+[debug]
+  level = "debug"
 
 [ttrpc]
   address = "{socket}.ttrpc"
@@ -110,10 +121,15 @@ class Snapshotter:
         self.start()
 
 
+def unique_namespace() -> str:
+    return f"{NAMESPACE_PREFIX}-{secrets.token_hex(4)}"
+
+
 @dataclass
 class Containerd:
     work: Path
     snapshotter: Snapshotter
+    namespace: str = field(default_factory=unique_namespace)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -134,9 +150,13 @@ class Containerd:
                                          stdout=log, stderr=subprocess.STDOUT)
         _wait_for_socket(self.socket, self.proc, self.log, "containerd")
 
-    def ctr(self, *args: str, timeout: float = 120, check: bool = True
-            ) -> subprocess.CompletedProcess[str]:
-        argv = ["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, *args]
+    def ctr_argv(self, namespace: str | None = None) -> list[str]:
+        return ["ctr", "--address", str(self.socket), "--namespace",
+                namespace or self.namespace]
+
+    def ctr(self, *args: str, timeout: float = 120, check: bool = True,
+            namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [*self.ctr_argv(namespace), *args]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                                 check=False)
         if check and result.returncode != 0:
@@ -149,14 +169,25 @@ class Containerd:
         return subprocess.run([sys.executable, "-m", "lazyfs", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=timeout, check=False)
 
+    def namespaces(self) -> list[str]:
+        """Every namespace of this containerd (tests may use more than their own)."""
+        result = subprocess.run(["ctr", "--address", str(self.socket), "namespaces", "ls",
+                                 "-q"], capture_output=True, text=True, timeout=20,
+                                check=False)
+        return result.stdout.split() if result.returncode == 0 else [self.namespace]
+
     def stop(self) -> None:
         if self.proc is None:
             return
         with contextlib.suppress(Exception):
-            tasks = self.ctr("tasks", "list", "-q", check=False, timeout=20).stdout.split()
-            for task in tasks:
-                self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False, timeout=20)
-                self.ctr("tasks", "delete", "-f", task, check=False, timeout=20)
+            for namespace in self.namespaces():
+                tasks = self.ctr("tasks", "list", "-q", check=False, timeout=20,
+                                 namespace=namespace).stdout.split()
+                for task in tasks:
+                    self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False, timeout=20,
+                             namespace=namespace)
+                    self.ctr("tasks", "delete", "-f", task, check=False, timeout=20,
+                             namespace=namespace)
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
@@ -178,6 +209,14 @@ def _kill_shims(work: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
+def _remove_runc_leftovers(namespace: str) -> None:
+    """runc's state and the (empty) cgroups of a namespace only our containerd used."""
+    shutil.rmtree(RUNC_STATE / namespace, ignore_errors=True)
+    for directory in [CGROUPS / namespace, *CGROUPS.glob(f"*/{namespace}")]:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
 @contextlib.contextmanager
 def running_containerd(work: Path, snapshotter_args: list[str] | None = None
                        ) -> Iterator[Containerd]:
@@ -187,14 +226,20 @@ def running_containerd(work: Path, snapshotter_args: list[str] | None = None
     snapshotter = Snapshotter(work / "lazyfs", work / "lazyfs.sock", work / "lazyfs.log",
                               snapshotter_args or [])
     containerd = Containerd(work, snapshotter)
+    namespaces = [containerd.namespace]
     try:
         snapshotter.start()
         containerd.start()
         yield containerd
     finally:
         try:
+            with contextlib.suppress(Exception):
+                namespaces = containerd.namespaces()
             containerd.stop()
         finally:
             snapshotter.stop()
             _kill_shims(work)
             cleanup([work / "state", work / "root", work / "lazyfs"], [work])
+            for namespace in namespaces:
+                if namespace.startswith(NAMESPACE_PREFIX):
+                    _remove_runc_leftovers(namespace)

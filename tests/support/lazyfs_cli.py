@@ -36,11 +36,14 @@ def pid_gone(pid: int) -> bool:
 
 
 class Lazyfs:
-    """Runs the CLI with a private state directory and remembers what to clean up."""
+    """Runs the CLI with a private state directory and disk cache (`cache_dir`, beside the
+    state directory unless given), and remembers what to clean up."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, cache_dir: Path | None = None) -> None:
         self.state_dir = state_dir
-        self.env = {**os.environ, "LAZYFS_STATE_DIR": str(state_dir)}
+        self.cache_dir = cache_dir or state_dir.with_name(state_dir.name + "-disk-cache")
+        self.env = {**os.environ, "LAZYFS_STATE_DIR": str(state_dir),
+                    "LAZYFS_CACHE_DIR": str(self.cache_dir)}
         self.mountpoints: list[Path] = []
         self.pids: list[int] = []
         self.expected_log_levels: set[str] = set()

@@ -1,0 +1,186 @@
+"""The disk cache: verified data kept on disk across mounts, daemons and restarts, capped in
+bytes, shared by every process of the machine that opens the same directory.
+
+What goes in is chosen by the image layer: compressed frames keyed by their SHA-512 from the
+authenticated chunk table (so a frame that several layers or images share is stored once),
+and each layer's metadata keyed by the digests that authenticate it. Frames rather than
+decoded chunks: they are smaller on disk (often by half), they are exactly the bytes the
+chunk table authenticates, so reading one back goes through the very checks a fetched frame
+goes through, and they need no dm-verity tree to be checked. The memory cache keeps decoded
+chunks for what is hot.
+
+This module is the asynchronous face of `disk_store.DiskStore` (its docstring is the
+protocol between processes): every call runs in a worker thread under a limiter, counts what
+it did, and turns disk and index errors into misses and skipped writes, logged once each:
+a cache that cannot write must not fail a read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from lazyfs.cache.disk_store import DiskCacheError, DiskStore
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "LAZYFS_CACHE_DIR"
+ROOT_CACHE_DIR = "/var/cache/lazyfs"
+DEFAULT_FREE_FRACTION = 0.10
+DEFAULT_MAX_BYTES = 20 << 30
+MIN_DEFAULT_BYTES = 64 << 20
+IO_THREADS = 4
+
+__all__ = ["DiskCache", "DiskCacheError", "DiskCacheOptions", "default_cache_dir"]
+
+
+def default_cache_dir() -> str:
+    """`$LAZYFS_CACHE_DIR`, else /var/cache/lazyfs for root and `$XDG_CACHE_HOME/lazyfs`
+    (~/.cache/lazyfs) for other users."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return os.path.abspath(configured)
+    if os.geteuid() == 0:
+        return ROOT_CACHE_DIR
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lazyfs")
+
+
+@dataclass(frozen=True)
+class DiskCacheOptions:
+    """Where the disk cache lives and how large it may grow. `size_bytes` None: a tenth of
+    the file system's free space (plus what the cache holds already), at most 20 GiB."""
+
+    directory: str = field(default_factory=default_cache_dir)
+    size_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size_bytes is not None and self.size_bytes < 0:
+            raise ValueError("disk cache size must be >= 0")
+
+
+def default_capacity(directory: str, used_bytes: int) -> int:
+    """The cap when none is given: a tenth of the free space the cache could grow into."""
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    wanted = int(DEFAULT_FREE_FRACTION * (free + used_bytes))
+    return min(DEFAULT_MAX_BYTES, max(MIN_DEFAULT_BYTES, wanted))
+
+
+def open_store(options: DiskCacheOptions) -> DiskStore:
+    """Open (creating) the store of `options`, with its cap. Raises DiskCacheError."""
+    store = DiskStore(options.directory, options.size_bytes or 0)
+    if options.size_bytes is None:
+        try:
+            store.capacity_bytes = default_capacity(options.directory,
+                                                    store.totals().size_bytes)
+        except (OSError, sqlite3.Error) as exc:
+            store.close()
+            raise DiskCacheError(f"{options.directory}: {exc}") from None
+    return store
+
+
+class DiskCache:
+    """The disk cache as a trio program uses it: `get`, `put`, `delete` of keys named by the
+    image layer, in worker threads; counters for the stats file."""
+
+    def __init__(self, store: DiskStore, io_threads: int = IO_THREADS) -> None:
+        self.store = store
+        self._limiter = trio.CapacityLimiter(io_threads)
+        self._warned: set[str] = set()
+        self.hits = 0
+        self.misses = 0
+        self.bytes_read = 0
+        self.writes = 0
+        self.bytes_written = 0
+        self.bad_entries = 0
+        self.errors = 0
+
+    @classmethod
+    def open(cls, options: DiskCacheOptions) -> DiskCache:
+        """Open the cache directory (blocking: call from a thread or before trio runs).
+        Raises DiskCacheError."""
+        return cls(open_store(options))
+
+    @property
+    def directory(self) -> str:
+        return str(self.store.directory)
+
+    async def get(self, key: str, ref: tuple[str, int] | None = None) -> bytes | None:
+        """The bytes stored under `key` (not verified: the caller must), or None."""
+        try:
+            data = await trio.to_thread.run_sync(self.store.get, key, ref, limiter=self._limiter)
+        except (OSError, sqlite3.Error) as exc:
+            self._trouble("read", exc)
+            data = None
+        if data is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self.bytes_read += len(data)
+        return data
+
+    async def contains(self, key: str) -> bool:
+        try:
+            return await trio.to_thread.run_sync(self.store.contains, key,
+                                                 limiter=self._limiter)
+        except OSError as exc:
+            self._trouble("read", exc)
+            return False
+
+    async def put(self, key: str, data: bytes, ref: tuple[str, int] | None = None) -> None:
+        """Store `data` (verified by the caller) under `key`; a failure is logged once."""
+        try:
+            await trio.to_thread.run_sync(self.store.put, key, data, ref,
+                                          limiter=self._limiter)
+        except (OSError, sqlite3.Error) as exc:
+            self._trouble("write", exc)
+            return
+        self.writes += 1
+        self.bytes_written += len(data)
+
+    async def delete(self, key: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self.store.delete, key, limiter=self._limiter)
+        except (OSError, sqlite3.Error) as exc:
+            self._trouble("delete", exc)
+
+    async def register_layer(self, layer: str, label: str, chunk_count: int) -> None:
+        try:
+            await trio.to_thread.run_sync(self.store.register_layer, layer, label, chunk_count,
+                                          limiter=self._limiter)
+        except (OSError, sqlite3.Error) as exc:
+            self._trouble("write", exc)
+
+    def note_bad_entry(self) -> None:
+        self.bad_entries += 1
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """What this process did with the disk cache, and its cap."""
+        return {
+            "directory": self.directory,
+            "capacity_bytes": self.store.capacity_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "bytes_read": self.bytes_read,
+            "writes": self.writes,
+            "bytes_written": self.bytes_written,
+            "evictions": self.store.evictions,
+            "bad_entries": self.bad_entries,
+            "errors": self.errors,
+        }
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self.store.close, limiter=self._limiter)
+
+    def _trouble(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("disk cache %s: cannot %s: %s (going on without it)",
+                        self.directory, what, exc)

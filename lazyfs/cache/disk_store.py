@@ -1,0 +1,415 @@
+"""The disk cache's store: immutable entries in files, an sqlite index for the cap and the LRU.
+
+Synchronous: callers run it in worker threads (`lazyfs.cache.disk` does). Any number of
+processes may use one directory at once (mount daemons, the snapshotter, `lazyfs cache`).
+
+    DIR/index.sqlite      entries (key, kind, bytes, last use), the total, layers and the
+                          chunks each layer has in the store (for `lazyfs cache ls`)
+    DIR/data/KIND/HH/HEX  one file per entry: complete once it has this name, never changed
+    DIR/tmp/              files being written; a writer killed mid-write leaves one here
+
+The protocol every process follows (sqlite's write lock serialises the index; WAL mode lets
+readers go on meanwhile):
+
+- **put.** One IMMEDIATE transaction inserts the entry's row (or refreshes it), adds its size
+  to the total and deletes least-recently-used rows until the total fits the cap; after the
+  commit the evicted files are unlinked. Only then is the file written: `tmp/`, fsync,
+  rename to its name. If the row is gone by then (another process evicted it meanwhile), the
+  file is unlinked again. So every named file has a row, the total counts every named file,
+  and after a commit the total never exceeds the cap of the process that committed.
+- **get.** Opens the file by name, without the index: a name means a complete file. Uses are
+  kept in memory and written to the index in batches, so the LRU order is approximate.
+- **delete.** Row first, then the file.
+- **A crash** at any point leaves at worst a file in `tmp/` (removed by a later open once it is
+  old) or a row without a file (a get misses; the row is evicted in time, or by `prune`).
+
+Nothing read from the store is trusted: every byte is verified by the caller before use, so
+a torn or flipped file costs a refetch, never a wrong byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.errors import LazyfsError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DISK_BLOCK = 4096
+TMP_MAX_AGE_S = 3600.0
+# A row whose file is missing may belong to a put in progress: `prune` leaves it this long.
+PENDING_MAX_AGE_S = 600.0
+TOUCH_FLUSH_S = 2.0
+TOUCH_FLUSH_ENTRIES = 512
+BUSY_TIMEOUT_S = 30.0
+_KEY = re.compile(r"^([a-z]+)-([0-9a-f]{16,128})$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL,
+    last_used REAL NOT NULL, created REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL, evictions INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
+CREATE TABLE IF NOT EXISTS layers (
+    layer TEXT PRIMARY KEY, label TEXT NOT NULL, chunk_count INTEGER NOT NULL,
+    last_used REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refs (
+    layer TEXT NOT NULL, chunk INTEGER NOT NULL, key TEXT NOT NULL,
+    PRIMARY KEY (layer, chunk)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refs_key ON refs (key);
+"""
+
+
+class DiskCacheError(LazyfsError):
+    """The cache directory cannot be used (permissions, a newer index format)."""
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """A layer in the store: what it is called, its chunks in the store and their bytes."""
+
+    layer: str
+    label: str
+    chunk_count: int
+    cached_chunks: int
+    cached_bytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class StoreTotals:
+    """The store as a whole: bytes counted against the cap, entries by kind, evictions ever."""
+
+    size_bytes: int
+    entries: dict[str, int]
+    evictions: int
+
+
+def disk_bytes(size: int) -> int:
+    """What a file of `size` bytes is counted as: whole file-system blocks."""
+    return max(1, -(-size // DISK_BLOCK)) * DISK_BLOCK
+
+
+class DiskStore:
+    """One process's handle on a cache directory; thread-safe (one lock around the index)."""
+
+    def __init__(self, directory: str | os.PathLike[str], capacity_bytes: int) -> None:
+        if capacity_bytes < 0:
+            raise ValueError("disk cache capacity must be >= 0")
+        self.directory = Path(directory)
+        self.capacity_bytes = capacity_bytes
+        self.evictions = 0  # by this process
+        self._lock = threading.Lock()
+        self._touched: dict[str, float] = {}
+        self._refs: dict[tuple[str, int], str] = {}
+        self._last_flush = time.monotonic()
+        try:
+            for sub in ("data", "tmp"):
+                (self.directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                self._db = self._connect()
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise  # locked, read-only, out of space: not the index's fault
+                self._db = self._start_afresh(exc)
+        except (OSError, sqlite3.Error) as exc:
+            raise DiskCacheError(f"cannot use the cache directory {self.directory}: "
+                                 f"{_reason(exc)}") from None
+        self._sweep_tmp(TMP_MAX_AGE_S)
+
+    def _connect(self) -> sqlite3.Connection:
+        path = self.directory / "index.sqlite"
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise DiskCacheError(f"{path}: index format {version} is newer than this "
+                                     f"lazyfs ({SCHEMA_VERSION}); use another --cache-dir")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _start_afresh(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+        """An index sqlite cannot read (damaged): the cache starts empty, as a cache may."""
+        log.warning("disk cache %s: the index cannot be read (%s); starting afresh",
+                    self.directory, exc)
+        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+            (self.directory / name).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "data", ignore_errors=True)
+        (self.directory / "data").mkdir(mode=0o700, exist_ok=True)
+        return self._connect()
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._flush_touches()
+            self._db.close()
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"not a cache key: {key!r}")
+        kind, name = match.groups()
+        return self.directory / "data" / kind / name[:2] / name
+
+    def get(self, key: str, ref: tuple[str, int] | None = None) -> bytes | None:
+        """The entry's bytes (unverified), or None. Raises OSError, sqlite3.Error."""
+        try:
+            with open(self.path(key), "rb") as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            return None
+        self.touch(key, ref)
+        return data
+
+    def contains(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def touch(self, key: str, ref: tuple[str, int] | None = None) -> None:
+        """Remember a use of `key` (by chunk `ref` = (layer, index)); written in batches."""
+        with self._lock:
+            self._touched[key] = time.time()
+            if ref is not None:
+                self._refs[ref] = key
+            due = time.monotonic() - self._last_flush > TOUCH_FLUSH_S
+            if due or len(self._touched) + len(self._refs) > TOUCH_FLUSH_ENTRIES:
+                with self._transaction():
+                    self._flush_touches()
+
+    def put(self, key: str, data: bytes, ref: tuple[str, int] | None = None) -> list[str]:
+        """Store `data` under `key` unless it is there (then only a use is noted). Returns the
+        keys evicted to make room. An entry larger than the cap is not stored. Raises
+        OSError (the row is withdrawn again), sqlite3.Error."""
+        final = self.path(key)
+        if final.exists():
+            self.touch(key, ref)
+            return []
+        size = disk_bytes(len(data))
+        if size > self.capacity_bytes:
+            return []
+        with self._lock, self._transaction():
+            self._flush_touches()
+            evicted = self._reserve(key, size)
+            if ref is not None:
+                self._add_ref(ref, key)
+        self._unlink(evicted)
+        try:
+            self._write(final, data)
+        except OSError:
+            self.delete(key)
+            raise
+        with self._lock:
+            kept = self._db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone()
+        if kept is None:  # evicted by another process while we wrote
+            final.unlink(missing_ok=True)
+        return [victim for victim, _ in evicted]
+
+    def delete(self, key: str) -> None:
+        """Forget `key`: its row, then its file."""
+        with self._lock, self._transaction():
+            self._drop(key)
+        self.path(key).unlink(missing_ok=True)
+
+    def register_layer(self, layer: str, label: str, chunk_count: int) -> None:
+        """Name a layer for `lazyfs cache ls` (its chunks are added with their entries)."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT INTO layers VALUES (?, ?, ?, ?) ON CONFLICT (layer) DO UPDATE SET "
+                "label = excluded.label, last_used = excluded.last_used",
+                (layer, label, chunk_count, time.time()))
+
+    # -- the whole store -------------------------------------------------------------------
+
+    def totals(self) -> StoreTotals:
+        with self._lock:
+            size, evictions = self._db.execute(
+                "SELECT bytes, evictions FROM totals WHERE id = 1").fetchone()
+            kinds = dict(self._db.execute("SELECT kind, COUNT(*) FROM entries GROUP BY kind"))
+        return StoreTotals(int(size), {str(k): int(v) for k, v in kinds.items()},
+                           int(evictions))
+
+    def layers(self) -> list[LayerRow]:
+        with self._lock, self._transaction():
+            self._flush_touches()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT l.layer, l.label, l.chunk_count, COUNT(e.key), COALESCE(SUM(e.size), 0),"
+                " l.last_used FROM layers l LEFT JOIN refs r ON r.layer = l.layer"
+                " LEFT JOIN entries e ON e.key = r.key GROUP BY l.layer"
+                " ORDER BY l.last_used DESC").fetchall()
+        return [LayerRow(*row) for row in rows]
+
+    def prune(self, to_bytes: int) -> int:
+        """Evict least-recently-used entries until at most `to_bytes` are kept, after
+        reconciling the index with the files (rows without files, files without rows, old
+        temporary files). Returns the entries evicted."""
+        self.reconcile()
+        with self._lock, self._transaction():
+            self._flush_touches()
+            evicted = self._evict_to(to_bytes, keep=None)
+        self._unlink(evicted)
+        return len(evicted)
+
+    def reconcile(self) -> None:
+        """Make the index and the files agree; the total is recounted from the rows."""
+        cutoff = time.time() - PENDING_MAX_AGE_S
+        named = set(self._named_files())
+        with self._lock, self._transaction():
+            rows = self._db.execute("SELECT key, created FROM entries").fetchall()
+            keys = {key for key, _ in rows}
+            for key, created in rows:
+                if key not in named and created < cutoff:
+                    self._drop(key)
+            self._db.execute("DELETE FROM refs WHERE key NOT IN (SELECT key FROM entries)")
+            self._db.execute("UPDATE totals SET bytes = (SELECT COALESCE(SUM(size), 0) "
+                             "FROM entries) WHERE id = 1")
+        for key in named - keys:
+            path = self.path(key)
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+        self._sweep_tmp(PENDING_MAX_AGE_S)
+
+    def clear(self) -> None:
+        """Delete every entry and layer."""
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM entries")
+            self._db.execute("DELETE FROM refs")
+            self._db.execute("DELETE FROM layers")
+            self._db.execute("UPDATE totals SET bytes = 0 WHERE id = 1")
+            self._touched.clear()
+            self._refs.clear()
+        shutil.rmtree(self.directory / "data", ignore_errors=True)
+        (self.directory / "data").mkdir(mode=0o700, exist_ok=True)
+
+    # -- internals (the caller holds the lock and a transaction) ---------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _reserve(self, key: str, size: int) -> list[tuple[str, int]]:
+        now = time.time()
+        row = self._db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+                             (key, key.partition("-")[0], size, now, now))
+            delta = size
+        else:
+            self._db.execute("UPDATE entries SET size = ?, last_used = ?, created = ? "
+                             "WHERE key = ?", (size, now, now, key))
+            delta = size - int(row[0])
+        self._db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 1", (delta,))
+        return self._evict_to(self.capacity_bytes, keep=key)
+
+    def _evict_to(self, limit: int, keep: str | None) -> list[tuple[str, int]]:
+        """Delete LRU rows (never `keep`) until the total is at most `limit`."""
+        evicted: list[tuple[str, int]] = []
+        (total,) = self._db.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()
+        while total > limit:
+            victims = self._db.execute(
+                "SELECT key, size FROM entries WHERE key IS NOT ? ORDER BY last_used LIMIT 64",
+                (keep,)).fetchall()
+            if not victims:
+                break
+            for victim, size in victims:
+                if total <= limit:
+                    break
+                self._db.execute("DELETE FROM entries WHERE key = ?", (victim,))
+                self._db.execute("DELETE FROM refs WHERE key = ?", (victim,))
+                total -= size
+                evicted.append((victim, size))
+        if evicted:
+            self._db.execute("UPDATE totals SET bytes = ?, evictions = evictions + ? "
+                             "WHERE id = 1", (total, len(evicted)))
+            self.evictions += len(evicted)
+        return evicted
+
+    def _drop(self, key: str) -> None:
+        row = self._db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            self._db.execute("DELETE FROM entries WHERE key = ?", (key,))
+            self._db.execute("UPDATE totals SET bytes = bytes - ? WHERE id = 1", (row[0],))
+        self._db.execute("DELETE FROM refs WHERE key = ?", (key,))
+
+    def _add_ref(self, ref: tuple[str, int], key: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?)", (*ref, key))
+
+    def _flush_touches(self) -> None:
+        if self._touched:
+            self._db.executemany(
+                "UPDATE entries SET last_used = MAX(last_used, ?) WHERE key = ?",
+                [(when, key) for key, when in self._touched.items()])
+        for ref, key in self._refs.items():
+            self._db.execute("INSERT OR REPLACE INTO refs SELECT ?, ?, key FROM entries "
+                             "WHERE key = ?", (*ref, key))
+        self._touched.clear()
+        self._refs.clear()
+        self._last_flush = time.monotonic()
+
+    def _write(self, final: Path, data: bytes) -> None:
+        """Write `data` to a temporary file, fsync it, and rename it to `final`."""
+        temporary = self.directory / "tmp" / f"{final.name[:32]}.{uuid.uuid4().hex}"
+        try:
+            with open(temporary, "xb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.rename(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def _unlink(self, evicted: list[tuple[str, int]]) -> None:
+        for key, _ in evicted:
+            with contextlib.suppress(OSError):
+                self.path(key).unlink(missing_ok=True)
+
+    def _named_files(self) -> Iterator[str]:
+        for path in (self.directory / "data").glob("*/*/*"):
+            key = f"{path.parent.parent.name}-{path.name}"
+            if _KEY.match(key):
+                yield key
+
+    def _sweep_tmp(self, max_age_s: float) -> None:
+        cutoff = time.time() - max_age_s
+        with contextlib.suppress(OSError):
+            for path in (self.directory / "tmp").iterdir():
+                with contextlib.suppress(OSError):
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

@@ -1,0 +1,203 @@
+"""The disk cache's store: entries by key, capped in bytes with LRU eviction, shared safely by
+processes writing at once, and nothing half-written ever under an entry's name."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.cache.disk_store import DISK_BLOCK, DiskCacheError, DiskStore, disk_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def key(name: str | int) -> str:
+    return "frame-" + hashlib.sha512(str(name).encode()).hexdigest()
+
+
+def files_bytes(directory: Path) -> int:
+    return sum(disk_bytes(path.stat().st_size) for path in (directory / "data").rglob("*")
+               if path.is_file())
+
+
+def test_put_get_and_delete(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    assert store.get(key(1)) is None
+    store.put(key(1), b"one" * 1000)
+    assert store.get(key(1)) == b"one" * 1000
+    assert store.totals().size_bytes == disk_bytes(3000) == DISK_BLOCK
+    store.delete(key(1))
+    assert store.get(key(1)) is None and store.totals().size_bytes == 0
+    assert list((tmp_path / "tmp").iterdir()) == []
+    store.close()
+
+
+def test_keys_are_checked_before_they_become_paths(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    for bad in ("../../etc/passwd", "frame-../../x", "Frame-" + "a" * 64, "frame-abc"):
+        with pytest.raises(ValueError):
+            store.put(bad, b"x")
+    store.close()
+
+
+def test_least_recently_used_goes_first_and_the_cap_holds(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 4 * DISK_BLOCK)
+    for name in range(4):
+        store.put(key(name), bytes([name]) * 100)
+    assert store.get(key(0)) is not None  # used: now the most recent
+    evicted = store.put(key(4), b"four")
+    assert evicted == [key(1)]
+    assert store.get(key(1)) is None and store.get(key(0)) is not None
+    assert store.totals().size_bytes == 4 * DISK_BLOCK == files_bytes(tmp_path)
+    assert store.evictions == 1 and store.totals().evictions == 1
+    assert store.put(key("big"), b"x" * (5 * DISK_BLOCK)) == []  # larger than the cap
+    assert store.get(key("big")) is None
+    store.close()
+
+
+def test_uses_reach_the_index_of_another_process(tmp_path: Path) -> None:
+    first, second = DiskStore(tmp_path, 3 * DISK_BLOCK), DiskStore(tmp_path, 3 * DISK_BLOCK)
+    for name in range(3):
+        first.put(key(name), b"x")
+    second.get(key(0))
+    second.close()  # writes its uses
+    first.put(key(3), b"y")
+    assert first.get(key(0)) is not None and first.get(key(1)) is None
+    first.close()
+
+
+def _writer(directory: str, cap: int, prefix: str, count: int) -> None:
+    store = DiskStore(directory, cap)
+    for number in range(count):
+        store.put(key(f"{prefix}{number}"), os.urandom(3 * DISK_BLOCK + number % 5))
+        store.get(key(f"{prefix}{number // 2}"))
+    store.close()
+
+
+@pytest.mark.slow
+def test_cap_holds_with_processes_writing_at_once(tmp_path: Path) -> None:
+    cap = 40 * DISK_BLOCK
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_writer, args=(str(tmp_path), cap, prefix, 150))
+               for prefix in "abc"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+        assert writer.exitcode == 0
+    store = DiskStore(tmp_path, cap)
+    totals = store.totals()
+    assert 0 < totals.size_bytes <= cap
+    assert files_bytes(tmp_path) == totals.size_bytes  # every file counted, nothing stray
+    rows = sqlite3.connect(tmp_path / "index.sqlite").execute(
+        "SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0]
+    assert rows == totals.size_bytes
+    store.close()
+
+
+def test_a_killed_writer_leaves_no_named_partial_file(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL while writing large entries: every named file is whole
+    (its name is the SHA-512 of its bytes), and the next open sweeps old temporary files."""
+    script = (
+        "import hashlib, os, sys\n"
+        "from lazyfs.cache.disk_store import DiskStore\n"
+        "store = DiskStore(sys.argv[1], 1 << 30)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    data = os.urandom(8 << 20)\n"
+        "    store.put('frame-' + hashlib.sha512(data).hexdigest(), data)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 30
+        while len(list((tmp_path / "data").rglob("*"))) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    named = [path for path in (tmp_path / "data").rglob("*") if path.is_file()]
+    assert named
+    for path in named:
+        assert hashlib.sha512(path.read_bytes()).hexdigest() == path.name
+    for leftover in (tmp_path / "tmp").iterdir():
+        os.utime(leftover, (0, 0))  # as if from long ago
+    store = DiskStore(tmp_path, 1 << 30)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    for path in named:
+        assert store.get(f"frame-{path.name}") == path.read_bytes()
+    store.close()
+
+
+def test_prune_evicts_to_a_size_and_reconciles(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    for name in range(6):
+        store.put(key(name), b"x" * 100)
+    store.path(key(0)).unlink()  # a file lost: its row goes once old enough
+    sqlite3.connect(tmp_path / "index.sqlite").execute(
+        "UPDATE entries SET created = 0 WHERE key = ?", (key(0),)).connection.commit()
+    stray = store.path(key("stray"))
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"no row")
+    os.utime(stray, (0, 0))
+    assert store.prune(2 * DISK_BLOCK) == 3
+    assert store.totals().size_bytes == 2 * DISK_BLOCK == files_bytes(tmp_path)
+    assert not stray.exists()
+    assert [store.get(key(name)) is not None for name in range(6)] == [False] * 4 + [True] * 2
+    store.close()
+
+
+def test_layers_list_their_chunks_and_bytes(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    store.register_layer("meta-" + "a" * 64, "http://h/a.blob", 10)
+    store.register_layer("meta-" + "b" * 64, "http://h/b.blob", 4)
+    store.put(key(1), b"x" * 5000, ("meta-" + "a" * 64, 0))
+    store.put(key(2), b"y", ("meta-" + "a" * 64, 3))
+    store.get(key(1), ("meta-" + "b" * 64, 1))  # a frame the two layers share
+    rows = {row.label: row for row in store.layers()}
+    assert (rows["http://h/a.blob"].cached_chunks, rows["http://h/a.blob"].cached_bytes) == (
+        2, 3 * DISK_BLOCK)
+    assert (rows["http://h/b.blob"].cached_chunks, rows["http://h/b.blob"].chunk_count) == (1, 4)
+    store.clear()
+    assert store.layers() == [] and store.totals().size_bytes == 0 and store.get(key(1)) is None
+    store.close()
+
+
+def test_an_index_from_a_newer_lazyfs_is_refused(tmp_path: Path) -> None:
+    DiskStore(tmp_path, 1).close()
+    sqlite3.connect(tmp_path / "index.sqlite").execute("PRAGMA user_version = 99")
+    with pytest.raises(DiskCacheError, match="newer"):
+        DiskStore(tmp_path, 1)
+
+
+def test_a_damaged_index_starts_the_cache_afresh(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    store.put(key(1), b"x")
+    store.close()
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "index.sqlite").write_bytes(b"not a database, " * 512)
+    store = DiskStore(tmp_path, 1 << 20)
+    assert "starting afresh" in caplog.text
+    assert store.get(key(1)) is None and store.totals().size_bytes == 0
+    store.put(key(2), b"y")
+    assert store.get(key(2)) == b"y"
+    store.close()
+
+
+def test_an_unusable_directory_is_one_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DiskCacheError, match="cannot use the cache directory"):
+        DiskStore(tmp_path / "file" / "cache", 1)

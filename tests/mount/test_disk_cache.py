@@ -1,0 +1,259 @@
+"""The disk cache through real mounts: nginx or docker-registry on 127.0.0.1, daemons started
+by the CLI, reads through the kernel. A layer mounted again reads from the disk without
+fetching, also while its server is down; a daemon killed mid-write leaves nothing that would
+be served unverified; a damaged copy is fetched again; two daemons writing at once keep the
+cap; two images that share a layer store it once."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from converter.tree import compare_trees, scan_directory
+from tests.image.helpers import flip_byte
+from tests.support.images import base_layer, change_layer
+from tests.support.lazyfs_cli import REPO, Lazyfs, pid_gone, wait_until
+from tests.support.mounts import cleanup
+from tests.support.nginx import serve_directory
+from tests.support.registry import running_registry
+from tests.support.registry_images import publish
+from tools.sample_tree import make_sample_tree
+
+pytestmark = [pytest.mark.root, pytest.mark.network]
+
+SMALL = "etc/os-release"
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(source tree, served dir with layer.blob): 12 MiB of files in 256 KiB chunks."""
+    work = tmp_path_factory.mktemp("disk-cache-layer")
+    tree = make_sample_tree(work / "tree", 12 * 1024 * 1024, seed=31)
+    served = work / "served"
+    served.mkdir()
+    convert(tree, served / "layer.blob")
+    return tree, served
+
+
+def convert(tree: Path, blob: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lazyfs", "convert", str(tree), "-o", str(blob),
+         "--chunk-size", "256K"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def mount_stats(lazyfs: Lazyfs, mountpoint: Path) -> dict[str, Any]:
+    result = lazyfs.run("stats", str(mountpoint), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def only_layer(stats: dict[str, Any]) -> dict[str, Any]:
+    (layer,) = stats["layers"].values()
+    return layer  # type: ignore[no-any-return]
+
+
+def umount(lazyfs: Lazyfs, mountpoint: Path) -> None:
+    result = lazyfs.run("umount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+
+
+def frame_files(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "data" / "frame").rglob("*") if p.is_file())
+
+
+def read_until_gone(mountpoint: Path) -> None:
+    """Read every file until the mount goes away under the reader."""
+    for directory, _, names in os.walk(mountpoint):
+        for name in names:
+            try:
+                with open(os.path.join(directory, name), "rb") as stream:
+                    stream.read()
+            except OSError:
+                return
+
+
+def test_a_layer_mounted_again_reads_from_the_disk_without_fetching_chunks(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    tree, served = layer
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
+        assert compare_trees(scan_directory(tree), scan_directory(mountpoint)) == []
+        cold = mount_stats(lazyfs, mountpoint)
+        assert only_layer(cold)["chunks_fetched"] == only_layer(cold)["chunk_count"]
+        assert cold["disk_cache"]["directory"] == str(lazyfs.cache_dir)
+        umount(lazyfs, mountpoint)
+        assert len(frame_files(lazyfs.cache_dir)) == only_layer(cold)["chunk_count"]
+
+        lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
+        assert compare_trees(scan_directory(tree), scan_directory(mountpoint)) == []
+        warm = mount_stats(lazyfs, mountpoint)
+        layer_stats = only_layer(warm)
+        assert layer_stats["chunks_fetched"] == 0 and layer_stats["bytes_fetched"] == 0
+        assert layer_stats["chunks_from_disk"] == layer_stats["chunk_count"]
+        assert warm["disk_cache"]["hits"] >= layer_stats["chunk_count"]
+        text = lazyfs.run("stats", str(mountpoint)).stdout
+        assert f"disk cache {lazyfs.cache_dir}" in text and "hits / misses" in text
+        umount(lazyfs, mountpoint)
+
+
+def test_offline_remount_serves_what_was_read_and_fails_the_rest_fast(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    tree, served = layer
+    read_before = ["etc/os-release", "etc/hostname", "usr/lib/data/blob0.bin"]
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        for name in read_before:
+            assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+        umount(lazyfs, mountpoint)
+    lazyfs.expected_log_levels.add("WARNING")
+    lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+    for name in read_before:
+        assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+    began = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        (mountpoint / "usr/lib/data/blob2.bin").read_bytes()
+    assert failed.value.errno == errno.EIO
+    assert time.monotonic() - began < 5.0
+    assert only_layer(mount_stats(lazyfs, mountpoint))["chunks_fetched"] == 0
+    umount(lazyfs, mountpoint)
+    logs = lazyfs.logs()
+    assert "source unreachable" in logs and "using the descriptor the disk cache kept" in logs
+    assert logs.count("source unreachable") == 1
+
+
+def test_a_daemon_killed_mid_write_leaves_only_verified_bytes(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    tree, served = layer
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        record = lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
+        reader = threading.Thread(target=read_until_gone, args=(mountpoint,), daemon=True)
+        reader.start()
+        wait_until(lambda: len(frame_files(lazyfs.cache_dir)) >= 5, "frames on disk")
+        os.kill(record["pid"], signal.SIGKILL)
+        wait_until(lambda: pid_gone(record["pid"]), "the daemon to die")
+        reader.join(60)
+        umount(lazyfs, mountpoint)  # a dead daemon's mount is taken down all the same
+        for path in frame_files(lazyfs.cache_dir):  # whole, or not there at all
+            assert hashlib.sha512(path.read_bytes()).hexdigest() == path.name
+
+        lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
+        assert compare_trees(scan_directory(tree), scan_directory(mountpoint)) == []
+        layer_stats = only_layer(mount_stats(lazyfs, mountpoint))
+        assert layer_stats["chunks_from_disk"] >= 5 and layer_stats["verify_failures"] == 0
+        umount(lazyfs, mountpoint)
+
+
+def test_flipped_bytes_on_disk_are_detected_and_fetched_again(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    tree, served = layer
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
+        scan_directory(mountpoint)
+        umount(lazyfs, mountpoint)
+        frames = frame_files(lazyfs.cache_dir)
+        for path in frames[::3]:
+            flip_byte(path, path.stat().st_size // 3)
+        lazyfs.expected_log_levels.add("WARNING")
+        lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
+        assert compare_trees(scan_directory(tree), scan_directory(mountpoint)) == []
+        stats = mount_stats(lazyfs, mountpoint)
+        layer_stats = only_layer(stats)
+        assert layer_stats["chunks_fetched"] == len(frames[::3])
+        assert layer_stats["bad_chunks"] == [] and layer_stats["verify_failures"] == 0
+        assert stats["disk_cache"]["bad_entries"] == len(frames[::3])
+        umount(lazyfs, mountpoint)
+    for path in frame_files(lazyfs.cache_dir):
+        assert hashlib.sha512(path.read_bytes()).hexdigest() == path.name
+    assert lazyfs.logs().count("the disk cache's copy failed verification") == len(frames[::3])
+
+
+def test_two_daemons_writing_at_once_keep_the_cap(
+    lazyfs: Lazyfs, tmp_path: Path, layer: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    _, served = layer
+    both = tmp_path / "served"
+    both.mkdir()
+    for name in ("layer.blob", "layer.descriptor.json"):
+        os.link(served / name, both / name)
+    other_tree = make_sample_tree(tmp_path_factory.mktemp("other") / "tree", 12 << 20, seed=32)
+    convert(other_tree, both / "other.blob")
+    cap = 6 << 20
+    mountpoints = [tmp_path / "a", tmp_path / "b"]
+    with serve_directory(both) as server:
+        for path, blob in zip(mountpoints, ("layer.blob", "other.blob"), strict=True):
+            path.mkdir()
+            lazyfs.mount(server.url + blob, str(path), "--disk-cache-size", "6M",
+                         mountpoint=path)
+        threads = [threading.Thread(target=scan_directory, args=(path,))
+                   for path in mountpoints]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for path in mountpoints:
+            assert mount_stats(lazyfs, path)["disk_cache"]["evictions"] > 0
+            umount(lazyfs, path)
+    on_disk = sum(-(-p.stat().st_size // 4096) * 4096
+                  for p in (lazyfs.cache_dir / "data").rglob("*") if p.is_file())
+    assert 0 < on_disk <= cap
+    listed = lazyfs.run("cache", "stats")
+    assert listed.returncode == 0 and "evictions" in listed.stdout
+
+
+def test_two_images_sharing_a_layer_store_it_once(
+    lazyfs: Lazyfs, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with running_registry(tmp_path_factory.mktemp("registry")) as registry:
+        first = publish(tmp_path / "one", registry.host, repository="test/one")
+        second = publish(tmp_path / "two", registry.host, repository="test/two",
+                         layers=[base_layer(), change_layer("-two")])
+        mountpoints = [tmp_path / "m1", tmp_path / "m2"]
+        layer_stats = []
+        for image, path in zip((first, second), mountpoints, strict=True):
+            path.mkdir()
+            lazyfs.mountpoints.append(path)
+            result = lazyfs.run("mount", image.converted, str(path), "--insecure-registry")
+            assert result.returncode == 0, result.stderr
+            record = lazyfs.record(path)
+            assert record is not None
+            lazyfs.pids.append(record["pid"])
+            scan_directory(path)
+            for name in ("bin/busybox", "etc/passwd"):
+                (path / name).read_bytes()
+            layer_stats.append(mount_stats(lazyfs, path)["layers"])
+            umount(lazyfs, path)
+    shared = set(layer_stats[0]) & set(layer_stats[1])
+    assert len(shared) == 1  # the base layer, by digest
+    (base,) = shared
+    assert layer_stats[0][base]["chunks_fetched"] >= 1
+    assert layer_stats[1][base]["chunks_fetched"] == 0
+    assert layer_stats[1][base]["chunks_from_disk"] == layer_stats[0][base]["chunks_fetched"]
+    listed = lazyfs.run("cache", "ls")
+    assert listed.returncode == 0, listed.stderr
+    rows = listed.stdout.splitlines()[1:]
+    assert len(rows) == 3  # the base layer once, and each image's own
+    assert sum(base in row for row in rows) == 1
+    cleanup(mountpoints=mountpoints)
