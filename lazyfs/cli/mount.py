@@ -22,6 +22,7 @@ from lazyfs.cli._images import (
     tuning_of,
     writable_upper,
 )
+from lazyfs.cli._prefetch import add_prefetch_arguments, prefetch_options_of
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fuse.phases import process_started_monotonic
 from lazyfs.image.open import LayerSource
@@ -107,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mount.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
+    add_prefetch_arguments(mount)
     add_disk_cache_arguments(mount)
     add_registry_arguments(mount)
     mount.set_defaults(func=cmd_mount)
@@ -141,7 +143,8 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
-    return MountOptions(cache_size, tuning, trace, disk_cache_of(args))
+    return MountOptions(cache_size, tuning, trace, disk_cache=disk_cache_of(args),
+                        prefetch=prefetch_options_of(args))
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:

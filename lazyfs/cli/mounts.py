@@ -88,6 +88,7 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
             f"  fetch latency             p50 {_ms(fetch.get('p50_ms'))}, "
             f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
         ]
+        lines += _background_lines(layer.get("background"))
     return "\n".join(lines)
 
 
@@ -111,6 +112,23 @@ def _phase_lines(phases: dict[str, Any] | None) -> list[str]:
         if phases.get(key) is not None:
             lines.append(f"  {label:<26}{_s(phases[key])}")
     return lines
+
+
+def _background_lines(background: dict[str, Any] | None) -> list[str]:
+    """Prefetch list and fill progress of a layer; nothing when neither ran."""
+    if not background or background.get("state", "idle") == "idle":
+        return []
+    return [
+        f"  background                {background.get('state')}",
+        f"    prefetched              {background.get('prefetched_chunks', 0)} of "
+        f"{background.get('listed_chunks', 0)} listed chunks, "
+        f"{human_size(background.get('prefetch_bytes', 0))} in "
+        f"{background.get('prefetch_requests', 0)} requests",
+        f"    filled                  {background.get('filled_chunks', 0)} chunks, "
+        f"{human_size(background.get('fill_bytes', 0))} in "
+        f"{background.get('fill_requests', 0)} requests",
+        f"    skipped (had them)      {background.get('skipped_chunks', 0)} chunks",
+    ]
 
 
 def _cache_lines(cache: dict[str, Any] | None) -> list[str]:

@@ -25,7 +25,9 @@ last bytes with holes); `read` waits only for `publish`, `complete` or `fail`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,11 +44,16 @@ from lazyfs.format.verity_tree import verify_data_blocks
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.hash_blocks import Coverage, HashBlockStore, data_blocks
 
+log = logging.getLogger(__name__)
+
 # Bytes of a run received ahead of its processing at most: then the transfer waits.
 MAX_INBOX_BYTES = 4 * 1024 * 1024
 # The most one worker-thread call takes: what came meanwhile is published in pieces this size,
 # so a read waits for the piece that holds its blocks, not for all that had arrived.
 MAX_PIECE_BYTES = 256 * 1024
+# Chunks kept by their layer alone because some of their blocks cannot be verified (a bad hash
+# block): reads of their other blocks are served from them without fetching the frame again.
+MAX_PARTIAL_CHUNKS = 8
 
 
 class FrameStream:
@@ -106,6 +113,56 @@ class FrameStream:
     def _wake(self) -> None:
         event, self._progress = self._progress, trio.Event()
         event.set()
+
+
+class LayerStreams:
+    """A layer's frames streaming in, and its partial chunks kept, by chunk index."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+        self._streams: dict[int, FrameStream] = {}
+        self._partial: deque[FrameStream] = deque()
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._streams
+
+    def get(self, index: int) -> FrameStream | None:
+        return self._streams.get(index)
+
+    def open(self, run: list[int]) -> dict[int, FrameStream]:
+        """New streams for the chunks of `run` (their cache keys claimed by the caller)."""
+        streams = {index: FrameStream(index) for index in run}
+        self._streams.update(streams)
+        return streams
+
+    def of(self, run: list[int]) -> dict[int, FrameStream]:
+        """The streams `open` made for the chunks of `run`."""
+        return {index: self._streams[index] for index in run}
+
+    def keep_partial(self, stream: FrameStream) -> None:
+        """Keep a completed chunk with holes (the oldest beyond MAX_PARTIAL_CHUNKS go)."""
+        log.error("layer %s: chunk %d: %d bytes cannot be verified, the rest is served: %s",
+                  self.layer, stream.index, sum(end - start for start, end, _ in stream.holes),
+                  stream.holes[0][2])
+        self._partial.append(stream)
+        if len(self._partial) > MAX_PARTIAL_CHUNKS:
+            self.forget(self._partial.popleft())
+
+    def finish(self, stream: FrameStream, data: bytes) -> None:
+        """Complete `stream` with the whole chunk `data` (from the disk cache) and drop it."""
+        stream.publish(data)
+        stream.complete()
+        self.forget(stream)
+
+    def partial_indices(self) -> list[int]:
+        return sorted(stream.index for stream in self._partial)
+
+    def forget(self, stream: FrameStream) -> None:
+        """Drop `stream` (if it is still the one of its chunk)."""
+        if self._streams.get(stream.index) is stream:
+            del self._streams[stream.index]
+        if stream in self._partial:
+            self._partial.remove(stream)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from lazyfs.format.descriptor import (
 )
 from lazyfs.format.descriptor import DESCRIPTOR_SUFFIX as DESCRIPTOR_SUFFIX  # re-exported
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.prefetch_list import LayerPrefetch
 from lazyfs.image import disk_tier
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.keys import layer_key
@@ -54,7 +55,8 @@ MAX_DESCRIPTOR_BYTES = 1024 * 1024
 class LayerSource:
     """One layer as the user named it. `reader_options` reach the blob and a descriptor
     beside it; their `expected_size` is the blob size a manifest promises (a descriptor
-    found for the blob promises its own)."""
+    found for the blob promises its own). `prefetch` is the prefetch list an image carries
+    for the layer (checked against the layer's chunk digest before use)."""
 
     blob: str
     descriptor: str | None = None
@@ -65,6 +67,7 @@ class LayerSource:
     insecure: bool = False
     name: str | None = None
     reader_options: ReaderOptions = field(default_factory=ReaderOptions)
+    prefetch: LayerPrefetch | None = None
 
     @property
     def has_overrides(self) -> bool:

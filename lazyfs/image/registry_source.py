@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform as host
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,12 @@ from lazyfs.format.oci import (
     parse_manifest_or_index,
 )
 from lazyfs.format.platform import Platform
+from lazyfs.format.prefetch_list import (
+    ANNOTATION_PREFETCH,
+    LayerPrefetch,
+    PrefetchListError,
+    parse_prefetch_annotation,
+)
 from lazyfs.format.reference import ImageReference, parse_reference
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import LayerSource
@@ -74,13 +81,15 @@ class UnconvertedLayerError(LayerOpenError):
 
 @dataclass(frozen=True)
 class ImageLayer:
-    """One layer as the manifest lists it; `name` is what the mount calls it."""
+    """One layer as the manifest lists it; `name` is what the mount calls it, `prefetch`
+    the prefetch list the descriptor carries (annotation `dev.lazyfs.prefetch`)."""
 
     name: str
     digest: str
     size: int
     media_type: str
     annotations: SeekableAnnotations
+    prefetch: LayerPrefetch | None = None
 
 
 @dataclass(frozen=True)
@@ -199,10 +208,24 @@ async def resolve_image(
                 descriptor.size,
                 descriptor.media_type,
                 annotations,
+                _carried_prefetch(descriptor.annotations, where),
             )
         )
     shown = config_platform or (str(platform.normalized()) if index_digest else "unknown")
     return ResolvedImage(reference, digest, shown, tuple(layers), config, index_digest)
+
+
+def _carried_prefetch(annotations: Mapping[str, str], where: str) -> LayerPrefetch | None:
+    """The layer's prefetch list annotation; a malformed one is only a lost hint: warned
+    about and ignored, the layer mounts as usual."""
+    value = annotations.get(ANNOTATION_PREFETCH)
+    if value is None:
+        return None
+    try:
+        return parse_prefetch_annotation(value, where)
+    except PrefetchListError as exc:
+        log.warning("%s; no prefetch for this layer", exc)
+        return None
 
 
 def _parse_config(data: bytes, where: str) -> tuple[ImageConfig, str | None]:
@@ -275,6 +298,7 @@ async def layer_sources(
                 reader_options=ReaderOptions(
                     auth=auth, read_timeout_s=options.timeout_s, expected_size=layer.size
                 ),
+                prefetch=layer.prefetch,
             )
         )
     return sources

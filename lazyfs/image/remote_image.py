@@ -8,7 +8,8 @@ against its SHA-512 whole, then decoded to its exact size. Only then do bytes re
 and the caller. Loads run in the mount's nursery, so a read that is interrupted does not
 abandon a fetch other readers wait on, and unmount cancels them all. With a disk cache
 (`disk_tier.LayerDisk`), a load looks there first: a frame read back is checked again
-(`disk_tier.check_frame`), and a verified fetched frame is written back.
+(`WholeFrameLoader.from_disk`), and a verified fetched frame is written back. Background
+loads (`prefetch.py`) claim chunks in the same cache and streams: no chunk is fetched twice.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import trio
@@ -25,23 +25,28 @@ import trio
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, StreamingReader
 from lazyfs.fetch.errors import FetchError
-from lazyfs.format.errors import FormatError
 from lazyfs.format.layout import BlobMetadata
-from lazyfs.image.disk_tier import LayerDisk, check_frame
+from lazyfs.image.demand import DemandGate
+from lazyfs.image.disk_tier import LayerDisk
 from lazyfs.image.errors import ImageReadError, LayerOpenError
-from lazyfs.image.frame_stream import FrameDone, FrameStream, RunStreamer, StoppedEarly
+from lazyfs.image.frame_stream import (
+    FrameDone,
+    FrameStream,
+    LayerStreams,
+    RunStreamer,
+    StoppedEarly,
+)
 from lazyfs.image.hash_blocks import HashBlockStore, chunk_hash_blocks
 from lazyfs.image.keys import content_key
-from lazyfs.image.stats import ImageStats, TraceWriter
+from lazyfs.image.readahead import SequentialReads
+from lazyfs.image.stats import BackgroundStats, ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.image.whole_frames import WholeFrameLoader
 
 log = logging.getLogger(__name__)
 
-READAHEAD_TRIGGER_BYTES = 1024 * 1024
-# Chunks kept by their layer alone because some of their blocks cannot be verified (a bad hash
-# block): reads of their other blocks are served from them without fetching the frame again.
-MAX_PARTIAL_CHUNKS = 8
+# Loads that reads wait for: background loads (lazyfs/image/prefetch.py) yield to them.
+ON_DEMAND = ("read", "warm")
 
 
 class RemoteImage:
@@ -73,21 +78,17 @@ class RemoteImage:
         self._bad_chunks: dict[int, str] = {}
         self._failing_until = 0.0
         self._last_fetch_error = ""
-        # Readahead starts once this many bytes were read back to back: a file streamed
-        # in order, not two small files that happen to share a chunk.
-        self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
-        self._last_read_end = -1
-        self._sequential_bytes = 0
+        table = metadata.table
+        self._sequential = SequentialReads(table.chunk_size, table.chunk_count)
         self._content_key: Hashable = content_key(metadata, reader.source)
-        self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
+        self.stats = ImageStats(chunk_count=table.chunk_count)
         # The dm-verity tree's verified hash blocks, fetched as reads need them.
         self.hash_blocks = (
             HashBlockStore(reader, metadata, self.stats, self._cpu_limiter)
             if metadata.verity is not None and metadata.root is not None else None
         )
-        # Frames streaming in (partial frames), and partial chunks kept: chunk index -> stream.
-        self._streams: dict[int, FrameStream] = {}
-        self._partial: deque[FrameStream] = deque()
+        # Frames streaming in (partial frames), and partial chunks kept, by chunk index.
+        self._streams = LayerStreams(name)
         self._streamer = (
             RunStreamer(reader, metadata, self.hash_blocks, self._cpu_limiter,
                         tuning.stream_piece_bytes, tuning.finish_frames,
@@ -96,7 +97,11 @@ class RemoteImage:
             and isinstance(reader, StreamingReader) else None
         )
         self._whole = WholeFrameLoader(reader, metadata, self.hash_blocks, self._cpu_limiter)
-        table = metadata.table
+        # Background loads wait while `demand` counts fetches that reads wait for; `on_read`
+        # (a recorder's) sees the chunks of every read.
+        self.demand = DemandGate()
+        self.background = BackgroundStats()
+        self.on_read: Callable[[range], None] | None = None
         geometry = metadata.verity
         if geometry is not None and table.chunk_size % geometry.superblock.data_block_size:
             raise LayerOpenError(
@@ -118,6 +123,8 @@ class RemoteImage:
         indices = table.chunks_for_range(offset, size)
         if not indices:
             return b""
+        if self.on_read is not None:
+            self.on_read(indices)
         found = self._claim(indices, "read")
         end = min(offset + size, self.size)
         # Copy only the requested bytes of each chunk, not whole chunks.
@@ -157,12 +164,46 @@ class RemoteImage:
             "verify_failures": self.stats.verify_failures,
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
             "bad_chunks": sorted(self._bad_chunks),
-            "partial_chunks": sorted(stream.index for stream in self._partial),
+            "partial_chunks": self._streams.partial_indices(),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
+            "background": self.background.snapshot(),
         }
 
     async def aclose(self) -> None:
         await self.reader.aclose()
+
+    # -- background loads (lazyfs/image/prefetch.py) -------------------------------------------
+
+    def needs_fetch(self, index: int) -> bool:
+        """Whether chunk `index` is neither cached, loading, streaming, known bad, nor failing
+        to fetch."""
+        key = self._key(index)
+        return not (index in self._bad_chunks or index in self._streams or key in self.cache
+                    or self.cache.is_loading(key) or trio.current_time() < self._failing_until)
+
+    def has_chunk(self, index: int) -> bool:
+        """Whether chunk `index` is in the memory cache."""
+        return self._key(index) in self.cache
+
+    def claim_for_background(self, run: list[int]) -> list[int]:
+        """Claim the chunks of `run` (adjacent) from the first that needs a fetch to the next
+        that does not (their streams opened: reads meanwhile wait on them, not on a second
+        request); the caller must `load_claimed` them."""
+        claimed: list[int] = []
+        for index in run:
+            if self.needs_fetch(index) and self.cache.claim(self._key(index)):
+                claimed.append(index)
+            elif claimed:
+                break
+        if self._streamer is not None:
+            self._streams.open(claimed)
+        return claimed
+
+    async def load_claimed(self, run: list[int], reason: str,
+                           limiter: trio.CapacityLimiter) -> None:
+        """Load chunks claimed by `claim_for_background`, under the caller's `limiter`."""
+        streams = self._streams.of(run) if self._streamer is not None else None
+        await self._load_run(run, reason, streams, limiter)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -195,11 +236,10 @@ class RemoteImage:
         return found
 
     def _start_loads(self, claimed: list[int], reason: str) -> None:
-        for run in self._runs(claimed):
-            streams = None
-            if self._streamer is not None:
-                streams = {index: FrameStream(index) for index in run}
-                self._streams.update(streams)
+        for run in self.metadata.frame_runs(claimed, self.tuning.coalesce_bytes):
+            streams = self._streams.open(run) if self._streamer is not None else None
+            if reason in ON_DEMAND:
+                self.demand.begin()  # now, not when the task starts: background loads yield
             self._nursery.start_soon(self._load_run, run, reason, streams)
 
     async def _piece(self, index: int, start: int, stop: int, data: bytes | None) -> bytes:
@@ -214,40 +254,17 @@ class RemoteImage:
         return memoryview(data)[start:stop].tobytes()
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
-        end = min(offset + size, self.size)
-        if offset == self._last_read_end:
-            self._sequential_bytes += end - offset
-        else:
-            self._sequential_bytes = end - offset
-        self._last_read_end = end
-        readahead = self.tuning.readahead_chunks
-        if self._sequential_bytes < self._readahead_trigger_bytes or not readahead:
-            return
-        last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
-        claimed = [
-            index for index in range(indices[-1] + 1, last + 1)
-            if index not in self._bad_chunks and index not in self._streams
-            and self.cache.claim(self._key(index))
-        ]
+        table = self.metadata.table
+        ahead = self._sequential.ahead(offset, min(offset + size, self.size), indices,
+                                       self.tuning.readahead_for(table.chunk_size))
+        claimed = [index for index in ahead if index not in self._bad_chunks
+                   and index not in self._streams and self.cache.claim(self._key(index))]
         self.stats.readahead_chunks += len(claimed)
         self._start_loads(claimed, "readahead")
 
-    def _runs(self, indices: list[int]) -> list[list[int]]:
-        """Group chunk indices into runs of adjacent frames, each at most the coalesce cap."""
-        runs: list[list[int]] = []
-        run_start = 0
-        for index in indices:
-            start, end = self.metadata.frame_range(index)
-            cap = self.tuning.coalesce_bytes
-            if runs and runs[-1][-1] + 1 == index and end - run_start <= cap:
-                runs[-1].append(index)
-            else:
-                runs.append([index])
-                run_start = start
-        return runs
-
     async def _load_run(self, run: list[int], reason: str,
-                        streams: dict[int, FrameStream] | None = None) -> None:
+                        streams: dict[int, FrameStream] | None = None,
+                        limiter: trio.CapacityLimiter | None = None) -> None:
         """Load adjacent chunks: from the disk cache, else fetched, verified and decoded (as
         partial frames into `streams`, else whole); complete or fail every claimed key, and
         every stream of the run."""
@@ -268,8 +285,8 @@ class RemoteImage:
                 self._fail_run(run, problem)
                 unresolved.clear()
                 return
-            async with self._fetch_limiter:
-                for part in self._runs(run):
+            async with limiter or self._fetch_limiter:
+                for part in self.metadata.frame_runs(run, self.tuning.coalesce_bytes):
                     began = time.monotonic()
                     try:
                         if streams is not None:
@@ -286,6 +303,8 @@ class RemoteImage:
                     self.stats.fetch_latency.add(time.monotonic() - began)
                     self.stats.chunk_fetches += 1
         finally:
+            if reason in ON_DEMAND:
+                self.demand.end()
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
             # Only keys this run still holds: one it completed may be claimed anew by now.
             for index in sorted(unresolved):
@@ -293,7 +312,7 @@ class RemoteImage:
                 self.cache.fail(self._key(index), error)
                 if streams is not None:
                     streams[index].fail(error)
-                    self._forget(streams[index])
+                    self._streams.forget(streams[index])
 
     async def _load_from_disk(self, run: list[int], unresolved: set[int],
                               streams: dict[int, FrameStream] | None) -> list[int]:
@@ -304,32 +323,17 @@ class RemoteImage:
         rest: list[int] = []
 
         async def load(index: int) -> None:
-            needed = chunk_hash_blocks(self.metadata, index)
-            known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
-            found = await disk.load(index, known, needed, self._cpu_limiter)
+            found = await self._whole.from_disk(disk, index)
             if found is None:
                 rest.append(index)
                 return
-            frame, blocks = found
-            try:
-                data = await trio.to_thread.run_sync(
-                    check_frame, self.metadata, blocks, index, frame,
-                    self.metadata.frame_range(index)[0], limiter=self._cpu_limiter,
-                )
-            except FormatError as exc:
-                await disk.forget(index, str(exc))
-                rest.append(index)
-                return
-            if self.hash_blocks is not None:
-                self.hash_blocks.adopt(blocks)
+            data, frame_bytes = found
             self.stats.chunks_from_disk += 1
             self.cache.complete(self._key(index), data)
             unresolved.discard(index)
             if streams is not None:  # its readers wait on the stream
-                streams[index].publish(data)
-                streams[index].complete()
-                self._forget(streams[index])
-            self._record(chunk=index, event="disk", bytes=len(frame))
+                self._streams.finish(streams[index], data)
+            self._record(chunk=index, event="disk", bytes=frame_bytes)
 
         async with trio.open_nursery() as nursery:  # the chunks of a run side by side
             for index in run:
@@ -344,7 +348,7 @@ class RemoteImage:
         stream = streams[index] if streams is not None else None
         if done.reason is not None:
             if stream is not None:
-                self._forget(stream)
+                self._streams.forget(stream)
             self._mark_bad([index], done.reason)
             return
         self.stats.chunks_fetched.add(index)
@@ -355,7 +359,7 @@ class RemoteImage:
             assert data is not None
             self.cache.complete(self._key(index), data)
             if stream is not None:
-                self._forget(stream)
+                self._streams.forget(stream)
             if self.disk is not None and done.frame is not None:
                 needed = chunk_hash_blocks(self.metadata, index)
                 known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
@@ -363,20 +367,8 @@ class RemoteImage:
             return
         stream.complete()
         self.stats.verify_failures += 1
-        log.error("layer %s: chunk %d: %d bytes cannot be verified, the rest is served: %s",
-                  self.name, index, sum(end - start for start, end, _ in stream.holes),
-                  stream.holes[0][2])
         self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: partly bad"))
-        self._partial.append(stream)
-        if len(self._partial) > MAX_PARTIAL_CHUNKS:
-            self._forget(self._partial.popleft())
-
-    def _forget(self, stream: FrameStream) -> None:
-        """Drop `stream` from the layer's streams (if it is still the one of its chunk)."""
-        if self._streams.get(stream.index) is stream:
-            del self._streams[stream.index]
-        if stream in self._partial:
-            self._partial.remove(stream)
+        self._streams.keep_partial(stream)
 
     def _fetch_failed(self, run: list[int], message: str) -> None:
         """The one line for a failed fetch (the reader raises, it does not log): the message
@@ -408,7 +400,7 @@ class RemoteImage:
             stream = self._streams.get(index)
             if stream is not None and not stream.done:
                 stream.fail(error)
-                self._forget(stream)
+                self._streams.forget(stream)
 
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:

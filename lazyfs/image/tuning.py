@@ -9,11 +9,13 @@ from dataclasses import dataclass
 class ImageTuning:
     """The knobs of RemoteImage, and the one place for their defaults.
 
-    `readahead_chunks` chunks past a sequential read are loaded in the background (0: none);
-    adjacent missing chunks are fetched in one request of at most `coalesce_bytes`; at most
-    `parallel_fetches` requests of one layer are in flight. After a fetch fails (retries
-    exhausted), further fetches fail at once for `failure_holdoff_s`, so a dead server costs
-    one retry cycle rather than one per chunk a directory walk touches.
+    After a sequential read, the chunks within `readahead_bytes` past it are loaded in the
+    background (a distance in bytes, so that smaller chunks do not shrink it), or exactly
+    `readahead_chunks` chunks when that is set (0: none). Adjacent missing chunks are fetched
+    in one request of at most `coalesce_bytes`; at most `parallel_fetches` requests of one
+    layer are in flight. After a fetch fails (retries exhausted), further fetches fail at
+    once for `failure_holdoff_s`, so a dead server costs one retry cycle rather than one per
+    chunk a directory walk touches.
 
     `verity_window_bytes` of the dm-verity tree, its top levels, come with the chunk table
     in the one request that opens a layer; the other hash blocks are fetched when reads need
@@ -23,7 +25,8 @@ class ImageTuning:
     (off: the transfer stops when nobody waits; for measurements).
     """
 
-    readahead_chunks: int = 2
+    readahead_chunks: int | None = None
+    readahead_bytes: int = 8 * 1024 * 1024
     coalesce_bytes: int = 16 * 1024 * 1024
     parallel_fetches: int = 4
     failure_holdoff_s: float = 2.0
@@ -33,11 +36,18 @@ class ImageTuning:
     finish_frames: bool = True
 
     def __post_init__(self) -> None:
-        if (self.readahead_chunks < 0 or self.coalesce_bytes < 1 or self.parallel_fetches < 1
-                or self.failure_holdoff_s < 0 or self.verity_window_bytes < 0
-                or self.stream_piece_bytes < 1):
+        if ((self.readahead_chunks is not None and self.readahead_chunks < 0)
+                or self.readahead_bytes < 0 or self.coalesce_bytes < 1
+                or self.parallel_fetches < 1 or self.failure_holdoff_s < 0
+                or self.verity_window_bytes < 0 or self.stream_piece_bytes < 1):
             raise ValueError(
-                "image tuning: need readahead_chunks >= 0, coalesce_bytes >= 1, "
-                "parallel_fetches >= 1, failure_holdoff_s >= 0, verity_window_bytes >= 0 and "
-                "stream_piece_bytes >= 1"
+                "image tuning: need readahead_chunks and readahead_bytes >= 0, "
+                "coalesce_bytes >= 1, parallel_fetches >= 1, failure_holdoff_s >= 0, "
+                "verity_window_bytes >= 0 and stream_piece_bytes >= 1"
             )
+
+    def readahead_for(self, chunk_size: int) -> int:
+        """How many chunks to read ahead in a layer of `chunk_size` chunks."""
+        if self.readahead_chunks is not None:
+            return self.readahead_chunks
+        return -(-self.readahead_bytes // chunk_size)

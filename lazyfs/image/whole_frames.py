@@ -2,7 +2,8 @@
 SHA-512 before it is decoded, decoded to its exact size and, with dm-verity, every data block
 checked against the tree; only then handed on, whole. The read path of layers without
 dm-verity (a frame's SHA-512 is then all that authenticates it, so nothing of a frame can be
-used before all of it has come), and of every layer with `ImageTuning.partial_frames` off.
+used before all of it has come), and of every layer with `ImageTuning.partial_frames` off;
+and of frames read back from the disk cache, checked again as if they had been fetched.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from lazyfs.format.errors import FormatError
 from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.verity_tree import verify_data_blocks
+from lazyfs.image.disk_tier import LayerDisk, check_frame
 from lazyfs.image.frame_stream import FrameDone
-from lazyfs.image.hash_blocks import Coverage, HashBlockStore, data_blocks
+from lazyfs.image.hash_blocks import Coverage, HashBlockStore, chunk_hash_blocks, data_blocks
 
 
 @dataclass
@@ -82,6 +84,28 @@ class WholeFrameLoader:
                 continue
             on_done(FrameDone(index, frame_bytes=len(frame), latency_s=latency_s, data=data,
                               frame=frame))
+
+    async def from_disk(self, disk: LayerDisk, index: int) -> tuple[bytes, int] | None:
+        """Chunk `index` from the disk cache, its frame and hash blocks checked again: its
+        bytes and the frame's size; None when the cache lacks it or its copy fails a check
+        (then dropped, to be fetched)."""
+        needed = chunk_hash_blocks(self.metadata, index)
+        known = self.hash_blocks.known(needed) if self.hash_blocks is not None else {}
+        found = await disk.load(index, known, needed, self.cpu_limiter)
+        if found is None:
+            return None
+        frame, blocks = found
+        try:
+            data = await trio.to_thread.run_sync(
+                check_frame, self.metadata, blocks, index, frame,
+                self.metadata.frame_range(index)[0], limiter=self.cpu_limiter,
+            )
+        except FormatError as exc:
+            await disk.forget(index, str(exc))
+            return None
+        if self.hash_blocks is not None:
+            self.hash_blocks.adopt(blocks)
+        return data, len(frame)
 
 
 def _verify_and_decode(metadata: BlobMetadata, tree_blocks: Mapping[int, bytes],

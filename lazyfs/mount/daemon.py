@@ -31,6 +31,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.exception_groups import sole_error
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
 from lazyfs.image.open import LayerSource, open_layer
+from lazyfs.image.prefetch import AccessRecorder, BackgroundLoader, PrefetchOptions, plan_lists
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -101,6 +102,7 @@ class DaemonConfig:
     tuning: ImageTuning = field(default_factory=ImageTuning)
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
     trace_file: str | None = None
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
     log_file: str | None = None
     temp_dir: str | None = None
     allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
@@ -149,6 +151,7 @@ class Daemon:
         self._fuse_done = trio.Event()
         self._stopping = False
         self._created_fuse_dir = False
+        self._recorder: AccessRecorder | None = None
 
     def run(self, on_ready: Callable[[], None]) -> None:
         trio.run(self._main, on_ready)
@@ -180,6 +183,7 @@ class Daemon:
                     await self._teardown()
                 if trace is not None:
                     trace.close()
+                self._write_record()
         if not self.record.ready:
             raise DaemonStartError("stopped by a signal before the mount was ready")
         log.info("%s: unmounted", self.record.mountpoint)
@@ -193,6 +197,7 @@ class Daemon:
                      self.disk.store.capacity_bytes)
         await self._open_layers(nursery, trace)
         self.stats.phases.mark("metadata")
+        self._start_background(nursery)
         ops = LayerOperations(self.images, self.stats, cache=self.cache, disk=self.disk)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -277,6 +282,32 @@ class Daemon:
         except BaseExceptionGroup as group:
             raise sole_error(group) from None
         self.images = [opened[index] for index in range(len(config.sources))]
+
+    def _start_background(self, nursery: trio.Nursery) -> None:
+        """Hook up the access recorder, and start the prefetch lists and the fill (in the
+        daemon's nursery: unmount cancels them). Raises PrefetchListError for a list the
+        user gave that fits none of the layers."""
+        options = self.config.prefetch
+        if options.record_file is not None:
+            self._recorder = AccessRecorder()
+            for image in self.images:
+                image.on_read = self._recorder.hook(image)
+        carried = [source.prefetch for source in self.config.sources]
+        loader = BackgroundLoader(self.images, plan_lists(self.images, carried, options),
+                                  options)
+        if loader.has_work:
+            nursery.start_soon(loader.run)
+
+    def _write_record(self) -> None:
+        path = self.config.prefetch.record_file
+        if self._recorder is None or path is None:
+            return
+        try:
+            self._recorder.write(path)
+        except OSError as exc:
+            log.error("cannot write the prefetch list %s: %s", path, exc.strerror)
+            return
+        log.info("prefetch list written to %s", path)
 
     def _loop_attached(self, device: str) -> None:
         self.record.loop_devices.append(device)

@@ -24,6 +24,7 @@ from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
+from lazyfs.image.prefetch import PrefetchOptions
 from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.mount import kernel, stack
@@ -60,12 +61,14 @@ class StatsError(LazyfsError):
 class MountOptions:
     """How a daemon serves its layers: the decoded chunk cache (bytes), how each layer reads
     (readahead, coalescing, parallel fetches), a file to append a JSON line per chunk
-    access, and the disk cache shared with other daemons (None: none)."""
+    access, the disk cache shared with other daemons (None: none), and what it fetches in the
+    background or records for later (prefetch lists)."""
 
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -115,6 +118,7 @@ def layer_config(
         tuning=options.tuning,
         disk_cache=options.disk_cache,
         trace_file=options.trace_file,
+        prefetch=options.prefetch,
     )
 
 
@@ -146,6 +150,7 @@ def image_config(
         tuning=options.tuning,
         disk_cache=options.disk_cache,
         trace_file=options.trace_file,
+        prefetch=options.prefetch,
         temp_dir=temp_dir,
     )
 

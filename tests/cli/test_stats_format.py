@@ -52,6 +52,24 @@ def test_start_up_phases_are_shown_in_order_when_present() -> None:
     assert "start-up phases" not in format_stats(STATS, "/mnt/x")
 
 
+def test_background_loads_are_shown_once_they_ran() -> None:
+    layer = STATS["layers"]["layer.blob"]
+    assert "background" not in format_stats(STATS, "/mnt/x")
+    idle = {**STATS, "layers": {"layer.blob": {**layer, "background": {"state": "idle"}}}}
+    assert "background" not in format_stats(idle, "/mnt/x")
+    background = {"state": "filling", "listed_chunks": 9, "prefetched_chunks": 7,
+                  "prefetch_requests": 3, "prefetch_bytes": 3 << 20, "filled_chunks": 4,
+                  "fill_requests": 4, "fill_bytes": 1 << 20, "skipped_chunks": 2}
+    running = {**STATS, "layers": {"layer.blob": {**layer, "background": background}}}
+    lines = format_stats(running, "/mnt/x").splitlines()
+    start = lines.index("  background                filling")
+    assert lines[start + 1:start + 4] == [
+        "    prefetched              7 of 9 listed chunks, 3.0 MiB in 3 requests",
+        "    filled                  4 chunks, 1.0 MiB in 4 requests",
+        "    skipped (had them)      2 chunks",
+    ]
+
+
 def test_disk_cache_section_shows_hits_misses_evictions_and_bytes() -> None:
     stats = {**STATS, "disk_cache": {"directory": "/var/cache/lazyfs", "capacity_bytes": 1 << 30,
                                      "hits": 5, "misses": 3, "bytes_read": 2 << 20,

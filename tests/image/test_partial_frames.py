@@ -20,6 +20,7 @@ from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.open import LayerSource
+from lazyfs.image.prefetch import BackgroundLoader, PrefetchOptions
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning
 from tests.image.helpers import make_image_bytes, run_with_layer, write_blob
@@ -100,6 +101,63 @@ def test_readers_of_a_frame_in_flight_share_its_request(tmp_path: Path) -> None:
                 (BLOB, start, start + size - 1)]
 
         run_with_layer(LayerSource(server.url + "layer.blob"), body, tuning=NO_READAHEAD)
+
+
+def frame_requests(server: StallingServer, image: RemoteImage, index: int) -> int:
+    """How many requests asked for bytes of chunk `index`'s frame."""
+    start, size = frame_of(image, index)
+    return sum(1 for path, first, last in server.requests
+               if path == BLOB and first < start + size and start <= last)
+
+
+def test_a_read_is_answered_from_a_prefetch_in_flight_without_a_second_request(
+    tmp_path: Path
+) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    with StallingServer(tmp_path) as server:
+
+        async def body(image: RemoteImage) -> None:
+            start, size = frame_of(image, 1)
+            gate = server.stall(BLOB, start, size // 2)
+            loader = BackgroundLoader([image], [(1,)], PrefetchOptions(request_bytes=size))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(loader.run)
+                assert await trio.to_thread.run_sync(server.wait_stalled)
+                with trio.fail_after(10):  # from the prefetch's stream, before it ends
+                    assert await image.read(CHUNK + 5000, 4096) == NOISE[5000:9096]
+                assert not image.needs_fetch(1) and image.claim_for_background([1]) == []
+                tail = await read_in_background(image, 2 * CHUNK - 4096, 4096, nursery)
+                await trio.sleep(0.3)
+                assert not tail
+                gate.set()
+            assert tail == {"data": NOISE[-4096:]}
+            assert frame_requests(server, image, 1) == 1
+            assert image.background.prefetched_chunks == 1
+            assert await image.read(CHUNK, CHUNK) == NOISE
+
+        run_with_layer(LayerSource(server.url + "layer.blob"), body, tuning=NO_READAHEAD)
+
+
+def test_a_prefetch_skips_a_chunk_streaming_for_readahead(tmp_path: Path) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    with StallingServer(tmp_path) as server:
+
+        async def body(image: RemoteImage) -> None:
+            start, size = frame_of(image, 1)
+            gate = server.stall(BLOB, start, size // 2)
+            assert await image.read(0, CHUNK) == IMAGE[:CHUNK]  # streams: readahead of 1
+            assert await trio.to_thread.run_sync(server.wait_stalled)
+            with trio.fail_after(10):
+                await BackgroundLoader([image], [(1, 2)], PrefetchOptions()).run()
+            assert image.background.skipped_chunks == 1
+            assert image.background.prefetched_chunks == 1  # chunk 2
+            gate.set()
+            with trio.fail_after(10):
+                assert await image.read(CHUNK, CHUNK) == NOISE
+            assert frame_requests(server, image, 1) == 1
+
+        run_with_layer(LayerSource(server.url + "layer.blob"), body,
+                       tuning=ImageTuning(readahead_chunks=1))
 
 
 @pytest.mark.parametrize("table", [False, True], ids=["frame-hash", "verity-alone"])
