@@ -42,15 +42,24 @@ from lazyfs.exception_groups import first_error
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format import oci
-from lazyfs.format.descriptor import Descriptor, SeekableAnnotations
+from lazyfs.format.descriptor import ANNOTATION_CHUNK_DIGEST, Descriptor, SeekableAnnotations
 from lazyfs.format.platform import Platform
+from lazyfs.format.prefetch_list import (
+    ANNOTATION_PREFETCH,
+    PrefetchList,
+    PrefetchListError,
+    serialize_prefetch_annotation,
+)
 from lazyfs.format.reference import ImageReference, parse_reference
 
 Progress = Callable[[str], None]
 """Called with one line of progress for humans (per layer: phases, then the outcome)."""
 
 EROFS_FEATURE = "erofs"
-_SEEKABLE_KEYS = frozenset(SeekableAnnotations(0, "", 0, "").to_annotations())
+# Annotations of a source layer that a new encoding makes wrong: a prefetch list names the
+# chunk table it was recorded from.
+_SEEKABLE_KEYS = frozenset(
+    {*SeekableAnnotations(0, "", 0, "").to_annotations(), ANNOTATION_PREFETCH})
 _PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding"}
 
 
@@ -115,14 +124,17 @@ async def convert_image(
     dest_tag: str | None = None,
     overwrite: bool = False,
     push_registry: RegistryOptions | None = None,
+    prefetch: PrefetchList | None = None,
+    prefetch_source: str = "prefetch list",
 ) -> ImageConvertResult:
     """Convert `source` into `dest_layout` (an OCI layout, created if needed; the image is
     named `dest_tag`, else the source's tag) and/or push it to the tag `push`.
 
     Only images for `platform` are kept when it is given; `jobs` layers are converted at once.
     An existing layout receives the image only under a name it does not have yet, unless
-    `overwrite`. Raises ConvertError (RegistryError from the fetch layer) with a one-line
-    message; on failure, nothing new is left in the layout.
+    `overwrite`. `prefetch` (read from `prefetch_source`) goes into the annotations of the
+    layers whose chunk digest it names. Raises ConvertError (RegistryError from the fetch
+    layer) with a one-line message; on failure, nothing new is left in the layout.
     """
     if dest_layout is None and push is None:
         raise ConvertError("nothing to write: give an OCI layout directory or a push reference")
@@ -155,6 +167,8 @@ async def convert_image(
                     nursery.start_soon(_layer_task, run, number, layer, outcomes)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+        if prefetch is not None:
+            _attach_prefetch(run, outcomes, prefetch, prefetch_source)
         written = [await _write_image(run, image, outcomes) for image in images]
         push_tag = push_ref.tag if push_ref else None
         if index is None:
@@ -281,6 +295,33 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     run.report(f"{name}: {action} to {new.digest[:19]} ({_mib(new.size)}) "
                f"in {time.monotonic() - started:.1f} s")
     return LayerOutcome(layer, new, action, encoded.image_digest)
+
+
+def _attach_prefetch(run: _Run, outcomes: dict[str, LayerOutcome], prefetch: PrefetchList,
+                     where: str) -> None:
+    """Annotate each converted layer that `prefetch` has an entry for (by chunk digest) with
+    it. Raises ConvertError when it fits no layer: it was recorded from another conversion."""
+    attached = 0
+    for digest, outcome in outcomes.items():
+        result = outcome.result
+        entry = prefetch.for_digest(result.annotations.get(ANNOTATION_CHUNK_DIGEST))
+        if entry is None:
+            continue
+        try:
+            value = serialize_prefetch_annotation(entry)
+        except PrefetchListError as exc:
+            raise ConvertError(f"{where}: {exc}") from None
+        annotations = {**result.annotations, ANNOTATION_PREFETCH: value}
+        outcomes[digest] = replace(outcome, result=replace(result, annotations=annotations))
+        attached += 1
+        run.report(f"layer {result.digest[:19]}: prefetch list of {len(entry.chunks)} chunks "
+                   "attached")
+    if not attached:
+        raise ConvertError(
+            f"{where}: recorded for other layers than those of the converted image (no chunk "
+            "table digest matches); record it from a mount of this conversion, or convert the "
+            "image that was recorded (its seekable layers pass through unchanged), or convert "
+            "with --reproducible both times")
 
 
 async def _has_blob(run: _Run, layer: Descriptor) -> bool:

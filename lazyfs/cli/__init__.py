@@ -1,8 +1,11 @@
 """The `lazyfs` command. Each subcommand lives in its own module of this package.
 
-A module takes part by defining `register(subparsers)`, which adds its parser and sets
-`func` to a function taking the parsed arguments and returning the exit code. A user error is
-raised as a `LazyfsError` (`UserError` here) and printed as one line without a traceback.
+A module takes part by defining `register(subparsers)`, which adds its parsers and sets
+`func` to a function taking the parsed arguments and returning the exit code, and by being
+listed in `COMMANDS`. Only the module of the command given is imported (the others get a
+parser that shows their help line), so `lazyfs --version` or `lazyfs mount` do not pay for
+importing what `lazyfs convert` needs. A user error is raised as a `LazyfsError` (`UserError`
+here) and printed as one line without a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import argparse
 import importlib
 import logging
 import os
-import pkgutil
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +25,29 @@ log = logging.getLogger("lazyfs")
 
 class UserError(LazyfsError):
     """Something the user can fix: printed as one line, exit code 2."""
+
+
+# command: (module of this package that registers it, its help line), in `--help` order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cache": ("cache", "list, measure, trim or empty the disk cache"),
+    "convert": ("convert", "convert a layer or a whole image into seekable EROFS"),
+    "inspect": ("inspect", "show the layout, chunks and dm-verity parameters of a blob"),
+    "mount": ("mount", "mount a seekable EROFS layer, or an image, fetched and verified on "
+              "demand"),
+    "mounts": ("mounts", "list active lazyfs mounts"),
+    "pull": ("pull", "make a seekable EROFS image runnable by containerd, its layers mounted "
+             "lazily"),
+    "run": ("run", "run a command in an image, mounted lazily (or pulled eagerly), and time "
+            "it"),
+    "snapshotter": ("snapshotter", "serve containerd's snapshots API: seekable EROFS layers "
+                    "mounted lazily"),
+    "snapshotter-stats": ("snapshotter", "show what the snapshotter's remote layers fetched"),
+    "stats": ("mounts", "show what a mount fetched, cached, verified"),
+    "umount": ("mounts", "unmount a lazyfs mount"),
+    "unpack": ("unpack", "decode a seekable EROFS blob into its raw EROFS image"),
+    "verify": ("verify", "check every byte of a blob (and optionally its files against the "
+               "source)"),
+}
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -46,7 +71,9 @@ class CommandParser(argparse.ArgumentParser):
             self._parsing = False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `command` of that one (the others only list
+    their help line, without importing their modules)."""
     parser = argparse.ArgumentParser(
         prog="lazyfs",
         description="Mount seekable EROFS container layers on demand, verified block by block.",
@@ -56,15 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="more log output (-v info, -vv debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                        parser_class=CommandParser)
-    package = importlib.import_module(__name__)
-    for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if module_info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{module_info.name}")
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(subparsers)
+    modules = sorted({module for module, _ in COMMANDS.values()})
+    if command is not None:
+        modules = [COMMANDS[command][0]] if command in COMMANDS else []
+    registered: set[str] = set()
+    for name in modules:
+        before = set(subparsers.choices)
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+        registered |= set(subparsers.choices) - before
+    for name, (_, help_line) in COMMANDS.items():
+        if name not in registered:
+            subparsers.add_parser(name, help=help_line)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command named in `argv`: its first argument that is not an option (the options
+    before the command take no values)."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 def configure_logging(verbosity: int) -> None:
@@ -78,7 +119,9 @@ def configure_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:

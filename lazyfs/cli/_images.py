@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from lazyfs.cache.disk import CACHE_DIR_ENV, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import parse_size
 from lazyfs.fetch.base import SpeedLimit
-from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
 from lazyfs.format.platform import Platform, parse_platform
 from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
 from lazyfs.mount.service import writable_dirs
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry_options import RegistryOptions
 
 REFERENCE_RULE = (
     "SOURCE is an image reference ([REGISTRY/]REPOSITORY[:TAG][@DIGEST]) when it is not a URL "
@@ -162,6 +165,9 @@ def writable_upper(directory: str) -> tuple[str, str]:
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
     """The RegistryOptions of the command line. Raises CredentialsError."""
+    # Registries need httpx: imported only when an image is named, not for a layer blob.
+    from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
+
     credentials = None if args.creds is None else parse_credentials(args.creds)
     return RegistryOptions(credentials, args.insecure_registry, tuple(args.mirror))
 

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_CHUNK_SIZE = 0xFFFFFFFF
+# The converter's chunk size (the library's EncodeOptions keep containerd's 4 MiB). A lazy
+# start reads scattered pieces of an image and each chunk it touches is fetched whole:
+# measured with tools/bench_startup and tools/bench_run on a Debian + python3 image, 512 KiB
+# chunks fetch less than half the bytes of 4 MiB ones for `python3 -c 'import json,
+# sqlite3'` and start it fastest, with or without a prefetch list (1 MiB and 256 KiB come
+# close); the blob grows by about 5 %. containerd's reader takes any chunk size; lazy mounts
+# need a multiple of the dm-verity block size.
+DEFAULT_CHUNK_SIZE = "512K"
 
 
 def parse_size(text: str, option: str = "size") -> int:
@@ -153,8 +161,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="directory, tar layer or EROFS image; or an image")
     parser.add_argument("-o", "--output", type=Path, metavar="OUT",
                         help="the blob to write (a layer source)")
-    parser.add_argument("--chunk-size", default="4M", metavar="SIZE",
-                        help="image bytes per zstd frame, K/M suffixes (default 4M)")
+    parser.add_argument("--chunk-size", default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+                        help=f"image bytes per zstd frame, K/M suffixes (default "
+                        f"{DEFAULT_CHUNK_SIZE}: lazy starts fetch least; containerd's is 4M)")
     parser.add_argument("--zstd-level", type=int, default=3, metavar="N",
                         help="zstd level 1..22 (default 3)")
     parser.add_argument("--no-verity", action="store_true", help="write no dm-verity tree")
@@ -187,10 +196,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="plain HTTP to the registries")
     image.add_argument("--mirror", action="append", metavar="HOST",
                        help="a registry mirror to try first (repeatable)")
+    image.add_argument("--prefetch", metavar="FILE",
+                       help="a prefetch list (`lazyfs run --record FILE`) to carry in the "
+                       "annotations of the layers it was recorded from; mounts use it")
     parser.set_defaults(func=run)
 
 
-_IMAGE_OPTIONS = ("oci_layout", "push", "platform", "creds", "push_creds", "mirror")
+_IMAGE_OPTIONS = ("oci_layout", "push", "platform", "creds", "push_creds", "mirror",
+                  "prefetch")
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -300,6 +313,14 @@ def run_image_convert(args: argparse.Namespace, layer_options: ConvertOptions) -
         raise UserError(str(exc)) from None
     image_source = open_image_source(args.src,
                                      RegistryOptions(creds, insecure, tuple(args.mirror or ())))
+    prefetch = None
+    if args.prefetch is not None:
+        from lazyfs.format.prefetch_list import parse_prefetch_list
+
+        try:
+            prefetch = parse_prefetch_list(Path(args.prefetch).read_bytes(), args.prefetch)
+        except OSError as exc:
+            raise UserError(f"--prefetch {args.prefetch}: {exc.strerror}") from None
     push = args.push
     if (push is not None and push_creds is None and isinstance(image_source, RegistrySource)
             and image_source.reference.registry == parse_push_reference(push).registry):
@@ -311,6 +332,7 @@ def run_image_convert(args: argparse.Namespace, layer_options: ConvertOptions) -
                 image_source, dest_layout=layout, push=push, layer_options=layer_options,
                 platform=platform, jobs=args.jobs or 2, dest_tag=tag, overwrite=args.force,
                 push_registry=RegistryOptions(push_creds, insecure),
+                prefetch=prefetch, prefetch_source=args.prefetch or "",
             )
 
     print(trio.run(main).digest)

@@ -24,7 +24,9 @@ from lazyfs.cli._images import (
     tuning_of,
     writable_upper,
 )
+from lazyfs.cli._prefetch import add_prefetch_arguments, prefetch_options_of
 from lazyfs.fetch.base import ReaderOptions
+from lazyfs.fuse.phases import process_started_monotonic
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import is_image_reference
 from lazyfs.mount.daemon import DaemonConfig
@@ -108,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mount.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
+    add_prefetch_arguments(mount)
     add_disk_cache_arguments(mount)
     add_read_arguments(mount)
     add_registry_arguments(mount)
@@ -145,7 +148,8 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                 pass
         except OSError as exc:
             raise UserError(f"--trace {trace}: {exc.strerror}") from None
-    return MountOptions(cache_size, tuning, trace, disk_cache_of(args), low_speed_of(args))
+    return MountOptions(cache_size, tuning, trace, disk_cache_of(args), low_speed_of(args),
+                        prefetch=prefetch_options_of(args))
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:
@@ -248,6 +252,7 @@ def _pinned_lines(config: DaemonConfig) -> str:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = build_config(args)
+    config.command_started = process_started_monotonic()
     if args.foreground:
 
         def on_ready() -> None:

@@ -62,6 +62,7 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
         f"  read latency              p50 {_ms(latency.get('p50_ms'))}, "
         f"p90 {_ms(latency.get('p90_ms'))}, p99 {_ms(latency.get('p99_ms'))}",
     ]
+    lines += _phase_lines(daemon.get("phases"))
     lines += _cache_lines(stats.get("cache"))
     lines += _disk_cache_lines(stats.get("disk_cache"))
     for image in record.images if record is not None else []:
@@ -89,6 +90,7 @@ def format_stats(stats: dict[str, Any], mountpoint: str, record: MountRecord | N
             f"p90 {_ms(fetch.get('p90_ms'))}, p99 {_ms(fetch.get('p99_ms'))}",
         ]
         lines += _failure_lines(layer)
+        lines += _background_lines(layer.get("background"))
     return "\n".join(lines)
 
 
@@ -100,6 +102,45 @@ def _failure_lines(layer: dict[str, Any]) -> list[str]:
         if layer.get(key):
             shown.append(f"  {label:<26}{' '.join(str(item) for item in layer[key])}")
     return shown
+
+
+_PHASE_LABELS = (
+    ("cli_start_s", "command start"),
+    ("daemon_start_s", "daemon start"),
+    ("metadata_s", "layer metadata"),
+    ("fuse_init_s", "FUSE init"),
+    ("kernel_mount_s", "kernel mount"),
+    ("ready_s", "ready (total)"),
+    ("first_read_s", "first read after"),
+)
+
+
+def _phase_lines(phases: dict[str, Any] | None) -> list[str]:
+    """Where the start-up time went, phase by phase; none in an older stats file."""
+    if not phases:
+        return []
+    lines = ["start-up phases"]
+    for key, label in _PHASE_LABELS:
+        if phases.get(key) is not None:
+            lines.append(f"  {label:<26}{_s(phases[key])}")
+    return lines
+
+
+def _background_lines(background: dict[str, Any] | None) -> list[str]:
+    """Prefetch list and fill progress of a layer; nothing when neither ran."""
+    if not background or background.get("state", "idle") == "idle":
+        return []
+    return [
+        f"  background                {background.get('state')}",
+        f"    prefetched              {background.get('prefetched_chunks', 0)} of "
+        f"{background.get('listed_chunks', 0)} listed chunks, "
+        f"{human_size(background.get('prefetch_bytes', 0))} in "
+        f"{background.get('prefetch_requests', 0)} requests",
+        f"    filled                  {background.get('filled_chunks', 0)} chunks, "
+        f"{human_size(background.get('fill_bytes', 0))} in "
+        f"{background.get('fill_requests', 0)} requests",
+        f"    skipped (had them)      {background.get('skipped_chunks', 0)} chunks",
+    ]
 
 
 def _cache_lines(cache: dict[str, Any] | None) -> list[str]:

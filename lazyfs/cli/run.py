@@ -34,6 +34,11 @@ from lazyfs.cli._images import (
     registry_options,
     tuning_of,
 )
+from lazyfs.cli._prefetch import (
+    add_prefetch_arguments,
+    prefetch_options_of,
+    uses_prefetch_options,
+)
 from lazyfs.cli._run_report import format_report
 from lazyfs.cli.convert import sigterm_as_interrupt
 from lazyfs.container.run import RunRequest, prepare, run
@@ -68,6 +73,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--insecure", action="store_true", help="allow layers without trusted digests"
     )
+    add_prefetch_arguments(parser)
     add_disk_cache_arguments(parser)
     parser.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
@@ -114,8 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     split_command(args)
     if os.geteuid() != 0:
         raise UserError("lazyfs run needs root: it mounts file systems and creates namespaces")
-    if args.eager and (args.trace or args.readahead is not None):
-        flag = "--trace" if args.trace else "--readahead"
+    if args.eager and (args.trace or args.readahead is not None or uses_prefetch_options(args)):
+        flag = ("--trace" if args.trace else "--readahead" if args.readahead is not None
+                else uses_prefetch_options(args))
         raise UserError(f"{flag} applies to the lazy mount; not with --eager")
     cache_size = cache_size_of(args)
     trace = os.path.abspath(args.trace) if args.trace else None
@@ -135,8 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         writable=args.writable,
         mount=MountOptions(cache_size, tuning_of(args), trace, disk_cache_of(args),
-                           low_speed_of(args)),
+                           low_speed_of(args), prefetch=prefetch_options_of(args)),
     )
+    recorded_before = _modified(args.record)
     prepared = prepare(request)
     image = prepared.image
     print(
@@ -148,9 +156,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
         report = run(prepared, started=started, notify=_notify)
     sys.stderr.write(format_report(report))
+    if args.record and _modified(args.record) not in (None, recorded_before):
+        _notify(f"prefetch list written to {args.record}")
     if args.report:
         Path(args.report).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report.exit_code
+
+
+def _modified(path: str | None) -> int | None:
+    """When `path` was last written (ns), None if it does not exist."""
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
 
 
 def _notify(message: str) -> None:

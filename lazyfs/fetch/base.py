@@ -7,13 +7,14 @@ local file or an HTTP resource; both readers check the same preconditions the sa
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
-
-import httpx
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lazyfs.fetch.errors import FetchError
+
+if TYPE_CHECKING:
+    import httpx
 
 # A body arriving slower than this is treated as stalled, on top of the fixed timeouts.
 MIN_RATE_BYTES_PER_S = 64 * 1024
@@ -106,6 +107,32 @@ class BlobReader(Protocol):
 
     async def aclose(self) -> None:
         """Release connections or file handles; the reader is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class ClippingReader(BlobReader, Protocol):
+    """A BlobReader that can read up to the end of a blob whose size it does not know yet,
+    and learn the size from that read (no probe of its own)."""
+
+    @property
+    def size(self) -> int | None:
+        """The blob size, promised or seen; None while unknown."""
+        ...
+
+    async def read_clipped(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset`, fewer where the blob ends. Raises FetchError."""
+        ...
+
+
+@runtime_checkable
+class StreamingReader(BlobReader, Protocol):
+    """A BlobReader that can also hand a range on as it arrives (partial frames need it)."""
+
+    async def read_stream(self, offset: int, size: int,
+                          sink: Callable[[bytes], Awaitable[None]]) -> None:
+        """Hand the `size` bytes at `offset` to `sink` in order, piece by piece, awaiting
+        `sink` before the next piece. Raises FetchError, and what `sink` raises."""
         ...
 
 

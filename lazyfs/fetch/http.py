@@ -11,16 +11,19 @@ for the origin; when it stops accepting (an expired signed URL) the origin is as
 
 Only the blob's size is held against it: an ETag or Last-Modified that changes with the bytes
 unchanged (origins behind a load balancer, a file touched or copied again) is no error, since
-the image layer checks every frame against its digest.
+the image layer checks every frame against its digest. A blob whose size a descriptor or
+manifest promises is not probed: the promise is checked against the Content-Range of every
+answer. `read_clipped` learns an unknown size from its answer instead of a probe of its own;
+`read_stream` hands the body on as it arrives and resumes where a broken attempt stopped.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import re
-import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
@@ -44,6 +47,7 @@ from lazyfs.fetch.errors import (
     RangeNotSupportedError,
     SourceUnreachableError,
 )
+from lazyfs.fetch.tls import LazyCAContext, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,16 @@ class _Transient(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass
+class _Transfer:
+    """One range as asked for: `clip` accepts an answer cut at the end of the blob; `sink`
+    takes the body piece by piece (then `delivered` counts what it has taken)."""
+
+    clip: bool = False
+    sink: Callable[[bytes], Awaitable[None]] | None = None
+    delivered: int = 0
+
+
 class HttpRangeReader:
     """A BlobReader over an http(s) URL; the server must honour Range requests."""
 
@@ -92,14 +106,19 @@ class HttpRangeReader:
         self._url = httpx.URL(url)
         self._limiter = trio.CapacityLimiter(options.max_connections)
         self._open_lock = trio.Lock()
-        self._size: int | None = None
+        # The size a descriptor or manifest promised, until an answer confirms it (then
+        # `_size_confirmed`), or the size seen.
+        self._size: int | None = options.expected_size
+        self._size_confirmed = False
         # Where the origin last redirected to; asked directly until it refuses.
         self._resolved_url: httpx.URL | None = None
-        self._client = _client(options, transport, options.max_connections)
+        self._client = _client(options, transport, options.max_connections,
+                               https=parts.scheme == "https")
 
     @property
     def size(self) -> int | None:
-        """The blob size seen by `open`, or None before it."""
+        """The blob size promised (`expected_size`, `expect_size`) or seen; None while
+        unknown."""
         return self._size
 
     async def __aenter__(self) -> HttpRangeReader:
@@ -109,8 +128,19 @@ class HttpRangeReader:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    def expect_size(self, size: int) -> None:
+        """The blob must be `size` bytes (a descriptor found after the reader was made says
+        so): checked against every answer, as `ReaderOptions.expected_size` is. Raises
+        BlobChangedError if an answer already showed another size."""
+        if self._size is not None and self._size != size:
+            seen = "promised" if not self._size_confirmed else "seen"
+            raise BlobChangedError(f"{self.source}: blob is {size} bytes by its descriptor, "
+                                   f"{self._size} {seen} before")
+        self._size = size
+
     async def open(self) -> int:
-        """Probe with a one-byte range; return the blob size and remember it.
+        """Return the blob size: the one `expected_size` promises (checked by every later
+        answer, no request now), or else probed with a one-byte range; remember the ETag.
 
         Raises RangeNotSupportedError if the server ignores Range, BlobChangedError if the
         size differs from `expected_size`, FetchError for anything else.
@@ -129,6 +159,7 @@ class HttpRangeReader:
                 self._fail(exc)
                 raise
             self._size = total
+            self._size_confirmed = True
             return total
 
     async def read(self, offset: int, size: int) -> bytes:
@@ -149,6 +180,52 @@ class HttpRangeReader:
             raise
         return body
 
+    async def read_clipped(self, offset: int, size: int) -> bytes:
+        """Return up to `size` bytes at `offset`, fewer where the blob ends first. An unknown
+        blob size is learnt from the answer's Content-Range: no probe of its own.
+
+        Raises FetchError (for an `offset` at or past the end too), BlobChangedError.
+        """
+        if self._size is not None:
+            size = max(0, min(size, self._size - offset))
+            check_read_args(self.source, offset, size, self._size)
+            return await self.read(offset, size)
+        if offset < 0 or size <= 0:
+            raise ValueError(f"{self.source}: bad clipped read (offset={offset}, size={size})")
+        try:
+            body, total = await self._fetch(offset, offset + size - 1, probe=False,
+                                            transfer=_Transfer(clip=True))
+        except FetchError as exc:
+            self._fail(exc)
+            raise
+        if self._size is None:
+            self._size = total
+        return body
+
+    async def read_stream(self, offset: int, size: int,
+                          sink: Callable[[bytes], Awaitable[None]]) -> None:
+        """Hand the `size` bytes at `offset` to `sink` in order, piece by piece as they
+        arrive (`sink` is awaited before the next piece is read: it sets the pace). A broken
+        attempt is retried from the first byte not yet handed on.
+
+        Raises what `read` raises, and what `sink` raises (the transfer stops).
+        """
+        blob_size = await self.open() if self._size is None else self._size
+        check_read_args(self.source, offset, size, blob_size)
+        if size == 0:
+            return
+        try:
+            await self._fetch(offset, offset + size - 1, probe=False,
+                              transfer=_Transfer(sink=sink))
+        except FetchError as exc:
+            self._fail(exc)
+            raise
+
+    async def get_small(self, url: str, max_bytes: int) -> bytes | None:
+        """`get_small` through this reader's connections: a descriptor beside the blob then
+        costs no connection of its own."""
+        return await get_small(url, max_bytes, self.options, shared_client=self._client)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -156,18 +233,21 @@ class HttpRangeReader:
         # Counted, not logged: the caller reports the error (once) with what it was for.
         self.stats.failures += 1
 
-    async def _fetch(self, start: int, end: int, *, probe: bool) -> tuple[bytes, int]:
-        """Fetch bytes start..end (inclusive) with bounded retries: (body, blob size)."""
+    async def _fetch(self, start: int, end: int, *, probe: bool,
+                     transfer: _Transfer | None = None) -> tuple[bytes, int]:
+        """Fetch bytes start..end (inclusive) with bounded retries: (body, blob size).
+        With a sink, the body goes there instead and each attempt resumes after what it took."""
         what = f"{self.source} {byte_range(start, end - start + 1)}"
+        transfer = transfer or _Transfer()
 
         async def attempt() -> tuple[bytes, int]:
-            return await self._attempt(start, end, probe, what)
+            return await self._attempt(start + transfer.delivered, end, probe, what, transfer)
 
         return await _with_retries(what, self.options, end - start + 1, attempt,
                                    self._limiter, self.stats)
 
     async def _attempt(
-        self, start: int, end: int, probe: bool, what: str
+        self, start: int, end: int, probe: bool, what: str, transfer: _Transfer
     ) -> tuple[bytes, int]:
         """One attempt: try the remembered redirect target, else resolve through the origin."""
         remembered = self._resolved_url
@@ -175,7 +255,7 @@ class HttpRangeReader:
             trusted = _same_origin(remembered, self._url)
             response = await self._get(remembered, start, end, trusted=trusted)
             if response.status_code not in _EXPIRED_STATUSES | _REDIRECT_STATUSES:
-                return await self._accept(response, start, end, probe, what)
+                return await self._accept(response, start, end, probe, what, transfer)
             # An expired signed URL: not a failure, the origin hands out a fresh one.
             log.debug(
                 "%s: %s answered %d, asking the origin again",
@@ -191,7 +271,7 @@ class HttpRangeReader:
             response = await self._get(url, start, end, trusted=_same_origin(url, self._url))
             location = response.headers.get("Location")
             if response.status_code not in _REDIRECT_STATUSES or location is None:
-                result = await self._accept(response, start, end, probe, what)
+                result = await self._accept(response, start, end, probe, what, transfer)
                 self._resolved_url = None if url == self._url else url
                 return result
             await _drain(response)
@@ -214,7 +294,8 @@ class HttpRangeReader:
         raise _Transient(f"no answer within {self.options.low_speed.time_s:g} s")
 
     async def _accept(
-        self, response: httpx.Response, start: int, end: int, probe: bool, what: str
+        self, response: httpx.Response, start: int, end: int, probe: bool, what: str,
+        transfer: _Transfer,
     ) -> tuple[bytes, int]:
         """Check a response against the request and the blob seen at open; read its body."""
         status = response.status_code
@@ -236,32 +317,68 @@ class HttpRangeReader:
                 raise FetchError(f"{what}: {_status_text(response)} from {response.url.host}")
             raise FetchError(f"{what}: {_status_text(response)}")
         try:
-            total = self._check_content_range(response, start, end, what)
+            total, end = self._check_content_range(response, start, end, what, transfer.clip)
             encoding = response.headers.get("Content-Encoding", "identity").lower()
             if encoding != "identity":
                 raise FetchError(f"{what}: body is {encoding}-encoded; expected raw bytes")
+            if transfer.sink is not None:
+                await self._stream_body(response, end - start + 1, what, transfer)
+                return b"", total
             body = await _read_body(response, end - start + 1, what, self.options.low_speed)
         finally:
             await response.aclose()
         self.stats.bytes_fetched += len(body)
         return body, total
 
+    async def _stream_body(self, response: httpx.Response, size: int, what: str,
+                           transfer: _Transfer) -> None:
+        """Hand exactly `size` body bytes to the sink: fewer is transient (the next attempt
+        resumes), more is a broken server."""
+        assert transfer.sink is not None
+        limit = self.options.low_speed
+        window_bytes = limit.bytes_per_s * limit.time_s
+        received = in_window = 0
+        with trio.CancelScope(deadline=trio.current_time() + limit.time_s) as window:
+            async for piece in response.aiter_bytes():
+                if received + len(piece) > size:
+                    raise FetchError(f"{what}: body longer than the {size} bytes requested")
+                received += len(piece)
+                in_window += len(piece)
+                self.stats.bytes_fetched += len(piece)
+                transfer.delivered += len(piece)
+                if in_window >= window_bytes:
+                    in_window = 0
+                    window.deadline = trio.current_time() + limit.time_s
+                waited = trio.current_time()
+                await transfer.sink(piece)  # time the consumer holds it back is not the link's
+                window.deadline += trio.current_time() - waited
+        if window.cancelled_caught:
+            raise _Transient(f"slower than {limit.bytes_per_s} bytes/s for "
+                             f"{limit.time_s:g} s ({received} of {size} bytes)")
+        if received < size:
+            raise _Transient(f"short body: {received} of {size} bytes")
+
     def _check_content_range(
-        self, response: httpx.Response, start: int, end: int, what: str
-    ) -> int:
-        """Return the blob size from Content-Range, which must match the request exactly."""
+        self, response: httpx.Response, start: int, end: int, what: str, clip: bool = False
+    ) -> tuple[int, int]:
+        """Return the blob size and the last byte sent, from Content-Range, which must match
+        the request exactly (with `clip`, it may end early at the end of the blob)."""
         content_range = response.headers.get("Content-Range", "")
         match = _CONTENT_RANGE.fullmatch(content_range.strip())
         if match is None or match.group(3) == "*":
             raise FetchError(f"{what}: 206 with unusable Content-Range {content_range!r}")
         got_start, got_end, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
         if self._size is not None and total != self._size:
+            if not self._size_confirmed:
+                raise BlobChangedError(f"{what}: blob is {total} bytes, expected {self._size}")
             raise BlobChangedError(f"{what}: blob is now {total} bytes, was {self._size} at open")
-        if (got_start, got_end) != (start, end):
+        clipped = clip and got_start == start and got_end == total - 1 and got_end < end
+        if (got_start, got_end) != (start, end) and not clipped:
             raise FetchError(
                 f"{what}: server sent Content-Range {content_range!r} for a different range"
             )
-        return total
+        self._size_confirmed = True
+        return total, got_end
 
 
 async def get_small(
@@ -270,10 +387,11 @@ async def get_small(
     options: ReaderOptions | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    shared_client: httpx.AsyncClient | None = None,
 ) -> bytes | None:
     """GET a small whole resource (a descriptor) with the deadline and retries of range reads;
     its body is read at most `max_bytes`. Redirects are followed; headers and auth go to the
-    origin only. Returns None on 404.
+    origin only. Returns None on 404. `shared_client` (left open) lends its connections.
 
     Raises BodyTooLargeError, FetchError naming the URL and the last status or error (or that
     it is not an http(s) URL).
@@ -285,7 +403,7 @@ async def get_small(
         raise FetchError(f"{what}: not an http(s) URL")
     origin = httpx.URL(url)
 
-    async def attempt() -> bytes | None:
+    async def attempt(client: httpx.AsyncClient) -> bytes | None:
         target = origin
         for _ in range(_MAX_REDIRECTS + 1):
             trusted = _same_origin(target, origin)
@@ -313,8 +431,12 @@ async def get_small(
                 await response.aclose()
         raise FetchError(f"{what}: more than {_MAX_REDIRECTS} redirects")
 
-    async with _client(options, transport, 1) as client:
-        return await _with_retries(what, options, max_bytes, attempt,
+    async with contextlib.AsyncExitStack() as stack:
+        client = shared_client
+        if client is None:
+            client = await stack.enter_async_context(
+                _client(options, transport, 1, https=parts.scheme == "https"))
+        return await _with_retries(what, options, max_bytes, lambda: attempt(client),
                                    trio.CapacityLimiter(1), None)
 
 
@@ -370,24 +492,17 @@ async def _with_retries(
     raise FetchError(message)
 
 
-@functools.lru_cache(maxsize=8)
-def tls_context(verify_tls: bool | str) -> ssl.SSLContext | bool:
-    """One TLS context per setting, shared by every client: loading the CA bundle takes tens
-    of milliseconds each time, on the event loop, for every layer a mount opens."""
-    if verify_tls is False:
-        return False
-    if isinstance(verify_tls, str):
-        return ssl.create_default_context(cafile=verify_tls)
-    return httpx.create_ssl_context()
-
-
 def _client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | None,
-            max_connections: int) -> httpx.AsyncClient:
-    """A pooled client with the timeouts of `options`; redirects are followed by hand."""
+            max_connections: int, *, https: bool) -> httpx.AsyncClient:
+    """A pooled client with the timeouts of `options`; redirects are followed by hand. The
+    process's TLS context is shared (its CAs start loading now for an `https` origin)."""
+    verify = tls_context(options.verify_tls)
+    if https and isinstance(verify, LazyCAContext):
+        verify.start_loading()
     connect_s, read_s = options.connect_timeout_s, options.read_timeout_s
     return httpx.AsyncClient(
         transport=transport,
-        verify=tls_context(options.verify_tls),
+        verify=verify,
         http1=True,
         http2=False,
         follow_redirects=False,

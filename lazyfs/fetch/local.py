@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import trio
 
-from lazyfs.fetch.base import BlobReader, FetchStats, ReaderOptions, byte_range, check_read_args
+from lazyfs.fetch.base import FetchStats, ReaderOptions, byte_range, check_read_args
 from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.fetch.http import HttpRangeReader
+
+# read_stream hands a file on in pieces of this size, as a network answer would arrive.
+STREAM_PIECE_BYTES = 256 * 1024
 
 
 class LocalFileReader:
@@ -75,6 +79,27 @@ class LocalFileReader:
                 )
             self._fd, self._size = fd, size
             return size
+
+    def expect_size(self, size: int) -> None:
+        """The file must be `size` bytes (checked at open). Raises BlobChangedError if it
+        was opened already with another size."""
+        if self._size is not None and self._size != size:
+            raise BlobChangedError(f"{self.source}: file is {self._size} bytes, expected {size}")
+        self._expected_size = size
+
+    async def read_clipped(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset`, fewer where the file ends. Raises FetchError."""
+        blob_size = await self.open() if self._size is None else self._size
+        return await self.read(offset, max(0, min(size, blob_size - offset)))
+
+    async def read_stream(self, offset: int, size: int,
+                          sink: Callable[[bytes], Awaitable[None]]) -> None:
+        """Hand the `size` bytes at `offset` to `sink` in order, in pieces. Raises what
+        `read` raises, and what `sink` raises."""
+        blob_size = await self.open() if self._size is None else self._size
+        check_read_args(self.source, offset, size, blob_size)
+        for start in range(offset, offset + size, STREAM_PIECE_BYTES):
+            await sink(await self.read(start, min(STREAM_PIECE_BYTES, offset + size - start)))
 
     async def read(self, offset: int, size: int) -> bytes:
         """Return exactly `size` bytes at `offset` (opening first if needed).
@@ -147,7 +172,9 @@ def _pread_exactly(fd: int, offset: int, size: int) -> tuple[bytes, int | None]:
     return b"".join(parts), None
 
 
-def open_blob_reader(source: str, options: ReaderOptions | None = None) -> BlobReader:
+def open_blob_reader(
+    source: str, options: ReaderOptions | None = None
+) -> HttpRangeReader | LocalFileReader:
     """Return a reader for an http(s) URL, a file:// URL or a local path (not yet opened).
 
     For a local file only `options.expected_size` applies. Raises ValueError for another

@@ -22,8 +22,8 @@ import trio
 from lazyfs import __version__
 from lazyfs.fetch.base import backoff_delay_s
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.http import tls_context
 from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
+from lazyfs.fetch.tls import LazyCAContext, tls_context
 from lazyfs.format.reference import (
     registry_api_host,
     validate_digest,
@@ -171,9 +171,13 @@ class RegistrySession:
         self._timeout = timeout
         self._backoff_s = backoff_s
         self._limiter: trio.CapacityLimiter | None = None
+        # One CA load per process, not one per session; registries mostly speak https.
+        verify = tls_context(True)
+        if isinstance(verify, LazyCAContext):
+            verify.start_loading()
         self._client = httpx.AsyncClient(
             transport=transport,
-            verify=tls_context(True),
+            verify=verify,
             timeout=httpx.Timeout(timeout),
             follow_redirects=True,
             max_redirects=5,

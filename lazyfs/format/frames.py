@@ -9,10 +9,12 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-
-import zstandard
+from typing import TYPE_CHECKING
 
 from lazyfs.format.errors import BadMagicError, FieldError, FrameDecodeError, TruncatedError
+
+if TYPE_CHECKING:
+    import zstandard
 
 ZSTD_MAGIC = 0xFD2FB528
 ZSTD_MAGIC_BYTES = struct.pack("<I", ZSTD_MAGIC)
@@ -152,6 +154,8 @@ _thread_state = threading.local()
 
 def _decompressor() -> zstandard.ZstdDecompressor:
     """One decompressor per thread: zstandard contexts are not safe to share across threads."""
+    import zstandard  # imported on first use: `lazyfs --version` and the like never decode
+
     dctx = getattr(_thread_state, "dctx", None)
     if dctx is None:
         dctx = _thread_state.dctx = zstandard.ZstdDecompressor()
@@ -178,6 +182,8 @@ def decode_chunk_frame(frame: bytes, expected_size: int, chunk_index: int, offse
         raise FrameDecodeError(
             f"{where}: frame declares {info.content_size} decoded bytes, expected {expected_size}"
         )
+    import zstandard
+
     try:
         data = _decompressor().decompress(frame, max_output_size=max(expected_size, 1))
     except zstandard.ZstdError as exc:
@@ -190,3 +196,144 @@ def decode_chunk_frame(frame: bytes, expected_size: int, chunk_index: int, offse
             f"{where}: decoded to {len(data)} bytes, expected exactly {expected_size}"
         )
     return data
+
+
+# The most a zstd block decodes to (the format's Block_Maximum_Size).
+BLOCK_MAX_DECODED = 128 * 1024
+
+
+class FrameStreamDecoder:
+    """Decodes one chunk's zstd frame from pieces as they arrive, to exactly `expected_size`.
+
+    Only whole blocks reach zstd, and only as many as the chunk can still take: a raw or RLE
+    block's decoded size is in its header, a compressed block's is at most 128 KiB. So a
+    hostile frame is refused after at most one block more than its chunk, never after
+    gigabytes. One decoder per frame, used by one thread at a time (it keeps zstd's state).
+    """
+
+    def __init__(self, expected_size: int, chunk_index: int, frame_offset: int,
+                 frame_size: int) -> None:
+        import zstandard
+
+        self._zstd = zstandard.ZstdDecompressor().decompressobj()
+        self._error = zstandard.ZstdError
+        self._expected = expected_size
+        self._where = f"chunk {chunk_index} (frame at offset {frame_offset})"
+        self._frame_offset = frame_offset
+        self._frame_size = frame_size
+        self._pending = bytearray()
+        self._consumed = 0  # frame bytes handed to zstd
+        self._header_done = False
+        self._has_checksum = False
+        self._last_block_done = False
+        self.decoded = 0
+
+    def feed(self, data: bytes | memoryview) -> bytes:
+        """Take the next bytes of the frame; return what every whole block so far decodes to.
+        Raises FrameDecodeError (corrupt, or more than the chunk's size)."""
+        if self._consumed + len(self._pending) + len(data) > self._frame_size:
+            raise FrameDecodeError(f"{self._where}: more than the frame's {self._frame_size} "
+                                   "bytes fed")
+        self._pending += data
+        out: list[bytes] = []
+        while True:
+            cut, bound = self._whole_units()
+            if not cut:
+                break
+            try:
+                decoded = self._zstd.decompress(bytes(self._pending[:cut]))
+            except self._error as exc:
+                raise FrameDecodeError(f"{self._where}: not a valid zstd frame ({exc})") from None
+            del self._pending[:cut]
+            self._consumed += cut
+            self.decoded += len(decoded)
+            if self.decoded > self._expected:
+                raise FrameDecodeError(f"{self._where}: decodes to more than the chunk's "
+                                       f"{self._expected} bytes")
+            out.append(decoded)
+            if bound == 0 and not self._pending:
+                break
+        return b"".join(out)
+
+    def finish(self) -> None:
+        """Check that the whole frame came and decoded to exactly the chunk's size. Raises
+        FrameDecodeError."""
+        if self._consumed != self._frame_size or not self._zstd.eof:
+            raise FrameDecodeError(
+                f"{self._where}: zstd frame does not end at the {self._frame_size} bytes the "
+                "chunk table gives it"
+            )
+        if self.decoded != self._expected:
+            raise FrameDecodeError(
+                f"{self._where}: decoded to {self.decoded} bytes, expected exactly "
+                f"{self._expected}"
+            )
+
+    def _whole_units(self) -> tuple[int, int]:
+        """How many pending bytes form whole units (the header, blocks, the checksum) that may
+        go to zstd now, and the most they decode to. (0, 0) while none is whole."""
+        view = memoryview(self._pending)
+        position = 0
+        if not self._header_done:
+            size = self._header_size(view)
+            if size is None:
+                return 0, 0
+            self._header_done = True
+            position = size
+        room = self._expected - self.decoded
+        exact = compressed = 0  # decoded bytes of the raw and RLE blocks taken, compressed ones
+        while not self._last_block_done:
+            if len(view) < position + 3:
+                break
+            header = int.from_bytes(view[position:position + 3], "little")
+            block_type, block_size = (header >> 1) & 3, header >> 3
+            at = self._frame_offset + self._consumed + position
+            if block_type == 3:
+                raise FieldError("zstd frame", "block type", at, "0, 1 or 2", "3 (reserved)")
+            end = position + 3 + (1 if block_type == _BLOCK_RLE else block_size)
+            last = bool(header & 1)
+            if last and self._has_checksum:
+                end += 4
+            if len(view) < end:
+                break
+            if block_type == _BLOCK_COMPRESSED:
+                most = BLOCK_MAX_DECODED
+            elif exact + block_size > room:
+                raise FrameDecodeError(f"{self._where}: a block at offset {at} decodes past "
+                                       f"the chunk's {self._expected} bytes")
+            else:
+                most = block_size
+            bound = exact + compressed * BLOCK_MAX_DECODED
+            if bound and bound + most > room + BLOCK_MAX_DECODED:
+                break  # decode what is there first: the chunk may be full before this block
+            if block_type == _BLOCK_COMPRESSED:
+                compressed += 1
+            else:
+                exact += block_size
+            position = end
+            self._last_block_done = last
+        return position, exact + compressed * BLOCK_MAX_DECODED
+
+    def _header_size(self, view: memoryview) -> int | None:
+        """The frame header's size once it is all there (checked), else None."""
+        if len(view) < 6:
+            return None
+        magic = struct.unpack_from("<I", view, 0)[0]
+        if magic != ZSTD_MAGIC:
+            raise BadMagicError("zstd frame", "magic", self._frame_offset, "0xFD2FB528",
+                                f"0x{magic:08X}")
+        descriptor = view[4]
+        single_segment = bool(descriptor & 0x20)
+        fcs_flag = descriptor >> 6
+        fcs_size = _FCS_FIELD_SIZES[fcs_flag] if (fcs_flag or not single_segment) else 1
+        size = 5 + (0 if single_segment else 1) + _DICT_ID_FIELD_SIZES[descriptor & 0x03]
+        if len(view) < size + fcs_size:
+            return None
+        self._has_checksum = bool(descriptor & 0x04)
+        if fcs_size:
+            content_size = int.from_bytes(view[size:size + fcs_size], "little")
+            content_size += 256 if fcs_size == 2 else 0
+            if content_size != self._expected:
+                raise FrameDecodeError(f"{self._where}: frame declares {content_size} decoded "
+                                       f"bytes, expected {self._expected}")
+        return size + fcs_size

@@ -54,6 +54,20 @@ class BlobMetadata:
     def frame_range(self, chunk_index: int) -> tuple[int, int]:
         return self.table.frame_range(chunk_index, self.data_end)
 
+    def frame_runs(self, indices: list[int], cap_bytes: int) -> list[list[int]]:
+        """Group chunk indices into runs of adjacent frames (one range request each), each
+        spanning at most `cap_bytes` (a single frame may exceed it)."""
+        runs: list[list[int]] = []
+        run_start = 0
+        for index in indices:
+            start, end = self.frame_range(index)
+            if runs and runs[-1][-1] + 1 == index and end - run_start <= cap_bytes:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+                run_start = start
+        return runs
+
 
 def metadata_frame_end(annotations: SeekableAnnotations, frame_offset: int, blob_size: int) -> int:
     """Where a metadata frame starting at `frame_offset` must end at the latest: the next

@@ -280,17 +280,19 @@ def _stored_digest(geometry: VerityGeometry, blocks: Mapping[int, bytes], slot: 
     return bytes(block[slot.slot_offset:slot.slot_offset + geometry.digest_size])
 
 
-def verify_hash_blocks(
+def check_hash_blocks(
     geometry: VerityGeometry, blocks: Mapping[int, bytes], root: bytes, trusted: Set[int],
-) -> set[int]:
-    """Authenticate hash blocks (keyed by payload offset) from the root down.
+) -> tuple[set[int], dict[int, str]]:
+    """Authenticate hash blocks (keyed by payload offset) from the root down, each on its own.
 
-    `blocks` must hold each block's ancestors too (as `hash_blocks_needed` lists them);
-    `trusted` are offsets verified before, which are not hashed again. Returns the offsets
-    newly verified. Raises IntegrityError naming the level, block and payload offset.
+    A block is checked against its parent's slot (the top level against the root); `trusted`
+    are offsets verified before, not hashed again, and `blocks` must hold them too where they
+    are parents. Returns `(offsets newly verified, {offset: why it failed})`: a block that does
+    not match, or whose parent is missing, failed or untrusted, fails; the others verify.
     """
     hasher = BlockHasher(geometry.superblock)
     newly: set[int] = set()
+    failed: dict[int, str] = {}
     top = len(geometry.levels) - 1
     # Only the given blocks are visited, not every block of the tree: this runs for each fetch.
     # Levels are stored top first, so ascending offsets meet every parent before its children.
@@ -301,18 +303,38 @@ def verify_hash_blocks(
         if located is None:
             continue
         level, index = located
+        where = f"dm-verity: hash block {index} of level {level} (payload offset {offset})"
         if level == top:
             expected = root
         else:
-            expected = _stored_digest(geometry, blocks, geometry.slot_for(level + 1, index))
+            parent = geometry.slot_for(level + 1, index)
+            if parent.payload_offset not in trusted and parent.payload_offset not in newly:
+                failed[offset] = (f"{where}: its parent at payload offset "
+                                  f"{parent.payload_offset} is not verified")
+                continue
+            expected = _stored_digest(geometry, blocks, parent)
         found = hasher.digest(blocks[offset])
         if found != expected:
-            raise IntegrityError(
-                f"dm-verity: hash block {index} of level {level} (payload offset {offset}) "
-                f"does not match {'the root digest' if level == top else 'its parent'}: "
+            failed[offset] = (
+                f"{where} does not match {'the root digest' if level == top else 'its parent'}: "
                 f"expected {expected.hex()[:16]}…, found {found.hex()[:16]}…"
             )
+            continue
         newly.add(offset)
+    return newly, failed
+
+
+def verify_hash_blocks(
+    geometry: VerityGeometry, blocks: Mapping[int, bytes], root: bytes, trusted: Set[int],
+) -> set[int]:
+    """Authenticate hash blocks from the root down (see `check_hash_blocks`), all or nothing.
+
+    Returns the offsets newly verified. Raises IntegrityError naming the level, block and
+    payload offset of the highest block that fails.
+    """
+    newly, failed = check_hash_blocks(geometry, blocks, root, trusted)
+    if failed:
+        raise IntegrityError(failed[min(failed)])
     return newly
 
 

@@ -24,6 +24,7 @@ import pyfuse3
 
 from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
+from lazyfs.fuse.phases import StartupPhases
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.stats import LatencyRecorder
 
@@ -62,6 +63,7 @@ class DaemonStats:
     read_bytes: int = 0
     read_errors: int = 0
     read_latency: LatencyRecorder = field(default_factory=LatencyRecorder)
+    phases: StartupPhases = field(default_factory=StartupPhases)
 
     def mark_ready(self) -> None:
         self.ready_after_s = round(time.monotonic() - self.started_monotonic, 6)
@@ -74,6 +76,7 @@ class DaemonStats:
         self.read_bytes += size
         self.read_errors += not ok
         self.read_latency.add(now - started)
+        self.phases.record_read(started, now)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -86,6 +89,7 @@ class DaemonStats:
             "read_bytes": self.read_bytes,
             "read_errors": self.read_errors,
             "read_latency": self.read_latency.summary_ms(),
+            "phases": self.phases.snapshot(),
         }
 
 

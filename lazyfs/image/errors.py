@@ -16,3 +16,13 @@ class ImageReadError(Exception):
 
     Raised only after the cause was logged once, so callers just map it to EIO.
     """
+
+
+class FetchAttemptFailed(Exception):
+    """A fetch from one source failed after the reader's retries (internal to loads: the
+    next source is tried); `unreachable`: no attempt connected."""
+
+    def __init__(self, message: str, unreachable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.unreachable = unreachable

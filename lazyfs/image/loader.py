@@ -25,28 +25,21 @@ import trio
 
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.exception_groups import leaf_errors
-from lazyfs.fetch.base import BlobReader
+from lazyfs.fetch.base import BlobReader, StreamingReader
 from lazyfs.fetch.errors import FetchError, SourceUnreachableError
 from lazyfs.format.errors import FormatError, IntegrityError
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.image.disk_tier import LayerDisk
-from lazyfs.image.errors import ImageReadError
+from lazyfs.image.errors import FetchAttemptFailed, ImageReadError
+from lazyfs.image.frame_stream import FrameStream, LayerStreams
+from lazyfs.image.hash_blocks import HashBlockStore, chunk_hash_blocks, contiguous, data_blocks
 from lazyfs.image.health import LayerHealth
 from lazyfs.image.stats import ImageStats
-from lazyfs.image.tree_blocks import TreeBlocks, contiguous
+from lazyfs.image.streamed import stream_once
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.image.verify import block_context, check_blocks, decode_frame
 
 log = logging.getLogger(__name__)
-
-
-class _FetchFailed(Exception):
-    """A fetch failed after the reader's retries; `unreachable`: no attempt connected."""
-
-    def __init__(self, message: str, unreachable: bool) -> None:
-        super().__init__(message)
-        self.message = message
-        self.unreachable = unreachable
 
 
 class ChunkLoader:
@@ -62,7 +55,6 @@ class ChunkLoader:
         stats: ImageStats,
         tuning: ImageTuning,
         *,
-        tree_blocks: Mapping[int, bytes] | None = None,
         cpu_limiter: trio.CapacityLimiter | None = None,
         record: Callable[..., None] | None = None,
         disk: LayerDisk | None = None,
@@ -74,11 +66,24 @@ class ChunkLoader:
         self.stats = stats
         self.tuning = tuning
         self.health = LayerHealth(name, tuning)
-        self._key = key_of
+        self._key = self.key_of = key_of
         self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
-        self.tree = TreeBlocks(metadata, stats, self._cpu_limiter, tree_blocks)
+        # The dm-verity tree's verified hash blocks, fetched as loads need them.
+        self.hash_blocks = (
+            HashBlockStore(readers[0], metadata, stats, self._cpu_limiter)
+            if metadata.verity is not None and metadata.root is not None else None
+        )
+        # Frames streaming in (partial frames), and partial chunks kept, by chunk index:
+        # with dm-verity, when no data block straddles two chunks.
+        self.streams = LayerStreams(name)
+        self.streaming = (
+            self.hash_blocks is not None and tuning.partial_frames
+            and metadata.table.chunk_size % self.hash_blocks.geometry.superblock.data_block_size
+            == 0
+        )
         self._fetch_limiter = trio.CapacityLimiter(tuning.parallel_fetches)
-        self._record = record or (lambda **fields: None)
+        self._record = self.record = record or (lambda **fields: None)
+        self.cpu_limiter = self._cpu_limiter
         # The cancel scopes of the loads in flight, so that unmount can end them at once.
         self._loads: set[trio.CancelScope] = set()
         self._closing = False
@@ -125,9 +130,26 @@ class ChunkLoader:
         for scope in self._loads:
             scope.cancel()
 
-    async def load_run(self, run: list[int], reason: str) -> None:
-        """Fetch, verify and decode adjacent claimed chunks; complete or fail every key,
-        within the read timeout (or at once when cancelled for unmount)."""
+    def blocks_for(self, chunk_index: int) -> dict[int, bytes]:
+        """A private copy of the verified hash blocks over one chunk (for worker threads)."""
+        if self.hash_blocks is None:
+            return {}
+        return self.hash_blocks.known(chunk_hash_blocks(self.metadata, chunk_index))
+
+    def fail(self, index: int, error: ImageReadError) -> None:
+        """Fail chunk `index`'s waiters: its cache key, and its stream if one is open."""
+        self.cache.fail(self._key(index), error)
+        stream = self.streams.get(index)
+        if stream is not None and not stream.done:
+            stream.fail(error)
+            self.streams.forget(stream)
+
+    async def load_run(self, run: list[int], reason: str,
+                       streams: dict[int, FrameStream] | None = None,
+                       limiter: trio.CapacityLimiter | None = None) -> None:
+        """Fetch, verify and decode adjacent claimed chunks (as partial frames into
+        `streams` when given); complete or fail every key, within the read timeout (or at
+        once when cancelled for unmount). At most `limiter`'s fetches at a time."""
         unresolved = set(run)
         scope = trio.CancelScope(deadline=trio.current_time() + self.tuning.read_timeout_s)
         self._loads.add(scope)
@@ -138,8 +160,8 @@ class ChunkLoader:
                 rest = await self._load_from_disk(run, unresolved)
                 rest = await self._refuse(rest, unresolved)
                 for part in contiguous(rest, 1):  # no wait behind fetches when none is needed
-                    async with self._fetch_limiter:
-                        await self._fetch_and_verify(part, reason, unresolved)
+                    async with limiter or self._fetch_limiter:
+                        await self._fetch_and_verify(part, reason, unresolved, streams)
             if scope.cancelled_caught and unresolved and not self._closing:
                 message = (f"no complete answer within {self.tuning.read_timeout_s:g} s "
                            "(the read timeout)")
@@ -150,7 +172,7 @@ class ChunkLoader:
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
             # Only keys this run still holds: one it completed may be claimed anew by now.
             for index in sorted(unresolved):
-                self.cache.fail(self._key(index), ImageReadError(f"chunk {index} not loaded"))
+                self.fail(index, ImageReadError(f"chunk {index} not loaded"))
 
     async def _load_from_disk(self, run: list[int], unresolved: set[int]) -> list[int]:
         """Complete the chunks of `run` that the disk cache holds, each checked again, side
@@ -161,15 +183,20 @@ class ChunkLoader:
         rest: list[int] = []
 
         async def load(index: int) -> None:
-            found = await disk.load_chunk(index, self.tree.verified, self.tree.needed([index]),
+            found = await disk.load_chunk(index, self.blocks_for(index),
+                                          chunk_hash_blocks(self.metadata, index),
                                           self._cpu_limiter)
             if found is None:
                 rest.append(index)
                 return
             data, frame_size, blocks = found
-            self.tree.verified.update(blocks)
+            if self.hash_blocks is not None:
+                self.hash_blocks.adopt(blocks)
             self.stats.chunks_from_disk += 1
             self.cache.complete(self._key(index), data)
+            stream = self.streams.get(index)
+            if stream is not None:  # its readers wait on the stream
+                self.streams.finish(stream, data)
             unresolved.discard(index)
             self.health.loaded([index])
             self._record(chunk=index, event="disk", bytes=frame_size)
@@ -190,17 +217,17 @@ class ChunkLoader:
             if refusal is None:
                 rest.append(index)
             else:
-                self.cache.fail(self._key(index), ImageReadError(f"chunk {index}: {refusal}"))
+                self.fail(index, ImageReadError(f"chunk {index}: {refusal}"))
                 unresolved.discard(index)
         return rest
 
-    async def _fetch_and_verify(self, run: list[int], reason: str,
-                                unresolved: set[int]) -> None:
+    async def _fetch_and_verify(self, run: list[int], reason: str, unresolved: set[int],
+                                streams: dict[int, FrameStream] | None = None) -> None:
         """Load `run`; fetch each chunk that fails a check again, alone, up to `refetches`
         times (cycling through the sources), then report it bad. Removes from `unresolved`
         each index whose key was completed or failed (after that, the key may belong to
         another loader)."""
-        failures = await self._load_from_sources(run, reason, unresolved, 0)
+        failures = await self._load_from_sources(run, reason, unresolved, 0, streams)
         for attempt in range(1, self.tuning.refetches + 1):
             if not failures:
                 return
@@ -217,19 +244,26 @@ class ChunkLoader:
             unresolved.discard(index)
 
     async def _load_from_sources(self, group: list[int], reason: str, unresolved: set[int],
-                                 position: int) -> dict[int, str]:
+                                 position: int,
+                                 streams: dict[int, FrameStream] | None = None
+                                 ) -> dict[int, str]:
         """Load adjacent chunks from the source at `position` (cycling), trying the next
         sources after a failed fetch. Returns the chunks that failed a check (index: reason);
         those whose fetch failed everywhere are failed and held off."""
         usable = self.health.usable([reader.source for reader in self.readers],
                                     time.monotonic())
         readers = [reader for reader in self.readers if reader.source in usable] or self.readers
-        failed: _FetchFailed | None = None
+        failed: FetchAttemptFailed | None = None
         for step in range(len(readers)):
             reader = readers[(position + step) % len(readers)]
+            group = [index for index in group if index in unresolved]  # after a broken stream
             try:
-                return await self._load_once(reader, group, reason, unresolved)
-            except _FetchFailed as exc:
+                if (streams is not None and self.streaming
+                        and isinstance(reader, StreamingReader)):
+                    return await stream_once(self, reader, group, reason, unresolved,
+                                             streams)
+                return await self.load_whole(reader, group, reason, unresolved)
+            except FetchAttemptFailed as exc:
                 failed = exc
                 if exc.unreachable:
                     self.health.source_unreachable(reader.source, exc.message,
@@ -240,15 +274,17 @@ class ChunkLoader:
                     log.info("layer %s: chunks %d-%d: %s; trying the next source", self.name,
                              group[0], group[-1], exc.message)
         assert failed is not None
+        if not group:
+            return {}
         self._fetch_failed(group, failed.message, source_down=failed.unreachable)
         unresolved.difference_update(group)
         return {}
 
-    async def _load_once(self, reader: BlobReader, group: list[int], reason: str,
+    async def load_whole(self, reader: BlobReader, group: list[int], reason: str,
                          unresolved: set[int]) -> dict[int, str]:
         """One fetch of `group` (with what its straddling dm-verity blocks need) from
         `reader`: complete each chunk that passes every check. Returns the chunks that failed
-        one (index: reason). Raises _FetchFailed."""
+        one (index: reason). Raises FetchAttemptFailed."""
         metadata = self.metadata
         first, last, known = self._fetch_span(group)
         start = metadata.frame_range(first)[0]
@@ -264,7 +300,7 @@ class ChunkLoader:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fetch_frames)
-                nursery.start_soon(self.tree.ensure, reader, group, tree_failures)
+                nursery.start_soon(self._ensure_tree, reader, group, tree_failures)
         except BaseExceptionGroup as error_group:
             errors = leaf_errors(error_group)
             if not errors or not all(isinstance(e, FetchError | FormatError) for e in errors):
@@ -273,7 +309,7 @@ class ChunkLoader:
             if fetch_errors:
                 # The reader raises without logging: the message names the URL or file, the
                 # byte range and the last status or error.
-                raise _FetchFailed(
+                raise FetchAttemptFailed(
                     "; ".join(str(error) for error in fetch_errors),
                     all(isinstance(error, SourceUnreachableError) for error in fetch_errors),
                 ) from None
@@ -307,7 +343,7 @@ class ChunkLoader:
                     if self.disk is not None:
                         frame_start, frame_end = metadata.frame_range(chunk)
                         self.disk.save(chunk, blob[frame_start - start:frame_end - start],
-                                       self.tree.for_chunk(chunk))
+                                       self.blocks_for(chunk))
                     self._record(chunk=chunk, event="fetch", reason=reason,
                                  bytes=_frame_size(metadata, chunk),
                                  latency_ms=round(latency * 1000, 3))
@@ -321,7 +357,7 @@ class ChunkLoader:
         try:
             before, after = self._context(index, decoded, failures)
             await trio.to_thread.run_sync(
-                check_blocks, self.metadata, self.tree.for_chunk(index), index, decoded[index],
+                check_blocks, self.metadata, self.blocks_for(index), index, decoded[index],
                 before, after, limiter=self._cpu_limiter)
         except FormatError as exc:
             failures[index] = str(exc)
@@ -329,6 +365,19 @@ class ChunkLoader:
         self.stats.chunks_fetched.add(index)
         self.cache.complete(self._key(index), decoded[index])
         unresolved.discard(index)
+
+    async def _ensure_tree(self, reader: BlobReader, group: list[int],
+                           failures: dict[int, str]) -> None:
+        """Fetch and authenticate the hash blocks over `group` not yet verified; put the
+        chunks under a block that does not verify in `failures`. Raises FetchError."""
+        if self.hash_blocks is None:
+            return
+        coverage = await self.hash_blocks.cover(*data_blocks(self.metadata, group),
+                                                reader=reader)
+        for index in group:
+            failure = coverage.failure_in(*data_blocks(self.metadata, [index]))
+            if failure is not None:
+                failures[index] = failure
 
     def _fetch_span(self, group: list[int]) -> tuple[int, int, dict[int, bytes]]:
         """The chunks to fetch for `group`: (first, last, neighbours' bytes borrowed from
@@ -366,8 +415,7 @@ class ChunkLoader:
             log.error("layer %s: chunk %d (frame at blob offset %d): verification failed: %s",
                       self.name, index, start, reason)
             self._record(chunk=index, event="bad")
-        self.cache.fail(self._key(index),
-                        ImageReadError(f"chunk {index}: verification failed: {reason}"))
+        self.fail(index, ImageReadError(f"chunk {index}: verification failed: {reason}"))
 
     def _fetch_failed(self, chunks: list[int], message: str, *,
                       source_down: bool = False) -> None:
@@ -379,8 +427,7 @@ class ChunkLoader:
             log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, chunks[0],
                         chunks[-1], message)
         for index in chunks:
-            self.cache.fail(self._key(index),
-                            ImageReadError(f"chunk {index}: fetch failed: {message}"))
+            self.fail(index, ImageReadError(f"chunk {index}: fetch failed: {message}"))
 
     def snapshot(self) -> dict[str, Any]:
         """The loader's part of the layer's statistics (from any thread, in trio or not)."""

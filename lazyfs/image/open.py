@@ -21,10 +21,7 @@ import trio
 from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, ReaderOptions
-from lazyfs.fetch.body import BodyTooLargeError
-from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.http import get_small
-from lazyfs.fetch.local import open_blob_reader
+from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_DIGEST,
@@ -39,18 +36,12 @@ from lazyfs.format.descriptor import (
     parse_descriptor,
 )
 from lazyfs.format.descriptor import DESCRIPTOR_SUFFIX as DESCRIPTOR_SUFFIX  # re-exported
-from lazyfs.format.errors import IntegrityError
-from lazyfs.format.layout import (
-    VERITY_HEAD_SIZE,
-    BlobMetadata,
-    check_annotations_fit,
-    metadata_frame_end,
-    parse_metadata,
-)
-from lazyfs.format.verity_tree import VerityGeometry, verify_hash_blocks
+from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.prefetch_list import LayerPrefetch
 from lazyfs.image import disk_tier
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.keys import layer_key
+from lazyfs.image.metadata import load_metadata
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -58,9 +49,6 @@ from lazyfs.image.tuning import ImageTuning
 log = logging.getLogger(__name__)
 
 MAX_DESCRIPTOR_BYTES = 1024 * 1024
-MAX_CHUNK_TABLE_FRAME = 64 * 1024 * 1024
-# Trees up to this size are fetched whole at open; larger ones keep level 0 on demand.
-WHOLE_TREE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,7 +64,9 @@ class AlternateBlob:
 class LayerSource:
     """One layer as the user named it. `reader_options` reach the blob and a descriptor
     beside it; their `expected_size` is the blob size a manifest promises (a descriptor
-    found for the blob promises its own). `alternates` serve the same blob elsewhere."""
+    found for the blob promises its own). `alternates` serve the same blob elsewhere.
+    `prefetch` is the prefetch list an image carries for the layer (checked against the
+    layer's chunk digest before use)."""
 
     blob: str
     descriptor: str | None = None
@@ -88,6 +78,7 @@ class LayerSource:
     name: str | None = None
     reader_options: ReaderOptions = field(default_factory=ReaderOptions)
     alternates: tuple[AlternateBlob, ...] = ()
+    prefetch: LayerPrefetch | None = None
 
     @property
     def has_overrides(self) -> bool:
@@ -99,14 +90,22 @@ def descriptor_candidates(blob: str) -> list[str]:
     return descriptor_path_candidates(blob.partition("?")[0])
 
 
-async def _read_text(location: str, options: ReaderOptions,
+async def _read_text(location: str, options: ReaderOptions, reader: BlobReader | None = None,
                      disk: DiskCache | None = None) -> bytes | None:
     """Read a small descriptor from a path or URL; None if it does not exist. A URL is fetched
-    with the deadline and retries of range reads; when it fails, the copy `disk` kept from
-    the last fetch stands in. Raises DescriptorError, FetchError."""
+    with the deadline and retries of range reads, through the connections of the blob's
+    `reader` when it has them; when it fails, the copy `disk` kept from the last fetch stands
+    in. Raises DescriptorError, FetchError."""
     if "://" in location and not location.startswith("file://"):
+        # httpx is imported when a layer is opened, not by everything that names a source.
+        from lazyfs.fetch.body import BodyTooLargeError
+        from lazyfs.fetch.http import HttpRangeReader, get_small
+
         try:
-            text = await get_small(location, MAX_DESCRIPTOR_BYTES, options)
+            if isinstance(reader, HttpRangeReader):
+                text = await reader.get_small(location, MAX_DESCRIPTOR_BYTES)
+            else:
+                text = await get_small(location, MAX_DESCRIPTOR_BYTES, options)
         except BodyTooLargeError:
             raise DescriptorError(f"{location}: descriptor larger than 1 MiB") from None
         except FetchError as exc:
@@ -132,10 +131,12 @@ async def _read_text(location: str, options: ReaderOptions,
     return await trio.to_thread.run_sync(load)
 
 
-async def resolve_annotations(source: LayerSource, disk: DiskCache | None = None,
-                              ) -> tuple[SeekableAnnotations, Descriptor | None]:
-    """Find the annotations for `source` (descriptors fetched before kept on `disk`). Raises
-    LayerOpenError, DescriptorError, FetchError."""
+async def resolve_annotations(
+    source: LayerSource, reader: BlobReader | None = None, disk: DiskCache | None = None,
+) -> tuple[SeekableAnnotations, Descriptor | None]:
+    """Find the annotations for `source` (a descriptor URL is read through `reader`'s
+    connections; descriptors fetched before are kept on `disk`). Raises LayerOpenError,
+    DescriptorError, FetchError."""
     if source.has_overrides:
         values = {ANNOTATION_CHUNK_TABLE_OFFSET: str(source.chunk_table_offset)}
         for key, value in ((ANNOTATION_CHUNK_DIGEST, source.chunk_digest),
@@ -150,7 +151,7 @@ async def resolve_annotations(source: LayerSource, disk: DiskCache | None = None
                              "--chunk-table-offset too")
     tried = [source.descriptor] if source.descriptor else descriptor_candidates(source.blob)
     for location in tried:
-        text = await _read_text(location, source.reader_options, disk)
+        text = await _read_text(location, source.reader_options, reader, disk)
         if text is None:
             continue
         descriptor = parse_descriptor(text, location)
@@ -197,85 +198,6 @@ def _check_data_trust(source: LayerSource, annotations: SeekableAnnotations,
     )
 
 
-async def load_metadata(reader: BlobReader, annotations: SeekableAnnotations,
-                        blob_size: int) -> BlobMetadata:
-    """Fetch the chunk table and verity superblock (one request when they are adjacent)."""
-    check_annotations_fit(annotations, blob_size)
-    table_offset = annotations.chunk_table_offset
-    table_end = metadata_frame_end(annotations, table_offset, blob_size)
-    if table_end - table_offset > MAX_CHUNK_TABLE_FRAME:
-        table_end = table_offset + MAX_CHUNK_TABLE_FRAME
-    ranges = [(table_offset, table_end)]
-    if annotations.verity_offset is not None:
-        verity_end = min(annotations.verity_offset + VERITY_HEAD_SIZE, blob_size)
-        ranges.append((annotations.verity_offset, verity_end))
-    ranges.sort()
-    spans: list[tuple[int, int]] = []
-    for start, end in ranges:
-        if spans and start <= spans[-1][1] + 65536:
-            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
-        else:
-            spans.append((start, end))
-    fetched = {start: await reader.read(start, end - start) for start, end in spans}
-
-    def slice_from(offset: int) -> bytes:
-        for start, data in fetched.items():
-            if start <= offset < start + len(data):
-                return data[offset - start:]
-        return b""
-
-    verity_head = (slice_from(annotations.verity_offset)
-                   if annotations.verity_offset is not None else None)
-    return await trio.to_thread.run_sync(
-        parse_metadata, annotations, blob_size, slice_from(table_offset), verity_head)
-
-
-async def load_tree_top(reader: BlobReader, metadata: BlobMetadata) -> dict[int, bytes]:
-    """Fetch and authenticate the upper tree levels (and level 0 too when the tree is small).
-
-    The upper levels must verify, or nothing can be: that raises IntegrityError. A level-0
-    block that fails is left out, so only the chunks it covers fail (with EIO) when read.
-    """
-    geometry = metadata.verity
-    if geometry is None or metadata.root is None or not geometry.levels:
-        return {}
-    block_size = geometry.superblock.hash_block_size
-    level0 = geometry.levels[0]
-    upper_end = level0.payload_offset
-    if geometry.tree_size <= WHOLE_TREE_BYTES:
-        upper_end = level0.payload_offset + level0.block_count * block_size
-    if upper_end <= geometry.tree_offset:
-        return {}
-    span = await reader.read(metadata.verity_payload_offset + geometry.tree_offset,
-                             upper_end - geometry.tree_offset)
-    blocks = {
-        geometry.tree_offset + position: span[position:position + block_size]
-        for position in range(0, len(span), block_size)
-    }
-    return await trio.to_thread.run_sync(_verify_tree_top, geometry, blocks, metadata.root)
-
-
-def _verify_tree_top(geometry: VerityGeometry, blocks: dict[int, bytes],
-                     root: bytes) -> dict[int, bytes]:
-    level0_start = geometry.levels[0].payload_offset
-    upper = {offset: block for offset, block in blocks.items() if offset < level0_start}
-    trusted = verify_hash_blocks(geometry, upper, root, set())
-    upper_verified = {offset: upper[offset] for offset in trusted}
-    verified = dict(upper_verified)
-    for offset, block in blocks.items():
-        if offset < level0_start:
-            continue
-        try:
-            # Each level-0 block is checked against its (verified) parent only.
-            verify_hash_blocks(geometry, {**upper_verified, offset: block}, root, trusted)
-        except IntegrityError as exc:
-            log.warning("dm-verity level-0 block at payload offset %d does not verify; the "
-                        "chunks it covers will fail: %s", offset, exc)
-            continue
-        verified[offset] = block
-    return verified
-
-
 async def open_layer(
     source: LayerSource,
     *,
@@ -287,64 +209,83 @@ async def open_layer(
     disk: DiskCache | None = None,
 ) -> RemoteImage:
     """Open, authenticate and return the layer `source` names, ready for reads; with `disk`,
-    from the metadata it holds when it does (no request), else fetched and then kept there.
+    from the metadata it holds when it does (no request), else fetched (one range request:
+    chunk table, dm-verity superblock, top of the tree) and then kept there.
 
     Raises LayerOpenError, FormatError (incl. IntegrityError) or FetchError.
     """
-    annotations, descriptor = await resolve_annotations(source, disk)
-    _check_trust(source, annotations)
-    options = source.reader_options
-    if descriptor is not None:
-        options = replace(options, expected_size=descriptor.size)
+    from lazyfs.fetch.local import open_blob_reader
+
+    tuning = tuning or ImageTuning()
     cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
-    if disk is not None and layer_key(annotations) is None:
-        disk = None  # nothing would authenticate it when read back
-    cached = None
-    if disk is not None:
-        cached = await disk_tier.load_metadata(disk, annotations, options.expected_size,
-                                               cpu_limiter)
-    if cached is not None and options.expected_size is None:
-        options = replace(options, expected_size=cached.metadata.blob_size)
-    reader = open_blob_reader(source.blob, options)
+    # One reader from the start: a descriptor beside the blob, the metadata and the first
+    # frames share its connections.
+    reader = open_blob_reader(source.blob, source.reader_options)
     name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
     try:
+        annotations, descriptor = await resolve_annotations(source, reader, disk)
+        _check_trust(source, annotations)
+        if descriptor is not None:
+            reader.expect_size(descriptor.size)
+        if disk is not None and layer_key(annotations) is None:
+            disk = None  # nothing would authenticate it when read back
+        cached = None
+        if disk is not None:
+            cached = await disk_tier.load_metadata(disk, annotations, reader.size, cpu_limiter)
         if cached is not None:
-            metadata, tree_blocks = cached.metadata, cached.tree_blocks
-            _check_data_trust(source, annotations, metadata)
+            reader.expect_size(cached.metadata.blob_size)
+            metadata = cached.metadata
         else:
-            blob_size = await reader.open()
-            metadata = await load_metadata(reader, annotations, blob_size)
-            _check_data_trust(source, annotations, metadata)
-            tree_blocks = await load_tree_top(reader, metadata)
+            loaded = await load_metadata(reader, annotations, tuning.verity_window_bytes)
+            metadata = loaded.metadata
+        _check_data_trust(source, annotations, metadata)
         layer_disk = None
+        # The hash blocks the metadata entry holds: LayerDisk keeps this very set, which the
+        # top of the tree joins once verified below.
+        kept_blocks = set(cached.tree_blocks) if cached is not None else set()
         if disk is not None:
             layer_disk = disk_tier.LayerDisk(disk, metadata, name, nursery,
-                                             kept_blocks=set(tree_blocks))
-            if cached is None:
-                layer_disk.save_metadata(tree_blocks, reader.source)
-            else:
-                layer_disk.register(reader.source)
+                                             kept_blocks=kept_blocks)
         # Opened on first use, with the size the first one was seen to have.
         alternates = [
             open_blob_reader(alternate.blob, replace(alternate.reader_options,
                                                      expected_size=metadata.blob_size))
             for alternate in source.alternates
         ]
-        return RemoteImage(name, reader, metadata, cache, nursery, tree_blocks=tree_blocks,
-                           cpu_limiter=cpu_limiter, trace=trace, tuning=tuning,
-                           alternates=alternates, disk=layer_disk,
-                           source_probe=(None if cached is None
-                                         else lambda: _probe(source.blob, options)))
+        blob_size = metadata.blob_size
+        image = RemoteImage(name, reader, metadata, cache, nursery, cpu_limiter=cpu_limiter,
+                            trace=trace, tuning=tuning, alternates=alternates,
+                            disk=layer_disk,
+                            source_probe=(None if cached is None else lambda: _probe(
+                                source.blob, source.reader_options, blob_size)))
+        if image.hash_blocks is not None:
+            if cached is not None:
+                image.hash_blocks.adopt(cached.tree_blocks)
+            else:
+                await image.hash_blocks.add_window(0, loaded.verity_payload)
+        if layer_disk is not None:
+            if cached is None:
+                tree_blocks = image.hash_blocks.known() if image.hash_blocks else {}
+                kept_blocks.update(tree_blocks)
+                layer_disk.save_metadata(tree_blocks, reader.source)
+            else:
+                layer_disk.register(reader.source)
+        return image
     except BaseException:
         await reader.aclose()
         raise
 
 
-async def _probe(blob: str, options: ReaderOptions) -> None:
+async def _probe(blob: str, options: ReaderOptions, blob_size: int) -> None:
     """Ask the source of a layer opened from the disk cache once whether it answers (and
-    still has the blob). Raises FetchError."""
-    reader = open_blob_reader(blob, replace(options, max_retries=0))
+    still has the blob, of `blob_size` bytes). Raises FetchError."""
+    from lazyfs.fetch.local import open_blob_reader
+
+    # No promised size: a reader would trust it and ask nothing.
+    reader = open_blob_reader(blob, replace(options, max_retries=0, expected_size=None))
     try:
-        await reader.open()
+        size = await reader.open()
     finally:
         await reader.aclose()
+    if size != blob_size:
+        raise BlobChangedError(f"{reader.source}: blob is {size} bytes, expected {blob_size}")

@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import platform as host
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.registry import RegistryClient
-from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     SeekableAnnotations,
@@ -38,9 +37,19 @@ from lazyfs.format.oci import (
     parse_manifest_or_index,
 )
 from lazyfs.format.platform import Platform
+from lazyfs.format.prefetch_list import (
+    ANNOTATION_PREFETCH,
+    LayerPrefetch,
+    PrefetchListError,
+    parse_prefetch_annotation,
+)
 from lazyfs.format.reference import ImageReference, parse_reference
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import AlternateBlob, LayerSource
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry import RegistryClient
+    from lazyfs.fetch.registry_options import RegistryOptions
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +81,15 @@ class UnconvertedLayerError(LayerOpenError):
 
 @dataclass(frozen=True)
 class ImageLayer:
-    """One layer as the manifest lists it; `name` is what the mount calls it."""
+    """One layer as the manifest lists it; `name` is what the mount calls it, `prefetch`
+    the prefetch list the descriptor carries (annotation `dev.lazyfs.prefetch`)."""
 
     name: str
     digest: str
     size: int
     media_type: str
     annotations: SeekableAnnotations
+    prefetch: LayerPrefetch | None = None
 
 
 @dataclass(frozen=True)
@@ -197,10 +208,24 @@ async def resolve_image(
                 descriptor.size,
                 descriptor.media_type,
                 annotations,
+                _carried_prefetch(descriptor.annotations, where),
             )
         )
     shown = config_platform or (str(platform.normalized()) if index_digest else "unknown")
     return ResolvedImage(reference, digest, shown, tuple(layers), config, index_digest)
+
+
+def _carried_prefetch(annotations: Mapping[str, str], where: str) -> LayerPrefetch | None:
+    """The layer's prefetch list annotation; a malformed one is only a lost hint: warned
+    about and ignored, the layer mounts as usual."""
+    value = annotations.get(ANNOTATION_PREFETCH)
+    if value is None:
+        return None
+    try:
+        return parse_prefetch_annotation(value, where)
+    except PrefetchListError as exc:
+        log.warning("%s; no prefetch for this layer", exc)
+        return None
 
 
 def _parse_config(data: bytes, where: str) -> tuple[ImageConfig, str | None]:
@@ -278,6 +303,7 @@ async def layer_sources(
                 name=layer.name,
                 reader_options=replace(registry_options, auth=auth),
                 alternates=alternates,
+                prefetch=layer.prefetch,
             )
         )
     return sources
@@ -287,6 +313,8 @@ async def _blob_location(
     reference: ImageReference, digest: str, options: RegistryOptions
 ) -> tuple[str | None, Any]:
     """(blob URL, auth) on the first mirror that has the blob; (None, None) if none does."""
+    from lazyfs.fetch.registry import RegistryClient  # httpx: only when mounting images
+
     for mirror in options.mirrors:
         try:
             async with RegistryClient(

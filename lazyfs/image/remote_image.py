@@ -3,19 +3,24 @@
 A read maps to chunks; missing chunks are claimed in the cache and loaded by the layer's
 ChunkLoader (`lazyfs.image.loader`: fetch by range, adjacent ones in one request up to a cap;
 each frame checked against its SHA-512, decoded to its exact size, every data block checked
-against the authenticated dm-verity tree). Only then do bytes reach the cache and the caller.
-Loads run in the mount's nursery, so a read that is interrupted does not abandon a fetch
-other readers wait on, and unmount cancels them all.
+against the dm-verity tree, whose hash blocks are fetched as reads need them). With dm-verity
+frames stream in (`frame_stream.py`) and a read is answered as soon as its blocks verify.
+Only verified bytes reach the cache and the caller. Loads run in the mount's nursery, so a
+read that is interrupted does not abandon a fetch other readers wait on, and unmount cancels
+them all.
 
 A read returns or fails within the read timeout, whatever loads its chunks. A chunk that
 failed recently fails at once (`lazyfs.image.health`: per chunk, for a while, not per layer),
 unless the disk cache (`lazyfs.image.disk_tier`) may hold it: a load asks the disk first.
+Background loads (`prefetch.py`) claim chunks in the same cache and streams: no chunk is
+fetched twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
 import trio
@@ -23,16 +28,20 @@ import trio
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.image.demand import DemandGate
 from lazyfs.image.disk_tier import LayerDisk
 from lazyfs.image.errors import ImageReadError
+from lazyfs.image.frame_stream import FrameStream
 from lazyfs.image.keys import content_key
 from lazyfs.image.loader import ChunkLoader
-from lazyfs.image.stats import ImageStats, TraceWriter
+from lazyfs.image.readahead import SequentialReads
+from lazyfs.image.stats import BackgroundStats, ImageStats, TraceWriter
 from lazyfs.image.tuning import ImageTuning
 
 log = logging.getLogger(__name__)
 
-READAHEAD_TRIGGER_BYTES = 1024 * 1024
+# Loads that reads wait for: background loads (lazyfs/image/prefetch.py) yield to them.
+ON_DEMAND = ("read", "warm")
 
 
 class RemoteImage:
@@ -49,7 +58,6 @@ class RemoteImage:
         cache: ChunkCache,
         nursery: trio.Nursery,
         *,
-        tree_blocks: Mapping[int, bytes] | None = None,
         cpu_limiter: trio.CapacityLimiter | None = None,
         trace: TraceWriter | None = None,
         tuning: ImageTuning | None = None,
@@ -65,19 +73,23 @@ class RemoteImage:
         self._nursery = nursery
         self.tuning = tuning = tuning or ImageTuning()
         self._trace = trace
-        # Readahead starts once this many bytes were read back to back: a file streamed
-        # in order, not two small files that happen to share a chunk.
-        self._readahead_trigger_bytes = min(metadata.table.chunk_size, READAHEAD_TRIGGER_BYTES)
-        self._last_read_end = -1
-        self._sequential_bytes = 0
+        table = metadata.table
+        self._sequential = SequentialReads(table.chunk_size, table.chunk_count)
         self._content_key: Hashable = content_key(metadata, reader.source)
-        self.stats = ImageStats(chunk_count=metadata.table.chunk_count)
+        self.stats = ImageStats(chunk_count=table.chunk_count)
         self.loader = ChunkLoader(
             name, [reader, *alternates], metadata, cache, self._key, self.stats, tuning,
-            tree_blocks=tree_blocks, cpu_limiter=cpu_limiter, record=self._record, disk=disk,
+            cpu_limiter=cpu_limiter, record=self._record, disk=disk,
         )
+        self.hash_blocks = self.loader.hash_blocks
+        self._streams = self.loader.streams
         if source_probe is not None:
             self.loader.probe_source(nursery, source_probe)
+        # Background loads wait while `demand` counts fetches that reads wait for; `on_read`
+        # (a recorder's) sees the chunks of every read.
+        self.demand = DemandGate()
+        self.background = BackgroundStats()
+        self.on_read: Callable[[range], None] | None = None
 
     @property
     def size(self) -> int:
@@ -93,24 +105,31 @@ class RemoteImage:
         indices = table.chunks_for_range(offset, size)
         if not indices:
             return b""
-        chunks: dict[int, bytes] | None = None
+        if self.on_read is not None:
+            self.on_read(indices)
+        end = min(offset + size, self.size)
+        pieces: list[bytes] = []
         # The one bound on a read, whatever loads its chunks and however.
         with trio.move_on_after(self.tuning.read_timeout_s):
-            chunks = await self._get_chunks(indices)
-        if chunks is None:
+            found = self._claim(indices, "read")
+            # Copy only the requested bytes of each chunk, not whole chunks.
+            for index in indices:
+                base = index * table.chunk_size
+                start, stop = max(offset - base, 0), min(end - base, table.decoded_size(index))
+                pieces.append(await self._piece(index, start, stop, found.get(index)))
+        if len(pieces) < len(indices):
             log.debug("layer %s: a read of chunks %d-%d gave up after %g s", self.name,
                       indices[0], indices[-1], self.tuning.read_timeout_s)
             raise ImageReadError(f"chunks {indices[0]}-{indices[-1]}: not loaded within "
                                  f"{self.tuning.read_timeout_s:g} s")
         self._schedule_readahead(offset, size, indices)
-        end = min(offset + size, self.size)
-        # Copy only the requested bytes of each chunk, not whole chunks.
-        pieces = []
-        for index in indices:
-            base = index * table.chunk_size
-            view = memoryview(chunks[index])
-            pieces.append(view[max(offset - base, 0):min(end - base, len(view))])
-        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def warm(self, offset: int, size: int) -> None:
+        """Start loading the chunks of `[offset, offset + size)` without waiting for them: the
+        EROFS superblock, say, while the kernel mount that will read it is being set up."""
+        with contextlib.suppress(ImageReadError):  # the read that needs it reports it
+            self._claim(self.metadata.table.chunks_for_range(offset, size), "warm")
 
     def cancel_fetches(self) -> None:
         """For unmount: end every load in flight now (its readers get EIO) and refuse new
@@ -135,7 +154,9 @@ class RemoteImage:
             "verify_failures": self.stats.verify_failures,
             "refetches": self.stats.refetches,
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
+            "partial_chunks": self._streams.partial_indices(),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
+            "background": self.background.snapshot(),
             **self.loader.snapshot(),
         }
 
@@ -143,77 +164,117 @@ class RemoteImage:
         for reader in self.loader.readers:
             await reader.aclose()
 
+    # -- background loads (lazyfs/image/prefetch.py) -------------------------------------------
+
+    def needs_fetch(self, index: int) -> bool:
+        """Whether chunk `index` is neither cached, loading, streaming, nor refused now (bad,
+        held off, its source down)."""
+        key = self._key(index)
+        return not (index in self._streams or key in self.cache or self.cache.is_loading(key)
+                    or self.loader.early_refusal(index) is not None)
+
+    def has_chunk(self, index: int) -> bool:
+        """Whether chunk `index` is in the memory cache."""
+        return self._key(index) in self.cache
+
+    def claim_for_background(self, run: list[int]) -> list[int]:
+        """Claim the chunks of `run` (adjacent) from the first that needs a fetch to the next
+        that does not (their streams opened: reads meanwhile wait on them, not on a second
+        request); the caller must `load_claimed` them."""
+        claimed: list[int] = []
+        for index in run:
+            if self.needs_fetch(index) and self.cache.claim(self._key(index)):
+                claimed.append(index)
+            elif claimed:
+                break
+        if self.loader.streaming:
+            self._streams.open(claimed)
+        return claimed
+
+    async def load_claimed(self, run: list[int], reason: str,
+                           limiter: trio.CapacityLimiter) -> None:
+        """Load chunks claimed by `claim_for_background`, under the caller's `limiter`."""
+        streams = self._streams.of(run) if self.loader.streaming else None
+        await self._load_run(run, reason, streams, limiter)
+
     # -- loading -----------------------------------------------------------------------------
 
     def _key(self, chunk_index: int) -> Hashable:
         return (self._content_key, chunk_index)
 
-    async def _get_chunks(self, indices: range) -> dict[int, bytes]:
+    def _claim(self, indices: range, reason: str) -> dict[int, bytes]:
+        """Start loading the chunks of `indices` that are neither cached, nor loading, nor
+        streaming; return those that are cached. Raises ImageReadError for a chunk refused
+        now (`ChunkLoader.early_refusal`; the loads claimed so far start)."""
         found: dict[int, bytes] = {}
-        while True:
-            claimed: list[int] = []
+        claimed: list[int] = []
+        try:
             for index in indices:
-                if index in found:
+                if index in self._streams:
                     continue
-                data = self.cache.get(self._key(index))
+                key = self._key(index)
+                data = self.cache.get(key)
                 if data is not None:
                     found[index] = data
                     self._record(chunk=index, event="hit")
                     continue
-                if self.cache.is_loading(self._key(index)):
+                if self.cache.is_loading(key):
                     continue
                 refusal = self.loader.early_refusal(index)
                 if refusal is not None:
-                    # Chunks claimed before this one must still be loaded: others may wait.
-                    self._start_loads(claimed, "read")
                     raise ImageReadError(f"chunk {index}: {refusal}")
-                if self.cache.claim(self._key(index)):
+                if self.cache.claim(key):
                     claimed.append(index)
-            self._start_loads(claimed, "read")
-            for index in indices:
-                if index in found:
-                    continue
-                data = await self.cache.wait(self._key(index))
-                if data is not None:
-                    found[index] = data
-            if len(found) == len(indices):
-                return found
-            # Evicted between its load and our wait (a tiny cache): go round again.
-
-    def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
-        end = min(offset + size, self.size)
-        if offset == self._last_read_end:
-            self._sequential_bytes += end - offset
-        else:
-            self._sequential_bytes = end - offset
-        self._last_read_end = end
-        readahead = self.tuning.readahead_chunks
-        if self._sequential_bytes < self._readahead_trigger_bytes or not readahead:
-            return
-        last = min(indices[-1] + readahead, self.metadata.table.chunk_count - 1)
-        claimed = [
-            index for index in range(indices[-1] + 1, last + 1)
-            if self.loader.early_refusal(index) is None and self.cache.claim(self._key(index))
-        ]
-        self.stats.readahead_chunks += len(claimed)
-        self._start_loads(claimed, "readahead")
+        finally:
+            # Chunks claimed before a failure must still be loaded: others may wait for them.
+            self._start_loads(claimed, reason)
+        return found
 
     def _start_loads(self, claimed: list[int], reason: str) -> None:
         """Load claimed chunks in the mount's nursery, in runs of adjacent frames, each at
         most the coalesce cap."""
-        runs: list[list[int]] = []
-        run_start = 0
-        for index in claimed:
-            start, end = self.metadata.frame_range(index)
-            if runs and runs[-1][-1] + 1 == index and end - run_start <= self.tuning.coalesce_bytes:
-                runs[-1].append(index)
-            else:
-                runs.append([index])
-                run_start = start
-        for run in runs:
-            self._nursery.start_soon(self.loader.load_run, run, reason)
+        for run in self.metadata.frame_runs(claimed, self.tuning.coalesce_bytes):
+            streams = self._streams.open(run) if self.loader.streaming else None
+            if reason in ON_DEMAND:
+                self.demand.begin()  # now, not when the task starts: background loads yield
+            self._nursery.start_soon(self._load_run, run, reason, streams)
+
+    async def _load_run(self, run: list[int], reason: str,
+                        streams: dict[int, FrameStream] | None = None,
+                        limiter: trio.CapacityLimiter | None = None) -> None:
+        try:
+            await self.loader.load_run(run, reason, streams, limiter)
+        finally:
+            if reason in ON_DEMAND:
+                self.demand.end()
+
+    async def _piece(self, index: int, start: int, stop: int, data: bytes | None) -> bytes:
+        """Bytes `[start, stop)` of chunk `index`: from `data`, its stream or its load."""
+        key = self._key(index)
+        while data is None:
+            stream = self._streams.get(index)
+            if stream is not None:
+                try:
+                    return await stream.read(start, stop)
+                except ImageReadError:
+                    if not self.cache.is_loading(key):
+                        raise
+                    # The frame is fetched again, whole: wait for its key.
+            data = await self.cache.wait(key)
+            if data is None:  # evicted between its load and this wait (a tiny cache)
+                data = self._claim(range(index, index + 1), "read").get(index)
+        return memoryview(data)[start:stop].tobytes()
+
+    def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
+        table = self.metadata.table
+        ahead = self._sequential.ahead(offset, min(offset + size, self.size), indices,
+                                       self.tuning.readahead_for(table.chunk_size))
+        claimed = [index for index in ahead if index not in self._streams
+                   and self.loader.early_refusal(index) is None
+                   and self.cache.claim(self._key(index))]
+        self.stats.readahead_chunks += len(claimed)
+        self._start_loads(claimed, "readahead")
 
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
             self._trace.record(layer=self.name, **fields)
-

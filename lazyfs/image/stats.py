@@ -61,6 +61,24 @@ class ImageStats:
     fetch_latency: LatencyRecorder = field(default_factory=LatencyRecorder)
 
 
+@dataclass
+class BackgroundStats:
+    """What background loading did for one layer (shown by `lazyfs stats`)."""
+
+    listed_chunks: int = 0
+    prefetched_chunks: int = 0
+    prefetch_requests: int = 0
+    prefetch_bytes: int = 0
+    filled_chunks: int = 0
+    fill_requests: int = 0
+    fill_bytes: int = 0
+    skipped_chunks: int = 0
+    state: str = "idle"
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
 class TraceWriter:
     """Writes one JSON line per chunk access: time since mount, layer, chunk, bytes, outcome.
 

@@ -12,9 +12,11 @@ DEFAULT_READ_TIMEOUT_S = 30.0
 class ImageTuning:
     """The knobs of RemoteImage, and the one place for their defaults.
 
-    `readahead_chunks` chunks past a sequential read are loaded in the background (0: none);
-    adjacent missing chunks are fetched in one request of at most `coalesce_bytes`; at most
-    `parallel_fetches` requests of one layer are in flight.
+    After a sequential read, the chunks within `readahead_bytes` past it are loaded in the
+    background (a distance in bytes, so that smaller chunks do not shrink it), or exactly
+    `readahead_chunks` chunks when that is set (0: none). Adjacent missing chunks are fetched
+    in one request of at most `coalesce_bytes`; at most `parallel_fetches` requests of one
+    layer are in flight.
 
     A read returns its bytes or fails within `read_timeout_s`, whatever loads it (and a load
     gives up after as long). A chunk whose frame fails a check is fetched again up to
@@ -23,9 +25,17 @@ class ImageTuning:
     tries again. A failed fetch holds off only its own chunks, and a source that cannot be
     connected to all of the layer's fetches, for `retry_after_s`, doubling up to
     `retry_max_s` (see `lazyfs.image.health`).
+
+    `verity_window_bytes` of the dm-verity tree, its top levels, come with the chunk table
+    in the one request that opens a layer; the other hash blocks are fetched when reads need
+    them. With dm-verity and `partial_frames`, frames stream in and reads are answered as
+    their blocks verify, decoding at least every `stream_piece_bytes` of a frame; with
+    `finish_frames` a frame keeps streaming into the cache once its readers are answered
+    (off: the transfer stops when nobody waits; for measurements).
     """
 
-    readahead_chunks: int = 2
+    readahead_chunks: int | None = None
+    readahead_bytes: int = 8 * 1024 * 1024
     coalesce_bytes: int = 16 * 1024 * 1024
     parallel_fetches: int = 4
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
@@ -33,13 +43,27 @@ class ImageTuning:
     retry_after_s: float = 1.0
     retry_max_s: float = 30.0
     bad_retry_after_s: float = 30.0
+    verity_window_bytes: int = 16 * 1024
+    partial_frames: bool = True
+    stream_piece_bytes: int = 32 * 1024
+    finish_frames: bool = True
 
     def __post_init__(self) -> None:
-        if (self.readahead_chunks < 0 or self.coalesce_bytes < 1 or self.parallel_fetches < 1
-                or self.read_timeout_s <= 0 or self.refetches < 0 or self.retry_after_s < 0
-                or self.retry_max_s < self.retry_after_s or self.bad_retry_after_s < 0):
+        if ((self.readahead_chunks is not None and self.readahead_chunks < 0)
+                or self.readahead_bytes < 0 or self.coalesce_bytes < 1
+                or self.parallel_fetches < 1 or self.read_timeout_s <= 0
+                or self.refetches < 0 or self.retry_after_s < 0
+                or self.retry_max_s < self.retry_after_s or self.bad_retry_after_s < 0
+                or self.verity_window_bytes < 0 or self.stream_piece_bytes < 1):
             raise ValueError(
-                "image tuning: need readahead_chunks >= 0, coalesce_bytes >= 1, "
-                "parallel_fetches >= 1, read_timeout_s > 0, refetches >= 0, "
-                "0 <= retry_after_s <= retry_max_s and bad_retry_after_s >= 0"
+                "image tuning: need readahead_chunks and readahead_bytes >= 0, "
+                "coalesce_bytes >= 1, parallel_fetches >= 1, read_timeout_s > 0, "
+                "refetches >= 0, 0 <= retry_after_s <= retry_max_s, bad_retry_after_s >= 0, "
+                "verity_window_bytes >= 0 and stream_piece_bytes >= 1"
             )
+
+    def readahead_for(self, chunk_size: int) -> int:
+        """How many chunks to read ahead in a layer of `chunk_size` chunks."""
+        if self.readahead_chunks is not None:
+            return self.readahead_chunks
+        return -(-self.readahead_bytes // chunk_size)

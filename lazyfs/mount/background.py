@@ -58,6 +58,7 @@ def spawn_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> in
     if config.log_file is None:
         raise ValueError("a background daemon needs a log file")
     read_fd, write_fd = os.pipe()
+    config.forked_at = time.monotonic()
     pid = os.fork()
     if pid == 0:  # the daemon
         code = 1

@@ -38,6 +38,7 @@ from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
 from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.open import LayerSource, open_layer
+from lazyfs.image.prefetch import AccessRecorder, BackgroundLoader, PrefetchOptions, plan_lists
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Layers opened at once (each a few round trips: size, chunk table, top of the verity tree).
 PARALLEL_LAYER_OPENS = 8
+# The EROFS superblock lies at image offset 1024; mounting reads its block first.
+EROFS_SUPERBLOCK_END = 4096
 # At unmount, frames still being written to the disk cache get this long to finish.
 DISK_WRITES_GRACE_S = 10.0
 # How often the trace file is flushed, so that a live mount can be watched.
@@ -111,9 +114,13 @@ class DaemonConfig:
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
     trace_file: str | None = None
     low_speed: SpeedLimit = field(default_factory=SpeedLimit)
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
     log_file: str | None = None
     temp_dir: str | None = None
     allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
+    # Monotonic times of the command's start and of the fork, for the start-up phases.
+    command_started: float | None = None
+    forked_at: float | None = None
 
 
 def fuse_options(config: DaemonConfig) -> set[str]:
@@ -156,11 +163,18 @@ class Daemon:
         self._fuse_done = trio.Event()
         self._stopping = False
         self._created_fuse_dir = False
+        self._recorder: AccessRecorder | None = None
 
     def run(self, on_ready: Callable[[], None]) -> None:
         trio.run(self._main, on_ready)
 
     async def _main(self, on_ready: Callable[[], None]) -> None:
+        phases = self.stats.phases
+        for name, at in (("command", self.config.command_started),
+                         ("forked", self.config.forked_at)):
+            if at is not None:
+                phases.mark(name, at)
+        phases.mark("daemon")
         trace = TraceWriter.open(self.config.trace_file) if self.config.trace_file else None
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             try:
@@ -183,6 +197,7 @@ class Daemon:
                     await self._teardown()
                 if trace is not None:
                     trace.close()
+                self._write_record()
         if not self.record.ready:
             raise DaemonStartError("stopped by a signal before the mount was ready")
         log.info("%s: unmounted", self.record.mountpoint)
@@ -196,6 +211,8 @@ class Daemon:
                      self.disk.store.capacity_bytes)
         await self._open_layers(nursery, trace)
         self._check_cache_size()
+        self.stats.phases.mark("metadata")
+        self._start_background(nursery)
         ops = LayerOperations(self.images, self.stats, cache=self.cache, disk=self.disk)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -213,6 +230,7 @@ class Daemon:
             ) from None
         self._fuse_mounted = True
         nursery.start_soon(self._serve_fuse)
+        self.stats.phases.mark("fuse")
         log.info("serving %s at %s", ", ".join(record.block_files), record.fuse_dir)
 
         if config.images and not config.block_only:
@@ -230,6 +248,7 @@ class Daemon:
                 )
                 record.erofs_mounts.append(erofs)
                 write_record(record)
+        self.stats.phases.mark("kernel")
         record.ready = True
         write_record(record)
         self.stats.mark_ready()
@@ -260,6 +279,9 @@ class Daemon:
                 if not config.block_only:
                     await _probe_superblock(image, source)
             opened[index] = image
+            if not config.block_only:
+                # The kernel mount reads the EROFS superblock first: fetch it meanwhile.
+                image.warm(0, EROFS_SUPERBLOCK_END)
             log.info(
                 "%s: %d bytes in %d chunks",
                 source.blob,
@@ -303,6 +325,31 @@ class Daemon:
                 f"smaller than one chunk of layer {name} ({chunk_size} bytes): it "
                 f"could keep nothing; give at least {chunk_size} bytes (better several chunks)"
             )
+    def _start_background(self, nursery: trio.Nursery) -> None:
+        """Hook up the access recorder, and start the prefetch lists and the fill (in the
+        daemon's nursery: unmount cancels them). Raises PrefetchListError for a list the
+        user gave that fits none of the layers."""
+        options = self.config.prefetch
+        if options.record_file is not None:
+            self._recorder = AccessRecorder()
+            for image in self.images:
+                image.on_read = self._recorder.hook(image)
+        carried = [source.prefetch for source in self.config.sources]
+        loader = BackgroundLoader(self.images, plan_lists(self.images, carried, options),
+                                  options)
+        if loader.has_work:
+            nursery.start_soon(loader.run)
+
+    def _write_record(self) -> None:
+        path = self.config.prefetch.record_file
+        if self._recorder is None or path is None:
+            return
+        try:
+            self._recorder.write(path)
+        except OSError as exc:
+            log.error("cannot write the prefetch list %s: %s", path, exc.strerror)
+            return
+        log.info("prefetch list written to %s", path)
 
     def _loop_attached(self, device: str) -> None:
         self.record.loop_devices.append(device)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import DOCKER_HUB, parse_reference
 from lazyfs.image.open import LayerSource
@@ -18,6 +18,9 @@ from lazyfs.image.registry_source import (
     resolve_image,
 )
 from lazyfs.mount.state import ImageRecord
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry_options import RegistryOptions
 
 
 @dataclass

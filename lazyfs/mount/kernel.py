@@ -188,7 +188,9 @@ if libc.mount(os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]), b"erofs", MS_R
 
 async def mount_erofs_file_backed(image_file: str, mountpoint: str) -> None:
     """Mount `image_file` itself as EROFS (Linux >= 6.12). Raises MountError."""
-    result = await _run([sys.executable, "-c", _FILE_BACKED_MOUNT, image_file, mountpoint])
+    # -I -S: no site packages or environment to set up, a mount(2) needs only ctypes.
+    result = await _run([sys.executable, "-I", "-S", "-c", _FILE_BACKED_MOUNT, image_file,
+                         mountpoint])
     if result.returncode != 0:
         reason = _stderr(result)
         raise MountError(f"cannot mount {image_file} as EROFS at {mountpoint}: {reason}", reason)

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,9 +23,9 @@ from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch.base import SpeedLimit
-from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
+from lazyfs.image.prefetch import PrefetchOptions
 from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import ImageTuning
 from lazyfs.mount import kernel, stack
@@ -39,6 +39,9 @@ from lazyfs.mount.state import (
     find_record,
     private_dir,
 )
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry_options import RegistryOptions
 
 STATS_TIMEOUT_S = 10.0
 
@@ -60,13 +63,15 @@ class MountOptions:
     """How a daemon serves its layers: the decoded chunk cache (bytes, at least one chunk of
     every layer), how each layer reads (readahead, coalescing, parallel fetches, the read
     timeout, failure retries), a file to append a JSON line per chunk access, the disk cache
-    shared with other daemons (None: none), and the low-speed limit of every fetch."""
+    shared with other daemons (None: none), the low-speed limit of every fetch, and what it
+    fetches in the background or records for later (prefetch lists)."""
 
     cache_size_bytes: int = DEFAULT_CACHE_BYTES
     tuning: ImageTuning = field(default_factory=ImageTuning)
     trace_file: str | None = None
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
     low_speed: SpeedLimit = field(default_factory=SpeedLimit)
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -117,6 +122,7 @@ def layer_config(
         disk_cache=options.disk_cache,
         trace_file=options.trace_file,
         low_speed=options.low_speed,
+        prefetch=options.prefetch,
     )
 
 
@@ -149,6 +155,7 @@ def image_config(
         disk_cache=options.disk_cache,
         trace_file=options.trace_file,
         low_speed=options.low_speed,
+        prefetch=options.prefetch,
         temp_dir=temp_dir,
     )
 
@@ -227,7 +234,11 @@ def mount_images(
         raise MountpointError("each image needs a mountpoint of its own")
     references = [reference for reference, _ in targets]
     dirs = writable_dirs(writable) if writable is not None else None
-    found = resolve(references, registry or RegistryOptions(), platform, insecure=insecure)
+    if registry is None:
+        from lazyfs.fetch.registry_options import RegistryOptions
+
+        registry = RegistryOptions()
+    found = resolve(references, registry, platform, insecure=insecure)
     return start(image_config(found, references, mountpoints, writable=dirs, options=options))
 
 

@@ -33,6 +33,43 @@ def test_stats_without_a_cache_section_still_print() -> None:
     assert "chunk cache" not in format_stats(stats, "/mnt/x")
 
 
+def test_start_up_phases_are_shown_in_order_when_present() -> None:
+    phases = {"cli_start_s": 0.05, "daemon_start_s": 0.1, "metadata_s": 0.02,
+              "fuse_init_s": 0.003, "kernel_mount_s": 0.04, "ready_s": 0.213,
+              "first_read_s": None}
+    stats = {**STATS, "daemon": {**STATS["daemon"], "phases": phases}}
+    lines = format_stats(stats, "/mnt/x").splitlines()
+    start = lines.index("start-up phases")
+    assert lines[start + 1:start + 7] == [
+        "  command start             0.050 s",
+        "  daemon start              0.100 s",
+        "  layer metadata            0.020 s",
+        "  FUSE init                 0.003 s",
+        "  kernel mount              0.040 s",
+        "  ready (total)             0.213 s",
+    ]
+    assert lines[start + 7] == "chunk cache"  # no line for the read not seen yet
+    assert "start-up phases" not in format_stats(STATS, "/mnt/x")
+
+
+def test_background_loads_are_shown_once_they_ran() -> None:
+    layer = STATS["layers"]["layer.blob"]
+    assert "background" not in format_stats(STATS, "/mnt/x")
+    idle = {**STATS, "layers": {"layer.blob": {**layer, "background": {"state": "idle"}}}}
+    assert "background" not in format_stats(idle, "/mnt/x")
+    background = {"state": "filling", "listed_chunks": 9, "prefetched_chunks": 7,
+                  "prefetch_requests": 3, "prefetch_bytes": 3 << 20, "filled_chunks": 4,
+                  "fill_requests": 4, "fill_bytes": 1 << 20, "skipped_chunks": 2}
+    running = {**STATS, "layers": {"layer.blob": {**layer, "background": background}}}
+    lines = format_stats(running, "/mnt/x").splitlines()
+    start = lines.index("  background                filling")
+    assert lines[start + 1:start + 4] == [
+        "    prefetched              7 of 9 listed chunks, 3.0 MiB in 3 requests",
+        "    filled                  4 chunks, 1.0 MiB in 4 requests",
+        "    skipped (had them)      2 chunks",
+    ]
+
+
 def test_disk_cache_section_shows_hits_misses_evictions_and_bytes() -> None:
     stats = {**STATS, "disk_cache": {"directory": "/var/cache/lazyfs", "capacity_bytes": 1 << 30,
                                      "hits": 5, "misses": 3, "bytes_read": 2 << 20,

@@ -723,3 +723,81 @@ def test_get_small_sends_headers_to_the_origin_only() -> None:
 def test_get_small_refuses_other_schemes() -> None:
     with pytest.raises(FetchError, match="not an http"):
         run(lambda: get_small("ftp://example.test/d.json", 64))
+
+
+# --- no probe: promised sizes, clipped reads, streamed reads -----------------------------------
+
+
+def test_a_promised_size_needs_no_probe_and_is_checked_by_the_first_answer() -> None:
+    server = Server()
+
+    async def main() -> None:
+        reader = server.reader(expected_size=len(BLOB))
+        assert await reader.open() == len(BLOB) and reader.stats.requests == 0
+        assert await reader.read(10, 5) == BLOB[10:15]
+        reader.expect_size(len(BLOB))
+        with pytest.raises(BlobChangedError, match="by its descriptor"):
+            reader.expect_size(len(BLOB) + 1)
+        await reader.aclose()
+
+    run(main)
+    assert [r.headers["Range"] for r in server.requests] == ["bytes=10-14"]
+
+
+def clipping(request: httpx.Request) -> httpx.Response:
+    """A 206 for the request's range cut at the end of the blob, as nginx answers."""
+    start, end = parse_range(request)
+    end = min(end, len(BLOB) - 1)
+    return httpx.Response(206, headers={"Content-Range": f"bytes {start}-{end}/{len(BLOB)}"},
+                          content=BLOB[start:end + 1])
+
+
+def test_a_clipped_read_learns_the_size_from_its_answer() -> None:
+    server = Server([clipping, clipping])
+    server.opened = True  # no probe expected: the faults answer from the first request
+
+    async def main() -> None:
+        reader = server.reader()
+        assert await reader.read_clipped(len(BLOB) - 100, 4096) == BLOB[-100:]
+        assert reader.size == len(BLOB) and reader.stats.requests == 1
+        assert await reader.read_clipped(len(BLOB) - 10, 4096) == BLOB[-10:]  # known now
+        await reader.aclose()
+
+    run(main)
+    assert [r.headers["Range"] for r in server.requests] == [
+        f"bytes={len(BLOB) - 100}-{len(BLOB) + 3995}", f"bytes={len(BLOB) - 10}-{len(BLOB) - 1}"]
+
+
+def test_a_clipped_answer_must_end_at_the_end_of_the_blob() -> None:
+    def cut_short(request: httpx.Request) -> httpx.Response:
+        start, _ = parse_range(request)
+        return httpx.Response(206, headers={"Content-Range": f"bytes {start}-{start + 9}/"
+                                            f"{len(BLOB)}"}, content=BLOB[start:start + 10])
+
+    async def main() -> None:
+        reader = HttpRangeReader(URL, ReaderOptions(max_retries=0),
+                                 transport=httpx.MockTransport(cut_short))
+        with pytest.raises(FetchError, match="for a different range"):
+            await reader.read_clipped(100, 4096)
+        await reader.aclose()
+
+    run(main)
+
+
+def test_a_streamed_read_resumes_after_a_broken_body() -> None:
+    server = Server([short, short])
+    pieces: list[bytes] = []
+
+    async def sink(piece: bytes) -> None:
+        pieces.append(piece)
+
+    async def main() -> None:
+        async with server.reader() as reader:
+            await reader.read_stream(1000, 3000, sink)
+            assert reader.stats.retries == 2
+
+    run(main)
+    assert b"".join(pieces) == BLOB[1000:4000]
+    # After the probe: the range, then twice from the first byte the sink did not get.
+    assert [r.headers["Range"] for r in server.requests[1:]] == [
+        "bytes=1000-3999", "bytes=3999-3999", "bytes=3999-3999"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 import tracemalloc
@@ -25,6 +26,7 @@ from lazyfs.format.frames import (
     SKIPPABLE_MAGIC_MAX,
     SKIPPABLE_MAGIC_MIN,
     ZSTD_MAGIC_BYTES,
+    FrameStreamDecoder,
     decode_chunk_frame,
     parse_skippable_frame,
     parse_skippable_header,
@@ -302,3 +304,80 @@ def test_a_flipped_bit_never_decodes_to_wrong_data_and_never_verifies(data):
 def test_frame_decode_error_is_an_integrity_error():
     # The reader maps every integrity failure, decode errors included, to EIO.
     assert issubclass(FrameDecodeError, IntegrityError)
+
+
+# --- decoding a frame as it arrives ------------------------------------------------------------
+
+STREAMED = pattern(300 * 1024, seed=4) + bytes(200 * 1024) + random.Random(4).randbytes(150_000)
+
+
+def stream_decode(frame: bytes, cuts: list[int], expected: int, offset: int = 0) -> list[bytes]:
+    """Feed `frame` cut at `cuts`; each feed's output (the decoder finished at the end)."""
+    decoder = FrameStreamDecoder(expected, 7, offset, len(frame))
+    bounds = [0, *sorted(cuts), len(frame)]
+    outputs = [decoder.feed(frame[start:end]) for start, end in itertools.pairwise(bounds)]
+    decoder.finish()
+    return outputs
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 1 << 20), max_size=12), st.booleans(), st.booleans())
+def test_any_split_decodes_to_the_chunk(cuts, checksum, content_size):
+    frame = compress(STREAMED, checksum=checksum, content_size=content_size)
+    cuts = [cut % (len(frame) + 1) for cut in cuts]
+    assert b"".join(stream_decode(frame, cuts, len(STREAMED))) == STREAMED
+
+
+def test_output_comes_block_by_block_before_the_frame_ends():
+    frame = compress(STREAMED)
+    blocks = walk_zstd_frame(frame).block_count
+    assert blocks > 4
+    outputs = stream_decode(frame, list(range(4096, len(frame), 4096)), len(STREAMED))
+    first = next(index for index, out in enumerate(outputs) if out)
+    assert first < len(outputs) // 2 and sum(len(out) for out in outputs[:first + 1]) <= (
+        128 * 1024)
+
+
+@pytest.mark.parametrize("size", [4000, 5001], ids=["fewer", "more"])
+def test_a_frame_of_another_size_is_rejected_when_streamed(size):
+    frame = compress(CHUNK[:size] if size < len(CHUNK) else CHUNK + b"!")
+    with pytest.raises(FrameDecodeError, match="chunk 7 \\(frame at offset 0\\)"):
+        stream_decode(frame, [100], len(CHUNK))
+
+
+def test_a_streamed_bomb_fails_after_one_block_too_many():
+    compressor = zstandard.ZstdCompressor(write_checksum=True).compressobj()
+    frame = b"".join(compressor.compress(bytes(MiB)) for _ in range(64)) + compressor.flush()
+    decoder = FrameStreamDecoder(4 * MiB, 0, 0, len(frame))
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameDecodeError, match="the chunk's 4194304 bytes"):
+            decoder.feed(frame)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoder.decoded <= 4 * MiB + 128 * 1024
+    assert peak < 12 * MiB, f"streaming the 64 MiB bomb peaked at {peak} bytes"
+
+
+@pytest.mark.parametrize("extra", [b"\x00", compress(b"second frame")], ids=["byte", "frame"])
+def test_a_streamed_frame_must_end_where_the_table_says(extra):
+    frame = compress(CHUNK)
+    decoder = FrameStreamDecoder(len(CHUNK), 1, 10, len(frame) + len(extra))
+    assert decoder.feed(frame + extra) == CHUNK
+    with pytest.raises(FrameDecodeError, match="does not end at the"):
+        decoder.finish()
+    short = FrameStreamDecoder(len(CHUNK), 1, 10, len(frame))
+    short.feed(frame[:-1])
+    with pytest.raises(FrameDecodeError, match="does not end at the"):
+        short.finish()
+    with pytest.raises(FrameDecodeError, match="more than the frame"):
+        FrameStreamDecoder(len(CHUNK), 1, 10, len(frame)).feed(frame + b"x")
+
+
+@pytest.mark.parametrize(("position", "mask"), [(0, 0x10), (4, 0x08), (-1, 0x10), (-30, 0x01)],
+                         ids=["magic", "reserved-bit", "checksum", "block"])
+def test_a_corrupt_streamed_frame_raises_only_format_errors(position, mask):
+    frame = flip(compress(CHUNK), position % len(compress(CHUNK)), mask)
+    with pytest.raises(FormatError):
+        stream_decode(frame, [5, 50], len(CHUNK))

@@ -360,3 +360,12 @@ def test_messages_name_offsets_not_just_problems():
     with pytest.raises(LayoutError) as caught:
         _parse(TABLE_FIRST.blob, TABLE_FIRST.annotations, len(TABLE_FIRST.blob) - 1)
     assert re.search(r"at offset \d+", str(caught.value))
+
+
+def test_frame_runs_group_adjacent_frames_up_to_the_cap():
+    metadata = _parse(TABLE_FIRST.blob, TABLE_FIRST.annotations)
+    sizes = [end - start for start, end in map(metadata.frame_range, range(5))]
+    assert metadata.frame_runs([0, 1, 2, 4], 10 ** 9) == [[0, 1, 2], [4]]
+    assert metadata.frame_runs([0, 1, 2], sizes[0] + sizes[1]) == [[0, 1], [2]]
+    assert metadata.frame_runs([0, 1], 1) == [[0], [1]]  # one frame over the cap is a run
+    assert metadata.frame_runs([], 1) == []

@@ -22,6 +22,7 @@ from lazyfs.format.verity_tree import (
     VerityGeometry,
     VerityTreeBuilder,
     build_verity_payload,
+    check_hash_blocks,
     check_payload_size,
     data_block_digests,
     hash_blocks_needed,
@@ -406,3 +407,26 @@ def test_verifying_a_path_costs_its_length_not_the_tree_size():
     assert verify_hash_blocks(geometry, blocks, root, set()) == set(blocks)
     assert blocks.lookups <= 4 * len(path)
     verify_data_blocks(geometry, data_block, data, blocks, root)
+
+
+def test_each_hash_block_is_checked_on_its_own_and_a_bad_one_takes_its_subtree() -> None:
+    tree = _tree("sha256-512-3levels")  # levels of 19, 2 and 1 blocks of 512 bytes
+    geometry = tree.geometry
+    everything = hash_blocks_needed(geometry, 0, tree.data_blocks)
+    blocks = tree.blocks(everything)
+    level1 = geometry.levels[1].payload_offset + 512  # level-1 block 1: level-0 blocks 16-18
+    level0 = geometry.levels[0].payload_offset + 2 * 512  # level-0 block 2, under block 0
+    for bad in (level1, level0):
+        blocks[bad] = bytes([blocks[bad][0] ^ 1]) + blocks[bad][1:]
+    verified, failed = check_hash_blocks(geometry, blocks, tree.root, set())
+    below_level1 = {geometry.levels[0].payload_offset + i * 512 for i in range(16, 19)}
+    assert set(failed) == {level1, level0} | below_level1
+    assert verified == set(everything) - set(failed)
+    assert "does not match its parent" in failed[level1]
+    assert "is not verified" in failed[min(below_level1)]
+    with pytest.raises(IntegrityError, match=f"payload offset {level1}\\) does not match"):
+        verify_hash_blocks(geometry, blocks, tree.root, set())
+    # Trusted blocks are parents without being hashed again; a missing parent fails its child.
+    top = geometry.levels[2].payload_offset
+    again = check_hash_blocks(geometry, tree.blocks([top, level0 + 512]), tree.root, {top})
+    assert set(again[1]) == {level0 + 512}

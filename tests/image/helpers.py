@@ -16,14 +16,10 @@ from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.local import LocalFileReader
 from lazyfs.format.descriptor import Descriptor, serialize_descriptor
+from lazyfs.format.verity_tree import verify_hash_blocks
 from lazyfs.image.disk_tier import LayerDisk
-from lazyfs.image.open import (
-    LayerSource,
-    load_metadata,
-    load_tree_top,
-    open_layer,
-    resolve_annotations,
-)
+from lazyfs.image.metadata import load_metadata
+from lazyfs.image.open import LayerSource, open_layer, resolve_annotations
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning
@@ -109,13 +105,18 @@ async def open_with_level0_on_demand(source: LayerSource, disk: DiskCache,
     layer whose tree is too large to fetch whole at open: only the levels above level 0 are
     loaded, level-0 blocks come on demand (and from the disk cache `disk`)."""
     annotations, _ = await resolve_annotations(source)
-    async with LocalFileReader(source.blob) as setup:
-        metadata = await load_metadata(setup, annotations, await setup.open())
-        tree = await load_tree_top(setup, metadata)
-    geometry = metadata.verity
-    assert geometry is not None and len(geometry.levels) == 2
-    level0 = geometry.levels[0].payload_offset
-    top = {offset: block for offset, block in tree.items() if offset < level0}
-    layer = LayerDisk(disk, metadata, "layer", nursery, kept_blocks=set(top))
-    return RemoteImage("layer", LocalFileReader(source.blob), metadata, ChunkCache(1 << 20),
-                       nursery, tree_blocks=top, tuning=tuning, disk=layer)
+    async with LocalFileReader(source.blob) as setup:  # not the layer's: it counts requests
+        metadata = (await load_metadata(setup, annotations, 0)).metadata
+        geometry = metadata.verity
+        assert geometry is not None and metadata.root is not None
+        assert len(geometry.levels) == 2
+        top = geometry.levels[1].payload_offset
+        block = await setup.read(metadata.verity_payload_offset + top,
+                                 geometry.superblock.hash_block_size)
+    verify_hash_blocks(geometry, {top: block}, metadata.root, set())
+    layer = LayerDisk(disk, metadata, "layer", nursery, kept_blocks={top})
+    image = RemoteImage("layer", LocalFileReader(source.blob), metadata, ChunkCache(1 << 20),
+                        nursery, tuning=tuning, disk=layer)
+    assert image.hash_blocks is not None
+    image.hash_blocks.adopt({top: block})
+    return image

@@ -16,7 +16,8 @@ from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.keys import frame_key, layer_key, tree_key
-from lazyfs.image.open import LayerSource, load_metadata
+from lazyfs.image.metadata import load_metadata
+from lazyfs.image.open import LayerSource
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning
 from tests.format import build_blob, make_superblock
@@ -147,7 +148,7 @@ async def _metadata(source: LayerSource):  # type: ignore[no-untyped-def]
 
     annotations, _ = await resolve_annotations(source)
     async with LocalFileReader(source.blob) as reader:
-        return await load_metadata(reader, annotations, await reader.open())
+        return (await load_metadata(reader, annotations, 0)).metadata
 
 
 def test_hash_blocks_of_large_trees_are_kept_per_chunk(tmp_path: Path,

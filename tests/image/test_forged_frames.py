@@ -50,10 +50,11 @@ async def read_pieces(image: RemoteImage, piece: int) -> dict[int, bytes | None]
     return out
 
 
+@pytest.mark.parametrize("partial", [True, False], ids=["partial-frames", "whole-frames"])
 @pytest.mark.parametrize("readahead", [0, 2])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forged_frame_never_reaches_a_reader(
-    tmp_path: Path, case: str, readahead: int, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, case: str, readahead: int, partial: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     blob, forgery = forged_layer(tmp_path, case)
     bad = forgery.chunk_index
@@ -65,8 +66,8 @@ def test_forged_frame_never_reaches_a_reader(
         return pieces, image.stats_snapshot()
 
     with caplog.at_level(logging.ERROR):
-        pieces, stats = run_with_layer(LayerSource(str(blob)), body,
-                                       tuning=ImageTuning(readahead_chunks=readahead))
+        tuning = ImageTuning(readahead_chunks=readahead, partial_frames=partial)
+        pieces, stats = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
     failed = [offset for offset, data in pieces.items() if data is None]
     assert failed == list(range(bad * CHUNK, (bad + 1) * CHUNK, 4096))
     for offset, data in pieces.items():
@@ -80,8 +81,10 @@ def test_forged_frame_never_reaches_a_reader(
     assert f"chunk {bad} " in errors[0] and CASES[case][2] in errors[0]
 
 
+@pytest.mark.parametrize("partial", [True, False], ids=["partial-frames", "whole-frames"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_forged_frame_fails_a_read_of_just_its_byte(tmp_path: Path, case: str) -> None:
+def test_forged_frame_fails_a_read_of_just_its_byte(tmp_path: Path, case: str,
+                                                    partial: bool) -> None:
     blob, _ = forged_layer(tmp_path, case)
 
     async def body(image: RemoteImage) -> object:
@@ -90,7 +93,8 @@ def test_forged_frame_fails_a_read_of_just_its_byte(tmp_path: Path, case: str) -
         before, after = TARGET - TARGET % CHUNK - 1, TARGET - TARGET % CHUNK + CHUNK
         return await image.read(before, 1), await image.read(after, 1)
 
-    assert run_with_layer(LayerSource(str(blob)), body, tuning=ImageTuning(readahead_chunks=0)) == (
+    tuning = ImageTuning(readahead_chunks=0, partial_frames=partial)
+    assert run_with_layer(LayerSource(str(blob)), body, tuning=tuning) == (
         IMAGE[TARGET - TARGET % CHUNK - 1:TARGET - TARGET % CHUNK],
         IMAGE[TARGET - TARGET % CHUNK + CHUNK:TARGET - TARGET % CHUNK + CHUNK + 1],
     )

@@ -94,9 +94,11 @@ def test_corrupt_frame_fails_only_its_chunk(blob: Path, caplog: pytest.LogCaptur
     assert len(errors) == 1 and f"chunk {bad}" in errors[0].getMessage()
 
 
-def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path) -> None:
-    # 40 chunks of 4 KiB -> sha512 level 0 has one hash block per 64 data blocks; a 2 MiB image
-    # has 512 data blocks, 8 level-0 blocks and a top level: big enough to keep level 0 remote.
+@pytest.mark.parametrize("window", [0, 16 * 1024])
+def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path, window: int) -> None:
+    # sha512 level 0 has one hash block per 64 data blocks; a 2 MiB image has 512 data blocks,
+    # 8 level-0 blocks and a top level. With a window of 16 KiB the bad block comes with the
+    # metadata (checked at open), without one it is fetched when read.
     image_bytes = make_image_bytes(2 * 1024 * 1024, seed=7)
     blob_path, result = write_blob(tmp_path, image_bytes, chunk_size=CHUNK)
     verity_payload = result.annotations.verity_offset + SKIPPABLE_HEADER_SIZE
@@ -108,15 +110,8 @@ def test_corrupt_level0_tree_block_fails_covered_chunk(tmp_path: Path) -> None:
             await image.read(2 * 64 * 4096, 4096)  # data block 128 -> level-0 block 2
         return await image.read(0, CHUNK)
 
-    import lazyfs.image.open as open_module
-
-    saved = open_module.WHOLE_TREE_BYTES
-    open_module.WHOLE_TREE_BYTES = 0
-    try:
-        assert run_with_layer(LayerSource(str(blob_path)), body, tuning=NO_READAHEAD) == (
-            image_bytes[:CHUNK])
-    finally:
-        open_module.WHOLE_TREE_BYTES = saved
+    tuning = ImageTuning(readahead_chunks=0, verity_window_bytes=window)
+    assert run_with_layer(LayerSource(str(blob_path)), body, tuning=tuning) == image_bytes[:CHUNK]
 
 
 def test_corrupt_upper_tree_refuses_open(tmp_path: Path) -> None:
@@ -375,7 +370,8 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
             await trio.sleep(1)  # the second load completes in the background nursery
         return results
 
-    results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, tuning=NO_READAHEAD)
+    tuning = ImageTuning(readahead_chunks=0, partial_frames=False)  # whole frames decode here
+    results = run_with_layer(LayerSource(str(blob)), body, cache_bytes=0, tuning=tuning)
     assert results == {"first": IMAGE[:2 * CHUNK], "second": IMAGE[:10]}
 
 
@@ -444,11 +440,16 @@ def test_corrupt_tree_block_fails_only_its_chunks_of_a_coalesced_run(tmp_path: P
     async def body(image: RemoteImage) -> object:
         with pytest.raises(ImageReadError):
             await image.read(11 * CHUNK, 2 * CHUNK)  # chunks 11 and 12, fetched as one run
-        return await image.read(12 * CHUNK, CHUNK), image.stats_snapshot()["bad_chunks"]
+        stats = image.stats_snapshot()
+        return await image.read(12 * CHUNK, CHUNK), stats["bad_chunks"], stats["partial_chunks"]
 
-    data, bad = run_with_layer(LayerSource(str(blob_path)), body, tuning=NO_READAHEAD)
-    assert data == image_bytes[12 * CHUNK:13 * CHUNK]
-    assert bad == [11]
+    for partial in (True, False):
+        tuning = ImageTuning(readahead_chunks=0, partial_frames=partial)
+        data, bad, kept = run_with_layer(LayerSource(str(blob_path)), body, tuning=tuning)
+        assert data == image_bytes[12 * CHUNK:13 * CHUNK]
+        # Whole frames fail chunk 11; a partial frame keeps it, failing the blocks under the
+        # bad hash block (all of chunk 11's).
+        assert (bad, kept) == (([], [11]) if partial else ([11], []))
 
 
 def test_trace_records_fetches_hits_and_bad_chunks(blob: Path, tmp_path: Path) -> None:

@@ -120,9 +120,9 @@ def test_mount_shows_the_rootfs_read_only_and_umount_leaves_nothing(
         assert f"layer {name} (" in stats.stdout
     raw = json.loads(lazyfs.run("stats", str(mountpoint), "--json").stdout)
     assert sorted(raw["layers"]) == sorted(image["layers"])
-    # The whole tree was read: every chunk of every layer (each one chunk), once.
-    assert [(layer["chunks_fetched"], layer["chunk_count"]) for layer in raw["layers"].values()
-            ] == [(1, 1), (1, 1)]
+    # The whole tree was read: every chunk of every layer.
+    for layer in raw["layers"].values():
+        assert layer["chunks_fetched"] == layer["chunk_count"] >= 1, layer
     umount_leaves_nothing(lazyfs, mountpoint, record)
 
 

@@ -195,7 +195,45 @@ def test_corrupted_tree_block_over_http_is_eio_there_and_only_there(
         correct, eio, wrong = read_outcomes(mountpoint, tree)
         stats = layer_stats(lazyfs, mountpoint)
         assert wrong == 0 and eio >= 1 and correct > 10 * eio
-        assert stats["verify_failures"] == 1 and len(stats["bad_chunks"]) == 1
+        # The bad hash block covers one 256 KiB chunk: kept by the layer as partly bad (here
+        # wholly), it is not a frame that failed its checks.
+        assert stats["verify_failures"] == 1 and len(stats["partial_chunks"]) == 1
+        assert stats["bad_chunks"] == []
+        assert lazyfs.run("umount", str(mountpoint)).returncode == 0
+
+
+def test_a_mount_opens_with_one_request_and_the_top_of_the_tree(
+    lazyfs: Lazyfs, mountpoint: Path, small_layer: tuple[Path, Path]
+) -> None:
+    """No size probe, the metadata in one range, the tree beyond its top fetched only where
+    reads went; and the stats show the start-up phases."""
+    _, served = small_layer
+    annotations = parse_descriptor((served / "layer.descriptor.json").read_text()).seekable()
+    assert annotations.verity_offset is not None
+    tree_start = annotations.verity_offset + SKIPPABLE_HEADER_SIZE + 4096
+    with serve_directory(served) as server:
+        lazyfs.mount(server.url + "layer.blob", str(mountpoint), "--readahead", "0",
+                     mountpoint=mountpoint)
+        stats = layer_stats(lazyfs, mountpoint)
+        ranges = []
+        for line in server.access_lines():
+            _, path, asked, status, _ = line.split()
+            if path == "/layer.blob":
+                assert status == "206", line
+                start, end = asked.strip('"').removeprefix("bytes=").split("-")
+                ranges.append((int(start), int(end) + 1))
+        window = 16 * 1024  # ImageTuning's default verity_window_bytes
+        assert ranges[0] == (annotations.chunk_table_offset, tree_start + window)
+        later = sum(min(end, 1 << 62) - max(start, tree_start + window)
+                    for start, end in ranges[1:] if end > tree_start + window)
+        # A level-0 hash block covers a 256 KiB chunk: one per chunk read, no more.
+        assert later <= 4096 * stats["chunks_fetched"], (ranges, stats)
+        result = lazyfs.run("stats", str(mountpoint), "--json")
+        phases = json.loads(result.stdout)["daemon"]["phases"]
+        assert all(phases[name] is not None and phases[name] >= 0 for name in (
+            "cli_start_s", "daemon_start_s", "metadata_s", "fuse_init_s", "kernel_mount_s",
+            "ready_s"))
+        assert "layer metadata" in lazyfs.run("stats", str(mountpoint)).stdout
         assert lazyfs.run("umount", str(mountpoint)).returncode == 0
 
 

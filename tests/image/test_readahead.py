@@ -1,0 +1,68 @@
+"""Readahead by distance in bytes (smaller chunks do not shrink it), and readahead for a walk
+that moves on chunk by chunk without reading bytes back to back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from lazyfs.image.open import LayerSource
+from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.tuning import ImageTuning
+from tests.image.helpers import make_image_bytes, run_with_layer, write_blob
+
+CHUNK = 256 * 1024
+IMAGE = make_image_bytes(16 * CHUNK)
+
+
+@pytest.mark.parametrize(("tuning", "chunk_size", "chunks"), [
+    (ImageTuning(), 4 << 20, 2),
+    (ImageTuning(), 512 << 10, 16),
+    (ImageTuning(readahead_bytes=1), 512 << 10, 1),
+    (ImageTuning(readahead_chunks=3), 64 << 10, 3),
+    (ImageTuning(readahead_chunks=0), 64 << 10, 0),
+    (ImageTuning(readahead_bytes=0), 64 << 10, 0),
+])
+def test_readahead_distance_is_in_bytes_unless_chunks_are_given(
+    tuning: ImageTuning, chunk_size: int, chunks: int
+) -> None:
+    assert tuning.readahead_for(chunk_size) == chunks
+
+
+def test_negative_readahead_is_refused() -> None:
+    with pytest.raises(ValueError, match="readahead"):
+        ImageTuning(readahead_bytes=-1)
+
+
+def _walk(offsets: list[int]) -> object:
+    async def body(image: RemoteImage) -> object:
+        for offset in offsets:
+            await image.read(offset, 100)
+        await trio.sleep(0.2)
+        return image.stats_snapshot()
+
+    return body
+
+
+def test_a_walk_from_chunk_to_chunk_reads_ahead(tmp_path: Path) -> None:
+    blob = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)[0]
+    tuning = ImageTuning(readahead_bytes=2 * CHUNK)
+    # 1 MiB of 256 KiB chunks: the fourth step from chunk to chunk starts the readahead.
+    stats = run_with_layer(LayerSource(str(blob)),
+                           _walk([k * CHUNK + 5000 for k in range(5)]),  # type: ignore[arg-type]
+                           tuning=tuning)
+    assert stats["readahead_chunks"] == 2
+    assert stats["chunks_fetched"] == 7
+
+
+def test_reads_that_jump_between_chunks_do_not_read_ahead(tmp_path: Path) -> None:
+    blob = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)[0]
+    tuning = ImageTuning(readahead_bytes=2 * CHUNK)
+    # Forward steps broken by a jump back (a metadata read, another file) start again.
+    offsets = [chunk * CHUNK + 5000 for chunk in (0, 1, 2, 9, 3, 4, 5, 12, 13)]
+    stats = run_with_layer(LayerSource(str(blob)), _walk(offsets),  # type: ignore[arg-type]
+                           tuning=tuning)
+    assert stats["readahead_chunks"] == 0
+    assert stats["chunks_fetched"] == len(offsets)
