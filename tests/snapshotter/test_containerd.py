@@ -212,6 +212,9 @@ def test_cri_labels_and_bad_inputs_through_containerd(
     manifest_digest, manifest = manifest_of(registry, "test/app", "v1-erofs")
     bottom = manifest["layers"][0]["digest"]
     with ContainerdClient(str(containerd.socket), containerd.namespace) as client:
+        # As CRI's pull does: a lease keeps the snapshots the pull makes from containerd's
+        # garbage collector (without it, a collection may remove the layer's at any moment).
+        lease = client.create_lease()
         labels = cri_labels(image, manifest_digest, bottom)
         with pytest.raises(ContainerdError) as caught:
             client.prepare(LAZYFS, "k8s-extract-1", "", labels)
@@ -244,6 +247,7 @@ def test_cri_labels_and_bad_inputs_through_containerd(
                 f"layer {corrupt} of .*test/corrupt.*chunk table")
 
         # Removing the snapshot and collecting garbage unmounts the layer.
+        client.delete_lease(lease)
         client.remove_snapshot(LAZYFS, labels[TARGET])
     containerd.ctr("images", "rm", "--sync", "no-such-image", check=False)  # a collection
     wait_until(lambda: database(containerd) == {}, "the layer's snapshot to be collected")
