@@ -110,6 +110,12 @@ class HashBlockStore:
             if offset not in self._bad:
                 self._verified.setdefault(offset, block)
 
+    def retry_bad(self, offsets: list[int]) -> None:
+        """Forget that the blocks among `offsets` did not match: a load the layer's failure
+        policy lets through tries them again (the source may serve the right bytes now)."""
+        for offset in offsets:
+            self._bad.pop(offset, None)
+
     def top_offset(self) -> int | None:
         """Payload offset of the top level's one block (None for a tree without levels)."""
         return self.geometry.levels[-1].payload_offset if self.geometry.levels else None

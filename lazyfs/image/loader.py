@@ -372,6 +372,8 @@ class ChunkLoader:
         chunks under a block that does not verify in `failures`. Raises FetchError."""
         if self.hash_blocks is None:
             return
+        self.hash_blocks.retry_bad([offset for index in group
+                                    for offset in chunk_hash_blocks(self.metadata, index)])
         coverage = await self.hash_blocks.cover(*data_blocks(self.metadata, group),
                                                 reader=reader)
         for index in group:

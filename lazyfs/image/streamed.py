@@ -18,6 +18,7 @@ from lazyfs.fetch.base import StreamingReader
 from lazyfs.fetch.errors import FetchError, SourceUnreachableError
 from lazyfs.image.errors import FetchAttemptFailed, ImageReadError
 from lazyfs.image.frame_stream import FrameDone, FrameStream, RunStreamer, StoppedEarly
+from lazyfs.image.hash_blocks import chunk_hash_blocks
 
 if TYPE_CHECKING:
     from lazyfs.image.loader import ChunkLoader
@@ -68,6 +69,8 @@ async def stream_once(loader: ChunkLoader, reader: StreamingReader, group: list[
         group = [index for index in group if index in mine]
         if not group:
             return failures
+    loader.hash_blocks.retry_bad([offset for index in group
+                                  for offset in chunk_hash_blocks(loader.metadata, index)])
     began = time.monotonic()
     try:
         await streamer.stream(group, mine, on_done)

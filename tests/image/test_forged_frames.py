@@ -66,7 +66,8 @@ def test_forged_frame_never_reaches_a_reader(
         return pieces, image.stats_snapshot()
 
     with caplog.at_level(logging.ERROR):
-        tuning = ImageTuning(readahead_chunks=readahead, partial_frames=partial)
+        # No refetch: the path under test reports the chunk itself (a refetch goes whole).
+        tuning = ImageTuning(readahead_chunks=readahead, partial_frames=partial, refetches=0)
         pieces, stats = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
     failed = [offset for offset, data in pieces.items() if data is None]
     assert failed == list(range(bad * CHUNK, (bad + 1) * CHUNK, 4096))
@@ -93,7 +94,7 @@ def test_forged_frame_fails_a_read_of_just_its_byte(tmp_path: Path, case: str,
         before, after = TARGET - TARGET % CHUNK - 1, TARGET - TARGET % CHUNK + CHUNK
         return await image.read(before, 1), await image.read(after, 1)
 
-    tuning = ImageTuning(readahead_chunks=0, partial_frames=partial)
+    tuning = ImageTuning(readahead_chunks=0, partial_frames=partial, refetches=0)
     assert run_with_layer(LayerSource(str(blob)), body, tuning=tuning) == (
         IMAGE[TARGET - TARGET % CHUNK - 1:TARGET - TARGET % CHUNK],
         IMAGE[TARGET - TARGET % CHUNK + CHUNK:TARGET - TARGET % CHUNK + CHUNK + 1],
