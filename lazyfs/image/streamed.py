@@ -12,16 +12,50 @@ readers then wait for the chunk's key) and the loader tries the next source.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
+import trio
+
+from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import StreamingReader
 from lazyfs.fetch.errors import FetchError, SourceUnreachableError
+from lazyfs.format.layout import BlobMetadata
+from lazyfs.image.disk_tier import LayerDisk
 from lazyfs.image.errors import FetchAttemptFailed, ImageReadError
-from lazyfs.image.frame_stream import FrameDone, FrameStream, RunStreamer, StoppedEarly
-from lazyfs.image.hash_blocks import chunk_hash_blocks
+from lazyfs.image.frame_stream import (
+    FrameDone,
+    FrameStream,
+    LayerStreams,
+    RunStreamer,
+    StoppedEarly,
+)
+from lazyfs.image.hash_blocks import HashBlockStore, chunk_hash_blocks
+from lazyfs.image.health import LayerHealth
+from lazyfs.image.stats import ImageStats
+from lazyfs.image.tuning import ImageTuning
 
-if TYPE_CHECKING:
-    from lazyfs.image.loader import ChunkLoader
+
+class ChunkLoader(Protocol):
+    """What a streamed fetch uses of `lazyfs.image.loader.ChunkLoader` (not imported: that
+    module calls this one)."""
+
+    metadata: BlobMetadata
+    cache: ChunkCache
+    stats: ImageStats
+    tuning: ImageTuning
+    health: LayerHealth
+    disk: LayerDisk | None
+    streams: LayerStreams
+    hash_blocks: HashBlockStore | None
+    cpu_limiter: trio.CapacityLimiter
+    key_of: Callable[[int], Hashable]
+    record: Callable[..., None]
+
+    def blocks_for(self, chunk_index: int) -> dict[int, bytes]: ...
+
+    async def load_whole(self, reader: Any, group: list[int], reason: str,
+                         unresolved: set[int]) -> dict[int, str]: ...
 
 
 async def stream_once(loader: ChunkLoader, reader: StreamingReader, group: list[int],
