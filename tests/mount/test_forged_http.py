@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.support.forge import forge_layer, image_offset_of
+from tests.support.forge import forge_layer, image_offset_of, read_pages
 from tests.support.lazyfs_cli import REPO, Lazyfs
 from tests.support.nginx import serve_directory
 
@@ -64,22 +64,6 @@ def layers(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
     return out
 
 
-def read_in_pages(path: Path) -> dict[int, bytes | None]:
-    """Each 4 KiB page of a file: its bytes, or None where the read failed with EIO."""
-    pages: dict[int, bytes | None] = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset in range(0, os.fstat(fd).st_size, 4096):
-            try:
-                pages[offset] = os.pread(fd, 4096, offset)
-            except OSError as exc:
-                assert exc.errno == errno.EIO, exc
-                pages[offset] = None
-    finally:
-        os.close(fd)
-    return pages
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forged_frame_is_eio_through_the_kernel(
     lazyfs: Lazyfs, mountpoint: Path, layers: dict[bool, Path], tmp_path: Path, case: str
@@ -100,7 +84,7 @@ def test_forged_frame_is_eio_through_the_kernel(
         for name, data in FILES.items():
             if name != "data/noise.bin":
                 assert (mountpoint / name).read_bytes() == data, name
-        pages = read_in_pages(mountpoint / "data/noise.bin")
+        pages = read_pages(mountpoint / "data/noise.bin")
         for offset, page in pages.items():
             if page is not None:
                 assert page == NOISE[offset:offset + 4096], offset

@@ -4,7 +4,6 @@ through overlayfs and EROFS; every other byte of every layer is the image's own.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.forge import read_pages
 from tests.support.forged_images import (
     AFTER,
     CHUNK,
@@ -44,22 +44,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, str]:
     work = tmp_path_factory.mktemp("noise-images")
     return {verity: publish_noise_image(work, registry, verity) for verity in (True, False)}
-
-
-def read_pages(path: Path) -> dict[int, bytes | None]:
-    """Each 4 KiB page of a file: its bytes, or None where the read failed with EIO."""
-    pages: dict[int, bytes | None] = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset in range(0, os.fstat(fd).st_size, 4096):
-            try:
-                pages[offset] = os.pread(fd, 4096, offset)
-            except OSError as exc:
-                assert exc.errno == errno.EIO, exc
-                pages[offset] = None
-    finally:
-        os.close(fd)
-    return pages
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

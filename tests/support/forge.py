@@ -14,8 +14,10 @@ file holds random bytes has raw blocks there.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -213,3 +215,19 @@ def image_offset_of(image: bytes, content: bytes) -> int:
     assert offset >= 0, "content not found in the image"
     assert image.find(content, offset + 1) < 0, "content found twice in the image"
     return offset
+
+
+def read_pages(path: Path) -> dict[int, bytes | None]:
+    """Each 4 KiB page of a file: its bytes, or None where the read failed with EIO."""
+    pages: dict[int, bytes | None] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in range(0, os.fstat(fd).st_size, 4096):
+            try:
+                pages[offset] = os.pread(fd, 4096, offset)
+            except OSError as exc:
+                assert exc.errno == errno.EIO, exc
+                pages[offset] = None
+    finally:
+        os.close(fd)
+    return pages
