@@ -9,23 +9,26 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import forged_images
 from tests.support.forged_images import (
     AFTER,
     NOISE,
     TARGET_IN_FILE,
     forged_image,
-    publish_noise_image,
 )
 from tests.support.mounts import cleanup
-from tests.support.registry import Registry, running_registry
+from tests.support.registry import Registry
 from tests.support.registry_images import REPO, assert_nothing_left
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
+
+# The shared module-scoped fixtures, made this module's own by name.
+registry = forged_images.registry
+images = forged_images.images
 
 CASES = {  # case: (dm-verity, chunk table and chunk_digest forged)
     "frame-hash": (True, False),
@@ -44,18 +47,6 @@ EXPECTED = (
     f"noisy\n{hashlib.md5(AFTER).hexdigest()}  /data/after.txt\n"
     f"{hashlib.md5(NOISE[:4096]).hexdigest()}  -\nforged-page-failed\n"
 )
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, str]:
-    work = tmp_path_factory.mktemp("noise-images")
-    return {verity: publish_noise_image(work, registry, verity) for verity in (True, False)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import forged_images
 from tests.support.forge import read_pages
 from tests.support.forged_images import (
     AFTER,
@@ -18,13 +18,16 @@ from tests.support.forged_images import (
     NOISE,
     TARGET_IN_FILE,
     forged_image,
-    publish_noise_image,
 )
 from tests.support.images import busybox_bytes
 from tests.support.lazyfs_cli import Lazyfs
-from tests.support.registry import Registry, running_registry
+from tests.support.registry import Registry
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
+
+# The shared module-scoped fixtures, made this module's own by name.
+registry = forged_images.registry
+images = forged_images.images
 
 # case: (dm-verity, chunk table and chunk_digest forged, what the daemon logs)
 CASES = {
@@ -32,18 +35,6 @@ CASES = {
     "verity-alone": (True, True, "dm-verity: data block"),
     "frame-hash-alone": (False, False, "SHA-512 mismatch"),
 }
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, str]:
-    work = tmp_path_factory.mktemp("noise-images")
-    return {verity: publish_noise_image(work, registry, verity) for verity in (True, False)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
