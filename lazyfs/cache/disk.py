@@ -25,30 +25,17 @@ from typing import Any
 
 import trio
 
+from lazyfs.cache.defaults import default_cache_dir
 from lazyfs.cache.disk_store import DiskCacheError, DiskStore
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "LAZYFS_CACHE_DIR"
-ROOT_CACHE_DIR = "/var/cache/lazyfs"
 DEFAULT_FREE_FRACTION = 0.10
 DEFAULT_MAX_BYTES = 20 << 30
 MIN_DEFAULT_BYTES = 64 << 20
 IO_THREADS = 4
 
 __all__ = ["DiskCache", "DiskCacheError", "DiskCacheOptions", "default_cache_dir"]
-
-
-def default_cache_dir() -> str:
-    """`$LAZYFS_CACHE_DIR`, else /var/cache/lazyfs for root and `$XDG_CACHE_HOME/lazyfs`
-    (~/.cache/lazyfs) for other users."""
-    configured = os.environ.get(CACHE_DIR_ENV)
-    if configured:
-        return os.path.abspath(configured)
-    if os.geteuid() == 0:
-        return ROOT_CACHE_DIR
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "lazyfs")
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,15 @@ def disk_bytes(size: int) -> int:
     return max(1, -(-size // DISK_BLOCK)) * DISK_BLOCK
 
 
+def entry_path(directory: Path, key: str) -> Path:
+    """Where the cache in `directory` keeps entry `key` (whether it has it or not)."""
+    match = _KEY.match(key)
+    if match is None:
+        raise ValueError(f"not a cache key: {key!r}")
+    kind, name = match.groups()
+    return directory / "data" / kind / name[:2] / name
+
+
 class DiskStore:
     """One process's handle on a cache directory; thread-safe (one lock around the index)."""
 
@@ -168,11 +177,7 @@ class DiskStore:
     # -- entries ---------------------------------------------------------------------------
 
     def path(self, key: str) -> Path:
-        match = _KEY.match(key)
-        if match is None:
-            raise ValueError(f"not a cache key: {key!r}")
-        kind, name = match.groups()
-        return self.directory / "data" / kind / name[:2] / name
+        return entry_path(self.directory, key)
 
     def get(self, key: str, ref: tuple[str, int] | None = None) -> bytes | None:
         """The entry's bytes (unverified), or None. Raises OSError, sqlite3.Error."""

@@ -41,7 +41,8 @@ from collections.abc import Hashable
 
 import trio
 
-DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+from lazyfs.cache.defaults import DEFAULT_CACHE_BYTES as DEFAULT_CACHE_BYTES
+
 NAMESPACES_COUNTED = 4096
 
 

@@ -1,6 +1,7 @@
 """What `lazyfs mount` and `lazyfs run` share for images in registries: the registry options
 and the checks of the options both give a mount (cache sizes, disk cache, writable
-directory)."""
+directory). Light to import: the parsers are built before a mount starts its head start
+(`lazyfs.fetch.head_start`), so what needs trio or httpx is imported where it is used."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from lazyfs.cache.disk import CACHE_DIR_ENV, DiskCacheOptions
-from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
+from lazyfs.cache.defaults import CACHE_DIR_ENV, DEFAULT_CACHE_BYTES
 from lazyfs.cli import UserError
-from lazyfs.cli.convert import parse_size
+from lazyfs.cli.sizes import parse_size
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform, parse_platform
-from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
-from lazyfs.mount.service import writable_dirs
 
 if TYPE_CHECKING:
+    from lazyfs.cache.disk import DiskCacheOptions
     from lazyfs.fetch.registry_options import RegistryOptions
 
 REFERENCE_RULE = (
@@ -82,6 +81,8 @@ def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
 
 def disk_cache_of(args: argparse.Namespace) -> DiskCacheOptions | None:
     """The disk cache options of the command line (None: --no-disk-cache). Raises UserError."""
+    from lazyfs.cache.disk import DiskCacheOptions
+
     if args.no_disk_cache:
         if args.cache_dir or args.disk_cache_size:
             raise UserError("--no-disk-cache: not with --cache-dir or --disk-cache-size")
@@ -157,6 +158,8 @@ def cache_size_of(args: argparse.Namespace) -> int:
 
 def writable_upper(directory: str) -> tuple[str, str]:
     """The (upper, work) directories of --writable DIR, created if missing. Raises UserError."""
+    from lazyfs.mount.service import writable_dirs
+
     try:
         return writable_dirs(directory)
     except OSError as exc:
@@ -174,6 +177,8 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
 
 def platform_of(args: argparse.Namespace) -> Platform:
     if args.platform is None:
+        from lazyfs.image.registry_source import host_platform
+
         return host_platform()
     try:
         return parse_platform(args.platform)

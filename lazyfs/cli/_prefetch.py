@@ -8,9 +8,9 @@ import argparse
 import os
 
 from lazyfs.cli import UserError
-from lazyfs.cli.convert import parse_size
+from lazyfs.cli.sizes import parse_size
 from lazyfs.format.prefetch_list import PrefetchListError, parse_prefetch_list
-from lazyfs.image.prefetch import DEFAULT_FILL_RATE_BYTES, PrefetchOptions
+from lazyfs.image.tuning import DEFAULT_FILL_RATE_BYTES, PrefetchOptions
 
 DEFAULT_FILL_RATE = f"{DEFAULT_FILL_RATE_BYTES >> 20}M"
 

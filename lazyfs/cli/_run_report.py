@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lazyfs.cli.convert import human_size
+from lazyfs.cli.sizes import human_size
 from lazyfs.container.report import LayerReport, RunReport
 
 

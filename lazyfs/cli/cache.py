@@ -11,7 +11,7 @@ from lazyfs.cache.disk import default_cache_dir, default_capacity
 from lazyfs.cache.disk_store import DiskStore
 from lazyfs.cli import UserError
 from lazyfs.cli._images import add_cache_dir_argument
-from lazyfs.cli.convert import human_size, parse_size
+from lazyfs.cli.sizes import human_size, parse_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

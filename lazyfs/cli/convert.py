@@ -3,7 +3,7 @@
 SRC is a directory, a tar layer (plain, gzip or zstd, told apart by content) or a raw EROFS
 image; for a whole image (OCI layout, image archive, registry reference) the new image goes
 into an OCI layout and/or a registry, and its digest to stdout. Also home of the small helpers
-the other blob commands share: size parsing and printing, finding a blob's descriptor, and a
+the other blob commands share: finding a blob's descriptor, and a
 progress line on stderr (drawn only on a terminal; a dozen lines do not justify a dependency).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shlex
 import signal
 import sys
@@ -23,14 +22,13 @@ from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
 from lazyfs.cli import UserError
+from lazyfs.cli.sizes import human_size, parse_size
 from lazyfs.eager.locate import find_descriptor
 
 if TYPE_CHECKING:
     from converter.layer import ConvertOptions, ConvertResult
     from lazyfs.format.descriptor import Descriptor
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_CHUNK_SIZE = 0xFFFFFFFF
 # The converter's chunk size (the library's EncodeOptions keep containerd's 4 MiB). A lazy
 # start reads scattered pieces of an image and each chunk it touches is fetched whole:
@@ -40,22 +38,6 @@ MAX_CHUNK_SIZE = 0xFFFFFFFF
 # close); the blob grows by about 5 %. containerd's reader takes any chunk size; lazy mounts
 # need a multiple of the dm-verity block size.
 DEFAULT_CHUNK_SIZE = "512K"
-
-
-def parse_size(text: str, option: str = "size") -> int:
-    """Bytes from `4194304`, `64K`, `4M`, `1G` (binary units). Raises UserError."""
-    found = _SIZE.match(text)
-    if found is None:
-        raise UserError(f"{option} {text!r}: not a size; expected e.g. 65536, 64K or 4M")
-    return int(found.group(1)) * _UNITS[found.group(2).lower()]
-
-
-def human_size(size: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 class ProgressLine:

@@ -1,5 +1,10 @@
 """`lazyfs mount`: check the arguments and call the mount service (`lazyfs.mount.service`),
-which resolves images and starts the daemon; `umount`, `stats` and `mounts` in `mounts.py`."""
+which resolves images and starts the daemon; `umount`, `stats` and `mounts` in `mounts.py`.
+
+A layer URL's first requests start before anything else (`lazyfs.fetch.head_start`), so this
+module and the parsers it builds import nothing heavy: trio, pyfuse3 and httpx are imported
+while those requests travel.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lazyfs.cli import CommandParser, UserError
+from lazyfs.cli import CommandParser, UserError, exit_at_once
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
@@ -27,21 +34,15 @@ from lazyfs.cli._images import (
 from lazyfs.cli._prefetch import add_prefetch_arguments, prefetch_options_of
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fuse.phases import process_started_monotonic
-from lazyfs.image.open import LayerSource
-from lazyfs.image.registry_source import is_image_reference
-from lazyfs.mount.daemon import DaemonConfig
-from lazyfs.mount.service import (
-    MountOptions,
-    MountpointError,
-    check_mountpoint,
-    image_config,
-    layer_config,
-    log_path,
-    resolve,
-    serve,
-    start,
-)
 
+if TYPE_CHECKING:
+    from lazyfs.fetch.head_start import HeadStart, PrimedAnswers
+    from lazyfs.mount.daemon import DaemonConfig
+    from lazyfs.mount.service import MountOptions
+
+# How long a mount waits, once it is ready to start its daemon, for head start answers still
+# on their way (the daemon would wait for them anyway, asking again).
+HEAD_START_WAIT_S = 1.0
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -139,6 +140,8 @@ def _absolute(location: str | None) -> str | None:
 
 def _common_checks(args: argparse.Namespace) -> MountOptions:
     """The options every mount has, checked."""
+    from lazyfs.mount.service import MountOptions
+
     cache_size = cache_size_of(args)
     tuning = tuning_of(args)
     trace = _absolute(args.trace)
@@ -152,8 +155,61 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                         prefetch=prefetch_options_of(args))
 
 
-def build_config(args: argparse.Namespace) -> DaemonConfig:
-    """The daemon's configuration for a layer blob or, if SOURCE is one, for images."""
+def start_head_start(args: argparse.Namespace) -> HeadStart | None:
+    """Start fetching what opening the layer SOURCE names asks for first, when it is an
+    http(s) URL (not an image, nor a layer located by offsets given here)."""
+    if "://" not in args.source or args.chunk_table_offset is not None:
+        return None
+    from lazyfs.fetch.head_start import HeadStart
+    from lazyfs.image.tuning import ImageTuning
+
+    descriptor = _absolute(args.descriptor)
+    if not HeadStart.applies_to(args.source, descriptor):
+        return None
+    try:
+        headers = dict(parse_header(header) for header in args.header)
+    except UserError:
+        return None  # reported with the other checks
+    head_start = HeadStart(args.source, descriptor=descriptor, headers=headers,
+                           tree_window_bytes=ImageTuning().verity_window_bytes,
+                           first_frame=not args.block_only)
+    if _disk_cache_remembers(args, head_start.descriptor_locations()):
+        head_start = HeadStart(args.source, descriptor=descriptor, headers=headers,
+                               tree_window_bytes=0, descriptor_only=True)
+    return head_start.start()
+
+
+def _disk_cache_remembers(args: argparse.Namespace, descriptors: list[str]) -> bool:
+    """Whether the disk cache keeps a descriptor fetched from one of `descriptors`: the layer
+    was mounted before, the daemon will find its metadata and chunks there, and a head start
+    fetching them would only waste the bytes."""
+    if args.no_disk_cache:
+        return False
+    from lazyfs.cache.defaults import default_cache_dir
+    from lazyfs.cache.disk_store import entry_path
+    from lazyfs.image.keys import descriptor_key
+
+    directory = Path(os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir())
+    return any(entry_path(directory, descriptor_key(location)).exists()
+               for location in descriptors)
+
+
+def _finish(head_start: HeadStart) -> PrimedAnswers:
+    """The head start's answers that arrived by now (the daemon asks for the rest itself);
+    while they travel, the daemon's own imports are done here, before its fork."""
+    from lazyfs.mount.background import preload_daemon_modules
+
+    preload_daemon_modules()
+    return head_start.finish(HEAD_START_WAIT_S)
+
+
+def build_config(args: argparse.Namespace, head_start: HeadStart | None = None) -> DaemonConfig:
+    """The daemon's configuration for a layer blob or, if SOURCE is one, for images; a
+    layer's first requests are already under way when `head_start` is given."""
+    from lazyfs.image.open import LayerSource
+    from lazyfs.image.registry_source import is_image_reference
+    from lazyfs.mount.service import check_mountpoint, layer_config
+
     if is_image_reference(args.source):
         return build_image_config(args)
     image_only = [
@@ -189,12 +245,16 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         reader_options=ReaderOptions(
             headers=dict(parse_header(header) for header in args.header)
         ),
+        primed=None if head_start is None else _finish(head_start),
     )
     return layer_config(source, mountpoint, block_only=bool(args.block_only), options=options)
 
 
 def build_image_config(args: argparse.Namespace) -> DaemonConfig:
     """Resolve the images (pinned manifests, seekable layers) and plan their mounts."""
+    from lazyfs.image.registry_source import is_image_reference
+    from lazyfs.mount.service import MountpointError, check_mountpoint, image_config, resolve
+
     blob_only = [
         flag
         for flag, value in (
@@ -251,7 +311,10 @@ def _pinned_lines(config: DaemonConfig) -> str:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    config = build_config(args)
+    head_start = start_head_start(args)
+    from lazyfs.mount.service import log_path, serve, start
+
+    config = build_config(args, head_start)
     config.command_started = process_started_monotonic()
     if args.foreground:
 
@@ -267,4 +330,5 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"lazyfs: daemon log: {config.log_file}", file=sys.stderr)
     start(config)
     sys.stdout.write(_pinned_lines(config))
-    return 0
+    # The daemon owns the mount: nothing of this process needs tearing down.
+    exit_at_once(0)

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from lazyfs.cli.convert import human_size
+from lazyfs.cli.sizes import human_size
 from lazyfs.mount.service import find_mount, read_stats, unmount
 from lazyfs.mount.state import MountRecord, StateError, daemon_alive, iter_records
 

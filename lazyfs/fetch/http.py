@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
@@ -48,6 +48,9 @@ from lazyfs.fetch.errors import (
     SourceUnreachableError,
 )
 from lazyfs.fetch.tls import LazyCAContext, tls_context
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.head_start import PrimedAnswers
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class HttpRangeReader:
         options: ReaderOptions | None = None,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        primed: PrimedAnswers | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -114,6 +118,9 @@ class HttpRangeReader:
         self._resolved_url: httpx.URL | None = None
         self._client = _client(options, transport, options.max_connections,
                                https=parts.scheme == "https")
+        # Answers a head start fetched before this reader existed (each serves one request;
+        # counted in the stats when it does).
+        self._primed = primed
 
     @property
     def size(self) -> int | None:
@@ -224,6 +231,10 @@ class HttpRangeReader:
     async def get_small(self, url: str, max_bytes: int) -> bytes | None:
         """`get_small` through this reader's connections: a descriptor beside the blob then
         costs no connection of its own."""
+        if self._primed is not None:
+            found, body = self._primed.take_document(url)
+            if found and (body is None or len(body) <= max_bytes):
+                return body
         return await get_small(url, max_bytes, self.options, shared_client=self._client)
 
     async def aclose(self) -> None:
@@ -239,6 +250,22 @@ class HttpRangeReader:
         With a sink, the body goes there instead and each attempt resumes after what it took."""
         what = f"{self.source} {byte_range(start, end - start + 1)}"
         transfer = transfer or _Transfer()
+        primed = None if self._primed is None or probe else self._primed.take_range(
+            start, end, whole=transfer.sink is None)
+        if primed is not None:
+            # A head start's answer, checked as a network answer is; for a stream, the bytes
+            # it holds go first and the rest is fetched from where they end.
+            body, total, transferred = primed
+            self._check_total(total, what)
+            self._size_confirmed = True  # the server named it, a moment ago
+            self.stats.requests += 1
+            self.stats.bytes_fetched += transferred
+            if transfer.sink is None:
+                return body, total
+            await transfer.sink(body)
+            transfer.delivered += len(body)
+            if start + transfer.delivered > end:
+                return b"", total
 
         async def attempt() -> tuple[bytes, int]:
             return await self._attempt(start + transfer.delivered, end, probe, what, transfer)
@@ -358,6 +385,14 @@ class HttpRangeReader:
         if received < size:
             raise _Transient(f"short body: {received} of {size} bytes")
 
+    def _check_total(self, total: int, what: str) -> None:
+        """The blob size an answer named must be the one promised or seen. Raises
+        BlobChangedError."""
+        if self._size is not None and total != self._size:
+            if not self._size_confirmed:
+                raise BlobChangedError(f"{what}: blob is {total} bytes, expected {self._size}")
+            raise BlobChangedError(f"{what}: blob is now {total} bytes, was {self._size} at open")
+
     def _check_content_range(
         self, response: httpx.Response, start: int, end: int, what: str, clip: bool = False
     ) -> tuple[int, int]:
@@ -368,10 +403,7 @@ class HttpRangeReader:
         if match is None or match.group(3) == "*":
             raise FetchError(f"{what}: 206 with unusable Content-Range {content_range!r}")
         got_start, got_end, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
-        if self._size is not None and total != self._size:
-            if not self._size_confirmed:
-                raise BlobChangedError(f"{what}: blob is {total} bytes, expected {self._size}")
-            raise BlobChangedError(f"{what}: blob is now {total} bytes, was {self._size} at open")
+        self._check_total(total, what)
         clipped = clip and got_start == start and got_end == total - 1 and got_end < end
         if (got_start, got_end) != (start, end) and not clipped:
             raise FetchError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -18,6 +19,9 @@ import trio
 from lazyfs.fetch.base import FetchStats, ReaderOptions, byte_range, check_read_args
 from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.fetch.http import HttpRangeReader
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.head_start import PrimedAnswers
 
 # read_stream hands a file on in pieces of this size, as a network answer would arrive.
 STREAM_PIECE_BYTES = 256 * 1024
@@ -173,9 +177,10 @@ def _pread_exactly(fd: int, offset: int, size: int) -> tuple[bytes, int | None]:
 
 
 def open_blob_reader(
-    source: str, options: ReaderOptions | None = None
+    source: str, options: ReaderOptions | None = None, primed: PrimedAnswers | None = None
 ) -> HttpRangeReader | LocalFileReader:
-    """Return a reader for an http(s) URL, a file:// URL or a local path (not yet opened).
+    """Return a reader for an http(s) URL, a file:// URL or a local path (not yet opened);
+    one for a URL answers its first requests from what a head start `primed`.
 
     For a local file only `options.expected_size` applies. Raises ValueError for another
     scheme.
@@ -186,7 +191,7 @@ def open_blob_reader(
     parts = urlsplit(source)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        return HttpRangeReader(source, options)
+        return HttpRangeReader(source, options, primed=primed)
     if scheme == "file" and parts.netloc in ("", "localhost"):
         path = url2pathname(parts.path)
         return LocalFileReader(path, expected_size=options.expected_size)

@@ -40,9 +40,10 @@ from lazyfs.format.chunk_table import HASH_NONE, check_frame_digest
 from lazyfs.format.errors import FormatError
 from lazyfs.format.frames import FrameStreamDecoder
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.open_plan import data_blocks
 from lazyfs.format.verity_tree import verify_data_blocks
 from lazyfs.image.errors import ImageReadError
-from lazyfs.image.hash_blocks import Coverage, HashBlockStore, data_blocks
+from lazyfs.image.hash_blocks import Coverage, HashBlockStore
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from lazyfs.fetch.base import BlobReader
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.errors import IntegrityError
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.open_plan import contiguous
 from lazyfs.format.verity_tree import VerityGeometry, check_hash_blocks, hash_blocks_needed
 from lazyfs.image.stats import ImageStats
 
@@ -285,34 +286,3 @@ class HashBlockStore:
                 return self._bad[slot.payload_offset]
             index = slot.block_index
         return f"dm-verity: hash block at payload offset {offset} is not verified"
-
-
-def data_blocks(metadata: BlobMetadata, run: list[int]) -> tuple[int, int]:
-    """The dm-verity data blocks `(first, count)` of the adjacent chunks `run`."""
-    geometry = metadata.verity
-    assert geometry is not None
-    table = metadata.table
-    block_size = geometry.superblock.data_block_size
-    first_block = run[0] * table.chunk_size // block_size
-    last_byte = min((run[-1] + 1) * table.chunk_size, metadata.image_size)
-    return first_block, -(-last_byte // block_size) - first_block
-
-
-def chunk_hash_blocks(metadata: BlobMetadata, index: int) -> list[int]:
-    """Payload offsets of the hash blocks (all levels, top first) over chunk `index`; none
-    for a layer without an authenticated tree."""
-    geometry = metadata.verity
-    if geometry is None or metadata.root is None or not geometry.levels:
-        return []
-    return hash_blocks_needed(geometry, *data_blocks(metadata, [index]))
-
-
-def contiguous(offsets: list[int], step: int) -> list[list[int]]:
-    """`offsets` sorted, in groups where each is `step` after the one before."""
-    groups: list[list[int]] = []
-    for offset in sorted(offsets):
-        if groups and groups[-1][-1] + step == offset:
-            groups[-1].append(offset)
-        else:
-            groups.append([offset])
-    return groups

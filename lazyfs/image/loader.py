@@ -29,10 +29,11 @@ from lazyfs.fetch.base import BlobReader, StreamingReader
 from lazyfs.fetch.errors import FetchError, SourceUnreachableError
 from lazyfs.format.errors import FormatError, IntegrityError
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.open_plan import chunk_hash_blocks, contiguous, data_blocks
 from lazyfs.image.disk_tier import LayerDisk
 from lazyfs.image.errors import FetchAttemptFailed, ImageReadError
 from lazyfs.image.frame_stream import FrameStream, LayerStreams
-from lazyfs.image.hash_blocks import HashBlockStore, chunk_hash_blocks, contiguous, data_blocks
+from lazyfs.image.hash_blocks import HashBlockStore
 from lazyfs.image.health import LayerHealth
 from lazyfs.image.stats import ImageStats
 from lazyfs.image.streamed import stream_once

@@ -22,6 +22,7 @@ from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, ReaderOptions
 from lazyfs.fetch.errors import BlobChangedError, FetchError
+from lazyfs.fetch.head_start import PrimedAnswers
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_DIGEST,
@@ -79,6 +80,8 @@ class LayerSource:
     reader_options: ReaderOptions = field(default_factory=ReaderOptions)
     alternates: tuple[AlternateBlob, ...] = ()
     prefetch: LayerPrefetch | None = None
+    # Answers a head start of the command fetched for the blob (`lazyfs.fetch.head_start`).
+    primed: PrimedAnswers | None = field(default=None, compare=False, repr=False)
 
     @property
     def has_overrides(self) -> bool:
@@ -220,7 +223,7 @@ async def open_layer(
     cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
     # One reader from the start: a descriptor beside the blob, the metadata and the first
     # frames share its connections.
-    reader = open_blob_reader(source.blob, source.reader_options)
+    reader = open_blob_reader(source.blob, source.reader_options, source.primed)
     name = source.name or os.path.basename(source.blob.partition("?")[0]) or "layer"
     try:
         annotations, descriptor = await resolve_annotations(source, reader, disk)

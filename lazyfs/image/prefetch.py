@@ -29,40 +29,12 @@ from lazyfs.format.prefetch_list import (
     PrefetchListError,
     serialize_prefetch_list,
 )
+from lazyfs.image.tuning import PrefetchOptions
 
 if TYPE_CHECKING:
     from lazyfs.image.remote_image import RemoteImage
 
 log = logging.getLogger(__name__)
-
-DEFAULT_FILL_RATE_BYTES = 8 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class PrefetchOptions:
-    """What a mount fetches in the background, and what it records.
-
-    `prefetch_list` (from `list_source`, a file the user named) applies to the layers it was
-    recorded from; without it, lists that images carry in their layer annotations are used
-    unless `use_image_lists` is False. `fill` fetches every chunk after the list, at most
-    `fill_rate_bytes` a second. `record_file` receives the chunks this mount read, in order,
-    when it is unmounted.
-    """
-
-    prefetch_list: PrefetchList | None = None
-    list_source: str = ""
-    use_image_lists: bool = True
-    fill: bool = False
-    fill_rate_bytes: int = DEFAULT_FILL_RATE_BYTES
-    record_file: str | None = None
-    parallel_requests: int = 4
-    request_bytes: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        if self.fill_rate_bytes < 1 or self.parallel_requests < 1 or self.request_bytes < 1:
-            raise ValueError("prefetch options: need fill_rate_bytes, parallel_requests and "
-                             "request_bytes >= 1")
-
 
 def plan_lists(images: Sequence[RemoteImage], carried: Sequence[LayerPrefetch | None],
                options: PrefetchOptions) -> list[tuple[int, ...]]:

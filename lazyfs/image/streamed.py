@@ -21,6 +21,7 @@ from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import StreamingReader
 from lazyfs.fetch.errors import FetchError, SourceUnreachableError
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.format.open_plan import chunk_hash_blocks
 from lazyfs.image.disk_tier import LayerDisk
 from lazyfs.image.errors import FetchAttemptFailed, ImageReadError
 from lazyfs.image.frame_stream import (
@@ -30,7 +31,7 @@ from lazyfs.image.frame_stream import (
     RunStreamer,
     StoppedEarly,
 )
-from lazyfs.image.hash_blocks import HashBlockStore, chunk_hash_blocks
+from lazyfs.image.hash_blocks import HashBlockStore
 from lazyfs.image.health import LayerHealth
 from lazyfs.image.stats import ImageStats
 from lazyfs.image.tuning import ImageTuning

@@ -1,9 +1,11 @@
 """How a layer reads: readahead, request coalescing, parallel fetches, how long a read may
-take, and how failures are retried."""
+take, and how failures are retried; and what a mount fetches in the background."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lazyfs.format.prefetch_list import PrefetchList
 
 DEFAULT_READ_TIMEOUT_S = 30.0
 
@@ -67,3 +69,32 @@ class ImageTuning:
         if self.readahead_chunks is not None:
             return self.readahead_chunks
         return -(-self.readahead_bytes // chunk_size)
+
+
+DEFAULT_FILL_RATE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PrefetchOptions:
+    """What a mount fetches in the background, and what it records.
+
+    `prefetch_list` (from `list_source`, a file the user named) applies to the layers it was
+    recorded from; without it, lists that images carry in their layer annotations are used
+    unless `use_image_lists` is False. `fill` fetches every chunk after the list, at most
+    `fill_rate_bytes` a second. `record_file` receives the chunks this mount read, in order,
+    when it is unmounted.
+    """
+
+    prefetch_list: PrefetchList | None = None
+    list_source: str = ""
+    use_image_lists: bool = True
+    fill: bool = False
+    fill_rate_bytes: int = DEFAULT_FILL_RATE_BYTES
+    record_file: str | None = None
+    parallel_requests: int = 4
+    request_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.fill_rate_bytes < 1 or self.parallel_requests < 1 or self.request_bytes < 1:
+            raise ValueError("prefetch options: need fill_rate_bytes, parallel_requests and "
+                             "request_bytes >= 1")

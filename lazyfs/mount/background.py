@@ -8,6 +8,7 @@ without it (umount, losetup, fusermount3) when it died.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import select
@@ -24,6 +25,10 @@ from lazyfs.mount.state import MountRecord, daemon_alive, remove_record
 
 log = logging.getLogger(__name__)
 
+# What a daemon imports on its way to ready that the command has not (httpx's transport, the
+# decoder): imported before the fork, while a head start's answers travel, they are there
+# from the daemon's first instant instead of after it.
+DAEMON_MODULES = ("lazyfs.fetch.local", "httpcore", "zstandard")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 _READY = b"ready\n"
@@ -46,6 +51,12 @@ def _user_facing() -> tuple[type[BaseException], ...]:
         DaemonStartError,
         OSError,
     )
+
+
+def preload_daemon_modules() -> None:
+    """Import what a daemon will need (`DAEMON_MODULES`) into this process, to be forked."""
+    for name in DAEMON_MODULES:
+        importlib.import_module(name)
 
 
 def spawn_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:

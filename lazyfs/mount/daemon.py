@@ -38,10 +38,10 @@ from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
 from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.open import LayerSource, open_layer
-from lazyfs.image.prefetch import AccessRecorder, BackgroundLoader, PrefetchOptions, plan_lists
+from lazyfs.image.prefetch import AccessRecorder, BackgroundLoader, plan_lists
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.state import (
     ImageRecord,

@@ -25,9 +25,8 @@ from lazyfs.errors import LazyfsError
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
-from lazyfs.image.prefetch import PrefetchOptions
 from lazyfs.image.registry_source import host_platform
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.background import spawn_daemon, stop_mount
 from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon

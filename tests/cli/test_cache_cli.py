@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.cache.disk import DiskCacheOptions
-from lazyfs.cli.convert import human_size
+from lazyfs.cli.sizes import human_size
 from lazyfs.image.open import LayerSource
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lazyfs.cli import UserError
-from lazyfs.cli.convert import ProgressLine, parse_size
+from lazyfs.cli.convert import ProgressLine
+from lazyfs.cli.sizes import parse_size
 from tests.cli import assert_one_line_error, run_lazyfs
 from tests.support.images import write_oci_image
 

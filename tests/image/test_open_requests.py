@@ -15,7 +15,7 @@ from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
-from lazyfs.image.metadata import TABLE_GUESS_BYTES
+from lazyfs.format.open_plan import TABLE_GUESS_BYTES
 from lazyfs.image.open import LayerSource, open_layer
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning

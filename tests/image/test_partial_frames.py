@@ -20,9 +20,9 @@ from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.image.errors import ImageReadError
 from lazyfs.image.open import LayerSource
-from lazyfs.image.prefetch import BackgroundLoader, PrefetchOptions
+from lazyfs.image.prefetch import BackgroundLoader
 from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from tests.image.helpers import make_image_bytes, run_with_layer, write_blob
 from tests.support.forge import blob_metadata, forge_layer
 from tests.support.stalling_server import StallingServer

@@ -100,8 +100,13 @@ def test_a_layer_mounted_again_reads_from_the_disk_without_fetching_chunks(
         umount(lazyfs, mountpoint)
         assert len(frame_files(lazyfs.cache_dir)) == only_layer(cold)["chunk_count"]
 
+        before = len(server.access_lines())
         lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
         assert compare_trees(scan_directory(tree), scan_directory(mountpoint)) == []
+        # Nothing of the blob fetched, by the daemon or the command's head start: the
+        # descriptor (it may have changed) and a one-byte probe that the source answers.
+        asked = [" ".join(line.split()[1:3]) for line in server.access_lines()[before:]]
+        assert sorted(asked) == ['/layer.blob "bytes=0-0"', '/layer.descriptor.json "-"'], asked
         warm = mount_stats(lazyfs, mountpoint)
         layer_stats = only_layer(warm)
         assert layer_stats["chunks_fetched"] == 0 and layer_stats["bytes_fetched"] == 0

@@ -1,0 +1,26 @@
+"""Sizes on the command line: `64K`, `4M`, `1G` in, `1.5 MiB` out (binary units)."""
+
+from __future__ import annotations
+
+import re
+
+from lazyfs.cli import UserError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str, option: str = "size") -> int:
+    """Bytes from `4194304`, `64K`, `4M`, `1G` (binary units). Raises UserError."""
+    found = _SIZE.match(text)
+    if found is None:
+        raise UserError(f"{option} {text!r}: not a size; expected e.g. 65536, 64K or 4M")
+    return int(found.group(1)) * _UNITS[found.group(2).lower()]
+
+
+def human_size(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

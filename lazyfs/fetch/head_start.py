@@ -1,0 +1,252 @@
+"""The first requests of a mount, made while the command is still starting up.
+
+`lazyfs mount URL` spends its first tenth of a second or more importing trio, pyfuse3 and
+httpx before its daemon can ask the server for anything, and then opens the layer with a few
+requests one after another: the descriptor beside the blob, the metadata range, the start of
+the first frame (the EROFS superblock and the root directory) and the hash blocks over it.
+None of those requests needs the imports, so a `HeadStart` thread makes them first, with the
+standard library alone, and the round trips overlap the imports; the first frame, which
+starts the blob, comes on a second connection at the same time.
+
+What it receives is kept as it came (`PrimedAnswers`), and the daemon's reader answers the
+first request for each of those ranges from it instead of the network. Nothing is trusted for
+having come early: the bytes pass every check a network answer passes (the blob size, the
+descriptor's digests, the chunk table digest, frame hashes, dm-verity), and each primed answer
+serves one request only, so a frame that fails its check is fetched again from the server.
+Whatever goes wrong ends the head start quietly: the daemon then asks for itself and reports
+what it finds.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, urlsplit
+
+from lazyfs.errors import LazyfsError
+from lazyfs.format.descriptor import descriptor_path_candidates, parse_descriptor
+from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
+from lazyfs.format.layout import parse_metadata
+from lazyfs.format.open_plan import chunk_hash_blocks, contiguous, metadata_pieces, metadata_ranges
+
+log = logging.getLogger(__name__)
+
+# Of the first frame: enough for the superblock and the first directories and inodes.
+FIRST_FRAME_BYTES = 256 * 1024
+MAX_DOCUMENT_BYTES = 1024 * 1024
+SOCKET_TIMEOUT_S = 5.0
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+)")
+
+
+@dataclass
+class PrimedAnswers:
+    """Answers fetched before the daemon's reader existed. Each serves one request: a
+    document (GET of a whole small resource; None for a 404) by URL, a range when it holds
+    every byte asked for (or, for a stream, the first ones)."""
+
+    documents: dict[str, bytes | None] = field(default_factory=dict)
+    # start: (body, the blob size its Content-Range named)
+    ranges: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    requests: int = 0
+    bytes_fetched: int = 0
+
+    def take_document(self, url: str) -> tuple[bool, bytes | None]:
+        """(True, body) once for a URL fetched early, else (False, None)."""
+        if url in self.documents:
+            return True, self.documents.pop(url)
+        return False, None
+
+    def take_range(self, start: int, end: int, *,
+                   whole: bool = True) -> tuple[bytes, int, int] | None:
+        """Bytes `start..end` (inclusive), the blob size and the bytes the answer took to
+        fetch, from the one primed answer that holds `start`; with `whole`, only if it holds
+        `end` too. The answer is used up."""
+        for first, (body, blob_size) in self.ranges.items():
+            if first <= start < first + len(body) and (not whole or end < first + len(body)):
+                del self.ranges[first]
+                return body[start - first:end - first + 1], blob_size, len(body)
+        return None
+
+
+class _Stop(Exception):
+    """The head start ends here (the daemon will do the rest)."""
+
+
+class HeadStart:
+    """Fetch in a thread what opening the layer at `blob_url` asks for first (see the module
+    docstring). `descriptor` is the descriptor URL the user gave (else the ones beside the
+    blob are tried, as the daemon will); `headers` go with every request. With `descriptor_only`
+    (a disk cache holds the layer) only the descriptor is fetched; else the metadata too, and
+    with `first_frame` the start of the first frame and its hash blocks (the kernel mount reads
+    them first)."""
+
+    def __init__(self, blob_url: str, *, descriptor: str | None = None,
+                 headers: Mapping[str, str] | None = None, verify_tls: bool | str = True,
+                 tree_window_bytes: int, first_frame: bool = True,
+                 descriptor_only: bool = False) -> None:
+        self._url = blob_url
+        self._parts = urlsplit(blob_url)
+        self._descriptor = descriptor
+        self._headers = dict(headers or {})
+        self._verify_tls = verify_tls
+        self._tree_window_bytes = tree_window_bytes
+        self._descriptor_only = descriptor_only
+        self._first_frame = first_frame and not descriptor_only
+        self._lock = threading.Lock()
+        self._answers = PrimedAnswers()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name="lazyfs-head-start", daemon=True)
+
+    @staticmethod
+    def applies_to(blob_url: str, descriptor: str | None) -> bool:
+        """Whether a head start can help: an http(s) blob URL without credentials in it, and
+        a descriptor that is beside it or at an http(s) URL of the same origin."""
+        parts = urlsplit(blob_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+            return False
+        if descriptor is None:
+            return True
+        other = urlsplit(descriptor)
+        return (other.scheme, other.netloc) == (parts.scheme, parts.netloc)
+
+    def descriptor_locations(self) -> list[str]:
+        """Where the descriptor is looked for, in order (as the daemon looks)."""
+        if self._descriptor:
+            return [self._descriptor]
+        return descriptor_path_candidates(self._url.partition("?")[0])
+
+    def start(self) -> HeadStart:
+        self._thread.start()
+        return self
+
+    def finish(self, wait_s: float) -> PrimedAnswers:
+        """The answers received within `wait_s` more seconds; later ones are dropped."""
+        self._thread.join(wait_s)
+        with self._lock:
+            self._finished = True
+            return self._answers
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self._first_frame:
+            # Data frames start at offset 0: the first one needs no metadata to be located,
+            # so it travels on a second connection while the first asks for the metadata.
+            threading.Thread(target=self._on_connection, args=(self._first_frame_start,),
+                             name="lazyfs-head-start-frame", daemon=True).start()
+        self._on_connection(self._open_layer)
+
+    def _on_connection(self, work: Callable[[http.client.HTTPConnection], None]) -> None:
+        try:
+            connection = _connect(self._parts, self._verify_tls)
+        except (OSError, ValueError, LazyfsError) as exc:
+            log.debug("head start: no connection: %s", exc)
+            return
+        try:
+            work(connection)
+        except (_Stop, OSError, http.client.HTTPException, LazyfsError, ValueError) as exc:
+            log.debug("head start ends: %s", exc)
+        finally:
+            connection.close()
+
+    def _first_frame_start(self, connection: http.client.HTTPConnection) -> None:
+        self._get_range(connection, 0, FIRST_FRAME_BYTES, None)
+
+    def _open_layer(self, connection: http.client.HTTPConnection) -> None:
+        descriptor = None
+        for location in self.descriptor_locations():
+            text = self._get_document(connection, location)
+            if text is not None:
+                descriptor = parse_descriptor(text, location)
+                annotations = descriptor.seekable(location)
+                break
+        if descriptor is None or self._descriptor_only:
+            return
+        size = descriptor.size
+        fetched: dict[int, bytes] = {}
+        for start, end in metadata_ranges(annotations, size, self._tree_window_bytes):
+            stop = size if end is None else min(end, size)
+            fetched[start] = self._get_range(connection, start, stop, size)
+        table, verity_head = metadata_pieces(fetched, annotations)
+        metadata = parse_metadata(annotations, size, table, verity_head)
+        if (not self._first_frame or metadata.table.chunk_count == 0
+                or metadata.verity is None or verity_head is None):
+            return
+        # Hash blocks the metadata range held whole are verified from it; fetch the others.
+        block = metadata.verity.superblock.hash_block_size
+        window_end = len(verity_head) - SKIPPABLE_HEADER_SIZE
+        missing = [offset for offset in chunk_hash_blocks(metadata, 0)
+                   if offset + block > window_end]
+        for run in contiguous(missing, block):
+            start = metadata.verity_payload_offset + run[0]
+            self._get_range(connection, start, start + len(run) * block, size)
+
+    def _get_document(self, connection: http.client.HTTPConnection, url: str) -> bytes | None:
+        parts = urlsplit(url)
+        if (parts.scheme, parts.netloc) != (self._parts.scheme, self._parts.netloc):
+            raise _Stop(f"{url}: another origin")
+        response = _send(connection, parts, self._headers)
+        body = response.read(MAX_DOCUMENT_BYTES + 1)
+        if response.status == 404:
+            self._keep_document(url, None, len(body))
+            return None
+        if response.status != 200 or len(body) > MAX_DOCUMENT_BYTES:
+            raise _Stop(f"{url}: HTTP {response.status}")
+        self._keep_document(url, body, len(body))
+        return body
+
+    def _get_range(self, connection: http.client.HTTPConnection, start: int, end: int,
+                   size: int | None) -> bytes:
+        """The blob's bytes `[start, end)`, kept as an answer; the blob must be `size` bytes
+        (unknown: then the answer may end early, where the blob does)."""
+        response = _send(connection, self._parts, {
+            **self._headers, "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+        body = response.read(end - start + 1)
+        found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
+        if found is not None and size is None:
+            size = int(found.group(3))
+            end = min(end, size)
+        if (response.status != 206 or found is None
+                or response.getheader("Content-Encoding", "identity").lower() != "identity"
+                or (int(found.group(1)), int(found.group(2))) != (start, end - 1)
+                or int(found.group(3)) != size or len(body) != end - start):
+            raise _Stop(f"bytes {start}-{end - 1}: HTTP {response.status}, not the range asked")
+        with self._lock:
+            if self._finished:
+                raise _Stop("too late")
+            self._answers.ranges[start] = (body, size)
+            self._answers.requests += 1
+            self._answers.bytes_fetched += len(body)
+        return body
+
+    def _keep_document(self, url: str, body: bytes | None, length: int) -> None:
+        with self._lock:
+            if self._finished:
+                raise _Stop("too late")
+            self._answers.documents[url] = body
+            self._answers.requests += 1
+            self._answers.bytes_fetched += length
+
+
+def _connect(parts: SplitResult, verify_tls: bool | str) -> http.client.HTTPConnection:
+    host = parts.hostname or ""
+    if parts.scheme == "https":
+        from lazyfs.fetch.tls import tls_context
+
+        context = tls_context(verify_tls)
+        if isinstance(context, bool):
+            raise ValueError("TLS without verification: left to the daemon")
+        return http.client.HTTPSConnection(host, parts.port, timeout=SOCKET_TIMEOUT_S,
+                                           context=context)
+    return http.client.HTTPConnection(host, parts.port, timeout=SOCKET_TIMEOUT_S)
+
+
+def _send(connection: http.client.HTTPConnection, parts: SplitResult,
+          headers: Mapping[str, str]) -> http.client.HTTPResponse:
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection.request("GET", target, headers=dict(headers))
+    return connection.getresponse()

@@ -1,0 +1,152 @@
+"""The head start of a mount against a real nginx: what it fetches before the daemon exists,
+that the daemon's reader asks for none of it again, and that its answers are checked like any
+other (a corrupt one is fetched again, a blob of another size refused)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lazyfs.fetch.errors import BlobChangedError
+from lazyfs.fetch.head_start import FIRST_FRAME_BYTES, HeadStart, PrimedAnswers
+from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
+from lazyfs.image.open import LayerSource
+from lazyfs.image.remote_image import RemoteImage
+from lazyfs.image.tuning import ImageTuning
+from tests.image.helpers import make_image_bytes, run_with_layer, write_blob
+from tests.image.test_open_requests import blob_ranges
+from tests.support import nginx
+
+nginx_server = nginx.nginx_server
+StartNginx = Callable[[Path], nginx.NginxServer]
+
+CHUNK = 64 * 1024
+IMAGE = make_image_bytes(2 * 1024 * 1024, seed=33)
+WINDOW = 4096
+TUNING = ImageTuning(readahead_chunks=0, verity_window_bytes=WINDOW)
+
+
+def head_start(url: str, **options: object) -> PrimedAnswers:
+    started = HeadStart(url, tree_window_bytes=WINDOW, **options).start()  # type: ignore[arg-type]
+    return started.finish(10.0)
+
+
+@pytest.mark.network
+def test_it_fetches_descriptor_metadata_first_frame_and_its_hash_blocks(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    blob, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    server = nginx_server(tmp_path)
+    answers = head_start(server.url + "layer.blob")
+    data = blob.read_bytes()
+    assert answers.documents.keys() == {server.url + "layer.descriptor.json"}
+    a = result.annotations
+    assert a.verity_offset is not None
+    payload = a.verity_offset + SKIPPABLE_HEADER_SIZE
+    # First frame from 0 (whole: it is shorter than FIRST_FRAME_BYTES), then the metadata,
+    # then the level-0 hash block over chunk 0 (the window held the top level only).
+    assert sorted(answers.ranges) == sorted([0, min(a.chunk_table_offset, a.verity_offset),
+                                             payload + 2 * 4096])
+    for start, (body, size) in answers.ranges.items():
+        assert size == len(data) and body == data[start:start + len(body)]
+    assert len(answers.ranges[0][0]) == min(FIRST_FRAME_BYTES, len(data))
+    assert answers.requests == 4 and answers.bytes_fetched == sum(
+        len(body) for body, _ in answers.ranges.values()) + len(
+        answers.documents[server.url + "layer.descriptor.json"] or b"")
+
+
+@pytest.mark.network
+def test_the_reader_asks_for_nothing_the_head_start_holds(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    _, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+    answers = head_start(url)
+    before = len(server.access_lines())
+
+    async def first_reads(image: RemoteImage) -> tuple[bytes, tuple[int, int]]:
+        data = await image.read(1024, 4096) + await image.read(3 * CHUNK, 100)
+        return data, image.metadata.frame_range(3)
+
+    data, frame_3 = run_with_layer(LayerSource(url, primed=answers), first_reads, tuning=TUNING)
+    assert data == IMAGE[1024:5120] + IMAGE[3 * CHUNK:3 * CHUNK + 100]
+    # Only chunk 3 reached the server: the descriptor, metadata, chunk 0 and its hash block
+    # came from the head start (and that hash block covers chunk 3 too).
+    assert len(server.access_lines()) - before == 1
+    assert blob_ranges(server)[-1] == frame_3
+    assert result.blob_size > frame_3[1]
+
+
+@pytest.mark.network
+def test_a_corrupt_early_answer_is_fetched_again_from_the_server(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+    answers = head_start(url)
+    body, size = answers.ranges[0]
+    answers.ranges[0] = (body[:500] + bytes([body[500] ^ 1]) + body[501:], size)
+    before = len(server.access_lines())
+
+    async def first_read(image: RemoteImage) -> tuple[bytes, int]:
+        return await image.read(0, 8192), image.stats.refetches
+
+    data, refetches = run_with_layer(LayerSource(url, primed=answers), first_read,
+                                     tuning=TUNING)
+    assert data == IMAGE[:8192] and refetches == 1
+    assert [start for start, _ in blob_ranges(server)[-1:]] == [0]
+    assert len(server.access_lines()) - before == 1
+
+
+@pytest.mark.network
+def test_an_early_answer_for_a_blob_of_another_size_is_refused(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+    answers = head_start(url)
+    metadata_start = sorted(answers.ranges)[1]  # the first range the reader asks for
+    for first, (body, size) in list(answers.ranges.items()):
+        answers.ranges[first] = (body, size + 1)
+
+    async def nothing(image: RemoteImage) -> None:
+        return None
+
+    with pytest.raises(BlobChangedError) as raised:
+        run_with_layer(LayerSource(url, primed=answers), nothing, tuning=TUNING)
+    assert f"bytes={metadata_start}-" in str(raised.value)
+    assert f"blob is {size + 1} bytes, expected {size}" in str(raised.value)
+
+
+@pytest.mark.network
+def test_no_server_leaves_nothing_and_no_error(tmp_path: Path) -> None:
+    answers = head_start("http://127.0.0.1:9/layer.blob")
+    assert answers.requests == 0 and not answers.ranges and not answers.documents
+
+
+def test_it_applies_to_plain_urls_of_one_origin_only() -> None:
+    assert HeadStart.applies_to("https://example.com/a.blob", None)
+    assert HeadStart.applies_to("http://h/a.blob", "http://h/d.json")
+    assert not HeadStart.applies_to("http://h/a.blob", "http://other/d.json")
+    assert not HeadStart.applies_to("http://u:p@h/a.blob", None)
+    assert not HeadStart.applies_to("/srv/a.blob", None)
+    assert not HeadStart.applies_to("file:///srv/a.blob", None)
+
+
+def test_the_mount_command_imports_nothing_heavy_before_its_head_start() -> None:
+    """The parser of `lazyfs mount` and the module behind it are light, so the head start
+    begins before trio, pyfuse3 and httpx are imported."""
+    code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); "
+            "import lazyfs.fetch.head_start; "
+            "print(sorted({'trio', 'httpx', 'pyfuse3', 'zstandard', 'sqlite3'} & "
+            "set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
