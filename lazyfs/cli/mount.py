@@ -290,7 +290,8 @@ def build_image_config(args: argparse.Namespace) -> DaemonConfig:
     if len(set(mountpoints)) != len(mountpoints):
         raise MountpointError("each image needs a mountpoint of its own")
     writable = writable_upper(args.writable) if args.writable else None
-    found = resolve(references, registry_options(args), platform_of(args), insecure=args.insecure)
+    found = resolve(references, registry_options(args), platform_of(args), insecure=args.insecure,
+                    disk=options.disk_cache)
     return image_config(
         found,
         references,

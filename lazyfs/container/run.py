@@ -89,7 +89,9 @@ def prepare(request: RunRequest) -> PreparedRun:
     """Resolve the image and choose the command. Raises ImageResolveError, FetchError,
     RunError (no command)."""
     found = resolve(
-        [request.reference], request.registry, request.platform, insecure=request.insecure
+        [request.reference], request.registry, request.platform, insecure=request.insecure,
+        # An eager run downloads every blob anyway; a lazy one may run offline from the cache.
+        disk=None if request.eager else request.mount.disk_cache,
     )
     image = found.images[0]
     argv = list(request.command) or [*image.config.entrypoint, *image.config.cmd]

@@ -50,6 +50,7 @@ from lazyfs.image.open import AlternateBlob, LayerSource
 if TYPE_CHECKING:
     from lazyfs.fetch.registry import RegistryClient
     from lazyfs.fetch.registry_options import RegistryOptions
+    from lazyfs.image.image_memory import ImageMemory
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ async def resolve_image(
     platform: Platform,
     *,
     insecure: bool = False,
+    memory: ImageMemory | None = None,
 ) -> ResolvedImage:
     """Fetch the manifest `reference` names (through an index: the one for `platform`) and
     its config, and check every layer. Layers without trusted digests are refused unless
@@ -157,10 +159,12 @@ async def resolve_image(
 
     Raises UnconvertedLayerError naming the first layer that is not seekable EROFS,
     UntrustedLayerError, ImageResolveError, DescriptorError for malformed annotations, and
-    RegistryError subclasses (NotFoundError, UnauthorizedError, ...).
+    RegistryError subclasses (NotFoundError, UnauthorizedError, ...). With `memory`, what
+    is fetched is remembered, and remembered answers stand in while the registry is down.
     """
     repository = reference.repository
-    data, media_type, digest = await client.get_manifest(repository, reference.reference)
+    source: RegistryClient | ImageMemory = memory or client
+    data, media_type, digest = await source.get_manifest(repository, reference.reference)
     try:
         top = parse_manifest_or_index(data, media_type)
         index_digest = None
@@ -170,7 +174,7 @@ async def resolve_image(
             except PlatformNotFoundError as exc:
                 raise ImageResolveError(f"{reference}: {exc}") from None
             index_digest = digest
-            data, media_type, digest = await client.get_manifest(repository, entry.digest)
+            data, media_type, digest = await source.get_manifest(repository, entry.digest)
             manifest = parse_manifest(data, media_type)
         else:
             manifest = top
@@ -182,7 +186,7 @@ async def resolve_image(
         raise ImageResolveError(
             f"{reference}@{digest}: config of {manifest.config.size} bytes is too large"
         )
-    config_bytes = await client.get_blob(
+    config_bytes = await source.get_blob(
         repository, manifest.config.digest, max_size_bytes=max(1, manifest.config.size)
     )
     config, config_platform = _parse_config(config_bytes, f"{reference} config")

@@ -3,13 +3,18 @@ layers one daemon serves for them all, and the record of each image's overlay.""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
+
+from lazyfs.cache.disk import DiskCache, DiskCacheError, DiskCacheOptions
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import DOCKER_HUB, parse_reference
+from lazyfs.image.image_memory import ImageMemory
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import (
     ImageResolveError,
@@ -21,6 +26,8 @@ from lazyfs.mount.state import ImageRecord
 
 if TYPE_CHECKING:
     from lazyfs.fetch.registry_options import RegistryOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,11 +59,31 @@ def image_record(
 
 
 async def resolve_images(
-    references: Sequence[str], options: RegistryOptions, platform: Platform, *, insecure: bool
+    references: Sequence[str], options: RegistryOptions, platform: Platform, *, insecure: bool,
+    disk: DiskCacheOptions | None = None,
 ) -> ImageSet:
     """Resolve every reference and collect their layers; a layer shared by several images
-    (or repeated in one) is listed once. Raises ImageResolveError for a malformed reference,
-    and the errors of `resolve_image` (one line each)."""
+    (or repeated in one) is listed once. With `disk`, manifests and configs are remembered
+    there and stand in while a registry is unreachable (`lazyfs.image.image_memory`).
+    Raises ImageResolveError for a malformed reference, and the errors of `resolve_image`
+    (one line each)."""
+    if disk is None:
+        return await _resolve_images(references, options, platform, insecure, None)
+    try:
+        cache = await trio.to_thread.run_sync(DiskCache.open, disk)
+    except DiskCacheError as exc:
+        log.warning("%s; images are resolved without it", exc)
+        return await _resolve_images(references, options, platform, insecure, None)
+    try:
+        return await _resolve_images(references, options, platform, insecure, cache)
+    finally:
+        await cache.aclose()
+
+
+async def _resolve_images(
+    references: Sequence[str], options: RegistryOptions, platform: Platform, insecure: bool,
+    disk: DiskCache | None,
+) -> ImageSet:
     parsed = []
     for text in references:
         try:
@@ -70,7 +97,9 @@ async def resolve_images(
     for text, reference in zip(references, parsed, strict=True):
         try:
             async with options.client(reference.registry) as client:
-                image = await resolve_image(client, reference, platform, insecure=insecure)
+                memory = None if disk is None else ImageMemory(client, reference.registry, disk)
+                image = await resolve_image(client, reference, platform, insecure=insecure,
+                                            memory=memory)
                 wanted = [layer for layer in image.distinct_layers if layer.digest not in sources]
                 found = await layer_sources(reference, wanted, client, options)
         except FetchError as exc:

@@ -165,11 +165,14 @@ def resolve(
     platform: Platform | None = None,
     *,
     insecure: bool = False,
+    disk: DiskCacheOptions | None = None,
 ) -> ImageSet:
     """`images.resolve_images` from synchronous code (`platform` defaults to this
-    machine's). Raises ImageResolveError, FetchError."""
+    machine's); with `disk`, images resolved before resolve again while their registry is
+    unreachable. Raises ImageResolveError, FetchError."""
     return trio.run(
-        lambda: resolve_images(references, registry, platform or host_platform(), insecure=insecure)
+        lambda: resolve_images(references, registry, platform or host_platform(),
+                               insecure=insecure, disk=disk)
     )
 
 
@@ -237,7 +240,8 @@ def mount_images(
         from lazyfs.fetch.registry_options import RegistryOptions
 
         registry = RegistryOptions()
-    found = resolve(references, registry, platform, insecure=insecure)
+    found = resolve(references, registry, platform, insecure=insecure,
+                    disk=options.disk_cache)
     return start(image_config(found, references, mountpoints, writable=dirs, options=options))
 
 

@@ -360,3 +360,46 @@ def test_mirror_serves_manifest_and_blobs(
         assert all(source.startswith(f"http://{busybox.host}/") for source in record["sources"])
         assert (mountpoint / "etc" / "hostname").read_text() == "changed\n"
         umount_leaves_nothing(lazyfs, mountpoint, record)
+
+
+# -- offline -------------------------------------------------------------------------------------
+
+
+def test_an_image_mounted_before_mounts_again_while_its_registry_is_down(
+    lazyfs: Lazyfs, tmp_path: Path
+) -> None:
+    """The disk cache remembers the manifest the tag pointed to, the manifests and config by
+    digest (checked when read back), and the layers' metadata and chunks: with the registry
+    gone the image mounts again, serves what was read before and fails the rest fast."""
+    first, second = directories(tmp_path, "first", "second")
+    with running_registry(tmp_path / "registry") as registry:
+        image = publish(tmp_path / "work", registry.host)
+        _, record = mount_image(lazyfs, image.converted, str(first), INSECURE,
+                                mountpoints=[first])
+        hostname = (first / "etc" / "hostname").read_text()
+        umount_leaves_nothing(lazyfs, first, record)
+        registry.stop()
+        never = lazyfs.run("mount", f"{registry.host}/test/other:v1", str(second), INSECURE)
+        one_line_error(never, registry.host, "test/other")
+        lazyfs.expected_log_levels.add("WARNING")
+        lazyfs.mountpoints.append(second)
+        again = lazyfs.run("mount", image.converted, str(second), INSECURE)
+        assert again.returncode == 0, again.stderr
+        assert f"@{record['images'][0]['manifest_digest']} " in again.stdout
+        assert "remembered from an earlier mount" in again.stderr
+        assert (second / "etc" / "hostname").read_text() == hostname
+        with pytest.raises(OSError) as unread:
+            (second / "bin" / "busybox").read_bytes()
+        assert unread.value.errno == errno.EIO
+        offline = lazyfs.record(second)
+        assert offline is not None
+        umount_leaves_nothing(lazyfs, second, offline)
+        # A remembered manifest or config that no longer matches its digest is not used.
+        kept = sorted((lazyfs.cache_dir / "data" / "imgdata").rglob("*"))
+        kept = [path for path in kept if path.is_file()]
+        assert len(kept) == 2  # the manifest and the config
+        for path in kept:
+            path.write_bytes(path.read_bytes().replace(b"{", b"[", 1))
+        damaged = lazyfs.run("mount", image.converted, str(second), INSECURE)
+        assert damaged.returncode == 2 and registry.host in damaged.stderr, damaged.stderr
+        assert "does not match its digest" in damaged.stderr

@@ -1,0 +1,132 @@
+"""What the disk cache remembers of images, so that an image mounted before mounts again while
+its registry cannot be reached.
+
+A layer's metadata and chunks are in the disk cache already, keyed by the digests that
+authenticate them; what an image adds is the way to them: the manifest (or index) a tag last
+pointed to, and the manifests and configs it names. Those are kept by digest and checked
+against it when read back, so a damaged or planted entry is refused, never used. The pointer
+from a tag to a digest is the one thing nothing authenticates: it is used only when the
+registry cannot be reached (after the client's own retries), with a warning that names the
+digest, exactly as a container runtime's local image store would answer for the tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from lazyfs.cache.disk import DiskCache
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.oci import detect_media_type
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+_CONTENT_ALGORITHMS = {"sha256": 64, "sha512": 128}
+
+
+def tag_key(registry: str, repository: str, tag: str) -> str:
+    """The disk cache's name for what `registry/repository:tag` pointed to last."""
+    return "imgtag-" + hashlib.sha256(f"{registry}/{repository}:{tag}".encode()).hexdigest()
+
+
+def content_key(digest: str) -> str | None:
+    """The disk cache's name for the manifest or config of `digest` (None: an algorithm the
+    cache does not keep)."""
+    algorithm, _, hex_digest = digest.partition(":")
+    if _CONTENT_ALGORITHMS.get(algorithm) != len(hex_digest):
+        return None
+    return f"imgdata-{hex_digest}"  # the length tells sha256 from sha512
+
+
+class ImageMemory:
+    """The manifests and configs of the images resolved through one registry `client`,
+    remembered in `disk` and answered from it when the registry is unreachable."""
+
+    def __init__(self, client: RegistryClient, registry: str, disk: DiskCache) -> None:
+        self._client = client
+        self._registry = registry
+        self._disk = disk
+
+    async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
+        """`RegistryClient.get_manifest`, remembered; from the disk cache when the registry
+        is unreachable and it has the answer."""
+        from lazyfs.fetch.registry_session import RegistryUnavailableError
+
+        try:
+            data, media_type, digest = await self._client.get_manifest(repository, reference)
+        except RegistryUnavailableError as exc:
+            kept = await self._kept_manifest(repository, reference)
+            if kept is None:
+                raise
+            log.warning("%s; using %s@%s, remembered from an earlier mount", exc, repository,
+                        kept[2])
+            return kept
+        await self._keep(digest, data)
+        if not reference.startswith(("sha256:", "sha512:")):
+            pointer = json.dumps({"digest": digest, "media_type": media_type}).encode()
+            key = tag_key(self._registry, repository, reference)
+            if await self._disk.get(key) != pointer:
+                await self._disk.delete(key)
+                await self._disk.put(key, pointer)
+        return data, media_type, digest
+
+    async def get_blob(self, repository: str, digest: str, *, max_size_bytes: int) -> bytes:
+        """`RegistryClient.get_blob` (an image config), remembered likewise."""
+        from lazyfs.fetch.registry_session import RegistryUnavailableError
+
+        try:
+            data = await self._client.get_blob(repository, digest, max_size_bytes=max_size_bytes)
+        except RegistryUnavailableError:
+            kept = await self._kept(digest)
+            if kept is None or len(kept) > max_size_bytes:
+                raise
+            return kept
+        await self._keep(digest, data)
+        return data
+
+    async def _kept_manifest(self, repository: str,
+                             reference: str) -> tuple[bytes, str, str] | None:
+        if reference.startswith(("sha256:", "sha512:")):
+            data = await self._kept(reference)
+            if data is None:
+                return None
+            try:
+                return data, detect_media_type(data, None), reference
+            except OCIFormatError:
+                return None
+        pointer = await self._disk.get(tag_key(self._registry, repository, reference))
+        if pointer is None:
+            return None
+        try:
+            fields = json.loads(pointer)
+            digest, media_type = str(fields["digest"]), str(fields["media_type"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("disk cache: a damaged entry for %s:%s; ignored", repository, reference)
+            return None
+        data = await self._kept(digest)
+        return None if data is None else (data, media_type, digest)
+
+    async def _kept(self, digest: str) -> bytes | None:
+        """The remembered bytes of `digest`, if they still match it (else dropped)."""
+        key = content_key(digest)
+        if key is None:
+            return None
+        data = await self._disk.get(key)
+        if data is None:
+            return None
+        algorithm, _, expected = digest.partition(":")
+        if hashlib.new(algorithm, data).hexdigest() != expected:
+            log.warning("disk cache: the copy of %s does not match its digest; dropped", digest)
+            await self._disk.delete(key)
+            return None
+        return data
+
+    async def _keep(self, digest: str, data: bytes) -> None:
+        key = content_key(digest)
+        if key is not None and not await self._disk.contains(key):
+            await self._disk.put(key, data)
