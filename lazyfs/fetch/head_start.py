@@ -23,6 +23,7 @@ import http.client
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
@@ -99,7 +100,14 @@ class HeadStart:
         self._lock = threading.Lock()
         self._answers = PrimedAnswers()
         self._finished = False
-        self._thread = threading.Thread(target=self._run, name="lazyfs-head-start", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name="lazyfs-head-start",
+                                          daemon=True)]
+        if self._first_frame:
+            # Data frames start at offset 0: the first one needs no metadata to be located,
+            # so it travels on a second connection while the first asks for the metadata.
+            self._threads.append(threading.Thread(
+                target=self._on_connection, args=(self._first_frame_start,),
+                name="lazyfs-head-start-frame", daemon=True))
 
     @staticmethod
     def applies_to(blob_url: str, descriptor: str | None) -> bool:
@@ -120,12 +128,15 @@ class HeadStart:
         return descriptor_path_candidates(self._url.partition("?")[0])
 
     def start(self) -> HeadStart:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def finish(self, wait_s: float) -> PrimedAnswers:
         """The answers received within `wait_s` more seconds; later ones are dropped."""
-        self._thread.join(wait_s)
+        deadline = time.monotonic() + wait_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._finished = True
             return self._answers
@@ -133,11 +144,6 @@ class HeadStart:
     # -- the thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self._first_frame:
-            # Data frames start at offset 0: the first one needs no metadata to be located,
-            # so it travels on a second connection while the first asks for the metadata.
-            threading.Thread(target=self._on_connection, args=(self._first_frame_start,),
-                             name="lazyfs-head-start-frame", daemon=True).start()
         self._on_connection(self._open_layer)
 
     def _on_connection(self, work: Callable[[http.client.HTTPConnection], None]) -> None:
