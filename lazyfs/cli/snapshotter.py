@@ -57,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS", help="longest wait between two of those retries, which start a "
         f"second apart and double (default {RemountPolicy.max_delay_s:.0f})",
     )
+    parser.add_argument(
+        "--no-prefetch", action="store_true",
+        help="do not replay the prefetch lists layers carry in their annotations (by "
+        "default each is fetched in the background once its layer is mounted, reads first)",
+    )
     add_disk_cache_arguments(parser)
     add_registry_arguments(parser)
     parser.set_defaults(func=cmd_snapshotter)
@@ -99,6 +104,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         metrics_address=_metrics_address(args.metrics_address),
         remount=_remount_policy(args.remount_retries, args.remount_max_delay),
         disk_cache=disk_cache_of(args),
+        prefetch=not args.no_prefetch,
     )
 
     def on_ready() -> None:

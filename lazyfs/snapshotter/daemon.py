@@ -52,6 +52,7 @@ class SnapshotterConfig:
     metrics_address: tuple[str, int] | None = None
     remount: RemountPolicy = field(default_factory=RemountPolicy)
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
+    prefetch: bool = True  # replay the prefetch lists layers carry
 
 
 def run_snapshotter(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None:
@@ -86,7 +87,7 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
                 registry = CollectorRegistry()
                 metrics = LayerMetrics(registry)
                 host = LayerHost(root, config.registry, config.cache_size_bytes, nursery,
-                                 metrics, disk)
+                                 metrics, disk, prefetch=config.prefetch)
                 await recover_mounts(root, host.fuse_dir, host.layers_dir)
                 os.makedirs(host.fuse_dir, mode=0o700, exist_ok=True)
                 os.makedirs(host.layers_dir, mode=0o700, exist_ok=True)

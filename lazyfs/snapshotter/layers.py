@@ -30,13 +30,20 @@ from lazyfs.format.descriptor import (
     ANNOTATION_ROOT_DIGEST,
     SeekableAnnotations,
 )
+from lazyfs.format.prefetch_list import (
+    LayerPrefetch,
+    PrefetchListError,
+    parse_prefetch_annotation,
+    serialize_prefetch_annotation,
+)
 from lazyfs.format.reference import parse_reference
 from lazyfs.fuse.operations import LayerOperations
 from lazyfs.image.errors import UntrustedLayerError
 from lazyfs.image.open import open_layer
+from lazyfs.image.prefetch import BackgroundLoader, plan_lists
 from lazyfs.image.registry_source import ImageLayer, layer_sources
 from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import kernel as kernel_mount
 from lazyfs.mount.state import ErofsMountRecord
 from lazyfs.snapshotter.metrics import LayerMetrics
@@ -78,6 +85,8 @@ class LayerSpec:
     chunk_digest: str | None
     verity_offset: int | None
     root_digest: str | None
+    # The prefetch list the layer's descriptor carries (its annotation value), if any.
+    prefetch: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -89,9 +98,11 @@ class LayerSpec:
     @classmethod
     def of(cls, reference: str, layer: ImageLayer) -> LayerSpec:
         values = layer.annotations
+        prefetch = (None if layer.prefetch is None
+                    else serialize_prefetch_annotation(layer.prefetch))
         return cls(reference, layer.digest, layer.size, layer.media_type,
                    values.chunk_table_offset, values.chunk_digest, values.verity_offset,
-                   values.root_digest)
+                   values.root_digest, prefetch)
 
     def image_layer(self) -> ImageLayer:
         annotations = SeekableAnnotations(
@@ -100,8 +111,14 @@ class LayerSpec:
             verity_offset=self.verity_offset,
             root_digest=self.root_digest,
         )
+        prefetch = None
+        if self.prefetch is not None:
+            try:
+                prefetch = parse_prefetch_annotation(self.prefetch, f"layer {self.digest}")
+            except PrefetchListError as exc:
+                log.warning("%s; no prefetch for this layer", exc)
         return ImageLayer(layer_name(self.digest), self.digest, self.size, self.media_type,
-                          annotations)
+                          annotations, prefetch)
 
 
 @dataclass
@@ -110,6 +127,8 @@ class MountedLayer:
     image: RemoteImage
     mountpoint: str
     erofs: ErofsMountRecord
+    # Its prefetch list replaying in the background (cancelled when the layer goes).
+    background: trio.CancelScope | None = None
 
 
 class LayerHost:
@@ -117,8 +136,9 @@ class LayerHost:
 
     def __init__(self, root: str, options: RegistryOptions, cache_size_bytes: int,
                  nursery: trio.Nursery, metrics: LayerMetrics | None = None,
-                 disk: DiskCache | None = None) -> None:
+                 disk: DiskCache | None = None, prefetch: bool = True) -> None:
         self.root = root
+        self.prefetch = prefetch
         self.metrics = metrics
         self.options = options
         self.nursery = nursery
@@ -197,7 +217,29 @@ class LayerHost:
             raise
         log.info("layer %s mounted lazily at %s (%d bytes in %d chunks)", spec.digest,
                  mountpoint, image.size, image.metadata.table.chunk_count)
-        return MountedLayer(spec, image, mountpoint, erofs)
+        return MountedLayer(spec, image, mountpoint, erofs,
+                            self._start_prefetch(image, source.prefetch))
+
+    def _start_prefetch(self, image: RemoteImage,
+                        carried: LayerPrefetch | None) -> trio.CancelScope | None:
+        """Replay the prefetch list the layer carries in the background, on-demand reads
+        first (as a mount does); its scope, for the layer's detach to cancel."""
+        if not self.prefetch or carried is None:
+            return None
+        options = PrefetchOptions()
+        plans = plan_lists([image], [carried], options)
+        if not plans[0]:
+            return None
+        loader = BackgroundLoader([image], plans, options)
+        scope = trio.CancelScope()
+
+        async def replay() -> None:
+            with scope:
+                await loader.run()
+
+        self.nursery.start_soon(replay)
+        log.info("layer %s: prefetching %d chunks its image lists", image.name, len(plans[0]))
+        return scope
 
     async def detach(self, digest: str) -> None:
         """Unmount a layer (lazily if busy) and stop serving its file; absent is fine."""
@@ -205,6 +247,8 @@ class LayerHost:
         if layer is None:
             return
         # No read may wait on a stalled server while the layer goes: end its fetches first.
+        if layer.background is not None:
+            layer.background.cancel()
         layer.image.cancel_fetches()
         with trio.CancelScope(shield=True):
             try:

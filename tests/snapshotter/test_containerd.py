@@ -17,9 +17,16 @@ import grpc
 import pytest
 
 from lazyfs.containerd.client import ContainerdClient, ContainerdError
-from lazyfs.format.descriptor import ANNOTATION_CHUNK_TABLE_OFFSET
+from lazyfs.format.descriptor import ANNOTATION_CHUNK_TABLE_OFFSET, parse_annotations
+from lazyfs.format.layout import parse_metadata
+from lazyfs.format.open_plan import metadata_pieces
+from lazyfs.format.prefetch_list import (
+    ANNOTATION_PREFETCH,
+    LayerPrefetch,
+    serialize_prefetch_annotation,
+)
 from lazyfs.fuse.operations import STATS_FILE_NAME
-from lazyfs.snapshotter.layers import FUSE_DIR
+from lazyfs.snapshotter.layers import FUSE_DIR, layer_name
 from lazyfs.snapshotter.remote import CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST
 from tests.support.containerd import Containerd
 from tests.support.forged_images import blob_file
@@ -39,6 +46,7 @@ from tests.support.snapshotter_images import (
     layer_stats,
     lazy_pull,
     manifest_of,
+    put_manifest,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
@@ -176,6 +184,37 @@ def test_a_restarted_snapshotter_reads_from_the_disk_cache(
     for values in stats.values():
         assert values["bytes_fetched"] == 0 and values["chunks_fetched"] == 0, values
         assert values["chunks_from_disk"] >= 1
+
+
+def test_a_prefetch_list_a_layer_carries_is_replayed_once_it_is_mounted(
+    containerd: Containerd, image: PublishedImage, registry: Registry
+) -> None:
+    """A layer whose descriptor carries a prefetch list (`lazyfs convert --prefetch`) has
+    those chunks fetched in the background after its Prepare, before anything reads them."""
+    _, manifest = manifest_of(registry, "test/app", "v1-erofs")
+    top = manifest["layers"][-1]
+    annotations = parse_annotations(top["annotations"], "top layer")
+    blob = blob_file(registry, top["digest"]).read_bytes()
+    metadata = parse_metadata(annotations, len(blob), *metadata_pieces({0: blob}, annotations))
+    count = metadata.table.chunk_count
+    assert annotations.chunk_digest is not None and count >= 3
+    listed = (count - 1, 0, count // 2)  # the order of a start, not of the blob
+    top["annotations"][ANNOTATION_PREFETCH] = serialize_prefetch_annotation(
+        LayerPrefetch(annotations.chunk_digest, count, listed))
+    put_manifest(registry, "test/app", "v1-erofs-prefetch", manifest)
+
+    result = lazy_pull(containerd, f"{registry.host}/test/app:v1-erofs-prefetch")
+    assert result.returncode == 0, result.stderr
+    name = layer_name(top["digest"])
+
+    def replayed() -> bool:
+        return layer_stats(containerd)[name]["background"]["state"] == "done"
+
+    wait_until(replayed, "the carried list to be replayed")
+    stats = layer_stats(containerd)[name]
+    assert stats["background"]["listed_chunks"] == len(listed)
+    assert stats["background"]["prefetched_chunks"] == len(listed) - 1  # 0: the superblock read
+    assert stats["chunks_fetched"] == len(listed)
 
 
 def test_sigterm_unmounts_everything(containerd: Containerd, image: PublishedImage) -> None:
