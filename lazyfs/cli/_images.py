@@ -14,6 +14,7 @@ from lazyfs.cli import UserError
 from lazyfs.cli.sizes import parse_size
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform, parse_platform
+from lazyfs.image.names import host_platform
 from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
 
 if TYPE_CHECKING:
@@ -177,8 +178,6 @@ def registry_options(args: argparse.Namespace) -> RegistryOptions:
 
 def platform_of(args: argparse.Namespace) -> Platform:
     if args.platform is None:
-        from lazyfs.image.registry_source import host_platform
-
         return host_platform()
     try:
         return parse_platform(args.platform)

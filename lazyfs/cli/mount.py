@@ -12,10 +12,15 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazyfs.cli import CommandParser, UserError, exit_at_once
+from lazyfs.cli._head_start import (
+    finish_image,
+    finish_layer,
+    image_head_start,
+    layer_head_start,
+)
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
@@ -36,13 +41,11 @@ from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fuse.phases import process_started_monotonic
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.head_start import HeadStart, PrimedAnswers
+    from lazyfs.fetch.head_start import HeadStart
+    from lazyfs.fetch.registry_head_start import RegistryHeadStart
     from lazyfs.mount.daemon import DaemonConfig
     from lazyfs.mount.service import MountOptions
 
-# How long a mount waits, once it is ready to start its daemon, for head start answers still
-# on their way (the daemon would wait for them anyway, asking again).
-HEAD_START_WAIT_S = 1.0
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -155,63 +158,34 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                         prefetch=prefetch_options_of(args))
 
 
-def start_head_start(args: argparse.Namespace) -> HeadStart | None:
-    """Start fetching what opening the layer SOURCE names asks for first, when it is an
-    http(s) URL (not an image, nor a layer located by offsets given here)."""
-    if "://" not in args.source or args.chunk_table_offset is not None:
-        return None
-    from lazyfs.fetch.head_start import HeadStart
-    from lazyfs.image.tuning import ImageTuning
+def start_head_start(args: argparse.Namespace) -> HeadStart | RegistryHeadStart | None:
+    """The first requests of the mount, started now: for a layer URL, or for one image."""
+    from lazyfs.image.names import is_image_reference
 
-    descriptor = _absolute(args.descriptor)
-    if not HeadStart.applies_to(args.source, descriptor):
-        return None
+    if is_image_reference(args.source):
+        if args.more:
+            return None
+        return image_head_start(args.source, args, mounts=not args.block_only)
     try:
         headers = dict(parse_header(header) for header in args.header)
     except UserError:
         return None  # reported with the other checks
-    head_start = HeadStart(args.source, descriptor=descriptor, headers=headers,
-                           tree_window_bytes=ImageTuning().verity_window_bytes,
-                           first_frame=not args.block_only)
-    if _disk_cache_remembers(args, head_start.descriptor_locations()):
-        head_start = HeadStart(args.source, descriptor=descriptor, headers=headers,
-                               tree_window_bytes=0, descriptor_only=True)
-    return head_start.start()
+    return layer_head_start(args, headers)
 
 
-def _disk_cache_remembers(args: argparse.Namespace, descriptors: list[str]) -> bool:
-    """Whether the disk cache keeps a descriptor fetched from one of `descriptors`: the layer
-    was mounted before, the daemon will find its metadata and chunks there, and a head start
-    fetching them would only waste the bytes."""
-    if args.no_disk_cache:
-        return False
-    from lazyfs.cache.defaults import default_cache_dir
-    from lazyfs.cache.disk_store import entry_path
-    from lazyfs.image.keys import descriptor_key
-
-    directory = Path(os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir())
-    return any(entry_path(directory, descriptor_key(location)).exists()
-               for location in descriptors)
-
-
-def _finish(head_start: HeadStart) -> PrimedAnswers:
-    """The head start's answers that arrived by now (the daemon asks for the rest itself);
-    while they travel, the daemon's own imports are done here, before its fork."""
-    from lazyfs.mount.background import preload_daemon_modules
-
-    preload_daemon_modules()
-    return head_start.finish(HEAD_START_WAIT_S)
-
-
-def build_config(args: argparse.Namespace, head_start: HeadStart | None = None) -> DaemonConfig:
+def build_config(args: argparse.Namespace,
+                 head_start: HeadStart | RegistryHeadStart | None = None) -> DaemonConfig:
     """The daemon's configuration for a layer blob or, if SOURCE is one, for images; a
     layer's first requests are already under way when `head_start` is given."""
+    from lazyfs.image.names import is_image_reference
     from lazyfs.image.open import LayerSource
-    from lazyfs.image.registry_source import is_image_reference
     from lazyfs.mount.service import check_mountpoint, layer_config
 
     if is_image_reference(args.source):
-        return build_image_config(args)
+        from lazyfs.fetch.registry_head_start import RegistryHeadStart
+
+        return build_image_config(args, head_start if isinstance(
+            head_start, RegistryHeadStart) else None)
     image_only = [
         flag
         for flag, value in (
@@ -245,14 +219,16 @@ def build_config(args: argparse.Namespace, head_start: HeadStart | None = None) 
         reader_options=ReaderOptions(
             headers=dict(parse_header(header) for header in args.header)
         ),
-        primed=None if head_start is None else _finish(head_start),
+        primed=finish_layer(head_start),
     )
     return layer_config(source, mountpoint, block_only=bool(args.block_only), options=options)
 
 
-def build_image_config(args: argparse.Namespace) -> DaemonConfig:
-    """Resolve the images (pinned manifests, seekable layers) and plan their mounts."""
-    from lazyfs.image.registry_source import is_image_reference
+def build_image_config(args: argparse.Namespace,
+                       head_start: RegistryHeadStart | None = None) -> DaemonConfig:
+    """Resolve the images (pinned manifests, seekable layers) and plan their mounts (the
+    first one's first requests under way when `head_start` is given)."""
+    from lazyfs.image.names import is_image_reference
     from lazyfs.mount.service import MountpointError, check_mountpoint, image_config, resolve
 
     blob_only = [
@@ -291,7 +267,7 @@ def build_image_config(args: argparse.Namespace) -> DaemonConfig:
         raise MountpointError("each image needs a mountpoint of its own")
     writable = writable_upper(args.writable) if args.writable else None
     found = resolve(references, registry_options(args), platform_of(args), insecure=args.insecure,
-                    disk=options.disk_cache)
+                    disk=options.disk_cache, primed=finish_image(head_start))
     return image_config(
         found,
         references,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.container.process import (
     ContainerSpec,
@@ -44,6 +44,9 @@ from lazyfs.mount.service import (
     writable_dirs,
 )
 from lazyfs.mount.state import MountRecord, StateError, ensure_state_dir, private_dir
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.registry_head_start import PrimedRegistry
 
 Notify = Callable[[str], None]
 """Called with a one-line message for the user."""
@@ -85,13 +88,13 @@ class PreparedRun:
         return self.found.images[0]
 
 
-def prepare(request: RunRequest) -> PreparedRun:
-    """Resolve the image and choose the command. Raises ImageResolveError, FetchError,
-    RunError (no command)."""
+def prepare(request: RunRequest, primed: PrimedRegistry | None = None) -> PreparedRun:
+    """Resolve the image and choose the command; `primed` holds a head start's answers.
+    Raises ImageResolveError, FetchError, RunError (no command)."""
     found = resolve(
         [request.reference], request.registry, request.platform, insecure=request.insecure,
         # An eager run downloads every blob anyway; a lazy one may run offline from the cache.
-        disk=None if request.eager else request.mount.disk_cache,
+        disk=None if request.eager else request.mount.disk_cache, primed=primed,
     )
     image = found.images[0]
     argv = list(request.command) or [*image.config.entrypoint, *image.config.cmd]

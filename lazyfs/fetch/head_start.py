@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
 from lazyfs.errors import LazyfsError
-from lazyfs.format.descriptor import descriptor_path_candidates, parse_descriptor
+from lazyfs.format.descriptor import (
+    SeekableAnnotations,
+    descriptor_path_candidates,
+    parse_descriptor,
+)
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.format.layout import parse_metadata
 from lazyfs.format.open_plan import chunk_hash_blocks, contiguous, metadata_pieces, metadata_ranges
@@ -73,11 +77,115 @@ class PrimedAnswers:
         return None
 
 
-class _Stop(Exception):
+class EarlyStop(Exception):
     """The head start ends here (the daemon will do the rest)."""
 
 
-class HeadStart:
+class EarlyRequests:
+    """Threads making a command's first requests to one origin with the standard library,
+    each on its own keep-alive connection; what they receive is kept until `finish`, and
+    nothing after it. The ways to fetch a layer's first answers are here; subclasses say
+    which layer (`HeadStart`: a blob URL; the registry one: an image's layers)."""
+
+    def __init__(self, origin: str, *, headers: Mapping[str, str] | None = None,
+                 verify_tls: bool | str = True, tree_window_bytes: int) -> None:
+        self._parts = urlsplit(origin)
+        self._headers = dict(headers or {})
+        self._verify_tls = verify_tls
+        self._tree_window_bytes = tree_window_bytes
+        self._lock = threading.Lock()
+        self._finished = False
+        self._threads: list[threading.Thread] = []
+
+    def _thread(self, work: Callable[[http.client.HTTPConnection], None], name: str) -> None:
+        self._threads.append(threading.Thread(target=self._on_connection, args=(work,),
+                                              name=f"lazyfs-{name}", daemon=True))
+
+    def _start_threads(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def _finish(self, wait_s: float) -> None:
+        """Wait up to `wait_s` seconds for the threads; nothing is kept after this."""
+        deadline = time.monotonic() + wait_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._finished = True
+
+    def _on_connection(self, work: Callable[[http.client.HTTPConnection], None]) -> None:
+        try:
+            connection = _connect(self._parts, self._verify_tls)
+        except (OSError, ValueError, LazyfsError) as exc:
+            log.debug("head start: no connection: %s", exc)
+            return
+        try:
+            work(connection)
+        except (EarlyStop, OSError, http.client.HTTPException, LazyfsError, ValueError) as exc:
+            log.debug("head start ends: %s", exc)
+        finally:
+            connection.close()
+
+    def _send(self, connection: http.client.HTTPConnection, path: str,
+              headers: Mapping[str, str] | None = None) -> http.client.HTTPResponse:
+        connection.request("GET", path, headers={**self._headers, **(headers or {})})
+        return connection.getresponse()
+
+    def _get_range(self, connection: http.client.HTTPConnection, path: str,
+                   answers: PrimedAnswers, start: int, end: int, size: int | None) -> bytes:
+        """The blob's bytes `[start, end)`, kept in `answers`; the blob must be `size` bytes
+        (unknown: then the answer may end early, where the blob does)."""
+        response = self._send(connection, path, {
+            "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+        body = response.read(end - start + 1)
+        found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
+        if found is not None and size is None:
+            size = int(found.group(3))
+            end = min(end, size)
+        if (response.status != 206 or found is None
+                or response.getheader("Content-Encoding", "identity").lower() != "identity"
+                or (int(found.group(1)), int(found.group(2))) != (start, end - 1)
+                or int(found.group(3)) != size or len(body) != end - start):
+            raise EarlyStop(f"bytes {start}-{end - 1}: HTTP {response.status}, not the range asked")
+        with self._lock:
+            if self._finished:
+                raise EarlyStop("too late")
+            answers.ranges[start] = (body, size)
+            answers.requests += 1
+            answers.bytes_fetched += len(body)
+        return body
+
+    def _first_frame(self, connection: http.client.HTTPConnection, path: str,
+                     answers: PrimedAnswers) -> None:
+        """The start of the first frame: data frames start at offset 0, so it needs no
+        metadata to be located."""
+        self._get_range(connection, path, answers, 0, FIRST_FRAME_BYTES, None)
+
+    def _layer_metadata(self, connection: http.client.HTTPConnection, path: str,
+                        answers: PrimedAnswers, annotations: SeekableAnnotations, size: int,
+                        hash_blocks: bool) -> None:
+        """What opening the layer reads (its metadata range), then with `hash_blocks` the
+        hash blocks over its first chunk that the range did not hold."""
+        fetched: dict[int, bytes] = {}
+        for start, end in metadata_ranges(annotations, size, self._tree_window_bytes):
+            stop = size if end is None else min(end, size)
+            fetched[start] = self._get_range(connection, path, answers, start, stop, size)
+        table, verity_head = metadata_pieces(fetched, annotations)
+        metadata = parse_metadata(annotations, size, table, verity_head)
+        if (not hash_blocks or metadata.table.chunk_count == 0
+                or metadata.verity is None or verity_head is None):
+            return
+        # Hash blocks the metadata range held whole are verified from it; fetch the others.
+        block = metadata.verity.superblock.hash_block_size
+        window_end = len(verity_head) - SKIPPABLE_HEADER_SIZE
+        missing = [offset for offset in chunk_hash_blocks(metadata, 0)
+                   if offset + block > window_end]
+        for run in contiguous(missing, block):
+            start = metadata.verity_payload_offset + run[0]
+            self._get_range(connection, path, answers, start, start + len(run) * block, size)
+
+
+class HeadStart(EarlyRequests):
     """Fetch in a thread what opening the layer at `blob_url` asks for first (see the module
     docstring). `descriptor` is the descriptor URL the user gave (else the ones beside the
     blob are tried, as the daemon will); `headers` go with every request. With `descriptor_only`
@@ -89,25 +197,20 @@ class HeadStart:
                  headers: Mapping[str, str] | None = None, verify_tls: bool | str = True,
                  tree_window_bytes: int, first_frame: bool = True,
                  descriptor_only: bool = False) -> None:
+        super().__init__(blob_url, headers=headers, verify_tls=verify_tls,
+                         tree_window_bytes=tree_window_bytes)
         self._url = blob_url
-        self._parts = urlsplit(blob_url)
+        self._path = _path_of(self._parts)
         self._descriptor = descriptor
-        self._headers = dict(headers or {})
-        self._verify_tls = verify_tls
-        self._tree_window_bytes = tree_window_bytes
         self._descriptor_only = descriptor_only
-        self._first_frame = first_frame and not descriptor_only
-        self._lock = threading.Lock()
+        self._first_frame_too = first_frame and not descriptor_only
         self._answers = PrimedAnswers()
-        self._finished = False
-        self._threads = [threading.Thread(target=self._run, name="lazyfs-head-start",
-                                          daemon=True)]
-        if self._first_frame:
-            # Data frames start at offset 0: the first one needs no metadata to be located,
-            # so it travels on a second connection while the first asks for the metadata.
-            self._threads.append(threading.Thread(
-                target=self._on_connection, args=(self._first_frame_start,),
-                name="lazyfs-head-start-frame", daemon=True))
+        self._thread(self._open_layer, "head-start")
+        if self._first_frame_too:
+            # On a second connection while the first asks for the metadata.
+            self._thread(lambda connection: self._first_frame(connection, self._path,
+                                                              self._answers),
+                         "head-start-frame")
 
     @staticmethod
     def applies_to(blob_url: str, descriptor: str | None) -> bool:
@@ -128,39 +231,13 @@ class HeadStart:
         return descriptor_path_candidates(self._url.partition("?")[0])
 
     def start(self) -> HeadStart:
-        for thread in self._threads:
-            thread.start()
+        self._start_threads()
         return self
 
     def finish(self, wait_s: float) -> PrimedAnswers:
         """The answers received within `wait_s` more seconds; later ones are dropped."""
-        deadline = time.monotonic() + wait_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._finished = True
-            return self._answers
-
-    # -- the thread --------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        self._on_connection(self._open_layer)
-
-    def _on_connection(self, work: Callable[[http.client.HTTPConnection], None]) -> None:
-        try:
-            connection = _connect(self._parts, self._verify_tls)
-        except (OSError, ValueError, LazyfsError) as exc:
-            log.debug("head start: no connection: %s", exc)
-            return
-        try:
-            work(connection)
-        except (_Stop, OSError, http.client.HTTPException, LazyfsError, ValueError) as exc:
-            log.debug("head start ends: %s", exc)
-        finally:
-            connection.close()
-
-    def _first_frame_start(self, connection: http.client.HTTPConnection) -> None:
-        self._get_range(connection, 0, FIRST_FRAME_BYTES, None)
+        self._finish(wait_s)
+        return self._answers
 
     def _open_layer(self, connection: http.client.HTTPConnection) -> None:
         descriptor = None
@@ -172,67 +249,27 @@ class HeadStart:
                 break
         if descriptor is None or self._descriptor_only:
             return
-        size = descriptor.size
-        fetched: dict[int, bytes] = {}
-        for start, end in metadata_ranges(annotations, size, self._tree_window_bytes):
-            stop = size if end is None else min(end, size)
-            fetched[start] = self._get_range(connection, start, stop, size)
-        table, verity_head = metadata_pieces(fetched, annotations)
-        metadata = parse_metadata(annotations, size, table, verity_head)
-        if (not self._first_frame or metadata.table.chunk_count == 0
-                or metadata.verity is None or verity_head is None):
-            return
-        # Hash blocks the metadata range held whole are verified from it; fetch the others.
-        block = metadata.verity.superblock.hash_block_size
-        window_end = len(verity_head) - SKIPPABLE_HEADER_SIZE
-        missing = [offset for offset in chunk_hash_blocks(metadata, 0)
-                   if offset + block > window_end]
-        for run in contiguous(missing, block):
-            start = metadata.verity_payload_offset + run[0]
-            self._get_range(connection, start, start + len(run) * block, size)
+        self._layer_metadata(connection, self._path, self._answers, annotations,
+                             descriptor.size, hash_blocks=self._first_frame_too)
 
     def _get_document(self, connection: http.client.HTTPConnection, url: str) -> bytes | None:
         parts = urlsplit(url)
         if (parts.scheme, parts.netloc) != (self._parts.scheme, self._parts.netloc):
-            raise _Stop(f"{url}: another origin")
-        response = _send(connection, parts, self._headers)
+            raise EarlyStop(f"{url}: another origin")
+        response = self._send(connection, _path_of(parts))
         body = response.read(MAX_DOCUMENT_BYTES + 1)
         if response.status == 404:
             self._keep_document(url, None, len(body))
             return None
         if response.status != 200 or len(body) > MAX_DOCUMENT_BYTES:
-            raise _Stop(f"{url}: HTTP {response.status}")
+            raise EarlyStop(f"{url}: HTTP {response.status}")
         self._keep_document(url, body, len(body))
-        return body
-
-    def _get_range(self, connection: http.client.HTTPConnection, start: int, end: int,
-                   size: int | None) -> bytes:
-        """The blob's bytes `[start, end)`, kept as an answer; the blob must be `size` bytes
-        (unknown: then the answer may end early, where the blob does)."""
-        response = _send(connection, self._parts, {
-            **self._headers, "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
-        body = response.read(end - start + 1)
-        found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
-        if found is not None and size is None:
-            size = int(found.group(3))
-            end = min(end, size)
-        if (response.status != 206 or found is None
-                or response.getheader("Content-Encoding", "identity").lower() != "identity"
-                or (int(found.group(1)), int(found.group(2))) != (start, end - 1)
-                or int(found.group(3)) != size or len(body) != end - start):
-            raise _Stop(f"bytes {start}-{end - 1}: HTTP {response.status}, not the range asked")
-        with self._lock:
-            if self._finished:
-                raise _Stop("too late")
-            self._answers.ranges[start] = (body, size)
-            self._answers.requests += 1
-            self._answers.bytes_fetched += len(body)
         return body
 
     def _keep_document(self, url: str, body: bytes | None, length: int) -> None:
         with self._lock:
             if self._finished:
-                raise _Stop("too late")
+                raise EarlyStop("too late")
             self._answers.documents[url] = body
             self._answers.requests += 1
             self._answers.bytes_fetched += length
@@ -251,8 +288,5 @@ def _connect(parts: SplitResult, verify_tls: bool | str) -> http.client.HTTPConn
     return http.client.HTTPConnection(host, parts.port, timeout=SOCKET_TIMEOUT_S)
 
 
-def _send(connection: http.client.HTTPConnection, parts: SplitResult,
-          headers: Mapping[str, str]) -> http.client.HTTPResponse:
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection.request("GET", target, headers=dict(headers))
-    return connection.getresponse()
+def _path_of(parts: SplitResult) -> str:
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

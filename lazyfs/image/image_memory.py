@@ -20,37 +20,25 @@ from typing import TYPE_CHECKING
 from lazyfs.cache.disk import DiskCache
 from lazyfs.format.errors import OCIFormatError
 from lazyfs.format.oci import detect_media_type
+from lazyfs.image.keys import image_data_key, tag_key
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.registry import RegistryClient
+    from lazyfs.fetch.registry_head_start import ManifestSource
 
 log = logging.getLogger(__name__)
-
-_CONTENT_ALGORITHMS = {"sha256": 64, "sha512": 128}
-
-
-def tag_key(registry: str, repository: str, tag: str) -> str:
-    """The disk cache's name for what `registry/repository:tag` pointed to last."""
-    return "imgtag-" + hashlib.sha256(f"{registry}/{repository}:{tag}".encode()).hexdigest()
-
-
-def content_key(digest: str) -> str | None:
-    """The disk cache's name for the manifest or config of `digest` (None: an algorithm the
-    cache does not keep)."""
-    algorithm, _, hex_digest = digest.partition(":")
-    if _CONTENT_ALGORITHMS.get(algorithm) != len(hex_digest):
-        return None
-    return f"imgdata-{hex_digest}"  # the length tells sha256 from sha512
-
 
 class ImageMemory:
     """The manifests and configs of the images resolved through one registry `client`,
     remembered in `disk` and answered from it when the registry is unreachable."""
 
-    def __init__(self, client: RegistryClient, registry: str, disk: DiskCache) -> None:
+    def __init__(self, client: ManifestSource, registry: str, disk: DiskCache) -> None:
         self._client = client
         self._registry = registry
         self._disk = disk
+
+    def wrapping(self, client: ManifestSource) -> ImageMemory:
+        """The same memory in front of another client (one answering from a head start)."""
+        return ImageMemory(client, self._registry, self._disk)
 
     async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
         """`RegistryClient.get_manifest`, remembered; from the disk cache when the registry
@@ -75,7 +63,8 @@ class ImageMemory:
                 await self._disk.put(key, pointer)
         return data, media_type, digest
 
-    async def get_blob(self, repository: str, digest: str, *, max_size_bytes: int) -> bytes:
+    async def get_blob(self, repository: str, digest: str, *,
+                       max_size_bytes: int = 4 * 1024 * 1024) -> bytes:
         """`RegistryClient.get_blob` (an image config), remembered likewise."""
         from lazyfs.fetch.registry_session import RegistryUnavailableError
 
@@ -113,7 +102,7 @@ class ImageMemory:
 
     async def _kept(self, digest: str) -> bytes | None:
         """The remembered bytes of `digest`, if they still match it (else dropped)."""
-        key = content_key(digest)
+        key = image_data_key(digest)
         if key is None:
             return None
         data = await self._disk.get(key)
@@ -127,6 +116,6 @@ class ImageMemory:
         return data
 
     async def _keep(self, digest: str, data: bytes) -> None:
-        key = content_key(digest)
+        key = image_data_key(digest)
         if key is not None and not await self._disk.contains(key):
             await self._disk.put(key, data)

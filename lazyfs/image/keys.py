@@ -70,3 +70,20 @@ def tree_key(layer: str, chunk_index: int) -> str:
 def descriptor_key(location: str) -> str:
     """The disk cache's name for the descriptor last fetched from `location` (a URL)."""
     return "desc-" + _hex(location)
+
+
+_CONTENT_ALGORITHMS = {"sha256": 64, "sha512": 128}
+
+
+def tag_key(registry: str, repository: str, tag: str) -> str:
+    """The disk cache's name for what `registry/repository:tag` pointed to last."""
+    return "imgtag-" + hashlib.sha256(f"{registry}/{repository}:{tag}".encode()).hexdigest()
+
+
+def image_data_key(digest: str) -> str | None:
+    """The disk cache's name for the manifest or config of `digest` (None: an algorithm the
+    cache does not keep)."""
+    algorithm, _, hex_digest = digest.partition(":")
+    if _CONTENT_ALGORITHMS.get(algorithm) != len(hex_digest):
+        return None
+    return f"imgdata-{hex_digest}"  # the length tells sha256 from sha512

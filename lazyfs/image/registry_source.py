@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform as host
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fetch.errors import FetchError
+from lazyfs.fetch.registry_head_start import PrimedClient
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     SeekableAnnotations,
@@ -43,12 +42,15 @@ from lazyfs.format.prefetch_list import (
     PrefetchListError,
     parse_prefetch_annotation,
 )
-from lazyfs.format.reference import ImageReference, parse_reference
+from lazyfs.format.reference import ImageReference
 from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
+from lazyfs.image.names import host_platform as host_platform
+from lazyfs.image.names import is_image_reference as is_image_reference
 from lazyfs.image.open import AlternateBlob, LayerSource
 
 if TYPE_CHECKING:
     from lazyfs.fetch.registry import RegistryClient
+    from lazyfs.fetch.registry_head_start import ManifestSource, PrimedRegistry
     from lazyfs.fetch.registry_options import RegistryOptions
     from lazyfs.image.image_memory import ImageMemory
 
@@ -56,19 +58,6 @@ log = logging.getLogger(__name__)
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 LAYER_NAME_HEX = 12
-_HOST_ARCHITECTURES = {
-    "x86_64": ("amd64", None),
-    "amd64": ("amd64", None),
-    "aarch64": ("arm64", "v8"),
-    "arm64": ("arm64", "v8"),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i686": ("386", None),
-    "i386": ("386", None),
-    "ppc64le": ("ppc64le", None),
-    "s390x": ("s390x", None),
-    "riscv64": ("riscv64", None),
-}
 
 
 class ImageResolveError(LayerOpenError):
@@ -126,25 +115,6 @@ class ResolvedImage:
         return list({layer.digest: layer for layer in self.layers}.values())
 
 
-def host_platform() -> Platform:
-    """The platform of this machine in OCI terms (linux/amd64, linux/arm64/v8, ...)."""
-    machine = host.machine().lower()
-    architecture, variant = _HOST_ARCHITECTURES.get(machine, (machine, None))
-    return Platform("linux", architecture, variant)
-
-
-def is_image_reference(source: str) -> bool:
-    """Whether `lazyfs mount SOURCE` means an image in a registry: SOURCE is not a URL
-    (contains no `://`), names no existing file or directory, and parses as a reference."""
-    if "://" in source or os.path.lexists(source):
-        return False
-    try:
-        parse_reference(source)
-    except ValueError:
-        return False
-    return True
-
-
 async def resolve_image(
     client: RegistryClient,
     reference: ImageReference,
@@ -152,6 +122,7 @@ async def resolve_image(
     *,
     insecure: bool = False,
     memory: ImageMemory | None = None,
+    primed: PrimedRegistry | None = None,
 ) -> ResolvedImage:
     """Fetch the manifest `reference` names (through an index: the one for `platform`) and
     its config, and check every layer. Layers without trusted digests are refused unless
@@ -160,10 +131,13 @@ async def resolve_image(
     Raises UnconvertedLayerError naming the first layer that is not seekable EROFS,
     UntrustedLayerError, ImageResolveError, DescriptorError for malformed annotations, and
     RegistryError subclasses (NotFoundError, UnauthorizedError, ...). With `memory`, what
-    is fetched is remembered, and remembered answers stand in while the registry is down.
+    is fetched is remembered, and remembered answers stand in while the registry is down;
+    `primed` holds the answers of a head start (`lazyfs.fetch.registry_head_start`).
     """
     repository = reference.repository
-    source: RegistryClient | ImageMemory = memory or client
+    source: ManifestSource = client if primed is None else PrimedClient(client, primed)
+    if memory is not None:
+        source = memory.wrapping(source)
     data, media_type, digest = await source.get_manifest(repository, reference.reference)
     try:
         top = parse_manifest_or_index(data, media_type)

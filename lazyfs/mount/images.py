@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,6 +25,7 @@ from lazyfs.image.registry_source import (
 from lazyfs.mount.state import ImageRecord
 
 if TYPE_CHECKING:
+    from lazyfs.fetch.registry_head_start import PrimedRegistry
     from lazyfs.fetch.registry_options import RegistryOptions
 
 log = logging.getLogger(__name__)
@@ -60,29 +61,30 @@ def image_record(
 
 async def resolve_images(
     references: Sequence[str], options: RegistryOptions, platform: Platform, *, insecure: bool,
-    disk: DiskCacheOptions | None = None,
+    disk: DiskCacheOptions | None = None, primed: PrimedRegistry | None = None,
 ) -> ImageSet:
     """Resolve every reference and collect their layers; a layer shared by several images
     (or repeated in one) is listed once. With `disk`, manifests and configs are remembered
-    there and stand in while a registry is unreachable (`lazyfs.image.image_memory`).
-    Raises ImageResolveError for a malformed reference, and the errors of `resolve_image`
-    (one line each)."""
+    there and stand in while a registry is unreachable (`lazyfs.image.image_memory`);
+    `primed` holds a head start's answers for the first reference. Raises
+    ImageResolveError for a malformed reference, and the errors of `resolve_image` (one line
+    each)."""
     if disk is None:
-        return await _resolve_images(references, options, platform, insecure, None)
+        return await _resolve_images(references, options, platform, insecure, None, primed)
     try:
         cache = await trio.to_thread.run_sync(DiskCache.open, disk)
     except DiskCacheError as exc:
         log.warning("%s; images are resolved without it", exc)
-        return await _resolve_images(references, options, platform, insecure, None)
+        return await _resolve_images(references, options, platform, insecure, None, primed)
     try:
-        return await _resolve_images(references, options, platform, insecure, cache)
+        return await _resolve_images(references, options, platform, insecure, cache, primed)
     finally:
         await cache.aclose()
 
 
 async def _resolve_images(
     references: Sequence[str], options: RegistryOptions, platform: Platform, insecure: bool,
-    disk: DiskCache | None,
+    disk: DiskCache | None, primed: PrimedRegistry | None,
 ) -> ImageSet:
     parsed = []
     for text in references:
@@ -94,14 +96,20 @@ async def _resolve_images(
     images: list[ResolvedImage] = []
     sources: dict[str, LayerSource] = {}
     names: list[str] = []  # the mount's name of each distinct layer
-    for text, reference in zip(references, parsed, strict=True):
+    for position, (text, reference) in enumerate(zip(references, parsed, strict=True)):
+        early = primed if position == 0 else None
         try:
             async with options.client(reference.registry) as client:
                 memory = None if disk is None else ImageMemory(client, reference.registry, disk)
                 image = await resolve_image(client, reference, platform, insecure=insecure,
-                                            memory=memory)
+                                            memory=memory, primed=early)
                 wanted = [layer for layer in image.distinct_layers if layer.digest not in sources]
                 found = await layer_sources(reference, wanted, client, options)
+                if early is not None:  # the layers' first answers, for blobs of the registry
+                    found = [replace(source, primed=early.layers.get(layer.digest))
+                             if source.blob == client.blob_url(reference.repository,
+                                                               layer.digest) else source
+                             for layer, source in zip(wanted, found, strict=True)]
         except FetchError as exc:
             hint = _hint(text, reference.registry)
             if hint:

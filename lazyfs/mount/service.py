@@ -40,6 +40,7 @@ from lazyfs.mount.state import (
 )
 
 if TYPE_CHECKING:
+    from lazyfs.fetch.registry_head_start import PrimedRegistry
     from lazyfs.fetch.registry_options import RegistryOptions
 
 STATS_TIMEOUT_S = 10.0
@@ -166,13 +167,15 @@ def resolve(
     *,
     insecure: bool = False,
     disk: DiskCacheOptions | None = None,
+    primed: PrimedRegistry | None = None,
 ) -> ImageSet:
     """`images.resolve_images` from synchronous code (`platform` defaults to this
     machine's); with `disk`, images resolved before resolve again while their registry is
-    unreachable. Raises ImageResolveError, FetchError."""
+    unreachable; `primed`: a head start's answers for the first reference. Raises
+    ImageResolveError, FetchError."""
     return trio.run(
         lambda: resolve_images(references, registry, platform or host_platform(),
-                               insecure=insecure, disk=disk)
+                               insecure=insecure, disk=disk, primed=primed)
     )
 
 

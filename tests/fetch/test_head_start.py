@@ -141,10 +141,10 @@ def test_it_applies_to_plain_urls_of_one_origin_only() -> None:
 
 
 def test_the_mount_command_imports_nothing_heavy_before_its_head_start() -> None:
-    """The parser of `lazyfs mount` and the module behind it are light, so the head start
-    begins before trio, pyfuse3 and httpx are imported."""
-    code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); "
-            "import lazyfs.fetch.head_start; "
+    """The parsers of `lazyfs mount` and `lazyfs run` and the modules behind them are light,
+    so the head starts begin before trio, pyfuse3 and httpx are imported."""
+    code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); cli.build_parser('run'); "
+            "import lazyfs.cli._head_start, lazyfs.fetch.registry_head_start; "
             "print(sorted({'trio', 'httpx', 'pyfuse3', 'zstandard', 'sqlite3'} & "
             "set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

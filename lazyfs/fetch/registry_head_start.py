@@ -1,0 +1,217 @@
+"""The first requests of a mount or a run of an image, made while the command starts up.
+
+What `head_start.HeadStart` does for a layer URL, for an image in a registry that answers
+anonymously: its manifest (through an index, the one for the platform), its config, and for
+each seekable EROFS layer what opening and mounting it reads first (the metadata range and the
+hash blocks over the first chunk on one connection; the config and the first frames on
+another). Resolving
+the image then takes the manifest and config from here (`PrimedClient`), checked against
+their digests as the registry client checks its own answers; each layer's reader takes the
+rest as its `PrimedAnswers`. A registry that asks for credentials, a redirect, anything
+unexpected: the head start ends there, and the command asks for itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from lazyfs.fetch.head_start import (
+    SOCKET_TIMEOUT_S,
+    EarlyRequests,
+    EarlyStop,
+    PrimedAnswers,
+)
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_TABLE_OFFSET,
+    SeekableAnnotations,
+    parse_annotations,
+)
+from lazyfs.format.errors import OCIFormatError
+from lazyfs.format.oci import (
+    ACCEPTED_MANIFEST_TYPES,
+    Index,
+    detect_media_type,
+    parse_manifest,
+    parse_manifest_or_index,
+)
+from lazyfs.format.platform import Platform
+from lazyfs.format.reference import DOCKER_HUB, is_digest_reference
+
+if TYPE_CHECKING:
+    from lazyfs.format.reference import ImageReference
+
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+MAX_LAYERS = 16
+
+
+class ManifestSource(Protocol):
+    """What resolving an image asks of a registry client."""
+
+    async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
+        ...
+
+    async def get_blob(self, repository: str, digest: str, *,
+                       max_size_bytes: int = ...) -> bytes:
+        ...
+
+
+@dataclass
+class PrimedRegistry:
+    """A head start's answers for one repository: manifests by the reference asked for
+    (body, Content-Type, Docker-Content-Digest), configs by digest, and each layer's first
+    answers by its digest. Manifests and configs serve once."""
+
+    repository: str
+    manifests: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    layers: dict[str, PrimedAnswers] = field(default_factory=dict)
+
+
+class PrimedClient:
+    """`client`'s `get_manifest` and `get_blob`, answered first from `primed` when it holds
+    the answer and the answer matches its digest (else, or when it does not, from `client`,
+    whose own checks then speak)."""
+
+    def __init__(self, client: ManifestSource, primed: PrimedRegistry) -> None:
+        self._client = client
+        self._primed = primed
+
+    async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
+        found = (self._primed.manifests.pop(reference, None)
+                 if repository == self._primed.repository else None)
+        if found is not None:
+            body, content_type, sent = found
+            pinned = is_digest_reference(reference)
+            algorithm = reference.partition(":")[0] if pinned else "sha256"
+            digest = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+            expected = reference if pinned else sent if sent.startswith("sha256:") else digest
+            if digest == expected:
+                try:
+                    return body, detect_media_type(body, content_type or None), digest
+                except OCIFormatError:
+                    pass
+        return await self._client.get_manifest(repository, reference)
+
+    async def get_blob(self, repository: str, digest: str, *,
+                       max_size_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+        body = (self._primed.blobs.pop(digest, None)
+                if repository == self._primed.repository else None)
+        if body is not None and len(body) <= max_size_bytes:
+            algorithm, _, expected = digest.partition(":")
+            if algorithm in ("sha256", "sha512") and (
+                    hashlib.new(algorithm, body).hexdigest() == expected):
+                return body
+        return await self._client.get_blob(repository, digest, max_size_bytes=max_size_bytes)
+
+
+class RegistryHeadStart(EarlyRequests):
+    """Fetch in threads what resolving and mounting the image `reference` asks for first
+    (see the module docstring). `insecure` means plain HTTP, as for the registry client.
+    Without `layers` (a disk cache holds them) only the manifests and the config; without
+    `first_frames` no first frames and hash blocks (nothing mounts the layers)."""
+
+    def __init__(self, reference: ImageReference, *, insecure: bool, platform: Platform,
+                 tree_window_bytes: int, first_frames: bool = True,
+                 layers: bool = True) -> None:
+        scheme = "http" if insecure else "https"
+        super().__init__(f"{scheme}://{reference.registry}/",
+                         tree_window_bytes=tree_window_bytes)
+        self._reference = reference
+        self._platform = platform
+        self._layers_too = layers  # else only the manifests and the config
+        self._first_frames = first_frames and layers
+        self._primed = PrimedRegistry(reference.repository)
+        self._layers: list[tuple[str, PrimedAnswers]] = []
+        self._layers_known = threading.Event()
+        self._config: str | None = None
+        self._thread(self._resolve, "registry-head-start")
+        self._thread(self._frames, "registry-head-start-frames")
+
+    @staticmethod
+    def applies_to(reference: ImageReference, mirrors: bool) -> bool:
+        """Docker Hub always asks for a token, and mirrors are tried first: no head start."""
+        return reference.registry != DOCKER_HUB and not mirrors
+
+    def start(self) -> RegistryHeadStart:
+        self._start_threads()
+        return self
+
+    def finish(self, wait_s: float) -> PrimedRegistry:
+        """The answers received within `wait_s` more seconds; later ones are dropped."""
+        self._finish(wait_s)
+        self._layers_known.set()
+        return self._primed
+
+    def _base(self) -> str:
+        return f"/v2/{self._reference.repository}"
+
+    def _resolve(self, connection: http.client.HTTPConnection) -> None:
+        try:
+            self._resolve_image(connection)
+        finally:
+            self._layers_known.set()  # whatever happened: the frames thread may stop waiting
+
+    def _resolve_image(self, connection: http.client.HTTPConnection) -> None:
+        wanted = self._reference.reference
+        body, media_type = self._get_manifest(connection, wanted)
+        top = parse_manifest_or_index(body, media_type)
+        if isinstance(top, Index):
+            entry = top.select(self._platform)
+            body, media_type = self._get_manifest(connection, entry.digest)
+            manifest = parse_manifest(body, media_type)
+        else:
+            manifest = top
+        self._config = manifest.config.digest
+        planned: list[tuple[str, PrimedAnswers, SeekableAnnotations, int]] = []
+        for descriptor in manifest.layers if self._layers_too else []:
+            if (ANNOTATION_CHUNK_TABLE_OFFSET not in descriptor.annotations
+                    or descriptor.digest in self._primed.layers
+                    or len(planned) == MAX_LAYERS):
+                continue
+            annotations = parse_annotations(dict(descriptor.annotations), descriptor.digest)
+            answers = self._primed.layers[descriptor.digest] = PrimedAnswers()
+            path = f"{self._base()}/blobs/{descriptor.digest}"
+            planned.append((path, answers, annotations, descriptor.size))
+            self._layers.append((path, answers))
+        self._layers_known.set()
+        for path, answers, annotations, size in planned:
+            self._layer_metadata(connection, path, answers, annotations, size,
+                                 hash_blocks=self._first_frames)
+
+    def _frames(self, connection: http.client.HTTPConnection) -> None:
+        """The config, then the first frames, while the other connection asks for the
+        layers' metadata."""
+        if not self._layers_known.wait(SOCKET_TIMEOUT_S) or self._config is None:
+            return
+        config = self._get_document(connection, f"{self._base()}/blobs/{self._config}", {})
+        with self._lock:
+            if self._finished:
+                raise EarlyStop("too late")
+            self._primed.blobs[self._config] = config[0]
+        for path, answers in list(self._layers) if self._first_frames else []:
+            self._first_frame(connection, path, answers)
+
+    def _get_manifest(self, connection: http.client.HTTPConnection,
+                      reference: str) -> tuple[bytes, str]:
+        body, content_type, sent = self._get_document(
+            connection, f"{self._base()}/manifests/{reference}",
+            {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)})
+        with self._lock:
+            if self._finished:
+                raise EarlyStop("too late")
+            self._primed.manifests[reference] = (body, content_type, sent)
+        return body, detect_media_type(body, content_type or None)
+
+    def _get_document(self, connection: http.client.HTTPConnection, path: str,
+                      headers: dict[str, str]) -> tuple[bytes, str, str]:
+        """(body, Content-Type without parameters, Docker-Content-Digest) of a 200."""
+        response = self._send(connection, path, headers)
+        body = response.read(MAX_DOCUMENT_BYTES + 1)
+        if response.status != 200 or len(body) > MAX_DOCUMENT_BYTES:
+            raise EarlyStop(f"{path}: HTTP {response.status}")
+        content_type = response.getheader("Content-Type", "").partition(";")[0].strip()
+        return body, content_type, response.getheader("Docker-Content-Digest", "")

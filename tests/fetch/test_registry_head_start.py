@@ -1,0 +1,128 @@
+"""The head start of an image mount against Debian's docker-registry on 127.0.0.1: what it
+fetches before the command has imported its libraries, and that resolving the image takes
+the manifest and config from it only when they match their digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from lazyfs.fetch.head_start import FIRST_FRAME_BYTES
+from lazyfs.fetch.registry import RegistryClient
+from lazyfs.fetch.registry_head_start import PrimedClient, PrimedRegistry, RegistryHeadStart
+from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.fetch.registry_session import RegistryUnavailableError
+from lazyfs.format.descriptor import ANNOTATION_CHUNK_TABLE_OFFSET
+from lazyfs.format.reference import parse_reference
+from lazyfs.image.names import host_platform
+from lazyfs.mount.images import resolve_images
+from tests.support.registry import Registry, free_port, running_registry
+from tests.support.registry_images import PublishedImage, publish
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+WINDOW = 16 * 1024
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running_registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def busybox(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> PublishedImage:
+    return publish(tmp_path_factory.mktemp("busybox"), registry.host)
+
+
+def head_start(reference: str, **options: bool) -> PrimedRegistry:
+    started = RegistryHeadStart(parse_reference(reference), insecure=True,
+                                platform=host_platform(), tree_window_bytes=WINDOW,
+                                **options).start()
+    return started.finish(10.0)
+
+
+def blob(registry: Registry, digest: str) -> bytes:
+    hex_digest = digest.partition(":")[2]
+    return (registry.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+            / hex_digest[:2] / hex_digest / "data").read_bytes()
+
+
+def test_it_fetches_manifest_config_and_each_layers_first_answers(
+    registry: Registry, busybox: PublishedImage
+) -> None:
+    primed = head_start(busybox.converted)
+    tag = busybox.converted.rpartition(":")[2]
+    body, _, sent = primed.manifests[tag]
+    assert sent == "sha256:" + hashlib.sha256(body).hexdigest()
+    manifest = json.loads(body)
+    assert list(primed.blobs) == [manifest["config"]["digest"]]
+    layers = [layer for layer in manifest["layers"]
+              if ANNOTATION_CHUNK_TABLE_OFFSET in layer.get("annotations", {})]
+    assert layers and sorted(primed.layers) == sorted(layer["digest"] for layer in layers)
+    for layer in layers:
+        data = blob(registry, layer["digest"])
+        answers = primed.layers[layer["digest"]]
+        offset = int(layer["annotations"][ANNOTATION_CHUNK_TABLE_OFFSET])
+        assert 0 in answers.ranges and len(answers.ranges[0][0]) == min(FIRST_FRAME_BYTES,
+                                                                        len(data))
+        assert any(start <= offset < start + len(body) for start, (body, _) in
+                   answers.ranges.items())
+        for start, (body, size) in answers.ranges.items():
+            assert size == len(data) and body == data[start:start + len(body)]
+
+
+def test_without_layers_only_the_manifest_and_config(busybox: PublishedImage) -> None:
+    primed = head_start(busybox.converted, layers=False)
+    assert len(primed.manifests) == 1 and len(primed.blobs) == 1 and primed.layers == {}
+
+
+def test_answers_serve_without_the_registry_and_only_if_they_match_their_digests(
+    busybox: PublishedImage
+) -> None:
+    primed = head_start(busybox.converted)
+    tag = busybox.converted.rpartition(":")[2]
+    repository = parse_reference(busybox.converted).repository
+    (config,) = primed.blobs
+    tampered = dict(primed.manifests)
+
+    async def main() -> None:
+        # A registry that is not there: every answer must come from the head start.
+        async with RegistryClient(f"127.0.0.1:{free_port()}", insecure=True, retries=0,
+                                  timeout=2) as client:
+            served = PrimedClient(client, primed)
+            body, media_type, digest = await served.get_manifest(repository, tag)
+            assert "manifest" in media_type and digest == tampered[tag][2]
+            assert await served.get_blob(repository, config) == blob_bytes
+            # Each answer serves once: the next ask goes to the (absent) registry.
+            with pytest.raises(RegistryUnavailableError):
+                await served.get_manifest(repository, tag)
+            # One that does not match its digest is not used.
+            forged = PrimedRegistry(repository, {tag: (body + b" ", *tampered[tag][1:])})
+            with pytest.raises(RegistryUnavailableError):
+                await PrimedClient(client, forged).get_manifest(repository, tag)
+
+    blob_bytes = primed.blobs[config]
+    trio.run(main)
+
+
+def test_resolving_with_the_answers_gives_each_layer_its_own(
+    busybox: PublishedImage
+) -> None:
+    primed = head_start(busybox.converted)
+    found = trio.run(lambda: resolve_images([busybox.converted],
+                                            RegistryOptions(insecure=True), host_platform(),
+                                            insecure=False, primed=primed))
+    assert found.sources and all(source.primed is primed.layers[digest] for source, digest in
+                                 zip(found.sources, primed.layers, strict=True))
+
+
+def test_no_head_start_for_docker_hub_or_behind_mirrors() -> None:
+    assert not RegistryHeadStart.applies_to(parse_reference("busybox:1"), mirrors=False)
+    assert not RegistryHeadStart.applies_to(parse_reference("127.0.0.1:5000/a:b"),
+                                            mirrors=True)
+    assert RegistryHeadStart.applies_to(parse_reference("127.0.0.1:5000/a:b"), mirrors=False)
