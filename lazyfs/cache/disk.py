@@ -144,6 +144,15 @@ class DiskCache:
         except (OSError, sqlite3.Error) as exc:
             self._trouble("write", exc)
 
+    async def layer_chunks(self, layer: str) -> list[int]:
+        """`DiskStore.layer_chunks` (empty when the index cannot be read)."""
+        try:
+            return await trio.to_thread.run_sync(self.store.layer_chunks, layer,
+                                                 limiter=self._limiter)
+        except (OSError, sqlite3.Error) as exc:
+            self._trouble("read", exc)
+            return []
+
     def note_bad_entry(self) -> None:
         self.bad_entries += 1
 

@@ -266,6 +266,17 @@ class DiskStore:
                 " ORDER BY l.last_used DESC").fetchall()
         return [LayerRow(*row) for row in rows]
 
+    def layer_chunks(self, layer: str) -> list[int]:
+        """The chunks of `layer` the store holds, least recently used first: the order in
+        which its last mount read them."""
+        with self._lock, self._transaction():
+            self._flush_touches()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.chunk FROM refs r JOIN entries e ON e.key = r.key WHERE r.layer = ?"
+                " ORDER BY e.last_used, r.chunk", (layer,)).fetchall()
+        return [int(chunk) for (chunk,) in rows]
+
     def prune(self, to_bytes: int) -> int:
         """Evict least-recently-used entries until at most `to_bytes` are kept, after
         reconciling the index with the files (rows without files, files without rows, old

@@ -26,7 +26,8 @@ def add_prefetch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-prefetch",
         action="store_true",
-        help="ignore the prefetch lists images carry in their layer annotations",
+        help="ignore the prefetch lists images carry in their layer annotations, and do not "
+        "load what the disk cache holds of a layer ahead of reads",
     )
     group.add_argument(
         "--fill",
@@ -85,6 +86,7 @@ def prefetch_options_of(args: argparse.Namespace) -> PrefetchOptions:
         prefetch_list=prefetch_list,
         list_source=args.prefetch or "",
         use_image_lists=not args.no_prefetch,
+        from_disk=not args.no_prefetch,
         fill=args.fill,
         fill_rate_bytes=rate,
         record_file=record,

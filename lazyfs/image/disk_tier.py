@@ -223,6 +223,10 @@ class LayerDisk:
 
     # -- frames ---------------------------------------------------------------------------
 
+    async def held_chunks(self) -> list[int]:
+        """The chunks of this layer the disk holds, in the order its last mount read them."""
+        return await self.disk.layer_chunks(self.layer)
+
     def may_hold(self, chunk_index: int) -> bool:
         """Whether the disk may hold the chunk (a copy it could check when read back)."""
         return frame_key(self.metadata, chunk_index) is not None

@@ -83,6 +83,8 @@ class RemoteImage:
         )
         self.hash_blocks = self.loader.hash_blocks
         self._streams = self.loader.streams
+        # Opened from the metadata a disk cache kept: an earlier mount read the layer.
+        self.opened_from_disk = source_probe is not None
         if source_probe is not None:
             self.loader.probe_source(nursery, source_probe)
         # Background loads wait while `demand` counts fetches that reads wait for; `on_read`

@@ -82,7 +82,9 @@ class PrefetchOptions:
     recorded from; without it, lists that images carry in their layer annotations are used
     unless `use_image_lists` is False. `fill` fetches every chunk after the list, at most
     `fill_rate_bytes` a second. `record_file` receives the chunks this mount read, in order,
-    when it is unmounted.
+    when it is unmounted. With `from_disk`, a layer without a list whose chunks the disk cache
+    holds loads those ahead of reads, in the order its last mount read them (a warm start
+    then waits for no disk read), as far as half the chunk cache holds.
     """
 
     prefetch_list: PrefetchList | None = None
@@ -91,6 +93,7 @@ class PrefetchOptions:
     fill: bool = False
     fill_rate_bytes: int = DEFAULT_FILL_RATE_BYTES
     record_file: str | None = None
+    from_disk: bool = True
     parallel_requests: int = 4
     request_bytes: int = 256 * 1024
 

@@ -335,10 +335,33 @@ class Daemon:
             for image in self.images:
                 image.on_read = self._recorder.hook(image)
         carried = [source.prefetch for source in self.config.sources]
-        loader = BackgroundLoader(self.images, plan_lists(self.images, carried, options),
-                                  options)
+        plans = plan_lists(self.images, carried, options)
+        if options.from_disk and any(image.opened_from_disk and not plan
+                                     for image, plan in zip(self.images, plans, strict=True)):
+            nursery.start_soon(self._background, plans, options)
+            return
+        loader = BackgroundLoader(self.images, plans, options)
         if loader.has_work:
             nursery.start_soon(loader.run)
+
+    async def _background(self, plans: list[tuple[int, ...]], options: PrefetchOptions) -> None:
+        """Run the background loads, a layer without a list loading what the disk cache holds
+        of it first (up to half the chunk cache)."""
+        budget = self.cache.capacity_bytes // 2
+        for position, image in enumerate(self.images):
+            if plans[position] or image.disk is None or not image.opened_from_disk:
+                continue
+            held: list[int] = []
+            for index in await image.disk.held_chunks():
+                size = image.metadata.table.decoded_size(index)
+                if size > budget:
+                    break
+                budget -= size
+                held.append(index)
+            plans[position] = tuple(held)
+        loader = BackgroundLoader(self.images, plans, options)
+        if loader.has_work:
+            await loader.run()
 
     def _write_record(self) -> None:
         path = self.config.prefetch.record_file

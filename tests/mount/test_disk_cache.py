@@ -262,3 +262,39 @@ def test_two_images_sharing_a_layer_store_it_once(
     assert len(rows) == 3  # the base layer once, and each image's own
     assert sum(base in row for row in rows) == 1
     cleanup(mountpoints=mountpoints)
+
+
+def test_a_layer_mounted_again_loads_what_the_disk_holds_ahead_of_reads(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    """A warm start waits for no disk read: what the last mount read is loaded from the disk
+    in the background, in that order, before the reads come (not with --no-prefetch)."""
+    tree, served = layer
+    names = ["etc/os-release", "etc/hostname", "usr/lib/data/blob0.bin"]
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        for name in names:
+            assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+        read_before = only_layer(mount_stats(lazyfs, mountpoint))["chunks_fetched"]
+        umount(lazyfs, mountpoint)
+
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        wait_until(lambda: only_layer(mount_stats(lazyfs, mountpoint))["background"]["state"]
+                   == "done", "the chunks on disk to be loaded")
+        warm = only_layer(mount_stats(lazyfs, mountpoint))
+        assert warm["background"]["listed_chunks"] == read_before
+        assert warm["chunks_from_disk"] == read_before and warm["chunks_fetched"] == 0
+        for name in names:
+            assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+        after = only_layer(mount_stats(lazyfs, mountpoint))
+        assert after["chunks_from_disk"] == read_before  # the reads found them in memory
+        assert after["chunks_fetched"] == 0
+        umount(lazyfs, mountpoint)
+
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", "--no-prefetch",
+                     mountpoint=mountpoint)
+        cold = only_layer(mount_stats(lazyfs, mountpoint))
+        assert cold["background"]["listed_chunks"] == 0
+        assert cold["chunks_from_disk"] <= 1  # the superblock's chunk, for the kernel mount
+        umount(lazyfs, mountpoint)
