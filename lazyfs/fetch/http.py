@@ -1,4 +1,5 @@
-"""Random access to a remote blob with HTTP Range requests.
+"""Random access to a remote blob with HTTP Range requests (how each request is attempted,
+retried and given up on is `http_attempts.py`).
 
 One pooled keep-alive client per blob. Every attempt runs under a trio deadline and a
 low-speed limit (too few bytes for too long, headers included, ends it); transient faults
@@ -19,15 +20,12 @@ answer. `read_clipped` learns an unknown size from its answer instead of a probe
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -35,48 +33,37 @@ import trio
 from lazyfs.fetch.base import (
     FetchStats,
     ReaderOptions,
-    SpeedLimit,
-    backoff_delay_s,
     byte_range,
     check_read_args,
 )
-from lazyfs.fetch.body import read_capped
 from lazyfs.fetch.errors import (
     BlobChangedError,
     FetchError,
     RangeNotSupportedError,
-    SourceUnreachableError,
 )
-from lazyfs.fetch.tls import LazyCAContext, tls_context
+from lazyfs.fetch.http_attempts import (
+    EXPIRED_STATUSES,
+    MAX_REDIRECTS,
+    REDIRECT_STATUSES,
+    Transient,
+    drain,
+    pooled_client,
+    read_body,
+    redacted,
+    retry_after_s,
+    same_origin,
+    status_text,
+    with_retries,
+)
+from lazyfs.fetch.http_attempts import get_small as get_small
 
 if TYPE_CHECKING:
     from lazyfs.fetch.head_start import PrimedAnswers
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF_S = 10.0
-_RETRY_AFTER_CAP_S = 10.0
-_MAX_REDIRECTS = 10
-# Error and redirect bodies are read up to this much so the connection can be reused.
-_DRAIN_CAP_BYTES = 64 * 1024
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# What an expired or revoked signed URL answers.
-_EXPIRED_STATUSES = frozenset({401, 403, 404, 410})
-# Attempts in a row that found nobody to connect to before the source counts as down: a
-# server that refuses twice is not listening, and every read would pay the whole backoff.
-UNREACHABLE_AFTER_ATTEMPTS = 2
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
-T = TypeVar("T")
-
-
-class _Transient(Exception):
-    """An attempt failed in a way that another attempt may not."""
-
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -104,7 +91,7 @@ class HttpRangeReader:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url}: not an http(s) URL")
         # Credentials in the URL must not end up in log lines.
-        self.source = _redacted(parts)
+        self.source = redacted(parts)
         self.stats = FetchStats()
         self.options = options = options or ReaderOptions()
         self._url = httpx.URL(url)
@@ -116,7 +103,7 @@ class HttpRangeReader:
         self._size_confirmed = False
         # Where the origin last redirected to; asked directly until it refuses.
         self._resolved_url: httpx.URL | None = None
-        self._client = _client(options, transport, options.max_connections,
+        self._client = pooled_client(options, transport, options.max_connections,
                                https=parts.scheme == "https")
         # Answers a head start fetched before this reader existed (each serves one request;
         # counted in the stats when it does).
@@ -270,7 +257,7 @@ class HttpRangeReader:
         async def attempt() -> tuple[bytes, int]:
             return await self._attempt(start + transfer.delivered, end, probe, what, transfer)
 
-        return await _with_retries(what, self.options, end - start + 1, attempt,
+        return await with_retries(what, self.options, end - start + 1, attempt,
                                    self._limiter, self.stats)
 
     async def _attempt(
@@ -279,9 +266,9 @@ class HttpRangeReader:
         """One attempt: try the remembered redirect target, else resolve through the origin."""
         remembered = self._resolved_url
         if remembered is not None:
-            trusted = _same_origin(remembered, self._url)
+            trusted = same_origin(remembered, self._url)
             response = await self._get(remembered, start, end, trusted=trusted)
-            if response.status_code not in _EXPIRED_STATUSES | _REDIRECT_STATUSES:
+            if response.status_code not in EXPIRED_STATUSES | REDIRECT_STATUSES:
                 return await self._accept(response, start, end, probe, what, transfer)
             # An expired signed URL: not a failure, the origin hands out a fresh one.
             log.debug(
@@ -290,20 +277,20 @@ class HttpRangeReader:
                 remembered.host,
                 response.status_code,
             )
-            await _drain(response)
+            await drain(response)
             if self._resolved_url == remembered:
                 self._resolved_url = None
         url = self._url
-        for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._get(url, start, end, trusted=_same_origin(url, self._url))
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self._get(url, start, end, trusted=same_origin(url, self._url))
             location = response.headers.get("Location")
-            if response.status_code not in _REDIRECT_STATUSES or location is None:
+            if response.status_code not in REDIRECT_STATUSES or location is None:
                 result = await self._accept(response, start, end, probe, what, transfer)
                 self._resolved_url = None if url == self._url else url
                 return result
-            await _drain(response)
+            await drain(response)
             url = response.url.join(location)
-        raise FetchError(f"{what}: more than {_MAX_REDIRECTS} redirects")
+        raise FetchError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
     async def _get(self, url: httpx.URL, start: int, end: int, *, trusted: bool) -> httpx.Response:
         """Send one GET; headers and auth only to the origin, never to another host. No
@@ -318,7 +305,7 @@ class HttpRangeReader:
                 request, auth=self.options.auth if trusted else None, stream=True,
                 follow_redirects=False,
             )
-        raise _Transient(f"no answer within {self.options.low_speed.time_s:g} s")
+        raise Transient(f"no answer within {self.options.low_speed.time_s:g} s")
 
     async def _accept(
         self, response: httpx.Response, start: int, end: int, probe: bool, what: str,
@@ -334,15 +321,15 @@ class HttpRangeReader:
                 " it does not support Range requests"
             )
         if status != 206:
-            await _drain(response)
+            await drain(response)
             if status == 429 or status >= 500:
-                raise _Transient(_status_text(response), _retry_after_s(response))
+                raise Transient(status_text(response), retry_after_s(response))
             empty = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", ""))
             if probe and status == 416 and empty and int(empty.group(1)) == 0:
                 return b"", 0
-            if status in _EXPIRED_STATUSES and response.url != self._url:
-                raise FetchError(f"{what}: {_status_text(response)} from {response.url.host}")
-            raise FetchError(f"{what}: {_status_text(response)}")
+            if status in EXPIRED_STATUSES and response.url != self._url:
+                raise FetchError(f"{what}: {status_text(response)} from {response.url.host}")
+            raise FetchError(f"{what}: {status_text(response)}")
         try:
             total, end = self._check_content_range(response, start, end, what, transfer.clip)
             encoding = response.headers.get("Content-Encoding", "identity").lower()
@@ -351,7 +338,7 @@ class HttpRangeReader:
             if transfer.sink is not None:
                 await self._stream_body(response, end - start + 1, what, transfer)
                 return b"", total
-            body = await _read_body(response, end - start + 1, what, self.options.low_speed)
+            body = await read_body(response, end - start + 1, what, self.options.low_speed)
         finally:
             await response.aclose()
         self.stats.bytes_fetched += len(body)
@@ -380,10 +367,10 @@ class HttpRangeReader:
                 await transfer.sink(piece)  # time the consumer holds it back is not the link's
                 window.deadline += trio.current_time() - waited
         if window.cancelled_caught:
-            raise _Transient(f"slower than {limit.bytes_per_s} bytes/s for "
+            raise Transient(f"slower than {limit.bytes_per_s} bytes/s for "
                              f"{limit.time_s:g} s ({received} of {size} bytes)")
         if received < size:
-            raise _Transient(f"short body: {received} of {size} bytes")
+            raise Transient(f"short body: {received} of {size} bytes")
 
     def _check_total(self, total: int, what: str) -> None:
         """The blob size an answer named must be the one promised or seen. Raises
@@ -411,210 +398,3 @@ class HttpRangeReader:
             )
         self._size_confirmed = True
         return total, got_end
-
-
-async def get_small(
-    url: str,
-    max_bytes: int,
-    options: ReaderOptions | None = None,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-    shared_client: httpx.AsyncClient | None = None,
-) -> bytes | None:
-    """GET a small whole resource (a descriptor) with the deadline and retries of range reads;
-    its body is read at most `max_bytes`. Redirects are followed; headers and auth go to the
-    origin only. Returns None on 404. `shared_client` (left open) lends its connections.
-
-    Raises BodyTooLargeError, FetchError naming the URL and the last status or error (or that
-    it is not an http(s) URL).
-    """
-    options = options or ReaderOptions()
-    parts = urlsplit(url)
-    what = _redacted(parts)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FetchError(f"{what}: not an http(s) URL")
-    origin = httpx.URL(url)
-
-    async def attempt(client: httpx.AsyncClient) -> bytes | None:
-        target = origin
-        for _ in range(_MAX_REDIRECTS + 1):
-            trusted = _same_origin(target, origin)
-            request = client.build_request(
-                "GET", target, headers=options.headers if trusted else None
-            )
-            response = await client.send(
-                request, auth=options.auth if trusted else None, stream=True,
-                follow_redirects=False,
-            )
-            location = response.headers.get("Location")
-            if response.status_code in _REDIRECT_STATUSES and location is not None:
-                await _drain(response)
-                target = response.url.join(location)
-                continue
-            try:
-                if response.status_code == 404:
-                    return None
-                if response.status_code == 429 or response.status_code >= 500:
-                    raise _Transient(_status_text(response), _retry_after_s(response))
-                if response.status_code != 200:
-                    raise FetchError(f"{what}: {_status_text(response)}")
-                return await read_capped(response, max_bytes, what)
-            finally:
-                await response.aclose()
-        raise FetchError(f"{what}: more than {_MAX_REDIRECTS} redirects")
-
-    async with contextlib.AsyncExitStack() as stack:
-        client = shared_client
-        if client is None:
-            client = await stack.enter_async_context(
-                _client(options, transport, 1, https=parts.scheme == "https"))
-        return await _with_retries(what, options, max_bytes, lambda: attempt(client),
-                                   trio.CapacityLimiter(1), None)
-
-
-async def _with_retries(
-    what: str,
-    options: ReaderOptions,
-    size_bytes: int,
-    attempt: Callable[[], Awaitable[T]],
-    limiter: trio.CapacityLimiter,
-    stats: FetchStats | None,
-) -> T:
-    """Run `attempt` holding `limiter`, under a deadline (waiting for the limiter is not
-    counted against it), retrying transient faults `options.max_retries` times
-    with jittered backoff. Raises FetchError naming `what` and the last fault, or
-    SourceUnreachableError when no attempt got a connection."""
-    deadline_s = options.attempt_deadline_s(size_bytes)
-    last = ""
-    retry_after_s: float | None = None
-    unconnected = 0
-    for number in range(options.max_retries + 1):
-        if number:
-            if stats is not None:
-                stats.retries += 1
-            delay_s = backoff_delay_s(number, options.backoff_base_s, retry_after_s,
-                                      max_s=_MAX_BACKOFF_S, retry_after_cap_s=_RETRY_AFTER_CAP_S)
-            log.debug("%s: %s; retry %d of %d in %.2f s", what, last, number,
-                      options.max_retries, delay_s)
-            await trio.sleep(delay_s)
-        retry_after_s = None
-        try:
-            async with limiter:
-                with trio.fail_after(deadline_s):
-                    return await attempt()
-        except _Transient as exc:
-            last, retry_after_s = exc.reason, exc.retry_after_s
-        except trio.TooSlowError:
-            last = f"no complete answer within {deadline_s:.1f} s"
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            # Refused, unresolvable, unroutable: nothing of this source answers.
-            last = _describe(exc)
-            unconnected += 1
-            if unconnected == number + 1 >= UNREACHABLE_AFTER_ATTEMPTS:
-                raise SourceUnreachableError(
-                    f"{what}: no connection in {unconnected} attempts; last: {last}"
-                ) from exc
-        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-            last = _describe(exc)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise FetchError(f"{what}: {_describe(exc)}") from exc
-    message = f"{what}: failed after {options.max_retries + 1} attempts; last: {last}"
-    if unconnected == options.max_retries + 1:  # fewer attempts than UNREACHABLE_AFTER_...
-        raise SourceUnreachableError(message)
-    raise FetchError(message)
-
-
-def _client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | None,
-            max_connections: int, *, https: bool) -> httpx.AsyncClient:
-    """A pooled client with the timeouts of `options`; redirects are followed by hand. The
-    process's TLS context is shared (its CAs start loading now for an `https` origin)."""
-    verify = tls_context(options.verify_tls)
-    if https and isinstance(verify, LazyCAContext):
-        verify.start_loading()
-    connect_s, read_s = options.connect_timeout_s, options.read_timeout_s
-    return httpx.AsyncClient(
-        transport=transport,
-        verify=verify,
-        http1=True,
-        http2=False,
-        follow_redirects=False,
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
-        timeout=httpx.Timeout(connect=connect_s, read=read_s, write=read_s,
-                              pool=connect_s + read_s),
-    )
-
-
-def _redacted(parts: SplitResult) -> str:
-    """The URL without credentials, for messages."""
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
-async def _read_body(response: httpx.Response, size: int, what: str,
-                     limit: SpeedLimit) -> bytes:
-    """Read exactly `size` body bytes: fewer is transient, more is a broken server.
-
-    The low-speed limit: each window of `limit.time_s` must bring the limit's worth of
-    bytes (or the rest of the body), else the attempt is a transient fault."""
-    window_s = limit.time_s
-    window_bytes = limit.bytes_per_s * window_s
-    body = bytearray()
-    received = 0
-    with trio.CancelScope(deadline=trio.current_time() + window_s) as window:
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            received += len(chunk)
-            if len(body) > size:
-                raise FetchError(f"{what}: body longer than the {size} bytes requested")
-            if received >= window_bytes:
-                received = 0
-                window.deadline = trio.current_time() + window_s
-    if window.cancelled_caught:
-        raise _Transient(f"slower than {limit.bytes_per_s} bytes/s for "
-                         f"{window_s:g} s ({len(body)} of {size} bytes)")
-    if len(body) < size:
-        raise _Transient(f"short body: {len(body)} of {size} bytes")
-    return bytes(body)
-
-
-async def _drain(response: httpx.Response) -> None:
-    """Read a small unwanted body so the connection stays reusable; close a large one."""
-    try:
-        received = 0
-        async for chunk in response.aiter_bytes():
-            received += len(chunk)
-            if received > _DRAIN_CAP_BYTES:
-                break
-    except httpx.HTTPError:
-        pass  # the connection is closed below; the status has been seen already
-    finally:
-        await response.aclose()
-
-
-def _same_origin(url: httpx.URL, origin: httpx.URL) -> bool:
-    return (url.scheme, url.host, url.port) == (origin.scheme, origin.host, origin.port)
-
-
-def _status_text(response: httpx.Response) -> str:
-    return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
-
-
-def _retry_after_s(response: httpx.Response) -> float | None:
-    """Retry-After as seconds (either delta-seconds or an HTTP date), if present."""
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -207,7 +207,7 @@ def test_short_body_fails_after_max_retries(caplog: pytest.LogCaptureFixture) ->
             assert "4 attempts" in str(info.value)
             assert (reader.stats.retries, reader.stats.failures) == (3, 1)
 
-    with caplog.at_level(logging.DEBUG, logger="lazyfs.fetch.http"):
+    with caplog.at_level(logging.DEBUG, logger="lazyfs.fetch"):
         run(main)
     assert len(server.requests) == 1 + 4
     # Retries are debug lines; the failure is raised, not logged: its caller reports it.
