@@ -59,6 +59,11 @@ class PrimedAnswers:
     requests: int = 0
     bytes_fetched: int = 0
 
+    def add_range(self, start: int, body: bytes, blob_size: int) -> None:
+        self.ranges[start] = (body, blob_size)
+        self.requests += 1
+        self.bytes_fetched += len(body)
+
     def take_document(self, url: str) -> tuple[bool, bytes | None]:
         """(True, body) once for a URL fetched early, else (False, None)."""
         if url in self.documents:
@@ -123,8 +128,17 @@ class EarlyRequests:
             work(connection)
         except (EarlyStop, OSError, http.client.HTTPException, LazyfsError, ValueError) as exc:
             log.debug("head start ends: %s", exc)
+        except Exception:  # a head start only saves time: whatever it hits, the daemon reports
+            log.debug("head start ends", exc_info=True)
         finally:
             connection.close()
+
+    def _keep(self, record: Callable[[], None]) -> None:
+        """Record an answer, unless `finish` has passed (then this head start ends)."""
+        with self._lock:
+            if self._finished:
+                raise EarlyStop("too late")
+            record()
 
     def _send(self, connection: http.client.HTTPConnection, path: str,
               headers: Mapping[str, str] | None = None) -> http.client.HTTPResponse:
@@ -147,12 +161,7 @@ class EarlyRequests:
                 or (int(found.group(1)), int(found.group(2))) != (start, end - 1)
                 or int(found.group(3)) != size or len(body) != end - start):
             raise EarlyStop(f"bytes {start}-{end - 1}: HTTP {response.status}, not the range asked")
-        with self._lock:
-            if self._finished:
-                raise EarlyStop("too late")
-            answers.ranges[start] = (body, size)
-            answers.requests += 1
-            answers.bytes_fetched += len(body)
+        self._keep(lambda: answers.add_range(start, body, size))
         return body
 
     def _first_frame(self, connection: http.client.HTTPConnection, path: str,
@@ -267,12 +276,12 @@ class HeadStart(EarlyRequests):
         return body
 
     def _keep_document(self, url: str, body: bytes | None, length: int) -> None:
-        with self._lock:
-            if self._finished:
-                raise EarlyStop("too late")
+        def record() -> None:
             self._answers.documents[url] = body
             self._answers.requests += 1
             self._answers.bytes_fetched += length
+
+        self._keep(record)
 
 
 def _connect(parts: SplitResult, verify_tls: bool | str) -> http.client.HTTPConnection:

@@ -19,12 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from lazyfs.fetch.head_start import (
-    SOCKET_TIMEOUT_S,
-    EarlyRequests,
-    EarlyStop,
-    PrimedAnswers,
-)
+from lazyfs.fetch.head_start import SOCKET_TIMEOUT_S, EarlyRequests, EarlyStop, PrimedAnswers
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     SeekableAnnotations,
@@ -187,11 +182,9 @@ class RegistryHeadStart(EarlyRequests):
         layers' metadata."""
         if not self._layers_known.wait(SOCKET_TIMEOUT_S) or self._config is None:
             return
-        config = self._get_document(connection, f"{self._base()}/blobs/{self._config}", {})
-        with self._lock:
-            if self._finished:
-                raise EarlyStop("too late")
-            self._primed.blobs[self._config] = config[0]
+        config = self._config
+        body = self._get_document(connection, f"{self._base()}/blobs/{config}", {})[0]
+        self._keep(lambda: self._primed.blobs.__setitem__(config, body))
         for path, answers in list(self._layers) if self._first_frames else []:
             self._first_frame(connection, path, answers)
 
@@ -200,10 +193,8 @@ class RegistryHeadStart(EarlyRequests):
         body, content_type, sent = self._get_document(
             connection, f"{self._base()}/manifests/{reference}",
             {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)})
-        with self._lock:
-            if self._finished:
-                raise EarlyStop("too late")
-            self._primed.manifests[reference] = (body, content_type, sent)
+        self._keep(lambda: self._primed.manifests.__setitem__(
+            reference, (body, content_type, sent)))
         return body, detect_media_type(body, content_type or None)
 
     def _get_document(self, connection: http.client.HTTPConnection, path: str,
