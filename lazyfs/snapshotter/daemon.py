@@ -105,7 +105,8 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
                     snapshots.cleanup()
                     server = _start_server(config.address, SnapshotsService(snapshots))
                     if config.metrics_address is not None:
-                        serve_metrics(config.metrics_address, host, registry)
+                        serve_metrics(config.metrics_address, host, registry,
+                                      awaiting_remount=lambda: len(remounter.retrying))
                     log.info("serving snapshots on %s (root %s)", config.address, root)
                     on_ready()
                     async for signum in signals:

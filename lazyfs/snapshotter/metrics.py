@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -62,8 +62,10 @@ class LayerStatsSource(Protocol):
 
 
 class LayerCollector(Collector):
-    def __init__(self, host: LayerStatsSource) -> None:
+    def __init__(self, host: LayerStatsSource,
+                 awaiting_remount: Callable[[], int] = lambda: 0) -> None:
         self.host = host
+        self.awaiting_remount = awaiting_remount
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -75,16 +77,23 @@ class LayerCollector(Collector):
         }
         mounted = GaugeMetricFamily("lazyfs_layers_mounted", "Remote layers mounted now")
         mounted.add_metric([], len(stats))
+        waiting = GaugeMetricFamily(
+            "lazyfs_layers_remount_pending",
+            "Remote layers of committed snapshots not mounted again yet, with a background "
+            "retry pending")
+        waiting.add_metric([], self.awaiting_remount())
         for digest, values in stats.items():
             for key, family in families.items():
                 family.add_metric([digest], float(values.get(key, 0)))
         yield from families.values()
         yield mounted
+        yield waiting
 
 
-def serve_metrics(address: tuple[str, int], host: LayerStatsSource, registry: CollectorRegistry
-                  ) -> None:
-    """Serve /metrics on `address` (HOST, PORT) from a daemon thread."""
-    registry.register(LayerCollector(host))
+def serve_metrics(address: tuple[str, int], host: LayerStatsSource, registry: CollectorRegistry,
+                  awaiting_remount: Callable[[], int] = lambda: 0) -> None:
+    """Serve /metrics on `address` (HOST, PORT) from a daemon thread; `awaiting_remount`
+    counts the layers waiting for a background retry."""
+    registry.register(LayerCollector(host, awaiting_remount))
     start_http_server(address[1], addr=address[0], registry=registry)
     log.info("metrics on http://%s:%d/metrics", *address)

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from tests.support.snapshotter_images import (
     lazy_pull,
     manifest_of,
     put_manifest,
+    scrape,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
@@ -137,11 +137,6 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
     assert committed(containerd) == []
     assert layer_stats(containerd) == {}
     assert erofs_mounts(containerd) == []
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return str(response.read().decode())
 
 
 def counter(metrics: str, name: str) -> dict[str, float]:

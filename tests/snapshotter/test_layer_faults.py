@@ -22,7 +22,7 @@ from lazyfs.snapshotter.snapshots import TARGET_LABEL
 from tests.support.containerd import Containerd
 from tests.support.forged_images import blob_file
 from tests.support.lazyfs_cli import wait_until
-from tests.support.registry import Registry
+from tests.support.registry import Registry, free_port
 from tests.support.registry_images import PublishedImage
 from tests.support.snapshotter_images import (
     SHOW,
@@ -34,6 +34,7 @@ from tests.support.snapshotter_images import (
     lazy_pull,
     manifest_of,
     put_manifest,
+    scrape,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
@@ -120,8 +121,13 @@ def test_layers_that_fail_at_start_up_are_retried(containerd: Containerd,
     log = containerd.snapshotter.log
     with blobs_missing(registry, set(snapshots.values())):
         # Without the disk cache, which would mount them (see the test after this one).
-        restart(containerd, "--no-disk-cache", "--remount-max-delay", str(RETRY_WAIT_S))
+        port = free_port()
+        restart(containerd, "--no-disk-cache", "--remount-max-delay", str(RETRY_WAIT_S),
+                "--metrics-address", f"127.0.0.1:{port}")
         assert layer_stats(containerd) == {}
+        metrics = scrape(port)
+        assert "lazyfs_layers_mounted 0.0" in metrics
+        assert "lazyfs_layers_remount_pending 2.0" in metrics
         assert log.read_text().count("cannot mount it again") == 2
         # Calls that need the layers try them again, and fail naming one and why.
         run = containerd.ctr("run", "--rm", "--snapshotter", LAZYFS, image.converted, "c1",
@@ -138,6 +144,8 @@ def test_layers_that_fail_at_start_up_are_retried(containerd: Containerd,
     # Nothing asks for them: the background retries mount them.
     wait_until(lambda: len(layer_stats(containerd)) == 2, "the layers mounted in the background")
     assert log.read_text().count("mounted again (retry") == 2
+    wait_until(lambda: "lazyfs_layers_remount_pending 0.0" in scrape(port), "no retry pending")
+    assert "lazyfs_layers_mounted 2.0" in scrape(port)
     assert assert_consistent(containerd) == snapshots
 
     with blobs_missing(registry, set(snapshots.values())):

@@ -141,3 +141,9 @@ def assert_consistent(containerd: Containerd) -> dict[str, str | None]:
     assert sorted(layer_stats(containerd)) == sorted(layer_name(d) for d in digests)
     assert len(erofs_mounts(containerd)) == len(digests)
     return rows
+
+
+def scrape(port: int) -> str:
+    """The snapshotter's Prometheus metrics page on 127.0.0.1:`port`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
