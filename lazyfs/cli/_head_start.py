@@ -21,26 +21,25 @@ if TYPE_CHECKING:
 HEAD_START_WAIT_S = 1.0
 
 
-def layer_head_start(args: argparse.Namespace, headers: dict[str, str]) -> HeadStart | None:
-    """Start fetching what opening the layer SOURCE names asks for first, when it is an
-    http(s) URL (not a layer located by offsets given here)."""
+def layer_head_start(args: argparse.Namespace, descriptor: str | None,
+                     headers: dict[str, str]) -> HeadStart | None:
+    """Start fetching what opening the layer SOURCE names asks for first (its descriptor at
+    `descriptor` when given), when it is an http(s) URL (not a layer located by offsets
+    given here)."""
     if "://" not in args.source or args.chunk_table_offset is not None:
         return None
     from lazyfs.fetch.head_start import HeadStart
+    from lazyfs.format.descriptor import descriptor_locations
+    from lazyfs.image.keys import descriptor_key
     from lazyfs.image.tuning import ImageTuning
 
-    descriptor = args.descriptor if args.descriptor and "://" in args.descriptor else (
-        os.path.abspath(args.descriptor) if args.descriptor else None)
     if not HeadStart.applies_to(args.source, descriptor):
         return None
-    head_start = HeadStart(args.source, descriptor=descriptor, headers=headers,
-                           tree_window_bytes=ImageTuning().verity_window_bytes,
-                           first_frame=not args.block_only)
-    if _disk_cache_holds(args, *(_descriptor_key(location)
-                                 for location in head_start.descriptor_locations())):
-        head_start = HeadStart(args.source, descriptor=descriptor, headers=headers,
-                               tree_window_bytes=0, descriptor_only=True)
-    return head_start.start()
+    remembered = _disk_cache_holds(args, *(
+        descriptor_key(location) for location in descriptor_locations(args.source, descriptor)))
+    return HeadStart(args.source, descriptor=descriptor, headers=headers,
+                     tree_window_bytes=ImageTuning().verity_window_bytes,
+                     first_frame=not args.block_only, descriptor_only=remembered).start()
 
 
 def image_head_start(text: str, args: argparse.Namespace, *,
@@ -91,12 +90,6 @@ def _preload() -> None:
     from lazyfs.mount.background import preload_daemon_modules
 
     preload_daemon_modules()
-
-
-def _descriptor_key(location: str) -> str:
-    from lazyfs.image.keys import descriptor_key
-
-    return descriptor_key(location)
 
 
 def _disk_cache_holds(args: argparse.Namespace, *keys: str | None) -> bool:

@@ -170,7 +170,7 @@ def start_head_start(args: argparse.Namespace) -> HeadStart | RegistryHeadStart 
         headers = dict(parse_header(header) for header in args.header)
     except UserError:
         return None  # reported with the other checks
-    return layer_head_start(args, headers)
+    return layer_head_start(args, _absolute(args.descriptor), headers)
 
 
 def build_config(args: argparse.Namespace,

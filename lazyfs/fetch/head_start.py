@@ -31,7 +31,7 @@ from urllib.parse import SplitResult, urlsplit
 from lazyfs.errors import LazyfsError
 from lazyfs.format.descriptor import (
     SeekableAnnotations,
-    descriptor_path_candidates,
+    descriptor_locations,
     parse_descriptor,
 )
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
@@ -233,12 +233,6 @@ class HeadStart(EarlyRequests):
         other = urlsplit(descriptor)
         return (other.scheme, other.netloc) == (parts.scheme, parts.netloc)
 
-    def descriptor_locations(self) -> list[str]:
-        """Where the descriptor is looked for, in order (as the daemon looks)."""
-        if self._descriptor:
-            return [self._descriptor]
-        return descriptor_path_candidates(self._url.partition("?")[0])
-
     def start(self) -> HeadStart:
         self._start_threads()
         return self
@@ -250,7 +244,7 @@ class HeadStart(EarlyRequests):
 
     def _open_layer(self, connection: http.client.HTTPConnection) -> None:
         descriptor = None
-        for location in self.descriptor_locations():
+        for location in descriptor_locations(self._url, self._descriptor):
             text = self._get_document(connection, location)
             if text is not None:
                 descriptor = parse_descriptor(text, location)

@@ -13,7 +13,6 @@ unexpected: the head start ends there, and the command asks for itself.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from lazyfs.format.oci import (
     ACCEPTED_MANIFEST_TYPES,
     Index,
     detect_media_type,
+    digest_of,
     parse_manifest,
     parse_manifest_or_index,
 )
@@ -82,7 +82,7 @@ class PrimedClient:
             body, content_type, sent = found
             pinned = is_digest_reference(reference)
             algorithm = reference.partition(":")[0] if pinned else "sha256"
-            digest = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+            digest = digest_of(body, algorithm)
             expected = reference if pinned else sent if sent.startswith("sha256:") else digest
             if digest == expected:
                 try:
@@ -95,11 +95,10 @@ class PrimedClient:
                        max_size_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
         body = (self._primed.blobs.pop(digest, None)
                 if repository == self._primed.repository else None)
-        if body is not None and len(body) <= max_size_bytes:
-            algorithm, _, expected = digest.partition(":")
-            if algorithm in ("sha256", "sha512") and (
-                    hashlib.new(algorithm, body).hexdigest() == expected):
-                return body
+        algorithm = digest.partition(":")[0]
+        if (body is not None and len(body) <= max_size_bytes
+                and algorithm in ("sha256", "sha512") and digest_of(body, algorithm) == digest):
+            return body
         return await self._client.get_blob(repository, digest, max_size_bytes=max_size_bytes)
 
 

@@ -9,7 +9,6 @@ turned into the RegistryError subclass a caller can act on.
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import nullcontext
@@ -24,6 +23,7 @@ from lazyfs.fetch.base import backoff_delay_s
 from lazyfs.fetch.errors import FetchError
 from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
 from lazyfs.fetch.tls import LazyCAContext, tls_context
+from lazyfs.format.oci import digest_of
 from lazyfs.format.reference import (
     registry_api_host,
     validate_digest,
@@ -118,10 +118,6 @@ def blob_path(repository: str, digest: str) -> tuple[str, str]:
 def algorithm_of(digest: str) -> str:
     """The algorithm part of `algorithm:hex`."""
     return digest.partition(":")[0]
-
-
-def _digest_of(data: bytes, algorithm: str) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 def _describe(exc: BaseException) -> str:
@@ -286,9 +282,9 @@ class RegistrySession:
     async def hash(self, data: bytes, algorithm: str) -> str:
         """The `algorithm:hex` digest of `data`, in a thread unless it is small."""
         if len(data) <= _INLINE_HASH_BYTES:
-            return _digest_of(data, algorithm)
+            return digest_of(data, algorithm)
         return await trio.to_thread.run_sync(
-            _digest_of, data, algorithm, limiter=self.hash_limiter()
+            digest_of, data, algorithm, limiter=self.hash_limiter()
         )
 
     def delay_s(self, attempt: int, retry_after_s: float | None) -> float:

@@ -267,6 +267,14 @@ def descriptor_path_candidates(blob: str) -> list[str]:
     return [beside]
 
 
+def descriptor_locations(blob: str, descriptor: str | None) -> list[str]:
+    """Where the descriptor of `blob` (a path or URL) is looked for, in order: `descriptor`
+    when the user gave one, else beside the blob (a URL's query dropped)."""
+    if descriptor:
+        return [descriptor]
+    return descriptor_path_candidates(blob.partition("?")[0])
+
+
 def descriptor_path_for(blob: str) -> str:
     """The descriptor's path beside the blob at `blob`: `X.blob` -> `X.descriptor.json`, any
     other name -> `NAME.descriptor.json` (the first of `descriptor_path_candidates`)."""

@@ -98,6 +98,11 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def digest_of(data: bytes, algorithm: str) -> str:
+    """The OCI digest (`ALGORITHM:<hex>`) of `data`, for a hashlib algorithm name."""
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
 def descriptor_for(data: bytes, media_type: str, *,
                    annotations: Mapping[str, str] | None = None) -> Descriptor:
     """Return a Descriptor of `data` (digest and size computed)."""

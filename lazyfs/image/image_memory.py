@@ -12,14 +12,14 @@ digest, exactly as a container runtime's local image store would answer for the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import TYPE_CHECKING
 
 from lazyfs.cache.disk import DiskCache
+from lazyfs.fetch.registry_head_start import MAX_DOCUMENT_BYTES
 from lazyfs.format.errors import OCIFormatError
-from lazyfs.format.oci import detect_media_type
+from lazyfs.format.oci import detect_media_type, digest_of
 from lazyfs.image.keys import image_data_key, tag_key
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class ImageMemory:
         return data, media_type, digest
 
     async def get_blob(self, repository: str, digest: str, *,
-                       max_size_bytes: int = 4 * 1024 * 1024) -> bytes:
+                       max_size_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
         """`RegistryClient.get_blob` (an image config), remembered likewise."""
         from lazyfs.fetch.registry_session import RegistryUnavailableError
 
@@ -108,8 +108,7 @@ class ImageMemory:
         data = await self._disk.get(key)
         if data is None:
             return None
-        algorithm, _, expected = digest.partition(":")
-        if hashlib.new(algorithm, data).hexdigest() != expected:
+        if digest_of(data, digest.partition(":")[0]) != digest:
             log.warning("disk cache: the copy of %s does not match its digest; dropped", digest)
             await self._disk.delete(key)
             return None

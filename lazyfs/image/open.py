@@ -32,7 +32,7 @@ from lazyfs.format.descriptor import (
     Descriptor,
     DescriptorError,
     SeekableAnnotations,
-    descriptor_path_candidates,
+    descriptor_locations,
     parse_annotations,
     parse_descriptor,
 )
@@ -86,11 +86,6 @@ class LayerSource:
     @property
     def has_overrides(self) -> bool:
         return self.chunk_table_offset is not None
-
-
-def descriptor_candidates(blob: str) -> list[str]:
-    """Where a descriptor is looked for next to `blob` (a URL's query dropped), in order."""
-    return descriptor_path_candidates(blob.partition("?")[0])
 
 
 async def _read_text(location: str, options: ReaderOptions, reader: BlobReader | None = None,
@@ -152,7 +147,7 @@ async def resolve_annotations(
                                            source.root_digest)):
         raise LayerOpenError("--chunk-digest, --verity-offset and --root-digest need "
                              "--chunk-table-offset too")
-    tried = [source.descriptor] if source.descriptor else descriptor_candidates(source.blob)
+    tried = descriptor_locations(source.blob, source.descriptor)
     for location in tried:
         text = await _read_text(location, source.reader_options, reader, disk)
         if text is None:

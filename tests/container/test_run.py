@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import registry_images
 from tests.support.mounts import cleanup
-from tests.support.registry import Registry, running_registry
-from tests.support.registry_images import REPO, PublishedImage, assert_nothing_left, publish
+from tests.support.registry_images import REPO, PublishedImage, assert_nothing_left
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -24,16 +24,8 @@ SCRIPT = "cat /etc/hostname; ls /var/cache/app; ls /var; test -e /etc/os-release
 EXPECTED = "changed\nfresh.txt\ncache\ngone\n"
 WAIT_S = 60
 
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def busybox(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> PublishedImage:
-    return publish(tmp_path_factory.mktemp("busybox"), registry.host)
+registry = registry_images.registry
+busybox = registry_images.busybox
 
 
 class Runner:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from converter.encoder import EncodeResult
 from lazyfs.fetch.errors import BlobChangedError
 from lazyfs.fetch.head_start import FIRST_FRAME_BYTES, HeadStart, PrimedAnswers
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
@@ -33,6 +35,23 @@ TUNING = ImageTuning(readahead_chunks=0, verity_window_bytes=WINDOW)
 def head_start(url: str, **options: object) -> PrimedAnswers:
     started = HeadStart(url, tree_window_bytes=WINDOW, **options).start()  # type: ignore[arg-type]
     return started.finish(10.0)
+
+
+@dataclass
+class Served:
+    server: nginx.NginxServer
+    url: str
+    answers: PrimedAnswers
+    result: EncodeResult
+
+
+@pytest.fixture
+def served(tmp_path: Path, nginx_server: StartNginx) -> Served:
+    """The test layer served by nginx, and what a head start fetched of it."""
+    _, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+    return Served(server, url, head_start(url), result)
 
 
 @pytest.mark.network
@@ -60,13 +79,8 @@ def test_it_fetches_descriptor_metadata_first_frame_and_its_hash_blocks(
 
 
 @pytest.mark.network
-def test_the_reader_asks_for_nothing_the_head_start_holds(
-    tmp_path: Path, nginx_server: StartNginx
-) -> None:
-    _, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
-    server = nginx_server(tmp_path)
-    url = server.url + "layer.blob"
-    answers = head_start(url)
+def test_the_reader_asks_for_nothing_the_head_start_holds(served: Served) -> None:
+    server, url, answers, result = served.server, served.url, served.answers, served.result
     before = len(server.access_lines())
 
     async def first_reads(image: RemoteImage) -> tuple[bytes, tuple[int, int]]:
@@ -83,13 +97,8 @@ def test_the_reader_asks_for_nothing_the_head_start_holds(
 
 
 @pytest.mark.network
-def test_a_corrupt_early_answer_is_fetched_again_from_the_server(
-    tmp_path: Path, nginx_server: StartNginx
-) -> None:
-    write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
-    server = nginx_server(tmp_path)
-    url = server.url + "layer.blob"
-    answers = head_start(url)
+def test_a_corrupt_early_answer_is_fetched_again_from_the_server(served: Served) -> None:
+    server, url, answers = served.server, served.url, served.answers
     body, size = answers.ranges[0]
     answers.ranges[0] = (body[:500] + bytes([body[500] ^ 1]) + body[501:], size)
     before = len(server.access_lines())
@@ -105,13 +114,8 @@ def test_a_corrupt_early_answer_is_fetched_again_from_the_server(
 
 
 @pytest.mark.network
-def test_an_early_answer_for_a_blob_of_another_size_is_refused(
-    tmp_path: Path, nginx_server: StartNginx
-) -> None:
-    write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
-    server = nginx_server(tmp_path)
-    url = server.url + "layer.blob"
-    answers = head_start(url)
+def test_an_early_answer_for_a_blob_of_another_size_is_refused(served: Served) -> None:
+    url, answers = served.url, served.answers
     metadata_start = sorted(answers.ranges)[1]  # the first range the reader asks for
     for first, (body, size) in list(answers.ranges.items()):
         answers.ranges[first] = (body, size + 1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -20,23 +19,16 @@ from lazyfs.format.descriptor import ANNOTATION_CHUNK_TABLE_OFFSET
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.names import host_platform
 from lazyfs.mount.images import resolve_images
-from tests.support.registry import Registry, free_port, running_registry
-from tests.support.registry_images import PublishedImage, publish
+from tests.support import registry_images
+from tests.support.registry import Registry, free_port
+from tests.support.registry_images import PublishedImage
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 WINDOW = 16 * 1024
 
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def busybox(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> PublishedImage:
-    return publish(tmp_path_factory.mktemp("busybox"), registry.host)
+registry = registry_images.registry
+busybox = registry_images.busybox
 
 
 def head_start(reference: str, **options: bool) -> PrimedRegistry:

@@ -33,6 +33,8 @@ from tools.sample_tree import make_sample_tree
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
 SMALL = "etc/os-release"
+# Files of the sample tree in different chunks: what an earlier mount read.
+SOME_FILES = ("etc/os-release", "etc/hostname", "usr/lib/data/blob0.bin")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,11 @@ def mount_stats(lazyfs: Lazyfs, mountpoint: Path) -> dict[str, Any]:
 def only_layer(stats: dict[str, Any]) -> dict[str, Any]:
     (layer,) = stats["layers"].values()
     return layer  # type: ignore[no-any-return]
+
+
+def assert_reads_equal(mountpoint: Path, tree: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        assert (mountpoint / name).read_bytes() == (tree / name).read_bytes(), name
 
 
 def umount(lazyfs: Lazyfs, mountpoint: Path) -> None:
@@ -121,17 +128,15 @@ def test_offline_remount_serves_what_was_read_and_fails_the_rest_fast(
     lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
 ) -> None:
     tree, served = layer
-    read_before = ["etc/os-release", "etc/hostname", "usr/lib/data/blob0.bin"]
+    read_before = SOME_FILES
     with serve_directory(served) as server:
         url = server.url + "layer.blob"
         lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
-        for name in read_before:
-            assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+        assert_reads_equal(mountpoint, tree, read_before)
         umount(lazyfs, mountpoint)
     lazyfs.expected_log_levels.add("WARNING")
     lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
-    for name in read_before:
-        assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+    assert_reads_equal(mountpoint, tree, read_before)
     began = time.monotonic()
     with pytest.raises(OSError) as failed:
         (mountpoint / "usr/lib/data/blob2.bin").read_bytes()
@@ -270,12 +275,10 @@ def test_a_layer_mounted_again_loads_what_the_disk_holds_ahead_of_reads(
     """A warm start waits for no disk read: what the last mount read is loaded from the disk
     in the background, in that order, before the reads come (not with --no-prefetch)."""
     tree, served = layer
-    names = ["etc/os-release", "etc/hostname", "usr/lib/data/blob0.bin"]
     with serve_directory(served) as server:
         url = server.url + "layer.blob"
         lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
-        for name in names:
-            assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
         read_before = only_layer(mount_stats(lazyfs, mountpoint))["chunks_fetched"]
         umount(lazyfs, mountpoint)
 
@@ -285,8 +288,7 @@ def test_a_layer_mounted_again_loads_what_the_disk_holds_ahead_of_reads(
         warm = only_layer(mount_stats(lazyfs, mountpoint))
         assert warm["background"]["listed_chunks"] == read_before
         assert warm["chunks_from_disk"] == read_before and warm["chunks_fetched"] == 0
-        for name in names:
-            assert (mountpoint / name).read_bytes() == (tree / name).read_bytes()
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
         after = only_layer(mount_stats(lazyfs, mountpoint))
         assert after["chunks_from_disk"] == read_before  # the reads found them in memory
         assert after["chunks_fetched"] == 0

@@ -13,13 +13,13 @@ import errno
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from converter.tree import compare_trees, scan_directory
+from tests.support import registry_images
 from tests.support.images import base_layer, change_layer, expected_rootfs_tree, write_index_image
 from tests.support.lazyfs_cli import Lazyfs, pid_gone, wait_until
 from tests.support.registry import (
@@ -39,16 +39,8 @@ pytestmark = [pytest.mark.root, pytest.mark.network]
 
 INSECURE = "--insecure-registry"
 
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def busybox(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> PublishedImage:
-    return publish(tmp_path_factory.mktemp("busybox"), registry.host)
+registry = registry_images.registry
+busybox = registry_images.busybox
 
 
 def directories(tmp_path: Path, *names: str) -> list[Path]:

@@ -6,7 +6,6 @@ a list recorded from another conversion is refused by convert with a clear messa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,9 @@ from lazyfs.format.prefetch_list import (
     parse_prefetch_annotation,
     parse_prefetch_list,
 )
+from tests.support import registry_images
 from tests.support.lazyfs_cli import Lazyfs, wait_until
-from tests.support.registry import Registry, running_registry
+from tests.support.registry import Registry
 from tests.support.registry_images import PublishedImage, convert_push, publish
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
@@ -28,10 +28,7 @@ INSECURE = "--insecure-registry"
 CHUNK_DIGEST = "dev.containerd.erofs.zstd.chunk_digest"
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as server:
-        yield server
+registry = registry_images.registry
 
 
 @pytest.fixture(scope="module")

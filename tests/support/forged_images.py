@@ -23,9 +23,10 @@ import pytest
 import zstandard
 
 from lazyfs.format.descriptor import parse_annotations
+from tests.support import registry_images
 from tests.support.forge import Forgery, forge_annotations, forge_blob, image_offset_of
 from tests.support.images import _Tar, base_layer, skopeo_push, write_oci_image
-from tests.support.registry import Registry, running_registry
+from tests.support.registry import Registry
 from tests.support.registry_images import convert_push
 
 CHUNK = 64 * 1024
@@ -114,10 +115,7 @@ def forged_image(registry: Registry, reference: str, *, table: bool) -> Iterator
 
 # Module-scoped fixtures a test module takes by importing them by name: a registry holding
 # the noise image with and without dm-verity ({verity: reference}).
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as server:
-        yield server
+registry = registry_images.registry
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.support.images import busybox_layers, skopeo_push, write_oci_image
 from tests.support.mounts import mounts_below
+from tests.support.registry import Registry, running_registry
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGINAL = "test/busybox:v1"
@@ -66,3 +70,17 @@ def assert_nothing_left(*paths: Path) -> None:
     for path in paths:
         assert mounts_below(path) == [], path
         assert loop_devices_below(path) == [], path
+
+
+# Module-scoped fixtures a test module takes by binding them to its own names
+# (`registry = registry_images.registry`): a registry of its own, and the busybox image
+# published and converted there.
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running_registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def busybox(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> PublishedImage:
+    return publish(tmp_path_factory.mktemp("busybox"), registry.host)
