@@ -136,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_of(argv)
     parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
+    name = command if command in COMMANDS else args.command  # `run` keeps CMD in args.command
     configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
@@ -148,5 +149,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except LazyfsError as exc:
-        print(f"lazyfs {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lazyfs {name}: error: {exc}", file=sys.stderr)
         return 2

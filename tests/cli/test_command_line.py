@@ -72,3 +72,14 @@ def test_bad_read_bounds_are_user_errors(flag: str, value: str, message: str) ->
     with pytest.raises(UserError, match=message):
         tuning_of(args)
         low_speed_of(args)
+
+
+def test_an_error_of_run_names_the_command_not_the_containers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`run` keeps the container's command in its arguments; the error line names `run`."""
+    from lazyfs.cli import main
+
+    assert main(["run", "app:1", "--eager", "--trace", "t", "--", "cat", "x"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lazyfs run: error: ") and "cat" not in error, error
