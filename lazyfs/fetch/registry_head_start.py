@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -106,11 +107,12 @@ class RegistryHeadStart(EarlyRequests):
     """Fetch in threads what resolving and mounting the image `reference` asks for first
     (see the module docstring). `insecure` means plain HTTP, as for the registry client.
     Without `layers` (a disk cache holds them) only the manifests and the config; without
-    `first_frames` no first frames and hash blocks (nothing mounts the layers)."""
+    `first_frames` no first frames and hash blocks (nothing mounts the layers). `kept(digest)`
+    says whether the disk cache holds a manifest or config already: those are not fetched."""
 
     def __init__(self, reference: ImageReference, *, insecure: bool, platform: Platform,
                  tree_window_bytes: int, first_frames: bool = True,
-                 layers: bool = True) -> None:
+                 layers: bool = True, kept: Callable[[str], bool] | None = None) -> None:
         scheme = "http" if insecure else "https"
         super().__init__(f"{scheme}://{reference.registry}/",
                          tree_window_bytes=tree_window_bytes)
@@ -122,6 +124,7 @@ class RegistryHeadStart(EarlyRequests):
         self._layers: list[tuple[str, PrimedAnswers]] = []
         self._layers_known = threading.Event()
         self._config: str | None = None
+        self._kept = kept or (lambda digest: False)
         self._thread(self._resolve, "registry-head-start")
         self._thread(self._frames, "registry-head-start-frames")
 
@@ -155,6 +158,8 @@ class RegistryHeadStart(EarlyRequests):
         top = parse_manifest_or_index(body, media_type)
         if isinstance(top, Index):
             entry = top.select(self._platform)
+            if self._kept(entry.digest) and not self._layers_too:
+                return  # resolving reads it from the disk cache, with the config
             body, media_type = self._get_manifest(connection, entry.digest)
             manifest = parse_manifest(body, media_type)
         else:
@@ -182,8 +187,9 @@ class RegistryHeadStart(EarlyRequests):
         if not self._layers_known.wait(SOCKET_TIMEOUT_S) or self._config is None:
             return
         config = self._config
-        body = self._get_document(connection, f"{self._base()}/blobs/{config}", {})[0]
-        self._keep(lambda: self._primed.blobs.__setitem__(config, body))
+        if not self._kept(config):
+            body = self._get_document(connection, f"{self._base()}/blobs/{config}", {})[0]
+            self._keep(lambda: self._primed.blobs.__setitem__(config, body))
         for path, answers in list(self._layers) if self._first_frames else []:
             self._first_frame(connection, path, answers)
 

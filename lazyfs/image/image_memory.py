@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DIGEST_PREFIXES = ("sha256:", "sha512:")
+
 class ImageMemory:
     """The manifests and configs of the images resolved through one registry `client`,
     remembered in `disk` and answered from it when the registry is unreachable."""
@@ -41,10 +43,16 @@ class ImageMemory:
         return ImageMemory(client, self._registry, self._disk)
 
     async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
-        """`RegistryClient.get_manifest`, remembered; from the disk cache when the registry
-        is unreachable and it has the answer."""
+        """`RegistryClient.get_manifest`, remembered: a manifest asked for by digest comes from
+        the disk cache when it holds it (content-addressed, checked against the digest);
+        one asked for by tag comes from the registry, and from the disk cache only when the
+        registry is unreachable."""
         from lazyfs.fetch.registry_session import RegistryUnavailableError
 
+        if reference.startswith(DIGEST_PREFIXES):
+            kept = await self._kept_manifest(repository, reference)
+            if kept is not None:
+                return kept
         try:
             data, media_type, digest = await self._client.get_manifest(repository, reference)
         except RegistryUnavailableError as exc:
@@ -55,7 +63,7 @@ class ImageMemory:
                         kept[2])
             return kept
         await self._keep(digest, data)
-        if not reference.startswith(("sha256:", "sha512:")):
+        if not reference.startswith(DIGEST_PREFIXES):
             pointer = json.dumps({"digest": digest, "media_type": media_type}).encode()
             key = tag_key(self._registry, repository, reference)
             if await self._disk.get(key) != pointer:
@@ -65,22 +73,18 @@ class ImageMemory:
 
     async def get_blob(self, repository: str, digest: str, *,
                        max_size_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
-        """`RegistryClient.get_blob` (an image config), remembered likewise."""
-        from lazyfs.fetch.registry_session import RegistryUnavailableError
-
-        try:
-            data = await self._client.get_blob(repository, digest, max_size_bytes=max_size_bytes)
-        except RegistryUnavailableError:
-            kept = await self._kept(digest)
-            if kept is None or len(kept) > max_size_bytes:
-                raise
+        """`RegistryClient.get_blob` (an image config), remembered: from the disk cache when
+        it holds the blob (checked against its digest), else from the registry."""
+        kept = await self._kept(digest)
+        if kept is not None and len(kept) <= max_size_bytes:
             return kept
+        data = await self._client.get_blob(repository, digest, max_size_bytes=max_size_bytes)
         await self._keep(digest, data)
         return data
 
     async def _kept_manifest(self, repository: str,
                              reference: str) -> tuple[bytes, str, str] | None:
-        if reference.startswith(("sha256:", "sha512:")):
+        if reference.startswith(DIGEST_PREFIXES):
             data = await self._kept(reference)
             if data is None:
                 return None
