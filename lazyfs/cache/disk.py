@@ -87,6 +87,30 @@ class DiskCache:
         self.bytes_written = 0
         self.bad_entries = 0
         self.errors = 0
+        self.warm_chunks = 0
+        # Decoded chunks by frame key, loaded and checked by the command before it started
+        # this process (`lazyfs.image.warm_start`); each is taken once, or dropped.
+        self._warm: dict[str, memoryview] = {}
+
+    def adopt_warm(self, chunks: dict[str, memoryview]) -> None:
+        """Take the chunks a warm start loaded (see `take_warm`)."""
+        self._warm = chunks
+
+    def take_warm(self, key: str, ref: tuple[str, int]) -> memoryview | None:
+        """The decoded chunk a warm start loaded from the entry `key` (for chunk `ref` =
+        (layer, index)), once; the use is noted as a read of the entry would be. The caller
+        checks that `key` is its chunk's frame key and the size is the chunk's."""
+        view = self._warm.pop(key, None)
+        if view is None:
+            return None
+        self.store.touch(key, ref)
+        self.hits += 1
+        self.warm_chunks += 1
+        return view
+
+    def drop_warm(self) -> None:
+        """Drop what the layers did not take (chunks of a manifest that has moved on)."""
+        self._warm = {}
 
     @classmethod
     def open(cls, options: DiskCacheOptions) -> DiskCache:
@@ -169,6 +193,7 @@ class DiskCache:
             "evictions": self.store.evictions,
             "bad_entries": self.bad_entries,
             "errors": self.errors,
+            "warm_start_chunks": self.warm_chunks,
         }
 
     async def aclose(self) -> None:

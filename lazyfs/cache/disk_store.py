@@ -74,6 +74,11 @@ CREATE INDEX IF NOT EXISTS refs_key ON refs (key);
 """
 
 
+# A layer's chunks in the store and their entries, least recently used first.
+_LAYER_ENTRIES = ("SELECT r.chunk, r.key FROM refs r JOIN entries e ON e.key = r.key"
+                  " WHERE r.layer = ? ORDER BY e.last_used, r.chunk")
+
+
 class DiskCacheError(LazyfsError):
     """The cache directory cannot be used (permissions, a newer index format)."""
 
@@ -97,6 +102,32 @@ class StoreTotals:
     size_bytes: int
     entries: dict[str, int]
     evictions: int
+
+
+def read_entry(directory: Path, key: str) -> bytes | None:
+    """Entry `key` of the cache in `directory` (unverified), or None; for a process that only
+    looks (nothing is touched or written). Raises OSError."""
+    try:
+        with open(entry_path(directory, key), "rb") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+
+
+def read_layer_entries(directory: Path, layer: str) -> list[tuple[int, str]]:
+    """(chunk, entry key) of each chunk of `layer` the cache in `directory` holds, least
+    recently used first, read without writing anything ([] without an index). Raises
+    sqlite3.Error."""
+    path = directory / "index.sqlite"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                         timeout=BUSY_TIMEOUT_S)
+    try:
+        rows = db.execute(_LAYER_ENTRIES, (layer,)).fetchall()
+    finally:
+        db.close()
+    return [(int(chunk), str(key)) for chunk, key in rows]
 
 
 def disk_bytes(size: int) -> int:
@@ -181,10 +212,8 @@ class DiskStore:
 
     def get(self, key: str, ref: tuple[str, int] | None = None) -> bytes | None:
         """The entry's bytes (unverified), or None. Raises OSError, sqlite3.Error."""
-        try:
-            with open(self.path(key), "rb") as stream:
-                data = stream.read()
-        except FileNotFoundError:
+        data = read_entry(self.directory, key)
+        if data is None:
             return None
         self.touch(key, ref)
         return data
@@ -272,10 +301,8 @@ class DiskStore:
         with self._lock, self._transaction():
             self._flush_touches()
         with self._lock:
-            rows = self._db.execute(
-                "SELECT r.chunk FROM refs r JOIN entries e ON e.key = r.key WHERE r.layer = ?"
-                " ORDER BY e.last_used, r.chunk", (layer,)).fetchall()
-        return [int(chunk) for (chunk,) in rows]
+            rows = self._db.execute(_LAYER_ENTRIES, (layer,)).fetchall()
+        return [int(chunk) for chunk, _ in rows]
 
     def prune(self, to_bytes: int) -> int:
         """Evict least-recently-used entries until at most `to_bytes` are kept, after

@@ -43,6 +43,10 @@ import trio
 
 from lazyfs.cache.defaults import DEFAULT_CACHE_BYTES as DEFAULT_CACHE_BYTES
 
+# A chunk's bytes: a bytes object, or a read-only view of memory shared with the command that
+# loaded it before the daemon started (`lazyfs.image.warm_start`), kept without a copy.
+ChunkData = bytes | memoryview
+
 NAMESPACES_COUNTED = 4096
 
 
@@ -51,7 +55,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: ChunkData | None = None
         self.error: BaseException | None = None
 
 
@@ -63,7 +67,7 @@ class ChunkCache:
             raise ValueError("cache capacity must be >= 0")
         self.capacity_bytes = capacity_bytes
         self.size_bytes = 0
-        self._entries: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._entries: OrderedDict[Hashable, ChunkData] = OrderedDict()
         self._pending: dict[Hashable, _Pending] = {}
         self.hits = 0
         self.misses = 0
@@ -73,7 +77,7 @@ class ChunkCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
-    def get(self, key: Hashable) -> bytes | None:
+    def get(self, key: Hashable) -> ChunkData | None:
         """The cached bytes of `key`, counting a hit or a miss."""
         data = self._entries.get(key)
         counts = self._namespace_counts(key)
@@ -86,7 +90,7 @@ class ChunkCache:
         counts[0] += 1
         return data
 
-    def peek(self, key: Hashable) -> bytes | None:
+    def peek(self, key: Hashable) -> ChunkData | None:
         """The cached bytes of `key` without counting a hit or a miss or refreshing it: for
         bytes a check borrows (a neighbouring chunk), not bytes a read returns."""
         return self._entries.get(key)
@@ -120,7 +124,7 @@ class ChunkCache:
         self._pending[key] = _Pending()
         return True
 
-    def complete(self, key: Hashable, data: bytes) -> None:
+    def complete(self, key: Hashable, data: ChunkData) -> None:
         """Store the claimed `key`'s bytes and hand them to its waiters. KeyError if `key`
         is not loading (resolved already, or never claimed)."""
         pending = self._pending.pop(key)
@@ -136,7 +140,7 @@ class ChunkCache:
             pending.error = error
             pending.done.set()
 
-    async def wait(self, key: Hashable) -> bytes | None:
+    async def wait(self, key: Hashable) -> ChunkData | None:
         """Wait for an in-flight load of `key`. Returns its bytes, or None if nobody is loading
         it. Re-raises the loader's error."""
         pending = self._pending.get(key)
@@ -162,7 +166,7 @@ class ChunkCache:
             "evictions": self.evictions,
         }
 
-    def _store(self, key: Hashable, data: bytes) -> None:
+    def _store(self, key: Hashable, data: ChunkData) -> None:
         if len(data) > self.capacity_bytes:
             return
         old = self._entries.pop(key, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from lazyfs.cli._images import platform_of
 if TYPE_CHECKING:
     from lazyfs.fetch.head_start import HeadStart, PrimedAnswers
     from lazyfs.fetch.registry_head_start import PrimedRegistry, RegistryHeadStart
+    from lazyfs.image.warm_start import WarmLayer, WarmStart
 
 # How long a command waits, once it is ready to start its daemon, for answers still on their
 # way (the daemon would wait for them anyway, asking again).
@@ -63,8 +65,9 @@ def image_head_start(text: str, args: argparse.Namespace, *,
            else tag_key(reference.registry, reference.repository, wanted))
     return RegistryHeadStart(reference, insecure=args.insecure_registry, platform=platform,
                              tree_window_bytes=ImageTuning().verity_window_bytes,
-                             first_frames=mounts,
-                             layers=not _disk_cache_holds(args, key)).start()
+                             first_frames=mounts, layers=not _disk_cache_holds(args, key),
+                             kept=lambda digest: _disk_cache_holds(
+                                 args, image_data_key(digest))).start()
 
 
 def finish_layer(head_start: HeadStart | RegistryHeadStart | None) -> PrimedAnswers | None:
@@ -86,6 +89,54 @@ def finish_image(head_start: RegistryHeadStart | None) -> PrimedRegistry | None:
     return head_start.finish(HEAD_START_WAIT_S)
 
 
+def image_warm_start(text: str, args: argparse.Namespace) -> WarmStart | None:
+    """Start loading what the disk cache holds of the image `text` as it remembers it (the
+    manifest its tag pointed to last), for the daemon to start with."""
+    from lazyfs.format.reference import parse_reference
+    from lazyfs.image.warm_start import remembered_image_layers
+
+    try:
+        reference = parse_reference(text)
+        platform = platform_of(args)
+    except (ValueError, UserError):
+        return None  # reported with the other checks
+    return _warm_start(args, lambda directory: remembered_image_layers(
+        directory, reference.registry, reference.repository, reference.reference, platform))
+
+
+def layer_warm_start(args: argparse.Namespace, descriptor: str | None) -> WarmStart | None:
+    """As `image_warm_start`, for the layer URL SOURCE (its descriptor as remembered)."""
+    if "://" not in args.source or args.chunk_table_offset is not None:
+        return None
+    from lazyfs.image.warm_start import remembered_layer
+
+    return _warm_start(args, lambda directory: remembered_layer(directory, args.source,
+                                                                descriptor))
+
+
+def finish_warm(warm_start: WarmStart | None) -> dict[str, memoryview]:
+    """The chunks a warm start loaded by now (it stops): for the daemon about to fork."""
+    return {} if warm_start is None else warm_start.finish()
+
+
+def _warm_start(args: argparse.Namespace,
+                layers: Callable[[Path], list[WarmLayer]]) -> WarmStart | None:
+    """A warm start from the command's disk cache, up to half the chunk cache (what the
+    daemon would load ahead of reads); none when the daemon would not load ahead. It forks:
+    call it before any thread starts."""
+    directory = _cache_directory(args)
+    if directory is None or args.no_prefetch:
+        return None
+    from lazyfs.cli.sizes import parse_size
+    from lazyfs.image.warm_start import WarmStart
+
+    try:
+        budget = parse_size(args.cache_size, "--cache-size") // 2
+    except UserError:
+        return None  # reported with the other checks
+    return WarmStart(directory, lambda: layers(directory), budget).start()
+
+
 def _preload() -> None:
     from lazyfs.mount.background import preload_daemon_modules
 
@@ -96,10 +147,18 @@ def _disk_cache_holds(args: argparse.Namespace, *keys: str | None) -> bool:
     """Whether the disk cache the command uses has one of `keys`: then what it names was
     fetched by an earlier mount, the daemon will find it there, and a head start fetching it
     would only waste the bytes."""
-    if args.no_disk_cache:
+    directory = _cache_directory(args)
+    if directory is None:
         return False
-    from lazyfs.cache.defaults import default_cache_dir
     from lazyfs.cache.disk_store import entry_path
 
-    directory = Path(os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir())
     return any(key is not None and entry_path(directory, key).exists() for key in keys)
+
+
+def _cache_directory(args: argparse.Namespace) -> Path | None:
+    """The disk cache directory the command uses (None: --no-disk-cache)."""
+    if args.no_disk_cache:
+        return None
+    from lazyfs.cache.defaults import default_cache_dir
+
+    return Path(os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir())

@@ -18,8 +18,11 @@ from lazyfs.cli import CommandParser, UserError, exit_at_once
 from lazyfs.cli._head_start import (
     finish_image,
     finish_layer,
+    finish_warm,
     image_head_start,
+    image_warm_start,
     layer_head_start,
+    layer_warm_start,
 )
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
@@ -43,6 +46,7 @@ from lazyfs.fuse.phases import process_started_monotonic
 if TYPE_CHECKING:
     from lazyfs.fetch.head_start import HeadStart
     from lazyfs.fetch.registry_head_start import RegistryHeadStart
+    from lazyfs.image.warm_start import WarmStart
     from lazyfs.mount.daemon import DaemonConfig
     from lazyfs.mount.service import MountOptions
 
@@ -173,6 +177,15 @@ def start_head_start(args: argparse.Namespace) -> HeadStart | RegistryHeadStart 
     return layer_head_start(args, _absolute(args.descriptor), headers)
 
 
+def start_warm_start(args: argparse.Namespace) -> WarmStart | None:
+    """Loading what the disk cache holds of the layer or the one image, started now."""
+    from lazyfs.image.names import is_image_reference
+
+    if is_image_reference(args.source):
+        return None if args.more else image_warm_start(args.source, args)
+    return layer_warm_start(args, _absolute(args.descriptor))
+
+
 def build_config(args: argparse.Namespace,
                  head_start: HeadStart | RegistryHeadStart | None = None) -> DaemonConfig:
     """The daemon's configuration for a layer blob or, if SOURCE is one, for images; a
@@ -288,11 +301,13 @@ def _pinned_lines(config: DaemonConfig) -> str:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    warm_start = start_warm_start(args)  # it forks: before the head start's threads
     head_start = start_head_start(args)
     from lazyfs.mount.service import log_path, serve, start
 
     config = build_config(args, head_start)
     config.command_started = process_started_monotonic()
+    config.warm_chunks = finish_warm(warm_start)
     if args.foreground:
 
         def on_ready() -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lazyfs.cli import UserError
-from lazyfs.cli._head_start import finish_image, image_head_start
+from lazyfs.cli._head_start import finish_image, finish_warm, image_head_start, image_warm_start
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     add_disk_cache_arguments,
@@ -126,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 else uses_prefetch_options(args))
         raise UserError(f"{flag} applies to the lazy mount; not with --eager")
     # A lazy run's first requests go out before the rest of lazyfs is imported.
+    warm_start = None if args.eager else image_warm_start(args.image, args)  # forks: first
     head_start = None if args.eager else image_head_start(args.image, args)
     from lazyfs.container.run import RunRequest, prepare, run
     from lazyfs.mount.service import MountOptions
@@ -160,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     with sigterm_as_interrupt():
-        report = run(prepared, started=started, notify=_notify)
+        report = run(prepared, started=started, notify=_notify,
+                     warm_chunks=lambda: finish_warm(warm_start))
     sys.stderr.write(format_report(report))
     if args.record and _modified(args.record) not in (None, recorded_before):
         _notify(f"prefetch list written to {args.record}")

@@ -103,10 +103,13 @@ def prepare(request: RunRequest, primed: PrimedRegistry | None = None) -> Prepar
     return PreparedRun(request, found, argv)
 
 
-def run(prepared: PreparedRun, *, started: float, notify: Notify) -> RunReport:
+def run(prepared: PreparedRun, *, started: float, notify: Notify,
+        warm_chunks: Callable[[], dict[str, memoryview]] = dict) -> RunReport:
     """Mount, run the command, tear down; `started` is when the run began (monotonic). Returns
-    the report (its exit code the command's). Raises what made the mount fail, after the
-    teardown; KeyboardInterrupt stops the command and tears down."""
+    the report (its exit code the command's). `warm_chunks()` gives, as the lazy mount's
+    daemon is about to start, the chunks the command loaded from the disk cache meanwhile
+    (`lazyfs.image.warm_start`). Raises what made the mount fail, after the teardown;
+    KeyboardInterrupt stops the command and tears down."""
     request, image = prepared.request, prepared.image
     ensure_state_dir()
     if request.writable:
@@ -136,6 +139,7 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify) -> RunReport:
                 options=request.mount,
                 temp_dir=str(work),
             )
+            config.warm_chunks = warm_chunks()
             record = start(config)
         report.mounted_s = time.monotonic() - started
         report.exit_code = run_container(spec)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lazyfs.cache.memory import ChunkData
 from lazyfs.exception_groups import leaf_errors
 from lazyfs.fetch.base import StreamingReader
 from lazyfs.fetch.errors import FetchError
@@ -62,7 +63,7 @@ class FrameStream:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self._data: bytearray | bytes = bytearray()
+        self._data: bytearray | ChunkData = bytearray()
         self.holes: list[tuple[int, int, str]] = []  # (start, end, why) within the chunk
         self.error: ImageReadError | None = None
         self.done = False
@@ -103,6 +104,14 @@ class FrameStream:
         self.done = True
         self._wake()
         return self._data
+
+    def complete_with(self, data: ChunkData) -> None:
+        """The whole chunk, verified by other means (the disk cache's copy, checked as a
+        whole): it replaces what had streamed in, holes included, without a copy."""
+        self._data = data
+        self.holes.clear()
+        self.done = True
+        self._wake()
 
     def fail(self, error: ImageReadError) -> None:
         """End the stream with `error` for the readers still waiting (the first error
@@ -149,10 +158,9 @@ class LayerStreams:
         if len(self._partial) > MAX_PARTIAL_CHUNKS:
             self.forget(self._partial.popleft())
 
-    def finish(self, stream: FrameStream, data: bytes) -> None:
+    def finish(self, stream: FrameStream, data: ChunkData) -> None:
         """Complete `stream` with the whole chunk `data` (from the disk cache) and drop it."""
-        stream.publish(data)
-        stream.complete()
+        stream.complete_with(data)
         self.forget(stream)
 
     def partial_indices(self) -> list[int]:

@@ -389,10 +389,10 @@ class ChunkLoader:
         last = block_context(self.metadata, group[-1]).stop - 1
         known: dict[int, bytes] = {}
         while first < group[0] and (data := self.cache.peek(self._key(first))) is not None:
-            known[first] = data
+            known[first] = bytes(data)
             first += 1
         while last > group[-1] and (data := self.cache.peek(self._key(last))) is not None:
-            known[last] = data
+            known[last] = bytes(data)
             last -= 1
         return first, last, known
 

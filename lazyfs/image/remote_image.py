@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from lazyfs.cache.memory import ChunkCache
+from lazyfs.cache.memory import ChunkCache, ChunkData
 from lazyfs.fetch.base import BlobReader
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.image.demand import DemandGate
@@ -204,11 +204,11 @@ class RemoteImage:
     def _key(self, chunk_index: int) -> Hashable:
         return (self._content_key, chunk_index)
 
-    def _claim(self, indices: range, reason: str) -> dict[int, bytes]:
+    def _claim(self, indices: range, reason: str) -> dict[int, ChunkData]:
         """Start loading the chunks of `indices` that are neither cached, nor loading, nor
         streaming; return those that are cached. Raises ImageReadError for a chunk refused
         now (`ChunkLoader.early_refusal`; the loads claimed so far start)."""
-        found: dict[int, bytes] = {}
+        found: dict[int, ChunkData] = {}
         claimed: list[int] = []
         try:
             for index in indices:
@@ -250,7 +250,7 @@ class RemoteImage:
             if reason in ON_DEMAND:
                 self.demand.end()
 
-    async def _piece(self, index: int, start: int, stop: int, data: bytes | None) -> bytes:
+    async def _piece(self, index: int, start: int, stop: int, data: ChunkData | None) -> bytes:
         """Bytes `[start, stop)` of chunk `index`: from `data`, its stream or its load."""
         key = self._key(index)
         while data is None:

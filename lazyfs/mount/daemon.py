@@ -121,6 +121,8 @@ class DaemonConfig:
     # Monotonic times of the command's start and of the fork, for the start-up phases.
     command_started: float | None = None
     forked_at: float | None = None
+    # Chunks the command loaded from the disk cache while it started (`image.warm_start`).
+    warm_chunks: dict[str, memoryview] = field(default_factory=dict, repr=False)
 
 
 def fuse_options(config: DaemonConfig) -> set[str]:
@@ -207,8 +209,10 @@ class Daemon:
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
         if config.disk_cache is not None and any(_is_remote(s.blob) for s in config.sources):
             self.disk = await trio.to_thread.run_sync(DiskCache.open, config.disk_cache)
+            self.disk.adopt_warm(config.warm_chunks)
             log.info("disk cache %s, at most %d bytes", self.disk.directory,
                      self.disk.store.capacity_bytes)
+        config.warm_chunks = {}  # the disk cache holds them now (or nothing does)
         await self._open_layers(nursery, trace)
         self._check_cache_size()
         self.stats.phases.mark("metadata")
@@ -340,9 +344,7 @@ class Daemon:
                                      for image, plan in zip(self.images, plans, strict=True)):
             nursery.start_soon(self._background, plans, options)
             return
-        loader = BackgroundLoader(self.images, plans, options)
-        if loader.has_work:
-            nursery.start_soon(loader.run)
+        nursery.start_soon(self._background_lists, BackgroundLoader(self.images, plans, options))
 
     async def _background(self, plans: list[tuple[int, ...]], options: PrefetchOptions) -> None:
         """Run the background loads, a layer without a list loading what the disk cache holds
@@ -359,9 +361,17 @@ class Daemon:
                 budget -= size
                 held.append(index)
             plans[position] = tuple(held)
-        loader = BackgroundLoader(self.images, plans, options)
-        if loader.has_work:
-            await loader.run()
+        await self._background_lists(BackgroundLoader(self.images, plans, options))
+
+    async def _background_lists(self, loader: BackgroundLoader) -> None:
+        """Run `loader`; then drop the chunks of the command's warm start that no load took
+        (those of a manifest that has moved on, or beyond the lists)."""
+        try:
+            if loader.has_work:
+                await loader.run()
+        finally:
+            if self.disk is not None:
+                self.disk.drop_warm()
 
     def _write_record(self) -> None:
         path = self.config.prefetch.record_file

@@ -202,6 +202,7 @@ def start(config: DaemonConfig) -> MountRecord:
     if config.log_file is None:
         config.log_file = log_path(config.mountpoint)
     spawn_daemon(config)
+    config.warm_chunks = {}  # the daemon has its copy: this process keeps none
     record = find_record(kernel.canonical(config.mountpoint))
     if record is None:
         raise DaemonStartError(

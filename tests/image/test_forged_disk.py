@@ -17,7 +17,7 @@ from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.verity_tree import VerityGeometry, data_block_digests, hash_blocks_needed
-from lazyfs.image.disk_tier import pack_blocks, pack_metadata
+from lazyfs.image.disk_entries import pack_blocks, pack_metadata
 from lazyfs.image.keys import frame_key, layer_key, tree_key
 from lazyfs.image.open import LayerSource
 from lazyfs.image.remote_image import RemoteImage

@@ -300,3 +300,71 @@ def test_a_layer_mounted_again_loads_what_the_disk_holds_ahead_of_reads(
         assert cold["background"]["listed_chunks"] == 0
         assert cold["chunks_from_disk"] <= 1  # the superblock's chunk, for the kernel mount
         umount(lazyfs, mountpoint)
+
+
+def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
+    """(the layer's authenticated metadata, frame key -> chunk index) of what the disk cache
+    holds of the layer at `url`."""
+    from lazyfs.cache.disk_store import read_entry, read_layer_entries
+    from lazyfs.image.disk_entries import check_cached_metadata
+    from lazyfs.image.keys import layer_key
+    from lazyfs.image.warm_start import remembered_layer
+
+    (remembered,) = remembered_layer(cache, url, None)
+    key = layer_key(remembered.annotations)
+    assert key is not None
+    entry = read_entry(cache, key)
+    assert entry is not None
+    metadata, _ = check_cached_metadata(remembered.annotations, entry, remembered.blob_size)
+    return metadata, {entry_key: chunk for chunk, entry_key in read_layer_entries(cache, key)}
+
+
+def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    """The command's warm start (`lazyfs.image.warm_start`) loads, in a process of its own,
+    exactly the chunks the disk holds of the layer as the blob decodes them; a frame damaged
+    on disk is left out (the daemon finds it bad and fetches it), the budget holds, and a
+    remount with a warm start reads right and fetches nothing."""
+    from lazyfs.format.frames import decode_chunk_frame
+    from lazyfs.image.warm_start import WarmStart, remembered_layer
+
+    tree, served = layer
+    cache = lazyfs.cache_dir
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
+        umount(lazyfs, mountpoint)
+
+        metadata, held = _held_chunks(cache, url)
+        assert len(held) >= 3
+        blob = (served / "layer.blob").read_bytes()
+
+        def warm_start(budget: int) -> dict[str, memoryview]:
+            started = WarmStart(cache, lambda: remembered_layer(cache, url, None), budget).start()
+            assert started is not None
+            return started.finish(wait_s=30)
+
+        chunks = warm_start(1 << 30)
+        assert set(chunks) == set(held)
+        for key, index in held.items():
+            start, end = metadata.frame_range(index)
+            expected = decode_chunk_frame(blob[start:end], metadata.table.decoded_size(index),
+                                          index, start)
+            assert chunks[key] == expected and chunks[key].readonly
+
+        chunk_size = metadata.table.chunk_size
+        assert len(warm_start(chunk_size + chunk_size // 2)) == 1
+
+        damaged = sorted(held)[0]
+        lazyfs.expected_log_levels.add("WARNING")  # the daemon's "copy failed verification"
+        flip_byte(cache / "data" / "frame" / damaged[6:8] / damaged[6:], 100)
+        assert set(warm_start(1 << 30)) == set(held) - {damaged}
+
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
+        stats = mount_stats(lazyfs, mountpoint)
+        assert only_layer(stats)["chunks_fetched"] <= 1  # at most the damaged frame's chunk
+        assert stats["disk_cache"]["warm_start_chunks"] <= len(held) - 1
+        umount(lazyfs, mountpoint)

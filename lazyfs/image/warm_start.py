@@ -1,0 +1,235 @@
+"""A warm start's first work, done while the command is still starting up.
+
+When the disk cache holds chunks of the layers that `lazyfs run` or `lazyfs mount` is about to
+mount, the daemon loads them ahead of reads, in the order the last mount read them: each frame
+read back, checked against its SHA-512, decoded. That is about a millisecond of CPU per chunk,
+spent while the container starts and waits for those very chunks. A `WarmStart` does it
+earlier, in a process of its own while the command imports the rest of lazyfs (which keeps
+one core busy and leaves the disk and the other cores idle), and the daemon inherits the
+decoded chunks across its fork.
+
+Nothing is trusted for having been loaded early. The thread authenticates each layer's
+metadata entry against the annotations of the manifest (or descriptor) the disk cache
+remembers, exactly as the daemon does, and checks each frame against the chunk table's
+SHA-512 before decoding it to its exact size. The daemon takes a chunk only under the frame
+key its own authenticated chunk table gives it, at the size the table says: a manifest
+remembered for a tag that has moved since costs only chunks nobody asks for. Layers whose
+tables list no frame hashes (checked by dm-verity alone) are left to the daemon. Light to
+import: the standard library and the pure format modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.cache.disk_store import read_entry, read_layer_entries
+from lazyfs.format.chunk_table import HASH_NONE
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_TABLE_OFFSET,
+    SeekableAnnotations,
+    descriptor_locations,
+    parse_annotations,
+    parse_descriptor,
+)
+from lazyfs.format.errors import FormatError
+from lazyfs.format.oci import (
+    Index,
+    detect_media_type,
+    digest_of,
+    parse_manifest,
+    parse_manifest_or_index,
+)
+from lazyfs.format.platform import Platform
+from lazyfs.image.disk_entries import check_cached_metadata, check_frame
+from lazyfs.image.keys import descriptor_key, frame_key, image_data_key, layer_key, tag_key
+
+log = logging.getLogger(__name__)
+
+# How long `finish` waits for the loader to stop after the chunk in hand (a few milliseconds).
+FINISH_WAIT_S = 0.2
+RECORDS_PIPE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class WarmLayer:
+    """A layer as the disk cache remembers it: what authenticates it, and its blob size."""
+
+    annotations: SeekableAnnotations
+    blob_size: int
+
+
+class WarmStart:
+    """Load the chunks the disk cache in `directory` holds of the layers `find_layers` names,
+    up to `budget_bytes` decoded, until `finish`.
+
+    The loading runs in a child process forked at `start` (before the command has threads or
+    its heavy imports): a thread would contend with the imports for the interpreter lock. It
+    writes each chunk into shared memory mapped before the fork, which the daemon forked later
+    inherits as it is, and tells the command where on a pipe."""
+
+    def __init__(self, directory: Path, find_layers: Callable[[], list[WarmLayer]],
+                 budget_bytes: int) -> None:
+        self._directory = directory
+        self._find_layers = find_layers
+        self._budget = budget_bytes
+        self._area: mmap.mmap | None = None
+        self._pid = 0
+        self._records = -1  # the child's records come on this pipe
+        self._stop = -1  # closing this pipe tells the child to stop
+
+    def start(self) -> WarmStart | None:
+        """Fork the loader; None (nothing started) when the system refuses."""
+        try:
+            self._area = mmap.mmap(-1, max(self._budget, mmap.PAGESIZE))
+            records_r, records_w = os.pipe()
+            with contextlib.suppress(OSError):  # room for every record without waiting
+                fcntl.fcntl(records_w, fcntl.F_SETPIPE_SZ, RECORDS_PIPE_BYTES)
+            stop_r, stop_w = os.pipe()
+            pid = os.fork()
+        except OSError as exc:
+            log.debug("warm start: %s", exc)
+            return None
+        if pid == 0:  # the loader
+            code = 0
+            try:
+                os.close(records_r)
+                os.close(stop_w)
+                self._load(records_w, stop_r)
+            except BaseException:  # a warm start only saves time: the daemon loads the rest
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(records_w)
+        os.close(stop_r)
+        self._pid, self._records, self._stop = pid, records_r, stop_w
+        return self
+
+    def finish(self, wait_s: float = 0.0) -> dict[str, memoryview]:
+        """The chunks loaded by now (or, given `wait_s`, once the loader is done, waiting at
+        most that long), by frame key, as read-only views of the shared memory; the loader
+        stops after the chunk in hand and nothing is added after."""
+        if self._area is None or not self._pid:
+            return {}
+        received, ended = self._receive(b"", wait_s)
+        os.close(self._stop)
+        if not ended:
+            received, _ = self._receive(received, FINISH_WAIT_S)
+        os.close(self._records)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)  # gone by now, unless it hangs on the disk
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._pid, 0)
+        area = memoryview(self._area).toreadonly()
+        chunks: dict[str, memoryview] = {}
+        for line in received.decode().splitlines():
+            key, offset, size = line.split()
+            chunks[key] = area[int(offset):int(offset) + int(size)]
+        return chunks
+
+    def _receive(self, received: bytes, wait_s: float) -> tuple[bytes, bool]:
+        """`received` and the records that come within `wait_s`; True once the loader ended."""
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self._records], [], [], left)[0]:
+                break
+            piece = os.read(self._records, 65536)
+            if not piece:
+                return received, True
+            received += piece
+        return received, False
+
+    # -- in the child --------------------------------------------------------------------------
+
+    def _load(self, records: int, stop: int) -> None:
+        assert self._area is not None
+        used = 0
+        for layer in self._find_layers():
+            for key, data in self._layer_chunks(layer):
+                if select.select([stop], [], [], 0)[0] or used + len(data) > self._budget:
+                    return
+                self._area[used:used + len(data)] = data
+                os.write(records, f"{key} {used} {len(data)}\n".encode())
+                used += len(data)
+
+    def _layer_chunks(self, layer: WarmLayer) -> Iterator[tuple[str, bytes]]:
+        """(frame key, decoded chunk) of each chunk the disk holds of `layer`, in the order
+        its last mount read them, each checked as the daemon checks a frame read back."""
+        key = layer_key(layer.annotations)
+        entry = None if key is None else read_entry(self._directory, key)
+        if key is None or entry is None:
+            return
+        metadata, _ = check_cached_metadata(layer.annotations, entry, layer.blob_size)
+        if metadata.table.hash_algorithm == HASH_NONE:
+            return
+        for chunk, entry_key in read_layer_entries(self._directory, key):
+            if not 0 <= chunk < metadata.table.chunk_count or entry_key != frame_key(metadata,
+                                                                                    chunk):
+                continue
+            frame = read_entry(self._directory, entry_key)
+            if frame is None:
+                continue
+            try:
+                yield entry_key, check_frame(metadata, {}, chunk, frame,
+                                             metadata.frame_range(chunk)[0])
+            except FormatError:
+                continue  # the daemon finds it bad too, drops it and fetches the chunk
+
+
+# -- which layers: what the disk cache remembers of an image or a layer URL ----------------------
+
+
+def remembered_image_layers(directory: Path, registry: str, repository: str, reference: str,
+                            platform: Platform) -> list[WarmLayer]:
+    """The seekable layers of the image the disk cache remembers for `reference` (a tag: the
+    manifest it pointed to last; a digest: that manifest), through an index for `platform`;
+    [] when it remembers none."""
+    if reference.startswith(("sha256:", "sha512:")):
+        digest = reference
+    else:
+        pointer = read_entry(directory, tag_key(registry, repository, reference))
+        if pointer is None:
+            return []
+        digest = str(json.loads(pointer)["digest"])
+    body = _remembered(directory, digest)
+    if body is None:
+        return []
+    top = parse_manifest_or_index(body, detect_media_type(body, None))
+    if isinstance(top, Index):
+        digest = top.select(platform).digest
+        body = _remembered(directory, digest)
+        if body is None:
+            return []
+        top = parse_manifest(body, detect_media_type(body, None))
+    return [WarmLayer(parse_annotations(dict(layer.annotations), layer.digest), layer.size)
+            for layer in top.layers if ANNOTATION_CHUNK_TABLE_OFFSET in layer.annotations]
+
+
+def remembered_layer(directory: Path, blob: str, descriptor: str | None) -> list[WarmLayer]:
+    """The layer at the URL `blob`, as the descriptor the disk cache remembers for it says
+    (looked for where the daemon looks); [] when it remembers none."""
+    for location in descriptor_locations(blob, descriptor):
+        text = read_entry(directory, descriptor_key(location))
+        if text is not None:
+            found = parse_descriptor(text, location)
+            return [WarmLayer(found.seekable(location), found.size)]
+    return []
+
+
+def _remembered(directory: Path, digest: str) -> bytes | None:
+    """The manifest of `digest` the disk cache holds, if it matches the digest."""
+    key = image_data_key(digest)
+    body = None if key is None else read_entry(directory, key)
+    if body is None or digest_of(body, digest.partition(":")[0]) != digest:
+        return None
+    return body
