@@ -54,6 +54,9 @@ PENDING_MAX_AGE_S = 600.0
 TOUCH_FLUSH_S = 2.0
 TOUCH_FLUSH_ENTRIES = 512
 BUSY_TIMEOUT_S = 30.0
+# Opening a new index while other processes do: tries, and the pause after the first.
+SETUP_ATTEMPTS = 20
+SETUP_RETRY_S = 0.02
 _KEY = re.compile(r"^([a-z]+)-([0-9a-f]{16,128})$")
 
 _SCHEMA = """
@@ -172,6 +175,19 @@ class DiskStore:
         self._sweep_tmp(TMP_MAX_AGE_S)
 
     def _connect(self) -> sqlite3.Connection:
+        """Open the index, set up by whichever process comes first. Processes opening a new
+        index at once can be told it is locked without sqlite's busy wait (switching it to
+        WAL takes an exclusive lock): that is tried again, a bounded number of times."""
+        for attempt in range(SETUP_ATTEMPTS):
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == SETUP_ATTEMPTS - 1:
+                    raise
+                time.sleep(SETUP_RETRY_S * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _connect_once(self) -> sqlite3.Connection:
         path = self.directory / "index.sqlite"
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                              check_same_thread=False)
@@ -182,8 +198,9 @@ class DiskStore:
             if version > SCHEMA_VERSION:
                 raise DiskCacheError(f"{path}: index format {version} is newer than this "
                                      f"lazyfs ({SCHEMA_VERSION}); use another --cache-dir")
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # The write lock first: upgrading a read to a write could not wait for it.
+            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
+                             f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except BaseException:
             db.close()
             raise
