@@ -16,6 +16,8 @@ from lazyfs.cli._images import platform_of
 if TYPE_CHECKING:
     from lazyfs.fetch.head_start import HeadStart, PrimedAnswers
     from lazyfs.fetch.registry_head_start import PrimedRegistry, RegistryHeadStart
+    from lazyfs.format.platform import Platform
+    from lazyfs.format.reference import ImageReference
     from lazyfs.image.warm_start import WarmLayer, WarmStart
 
 # How long a command waits, once it is ready to start its daemon, for answers still on their
@@ -49,15 +51,13 @@ def image_head_start(text: str, args: argparse.Namespace, *,
     """Start fetching what resolving the image `text` and mounting its layers ask for first
     (`mounts`: EROFS is mounted on the layers, so their first frames too)."""
     from lazyfs.fetch.registry_head_start import RegistryHeadStart
-    from lazyfs.format.reference import parse_reference
     from lazyfs.image.keys import image_data_key, tag_key
     from lazyfs.image.tuning import ImageTuning
 
-    try:
-        reference = parse_reference(text)
-        platform = platform_of(args)
-    except (ValueError, UserError):
-        return None  # reported with the other checks
+    parsed = _reference_and_platform(text, args)
+    if parsed is None:
+        return None
+    reference, platform = parsed
     if not RegistryHeadStart.applies_to(reference, bool(args.mirror)):
         return None
     wanted = reference.reference
@@ -92,14 +92,12 @@ def finish_image(head_start: RegistryHeadStart | None) -> PrimedRegistry | None:
 def image_warm_start(text: str, args: argparse.Namespace) -> WarmStart | None:
     """Start loading what the disk cache holds of the image `text` as it remembers it (the
     manifest its tag pointed to last), for the daemon to start with."""
-    from lazyfs.format.reference import parse_reference
     from lazyfs.image.warm_start import remembered_image_layers
 
-    try:
-        reference = parse_reference(text)
-        platform = platform_of(args)
-    except (ValueError, UserError):
-        return None  # reported with the other checks
+    parsed = _reference_and_platform(text, args)
+    if parsed is None:
+        return None
+    reference, platform = parsed
     return _warm_start(args, lambda directory: remembered_image_layers(
         directory, reference.registry, reference.repository, reference.reference, platform))
 
@@ -153,6 +151,18 @@ def _disk_cache_holds(args: argparse.Namespace, *keys: str | None) -> bool:
     from lazyfs.cache.disk_store import entry_path
 
     return any(key is not None and entry_path(directory, key).exists() for key in keys)
+
+
+def _reference_and_platform(text: str, args: argparse.Namespace,
+                            ) -> tuple[ImageReference, Platform] | None:
+    """The image reference `text` and the platform asked for; None when either is bad (the
+    command reports it with its other checks)."""
+    from lazyfs.format.reference import parse_reference
+
+    try:
+        return parse_reference(text), platform_of(args)
+    except (ValueError, UserError):
+        return None
 
 
 def _cache_directory(args: argparse.Namespace) -> Path | None:

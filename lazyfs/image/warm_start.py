@@ -8,7 +8,7 @@ earlier, in a process of its own while the command imports the rest of lazyfs (w
 one core busy and leaves the disk and the other cores idle), and the daemon inherits the
 decoded chunks across its fork.
 
-Nothing is trusted for having been loaded early. The thread authenticates each layer's
+Nothing is trusted for having been loaded early. The loader authenticates each layer's
 metadata entry against the annotations of the manifest (or descriptor) the disk cache
 remembers, exactly as the daemon does, and checks each frame against the chunk table's
 SHA-512 before decoding it to its exact size. The daemon takes a chunk only under the frame
