@@ -1,18 +1,20 @@
 """Kernel mounts on top of the FUSE block files: EROFS (file-backed or via a loop device),
 overlayfs, and their teardown.
 
-Everything runs mount(8), umount(8), losetup(8) and fusermount3(1) as subprocesses under trio:
-the kernel reads the EROFS superblock through the FUSE file while mount(8) runs, so the FUSE
-loop in this very process must keep serving meanwhile. A blocking mount(2) call on the event
-loop would deadlock the daemon against itself.
+The kernel reads the EROFS superblock through the FUSE file while a mount is under way, so
+the FUSE loop in this very process must keep serving meanwhile: a blocking mount(2) on the
+event loop would deadlock the daemon against itself. mount(2) therefore runs in a worker
+thread (no program to start: a few milliseconds less per mount), umount(8), losetup(8) and
+fusermount3(1) as subprocesses under trio. A mount that hangs is given up after
+COMMAND_TIMEOUT_S; its thread ends when the FUSE file system under it goes away.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,26 +175,44 @@ async def detach_loop(device: str) -> None:
     log.info("detached %s", device)
 
 
-# mount(8) of util-linux turns a regular file into a loop device by itself whenever blkid
-# knows the file system type, so a file-backed EROFS mount needs mount(2) directly. It runs in
-# a child process, like mount(8), so a mount stuck on the FUSE file can be killed.
-_FILE_BACKED_MOUNT = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY = 1
-if libc.mount(os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]), b"erofs", MS_RDONLY,
-              None) != 0:
-    sys.exit("mount(2): " + os.strerror(ctypes.get_errno()))
-"""
+
+
+def _mount_call(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
+    """mount(2) itself. Raises OSError."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
+                  None if data is None else data.encode()) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+
+
+async def _mount(source: str, target: str, fstype: str, flags: int = 0,
+                 data: str | None = None) -> str | None:
+    """mount(2) in a worker thread, so that the event loop (and the FUSE file system it
+    serves) keeps running. Returns None when mounted, else the reason ("mount(2): ...").
+    Raises MountError when the call does not return within COMMAND_TIMEOUT_S."""
+    try:
+        with trio.fail_after(COMMAND_TIMEOUT_S):
+            await trio.to_thread.run_sync(_mount_call, source, target, fstype, flags, data,
+                                          abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise MountError(
+            f"mounting {source} ({fstype}) at {target} did not finish within "
+            f"{COMMAND_TIMEOUT_S:.0f} s"
+        ) from None
+    except OSError as exc:
+        return f"mount(2): {exc.strerror}"
+    return None
 
 
 async def mount_erofs_file_backed(image_file: str, mountpoint: str) -> None:
-    """Mount `image_file` itself as EROFS (Linux >= 6.12). Raises MountError."""
-    # -I -S: no site packages or environment to set up, a mount(2) needs only ctypes.
-    result = await _run([sys.executable, "-I", "-S", "-c", _FILE_BACKED_MOUNT, image_file,
-                         mountpoint])
-    if result.returncode != 0:
-        reason = _stderr(result)
+    """Mount `image_file` itself as EROFS (Linux >= 6.12). Raises MountError.
+
+    mount(8) of util-linux would turn a regular file into a loop device by itself whenever
+    blkid knows the file system type, so this calls mount(2) directly."""
+    reason = await _mount(image_file, mountpoint, "erofs", MS_RDONLY)
+    if reason is not None:
         raise MountError(f"cannot mount {image_file} as EROFS at {mountpoint}: {reason}", reason)
     log.info("mounted %s at %s (file-backed EROFS)", image_file, mountpoint)
 
@@ -270,7 +290,7 @@ async def mount_overlay(
     Mount options must fit in one page: when absolute paths of many layers would not, and the
     lower directories share a parent, they are named relative to it and mount(8) runs there
     (the kernel resolves them against the caller's working directory, as containerd does).
-    Raises MountError quoting mount(8), ValueError for bad arguments.
+    Raises MountError with the kernel's (or mount(8)'s) reason, ValueError for bad arguments.
     """
     options = overlay_options(lowerdirs, upperdir, workdir)
     cwd = None
@@ -283,12 +303,18 @@ async def mount_overlay(
             f"cannot mount overlay at {mountpoint}: {len(lowerdirs)} layers make "
             f"{len(options)} bytes of mount options, more than the kernel takes"
         )
-    if upperdir is None:
-        options = "ro," + options
-    result = await _run(["mount", "-t", "overlay", "overlay", "-o", options, mountpoint], cwd)
-    if result.returncode != 0:
-        raise MountError(f"cannot mount overlay at {mountpoint}: {_stderr(result)}")
-    log.info("mounted overlay at %s (%s)", mountpoint, options)
+    if cwd is None:  # mount(2) itself: no mount(8) to start
+        reason = await _mount("overlay", mountpoint, "overlay",
+                              MS_RDONLY if upperdir is None else 0, options)
+    else:  # relative names: mount(8) in that directory (a thread shares the process's)
+        result = await _run(["mount", "-t", "overlay", "overlay", "-o",
+                             options if upperdir is not None else "ro," + options,
+                             mountpoint], cwd)
+        reason = None if result.returncode == 0 else _stderr(result)
+    if reason is not None:
+        raise MountError(f"cannot mount overlay at {mountpoint}: {reason}")
+    log.info("mounted overlay at %s (%s%s)", mountpoint,
+             "ro," if upperdir is None else "", options)
 
 
 async def unmount(
