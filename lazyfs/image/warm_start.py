@@ -20,6 +20,7 @@ import: the standard library and the pure format modules.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -57,7 +58,6 @@ from lazyfs.image.keys import descriptor_key, frame_key, image_data_key, layer_k
 log = logging.getLogger(__name__)
 
 # How long `finish` waits for the loader to stop after the chunk in hand (a few milliseconds).
-FINISH_WAIT_S = 0.2
 RECORDS_PIPE_BYTES = 1 << 20
 
 
@@ -117,19 +117,22 @@ class WarmStart:
 
     def finish(self, wait_s: float = 0.0) -> dict[str, memoryview]:
         """The chunks loaded by now (or, given `wait_s`, once the loader is done, waiting at
-        most that long), by frame key, as read-only views of the shared memory; the loader
-        stops after the chunk in hand and nothing is added after."""
+        most that long), by frame key, as read-only views of the shared memory. The loader is
+        stopped without waiting for the chunk in hand: a record is written only after its
+        chunk, in one atomic write, and what comes after the records read here is never
+        looked at."""
         if self._area is None or not self._pid:
             return {}
         received, ended = self._receive(b"", wait_s)
-        os.close(self._stop)
         if not ended:
-            received, _ = self._receive(received, FINISH_WAIT_S)
-        os.close(self._records)
+            received, _ = self._receive(received, 0.0)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGKILL)  # gone by now, unless it hangs on the disk
+            os.kill(self._pid, signal.SIGKILL)
+        os.close(self._stop)
+        os.close(self._records)
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(self._pid, 0)
+            if os.waitpid(self._pid, os.WNOHANG)[0] == 0:  # still in a disk read: reap later
+                atexit.register(_reap, self._pid)
         area = memoryview(self._area).toreadonly()
         chunks: dict[str, memoryview] = {}
         for line in received.decode().splitlines():
@@ -138,11 +141,10 @@ class WarmStart:
         return chunks
 
     def _receive(self, received: bytes, wait_s: float) -> tuple[bytes, bool]:
-        """`received` and the records that come within `wait_s`; True once the loader ended."""
+        """`received` and the records there are now or come within `wait_s`; True once the
+        loader ended."""
         deadline = time.monotonic() + wait_s
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([self._records], [], [], left)[0]:
-                break
+        while select.select([self._records], [], [], max(0.0, deadline - time.monotonic()))[0]:
             piece = os.read(self._records, 65536)
             if not piece:
                 return received, True
@@ -187,6 +189,12 @@ class WarmStart:
 
 
 # -- which layers: what the disk cache remembers of an image or a layer URL ----------------------
+
+
+def _reap(pid: int) -> None:
+    """Collect a killed loader's exit status (at the command's exit)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def remembered_image_layers(directory: Path, registry: str, repository: str, reference: str,
