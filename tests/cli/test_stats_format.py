@@ -89,6 +89,19 @@ def test_disk_cache_section_shows_hits_misses_evictions_and_bytes() -> None:
     assert not any(line.startswith("disk cache") for line in without)
 
 
+def test_disk_cache_section_shows_the_warm_start_chunks_when_counted() -> None:
+    disk = {"directory": "/var/cache/lazyfs", "hits": 9, "misses": 3, "bad_entries": 0}
+    lines = format_stats({**STATS, "disk_cache": disk}, "/mnt/x").splitlines()
+    assert lines[-1].startswith("  fetch latency")  # the layer's lines still come last
+    assert not any("warm start" in line for line in lines)  # a stats file from before them
+    for count in (7, 0):
+        warm = {**STATS, "disk_cache": {**disk, "warm_start_chunks": count}}
+        lines = format_stats(warm, "/mnt/x").splitlines()
+        start = lines.index("  bad entries dropped       0")
+        assert lines[start + 1] == f"  warm start chunks         {count}"
+        assert lines[start + 2] == "layer layer.blob (http://h/layer.blob)"
+
+
 def test_what_fails_right_now_is_shown_only_when_something_does() -> None:
     layer = {**STATS["layers"]["layer.blob"], "verify_failures": 1, "refetches": 2,
              "bad_chunks": [5], "failing_chunks": [], "unreachable_sources": ["http://h/"]}

@@ -367,4 +367,6 @@ def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
         stats = mount_stats(lazyfs, mountpoint)
         assert only_layer(stats)["chunks_fetched"] <= 1  # at most the damaged frame's chunk
         assert stats["disk_cache"]["warm_start_chunks"] <= len(held) - 1
+        text = lazyfs.run("stats", str(mountpoint)).stdout  # no reads since: the same count
+        assert f"  warm start chunks         {stats['disk_cache']['warm_start_chunks']}\n" in text
         umount(lazyfs, mountpoint)
