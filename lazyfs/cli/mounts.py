@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from lazyfs.cli.sizes import human_size
@@ -34,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    unmount(args.mountpoint, lazy=args.lazy)
+    kept_log = unmount(args.mountpoint, lazy=args.lazy)
+    if kept_log is not None:
+        print(f"lazyfs: the daemon's log is kept (warnings, errors or an unclean stop): "
+              f"{kept_log}", file=sys.stderr)
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,11 +33,13 @@ from lazyfs.mount.background import spawn_daemon, stop_mount
 from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
 from lazyfs.mount.images import ImageSet, image_record, resolve_images
 from lazyfs.mount.state import (
+    LOG_SUFFIX,
     MountRecord,
     daemon_alive,
     ensure_state_dir,
     find_record,
     private_dir,
+    retire_log,
 )
 
 if TYPE_CHECKING:
@@ -185,7 +188,7 @@ def resolve(
 def log_path(mountpoint: str) -> str:
     """Where the background daemon of `mountpoint` logs (in the state directory, created)."""
     ensure_state_dir()
-    return str(private_dir(mountpoint, ".log"))
+    return str(private_dir(mountpoint, LOG_SUFFIX))
 
 
 def serve(config: DaemonConfig, on_ready: Callable[[], None]) -> None:
@@ -260,17 +263,20 @@ def find_mount(path: str) -> MountRecord:
     return record
 
 
-def unmount(path: str, *, lazy: bool = False, missing_ok: bool = False) -> None:
-    """Unmount the lazyfs mount at `path` and stop its daemon (see `background.stop_mount`).
-    Raises NotMountedError (unless `missing_ok`), MountBusyError (unless `lazy`),
-    MountError, StateError."""
+def unmount(path: str, *, lazy: bool = False, missing_ok: bool = False) -> Path | None:
+    """Unmount the lazyfs mount at `path` and stop its daemon (see `background.stop_mount`);
+    its log goes too unless the user may need it (`state.retire_log`: warnings or errors,
+    or a daemon that had died). Returns the log kept, if any. Raises NotMountedError
+    (unless `missing_ok`), MountBusyError (unless `lazy`), MountError, StateError."""
     try:
         record = find_mount(path)
     except NotMountedError:
         if missing_ok:
-            return
+            return None
         raise
+    was_running = daemon_alive(record)
     trio.run(lambda: stop_mount(record, lazy=lazy))
+    return retire_log(record, stopped_cleanly=was_running)
 
 
 def read_stats(record: MountRecord) -> dict[str, Any]:

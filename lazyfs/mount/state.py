@@ -4,6 +4,10 @@ The daemon writes the record as each piece comes up (FUSE mount, loop device, ER
 so `lazyfs umount` can take down whatever exists even after the daemon died half-way, and
 `lazyfs stats` / `lazyfs mounts` find the mount. Writes are atomic (temporary file, fsync,
 rename): a reader never sees half a record.
+
+A background daemon logs to a file beside its record. `lazyfs umount` deletes the log of a
+daemon that stopped cleanly and logged nothing at WARNING or above; the others are kept for
+the user, the most recent `KEPT_LOGS` of them (`retire_log`, `prune_logs`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +29,15 @@ from lazyfs.fuse.operations import STATS_FILE_NAME
 DEFAULT_STATE_DIR = "/run/lazyfs"
 STATE_DIR_ENV = "LAZYFS_STATE_DIR"
 RECORD_SUFFIX = ".json"
+LOG_SUFFIX = ".log"
+# Logs kept for the user (warnings, errors, a daemon that died) of mounts that are gone:
+# enough to look back at the last few days of a busy machine, few enough not to pile up.
+KEPT_LOGS = 50
+# A daemon's log line at INFO or below, as `background` formats them:
+# "2024-05-01 12:00:00,123 lazyfs[4242] INFO lazyfs.mount.daemon: message".
+_QUIET_LINE = re.compile(r"\S+ \S+ lazyfs\[\d+\] (?:DEBUG|INFO) ")
+# What `lazyfs run` passes on to its user from a daemon's log: such a log is never quiet.
+_LOUD_MARKS = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
 
 
 class StateError(LazyfsError):
@@ -233,3 +248,84 @@ def daemon_alive(record: MountRecord) -> bool:
     if not fields or fields[0] in ("Z", "X"):
         return False
     return record.pid_start_ticks is None or int(fields[19]) == record.pid_start_ticks
+
+
+def own_log(record: MountRecord) -> Path | None:
+    """The record's log if it is the mount's own file in the state directory (the one
+    `lazyfs mount` gives its daemon), else None: a log named by anyone else is theirs."""
+    if record.log_file is None:
+        return None
+    own = private_dir(record.mountpoint, LOG_SUFFIX)
+    return own if os.path.abspath(record.log_file) == str(own) else None
+
+
+def log_is_quiet(path: Path) -> bool:
+    """True if every line of the log is a record at INFO or below that mentions no warning,
+    error or traceback: nothing in it the user needs. Anything else (a crash's traceback, the
+    interpreter's own complaints) or a log that cannot be read is not quiet."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as stream:
+            return all(
+                _QUIET_LINE.match(line) and not any(mark in line for mark in _LOUD_MARKS)
+                for line in stream
+            )
+    except OSError:
+        return False
+
+
+def retire_log(record: MountRecord, *, stopped_cleanly: bool) -> Path | None:
+    """After the mount of `record` is taken down and its record removed: delete its own log
+    if its daemon `stopped_cleanly` (it ran until told to stop, and has exited, so nothing
+    writes to the log any more) and the log is quiet; then `prune_logs`. Returns the log
+    kept for the user, if any (None for a log named by someone else: not ours to judge)."""
+    log_file = own_log(record)
+    if log_file is None:
+        return None
+    try:
+        present = stat.S_ISREG(os.lstat(log_file).st_mode)
+    except OSError:
+        present = False
+    # A record again means a new mount at the same place: its daemon appends to this log.
+    if (present and stopped_cleanly and not daemon_alive(record)
+            and not record_path(record.mountpoint).exists() and log_is_quiet(log_file)):
+        with contextlib.suppress(OSError):  # the mount is down: a stray log is no failure
+            log_file.unlink()
+        present = False
+    prune_logs()
+    return log_file if present else None
+
+
+def prune_logs(keep: int = KEPT_LOGS) -> list[Path]:
+    """Delete all but the `keep` most recently written logs of mounts that are gone, so that
+    the logs kept for the user do not pile up in the state directory (`lazyfs umount` calls
+    this). The log of a recorded mount, whose daemon may still write, is never touched, nor
+    anything but a regular file named like a log. Returns what was deleted; best effort."""
+    directory = state_dir()
+    try:
+        entries = list(os.scandir(directory))
+        records = list(iter_records())
+    except (OSError, StateError):
+        return []
+    in_use = {entry.name.removesuffix(RECORD_SUFFIX) + LOG_SUFFIX
+              for entry in entries if entry.name.endswith(RECORD_SUFFIX)}
+    in_use.update(os.path.basename(item.log_file) for item in records
+                  if isinstance(item, MountRecord) and item.log_file is not None
+                  and os.path.dirname(os.path.abspath(item.log_file)) == str(directory))
+    written: list[tuple[float, Path]] = []
+    for entry in entries:
+        if (not entry.name.endswith(LOG_SUFFIX) or entry.name.startswith(".")
+                or entry.name in in_use):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            written.append((info.st_mtime, Path(entry.path)))
+    written.sort(reverse=True)
+    removed = []
+    for _, path in written[keep:]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed

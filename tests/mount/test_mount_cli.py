@@ -81,9 +81,11 @@ def test_mount_reads_verified_files_then_umount(
 
     result = lazyfs.run("umount", str(mountpoint))
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
     assert not os.path.ismount(mountpoint)
     assert mounts_below(record["fuse_dir"]) == []
     assert lazyfs.records() == []
+    assert list(lazyfs.state_dir.glob("*.log")) == []  # it logged nothing worth keeping
     wait_until(lambda: pid_gone(record["pid"]), "the daemon to exit")
     assert lazyfs.run("mounts").stdout == ""
 
@@ -160,6 +162,8 @@ def test_umount_cleans_up_after_a_killed_daemon(
     assert result.returncode == 0, result.stderr
     assert mounts_below(mountpoint) == [] and mounts_below(record["fuse_dir"]) == []
     assert lazyfs.records() == []
+    assert "daemon's log is kept" in result.stderr and record["log_file"] in result.stderr
+    assert "ready after" in Path(record["log_file"]).read_text()  # what it logged before
 
 
 def test_busy_mount_is_not_unmounted_until_released(
@@ -295,6 +299,12 @@ def test_corrupted_frame_fails_reads_with_eio_only_there(
     assert stats["layers"]["tree.blob"]["verify_failures"] == 1
     assert stats["layers"]["tree.blob"]["bad_chunks"] == [10]
     assert stats["daemon"]["read_errors"] >= 1
+
+    result = lazyfs.run("umount", str(block_dir))
+    assert result.returncode == 0, result.stderr
+    kept = list(lazyfs.state_dir.glob("*.log"))  # the user may want to read why
+    assert len(kept) == 1 and str(kept[0]) in result.stderr
+    assert "verification failed" in kept[0].read_text()
 
 
 # -- block-only, foreground, HTTP -----------------------------------------------------------------

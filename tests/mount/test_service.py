@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.mount.service import MountpointError, NotMountedError, check_mountpoint, find_mount
+from lazyfs.mount import service
+from lazyfs.mount.service import (
+    MountpointError,
+    NotMountedError,
+    check_mountpoint,
+    find_mount,
+    log_path,
+    unmount,
+)
+from lazyfs.mount.state import MountRecord, process_start_ticks, remove_record, write_record
 from tests.image.helpers import write_blob
 from tests.support.lazyfs_cli import REPO, pid_gone
 from tests.support.mounts import cleanup, mounts_below
@@ -60,6 +69,7 @@ def test_mount_layer_read_stats_and_unmount(tmp_path: Path) -> None:
         }
         assert mounts_below(tmp_path) == []
         assert list(state.glob("*.json")) == []
+        assert list(state.glob("*.log")) == []  # nothing in it worth keeping
         assert pid is not None and pid_gone(pid)
     finally:
         cleanup(mountpoints=[mountpoint], backing_prefixes=[state], pids=[pid])
@@ -80,3 +90,35 @@ def test_check_mountpoint_wants_an_empty_unmounted_directory(
         check_mountpoint(str(tmp_path / "missing"))
     with pytest.raises(NotMountedError, match="no lazyfs mount here"):
         find_mount(str(empty))
+
+
+def test_unmount_removes_the_log_of_a_clean_stop_and_keeps_a_dead_daemons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log goes with the mount only when its daemon ran until it was stopped and has
+    exited; a process stands in for the daemon, `stop_mount` for the teardown."""
+    monkeypatch.setenv("LAZYFS_STATE_DIR", str(tmp_path / "state"))
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    daemon = subprocess.Popen(["sleep", "60"])
+
+    async def stop_mount(record: MountRecord, *, lazy: bool = False) -> None:
+        daemon.kill()
+        daemon.wait()
+        remove_record(record.mountpoint)
+
+    monkeypatch.setattr(service, "stop_mount", stop_mount)
+    log_file = Path(log_path(str(mountpoint)))
+    record = MountRecord(mountpoint=str(mountpoint), pid=daemon.pid,
+                         pid_start_ticks=process_start_ticks(daemon.pid),
+                         fuse_dir=str(tmp_path / "fuse"), log_file=str(log_file))
+    try:
+        for stopped_running, kept in ((True, None), (False, log_file)):
+            log_file.write_text("2024-05-01 12:00:00,123 lazyfs[1] INFO x: ready\n")
+            write_record(record)  # the second time, of a daemon that has died
+            assert unmount(str(mountpoint)) == kept
+            assert log_file.exists() is not stopped_running
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert unmount(str(mountpoint), missing_ok=True) is None

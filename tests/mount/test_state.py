@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.mount.state import (
+    KEPT_LOGS,
     STATE_DIR_ENV,
     ErofsMountRecord,
     MountRecord,
@@ -16,10 +17,14 @@ from lazyfs.mount.state import (
     daemon_alive,
     iter_records,
     load_record,
+    log_is_quiet,
     mount_key,
+    private_dir,
     process_start_ticks,
+    prune_logs,
     record_path,
     remove_record,
+    retire_log,
     write_record,
 )
 
@@ -132,3 +137,106 @@ def test_a_record_from_before_images_still_loads(state_dir: Path) -> None:
     }
     path.write_text(json.dumps(old))
     assert load_record("/mnt/old") == record
+
+
+# -- daemon logs ----------------------------------------------------------------------------------
+
+INFO_LINE = "2024-05-01 12:00:00,123 lazyfs[4242] INFO lazyfs.mount.daemon: /mnt/l: ready\n"
+WARNING_LINE = "2024-05-01 12:00:01,456 lazyfs[4242] WARNING lazyfs.fetch.http: retrying\n"
+
+
+def logged_record(mountpoint: str, text: str, *, running: bool = False) -> MountRecord:
+    """A taken-down mount (no record file) whose daemon wrote `text` to its own log; its pid
+    is this process, named as a different one unless `running`."""
+    record = make_record(mountpoint, pid=os.getpid())
+    ticks = process_start_ticks(os.getpid()) or 0
+    record.pid_start_ticks = ticks if running else ticks + 1
+    log_file = private_dir(mountpoint, ".log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(text)
+    record.log_file = str(log_file)
+    return record
+
+
+def test_a_log_is_quiet_when_every_line_is_info_or_below(tmp_path: Path) -> None:
+    log = tmp_path / "x.log"
+    for text, quiet in (
+        ("", True),
+        (INFO_LINE * 3, True),
+        (INFO_LINE.replace(" INFO ", " DEBUG "), True),
+        (INFO_LINE + WARNING_LINE, False),
+        (INFO_LINE.replace(" INFO ", " ERROR "), False),
+        (INFO_LINE + "Traceback (most recent call last):\n", False),
+        (INFO_LINE + "  File \"x.py\", line 1, in <module>\n", False),  # not a log record
+        # What `lazyfs run` passes on to its user, even in an INFO line:
+        (INFO_LINE.replace("ready", "ERROR reading"), False),
+        (INFO_LINE.replace("ready", "a Traceback"), False),
+    ):
+        log.write_text(text)
+        assert log_is_quiet(log) is quiet, text
+    assert not log_is_quiet(tmp_path / "missing.log")
+
+
+def test_a_quiet_log_of_a_clean_stop_goes_with_the_mount(state_dir: Path) -> None:
+    record = logged_record("/mnt/quiet", INFO_LINE * 2)
+    assert retire_log(record, stopped_cleanly=True) is None
+    assert not Path(record.log_file or "").exists()
+    assert retire_log(record, stopped_cleanly=True) is None  # already gone is fine
+
+
+def test_a_log_the_user_may_need_is_kept(state_dir: Path) -> None:
+    noisy = logged_record("/mnt/noisy", INFO_LINE + WARNING_LINE)
+    assert retire_log(noisy, stopped_cleanly=True) == private_dir("/mnt/noisy", ".log")
+    died = logged_record("/mnt/died", INFO_LINE)
+    assert retire_log(died, stopped_cleanly=False) == private_dir("/mnt/died", ".log")
+    for record in (noisy, died):
+        assert Path(record.log_file or "").exists()
+
+
+def test_a_log_is_never_removed_while_something_may_write_to_it(state_dir: Path) -> None:
+    running = logged_record("/mnt/running", INFO_LINE, running=True)
+    assert retire_log(running, stopped_cleanly=True) == private_dir("/mnt/running", ".log")
+    remounted = logged_record("/mnt/again", INFO_LINE)
+    write_record(make_record("/mnt/again"))  # a new mount there appends to the same log
+    assert retire_log(remounted, stopped_cleanly=True) == private_dir("/mnt/again", ".log")
+
+
+def test_only_the_mounts_own_log_is_ever_removed(state_dir: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "mine.log"
+    elsewhere.write_text(INFO_LINE)
+    record = logged_record("/mnt/own", INFO_LINE)
+    record.log_file = str(elsewhere)
+    assert retire_log(record, stopped_cleanly=True) is None
+    other = private_dir("/mnt/other", ".log")
+    other.write_text(INFO_LINE)
+    record.log_file = str(other)  # in the state directory, but another mount's
+    assert retire_log(record, stopped_cleanly=True) is None
+    linked = private_dir("/mnt/own", ".log")
+    linked.unlink()
+    linked.symlink_to(elsewhere)
+    record.log_file = str(linked)
+    assert retire_log(record, stopped_cleanly=True) is None
+    assert elsewhere.read_text() == INFO_LINE and other.exists() and linked.is_symlink()
+
+
+def test_kept_logs_of_gone_mounts_are_pruned_to_the_most_recent(state_dir: Path) -> None:
+    state_dir.mkdir()
+    logs = [private_dir(f"/mnt/gone{i}", ".log") for i in range(KEPT_LOGS + 3)]
+    for age, log in enumerate(logs):  # logs[0] the most recent
+        log.write_text(WARNING_LINE)
+        os.utime(log, (1e9 - age * 60, 1e9 - age * 60))
+    live = make_record("/mnt/live")
+    live.log_file = str(private_dir("/mnt/live", ".log"))
+    write_record(live)
+    (state_dir / "broken.json").write_text("{not json")  # its mount's log is left alone too
+    old = {Path(live.log_file), state_dir / "broken.log", state_dir / "notes.txt"}
+    for path in old:
+        path.write_text(INFO_LINE)
+        os.utime(path, (1, 1))
+    (state_dir / "link.log").symlink_to(state_dir / "notes.txt")
+    os.utime(state_dir / "link.log", (1, 1), follow_symlinks=False)
+
+    assert sorted(prune_logs()) == sorted(logs[KEPT_LOGS:])
+    left = {path for path in state_dir.iterdir() if path.suffix == ".log"}
+    assert left == {*logs[:KEPT_LOGS], *old - {state_dir / "notes.txt"}, state_dir / "link.log"}
+    assert prune_logs() == []
