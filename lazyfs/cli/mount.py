@@ -114,7 +114,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="HTTP header for every request (repeatable), e.g. 'Authorization: Bearer ...'",
     )
     mount.add_argument("--trace", metavar="FILE", help="append a JSON line per chunk access")
-    mount.add_argument("--readahead", type=int, metavar="N", help="chunks to read ahead")
+    mount.add_argument("--readahead", type=int, metavar="N",
+                       help="chunks to read ahead after sequential reads (0: no reading "
+                       "ahead at all, nor chunks that follow a miss)")
     mount.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )

@@ -68,7 +68,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help=f"decoded chunk cache of the lazy mount (default {DEFAULT_CACHE_SIZE})",
     )
     parser.add_argument(
-        "--readahead", type=int, metavar="N", help="chunks the lazy mount reads ahead"
+        "--readahead", type=int, metavar="N",
+        help="chunks the lazy mount reads ahead after sequential reads (0: none, nor chunks "
+        "that follow a miss)"
     )
     parser.add_argument(
         "--insecure", action="store_true", help="allow layers without trusted digests"

@@ -243,8 +243,11 @@ class RunStreamer:
                 kept=bytearray() if self.keep_frames else None,
             ))
         began = time.monotonic()
-        coverage: list[Coverage] = []
-        covered = trio.Event()
+        # The first frame's hash blocks, then the rest of the run's: a read waits on the
+        # first frame, whose blocks may be known (or come with a head start's answer) while
+        # those of the frames after it must be fetched.
+        coverage: dict[int, Coverage] = {}
+        covered = (trio.Event(), trio.Event())
         # Bytes received and not yet processed: the network fills it, the processor empties
         # it, a piece of all that has come at a time (small pieces on a slow link, the first
         # answer comes sooner; large ones on a fast link, fewer thread hops).
@@ -252,14 +255,17 @@ class RunStreamer:
         changed = trio.Event()
 
         async def load_coverage() -> None:
-            coverage.append(await self.hash_blocks.cover(*data_blocks(self.metadata, run)))
-            covered.set()
+            for which, chunks in enumerate((run[:1], run)):
+                coverage[which] = (coverage[0] if which and len(run) == 1 else await
+                                   self.hash_blocks.cover(*data_blocks(self.metadata, chunks)))
+                covered[which].set()
 
         async def process(frame: _Frame, piece: bytes, last: bool) -> None:
-            await covered.wait()
+            which = 0 if frame is frames[0] else 1
+            await covered[which].wait()
             try:
                 step = await trio.to_thread.run_sync(
-                    _decode_and_verify, self.metadata, frame, piece, last, coverage[0],
+                    _decode_and_verify, self.metadata, frame, piece, last, coverage[which],
                     limiter=self.cpu_limiter,
                 )
             except FormatError as exc:

@@ -90,6 +90,9 @@ class ChunkLoader:
         self._closing = False
         self.disk = disk
         self._probing: trio.Event | None = None  # set when a probe of the source has told
+        # Chunks loading only because a read may want them soon (readahead, and those that
+        # follow a miss): a failed fetch does not hold them off, nobody asked for them yet.
+        self.speculative: set[int] = set()
 
     def refusal(self, chunk_index: int) -> str | None:
         """Why a load of `chunk_index` must not be tried now (unmounting, bad, held off,
@@ -170,6 +173,7 @@ class ChunkLoader:
                 unresolved.clear()
         finally:
             self._loads.discard(scope)
+            self.speculative.difference_update(run)
             # Whatever happened (cancellation at unmount included), no waiter is left hanging.
             # Only keys this run still holds: one it completed may be claimed anew by now.
             for index in sorted(unresolved):
@@ -425,8 +429,9 @@ class ChunkLoader:
         """A fetch of `chunks` failed for good: hold them off (a source that is down holds
         off all of them already, and was logged once), log, fail their waiters."""
         self.stats.fetch_failures += 1
-        if not source_down:
-            self.health.fetch_failed(chunks, message, time.monotonic())
+        held = [index for index in chunks if index not in self.speculative]
+        if not source_down and held:
+            self.health.fetch_failed(held, message, time.monotonic())
             log.warning("layer %s: chunks %d-%d: fetch failed: %s", self.name, chunks[0],
                         chunks[-1], message)
         for index in chunks:

@@ -105,6 +105,8 @@ class BackgroundLoader:
         self._reserved_bytes = 0  # decoded bytes of background loads in flight
         for image, plan in zip(self.images, self.plans, strict=True):
             image.background.listed_chunks = len(plan)
+            if plan:  # the list says what comes next: no chunks follow a miss
+                image.follow_misses = False
 
     @property
     def has_work(self) -> bool:

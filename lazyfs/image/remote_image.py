@@ -92,6 +92,8 @@ class RemoteImage:
         self.demand = DemandGate()
         self.background = BackgroundStats()
         self.on_read: Callable[[range], None] | None = None
+        # Off for a layer whose prefetch list says what comes next (better than the layout).
+        self.follow_misses = True
 
     @property
     def size(self) -> int:
@@ -227,10 +229,35 @@ class RemoteImage:
                     raise ImageReadError(f"chunk {index}: {refusal}")
                 if self.cache.claim(key):
                     claimed.append(index)
+            if reason == "read" and claimed and claimed[-1] == indices[-1]:
+                claimed += self._followers(indices[-1] + 1)
         finally:
             # Chunks claimed before a failure must still be loaded: others may wait for them.
             self._start_loads(claimed, reason)
         return found
+
+    def _followers(self, index: int) -> list[int]:
+        """The chunks from `index` on, claimed, whose frames fit in
+        `ImageTuning.follow_miss_bytes` together and may ride along with the miss before
+        them: each needs a fetch (not cached, loading or refused), the layer streams and has
+        no prefetch list (`follow_misses`)."""
+        table = self.metadata.table
+        if (not self.follow_misses or not self.loader.streaming
+                or not self.tuning.readahead_for(table.chunk_size)):
+            return []
+        followers: list[int] = []
+        budget = self.tuning.follow_miss_bytes
+        while index < table.chunk_count:
+            start, end = self.metadata.frame_range(index)
+            budget -= end - start
+            if (budget < 0 or not self.needs_fetch(index)
+                    or not self.cache.claim(self._key(index))):
+                break
+            followers.append(index)
+            index += 1
+        self.stats.readahead_chunks += len(followers)
+        self.loader.speculative.update(followers)
+        return followers
 
     def _start_loads(self, claimed: list[int], reason: str) -> None:
         """Load claimed chunks in the mount's nursery, in runs of adjacent frames, each at
@@ -275,6 +302,7 @@ class RemoteImage:
                    and self.loader.early_refusal(index) is None
                    and self.cache.claim(self._key(index))]
         self.stats.readahead_chunks += len(claimed)
+        self.loader.speculative.update(claimed)
         self._start_loads(claimed, "readahead")
 
     def _record(self, **fields: Any) -> None:

@@ -34,6 +34,12 @@ class ImageTuning:
     their blocks verify, decoding at least every `stream_piece_bytes` of a frame; with
     `finish_frames` a frame keeps streaming into the cache once its readers are answered
     (off: the transfer stops when nobody waits; for measurements).
+
+    A read that misses at its last chunk, in a layer that streams (`partial_frames`) and
+    reads ahead at all, also fetches the next chunk in the same request when its frame is at
+    most `follow_miss_bytes` (0: never): a start-up jumps from file to file, each miss one
+    round trip, and the next file is often the one laid out after it. The next frame's bytes
+    come after the missed one's on the same stream, so the read waits for nothing more.
     """
 
     readahead_chunks: int | None = None
@@ -49,6 +55,7 @@ class ImageTuning:
     partial_frames: bool = True
     stream_piece_bytes: int = 32 * 1024
     finish_frames: bool = True
+    follow_miss_bytes: int = 384 * 1024
 
     def __post_init__(self) -> None:
         if ((self.readahead_chunks is not None and self.readahead_chunks < 0)
@@ -56,12 +63,13 @@ class ImageTuning:
                 or self.parallel_fetches < 1 or self.read_timeout_s <= 0
                 or self.refetches < 0 or self.retry_after_s < 0
                 or self.retry_max_s < self.retry_after_s or self.bad_retry_after_s < 0
-                or self.verity_window_bytes < 0 or self.stream_piece_bytes < 1):
+                or self.verity_window_bytes < 0 or self.stream_piece_bytes < 1
+                or self.follow_miss_bytes < 0):
             raise ValueError(
                 "image tuning: need readahead_chunks and readahead_bytes >= 0, "
                 "coalesce_bytes >= 1, parallel_fetches >= 1, read_timeout_s > 0, "
                 "refetches >= 0, 0 <= retry_after_s <= retry_max_s, bad_retry_after_s >= 0, "
-                "verity_window_bytes >= 0 and stream_piece_bytes >= 1"
+                "verity_window_bytes >= 0, stream_piece_bytes >= 1 and follow_miss_bytes >= 0"
             )
 
     def readahead_for(self, chunk_size: int) -> int:

@@ -202,6 +202,8 @@ class LayerHost:
                 raise kernel_mount.MountError(
                     f"layer {spec.digest}: blob is {image.metadata.blob_size} bytes, the "
                     f"manifest says {spec.size}")
+            if self.prefetch and source.prefetch is not None:
+                image.follow_misses = False  # its list is replayed once it is mounted
             self.ops.add_image(image)
             added = True
             os.makedirs(mountpoint, mode=0o755, exist_ok=True)

@@ -48,7 +48,7 @@ def _walk(offsets: list[int]) -> object:
 
 def test_a_walk_from_chunk_to_chunk_reads_ahead(tmp_path: Path) -> None:
     blob = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)[0]
-    tuning = ImageTuning(readahead_bytes=2 * CHUNK)
+    tuning = ImageTuning(readahead_bytes=2 * CHUNK, follow_miss_bytes=0)
     # 1 MiB of 256 KiB chunks: the fourth step from chunk to chunk starts the readahead.
     stats = run_with_layer(LayerSource(str(blob)),
                            _walk([k * CHUNK + 5000 for k in range(5)]),  # type: ignore[arg-type]
@@ -59,7 +59,7 @@ def test_a_walk_from_chunk_to_chunk_reads_ahead(tmp_path: Path) -> None:
 
 def test_reads_that_jump_between_chunks_do_not_read_ahead(tmp_path: Path) -> None:
     blob = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)[0]
-    tuning = ImageTuning(readahead_bytes=2 * CHUNK)
+    tuning = ImageTuning(readahead_bytes=2 * CHUNK, follow_miss_bytes=0)
     # Forward steps broken by a jump back (a metadata read, another file) start again.
     offsets = [chunk * CHUNK + 5000 for chunk in (0, 1, 2, 9, 3, 4, 5, 12, 13)]
     stats = run_with_layer(LayerSource(str(blob)), _walk(offsets),  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,16 @@ from lazyfs.format.errors import IntegrityError
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.image.errors import ImageReadError, LayerOpenError, UntrustedLayerError
 from lazyfs.image.open import LayerSource, open_layer
+from lazyfs.image.prefetch import BackgroundLoader
 from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from tests.image.helpers import flip_byte, make_image_bytes, run_with_layer, write_blob
 
 CHUNK = 64 * 1024
 IMAGE = make_image_bytes(10 * CHUNK + 12345)
 NO_READAHEAD = ImageTuning(readahead_chunks=0)
+# Readahead after sequential reads only: no chunk follows a miss.
+SEQUENTIAL_ONLY = ImageTuning(readahead_chunks=3, follow_miss_bytes=0)
 
 
 @pytest.fixture
@@ -198,6 +202,69 @@ def test_coalescing_respects_cap(blob: Path) -> None:
     assert run_with_layer(LayerSource(str(blob)), body, tuning=tuning) == 6
 
 
+def _frame_bytes(blob: Path, index: int) -> int:
+    async def body(image: RemoteImage) -> int:
+        start, end = image.metadata.frame_range(index)
+        return end - start
+
+    return int(run_with_layer(LayerSource(str(blob)), body))
+
+
+def _read_then_settle(*offsets: int) -> Callable[[RemoteImage], Awaitable[dict[str, Any]]]:
+    """Read 100 bytes at each offset; the stats and the requests the reads took."""
+    async def body(image: RemoteImage) -> dict[str, Any]:
+        before = image.reader.stats.requests
+        for offset in offsets:
+            await image.read(offset, 100)
+        await trio.sleep(0.2)
+        return {**image.stats_snapshot(), "read_requests": image.reader.stats.requests - before}
+
+    return body
+
+
+def test_the_next_chunk_follows_a_miss_in_the_same_request(blob: Path) -> None:
+    """A start-up jumps from file to file: the chunk after a miss comes along, when its frame
+    fits the budget, and a read of it then costs no request."""
+    tuning = ImageTuning(follow_miss_bytes=_frame_bytes(blob, 1))
+    stats = run_with_layer(LayerSource(str(blob)), _read_then_settle(0, CHUNK + 7), tuning=tuning)
+    assert stats["chunks_fetched"] == 2 and stats["readahead_chunks"] == 1
+    assert stats["read_requests"] == 1  # the second read found it loading or loaded
+
+
+@pytest.mark.parametrize("tuning", [
+    ImageTuning(follow_miss_bytes=0),
+    ImageTuning(readahead_chunks=0),
+    ImageTuning(partial_frames=False),
+])
+def test_no_chunk_follows_a_miss_when_told_not_to_read_ahead(
+    blob: Path, tuning: ImageTuning
+) -> None:
+    """Off with follow_miss_bytes=0 or --readahead 0, and without streaming (the read would
+    wait for the whole request)."""
+    stats = run_with_layer(LayerSource(str(blob)), _read_then_settle(0), tuning=tuning)
+    assert stats["chunks_fetched"] == 1 and stats["readahead_chunks"] == 0
+
+
+def test_only_frames_within_the_budget_follow_a_miss(blob: Path) -> None:
+    budget = _frame_bytes(blob, 4) + _frame_bytes(blob, 5)
+    tuning = ImageTuning(follow_miss_bytes=budget)
+    stats = run_with_layer(LayerSource(str(blob)), _read_then_settle(3 * CHUNK), tuning=tuning)
+    assert stats["chunks_fetched"] == 3 and stats["readahead_chunks"] == 2
+    tuning = ImageTuning(follow_miss_bytes=_frame_bytes(blob, 4) - 1)
+    stats = run_with_layer(LayerSource(str(blob)), _read_then_settle(3 * CHUNK), tuning=tuning)
+    assert stats["chunks_fetched"] == 1
+
+
+def test_no_chunk_follows_a_miss_in_a_layer_with_a_prefetch_list(blob: Path) -> None:
+    """The list says what comes next better than the layout does."""
+    async def body(image: RemoteImage) -> dict[str, Any]:
+        BackgroundLoader([image], [(5, 6)], PrefetchOptions())  # not run: it only says so
+        return await _read_then_settle(0)(image)
+
+    stats = run_with_layer(LayerSource(str(blob)), body)
+    assert stats["chunks_fetched"] == 1
+
+
 def test_sequential_reads_trigger_readahead(blob: Path) -> None:
     async def body(image: RemoteImage) -> object:
         for offset in range(0, CHUNK, 16384):  # one whole chunk, streamed in order
@@ -205,7 +272,7 @@ def test_sequential_reads_trigger_readahead(blob: Path) -> None:
         await trio.sleep(0.2)
         return image.stats_snapshot()
 
-    stats = run_with_layer(LayerSource(str(blob)), body, tuning=ImageTuning(readahead_chunks=3))
+    stats = run_with_layer(LayerSource(str(blob)), body, tuning=SEQUENTIAL_ONLY)
     assert stats["readahead_chunks"] == 3
     assert stats["chunks_fetched"] == 4
 
@@ -218,7 +285,7 @@ def test_small_reads_in_one_chunk_do_not_read_ahead(blob: Path) -> None:
         await trio.sleep(0.1)
         return image.stats_snapshot()
 
-    stats = run_with_layer(LayerSource(str(blob)), body, tuning=ImageTuning(readahead_chunks=3))
+    stats = run_with_layer(LayerSource(str(blob)), body, tuning=SEQUENTIAL_ONLY)
     assert stats["readahead_chunks"] == 0
     assert stats["chunks_fetched"] == 1
 
@@ -230,7 +297,7 @@ def test_random_reads_do_not_read_ahead(blob: Path) -> None:
         await trio.sleep(0.1)
         return image.stats_snapshot()
 
-    stats = run_with_layer(LayerSource(str(blob)), body, tuning=ImageTuning(readahead_chunks=3))
+    stats = run_with_layer(LayerSource(str(blob)), body, tuning=SEQUENTIAL_ONLY)
     assert stats["readahead_chunks"] == 0
     assert stats["chunks_fetched"] == 2
 
@@ -257,6 +324,33 @@ def _fail_first_fetch(image: RemoteImage) -> None:
         return await real_read(offset, size)
 
     image.reader.read = flaky  # type: ignore[method-assign]
+
+
+def test_a_failed_fetch_holds_off_the_chunk_read_not_the_one_that_followed(blob: Path) -> None:
+    """A chunk that only came along (it follows a miss) was not asked for: its next read
+    fetches it at once instead of failing for the hold-off."""
+    async def body(image: RemoteImage) -> object:
+        real_stream = image.reader.read_stream  # type: ignore[attr-defined]
+        calls = 0
+
+        async def flaky(offset: int, size: int, sink: Callable[[bytes], Awaitable[None]]
+                        ) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise FetchError(f"test: {offset}+{size} refused")
+            await real_stream(offset, size, sink)
+
+        image.reader.read_stream = flaky  # type: ignore[attr-defined]
+        with pytest.raises(ImageReadError):
+            await image.read(4 * CHUNK, 10)
+        followed = await image.read(5 * CHUNK, 10)
+        return followed, calls, image.stats_snapshot()["failing_chunks"]
+
+    tuning = ImageTuning(follow_miss_bytes=1 << 20, readahead_chunks=1, retry_after_s=30)
+    followed, calls, failing = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)
+    assert followed == IMAGE[5 * CHUNK:5 * CHUNK + 10]
+    assert calls == 2 and failing == [4]
 
 
 def test_fetch_failure_is_eio_and_not_remembered(blob: Path) -> None:

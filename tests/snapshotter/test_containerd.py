@@ -67,8 +67,9 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
     result = lazy_pull(containerd, image.converted)
     assert result.returncode == 0, result.stderr
     assert "2 layers, lazy" in result.stdout
-    # Nothing but the superblocks was read so far.
-    assert all(s["chunks_fetched"] <= 2 for s in layer_stats(containerd).values())
+    # Nothing but the superblocks was read so far (and what came along with a miss).
+    assert all(s["chunks_fetched"] - s["readahead_chunks"] <= 2
+               for s in layer_stats(containerd).values())
 
     port = free_port()
     # Without the disk cache (test_a_restarted_snapshotter_reads_from_the_disk_cache has it),
