@@ -105,8 +105,8 @@ class BackgroundLoader:
         self._reserved_bytes = 0  # decoded bytes of background loads in flight
         for image, plan in zip(self.images, self.plans, strict=True):
             image.background.listed_chunks = len(plan)
-            if plan:  # the list says what comes next: no chunks follow a miss
-                image.follow_misses = False
+            if plan:  # it says what comes next: no readahead meanwhile
+                image.replaying_list = True
 
     @property
     def has_work(self) -> bool:
@@ -131,6 +131,7 @@ class BackgroundLoader:
                         return
             stats.state = "done"
         finally:
+            image.replaying_list = False
             if stats.state not in ("done", "stopped: cache full"):
                 stats.state = "cancelled"
 

@@ -92,8 +92,9 @@ class RemoteImage:
         self.demand = DemandGate()
         self.background = BackgroundStats()
         self.on_read: Callable[[range], None] | None = None
-        # Off for a layer whose prefetch list says what comes next (better than the layout).
-        self.follow_misses = True
+        # While a prefetch list is replayed it says what comes next (better than the layout
+        # does): no readahead, no chunks follow a miss; they would only compete with it.
+        self.replaying_list = False
 
     @property
     def size(self) -> int:
@@ -240,9 +241,9 @@ class RemoteImage:
         """The chunks from `index` on, claimed, whose frames fit in
         `ImageTuning.follow_miss_bytes` together and may ride along with the miss before
         them: each needs a fetch (not cached, loading or refused), the layer streams and has
-        no prefetch list (`follow_misses`)."""
+        no prefetch list being replayed (`replaying_list`)."""
         table = self.metadata.table
-        if (not self.follow_misses or not self.loader.streaming
+        if (self.replaying_list or not self.loader.streaming
                 or not self.tuning.readahead_for(table.chunk_size)):
             return []
         followers: list[int] = []
@@ -295,6 +296,8 @@ class RemoteImage:
         return memoryview(data)[start:stop].tobytes()
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
+        if self.replaying_list:
+            return
         table = self.metadata.table
         ahead = self._sequential.ahead(offset, min(offset + size, self.size), indices,
                                        self.tuning.readahead_for(table.chunk_size))

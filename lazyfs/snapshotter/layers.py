@@ -203,7 +203,7 @@ class LayerHost:
                     f"layer {spec.digest}: blob is {image.metadata.blob_size} bytes, the "
                     f"manifest says {spec.size}")
             if self.prefetch and source.prefetch is not None:
-                image.follow_misses = False  # its list is replayed once it is mounted
+                image.replaying_list = True  # its list is replayed once it is mounted
             self.ops.add_image(image)
             added = True
             os.makedirs(mountpoint, mode=0o755, exist_ok=True)
@@ -231,6 +231,7 @@ class LayerHost:
         options = PrefetchOptions()
         plans = plan_lists([image], [carried], options)
         if not plans[0]:
+            image.replaying_list = False
             return None
         loader = BackgroundLoader([image], plans, options)
         scope = trio.CancelScope()

@@ -233,3 +233,22 @@ def test_a_read_overtakes_a_long_prefetch(tmp_path: Path, nginx_server: object) 
     assert stats["state"] == "prefetching"
     assert stats["prefetched_chunks"] < 16  # type: ignore[operator]
     assert latency < 2.0
+
+
+def test_no_reading_ahead_while_a_list_is_replayed_and_again_after(blob: Path) -> None:
+    """The list says what comes next: readahead and chunks following a miss would only
+    compete with it for the link, until it is done."""
+    async def body(image: RemoteImage) -> object:
+        loader = loader_for(image, (10, 11))
+        for offset in range(0, 3 * CHUNK, 16384):  # sequential: readahead, else
+            await image.read(offset, 16384)
+        during = image.stats.readahead_chunks, image.replaying_list
+        await loader.run()
+        for offset in range(4 * CHUNK, 7 * CHUNK, 16384):
+            await image.read(offset, 16384)
+        return during, image.stats.readahead_chunks, image.replaying_list
+
+    during, after, replaying = run_with_layer(LayerSource(str(blob)), body,
+                                              tuning=ImageTuning(readahead_chunks=2))
+    assert during == (0, True)
+    assert after > 0 and not replaying
