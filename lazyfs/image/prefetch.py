@@ -2,11 +2,13 @@
 (the whole layer at a capped rate); and the recorder that writes such a list.
 
 On-demand reads always go first. Background loads have their own slots (`parallel_requests`
-for the whole mount, so they never take the connections or fetch slots of reads), and no
-background request starts while an on-demand fetch of any layer is waiting or in flight
-(`lazyfs/image/demand.py`). A chunk is claimed in the cache only when its request starts, so
-a read never waits on a background load that has not begun; a read that wants a chunk of a
-request in flight waits for that request, which is at most `request_bytes` of frames.
+for the whole mount, so they never take the connections or fetch slots of reads), and while
+an on-demand fetch of any layer is waiting or in flight (`lazyfs/image/demand.py`) no
+background request starts beyond `requests_during_reads` in flight (a few keep the link busy
+during a read's round trip: what the list asks for next is what the start-up reads next).
+A chunk is claimed in the cache only when its request starts, so a read never waits on a
+background load that has not begun; a read that wants a chunk of a request in flight waits
+for that request, which is at most `request_bytes` of frames.
 Without a disk cache, background loads stop when the chunk cache is full rather than evict
 what reads brought in (with one, they go on: what is evicted from memory stays on disk).
 Everything runs in the mount's nursery and is cancelled on unmount.
@@ -192,7 +194,11 @@ class BackgroundLoader:
         return run, position
 
     async def _demand_idle(self) -> None:
-        """Wait until no layer of the mount has an on-demand fetch waiting or in flight."""
+        """Wait, unless the request about to start is within `requests_during_reads` of those
+        in flight, until no layer of the mount has an on-demand fetch waiting or in flight."""
+        in_flight = self.options.parallel_requests - self._slots.value  # this one included
+        if in_flight <= self.options.requests_during_reads:
+            return
         while True:
             busy = next((image.demand for image in self.images if image.demand.active), None)
             if busy is None:

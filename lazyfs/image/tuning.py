@@ -93,6 +93,12 @@ class PrefetchOptions:
     when it is unmounted. With `from_disk`, a layer without a list whose chunks the disk cache
     holds loads those ahead of reads, in the order its last mount read them (a warm start
     then waits for no disk read), as far as half the chunk cache holds.
+
+    Background requests have `parallel_requests` slots of their own, each at most
+    `request_bytes` of frames; while a read's fetch is waiting or in flight, only
+    `requests_during_reads` of them may be in flight (0: none starts until the reads are
+    done). A few keep the link busy while a read's request makes its round trip: the list
+    asks for what the start-up reads next anyway.
     """
 
     prefetch_list: PrefetchList | None = None
@@ -104,8 +110,12 @@ class PrefetchOptions:
     from_disk: bool = True
     parallel_requests: int = 4
     request_bytes: int = 256 * 1024
+    requests_during_reads: int = 2
 
     def __post_init__(self) -> None:
         if self.fill_rate_bytes < 1 or self.parallel_requests < 1 or self.request_bytes < 1:
             raise ValueError("prefetch options: need fill_rate_bytes, parallel_requests and "
                              "request_bytes >= 1")
+        if not 0 <= self.requests_during_reads <= self.parallel_requests:
+            raise ValueError("prefetch options: requests_during_reads must be within "
+                             "0..parallel_requests")

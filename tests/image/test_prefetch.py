@@ -86,14 +86,27 @@ def test_requests_are_capped_and_cached_chunks_skipped(blob: Path) -> None:
     assert stats["prefetched_chunks"] == 5
 
 
-def test_background_loads_wait_while_a_demand_fetch_is_pending(blob: Path) -> None:
+@pytest.mark.parametrize(("during_reads", "allowed"), [(0, 0), (2, 2)])
+def test_background_loads_wait_while_a_demand_fetch_is_pending(
+    blob: Path, during_reads: int, allowed: int
+) -> None:
+    """While a read's fetch is pending, at most `requests_during_reads` background requests
+    are in flight (one chunk a request here); the rest start once it is done."""
     async def body(image: RemoteImage) -> object:
         before = image.reader.stats.requests
         image.demand.begin()  # as a read that claimed a chunk does
         done = trio.Event()
+        slow_read = image.reader.read
+
+        async def slow(offset: int, size: int) -> bytes:
+            await trio.sleep(0.05)  # still in flight when the others would start
+            return await slow_read(offset, size)
+
+        image.reader.read = slow  # type: ignore[method-assign]
 
         async def prefetch() -> None:
-            await loader_for(image, (0, 1, 2)).run()
+            await loader_for(image, (0, 2, 4, 6), request_bytes=1,
+                             requests_during_reads=during_reads).run()
             done.set()
 
         async with trio.open_nursery() as nursery:
@@ -105,9 +118,10 @@ def test_background_loads_wait_while_a_demand_fetch_is_pending(blob: Path) -> No
                 await done.wait()
         return held, image.background.prefetched_chunks
 
-    requests_while_held, prefetched = run_with_layer(LayerSource(str(blob)), body)
-    assert requests_while_held == 0
-    assert prefetched == 3
+    requests_while_held, prefetched = run_with_layer(LayerSource(str(blob)), body,
+                                                     tuning=NO_READAHEAD)
+    assert requests_while_held == allowed
+    assert prefetched == 4
 
 
 def test_fill_fetches_every_chunk_at_its_rate_cap(blob: Path) -> None:
