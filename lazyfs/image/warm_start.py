@@ -57,7 +57,7 @@ from lazyfs.image.keys import descriptor_key, frame_key, image_data_key, layer_k
 
 log = logging.getLogger(__name__)
 
-# How long `finish` waits for the loader to stop after the chunk in hand (a few milliseconds).
+# The records pipe's room: every chunk's record fits without the loader waiting for a reader.
 RECORDS_PIPE_BYTES = 1 << 20
 
 
