@@ -281,9 +281,10 @@ def test_cri_labels_and_bad_inputs_through_containerd(
                  CRI_IMAGE_REF: f"{registry.host}/test/corrupt:v1-erofs"},
                 f"layer {corrupt} of .*test/corrupt.*chunk table")
 
-        # Removing the snapshot and collecting garbage unmounts the layer.
-        client.delete_lease(lease)
+        # Removing the snapshot and collecting garbage unmounts the layer. Removed while the
+        # lease still holds it: once the lease is gone, a collection may take it first.
         client.remove_snapshot(LAZYFS, labels[TARGET])
+        client.delete_lease(lease)
     containerd.ctr("images", "rm", "--sync", "no-such-image", check=False)  # a collection
     wait_until(lambda: database(containerd) == {}, "the layer's snapshot to be collected")
     assert_consistent(containerd)
