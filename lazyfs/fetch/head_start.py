@@ -121,7 +121,10 @@ class EarlyRequests:
     def _on_connection(self, work: Callable[[http.client.HTTPConnection], None]) -> None:
         try:
             connection = _connect(self._parts, self._verify_tls)
-        except (OSError, ValueError, LazyfsError) as exc:
+            # Now, not at the first request: a thread that waits for another's answer first
+            # has its handshake done by then.
+            connection.connect()
+        except (OSError, ValueError, LazyfsError, http.client.HTTPException) as exc:
             log.debug("head start: no connection: %s", exc)
             return
         try:

@@ -3,8 +3,8 @@
 What `head_start.HeadStart` does for a layer URL, for an image in a registry that answers
 anonymously: its manifest (through an index, the one for the platform), its config, and for
 each seekable EROFS layer what opening and mounting it reads first (the metadata range and the
-hash blocks over the first chunk on one connection; the config and the first frames on
-another). Resolving
+hash blocks over the first chunk on one connection, the config on another, the first frames
+on a third: each connected at once, so that none waits for a handshake). Resolving
 the image then takes the manifest and config from here (`PrimedClient`), checked against
 their digests as the registry client checks its own answers; each layer's reader takes the
 rest as its `PrimedAnswers`. A registry that asks for credentials, a redirect, anything
@@ -126,7 +126,9 @@ class RegistryHeadStart(EarlyRequests):
         self._config: str | None = None
         self._kept = kept or (lambda digest: False)
         self._thread(self._resolve, "registry-head-start")
-        self._thread(self._frames, "registry-head-start-frames")
+        self._thread(self._config_document, "registry-head-start-config")
+        if self._first_frames:
+            self._thread(self._frames, "registry-head-start-frames")
 
     @staticmethod
     def applies_to(reference: ImageReference, mirrors: bool) -> bool:
@@ -181,16 +183,21 @@ class RegistryHeadStart(EarlyRequests):
             self._layer_metadata(connection, path, answers, annotations, size,
                                  hash_blocks=self._first_frames)
 
-    def _frames(self, connection: http.client.HTTPConnection) -> None:
-        """The config, then the first frames, while the other connection asks for the
-        layers' metadata."""
+    def _config_document(self, connection: http.client.HTTPConnection) -> None:
+        """The config, while the other connections ask for the layers' metadata and first
+        frames."""
         if not self._layers_known.wait(SOCKET_TIMEOUT_S) or self._config is None:
             return
         config = self._config
         if not self._kept(config):
             body = self._get_document(connection, f"{self._base()}/blobs/{config}", {})[0]
             self._keep(lambda: self._primed.blobs.__setitem__(config, body))
-        for path, answers in list(self._layers) if self._first_frames else []:
+
+    def _frames(self, connection: http.client.HTTPConnection) -> None:
+        """The layers' first frames (the EROFS superblock and first directories)."""
+        if not self._layers_known.wait(SOCKET_TIMEOUT_S):
+            return
+        for path, answers in list(self._layers):
             self._first_frame(connection, path, answers)
 
     def _get_manifest(self, connection: http.client.HTTPConnection,

@@ -118,3 +118,53 @@ def test_no_head_start_for_docker_hub_or_behind_mirrors() -> None:
     assert not RegistryHeadStart.applies_to(parse_reference("127.0.0.1:5000/a:b"),
                                             mirrors=True)
     assert RegistryHeadStart.applies_to(parse_reference("127.0.0.1:5000/a:b"), mirrors=False)
+
+
+def test_the_first_frames_do_not_wait_for_the_config(
+    registry: Registry, busybox: PublishedImage
+) -> None:
+    """Config and first frames go on connections of their own, connected at once: a proxy in
+    front of the registry holds the config's answer until the first frame is asked for."""
+    import http.server
+    import threading
+    import urllib.request
+
+    frame_asked = threading.Event()
+    config_held: list[bool] = []
+    manifest = json.loads(head_start(busybox.converted, layers=False).manifests[
+        busybox.converted.rpartition(":")[2]][0])
+    config_path = f"/blobs/{manifest['config']['digest']}"
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.endswith(config_path):
+                config_held.append(frame_asked.wait(5))
+            elif self.headers.get("Range", "").startswith("bytes=0-"):
+                frame_asked.set()
+            headers = {name: value for name, value in self.headers.items()
+                       if name.lower() in ("accept", "range")}
+            request = urllib.request.Request(f"http://{registry.host}{self.path}",
+                                             headers=headers)
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                body = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    if name.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proxied = busybox.converted.replace(registry.host, f"127.0.0.1:{server.server_port}")
+        primed = head_start(proxied)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert config_held == [True]  # the first frame was asked for while the config was held
+    assert list(primed.blobs) == [manifest["config"]["digest"]] and primed.layers
