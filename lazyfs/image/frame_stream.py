@@ -255,10 +255,11 @@ class RunStreamer:
         changed = trio.Event()
 
         async def load_coverage() -> None:
-            for which, chunks in enumerate((run[:1], run)):
-                coverage[which] = (coverage[0] if which and len(run) == 1 else await
-                                   self.hash_blocks.cover(*data_blocks(self.metadata, chunks)))
-                covered[which].set()
+            coverage[0] = await self.hash_blocks.cover(*data_blocks(self.metadata, run[:1]))
+            covered[0].set()
+            coverage[1] = (coverage[0] if len(run) == 1 else
+                           await self.hash_blocks.cover(*data_blocks(self.metadata, run)))
+            covered[1].set()
 
         async def process(frame: _Frame, piece: bytes, last: bool) -> None:
             which = 0 if frame is frames[0] else 1

@@ -256,8 +256,7 @@ class RemoteImage:
                 break
             followers.append(index)
             index += 1
-        self.stats.readahead_chunks += len(followers)
-        self.loader.speculative.update(followers)
+        self._speculate(followers)
         return followers
 
     def _start_loads(self, claimed: list[int], reason: str) -> None:
@@ -304,9 +303,14 @@ class RemoteImage:
         claimed = [index for index in ahead if index not in self._streams
                    and self.loader.early_refusal(index) is None
                    and self.cache.claim(self._key(index))]
-        self.stats.readahead_chunks += len(claimed)
-        self.loader.speculative.update(claimed)
+        self._speculate(claimed)
         self._start_loads(claimed, "readahead")
+
+    def _speculate(self, chunks: list[int]) -> None:
+        """Count `chunks`, claimed before any read asked for them, as read ahead (a failed
+        fetch of them holds nothing off: `ChunkLoader.speculative`)."""
+        self.stats.readahead_chunks += len(chunks)
+        self.loader.speculative.update(chunks)
 
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:
