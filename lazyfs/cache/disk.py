@@ -177,6 +177,14 @@ class DiskCache:
             self._trouble("read", exc)
             return []
 
+    async def remember_reads(self, layer: str, chunks: list[int]) -> None:
+        """`DiskStore.remember_reads`; a failure is logged once."""
+        try:
+            await trio.to_thread.run_sync(self.store.remember_reads, layer, chunks,
+                                          limiter=self._limiter)
+        except (OSError, sqlite3.Error) as exc:
+            self._trouble("write", exc)
+
     def note_bad_entry(self) -> None:
         self.bad_entries += 1
 

@@ -4,7 +4,8 @@ Synchronous: callers run it in worker threads (`lazyfs.cache.disk` does). Any nu
 processes may use one directory at once (mount daemons, the snapshotter, `lazyfs cache`).
 
     DIR/index.sqlite      entries (key, kind, bytes, last use), the total, layers and the
-                          chunks each layer has in the store (for `lazyfs cache ls`)
+                          chunks each layer has in the store (for `lazyfs cache ls`), and
+                          the order in which each layer's last mount first read its chunks
     DIR/data/KIND/HH/HEX  one file per entry: complete once it has this name, never changed
     DIR/tmp/              files being written; a writer killed mid-write leaves one here
 
@@ -74,12 +75,15 @@ CREATE TABLE IF NOT EXISTS refs (
     layer TEXT NOT NULL, chunk INTEGER NOT NULL, key TEXT NOT NULL,
     PRIMARY KEY (layer, chunk)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS refs_key ON refs (key);
+CREATE TABLE IF NOT EXISTS read_orders (
+    layer TEXT PRIMARY KEY, chunks TEXT NOT NULL, written REAL NOT NULL) WITHOUT ROWID;
 """
 
 
 # A layer's chunks in the store and their entries, least recently used first.
 _LAYER_ENTRIES = ("SELECT r.chunk, r.key FROM refs r JOIN entries e ON e.key = r.key"
                   " WHERE r.layer = ? ORDER BY e.last_used, r.chunk")
+_READ_ORDER = "SELECT chunks FROM read_orders WHERE layer = ?"
 
 
 class DiskCacheError(LazyfsError):
@@ -118,19 +122,46 @@ def read_entry(directory: Path, key: str) -> bytes | None:
 
 
 def read_layer_entries(directory: Path, layer: str) -> list[tuple[int, str]]:
-    """(chunk, entry key) of each chunk of `layer` the cache in `directory` holds, least
-    recently used first, read without writing anything ([] without an index). Raises
-    sqlite3.Error."""
+    """(chunk, entry key) of the chunks of `layer` the cache in `directory` holds, in the
+    order of `DiskStore.layer_chunks`, read without writing anything ([] without an index).
+    Raises sqlite3.Error."""
     path = directory / "index.sqlite"
     if not path.exists():
         return []
     db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
                          timeout=BUSY_TIMEOUT_S)
     try:
-        rows = db.execute(_LAYER_ENTRIES, (layer,)).fetchall()
+        return _layer_entries(db, layer)
     finally:
         db.close()
-    return [(int(chunk), str(key)) for chunk, key in rows]
+
+
+def encode_read_order(chunks: list[int]) -> str:
+    return ",".join(str(chunk) for chunk in chunks)
+
+
+def decode_read_order(text: str) -> list[int] | None:
+    """The chunk indices of a stored read order; None when it is not one."""
+    try:
+        chunks = [int(item) for item in text.split(",")] if text else []
+    except ValueError:
+        return None
+    return chunks if all(chunk >= 0 for chunk in chunks) else None
+
+
+def _layer_entries(db: sqlite3.Connection, layer: str) -> list[tuple[int, str]]:
+    """(chunk, entry key) of the chunks of `layer` the store holds that its last mount read,
+    in the order it first read them; all it holds, least recently used first, when no mount
+    left its order (or an index from before orders were kept)."""
+    held = {int(chunk): str(key) for chunk, key in db.execute(_LAYER_ENTRIES, (layer,))}
+    try:
+        row = db.execute(_READ_ORDER, (layer,)).fetchone()
+    except sqlite3.OperationalError:  # an index this lazyfs has not opened for writing yet
+        row = None
+    order = None if row is None else decode_read_order(str(row[0]))
+    if order is None:
+        return list(held.items())
+    return [(chunk, held[chunk]) for chunk in order if chunk in held]
 
 
 def disk_bytes(size: int) -> int:
@@ -313,13 +344,20 @@ class DiskStore:
         return [LayerRow(*row) for row in rows]
 
     def layer_chunks(self, layer: str) -> list[int]:
-        """The chunks of `layer` the store holds, least recently used first: the order in
-        which its last mount read them."""
+        """The chunks of `layer` the store holds that its last mount read, in the order it
+        first read them (see `remember_reads`); without such an order, every chunk it holds,
+        least recently used first."""
         with self._lock, self._transaction():
             self._flush_touches()
         with self._lock:
-            rows = self._db.execute(_LAYER_ENTRIES, (layer,)).fetchall()
-        return [int(chunk) for chunk, _ in rows]
+            return [chunk for chunk, _ in _layer_entries(self._db, layer)]
+
+    def remember_reads(self, layer: str, chunks: list[int]) -> None:
+        """Keep the order in which a mount of `layer` first read `chunks`, in place of the
+        last mount's: what a warm start loads ahead of reads, and in which order."""
+        with self._lock, self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO read_orders VALUES (?, ?, ?)",
+                             (layer, encode_read_order(chunks), time.time()))
 
     def prune(self, to_bytes: int) -> int:
         """Evict least-recently-used entries until at most `to_bytes` are kept, after
@@ -343,6 +381,8 @@ class DiskStore:
                 if key not in named and created < cutoff:
                     self._drop(key)
             self._db.execute("DELETE FROM refs WHERE key NOT IN (SELECT key FROM entries)")
+            self._db.execute("DELETE FROM read_orders WHERE layer NOT IN "
+                             "(SELECT layer FROM refs)")
             self._db.execute("UPDATE totals SET bytes = (SELECT COALESCE(SUM(size), 0) "
                              "FROM entries) WHERE id = 1")
         for key in named - keys:
@@ -358,6 +398,7 @@ class DiskStore:
             self._db.execute("DELETE FROM entries")
             self._db.execute("DELETE FROM refs")
             self._db.execute("DELETE FROM layers")
+            self._db.execute("DELETE FROM read_orders")
             self._db.execute("UPDATE totals SET bytes = 0 WHERE id = 1")
             self._touched.clear()
             self._refs.clear()

@@ -122,11 +122,28 @@ class LayerDisk:
         self._writes_done = trio.Event()
         self._writes_done.set()
         self._dropped: set[int] = set()
+        self._reads: dict[int, None] = {}  # chunks in the order reads first touched them
+
+    # -- the order of reads -----------------------------------------------------------------
+
+    def note_reads(self, indices: range) -> None:
+        """Count chunks a read touches, for `save_reads`."""
+        for index in indices:
+            if index not in self._reads:
+                self._reads[index] = None
+
+    async def save_reads(self) -> None:
+        """Leave the order in which this mount first read its chunks to the next mount of the
+        layer (at unmount): its warm start loads those chunks, in that order, and no others.
+        A mount that read nothing leaves the last one's."""
+        if self._reads:
+            await self.disk.remember_reads(self.layer, list(self._reads))
 
     # -- frames ---------------------------------------------------------------------------
 
     async def held_chunks(self) -> list[int]:
-        """The chunks of this layer the disk holds, in the order its last mount read them."""
+        """The chunks of this layer the disk holds that its last mount read, in the order it
+        did (all it holds, least recently used first, when no mount left that order)."""
         return await self.disk.layer_chunks(self.layer)
 
     def may_hold(self, chunk_index: int) -> bool:

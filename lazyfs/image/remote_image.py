@@ -112,6 +112,8 @@ class RemoteImage:
             return b""
         if self.on_read is not None:
             self.on_read(indices)
+        if self.disk is not None:
+            self.disk.note_reads(indices)
         end = min(offset + size, self.size)
         pieces: list[bytes] = []
         # The one bound on a read, whatever loads its chunks and however.

@@ -191,6 +191,7 @@ class Daemon:
                         for image in self.images:  # worth keeping for the next mount
                             if image.disk is not None:
                                 await image.disk.writes_done()
+                                await image.disk.save_reads()
                     nursery.cancel_scope.cancel()  # background fetches, the signal watcher
             except BaseExceptionGroup as group:
                 raise sole_error(group) from None

@@ -261,6 +261,8 @@ class LayerHost:
             except kernel_mount.MountError as exc:
                 log.error("%s", exc)
             self.ops.remove_image(layer.image.name)
+            if layer.image.disk is not None:  # for the layer's next warm start
+                await layer.image.disk.save_reads()
             await layer.image.aclose()
             with contextlib.suppress(OSError):
                 os.rmdir(layer.mountpoint)

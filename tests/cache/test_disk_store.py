@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.cache.disk_store import DISK_BLOCK, DiskCacheError, DiskStore, disk_bytes
+from lazyfs.cache.disk_store import (
+    DISK_BLOCK,
+    DiskCacheError,
+    DiskStore,
+    decode_read_order,
+    disk_bytes,
+    read_layer_entries,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,6 +179,54 @@ def test_layers_list_their_chunks_and_bytes(tmp_path: Path) -> None:
     store.clear()
     assert store.layers() == [] and store.totals().size_bytes == 0 and store.get(key(1)) is None
     store.close()
+
+
+LAYER = "meta-" + "c" * 64
+
+
+def test_a_layer_s_chunks_come_in_its_last_mount_s_read_order(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    for chunk in range(6):
+        store.put(key(chunk), b"x", (LAYER, chunk))
+    store.get(key(0), (LAYER, 0))  # chunk 0 used last
+    store.put(key(9), b"z")  # no chunk of the layer
+    # No mount left its order yet: every chunk held, least recently used first.
+    assert store.layer_chunks(LAYER) == [1, 2, 3, 4, 5, 0]
+    # Then only the chunks the last mount read that are held, in its order (7 is not held).
+    store.remember_reads(LAYER, [4, 7, 0, 2])
+    assert store.layer_chunks(LAYER) == [4, 0, 2]
+    assert read_layer_entries(tmp_path, LAYER) == [(4, key(4)), (0, key(0)), (2, key(2))]
+    store.remember_reads(LAYER, [5])  # the next mount's order replaces it
+    assert store.layer_chunks(LAYER) == [5]
+    store.delete(key(5))  # what is gone is left out
+    assert store.layer_chunks(LAYER) == []
+    store.clear()
+    store.put(key(1), b"x", (LAYER, 1))
+    assert store.layer_chunks(LAYER) == [1]
+    store.close()
+
+
+def test_a_damaged_read_order_is_ignored(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 1 << 20)
+    for chunk in range(3):
+        store.put(key(chunk), b"x", (LAYER, chunk))
+    store.close()
+    sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None).execute(
+        "INSERT INTO read_orders VALUES (?, '2,x', 0)", (LAYER,))
+    store = DiskStore(tmp_path, 1 << 20)
+    assert store.layer_chunks(LAYER) == [0, 1, 2]
+    store.close()
+    assert decode_read_order("") == [] and decode_read_order("3,-1") is None
+
+
+def test_an_index_without_read_orders_is_read_as_before(tmp_path: Path) -> None:
+    """An index an older lazyfs wrote, looked at read-only by a warm start."""
+    store = DiskStore(tmp_path, 1 << 20)
+    store.put(key(0), b"x", (LAYER, 0))
+    store.close()
+    sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None).execute(
+        "DROP TABLE read_orders")
+    assert read_layer_entries(tmp_path, LAYER) == [(0, key(0))]
 
 
 def test_an_index_from_a_newer_lazyfs_is_refused(tmp_path: Path) -> None:

@@ -302,6 +302,42 @@ def test_a_layer_mounted_again_loads_what_the_disk_holds_ahead_of_reads(
         umount(lazyfs, mountpoint)
 
 
+def test_a_warm_start_loads_only_what_the_last_mount_read(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    """The disk holds every chunk of the layer (a first mount read everything); a second
+    mount reads a few files; a third loads ahead of reads only the chunks the second read,
+    not all the disk holds, and its reads of those files find them in memory."""
+    tree, served = layer
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        everything = tuple(str(path.relative_to(tree)) for path in sorted(tree.rglob("*"))
+                           if path.is_file() and not path.is_symlink())
+        assert_reads_equal(mountpoint, tree, everything)
+        held = only_layer(mount_stats(lazyfs, mountpoint))["chunks_fetched"]
+        umount(lazyfs, mountpoint)
+
+        # Nothing loaded ahead: each chunk the reads touch comes from the disk once.
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", "--no-prefetch",
+                     mountpoint=mountpoint)
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
+        read = only_layer(mount_stats(lazyfs, mountpoint))["chunks_from_disk"]
+        umount(lazyfs, mountpoint)
+        assert 0 < read < held
+
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        wait_until(lambda: only_layer(mount_stats(lazyfs, mountpoint))["background"]["state"]
+                   == "done", "the chunks on disk to be loaded")
+        warm = only_layer(mount_stats(lazyfs, mountpoint))
+        assert warm["background"]["listed_chunks"] == read
+        assert warm["chunks_from_disk"] == read
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
+        after = only_layer(mount_stats(lazyfs, mountpoint))
+        assert (after["chunks_from_disk"], after["chunks_fetched"]) == (read, 0)
+        umount(lazyfs, mountpoint)
+
+
 def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
     """(the layer's authenticated metadata, frame key -> chunk index) of what the disk cache
     holds of the layer at `url`."""
