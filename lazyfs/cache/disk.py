@@ -35,20 +35,30 @@ DEFAULT_MAX_BYTES = 20 << 30
 MIN_DEFAULT_BYTES = 64 << 20
 IO_THREADS = 4
 
-__all__ = ["DiskCache", "DiskCacheError", "DiskCacheOptions", "default_cache_dir"]
+__all__ = ["PULL_POLICIES", "DiskCache", "DiskCacheError", "DiskCacheOptions", "default_cache_dir"]
+
+
+# When an image's tag is looked up in its registry (`lazyfs.image.image_memory`): every time;
+# only when the disk cache remembers no manifest for it (as container runtimes run an image
+# pulled before); never.
+PULL_POLICIES = ("always", "missing", "never")
 
 
 @dataclass(frozen=True)
 class DiskCacheOptions:
     """Where the disk cache lives and how large it may grow. `size_bytes` None: a tenth of
-    the file system's free space (plus what the cache holds already), at most 20 GiB."""
+    the file system's free space (plus what the cache holds already), at most 20 GiB.
+    `pull`: one of PULL_POLICIES."""
 
     directory: str = field(default_factory=default_cache_dir)
     size_bytes: int | None = None
+    pull: str = "always"
 
     def __post_init__(self) -> None:
         if self.size_bytes is not None and self.size_bytes < 0:
             raise ValueError("disk cache size must be >= 0")
+        if self.pull not in PULL_POLICIES:
+            raise ValueError(f"pull policy {self.pull!r} is none of {PULL_POLICIES}")
 
 
 def default_capacity(directory: str, used_bytes: int) -> int:

@@ -49,23 +49,29 @@ def layer_head_start(args: argparse.Namespace, descriptor: str | None,
 def image_head_start(text: str, args: argparse.Namespace, *,
                      mounts: bool = True) -> RegistryHeadStart | None:
     """Start fetching what resolving the image `text` and mounting its layers ask for first
-    (`mounts`: EROFS is mounted on the layers, so their first frames too)."""
-    from lazyfs.fetch.registry_head_start import RegistryHeadStart
+    (`mounts`: EROFS is mounted on the layers, so their first frames too); none when the
+    image is taken from the disk cache without asking the registry (`--pull`)."""
     from lazyfs.image.keys import image_data_key, tag_key
-    from lazyfs.image.tuning import ImageTuning
 
     parsed = _reference_and_platform(text, args)
     if parsed is None:
         return None
     reference, platform = parsed
-    if not RegistryHeadStart.applies_to(reference, bool(args.mirror)):
-        return None
     wanted = reference.reference
     key = (image_data_key(wanted) if wanted.startswith(("sha256:", "sha512:"))
            else tag_key(reference.registry, reference.repository, wanted))
+    remembered = _disk_cache_holds(args, key)
+    pull = getattr(args, "pull", "always")
+    if pull == "never" or (remembered and pull == "missing"):
+        return None
+    from lazyfs.fetch.registry_head_start import RegistryHeadStart
+    from lazyfs.image.tuning import ImageTuning
+
+    if not RegistryHeadStart.applies_to(reference, bool(args.mirror)):
+        return None
     return RegistryHeadStart(reference, insecure=args.insecure_registry, platform=platform,
                              tree_window_bytes=ImageTuning().verity_window_bytes,
-                             first_frames=mounts, layers=not _disk_cache_holds(args, key),
+                             first_frames=mounts, layers=not remembered,
                              kept=lambda digest: _disk_cache_holds(
                                  args, image_data_key(digest))).start()
 

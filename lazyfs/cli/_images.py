@@ -9,7 +9,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from lazyfs.cache.defaults import CACHE_DIR_ENV, DEFAULT_CACHE_BYTES
+from lazyfs.cache.defaults import CACHE_DIR_ENV, DEFAULT_CACHE_BYTES, default_cache_dir
 from lazyfs.cli import UserError
 from lazyfs.cli.sizes import parse_size
 from lazyfs.fetch.base import SpeedLimit
@@ -28,6 +28,7 @@ REFERENCE_RULE = (
 )
 DEFAULT_CACHE_SIZE = f"{DEFAULT_CACHE_BYTES >> 20}M"
 DEFAULT_LOW_SPEED = f"{SpeedLimit().bytes_per_s >> 10}K"
+DEFAULT_PULL = "missing"
 
 
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,20 +81,34 @@ def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
     )
 
 
+def add_pull_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pull",
+        choices=("always", "missing", "never"),
+        default=DEFAULT_PULL,
+        help="when to ask the registry which manifest an image's tag names: only when the disk "
+        "cache remembers none (missing, the default, as `docker run` does), every time "
+        "(always), or never (the disk cache alone)",
+    )
+
+
 def disk_cache_of(args: argparse.Namespace) -> DiskCacheOptions | None:
     """The disk cache options of the command line (None: --no-disk-cache). Raises UserError."""
     from lazyfs.cache.disk import DiskCacheOptions
 
+    pull = getattr(args, "pull", "always")
     if args.no_disk_cache:
         if args.cache_dir or args.disk_cache_size:
             raise UserError("--no-disk-cache: not with --cache-dir or --disk-cache-size")
+        if pull == "never":
+            raise UserError("--pull never resolves images from the disk cache alone; "
+                            "not with --no-disk-cache")
         return None
     size = None
     if args.disk_cache_size is not None:
         size = parse_size(args.disk_cache_size, "--disk-cache-size")
-    if args.cache_dir:
-        return DiskCacheOptions(os.path.abspath(args.cache_dir), size)
-    return DiskCacheOptions(size_bytes=size)
+    directory = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir()
+    return DiskCacheOptions(directory, size, pull)
 
 
 def count_layers(count: int) -> str:

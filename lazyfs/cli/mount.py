@@ -28,6 +28,7 @@ from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
     add_disk_cache_arguments,
+    add_pull_argument,
     add_read_arguments,
     add_registry_arguments,
     cache_size_of,
@@ -122,6 +123,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_prefetch_arguments(mount)
     add_disk_cache_arguments(mount)
+    add_pull_argument(mount)
     add_read_arguments(mount)
     add_registry_arguments(mount)
     mount.set_defaults(func=cmd_mount)

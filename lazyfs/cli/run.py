@@ -25,6 +25,7 @@ from lazyfs.cli._head_start import finish_image, finish_warm, image_head_start, 
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     add_disk_cache_arguments,
+    add_pull_argument,
     add_read_arguments,
     add_registry_arguments,
     cache_size_of,
@@ -77,6 +78,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
     add_prefetch_arguments(parser)
     add_disk_cache_arguments(parser)
+    add_pull_argument(parser)
     parser.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
     )
@@ -127,6 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         flag = ("--trace" if args.trace else "--readahead" if args.readahead is not None
                 else uses_prefetch_options(args))
         raise UserError(f"{flag} applies to the lazy mount; not with --eager")
+    if args.eager and args.pull == "never":
+        raise UserError("--pull never: an eager run downloads every layer from the registry")
     # A lazy run's first requests go out before the rest of lazyfs is imported.
     warm_start = None if args.eager else image_warm_start(args.image, args)  # forks: first
     head_start = None if args.eager else image_head_start(args.image, args)

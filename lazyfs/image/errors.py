@@ -7,6 +7,12 @@ class LayerOpenError(LazyfsError):
     """A layer cannot be mounted as given (no descriptor, no trusted digest, size mismatch)."""
 
 
+class ImageResolveError(LayerOpenError):
+    """The reference does not lead to one mountable manifest (no manifest for the platform,
+    a malformed manifest or config, no layers, none remembered where only the disk cache may
+    answer)."""
+
+
 class UntrustedLayerError(LayerOpenError):
     """No digest authenticates the layer's metadata and `--insecure` was not given."""
 

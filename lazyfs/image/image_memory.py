@@ -5,9 +5,12 @@ A layer's metadata and chunks are in the disk cache already, keyed by the digest
 authenticate them; what an image adds is the way to them: the manifest (or index) a tag last
 pointed to, and the manifests and configs it names. Those are kept by digest and checked
 against it when read back, so a damaged or planted entry is refused, never used. The pointer
-from a tag to a digest is the one thing nothing authenticates: it is used only when the
-registry cannot be reached (after the client's own retries), with a warning that names the
-digest, exactly as a container runtime's local image store would answer for the tag.
+from a tag to a digest is the one thing nothing authenticates (it is as trustworthy as the
+cache directory, which only root writes): under the pull policy "always" it is used only when
+the registry cannot be reached (after the client's own retries), with a warning that names the
+digest; under "missing" it is used without asking the registry, as a container runtime runs
+an image pulled before (`docker run` does by default), and the registry is asked only for a
+tag it does not remember; under "never" the registry is not asked at all.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lazyfs.cache.disk import DiskCache
 from lazyfs.fetch.registry_head_start import MAX_DOCUMENT_BYTES
 from lazyfs.format.errors import OCIFormatError
 from lazyfs.format.oci import detect_media_type, digest_of
+from lazyfs.image.errors import ImageResolveError
 from lazyfs.image.keys import image_data_key, tag_key
 
 if TYPE_CHECKING:
@@ -33,26 +37,37 @@ class ImageMemory:
     """The manifests and configs of the images resolved through one registry `client`,
     remembered in `disk` and answered from it when the registry is unreachable."""
 
-    def __init__(self, client: ManifestSource, registry: str, disk: DiskCache) -> None:
+    def __init__(self, client: ManifestSource, registry: str, disk: DiskCache,
+                 pull: str = "always") -> None:
         self._client = client
         self._registry = registry
         self._disk = disk
+        self._pull = pull  # one of lazyfs.cache.disk.PULL_POLICIES
 
     def wrapping(self, client: ManifestSource) -> ImageMemory:
         """The same memory in front of another client (one answering from a head start)."""
-        return ImageMemory(client, self._registry, self._disk)
+        return ImageMemory(client, self._registry, self._disk, self._pull)
 
     async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
         """`RegistryClient.get_manifest`, remembered: a manifest asked for by digest comes from
         the disk cache when it holds it (content-addressed, checked against the digest);
-        one asked for by tag comes from the registry, and from the disk cache only when the
-        registry is unreachable."""
+        one asked for by tag comes from the registry, and from the disk cache when the
+        registry is unreachable or the pull policy says so. Raises ImageResolveError for a
+        tag not remembered under the policy "never"."""
         from lazyfs.fetch.registry_session import RegistryUnavailableError
 
-        if reference.startswith(DIGEST_PREFIXES):
+        if reference.startswith(DIGEST_PREFIXES) or self._pull != "always":
             kept = await self._kept_manifest(repository, reference)
             if kept is not None:
+                if not reference.startswith(DIGEST_PREFIXES):
+                    log.info("%s:%s: %s, as the disk cache remembers it (pull policy %s)",
+                             repository, reference, kept[2], self._pull)
                 return kept
+            if self._pull == "never":
+                at = "@" if reference.startswith(DIGEST_PREFIXES) else ":"
+                raise ImageResolveError(
+                    f"{self._registry}/{repository}{at}{reference}: the disk cache does not "
+                    "remember this image, and --pull never does not ask the registry")
         try:
             data, media_type, digest = await self._client.get_manifest(repository, reference)
         except RegistryUnavailableError as exc:
@@ -78,6 +93,10 @@ class ImageMemory:
         kept = await self._kept(digest)
         if kept is not None and len(kept) <= max_size_bytes:
             return kept
+        if self._pull == "never":
+            raise ImageResolveError(f"{self._registry}/{repository}@{digest}: the disk cache "
+                                    "does not hold this config, and --pull never does not ask "
+                                    "the registry")
         data = await self._client.get_blob(repository, digest, max_size_bytes=max_size_bytes)
         await self._keep(digest, data)
         return data

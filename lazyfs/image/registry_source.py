@@ -43,7 +43,7 @@ from lazyfs.format.prefetch_list import (
     parse_prefetch_annotation,
 )
 from lazyfs.format.reference import ImageReference
-from lazyfs.image.errors import LayerOpenError, UntrustedLayerError
+from lazyfs.image.errors import ImageResolveError, LayerOpenError, UntrustedLayerError
 from lazyfs.image.names import host_platform as host_platform
 from lazyfs.image.names import is_image_reference as is_image_reference
 from lazyfs.image.open import AlternateBlob, LayerSource
@@ -58,11 +58,6 @@ log = logging.getLogger(__name__)
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 LAYER_NAME_HEX = 12
-
-
-class ImageResolveError(LayerOpenError):
-    """The reference does not lead to one mountable manifest (no manifest for the platform,
-    a malformed manifest or config, no layers)."""
 
 
 class UnconvertedLayerError(LayerOpenError):

@@ -14,14 +14,10 @@ from lazyfs.cache.disk import DiskCache, DiskCacheError, DiskCacheOptions
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import DOCKER_HUB, parse_reference
+from lazyfs.image.errors import ImageResolveError
 from lazyfs.image.image_memory import ImageMemory
 from lazyfs.image.open import LayerSource
-from lazyfs.image.registry_source import (
-    ImageResolveError,
-    ResolvedImage,
-    layer_sources,
-    resolve_image,
-)
+from lazyfs.image.registry_source import ResolvedImage, layer_sources, resolve_image
 from lazyfs.mount.state import ImageRecord
 
 if TYPE_CHECKING:
@@ -65,8 +61,9 @@ async def resolve_images(
 ) -> ImageSet:
     """Resolve every reference and collect their layers; a layer shared by several images
     (or repeated in one) is listed once. With `disk`, manifests and configs are remembered
-    there and stand in while a registry is unreachable (`lazyfs.image.image_memory`);
-    `primed` holds a head start's answers for the first reference. Raises
+    there and stand in while a registry is unreachable, or as `disk.pull` says
+    (`lazyfs.image.image_memory`); `primed` holds a head start's answers for the first
+    reference. Raises
     ImageResolveError for a malformed reference, and the errors of `resolve_image` (one line
     each)."""
     if disk is None:
@@ -77,14 +74,15 @@ async def resolve_images(
         log.warning("%s; images are resolved without it", exc)
         return await _resolve_images(references, options, platform, insecure, None, primed)
     try:
-        return await _resolve_images(references, options, platform, insecure, cache, primed)
+        return await _resolve_images(references, options, platform, insecure, cache, primed,
+                                     disk.pull)
     finally:
         await cache.aclose()
 
 
 async def _resolve_images(
     references: Sequence[str], options: RegistryOptions, platform: Platform, insecure: bool,
-    disk: DiskCache | None, primed: PrimedRegistry | None,
+    disk: DiskCache | None, primed: PrimedRegistry | None, pull: str = "always",
 ) -> ImageSet:
     parsed = []
     for text in references:
@@ -100,7 +98,8 @@ async def _resolve_images(
         early = primed if position == 0 else None
         try:
             async with options.client(reference.registry) as client:
-                memory = None if disk is None else ImageMemory(client, reference.registry, disk)
+                memory = (None if disk is None
+                          else ImageMemory(client, reference.registry, disk, pull))
                 image = await resolve_image(client, reference, platform, insecure=insecure,
                                             memory=memory, primed=early)
                 wanted = [layer for layer in image.distinct_layers if layer.digest not in sources]

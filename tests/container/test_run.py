@@ -147,6 +147,10 @@ def test_unconverted_image_and_bad_options_fail_in_one_line(
           str(tmp_path / "t"), "--", "true"], "not with --eager"),
         ([busybox.converted, "--insecure-registry", "--readahead", "-1", "--", "true"],
          "--readahead must be 0 or more"),
+        ([busybox.converted, "--insecure-registry", "--eager", "--pull", "never", "--", "true"],
+         "--pull never"),
+        ([busybox.converted, "--insecure-registry", "--no-disk-cache", "--pull", "never", "--",
+          "true"], "not with --no-disk-cache"),
     ):
         result = runner.run(*args)
         assert result.returncode == 2, result.stderr

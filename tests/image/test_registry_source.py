@@ -17,9 +17,8 @@ from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import DescriptorError
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import parse_reference
-from lazyfs.image.errors import UntrustedLayerError
+from lazyfs.image.errors import ImageResolveError, UntrustedLayerError
 from lazyfs.image.registry_source import (
-    ImageResolveError,
     ResolvedImage,
     UnconvertedLayerError,
     host_platform,

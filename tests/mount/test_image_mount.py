@@ -357,6 +357,38 @@ def test_mirror_serves_manifest_and_blobs(
 # -- offline -------------------------------------------------------------------------------------
 
 
+def test_the_pull_policy_says_when_a_remembered_tag_is_asked_for(
+    lazyfs: Lazyfs, tmp_path: Path
+) -> None:
+    """`--pull missing` (the default) mounts the manifest the disk cache remembers for a tag
+    without asking the registry, as `docker run` runs an image pulled before; `--pull always`
+    asks, and finds the tag moved; `--pull never` takes the disk cache alone, and names a tag it
+    does not remember."""
+    first, second = directories(tmp_path, "first", "second")
+
+    def mounted_digest(*options: str) -> str:
+        _, record = mount_image(lazyfs, old.converted, str(first), INSECURE, *options,
+                                mountpoints=[first])
+        umount_leaves_nothing(lazyfs, first, record)
+        return str(record["images"][0]["manifest_digest"])
+
+    with running_registry(tmp_path / "registry") as registry:
+        old = publish(tmp_path / "old", registry.host)
+        old_digest = mounted_digest()
+        moved = publish(tmp_path / "new", registry.host,
+                        layers=[base_layer(), change_layer("-moved")])
+        assert moved.converted == old.converted  # the same tag, another manifest
+        assert mounted_digest() == old_digest
+        new_digest = mounted_digest("--pull", "always")
+        assert new_digest != old_digest
+        registry.stop()
+        lazyfs.expected_log_levels.add("WARNING")  # the daemon finds the registry down
+        assert mounted_digest("--pull", "never") == new_digest
+        unknown = lazyfs.run("mount", f"{registry.host}/test/other:v1", str(second), INSECURE,
+                             "--pull", "never")
+        one_line_error(unknown, f"{registry.host}/test/other:v1", "--pull never")
+
+
 def test_an_image_mounted_before_mounts_again_while_its_registry_is_down(
     lazyfs: Lazyfs, tmp_path: Path
 ) -> None:
@@ -375,7 +407,8 @@ def test_an_image_mounted_before_mounts_again_while_its_registry_is_down(
         one_line_error(never, registry.host, "test/other")
         lazyfs.expected_log_levels.add("WARNING")
         lazyfs.mountpoints.append(second)
-        again = lazyfs.run("mount", image.converted, str(second), INSECURE)
+        # The tag is asked for (and the registry found down) only under --pull always.
+        again = lazyfs.run("mount", image.converted, str(second), INSECURE, "--pull", "always")
         assert again.returncode == 0, again.stderr
         assert f"@{record['images'][0]['manifest_digest']} " in again.stdout
         assert "remembered from an earlier mount" in again.stderr
@@ -392,6 +425,6 @@ def test_an_image_mounted_before_mounts_again_while_its_registry_is_down(
         assert len(kept) == 2  # the manifest and the config
         for path in kept:
             path.write_bytes(path.read_bytes().replace(b"{", b"[", 1))
-        damaged = lazyfs.run("mount", image.converted, str(second), INSECURE)
+        damaged = lazyfs.run("mount", image.converted, str(second), INSECURE, "--pull", "always")
         assert damaged.returncode == 2 and registry.host in damaged.stderr, damaged.stderr
         assert "does not match its digest" in damaged.stderr
