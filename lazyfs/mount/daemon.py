@@ -163,6 +163,7 @@ class Daemon:
         self._fuse_mounted = False
         self._fuse_serving = False
         self._fuse_done = trio.Event()
+        self._kernel_mounted = trio.Event()
         self._stopping = False
         self._created_fuse_dir = False
         self._recorder: AccessRecorder | None = None
@@ -254,6 +255,7 @@ class Daemon:
                 record.erofs_mounts.append(erofs)
                 write_record(record)
         self.stats.phases.mark("kernel")
+        self._kernel_mounted.set()
         record.ready = True
         write_record(record)
         self.stats.mark_ready()
@@ -349,7 +351,12 @@ class Daemon:
 
     async def _background(self, plans: list[tuple[int, ...]], options: PrefetchOptions) -> None:
         """Run the background loads, a layer without a list loading what the disk cache holds
-        of it first (up to half the chunk cache)."""
+        of it first (up to half the chunk cache). They start once the kernel mounts are up:
+        the disk answers at once, so started earlier they would hold the interpreter while the
+        kernel's first reads (its superblock, the root directory) and the mount threads wait on
+        it (the kernel mounts took 14-20 ms instead of 4 ms in warm starts); reads meanwhile
+        take the chunks they need from the disk themselves."""
+        await self._kernel_mounted.wait()
         budget = self.cache.capacity_bytes // 2
         for position, image in enumerate(self.images):
             if plans[position] or image.disk is None or not image.opened_from_disk:
