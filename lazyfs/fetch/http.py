@@ -52,6 +52,7 @@ from lazyfs.fetch.http_attempts import (
     redacted,
     retry_after_s,
     same_origin,
+    start_tls,
     status_text,
     with_retries,
 )
@@ -103,8 +104,12 @@ class HttpRangeReader:
         self._size_confirmed = False
         # Where the origin last redirected to; asked directly until it refuses.
         self._resolved_url: httpx.URL | None = None
-        self._client = pooled_client(options, transport, options.max_connections,
-                               https=parts.scheme == "https")
+        self._transport = transport
+        self._https = parts.scheme == "https"
+        # Made at the first request: building one imports httpx's transport (httpcore,
+        # ~10 ms), and a layer the disk cache holds may send none.
+        self._http: httpx.AsyncClient | None = None
+        start_tls(options, https=self._https)
         # Answers a head start fetched before this reader existed (each serves one request;
         # counted in the stats when it does).
         self._primed = primed
@@ -224,8 +229,16 @@ class HttpRangeReader:
                 return body
         return await get_small(url, max_bytes, self.options, shared_client=self._client)
 
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = pooled_client(self.options, self._transport,
+                                       self.options.max_connections, https=self._https)
+        return self._http
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     def _fail(self, exc: FetchError) -> None:
         # Counted, not logged: the caller reports the error (once) with what it was for.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -167,9 +168,7 @@ def pooled_client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | 
             max_connections: int, *, https: bool) -> httpx.AsyncClient:
     """A pooled client with the timeouts of `options`; redirects are followed by hand. The
     process's TLS context is shared (its CAs start loading now for an `https` origin)."""
-    verify = tls_context(options.verify_tls)
-    if https and isinstance(verify, LazyCAContext):
-        verify.start_loading()
+    verify = start_tls(options, https=https)
     connect_s, read_s = options.connect_timeout_s, options.read_timeout_s
     return httpx.AsyncClient(
         transport=transport,
@@ -183,6 +182,15 @@ def pooled_client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | 
         timeout=httpx.Timeout(connect=connect_s, read=read_s, write=read_s,
                               pool=connect_s + read_s),
     )
+
+
+def start_tls(options: ReaderOptions, *, https: bool) -> ssl.SSLContext | bool:
+    """The process's TLS context for `options`; its CAs start loading now (in the background)
+    for an `https` origin."""
+    verify = tls_context(options.verify_tls)
+    if https and isinstance(verify, LazyCAContext):
+        verify.start_loading()
+    return verify
 
 
 def redacted(parts: SplitResult) -> str:

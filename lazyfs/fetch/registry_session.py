@@ -171,17 +171,28 @@ class RegistrySession:
         verify = tls_context(True)
         if isinstance(verify, LazyCAContext):
             verify.start_loading()
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            verify=verify,
-            timeout=httpx.Timeout(timeout),
-            follow_redirects=True,
-            max_redirects=5,
-            headers={"User-Agent": f"lazyfs/{__version__}"},
-        )
+        self._transport = transport
+        self._verify = verify
+        # Made at the first request: building one imports httpx's transport (httpcore, ~10 ms),
+        # and a start that finds the image in the disk cache sends none.
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                transport=self._transport,
+                verify=self._verify,
+                timeout=httpx.Timeout(self._timeout),
+                follow_redirects=True,
+                max_redirects=5,
+                headers={"User-Agent": f"lazyfs/{__version__}"},
+            )
+        return self._http
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def request(
         self,

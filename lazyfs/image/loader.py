@@ -109,14 +109,17 @@ class ChunkLoader:
             return None
         return self.refusal(chunk_index)
 
-    def probe_source(self, nursery: trio.Nursery, probe: Callable[[], Awaitable[None]]) -> None:
-        """Ask the first source once, in the background, whether it answers (for a layer
-        opened from the disk cache alone, which has not asked it yet). Loads that would fetch
-        wait for the answer; a source that does not answer is down (`health`)."""
-        self._probing = done = trio.Event()
-        nursery.start_soon(self._run_probe, probe, done)
+    def probe_source(self, nursery: trio.Nursery, probe: Callable[[], Awaitable[None]],
+                     delay_s: float = 0.0) -> None:
+        """Ask the first source once, in the background, `delay_s` from now, whether it
+        answers (for a layer opened from the disk cache alone, which has not asked it yet).
+        Loads that would fetch while the probe is under way wait for its answer; a source
+        that does not answer is down (`health`)."""
+        nursery.start_soon(self._run_probe, probe, delay_s)
 
-    async def _run_probe(self, probe: Callable[[], Awaitable[None]], done: trio.Event) -> None:
+    async def _run_probe(self, probe: Callable[[], Awaitable[None]], delay_s: float) -> None:
+        await trio.sleep(delay_s)
+        self._probing = done = trio.Event()
         source = self.readers[0].source
         try:
             await probe()

@@ -86,7 +86,7 @@ class RemoteImage:
         # Opened from the metadata a disk cache kept: an earlier mount read the layer.
         self.opened_from_disk = source_probe is not None
         if source_probe is not None:
-            self.loader.probe_source(nursery, source_probe)
+            self.loader.probe_source(nursery, source_probe, tuning.source_probe_delay_s)
         # Background loads wait while `demand` counts fetches that reads wait for; `on_read`
         # (a recorder's) sees the chunks of every read.
         self.demand = DemandGate()

@@ -40,6 +40,10 @@ class ImageTuning:
     most `follow_miss_bytes` (0: never): a start-up jumps from file to file, each miss one
     round trip, and the next file is often the one laid out after it. The next frame's bytes
     come after the missed one's on the same stream, so the read waits for nothing more.
+
+    A layer opened from the disk cache alone asks its source whether it answers
+    `source_probe_delay_s` after it opens: not during the start-up it serves, which the disk
+    answers (a read that must fetch meanwhile asks the source itself).
     """
 
     readahead_chunks: int | None = None
@@ -56,6 +60,7 @@ class ImageTuning:
     stream_piece_bytes: int = 32 * 1024
     finish_frames: bool = True
     follow_miss_bytes: int = 384 * 1024
+    source_probe_delay_s: float = 2.0
 
     def __post_init__(self) -> None:
         if ((self.readahead_chunks is not None and self.readahead_chunks < 0)
@@ -64,12 +69,13 @@ class ImageTuning:
                 or self.refetches < 0 or self.retry_after_s < 0
                 or self.retry_max_s < self.retry_after_s or self.bad_retry_after_s < 0
                 or self.verity_window_bytes < 0 or self.stream_piece_bytes < 1
-                or self.follow_miss_bytes < 0):
+                or self.follow_miss_bytes < 0 or self.source_probe_delay_s < 0):
             raise ValueError(
                 "image tuning: need readahead_chunks and readahead_bytes >= 0, "
                 "coalesce_bytes >= 1, parallel_fetches >= 1, read_timeout_s > 0, "
                 "refetches >= 0, 0 <= retry_after_s <= retry_max_s, bad_retry_after_s >= 0, "
-                "verity_window_bytes >= 0, stream_piece_bytes >= 1 and follow_miss_bytes >= 0"
+                "verity_window_bytes >= 0, stream_piece_bytes >= 1, follow_miss_bytes >= 0 "
+                "and source_probe_delay_s >= 0"
             )
 
     def readahead_for(self, chunk_size: int) -> int:

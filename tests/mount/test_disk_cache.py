@@ -111,9 +111,16 @@ def test_a_layer_mounted_again_reads_from_the_disk_without_fetching_chunks(
         lazyfs.mount(url, str(mountpoint), mountpoint=mountpoint)
         assert compare_trees(scan_directory(tree), scan_directory(mountpoint)) == []
         # Nothing of the blob fetched, by the daemon or the command's head start: the
-        # descriptor (it may have changed) and a one-byte probe that the source answers.
-        asked = [" ".join(line.split()[1:3]) for line in server.access_lines()[before:]]
-        assert sorted(asked) == ['/layer.blob "bytes=0-0"', '/layer.descriptor.json "-"'], asked
+        # descriptor (it may have changed) and, once the start-up is over
+        # (`ImageTuning.source_probe_delay_s`), a one-byte probe that the source answers.
+
+        def asked() -> list[str]:
+            return sorted(" ".join(line.split()[1:3])
+                          for line in server.access_lines()[before:])
+
+        assert asked() == ['/layer.descriptor.json "-"']
+        wait_until(lambda: len(asked()) == 2, "the probe of the source")
+        assert asked() == ['/layer.blob "bytes=0-0"', '/layer.descriptor.json "-"']
         warm = mount_stats(lazyfs, mountpoint)
         layer_stats = only_layer(warm)
         assert layer_stats["chunks_fetched"] == 0 and layer_stats["bytes_fetched"] == 0

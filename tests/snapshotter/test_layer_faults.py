@@ -176,5 +176,7 @@ def test_layers_whose_blobs_are_gone_mount_from_the_disk_cache(containerd: Conta
                                     "d2", "/bin/sh", "-c", SHOW).stdout)
         for values in layer_stats(containerd).values():
             assert values["bytes_fetched"] == 0 and values["chunks_from_disk"] >= 1
-    assert "source unreachable" in containerd.snapshotter.log.read_text()
+        # Once the start-up is over, the layers ask their source whether it answers.
+        wait_until(lambda: "source unreachable" in containerd.snapshotter.log.read_text(),
+                   "the probe of the missing blobs")
     assert remote(assert_consistent(containerd)) == snapshots
