@@ -187,6 +187,12 @@ class DiskCache:
             self._trouble("read", exc)
             return []
 
+    def note_used(self, keys: tuple[str, ...]) -> None:
+        """Count a use of each of `keys` (read by another process that did not), for the LRU
+        order; written with this process's next batch of uses."""
+        for key in keys:
+            self.store.note_use(key)
+
     async def remember_reads(self, layer: str, chunks: list[int]) -> None:
         """`DiskStore.remember_reads`; a failure is logged once."""
         try:

@@ -269,6 +269,11 @@ class DiskStore:
     def contains(self, key: str) -> bool:
         return self.path(key).exists()
 
+    def note_use(self, key: str) -> None:
+        """Remember a use of `key`, written with the next batch of uses (never now)."""
+        with self._lock:
+            self._touched[key] = time.time()
+
     def touch(self, key: str, ref: tuple[str, int] | None = None) -> None:
         """Remember a use of `key` (by chunk `ref` = (layer, index)); written in batches."""
         with self._lock:

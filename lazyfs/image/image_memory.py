@@ -11,15 +11,23 @@ the registry cannot be reached (after the client's own retries), with a warning 
 digest; under "missing" it is used without asking the registry, as a container runtime runs
 an image pulled before (`docker run` does by default), and the registry is asked only for a
 tag it does not remember; under "never" the registry is not asked at all.
+
+A resolution that expects to find everything in the disk cache (a pull policy other than
+"always") first reads the entries straight from their files (`EntryReader`): no index to open
+or to write back, which matters on a warm start's critical path. What it cannot answer that
+way raises NotRemembered, and the image is resolved again the usual way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from lazyfs.cache.disk import DiskCache
+import trio
+
+from lazyfs.cache.disk_store import read_entry
 from lazyfs.fetch.registry_head_start import MAX_DOCUMENT_BYTES
 from lazyfs.format.errors import OCIFormatError
 from lazyfs.format.oci import detect_media_type, digest_of
@@ -33,20 +41,66 @@ log = logging.getLogger(__name__)
 
 DIGEST_PREFIXES = ("sha256:", "sha512:")
 
+
+class Entries(Protocol):
+    """The part of `lazyfs.cache.disk.DiskCache` an ImageMemory uses."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def contains(self, key: str) -> bool: ...
+
+
+class NotRemembered(Exception):
+    """Something a look at the disk cache's files alone (`EntryReader`) cannot answer."""
+
+
+class EntryReader:
+    """The disk cache in `directory` read without its index: entries straight from their
+    files, nothing touched or written; anything else raises NotRemembered."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+
+    async def get(self, key: str) -> bytes | None:
+        return await trio.to_thread.run_sync(read_entry, self._directory, key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        raise NotRemembered(f"{key} is to be written")
+
+    async def delete(self, key: str) -> None:
+        raise NotRemembered(f"{key} is to be dropped")
+
+    async def contains(self, key: str) -> bool:
+        raise NotRemembered(f"{key} is to be looked up in the index")
+
+
 class ImageMemory:
     """The manifests and configs of the images resolved through one registry `client`,
-    remembered in `disk` and answered from it when the registry is unreachable."""
+    remembered in `disk` and answered from it when the registry is unreachable (or when
+    `pull` says so). `used` lists the keys of the entries answers came from."""
 
-    def __init__(self, client: ManifestSource, registry: str, disk: DiskCache,
-                 pull: str = "always") -> None:
+    def __init__(self, client: ManifestSource, registry: str, disk: Entries,
+                 pull: str = "always", used: list[str] | None = None) -> None:
         self._client = client
         self._registry = registry
         self._disk = disk
         self._pull = pull  # one of lazyfs.cache.disk.PULL_POLICIES
+        self.used = [] if used is None else used
 
     def wrapping(self, client: ManifestSource) -> ImageMemory:
         """The same memory in front of another client (one answering from a head start)."""
-        return ImageMemory(client, self._registry, self._disk, self._pull)
+        return ImageMemory(client, self._registry, self._disk, self._pull, self.used)
+
+    def _not_remembered(self, what: str) -> Exception:
+        """The error for `what` the disk cache lacks when the registry must not be asked."""
+        if self._pull == "never":
+            return ImageResolveError(f"{what}: the disk cache does not remember this image, "
+                                     "and --pull never does not ask the registry")
+        return NotRemembered(f"{what}: not in the disk cache")
 
     async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
         """`RegistryClient.get_manifest`, remembered: a manifest asked for by digest comes from
@@ -63,11 +117,9 @@ class ImageMemory:
                     log.info("%s:%s: %s, as the disk cache remembers it (pull policy %s)",
                              repository, reference, kept[2], self._pull)
                 return kept
-            if self._pull == "never":
+            if self._pull == "never" or isinstance(self._disk, EntryReader):
                 at = "@" if reference.startswith(DIGEST_PREFIXES) else ":"
-                raise ImageResolveError(
-                    f"{self._registry}/{repository}{at}{reference}: the disk cache does not "
-                    "remember this image, and --pull never does not ask the registry")
+                raise self._not_remembered(f"{self._registry}/{repository}{at}{reference}")
         try:
             data, media_type, digest = await self._client.get_manifest(repository, reference)
         except RegistryUnavailableError as exc:
@@ -93,10 +145,8 @@ class ImageMemory:
         kept = await self._kept(digest)
         if kept is not None and len(kept) <= max_size_bytes:
             return kept
-        if self._pull == "never":
-            raise ImageResolveError(f"{self._registry}/{repository}@{digest}: the disk cache "
-                                    "does not hold this config, and --pull never does not ask "
-                                    "the registry")
+        if self._pull == "never" or isinstance(self._disk, EntryReader):
+            raise self._not_remembered(f"{self._registry}/{repository}@{digest}")
         data = await self._client.get_blob(repository, digest, max_size_bytes=max_size_bytes)
         await self._keep(digest, data)
         return data
@@ -111,7 +161,8 @@ class ImageMemory:
                 return data, detect_media_type(data, None), reference
             except OCIFormatError:
                 return None
-        pointer = await self._disk.get(tag_key(self._registry, repository, reference))
+        pointer_key = tag_key(self._registry, repository, reference)
+        pointer = await self._disk.get(pointer_key)
         if pointer is None:
             return None
         try:
@@ -121,7 +172,10 @@ class ImageMemory:
             log.warning("disk cache: a damaged entry for %s:%s; ignored", repository, reference)
             return None
         data = await self._kept(digest)
-        return None if data is None else (data, media_type, digest)
+        if data is None:
+            return None
+        self.used.append(pointer_key)
+        return data, media_type, digest
 
     async def _kept(self, digest: str) -> bytes | None:
         """The remembered bytes of `digest`, if they still match it (else dropped)."""
@@ -135,6 +189,7 @@ class ImageMemory:
             log.warning("disk cache: the copy of %s does not match its digest; dropped", digest)
             await self._disk.delete(key)
             return None
+        self.used.append(key)
         return data
 
     async def _keep(self, digest: str, data: bytes) -> None:

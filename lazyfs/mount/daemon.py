@@ -123,6 +123,8 @@ class DaemonConfig:
     forked_at: float | None = None
     # Chunks the command loaded from the disk cache while it started (`image.warm_start`).
     warm_chunks: dict[str, memoryview] = field(default_factory=dict, repr=False)
+    # Disk cache entries the command resolved the images from without noting their use.
+    disk_keys: tuple[str, ...] = ()
 
 
 def fuse_options(config: DaemonConfig) -> set[str]:
@@ -211,6 +213,7 @@ class Daemon:
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
         if config.disk_cache is not None and any(_is_remote(s.blob) for s in config.sources):
             self.disk = await trio.to_thread.run_sync(DiskCache.open, config.disk_cache)
+            self.disk.note_used(config.disk_keys)
             self.disk.adopt_warm(config.warm_chunks)
             log.info("disk cache %s, at most %d bytes", self.disk.directory,
                      self.disk.store.capacity_bytes)

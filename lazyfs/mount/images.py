@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -15,7 +15,7 @@ from lazyfs.fetch.errors import FetchError
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import DOCKER_HUB, parse_reference
 from lazyfs.image.errors import ImageResolveError
-from lazyfs.image.image_memory import ImageMemory
+from lazyfs.image.image_memory import Entries, EntryReader, ImageMemory, NotRemembered
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import ResolvedImage, layer_sources, resolve_image
 from lazyfs.mount.state import ImageRecord
@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ImageSet:
-    """Resolved images and the distinct layers that serve them all (each once)."""
+    """Resolved images and the distinct layers that serve them all (each once); `disk_keys`:
+    the disk cache entries the images were resolved from (the daemon counts them as used)."""
 
     images: list[ResolvedImage]
     sources: list[LayerSource]
+    disk_keys: list[str] = field(default_factory=list)
 
 
 def image_record(
@@ -68,6 +70,12 @@ async def resolve_images(
     each)."""
     if disk is None:
         return await _resolve_images(references, options, platform, insecure, None, primed)
+    if disk.pull != "always":  # everything may be in the disk cache: look there first
+        try:
+            return await _resolve_images(references, options, platform, insecure,
+                                         EntryReader(disk.directory), primed, disk.pull)
+        except NotRemembered as exc:
+            log.debug("%s; resolving with the registry", exc)
     try:
         cache = await trio.to_thread.run_sync(DiskCache.open, disk)
     except DiskCacheError as exc:
@@ -82,7 +90,7 @@ async def resolve_images(
 
 async def _resolve_images(
     references: Sequence[str], options: RegistryOptions, platform: Platform, insecure: bool,
-    disk: DiskCache | None, primed: PrimedRegistry | None, pull: str = "always",
+    disk: Entries | None, primed: PrimedRegistry | None, pull: str = "always",
 ) -> ImageSet:
     parsed = []
     for text in references:
@@ -94,12 +102,13 @@ async def _resolve_images(
     images: list[ResolvedImage] = []
     sources: dict[str, LayerSource] = {}
     names: list[str] = []  # the mount's name of each distinct layer
+    used: list[str] = []  # disk cache entries the answers came from
     for position, (text, reference) in enumerate(zip(references, parsed, strict=True)):
         early = primed if position == 0 else None
         try:
             async with options.client(reference.registry) as client:
                 memory = (None if disk is None
-                          else ImageMemory(client, reference.registry, disk, pull))
+                          else ImageMemory(client, reference.registry, disk, pull, used))
                 image = await resolve_image(client, reference, platform, insecure=insecure,
                                             memory=memory, primed=early)
                 wanted = [layer for layer in image.distinct_layers if layer.digest not in sources]
@@ -122,7 +131,7 @@ async def _resolve_images(
         images.append(image)
     if len(set(names)) != len(names):
         raise ImageResolveError(f"layers of different digests share a name: {sorted(names)}")
-    return ImageSet(images, list(sources.values()))
+    return ImageSet(images, list(sources.values()), list(dict.fromkeys(used)))
 
 
 def _hint(text: str, registry: str) -> str:

@@ -160,6 +160,7 @@ def image_config(
         low_speed=options.low_speed,
         prefetch=options.prefetch,
         temp_dir=temp_dir,
+        disk_keys=tuple(found.disk_keys),
     )
 
 

@@ -246,3 +246,41 @@ def test_the_host_platform_uses_oci_names() -> None:
     platform = host_platform()
     assert platform.os == "linux"
     assert platform.architecture not in ("x86_64", "aarch64")
+
+
+def test_a_remembered_image_resolves_from_the_cache_files_alone(tmp_path: Path) -> None:
+    """Under a pull policy other than "always" the image is first resolved from the disk
+    cache's files (`EntryReader`: no index opened, nothing written): the same manifest as the
+    registry gave, no request, and the keys used listed; what the files lack is
+    NotRemembered (resolved again with the registry), or an error under "never"."""
+    from lazyfs.cache.disk import DiskCache, DiskCacheOptions
+    from lazyfs.image.image_memory import EntryReader, ImageMemory, NotRemembered
+
+    registry = ScriptedRegistry()
+    pinned = registry.image([layer("a", seekable())])
+    registry.image([layer("b", seekable())], tag="v2")
+
+    async def main(memory_of: Any, tag: str = "v1") -> ResolvedImage:
+        transport = httpx.MockTransport(registry.handler)
+        async with RegistryClient(HOST, insecure=True, transport=transport, retries=0) as client:
+            return await resolve_image(client, parse_reference(f"{HOST}/app:{tag}"), AMD64,
+                                       memory=memory_of(client))
+
+    cache = DiskCache.open(DiskCacheOptions(str(tmp_path)))
+    try:
+        fetched = trio.run(main, lambda client: ImageMemory(client, HOST, cache))
+    finally:
+        cache.store.close()
+    assert fetched.manifest_digest == pinned and len(registry.requests) == 2
+    used: list[str] = []
+    remembered = trio.run(main, lambda client: ImageMemory(
+        client, HOST, EntryReader(str(tmp_path)), "missing", used))
+    assert remembered == fetched and len(registry.requests) == 2
+    assert len(used) == 3  # the tag's pointer, the manifest, the config
+    with pytest.raises(NotRemembered):
+        trio.run(main, lambda client: ImageMemory(client, HOST, EntryReader(str(tmp_path)),
+                                                  "missing"), "v2")
+    with pytest.raises(ImageResolveError, match="--pull never"):
+        trio.run(main, lambda client: ImageMemory(client, HOST, EntryReader(str(tmp_path)),
+                                                  "never"), "v2")
+    assert len(registry.requests) == 2

@@ -9,10 +9,12 @@ and checks that `umount` left nothing in /proc/self/mountinfo or `losetup -a`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -372,13 +374,23 @@ def test_the_pull_policy_says_when_a_remembered_tag_is_asked_for(
         umount_leaves_nothing(lazyfs, first, record)
         return str(record["images"][0]["manifest_digest"])
 
+    def image_entries_last_used() -> list[float]:
+        with contextlib.closing(sqlite3.connect(lazyfs.cache_dir / "index.sqlite")) as db:
+            return [row[0] for row in db.execute(
+                "SELECT last_used FROM entries WHERE kind IN ('imgtag', 'imgdata') ORDER BY key")]
+
     with running_registry(tmp_path / "registry") as registry:
         old = publish(tmp_path / "old", registry.host)
         old_digest = mounted_digest()
         moved = publish(tmp_path / "new", registry.host,
                         layers=[base_layer(), change_layer("-moved")])
         assert moved.converted == old.converted  # the same tag, another manifest
+        before = image_entries_last_used()
         assert mounted_digest() == old_digest
+        # Read from their files by the command, the entries' use is noted by the daemon.
+        after = image_entries_last_used()
+        assert len(after) == len(before) == 3
+        assert all(a > b for a, b in zip(after, before, strict=True))
         new_digest = mounted_digest("--pull", "always")
         assert new_digest != old_digest
         registry.stop()
