@@ -2,8 +2,10 @@
 
 The daemon writes the record as each piece comes up (FUSE mount, loop device, EROFS mount),
 so `lazyfs umount` can take down whatever exists even after the daemon died half-way, and
-`lazyfs stats` / `lazyfs mounts` find the mount. Writes are atomic (temporary file, fsync,
-rename): a reader never sees half a record.
+`lazyfs stats` / `lazyfs mounts` find the mount. Writes are atomic (temporary file, rename): a
+reader never sees half a record, and a daemon that dies leaves its last record whole. They
+are not fsynced: a record describes kernel mounts, which a reboot (the one thing an fsync
+would guard against) takes away with it, and a start writes it five times or more.
 
 A background daemon logs to a file beside its record. `lazyfs umount` deletes the log of a
 daemon that stopped cleanly and logged nothing at WARNING or above; the others are kept for
@@ -165,7 +167,6 @@ def write_record(record: MountRecord) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
