@@ -69,8 +69,16 @@ def default_capacity(directory: str, used_bytes: int) -> int:
     return min(DEFAULT_MAX_BYTES, max(MIN_DEFAULT_BYTES, wanted))
 
 
-def open_store(options: DiskCacheOptions) -> DiskStore:
-    """Open (creating) the store of `options`, with its cap. Raises DiskCacheError."""
+def open_store(options: DiskCacheOptions, *, index_in_background: bool = False) -> DiskStore:
+    """Open (creating) the store of `options`, with its cap; `index_in_background`: see
+    `DiskStore.open_index_in_background` (its errors come from `DiskStore.wait_index`).
+    Raises DiskCacheError."""
+    if index_in_background:
+        store = DiskStore(options.directory, options.size_bytes or 0, open_index=False)
+        store.open_index_in_background(
+            None if options.size_bytes is not None
+            else lambda held: default_capacity(options.directory, held))
+        return store
     store = DiskStore(options.directory, options.size_bytes or 0)
     if options.size_bytes is None:
         try:
@@ -123,10 +131,11 @@ class DiskCache:
         self._warm = {}
 
     @classmethod
-    def open(cls, options: DiskCacheOptions) -> DiskCache:
+    def open(cls, options: DiskCacheOptions, *, index_in_background: bool = False) -> DiskCache:
         """Open the cache directory (blocking: call from a thread or before trio runs).
-        Raises DiskCacheError."""
-        return cls(open_store(options))
+        `index_in_background`: entries can be read at once while the index opens (see
+        `DiskStore.open_index_in_background`). Raises DiskCacheError."""
+        return cls(open_store(options, index_in_background=index_in_background))
 
     @property
     def directory(self) -> str:

@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,31 +179,81 @@ def entry_path(directory: Path, key: str) -> Path:
 
 
 class DiskStore:
-    """One process's handle on a cache directory; thread-safe (one lock around the index)."""
+    """One process's handle on a cache directory; thread-safe (one lock around the index).
 
-    def __init__(self, directory: str | os.PathLike[str], capacity_bytes: int) -> None:
+    With `open_index=False` the index is opened by `open_index_in_background`: entries can be
+    read at once (a read needs no index), anything that needs the index waits for it."""
+
+    def __init__(self, directory: str | os.PathLike[str], capacity_bytes: int, *,
+                 open_index: bool = True) -> None:
         if capacity_bytes < 0:
             raise ValueError("disk cache capacity must be >= 0")
         self.directory = Path(directory)
-        self.capacity_bytes = capacity_bytes
+        self._capacity = capacity_bytes
         self.evictions = 0  # by this process
         self._lock = threading.Lock()
         self._touched: dict[str, float] = {}
         self._refs: dict[tuple[str, int], str] = {}
         self._last_flush = time.monotonic()
+        self._index: sqlite3.Connection | None = None
+        self._index_error: DiskCacheError | None = None
+        self._index_ready = threading.Event()
         try:
             for sub in ("data", "tmp"):
                 (self.directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DiskCacheError(f"cannot use the cache directory {self.directory}: "
+                                 f"{_reason(exc)}") from None
+        if open_index:
+            self._open_index()
+            self.wait_index()
+
+    def open_index_in_background(self, default_cap: Callable[[int], int] | None = None) -> None:
+        """Open the index in a thread of its own; with `default_cap`, the cap is then
+        `default_cap(bytes held)` (set before anything waiting for the index goes on)."""
+        def work() -> None:
+            self._open_index(default_cap)
+
+        threading.Thread(target=work, name="lazyfs-disk-index", daemon=True).start()
+
+    def wait_index(self) -> None:
+        """Return once the index is open. Raises DiskCacheError when it cannot be."""
+        self._index_ready.wait()
+        if self._index_error is not None:
+            raise self._index_error
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        self.wait_index()
+        assert self._index is not None
+        return self._index
+
+    @property
+    def capacity_bytes(self) -> int:
+        self._index_ready.wait()  # a default cap is set once the index tells the size held
+        return self._capacity
+
+    @capacity_bytes.setter
+    def capacity_bytes(self, value: int) -> None:
+        self._capacity = value
+
+    def _open_index(self, default_cap: Callable[[int], int] | None = None) -> None:
+        try:
             try:
-                self._db = self._connect()
+                self._index = self._connect()
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError):
                     raise  # locked, read-only, out of space: not the index's fault
-                self._db = self._start_afresh(exc)
-        except (OSError, sqlite3.Error) as exc:
-            raise DiskCacheError(f"cannot use the cache directory {self.directory}: "
-                                 f"{_reason(exc)}") from None
-        self._sweep_tmp(TMP_MAX_AGE_S)
+                self._index = self._start_afresh(exc)
+            self._sweep_tmp(TMP_MAX_AGE_S)
+            if default_cap is not None:
+                (held,) = self._index.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()
+                self._capacity = default_cap(int(held))
+        except (OSError, sqlite3.Error, DiskCacheError) as exc:
+            self._index_error = (exc if isinstance(exc, DiskCacheError) else DiskCacheError(
+                f"cannot use the cache directory {self.directory}: {_reason(exc)}"))
+        finally:
+            self._index_ready.set()
 
     def _connect(self) -> sqlite3.Connection:
         """Open the index, set up by whichever process comes first. Processes opening a new
@@ -248,10 +298,13 @@ class DiskStore:
         return self._connect()
 
     def close(self) -> None:
+        self._index_ready.wait()
         with self._lock:
+            if self._index is None:
+                return
             with contextlib.suppress(sqlite3.Error):
                 self._flush_touches()
-            self._db.close()
+            self._index.close()
 
     # -- entries ---------------------------------------------------------------------------
 

@@ -256,3 +256,31 @@ def test_an_unusable_directory_is_one_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(DiskCacheError, match="cannot use the cache directory"):
         DiskStore(tmp_path / "file" / "cache", 1)
+
+
+def test_an_index_opened_in_the_background_serves_reads_at_once(tmp_path: Path) -> None:
+    """Entries are read while the index opens in a thread of its own; what needs the index
+    (a put, the cap) waits for it, and the default cap comes from the bytes it counts."""
+    store = DiskStore(tmp_path, 1 << 20)
+    store.put(key(1), b"x" * 5000)
+    store.close()
+    store = DiskStore(tmp_path, 0, open_index=False)
+    assert store.get(key(1)) == b"x" * 5000  # no index yet
+    held: list[int] = []
+    store.open_index_in_background(lambda size: held.append(size) or 1 << 20)
+    store.put(key(2), b"y")
+    assert held == [2 * DISK_BLOCK] and store.capacity_bytes == 1 << 20
+    assert store.totals().size_bytes == 3 * DISK_BLOCK
+    store.close()
+
+
+def test_an_index_that_cannot_be_opened_in_the_background_is_one_error(tmp_path: Path) -> None:
+    DiskStore(tmp_path, 1).close()
+    sqlite3.connect(tmp_path / "index.sqlite").execute("PRAGMA user_version = 99")
+    store = DiskStore(tmp_path, 1, open_index=False)
+    store.open_index_in_background()
+    with pytest.raises(DiskCacheError, match="newer"):
+        store.wait_index()
+    with pytest.raises(DiskCacheError, match="newer"):
+        store.totals()
+    store.close()  # nothing to close
