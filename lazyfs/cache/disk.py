@@ -26,7 +26,8 @@ from typing import Any
 import trio
 
 from lazyfs.cache.defaults import default_cache_dir
-from lazyfs.cache.disk_store import DiskCacheError, DiskStore
+from lazyfs.cache.disk_index import DiskCacheError
+from lazyfs.cache.disk_store import DiskStore
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ processes may use one directory at once (mount daemons, the snapshotter, `lazyfs
     DIR/index.sqlite      entries (key, kind, bytes, last use), the total, layers and the
                           chunks each layer has in the store (for `lazyfs cache ls`), and
                           the order in which each layer's last mount first read its chunks
+                          (`lazyfs.cache.disk_index`)
     DIR/data/KIND/HH/HEX  one file per entry: complete once it has this name, never changed
     DIR/tmp/              files being written; a writer killed mid-write leaves one here
 
@@ -43,51 +44,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs.errors import LazyfsError
+from lazyfs.cache.disk_index import (
+    DiskCacheError,
+    encode_read_order,
+    layer_entries,
+    open_index,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 DISK_BLOCK = 4096
 TMP_MAX_AGE_S = 3600.0
 # A row whose file is missing may belong to a put in progress: `prune` leaves it this long.
 PENDING_MAX_AGE_S = 600.0
 TOUCH_FLUSH_S = 2.0
 TOUCH_FLUSH_ENTRIES = 512
-BUSY_TIMEOUT_S = 30.0
-# Opening a new index while other processes do: tries, and the pause after the first.
-SETUP_ATTEMPTS = 20
-SETUP_RETRY_S = 0.02
 _KEY = re.compile(r"^([a-z]+)-([0-9a-f]{16,128})$")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL,
-    last_used REAL NOT NULL, created REAL NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
-CREATE TABLE IF NOT EXISTS totals (
-    id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL, evictions INTEGER NOT NULL);
-INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
-CREATE TABLE IF NOT EXISTS layers (
-    layer TEXT PRIMARY KEY, label TEXT NOT NULL, chunk_count INTEGER NOT NULL,
-    last_used REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS refs (
-    layer TEXT NOT NULL, chunk INTEGER NOT NULL, key TEXT NOT NULL,
-    PRIMARY KEY (layer, chunk)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS refs_key ON refs (key);
-CREATE TABLE IF NOT EXISTS read_orders (
-    layer TEXT PRIMARY KEY, chunks TEXT NOT NULL, written REAL NOT NULL) WITHOUT ROWID;
-"""
-
-
-# A layer's chunks in the store and their entries, least recently used first.
-_LAYER_ENTRIES = ("SELECT r.chunk, r.key FROM refs r JOIN entries e ON e.key = r.key"
-                  " WHERE r.layer = ? ORDER BY e.last_used, r.chunk")
-_READ_ORDER = "SELECT chunks FROM read_orders WHERE layer = ?"
-
-
-class DiskCacheError(LazyfsError):
-    """The cache directory cannot be used (permissions, a newer index format)."""
 
 
 @dataclass(frozen=True)
@@ -119,49 +92,6 @@ def read_entry(directory: Path, key: str) -> bytes | None:
             return stream.read()
     except FileNotFoundError:
         return None
-
-
-def read_layer_entries(directory: Path, layer: str) -> list[tuple[int, str]]:
-    """(chunk, entry key) of the chunks of `layer` the cache in `directory` holds, in the
-    order of `DiskStore.layer_chunks`, read without writing anything ([] without an index).
-    Raises sqlite3.Error."""
-    path = directory / "index.sqlite"
-    if not path.exists():
-        return []
-    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
-                         timeout=BUSY_TIMEOUT_S)
-    try:
-        return _layer_entries(db, layer)
-    finally:
-        db.close()
-
-
-def encode_read_order(chunks: list[int]) -> str:
-    return ",".join(str(chunk) for chunk in chunks)
-
-
-def decode_read_order(text: str) -> list[int] | None:
-    """The chunk indices of a stored read order; None when it is not one."""
-    try:
-        chunks = [int(item) for item in text.split(",")] if text else []
-    except ValueError:
-        return None
-    return chunks if all(chunk >= 0 for chunk in chunks) else None
-
-
-def _layer_entries(db: sqlite3.Connection, layer: str) -> list[tuple[int, str]]:
-    """(chunk, entry key) of the chunks of `layer` the store holds that its last mount read,
-    in the order it first read them; all it holds, least recently used first, when no mount
-    left its order (or an index from before orders were kept)."""
-    held = {int(chunk): str(key) for chunk, key in db.execute(_LAYER_ENTRIES, (layer,))}
-    try:
-        row = db.execute(_READ_ORDER, (layer,)).fetchone()
-    except sqlite3.OperationalError:  # an index this lazyfs has not opened for writing yet
-        row = None
-    order = None if row is None else decode_read_order(str(row[0]))
-    if order is None:
-        return list(held.items())
-    return [(chunk, held[chunk]) for chunk in order if chunk in held]
 
 
 def disk_bytes(size: int) -> int:
@@ -239,12 +169,7 @@ class DiskStore:
 
     def _open_index(self, default_cap: Callable[[int], int] | None = None) -> None:
         try:
-            try:
-                self._index = self._connect()
-            except sqlite3.DatabaseError as exc:
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise  # locked, read-only, out of space: not the index's fault
-                self._index = self._start_afresh(exc)
+            self._index = open_index(self.directory)
             self._sweep_tmp(TMP_MAX_AGE_S)
             if default_cap is not None:
                 (held,) = self._index.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()
@@ -254,48 +179,6 @@ class DiskStore:
                 f"cannot use the cache directory {self.directory}: {_reason(exc)}"))
         finally:
             self._index_ready.set()
-
-    def _connect(self) -> sqlite3.Connection:
-        """Open the index, set up by whichever process comes first. Processes opening a new
-        index at once can be told it is locked without sqlite's busy wait (switching it to
-        WAL takes an exclusive lock): that is tried again, a bounded number of times."""
-        for attempt in range(SETUP_ATTEMPTS):
-            try:
-                return self._connect_once()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == SETUP_ATTEMPTS - 1:
-                    raise
-                time.sleep(SETUP_RETRY_S * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _connect_once(self) -> sqlite3.Connection:
-        path = self.directory / "index.sqlite"
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                             check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise DiskCacheError(f"{path}: index format {version} is newer than this "
-                                     f"lazyfs ({SCHEMA_VERSION}); use another --cache-dir")
-            # The write lock first: upgrading a read to a write could not wait for it.
-            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
-                             f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _start_afresh(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
-        """An index sqlite cannot read (damaged): the cache starts empty, as a cache may."""
-        log.warning("disk cache %s: the index cannot be read (%s); starting afresh",
-                    self.directory, exc)
-        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
-            (self.directory / name).unlink(missing_ok=True)
-        shutil.rmtree(self.directory / "data", ignore_errors=True)
-        (self.directory / "data").mkdir(mode=0o700, exist_ok=True)
-        return self._connect()
 
     def close(self) -> None:
         self._index_ready.wait()
@@ -408,7 +291,7 @@ class DiskStore:
         with self._lock, self._transaction():
             self._flush_touches()
         with self._lock:
-            return [chunk for chunk, _ in _layer_entries(self._db, layer)]
+            return [chunk for chunk, _ in layer_entries(self._db, layer)]
 
     def remember_reads(self, layer: str, chunks: list[int]) -> None:
         """Keep the order in which a mount of `layer` first read `chunks`, in place of the

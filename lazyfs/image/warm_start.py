@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs.cache.disk_store import read_entry, read_layer_entries
+from lazyfs.cache.disk_index import read_layer_entries
+from lazyfs.cache.disk_store import read_entry
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,

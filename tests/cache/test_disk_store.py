@@ -15,14 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.cache.disk_store import (
-    DISK_BLOCK,
-    DiskCacheError,
-    DiskStore,
-    decode_read_order,
-    disk_bytes,
-    read_layer_entries,
-)
+from lazyfs.cache.disk_index import DiskCacheError, decode_read_order, read_layer_entries
+from lazyfs.cache.disk_store import DISK_BLOCK, DiskStore, disk_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -348,7 +348,8 @@ def test_a_warm_start_loads_only_what_the_last_mount_read(
 def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
     """(the layer's authenticated metadata, frame key -> chunk index) of what the disk cache
     holds of the layer at `url`."""
-    from lazyfs.cache.disk_store import read_entry, read_layer_entries
+    from lazyfs.cache.disk_index import read_layer_entries
+    from lazyfs.cache.disk_store import read_entry
     from lazyfs.image.disk_entries import check_cached_metadata
     from lazyfs.image.keys import layer_key
     from lazyfs.image.warm_start import remembered_layer
