@@ -11,11 +11,15 @@ context trusts nothing, so a handshake that somehow came first would fail, never
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import ssl
 import threading
 from functools import cache
+
+# How long a process ending while CA certificates load waits for them (they take tens of ms).
+LOAD_WAIT_AT_EXIT_S = 10.0
 
 
 class LazyCAContext(ssl.SSLContext):
@@ -40,6 +44,9 @@ class LazyCAContext(ssl.SSLContext):
                 self._loader = threading.Thread(target=self._load, name="lazyfs-tls-ca",
                                                 daemon=True)
                 self._loader.start()
+                # OpenSSL loads them without holding the interpreter: a process that ends
+                # meanwhile (a command failing fast) must not free the context under it.
+                atexit.register(self._loader.join, LOAD_WAIT_AT_EXIT_S)
 
     def _ensure_loaded(self) -> None:
         self.start_loading()

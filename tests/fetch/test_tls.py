@@ -80,3 +80,17 @@ def test_a_plain_http_reader_loads_no_certificates(tmp_path: Path) -> None:
         assert read(server.url + "blob", cafile) == BLOB[100:1100]
     context = tls_context(cafile)
     assert isinstance(context, LazyCAContext) and context._loader is None
+
+
+def test_a_process_ending_while_ca_certificates_load_exits_cleanly() -> None:
+    """OpenSSL loads the CA certificates without holding the interpreter: a command that fails
+    (and exits) right after a client started the load must wait for it, not free the context
+    under it (that crashed one exit in seven)."""
+    import sys
+
+    script = ("from lazyfs.fetch.tls import tls_context\n"
+              "context = tls_context(True)\n"
+              "context.start_loading()\n")
+    codes = [subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
+                            capture_output=True, check=False).returncode for _ in range(30)]
+    assert codes == [0] * 30
