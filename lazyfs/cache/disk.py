@@ -112,8 +112,8 @@ class DiskCache:
         self._warm: dict[str, memoryview] = {}
 
     def adopt_warm(self, chunks: dict[str, memoryview]) -> None:
-        """Take the chunks a warm start loaded (see `take_warm`)."""
-        self._warm = chunks
+        """Take the chunks a warm start loaded (see `take_warm`), with those taken before."""
+        self._warm.update(chunks)
 
     def take_warm(self, key: str, ref: tuple[str, int]) -> memoryview | None:
         """The decoded chunk a warm start loaded from the entry `key` (for chunk `ref` =

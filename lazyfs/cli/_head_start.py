@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lazyfs.fetch.registry_head_start import PrimedRegistry, RegistryHeadStart
     from lazyfs.format.platform import Platform
     from lazyfs.format.reference import ImageReference
-    from lazyfs.image.warm_start import WarmLayer, WarmStart
+    from lazyfs.image.warm_start import WarmFeed, WarmLayer, WarmStart
 
 # How long a command waits, once it is ready to start its daemon, for answers still on their
 # way (the daemon would wait for them anyway, asking again).
@@ -118,9 +118,11 @@ def layer_warm_start(args: argparse.Namespace, descriptor: str | None) -> WarmSt
                                                                 descriptor))
 
 
-def finish_warm(warm_start: WarmStart | None) -> dict[str, memoryview]:
-    """The chunks a warm start loaded by now (it stops): for the daemon about to fork."""
-    return {} if warm_start is None else warm_start.finish()
+def finish_warm(warm_start: WarmStart | None,
+                ) -> tuple[dict[str, memoryview], WarmFeed | None]:
+    """For the daemon about to start: the chunks a warm start loaded by now, and the loader
+    going on (`WarmStart.hand_over`)."""
+    return ({}, None) if warm_start is None else warm_start.hand_over()
 
 
 def _warm_start(args: argparse.Namespace,

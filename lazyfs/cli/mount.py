@@ -311,7 +311,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     config = build_config(args, head_start)
     config.command_started = process_started_monotonic()
-    config.warm_chunks = finish_warm(warm_start)
+    config.warm_chunks, config.warm_feed = finish_warm(warm_start)
     if args.foreground:
 
         def on_ready() -> None:

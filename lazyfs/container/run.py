@@ -47,6 +47,7 @@ from lazyfs.mount.state import MountRecord, StateError, ensure_state_dir, privat
 
 if TYPE_CHECKING:
     from lazyfs.fetch.registry_head_start import PrimedRegistry
+    from lazyfs.image.warm_start import WarmFeed
 
 Notify = Callable[[str], None]
 """Called with a one-line message for the user."""
@@ -104,12 +105,13 @@ def prepare(request: RunRequest, primed: PrimedRegistry | None = None) -> Prepar
 
 
 def run(prepared: PreparedRun, *, started: float, notify: Notify,
-        warm_chunks: Callable[[], dict[str, memoryview]] = dict) -> RunReport:
+        warm_chunks: Callable[[], tuple[dict[str, memoryview], WarmFeed | None]] = (
+            lambda: ({}, None))) -> RunReport:
     """Mount, run the command, tear down; `started` is when the run began (monotonic). Returns
     the report (its exit code the command's). `warm_chunks()` gives, as the lazy mount's
-    daemon is about to start, the chunks the command loaded from the disk cache meanwhile
-    (`lazyfs.image.warm_start`). Raises what made the mount fail, after the teardown;
-    KeyboardInterrupt stops the command and tears down."""
+    daemon is about to start, the chunks the command loaded from the disk cache meanwhile and
+    the loader going on (`lazyfs.image.warm_start`). Raises what made the mount fail, after
+    the teardown; KeyboardInterrupt stops the command and tears down."""
     request, image = prepared.request, prepared.image
     ensure_state_dir()
     if request.writable:
@@ -139,7 +141,7 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify,
                 options=request.mount,
                 temp_dir=str(work),
             )
-            config.warm_chunks = warm_chunks()
+            config.warm_chunks, config.warm_feed = warm_chunks()
             record = start(config)
         report.mounted_s = time.monotonic() - started
         report.exit_code = run_container(spec)

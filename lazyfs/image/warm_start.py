@@ -6,7 +6,10 @@ read back, checked against its SHA-512, decoded. That is about a millisecond of 
 spent while the container starts and waits for those very chunks. A `WarmStart` does it
 earlier, in a process of its own while the command imports the rest of lazyfs (which keeps
 one core busy and leaves the disk and the other cores idle), and the daemon inherits the
-decoded chunks across its fork.
+decoded chunks across its fork. What the loader has not loaded by then it goes on loading
+while the container starts (`hand_over`, `WarmFeed`): the daemon takes each chunk as its
+record comes, instead of loading the rest itself on the core that serves the container's
+reads.
 
 Nothing is trusted for having been loaded early. The loader authenticates each layer's
 metadata entry against the annotations of the manifest (or descriptor) the disk cache
@@ -60,6 +63,36 @@ log = logging.getLogger(__name__)
 
 # The records pipe's room: every chunk's record fits without the loader waiting for a reader.
 RECORDS_PIPE_BYTES = 1 << 20
+# How long a command that handed its loader over waits for it to end when it exits.
+LOADER_EXIT_WAIT_S = 1.0
+
+
+@dataclass
+class WarmFeed:
+    """A warm start's loader going on after the command has handed over to its daemon: the
+    records of the chunks it loads next come on `records` (the chunks themselves in `area`);
+    closing every copy of `stop` tells it to stop. The daemon follows it (`chunks_of` what it
+    reads, `close` at the end); the command, once the daemon has forked, only lets go of its
+    own copies (`release`)."""
+
+    area: memoryview  # read-only, shared with the loader
+    records: int
+    stop: int
+    pending: bytes = b""  # the start of a record whose end has not come yet
+
+    def chunks_of(self, data: bytes) -> dict[str, memoryview]:
+        """The chunks of the complete records in what came before and `data`."""
+        complete, _, self.pending = (self.pending + data).rpartition(b"\n")
+        return _chunks(complete, self.area)
+
+    def release(self) -> None:
+        """In the command, after the daemon forked with its own copies: close this one's."""
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.records, self.stop):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -72,12 +105,13 @@ class WarmLayer:
 
 class WarmStart:
     """Load the chunks the disk cache in `directory` holds of the layers `find_layers` names,
-    up to `budget_bytes` decoded, until `finish`.
+    up to `budget_bytes` decoded, until `finish` (or, after `hand_over`, until told to stop).
 
     The loading runs in a child process forked at `start` (before the command has threads or
     its heavy imports): a thread would contend with the imports for the interpreter lock. It
     writes each chunk into shared memory mapped before the fork, which the daemon forked later
-    inherits as it is, and tells the command where on a pipe."""
+    inherits as it is, and tells the command where on a pipe (then, after `hand_over`, the
+    daemon, which inherits the pipe too)."""
 
     def __init__(self, directory: Path, find_layers: Callable[[], list[WarmLayer]],
                  budget_bytes: int) -> None:
@@ -134,12 +168,24 @@ class WarmStart:
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(self._pid, os.WNOHANG)[0] == 0:  # still in a disk read: reap later
                 atexit.register(_reap, self._pid)
-        area = memoryview(self._area).toreadonly()
-        chunks: dict[str, memoryview] = {}
-        for line in received.decode().splitlines():
-            key, offset, size = line.split()
-            chunks[key] = area[int(offset):int(offset) + int(size)]
-        return chunks
+        complete = received.rpartition(b"\n")[0]
+        return _chunks(complete, memoryview(self._area).toreadonly())
+
+    def hand_over(self) -> tuple[dict[str, memoryview], WarmFeed | None]:
+        """For a daemon about to start: the chunks loaded by now, and the loader going on
+        (None once it has ended), which the daemon follows on its own core while the
+        container starts, instead of loading the rest itself. The loader is collected when
+        this process exits (told to stop by then, when the daemon ended)."""
+        if self._area is None or not self._pid:
+            return {}, None
+        received, ended = self._receive(b"", 0.0)
+        feed = WarmFeed(memoryview(self._area).toreadonly(), self._records, self._stop)
+        chunks = feed.chunks_of(received)
+        atexit.register(_collect, self._pid)
+        if ended:
+            feed.close()
+            return chunks, None
+        return chunks, feed
 
     def _receive(self, received: bytes, wait_s: float) -> tuple[bytes, bool]:
         """`received` and the records there are now or come within `wait_s`; True once the
@@ -192,10 +238,33 @@ class WarmStart:
 # -- which layers: what the disk cache remembers of an image or a layer URL ----------------------
 
 
+def _chunks(records: bytes, area: memoryview) -> dict[str, memoryview]:
+    """The chunks `records` (complete lines "KEY OFFSET SIZE") name, as views of `area`."""
+    chunks: dict[str, memoryview] = {}
+    for line in records.decode().splitlines():
+        key, offset, size = line.split()
+        chunks[key] = area[int(offset):int(offset) + int(size)]
+    return chunks
+
+
 def _reap(pid: int) -> None:
     """Collect a killed loader's exit status (at the command's exit)."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def _collect(pid: int) -> None:
+    """Collect a loader handed over to a daemon (at the command's exit): it stops once the
+    daemon is gone; one still going after a while is killed."""
+    deadline = time.monotonic() + LOADER_EXIT_WAIT_S
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.01)
 
 
 def remembered_image_layers(directory: Path, registry: str, repository: str, reference: str,

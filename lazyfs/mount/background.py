@@ -90,8 +90,8 @@ def _daemon_child(config: DaemonConfig, ready_fd: int) -> int:
     # hold on the caller's working directory (which would keep that file system busy).
     os.setsid()
     os.chdir("/")
-    os.closerange(3, ready_fd)
-    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    feed = config.warm_feed
+    _close_all_but({ready_fd, *((feed.records, feed.stop) if feed is not None else ())})
     devnull = os.open(os.devnull, os.O_RDONLY)
     log_fd = os.open(config.log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)
@@ -121,6 +121,15 @@ def _daemon_child(config: DaemonConfig, ready_fd: int) -> int:
         log.exception("lazyfs daemon failed")
         _send(ready_fd, f"error: internal error ({exc!r}); details in {config.log_file}\n".encode())
         return 1
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every descriptor from 3 on but those in `keep`."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def _send(fd: int, message: bytes) -> None:

@@ -43,6 +43,7 @@ from lazyfs.image.prefetch import AccessRecorder, BackgroundLoader, plan_lists
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning, PrefetchOptions
+from lazyfs.image.warm_start import WarmFeed
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.state import (
     ImageRecord,
@@ -124,6 +125,7 @@ class DaemonConfig:
     forked_at: float | None = None
     # Chunks the command loaded from the disk cache while it started (`image.warm_start`).
     warm_chunks: dict[str, memoryview] = field(default_factory=dict, repr=False)
+    warm_feed: WarmFeed | None = field(default=None, repr=False)  # the rest, as it comes
     # Disk cache entries the command resolved the images from without noting their use.
     disk_keys: tuple[str, ...] = ()
 
@@ -167,6 +169,7 @@ class Daemon:
         self._fuse_serving = False
         self._fuse_done = trio.Event()
         self._kernel_mounted = trio.Event()
+        self._warm_feed_done = trio.Event()
         self._stopping = False
         self._created_fuse_dir = False
         self._recorder: AccessRecorder | None = None
@@ -220,6 +223,10 @@ class Daemon:
             self.disk.note_used(config.disk_keys)
             self.disk.adopt_warm(config.warm_chunks)
         config.warm_chunks = {}  # the disk cache holds them now (or nothing does)
+        if config.warm_feed is not None:
+            nursery.start_soon(self._follow_warm_feed, config.warm_feed)
+        else:
+            self._warm_feed_done.set()
         await self._open_layers(nursery, trace)
         self._check_cache_size()
         self.stats.phases.mark("metadata")
@@ -366,6 +373,7 @@ class Daemon:
         it (the kernel mounts took 14-20 ms instead of 4 ms in warm starts); reads meanwhile
         take the chunks they need from the disk themselves."""
         await self._kernel_mounted.wait()
+        await self._warm_feed_done.wait()  # what it loads need not be loaded again here
         budget = self.cache.capacity_bytes // 2
         for position, image in enumerate(self.images):
             if plans[position] or image.disk is None or not image.opened_from_disk:
@@ -379,6 +387,24 @@ class Daemon:
                 held.append(index)
             plans[position] = tuple(held)
         await self._background_lists(BackgroundLoader(self.images, plans, options))
+
+    async def _follow_warm_feed(self, feed: WarmFeed) -> None:
+        """Take the chunks the command's warm start goes on loading, in a process of its own
+        (on the other core, while the container starts), until it is done; then it is told to
+        stop (also at unmount)."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(feed.records)
+                data = os.read(feed.records, 65536)
+                if not data:
+                    break
+                if self.disk is not None:
+                    self.disk.adopt_warm(feed.chunks_of(data))
+        except OSError as exc:
+            log.debug("warm start: %s", exc)
+        finally:
+            feed.close()
+            self._warm_feed_done.set()
 
     async def _background_lists(self, loader: BackgroundLoader) -> None:
         """Run `loader`; then drop the chunks of the command's warm start that no load took

@@ -205,8 +205,13 @@ def start(config: DaemonConfig) -> MountRecord:
     record. Raises DaemonStartError with the daemon's reason, and the daemon's errors."""
     if config.log_file is None:
         config.log_file = log_path(config.mountpoint)
-    spawn_daemon(config)
-    config.warm_chunks = {}  # the daemon has its copy: this process keeps none
+    try:
+        spawn_daemon(config)
+    finally:
+        config.warm_chunks = {}  # the daemon has its copy: this process keeps none
+        if config.warm_feed is not None:  # nor its ends of the loader's pipes
+            config.warm_feed.release()
+            config.warm_feed = None
     record = find_record(kernel.canonical(config.mountpoint))
     if record is None:
         raise DaemonStartError(

@@ -345,6 +345,44 @@ def test_a_warm_start_loads_only_what_the_last_mount_read(
         umount(lazyfs, mountpoint)
 
 
+def test_a_warm_start_handed_over_early_goes_on_loading_for_the_daemon(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
+) -> None:
+    """Handed over to a daemon at once (`WarmStart.hand_over`), the loader goes on: the chunks
+    it loads next come on the feed, each as the blob decodes it, until the feed ends."""
+    import select
+
+    from lazyfs.format.frames import decode_chunk_frame
+    from lazyfs.image.warm_start import WarmStart, remembered_layer
+
+    tree, served = layer
+    cache = lazyfs.cache_dir
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
+        umount(lazyfs, mountpoint)
+    metadata, held = _held_chunks(cache, url)
+    started = WarmStart(cache, lambda: remembered_layer(cache, url, None), 1 << 30).start()
+    assert started is not None
+    chunks, feed = started.hand_over()
+    assert feed is not None and len(chunks) < len(held)  # handed over before it was done
+    try:
+        while select.select([feed.records], [], [], 30)[0]:
+            data = os.read(feed.records, 65536)
+            if not data:
+                break
+            chunks.update(feed.chunks_of(data))
+    finally:
+        feed.close()
+    assert set(chunks) == set(held) and feed.pending == b""
+    blob = (served / "layer.blob").read_bytes()
+    for key, index in held.items():
+        start, end = metadata.frame_range(index)
+        assert chunks[key] == decode_chunk_frame(blob[start:end],
+                                                 metadata.table.decoded_size(index), index, start)
+
+
 def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
     """(the layer's authenticated metadata, frame key -> chunk index) of what the disk cache
     holds of the layer at `url`."""
