@@ -41,8 +41,6 @@ from lazyfs.cli._prefetch import (
     prefetch_options_of,
     uses_prefetch_options,
 )
-from lazyfs.cli._run_report import format_report
-from lazyfs.cli.convert import sigterm_as_interrupt
 from lazyfs.fuse.phases import process_started_monotonic
 
 
@@ -134,6 +132,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A lazy run's first requests go out before the rest of lazyfs is imported.
     warm_start = None if args.eager else image_warm_start(args.image, args)  # forks: first
     head_start = None if args.eager else image_head_start(args.image, args)
+    # What only the run itself needs comes after the forks: the warm start loads meanwhile.
+    from lazyfs.cli._run_report import format_report
+    from lazyfs.cli.convert import sigterm_as_interrupt
     from lazyfs.container.run import RunRequest, prepare, run
     from lazyfs.mount.service import MountOptions
 
