@@ -72,8 +72,8 @@ class WarmFeed:
     """A warm start's loader going on after the command has handed over to its daemon: the
     records of the chunks it loads next come on `records` (the chunks themselves in `area`);
     closing every copy of `stop` tells it to stop. The daemon follows it (`chunks_of` what it
-    reads, `close` at the end); the command, once the daemon has forked, only lets go of its
-    own copies (`release`)."""
+    reads, `close` at the end); the command, once the daemon has forked with copies of its
+    own, closes its copies."""
 
     area: memoryview  # read-only, shared with the loader
     records: int
@@ -84,10 +84,6 @@ class WarmFeed:
         """The chunks of the complete records in what came before and `data`."""
         complete, _, self.pending = (self.pending + data).rpartition(b"\n")
         return _chunks(complete, self.area)
-
-    def release(self) -> None:
-        """In the command, after the daemon forked with its own copies: close this one's."""
-        self.close()
 
     def close(self) -> None:
         for fd in (self.records, self.stop):

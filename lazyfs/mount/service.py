@@ -210,7 +210,7 @@ def start(config: DaemonConfig) -> MountRecord:
     finally:
         config.warm_chunks = {}  # the daemon has its copy: this process keeps none
         if config.warm_feed is not None:  # nor its ends of the loader's pipes
-            config.warm_feed.release()
+            config.warm_feed.close()
             config.warm_feed = None
     record = find_record(kernel.canonical(config.mountpoint))
     if record is None:
