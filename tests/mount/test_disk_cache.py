@@ -357,9 +357,7 @@ def test_a_warm_start_handed_over_early_goes_on_loading_for_the_daemon(
     cache = lazyfs.cache_dir
     with serve_directory(served) as server:
         url = server.url + "layer.blob"
-        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
-        assert_reads_equal(mountpoint, tree, SOME_FILES)
-        umount(lazyfs, mountpoint)
+        read_some_files_once(lazyfs, mountpoint, tree, url)
     metadata, held = _held_chunks(cache, url)
     started = WarmStart(cache, lambda: remembered_layer(cache, url, None), 1 << 30).start()
     assert started is not None
@@ -375,6 +373,14 @@ def test_a_warm_start_handed_over_early_goes_on_loading_for_the_daemon(
         feed.close()
     assert set(chunks) == set(held) and feed.pending == b""
     assert_decoded_as_in(served / "layer.blob", chunks, metadata, held)
+
+
+def read_some_files_once(lazyfs: Lazyfs, mountpoint: Path, tree: Path, url: str) -> None:
+    """Mount the layer at `url` (no readahead), read SOME_FILES right, unmount: the disk cache
+    then holds their chunks, and the order they were read in."""
+    lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+    assert_reads_equal(mountpoint, tree, SOME_FILES)
+    umount(lazyfs, mountpoint)
 
 
 def assert_decoded_as_in(blob_file: Path, chunks: dict[str, memoryview], metadata: Any,
@@ -422,9 +428,7 @@ def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
     cache = lazyfs.cache_dir
     with serve_directory(served) as server:
         url = server.url + "layer.blob"
-        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
-        assert_reads_equal(mountpoint, tree, SOME_FILES)
-        umount(lazyfs, mountpoint)
+        read_some_files_once(lazyfs, mountpoint, tree, url)
 
         metadata, held = _held_chunks(cache, url)
         assert len(held) >= 3
