@@ -21,6 +21,7 @@ import logging
 import os
 import sqlite3
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -74,20 +75,12 @@ def open_store(options: DiskCacheOptions, *, index_in_background: bool = False) 
     """Open (creating) the store of `options`, with its cap; `index_in_background`: see
     `DiskStore.open_index_in_background` (its errors come from `DiskStore.wait_index`).
     Raises DiskCacheError."""
+    default_cap = (None if options.size_bytes is not None
+                   else partial(default_capacity, options.directory))
+    store = DiskStore(options.directory, options.size_bytes or 0, default_cap=default_cap,
+                      open_index=not index_in_background)
     if index_in_background:
-        store = DiskStore(options.directory, options.size_bytes or 0, open_index=False)
-        store.open_index_in_background(
-            None if options.size_bytes is not None
-            else lambda held: default_capacity(options.directory, held))
-        return store
-    store = DiskStore(options.directory, options.size_bytes or 0)
-    if options.size_bytes is None:
-        try:
-            store.capacity_bytes = default_capacity(options.directory,
-                                                    store.totals().size_bytes)
-        except (OSError, sqlite3.Error) as exc:
-            store.close()
-            raise DiskCacheError(f"{options.directory}: {exc}") from None
+        store.open_index_in_background()
     return store
 
 

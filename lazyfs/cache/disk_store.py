@@ -111,15 +111,18 @@ def entry_path(directory: Path, key: str) -> Path:
 class DiskStore:
     """One process's handle on a cache directory; thread-safe (one lock around the index).
 
-    With `open_index=False` the index is opened by `open_index_in_background`: entries can be
-    read at once (a read needs no index), anything that needs the index waits for it."""
+    With `default_cap`, the cap is `default_cap(bytes held)` once the index tells that. With
+    `open_index=False` the index is opened by `open_index_in_background`: entries can be read
+    at once (a read needs no index), anything that needs the index waits for it."""
 
     def __init__(self, directory: str | os.PathLike[str], capacity_bytes: int, *,
+                 default_cap: Callable[[int], int] | None = None,
                  open_index: bool = True) -> None:
         if capacity_bytes < 0:
             raise ValueError("disk cache capacity must be >= 0")
         self.directory = Path(directory)
         self._capacity = capacity_bytes
+        self._default_cap = default_cap
         self.evictions = 0  # by this process
         self._lock = threading.Lock()
         self._touched: dict[str, float] = {}
@@ -138,13 +141,9 @@ class DiskStore:
             self._open_index()
             self.wait_index()
 
-    def open_index_in_background(self, default_cap: Callable[[int], int] | None = None) -> None:
-        """Open the index in a thread of its own; with `default_cap`, the cap is then
-        `default_cap(bytes held)` (set before anything waiting for the index goes on)."""
-        def work() -> None:
-            self._open_index(default_cap)
-
-        threading.Thread(target=work, name="lazyfs-disk-index", daemon=True).start()
+    def open_index_in_background(self) -> None:
+        """Open the index (and set a default cap) in a thread of its own."""
+        threading.Thread(target=self._open_index, name="lazyfs-disk-index", daemon=True).start()
 
     def wait_index(self) -> None:
         """Return once the index is open. Raises DiskCacheError when it cannot be."""
@@ -167,14 +166,17 @@ class DiskStore:
     def capacity_bytes(self, value: int) -> None:
         self._capacity = value
 
-    def _open_index(self, default_cap: Callable[[int], int] | None = None) -> None:
+    def _open_index(self) -> None:
         try:
             self._index = open_index(self.directory)
             self._sweep_tmp(TMP_MAX_AGE_S)
-            if default_cap is not None:
+            if self._default_cap is not None:
                 (held,) = self._index.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()
-                self._capacity = default_cap(int(held))
+                self._capacity = self._default_cap(int(held))
         except (OSError, sqlite3.Error, DiskCacheError) as exc:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
             self._index_error = (exc if isinstance(exc, DiskCacheError) else DiskCacheError(
                 f"cannot use the cache directory {self.directory}: {_reason(exc)}"))
         finally:

@@ -163,7 +163,7 @@ class WarmStart:
         os.close(self._records)
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(self._pid, os.WNOHANG)[0] == 0:  # still in a disk read: reap later
-                atexit.register(_reap, self._pid)
+                atexit.register(_collect, self._pid)
         complete = received.rpartition(b"\n")[0]
         return _chunks(complete, memoryview(self._area).toreadonly())
 
@@ -243,15 +243,9 @@ def _chunks(records: bytes, area: memoryview) -> dict[str, memoryview]:
     return chunks
 
 
-def _reap(pid: int) -> None:
-    """Collect a killed loader's exit status (at the command's exit)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
 def _collect(pid: int) -> None:
-    """Collect a loader handed over to a daemon (at the command's exit): it stops once the
-    daemon is gone; one still going after a while is killed."""
+    """Collect a loader (at the command's exit): one killed, or one handed over to a daemon,
+    which stops once the daemon is gone; one still going after a while is killed."""
     deadline = time.monotonic() + LOADER_EXIT_WAIT_S
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(pid, os.WNOHANG)[0] == 0:

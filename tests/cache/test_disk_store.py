@@ -258,10 +258,11 @@ def test_an_index_opened_in_the_background_serves_reads_at_once(tmp_path: Path) 
     store = DiskStore(tmp_path, 1 << 20)
     store.put(key(1), b"x" * 5000)
     store.close()
-    store = DiskStore(tmp_path, 0, open_index=False)
-    assert store.get(key(1)) == b"x" * 5000  # no index yet
     held: list[int] = []
-    store.open_index_in_background(lambda size: held.append(size) or 1 << 20)
+    store = DiskStore(tmp_path, 0, default_cap=lambda size: held.append(size) or 1 << 20,
+                      open_index=False)
+    assert store.get(key(1)) == b"x" * 5000  # no index yet
+    store.open_index_in_background()
     store.put(key(2), b"y")
     assert held == [2 * DISK_BLOCK] and store.capacity_bytes == 1 << 20
     assert store.totals().size_bytes == 3 * DISK_BLOCK

@@ -6,6 +6,7 @@ cap; two images that share a layer store it once."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -15,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from converter.tree import compare_trees, scan_directory
+from lazyfs.image.warm_start import WarmStart, remembered_layer
 from tests.image.helpers import flip_byte
 from tests.support.images import base_layer, change_layer
 from tests.support.lazyfs_cli import REPO, Lazyfs, pid_gone, wait_until
@@ -351,17 +354,10 @@ def test_a_warm_start_handed_over_early_goes_on_loading_for_the_daemon(
     it loads next come on the feed, each as the blob decodes it, until the feed ends."""
     import select
 
-    from lazyfs.image.warm_start import WarmStart, remembered_layer
-
-    tree, served = layer
     cache = lazyfs.cache_dir
-    with serve_directory(served) as server:
-        url = server.url + "layer.blob"
-        read_some_files_once(lazyfs, mountpoint, tree, url)
-    metadata, held = _held_chunks(cache, url)
-    started = WarmStart(cache, lambda: remembered_layer(cache, url, None), 1 << 30).start()
-    assert started is not None
-    chunks, feed = started.hand_over()
+    with layer_read_once(lazyfs, mountpoint, layer) as (_, served, url):
+        metadata, held = _held_chunks(cache, url)
+        chunks, feed = warm_start_of(cache, url, 1 << 30).hand_over()
     assert feed is not None and len(chunks) < len(held)  # handed over before it was done
     try:
         while select.select([feed.records], [], [], 30)[0]:
@@ -375,12 +371,26 @@ def test_a_warm_start_handed_over_early_goes_on_loading_for_the_daemon(
     assert_decoded_as_in(served / "layer.blob", chunks, metadata, held)
 
 
-def read_some_files_once(lazyfs: Lazyfs, mountpoint: Path, tree: Path, url: str) -> None:
-    """Mount the layer at `url` (no readahead), read SOME_FILES right, unmount: the disk cache
-    then holds their chunks, and the order they were read in."""
-    lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
-    assert_reads_equal(mountpoint, tree, SOME_FILES)
-    umount(lazyfs, mountpoint)
+@contextlib.contextmanager
+def layer_read_once(lazyfs: Lazyfs, mountpoint: Path,
+                    layer: tuple[Path, Path]) -> Iterator[tuple[Path, Path, str]]:
+    """The layer served, mounted (no readahead) to read SOME_FILES right, and unmounted: the
+    disk cache then holds their chunks, and the order they were read in. Yields (source tree,
+    served directory, blob URL) while it is served."""
+    tree, served = layer
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
+        assert_reads_equal(mountpoint, tree, SOME_FILES)
+        umount(lazyfs, mountpoint)
+        yield tree, served, url
+
+
+def warm_start_of(cache: Path, url: str, budget: int) -> WarmStart:
+    """A warm start (started) of what the disk cache at `cache` holds of the layer at `url`."""
+    started = WarmStart(cache, lambda: remembered_layer(cache, url, None), budget).start()
+    assert started is not None
+    return started
 
 
 def assert_decoded_as_in(blob_file: Path, chunks: dict[str, memoryview], metadata: Any,
@@ -404,7 +414,6 @@ def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
     from lazyfs.cache.disk_store import read_entry
     from lazyfs.image.disk_entries import check_cached_metadata
     from lazyfs.image.keys import layer_key
-    from lazyfs.image.warm_start import remembered_layer
 
     (remembered,) = remembered_layer(cache, url, None)
     key = layer_key(remembered.annotations)
@@ -422,21 +431,13 @@ def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
     exactly the chunks the disk holds of the layer as the blob decodes them; a frame damaged
     on disk is left out (the daemon finds it bad and fetches it), the budget holds, and a
     remount with a warm start reads right and fetches nothing."""
-    from lazyfs.image.warm_start import WarmStart, remembered_layer
-
-    tree, served = layer
     cache = lazyfs.cache_dir
-    with serve_directory(served) as server:
-        url = server.url + "layer.blob"
-        read_some_files_once(lazyfs, mountpoint, tree, url)
-
+    with layer_read_once(lazyfs, mountpoint, layer) as (tree, served, url):
         metadata, held = _held_chunks(cache, url)
         assert len(held) >= 3
 
         def warm_start(budget: int) -> dict[str, memoryview]:
-            started = WarmStart(cache, lambda: remembered_layer(cache, url, None), budget).start()
-            assert started is not None
-            return started.finish(wait_s=30)
+            return warm_start_of(cache, url, budget).finish(wait_s=30)
 
         chunks = warm_start(1 << 30)
         assert set(chunks) == set(held)
