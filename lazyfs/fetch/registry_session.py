@@ -167,12 +167,8 @@ class RegistrySession:
         self._timeout = timeout
         self._backoff_s = backoff_s
         self._limiter: trio.CapacityLimiter | None = None
-        # One CA load per process, not one per session; registries mostly speak https.
-        verify = tls_context(True)
-        if isinstance(verify, LazyCAContext):
-            verify.start_loading()
         self._transport = transport
-        self._verify = verify
+        self._verify = tls_context(True)  # one CA load per process, not one per session
         # Made at the first request: building one imports httpx's transport (httpcore, ~10 ms),
         # and a start that finds the image in the disk cache sends none.
         self._http: httpx.AsyncClient | None = None
@@ -180,6 +176,10 @@ class RegistrySession:
     @property
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
+            # Registries mostly speak https: the CA certificates load while the first request
+            # connects, not before (tens of ms of CPU a start from the disk cache never needs).
+            if isinstance(self._verify, LazyCAContext):
+                self._verify.start_loading()
             self._http = httpx.AsyncClient(
                 transport=self._transport,
                 verify=self._verify,

@@ -94,3 +94,28 @@ def test_a_process_ending_while_ca_certificates_load_exits_cleanly() -> None:
     codes = [subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
                             capture_output=True, check=False).returncode for _ in range(30)]
     assert codes == [0] * 30
+
+
+def test_a_registry_client_loads_certificates_only_once_it_sends() -> None:
+    """A start that finds its image in the disk cache makes a registry client and sends
+    nothing: loading the CA certificates then would only take a core from the start."""
+    import sys
+
+    script = (
+        "import trio\n"
+        "from lazyfs.fetch.registry import RegistryClient\n"
+        "from lazyfs.fetch.registry_session import RegistryError\n"
+        "from lazyfs.fetch.tls import tls_context\n"
+        "async def main():\n"
+        "    async with RegistryClient('127.0.0.1:9', insecure=True, retries=0,\n"
+        "                              timeout=2) as client:\n"
+        "        print(tls_context(True)._loader is None)\n"
+        "        try:\n"
+        "            await client.get_manifest('a/b', 'latest')\n"
+        "        except RegistryError:\n"
+        "            pass\n"
+        "        print(tls_context(True)._loader is None)\n"
+        "trio.run(main)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "False"]
