@@ -109,6 +109,7 @@ class BackgroundLoader:
             image.background.listed_chunks = len(plan)
             if plan:  # it says what comes next: no readahead meanwhile
                 image.replaying_list = True
+                image.planned_chunks = frozenset(plan)
 
     @property
     def has_work(self) -> bool:

@@ -95,6 +95,10 @@ class RemoteImage:
         # While a prefetch list is replayed it says what comes next (better than the layout
         # does): no readahead, no chunks follow a miss; they would only compete with it.
         self.replaying_list = False
+        # The chunks a list (or the order an earlier mount read them in) says reads will want:
+        # a read among them follows it, and reads nothing ahead (the chunks after it that the
+        # list leaves out were not read last time either), even once the list is loaded.
+        self.planned_chunks: frozenset[int] = frozenset()
 
     @property
     def size(self) -> int:
@@ -297,7 +301,7 @@ class RemoteImage:
         return memoryview(data)[start:stop].tobytes()
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
-        if self.replaying_list:
+        if self.replaying_list or all(index in self.planned_chunks for index in indices):
             return
         table = self.metadata.table
         ahead = self._sequential.ahead(offset, min(offset + size, self.size), indices,

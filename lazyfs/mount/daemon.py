@@ -299,6 +299,11 @@ class Daemon:
                     disk=self.disk if _is_remote(source.blob) else None,
                 )
                 self.images.append(image)  # closed at teardown, whatever happens next
+                if image.opened_from_disk and config.prefetch.from_disk:
+                    # What the disk holds of it is loaded as a list is (`_background`): read
+                    # nothing ahead until that list is known (the chunks after the first
+                    # reads may be ones the last mount never read).
+                    image.replaying_list = True
                 if not config.block_only:
                     await _probe_superblock(image, source)
             opened[index] = image
@@ -371,9 +376,8 @@ class Daemon:
         the disk answers at once, so started earlier they would hold the interpreter while the
         kernel's first reads (its superblock, the root directory) and the mount threads wait on
         it (the kernel mounts took 14-20 ms instead of 4 ms in warm starts); reads meanwhile
-        take the chunks they need from the disk themselves."""
-        await self._kernel_mounted.wait()
-        await self._warm_feed_done.wait()  # what it loads need not be loaded again here
+        take the chunks they need from the disk themselves. Reads among the chunks loaded so
+        read nothing ahead (`RemoteImage.planned_chunks`)."""
         budget = self.cache.capacity_bytes // 2
         for position, image in enumerate(self.images):
             if plans[position] or image.disk is None or not image.opened_from_disk:
@@ -386,6 +390,10 @@ class Daemon:
                 budget -= size
                 held.append(index)
             plans[position] = tuple(held)
+            image.planned_chunks = frozenset(held)
+            image.replaying_list = bool(held)
+        await self._kernel_mounted.wait()
+        await self._warm_feed_done.wait()  # what it loads need not be loaded again here
         await self._background_lists(BackgroundLoader(self.images, plans, options))
 
     async def _follow_warm_feed(self, feed: WarmFeed) -> None:

@@ -266,3 +266,22 @@ def test_no_reading_ahead_while_a_list_is_replayed_and_again_after(blob: Path) -
                                               tuning=ImageTuning(readahead_chunks=2))
     assert during == (0, True)
     assert after > 0 and not replaying
+
+
+def test_reads_that_follow_the_list_read_nothing_ahead_once_it_is_loaded(blob: Path) -> None:
+    """What the list leaves out after the chunks it names was not read when it was recorded:
+    reads among its chunks read nothing ahead (from the disk in a warm start, that took CPU
+    the container needed), reads elsewhere do."""
+    async def body(image: RemoteImage) -> object:
+        await loader_for(image, (0, 1, 2, 3)).run()
+        for offset in range(0, 4 * CHUNK, 16384):  # sequential, among the listed chunks
+            await image.read(offset, 16384)
+        following = image.stats.readahead_chunks
+        for offset in range(6 * CHUNK, 9 * CHUNK, 16384):
+            await image.read(offset, 16384)
+        return following, image.stats.readahead_chunks
+
+    following, elsewhere = run_with_layer(LayerSource(str(blob)), body,
+                                          tuning=ImageTuning(readahead_chunks=2))
+    assert following == 0
+    assert elsewhere > 0
