@@ -12,6 +12,9 @@ Before EROFS is mounted on a layer, its first block (the superblock) is read thr
 verified path: when that fails, the error names what failed (chunk, tree level and block, or
 the fetch), not the kernel's "can't read superblock".
 
+Loads ahead of reads (prefetch lists, the fill, a warm start's chunks) run in the same
+nursery (`lazyfs.mount.background_loads`).
+
 One daemon serves every layer of the images one command mounts: a layer they share is opened,
 fetched and cached once (the chunk cache is keyed by content). Separate commands run separate
 daemons, which share only the disk cache (`lazyfs.cache.disk`), unless it is turned off.
@@ -39,12 +42,12 @@ from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
 from lazyfs.image.errors import ImageReadError, LayerOpenError
 from lazyfs.image.open import LayerSource, open_layer
-from lazyfs.image.prefetch import AccessRecorder, BackgroundLoader, plan_lists
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.image.warm_start import WarmFeed
 from lazyfs.mount import kernel, stack
+from lazyfs.mount.background_loads import BackgroundLoads
 from lazyfs.mount.state import (
     ImageRecord,
     MountRecord,
@@ -168,11 +171,9 @@ class Daemon:
         self._fuse_mounted = False
         self._fuse_serving = False
         self._fuse_done = trio.Event()
-        self._kernel_mounted = trio.Event()
-        self._warm_feed_done = trio.Event()
         self._stopping = False
         self._created_fuse_dir = False
-        self._recorder: AccessRecorder | None = None
+        self.loads = BackgroundLoads(config.prefetch, None, self.cache.capacity_bytes)
 
     def run(self, on_ready: Callable[[], None]) -> None:
         trio.run(self._main, on_ready)
@@ -207,7 +208,7 @@ class Daemon:
                     await self._teardown()
                 if trace is not None:
                     trace.close()
-                self._write_record()
+                self.loads.write_record()
         if not self.record.ready:
             raise DaemonStartError("stopped by a signal before the mount was ready")
         log.info("%s: unmounted", self.record.mountpoint)
@@ -223,14 +224,13 @@ class Daemon:
             self.disk.note_used(config.disk_keys)
             self.disk.adopt_warm(config.warm_chunks)
         config.warm_chunks = {}  # the disk cache holds them now (or nothing does)
-        if config.warm_feed is not None:
-            nursery.start_soon(self._follow_warm_feed, config.warm_feed)
-        else:
-            self._warm_feed_done.set()
+        self.loads.disk = self.disk
+        self.loads.follow_warm_feed(nursery, config.warm_feed)
         await self._open_layers(nursery, trace)
         self._check_cache_size()
         self.stats.phases.mark("metadata")
-        self._start_background(nursery)
+        # Raises PrefetchListError for a list the user gave that fits none of the layers.
+        self.loads.start(nursery, self.images, [source.prefetch for source in config.sources])
         ops = LayerOperations(self.images, self.stats, cache=self.cache, disk=self.disk)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -271,7 +271,7 @@ class Daemon:
             await trio.to_thread.run_sync(self.disk.store.wait_index)  # its errors end the start
             log.info("disk cache %s, at most %d bytes", self.disk.directory,
                      self.disk.store.capacity_bytes)
-        self._kernel_mounted.set()
+        self.loads.kernel_mounted()
         record.ready = True
         write_record(record)
         self.stats.mark_ready()
@@ -299,11 +299,7 @@ class Daemon:
                     disk=self.disk if _is_remote(source.blob) else None,
                 )
                 self.images.append(image)  # closed at teardown, whatever happens next
-                if image.opened_from_disk and config.prefetch.from_disk:
-                    # What the disk holds of it is loaded as a list is (`_background`): read
-                    # nothing ahead until that list is known (the chunks after the first
-                    # reads may be ones the last mount never read).
-                    image.replaying_list = True
+                self.loads.layer_opened(image)
                 if not config.block_only:
                     await _probe_superblock(image, source)
             opened[index] = image
@@ -353,87 +349,6 @@ class Daemon:
                 f"smaller than one chunk of layer {name} ({chunk_size} bytes): it "
                 f"could keep nothing; give at least {chunk_size} bytes (better several chunks)"
             )
-    def _start_background(self, nursery: trio.Nursery) -> None:
-        """Hook up the access recorder, and start the prefetch lists and the fill (in the
-        daemon's nursery: unmount cancels them). Raises PrefetchListError for a list the
-        user gave that fits none of the layers."""
-        options = self.config.prefetch
-        if options.record_file is not None:
-            self._recorder = AccessRecorder()
-            for image in self.images:
-                image.on_read = self._recorder.hook(image)
-        carried = [source.prefetch for source in self.config.sources]
-        plans = plan_lists(self.images, carried, options)
-        if options.from_disk and any(image.opened_from_disk and not plan
-                                     for image, plan in zip(self.images, plans, strict=True)):
-            nursery.start_soon(self._background, plans, options)
-            return
-        nursery.start_soon(self._background_lists, BackgroundLoader(self.images, plans, options))
-
-    async def _background(self, plans: list[tuple[int, ...]], options: PrefetchOptions) -> None:
-        """Run the background loads, a layer without a list loading what the disk cache holds
-        of it first (up to half the chunk cache). They start once the kernel mounts are up:
-        the disk answers at once, so started earlier they would hold the interpreter while the
-        kernel's first reads (its superblock, the root directory) and the mount threads wait on
-        it (the kernel mounts took 14-20 ms instead of 4 ms in warm starts); reads meanwhile
-        take the chunks they need from the disk themselves. Reads among the chunks loaded so
-        read nothing ahead (`RemoteImage.planned_chunks`)."""
-        budget = self.cache.capacity_bytes // 2
-        for position, image in enumerate(self.images):
-            if plans[position] or image.disk is None or not image.opened_from_disk:
-                continue
-            held: list[int] = []
-            for index in await image.disk.held_chunks():
-                size = image.metadata.table.decoded_size(index)
-                if size > budget:
-                    break
-                budget -= size
-                held.append(index)
-            plans[position] = tuple(held)
-            image.planned_chunks = frozenset(held)
-            image.replaying_list = bool(held)
-        await self._kernel_mounted.wait()
-        await self._warm_feed_done.wait()  # what it loads need not be loaded again here
-        await self._background_lists(BackgroundLoader(self.images, plans, options))
-
-    async def _follow_warm_feed(self, feed: WarmFeed) -> None:
-        """Take the chunks the command's warm start goes on loading, in a process of its own
-        (on the other core, while the container starts), until it is done; then it is told to
-        stop (also at unmount)."""
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(feed.records)
-                data = os.read(feed.records, 65536)
-                if not data:
-                    break
-                if self.disk is not None:
-                    self.disk.adopt_warm(feed.chunks_of(data))
-        except OSError as exc:
-            log.debug("warm start: %s", exc)
-        finally:
-            feed.close()
-            self._warm_feed_done.set()
-
-    async def _background_lists(self, loader: BackgroundLoader) -> None:
-        """Run `loader`; then drop the chunks of the command's warm start that no load took
-        (those of a manifest that has moved on, or beyond the lists)."""
-        try:
-            if loader.has_work:
-                await loader.run()
-        finally:
-            if self.disk is not None:
-                self.disk.drop_warm()
-
-    def _write_record(self) -> None:
-        path = self.config.prefetch.record_file
-        if self._recorder is None or path is None:
-            return
-        try:
-            self._recorder.write(path)
-        except OSError as exc:
-            log.error("cannot write the prefetch list %s: %s", path, exc.strerror)
-            return
-        log.info("prefetch list written to %s", path)
 
     def _loop_attached(self, device: str) -> None:
         self.record.loop_devices.append(device)
