@@ -129,8 +129,10 @@ class DaemonConfig:
     # Chunks the command loaded from the disk cache while it started (`image.warm_start`).
     warm_chunks: dict[str, memoryview] = field(default_factory=dict, repr=False)
     warm_feed: WarmFeed | None = field(default=None, repr=False)  # the rest, as it comes
-    # Disk cache entries the command resolved the images from without noting their use.
+    # Disk cache entries the command resolved the images from without noting their use, and
+    # what it learned of the images for the disk cache ((key, bytes), or None: drop the key).
     disk_keys: tuple[str, ...] = ()
+    disk_writes: tuple[tuple[str, bytes | None], ...] = field(default=(), repr=False)
 
 
 def fuse_options(config: DaemonConfig) -> set[str]:
@@ -171,6 +173,7 @@ class Daemon:
         self._fuse_mounted = False
         self._fuse_serving = False
         self._fuse_done = trio.Event()
+        self._images_remembered = trio.Event()
         self._stopping = False
         self._created_fuse_dir = False
         self.loads = BackgroundLoads(config.prefetch, None, self.cache.capacity_bytes)
@@ -196,6 +199,7 @@ class Daemon:
                     on_ready()
                     await self._fuse_done.wait()
                     with trio.move_on_after(DISK_WRITES_GRACE_S):
+                        await self._images_remembered.wait()
                         for image in self.images:  # worth keeping for the next mount
                             if image.disk is not None:
                                 await image.disk.writes_done()
@@ -271,6 +275,9 @@ class Daemon:
             await trio.to_thread.run_sync(self.disk.store.wait_index)  # its errors end the start
             log.info("disk cache %s, at most %d bytes", self.disk.directory,
                      self.disk.store.capacity_bytes)
+            nursery.start_soon(self._remember_images, self.disk)
+        else:
+            self._images_remembered.set()
         self.loads.kernel_mounted()
         record.ready = True
         write_record(record)
@@ -349,6 +356,19 @@ class Daemon:
                 f"smaller than one chunk of layer {name} ({chunk_size} bytes): it "
                 f"could keep nothing; give at least {chunk_size} bytes (better several chunks)"
             )
+
+    async def _remember_images(self, disk: DiskCache) -> None:
+        """Write what the command learned of the images (`DaemonConfig.disk_writes`: their
+        manifests, configs and the tags' pointers), now that the mount is up: not on the
+        start's critical path. A failure is logged once by the disk cache."""
+        try:
+            for key, data in self.config.disk_writes:
+                if data is None:
+                    await disk.delete(key)
+                else:
+                    await disk.put(key, data)
+        finally:
+            self._images_remembered.set()
 
     def _loop_attached(self, device: str) -> None:
         self.record.loop_devices.append(device)

@@ -3,19 +3,16 @@ layers one daemon serves for them all, and the record of each image's overlay.""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import trio
-
-from lazyfs.cache.disk import DiskCache, DiskCacheError, DiskCacheOptions
+from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import DOCKER_HUB, parse_reference
 from lazyfs.image.errors import ImageResolveError
-from lazyfs.image.image_memory import Entries, EntryReader, ImageMemory, NotRemembered
+from lazyfs.image.image_memory import Entries, ImageMemory, PendingEntries
 from lazyfs.image.open import LayerSource
 from lazyfs.image.registry_source import ResolvedImage, layer_sources, resolve_image
 from lazyfs.mount.state import ImageRecord
@@ -24,17 +21,17 @@ if TYPE_CHECKING:
     from lazyfs.fetch.registry_head_start import PrimedRegistry
     from lazyfs.fetch.registry_options import RegistryOptions
 
-log = logging.getLogger(__name__)
-
-
 @dataclass
 class ImageSet:
     """Resolved images and the distinct layers that serve them all (each once); `disk_keys`:
-    the disk cache entries the images were resolved from (the daemon counts them as used)."""
+    the disk cache entries the images were resolved from (the daemon counts them as used);
+    `disk_writes`: what the resolution learned for the disk cache to remember (the daemon
+    writes it: `image_memory.PendingEntries`)."""
 
     images: list[ResolvedImage]
     sources: list[LayerSource]
     disk_keys: list[str] = field(default_factory=list)
+    disk_writes: list[tuple[str, bytes | None]] = field(default_factory=list)
 
 
 def image_record(
@@ -62,30 +59,18 @@ async def resolve_images(
     disk: DiskCacheOptions | None = None, primed: PrimedRegistry | None = None,
 ) -> ImageSet:
     """Resolve every reference and collect their layers; a layer shared by several images
-    (or repeated in one) is listed once. With `disk`, manifests and configs are remembered
-    there and stand in while a registry is unreachable, or as `disk.pull` says
-    (`lazyfs.image.image_memory`); `primed` holds a head start's answers for the first
-    reference. Raises
-    ImageResolveError for a malformed reference, and the errors of `resolve_image` (one line
-    each)."""
+    (or repeated in one) is listed once. With `disk`, manifests and configs remembered there
+    stand in while a registry is unreachable, or as `disk.pull` says, and what was fetched is
+    listed to be remembered (`ImageSet.disk_writes`; `lazyfs.image.image_memory`); `primed`
+    holds a head start's answers for the first reference. Raises ImageResolveError for a
+    malformed reference, and the errors of `resolve_image` (one line each)."""
     if disk is None:
         return await _resolve_images(references, options, platform, insecure, None, primed)
-    if disk.pull != "always":  # everything may be in the disk cache: look there first
-        try:
-            return await _resolve_images(references, options, platform, insecure,
-                                         EntryReader(disk.directory), primed, disk.pull)
-        except NotRemembered as exc:
-            log.debug("%s; resolving with the registry", exc)
-    try:
-        cache = await trio.to_thread.run_sync(DiskCache.open, disk)
-    except DiskCacheError as exc:
-        log.warning("%s; images are resolved without it", exc)
-        return await _resolve_images(references, options, platform, insecure, None, primed)
-    try:
-        return await _resolve_images(references, options, platform, insecure, cache, primed,
-                                     disk.pull)
-    finally:
-        await cache.aclose()
+    entries = PendingEntries(disk.directory)
+    found = await _resolve_images(references, options, platform, insecure, entries, primed,
+                                  disk.pull)
+    found.disk_writes = entries.writes
+    return found
 
 
 async def _resolve_images(

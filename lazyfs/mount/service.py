@@ -161,6 +161,7 @@ def image_config(
         prefetch=options.prefetch,
         temp_dir=temp_dir,
         disk_keys=tuple(found.disk_keys),
+        disk_writes=tuple(found.disk_writes),
     )
 
 

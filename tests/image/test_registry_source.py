@@ -248,13 +248,20 @@ def test_the_host_platform_uses_oci_names() -> None:
     assert platform.architecture not in ("x86_64", "aarch64")
 
 
-def test_a_remembered_image_resolves_from_the_cache_files_alone(tmp_path: Path) -> None:
-    """Under a pull policy other than "always" the image is first resolved from the disk
-    cache's files (`EntryReader`: no index opened, nothing written): the same manifest as the
-    registry gave, no request, and the keys used listed; what the files lack is
-    NotRemembered (resolved again with the registry), or an error under "never"."""
+def stored(entries: Any) -> list[str]:
+    """The keys `entries` (PendingEntries) would write, not drop."""
+    return [key for key, data in entries.writes if data is not None]
+
+
+def test_a_resolution_reads_the_cache_files_and_leaves_its_writes_to_the_daemon(
+        tmp_path: Path) -> None:
+    """A resolution reads the disk cache's files without opening its index, and lists what it
+    would write (`PendingEntries.writes`) for the daemon to write once the mount is up: the
+    first lists the tag's pointer, the manifest and the config; written, they answer the next
+    resolution without a request or a write (the keys used listed); a tag not remembered is
+    asked of the registry under "missing", an error under "never"."""
     from lazyfs.cache.disk import DiskCache, DiskCacheOptions
-    from lazyfs.image.image_memory import EntryReader, ImageMemory, NotRemembered
+    from lazyfs.image.image_memory import ImageMemory, PendingEntries
 
     registry = ScriptedRegistry()
     pinned = registry.image([layer("a", seekable())])
@@ -266,21 +273,27 @@ def test_a_remembered_image_resolves_from_the_cache_files_alone(tmp_path: Path) 
             return await resolve_image(client, parse_reference(f"{HOST}/app:{tag}"), AMD64,
                                        memory=memory_of(client))
 
+    first = PendingEntries(str(tmp_path))
+    fetched = trio.run(main, lambda client: ImageMemory(client, HOST, first))
+    assert fetched.manifest_digest == pinned and len(registry.requests) == 2
+    assert len(stored(first)) == 3 and not (tmp_path / "data").exists()  # nothing written yet
     cache = DiskCache.open(DiskCacheOptions(str(tmp_path)))
     try:
-        fetched = trio.run(main, lambda client: ImageMemory(client, HOST, cache))
+        for key, data in first.writes:
+            cache.store.delete(key) if data is None else cache.store.put(key, data)
     finally:
         cache.store.close()
-    assert fetched.manifest_digest == pinned and len(registry.requests) == 2
+
     used: list[str] = []
-    remembered = trio.run(main, lambda client: ImageMemory(
-        client, HOST, EntryReader(str(tmp_path)), "missing", used))
+    again = PendingEntries(str(tmp_path))
+    remembered = trio.run(main, lambda client: ImageMemory(client, HOST, again, "missing", used))
     assert remembered == fetched and len(registry.requests) == 2
-    assert len(used) == 3  # the tag's pointer, the manifest, the config
-    with pytest.raises(NotRemembered):
-        trio.run(main, lambda client: ImageMemory(client, HOST, EntryReader(str(tmp_path)),
-                                                  "missing"), "v2")
+    assert len(used) == 3 and again.writes == []  # the tag's pointer, the manifest, the config
+    moved = PendingEntries(str(tmp_path))
+    trio.run(main, lambda client: ImageMemory(client, HOST, moved, "missing"), "v2")
+    # Its manifest is asked for; its config is the one remembered.
+    assert len(registry.requests) == 3 and len(stored(moved)) == 2
     with pytest.raises(ImageResolveError, match="--pull never"):
-        trio.run(main, lambda client: ImageMemory(client, HOST, EntryReader(str(tmp_path)),
+        trio.run(main, lambda client: ImageMemory(client, HOST, PendingEntries(str(tmp_path)),
                                                   "never"), "v2")
-    assert len(registry.requests) == 2
+    assert len(registry.requests) == 3
