@@ -10,18 +10,15 @@ progress line on stderr (drawn only on a terminal; a dozen lines do not justify 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
-from lazyfs.cli import UserError
+from lazyfs.cli import UserError, sigterm_as_interrupt
 from lazyfs.cli.sizes import human_size, parse_size
 from lazyfs.eager.locate import find_descriptor
 
@@ -100,20 +97,6 @@ def write_stdout(text: str) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so `kill` also gets the cleanup that leaves no partial files."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def blob_descriptor(blob: Path, explicit: Path | None) -> tuple[Descriptor | None,

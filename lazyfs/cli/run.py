@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lazyfs.cli import UserError
+from lazyfs.cli import UserError, sigterm_as_interrupt
 from lazyfs.cli._head_start import finish_image, finish_warm, image_head_start, image_warm_start
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
@@ -133,8 +133,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     warm_start = None if args.eager else image_warm_start(args.image, args)  # forks: first
     head_start = None if args.eager else image_head_start(args.image, args)
     # What only the run itself needs comes after the forks: the warm start loads meanwhile.
-    from lazyfs.cli._run_report import format_report
-    from lazyfs.cli.convert import sigterm_as_interrupt
     from lazyfs.container.run import RunRequest, prepare, run
     from lazyfs.mount.service import MountOptions
 
@@ -170,6 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
         report = run(prepared, started=started, notify=_notify,
                      warm_chunks=lambda: finish_warm(warm_start))
+    from lazyfs.cli._run_report import format_report  # once the command has run
+
     sys.stderr.write(format_report(report))
     if args.record and _modified(args.record) not in (None, recorded_before):
         _notify(f"prefetch list written to {args.record}")

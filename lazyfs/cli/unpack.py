@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lazyfs.cli import UserError
-from lazyfs.cli.convert import ProgressLine, blob_descriptor, sigterm_as_interrupt
+from lazyfs.cli import UserError, sigterm_as_interrupt
+from lazyfs.cli.convert import ProgressLine, blob_descriptor
 from lazyfs.eager.check import unpack_blob
 
 

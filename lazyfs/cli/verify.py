@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazyfs.cli import UserError
-from lazyfs.cli.convert import ProgressLine, blob_descriptor, sigterm_as_interrupt, write_stdout
+from lazyfs.cli import UserError, sigterm_as_interrupt
+from lazyfs.cli.convert import ProgressLine, blob_descriptor, write_stdout
 from lazyfs.eager.check import BlobReport, check_blob
 
 if TYPE_CHECKING:
