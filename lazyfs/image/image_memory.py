@@ -84,7 +84,11 @@ class PendingEntries:
     async def contains(self, key: str) -> bool:
         if key in self._latest:
             return self._latest[key] is not None
-        return await trio.to_thread.run_sync(entry_path(self._directory, key).exists)
+        try:
+            return await trio.to_thread.run_sync(entry_path(self._directory, key).exists)
+        except OSError as exc:
+            log.debug("disk cache: cannot look up %s: %s", key, exc)
+            return False
 
     def _write(self, key: str, data: bytes | None) -> None:
         self.writes.append((key, data))
