@@ -108,8 +108,7 @@ class BackgroundLoader:
         for image, plan in zip(self.images, self.plans, strict=True):
             image.background.listed_chunks = len(plan)
             if plan:  # it says what comes next: no readahead meanwhile
-                image.replaying_list = True
-                image.planned_chunks = frozenset(plan)
+                image.follow_plan(plan)
 
     @property
     def has_work(self) -> bool:

@@ -104,6 +104,13 @@ class RemoteImage:
     def size(self) -> int:
         return self.metadata.image_size
 
+    def follow_plan(self, chunks: tuple[int, ...]) -> None:
+        """Reads are about to follow `chunks` (a list, or the order the last mount read them
+        in), loaded in the background: nothing is read ahead while they are replayed, nor for
+        reads among them afterwards (none: reads follow no plan)."""
+        self.replaying_list = bool(chunks)
+        self.planned_chunks = frozenset(chunks)
+
     async def read(self, offset: int, size: int) -> bytes:
         """Return verified image bytes `[offset, offset + size)`, clipped at the end of the image.
 

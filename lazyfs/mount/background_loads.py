@@ -102,8 +102,7 @@ class BackgroundLoads:
                 budget -= size
                 held.append(index)
             plans[position] = tuple(held)
-            image.planned_chunks = frozenset(held)
-            image.replaying_list = bool(held)
+            image.follow_plan(plans[position])
         await self._kernel_mounted.wait()
         await self._warm_feed_done.wait()  # what it loads need not be loaded again here
         await self._run(BackgroundLoader(images, plans, self.options))
