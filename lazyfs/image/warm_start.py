@@ -101,7 +101,7 @@ class WarmLayer:
 
 class WarmStart:
     """Load the chunks the disk cache in `directory` holds of the layers `find_layers` names,
-    up to `budget_bytes` decoded, until `finish` (or, after `hand_over`, until told to stop).
+    up to `budget_bytes` decoded, until told to stop (once handed over, `hand_over`).
 
     The loading runs in a child process forked at `start` (before the command has threads or
     its heavy imports): a thread would contend with the imports for the interpreter lock. It
@@ -145,27 +145,6 @@ class WarmStart:
         os.close(stop_r)
         self._pid, self._records, self._stop = pid, records_r, stop_w
         return self
-
-    def finish(self, wait_s: float = 0.0) -> dict[str, memoryview]:
-        """The chunks loaded by now (or, given `wait_s`, once the loader is done, waiting at
-        most that long), by frame key, as read-only views of the shared memory. The loader is
-        stopped without waiting for the chunk in hand: a record is written only after its
-        chunk, in one atomic write, and what comes after the records read here is never
-        looked at."""
-        if self._area is None or not self._pid:
-            return {}
-        received, ended = self._receive(b"", wait_s)
-        if not ended:
-            received, _ = self._receive(received, 0.0)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGKILL)
-        os.close(self._stop)
-        os.close(self._records)
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(self._pid, os.WNOHANG)[0] == 0:  # still in a disk read: reap later
-                atexit.register(_collect, self._pid)
-        complete = received.rpartition(b"\n")[0]
-        return _chunks(complete, memoryview(self._area).toreadonly())
 
     def hand_over(self) -> tuple[dict[str, memoryview], WarmFeed | None]:
         """For a daemon about to start: the chunks loaded by now, and the loader going on

@@ -33,7 +33,7 @@ class BackgroundLoads:
     def __init__(self, options: PrefetchOptions, disk: DiskCache | None,
                  cache_bytes: int) -> None:
         self.options = options
-        self.disk = disk
+        self._disk = disk
         self._cache_bytes = cache_bytes
         self._kernel_mounted = trio.Event()
         self._warm_feed_done = trio.Event()
@@ -116,8 +116,8 @@ class BackgroundLoads:
                 data = os.read(feed.records, 65536)
                 if not data:
                     break
-                if self.disk is not None:
-                    self.disk.adopt_warm(feed.chunks_of(data))
+                if self._disk is not None:
+                    self._disk.adopt_warm(feed.chunks_of(data))
         except OSError as exc:
             log.debug("warm start: %s", exc)
         finally:
@@ -131,5 +131,5 @@ class BackgroundLoads:
             if loader.has_work:
                 await loader.run()
         finally:
-            if self.disk is not None:
-                self.disk.drop_warm()
+            if self._disk is not None:
+                self._disk.drop_warm()

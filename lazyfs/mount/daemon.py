@@ -176,7 +176,7 @@ class Daemon:
         self._images_remembered = trio.Event()
         self._stopping = False
         self._created_fuse_dir = False
-        self.loads = BackgroundLoads(config.prefetch, None, self.cache.capacity_bytes)
+        self.loads: BackgroundLoads | None = None  # made once the disk cache is open
 
     def run(self, on_ready: Callable[[], None]) -> None:
         trio.run(self._main, on_ready)
@@ -212,7 +212,8 @@ class Daemon:
                     await self._teardown()
                 if trace is not None:
                     trace.close()
-                self.loads.write_record()
+                if self.loads is not None:
+                    self.loads.write_record()
         if not self.record.ready:
             raise DaemonStartError("stopped by a signal before the mount was ready")
         log.info("%s: unmounted", self.record.mountpoint)
@@ -228,13 +229,13 @@ class Daemon:
             self.disk.note_used(config.disk_keys)
             self.disk.adopt_warm(config.warm_chunks)
         config.warm_chunks = {}  # the disk cache holds them now (or nothing does)
-        self.loads.disk = self.disk
-        self.loads.follow_warm_feed(nursery, config.warm_feed)
-        await self._open_layers(nursery, trace)
+        self.loads = loads = BackgroundLoads(config.prefetch, self.disk, self.cache.capacity_bytes)
+        loads.follow_warm_feed(nursery, config.warm_feed)
+        await self._open_layers(nursery, trace, loads)
         self._check_cache_size()
         self.stats.phases.mark("metadata")
         # Raises PrefetchListError for a list the user gave that fits none of the layers.
-        self.loads.start(nursery, self.images, [source.prefetch for source in config.sources])
+        loads.start(nursery, self.images, [source.prefetch for source in config.sources])
         ops = LayerOperations(self.images, self.stats, cache=self.cache, disk=self.disk)
         record.block_files = [os.path.join(record.fuse_dir, image.name) for image in self.images]
 
@@ -278,13 +279,14 @@ class Daemon:
             nursery.start_soon(self._remember_images, self.disk)
         else:
             self._images_remembered.set()
-        self.loads.kernel_mounted()
+        loads.kernel_mounted()
         record.ready = True
         write_record(record)
         self.stats.mark_ready()
         log.info("%s: ready after %.3f s", record.mountpoint, self.stats.ready_after_s or 0)
 
-    async def _open_layers(self, nursery: trio.Nursery, trace: TraceWriter | None) -> None:
+    async def _open_layers(self, nursery: trio.Nursery, trace: TraceWriter | None,
+                           loads: BackgroundLoads) -> None:
         """Open and authenticate every source, a few at once; `self.images` keeps the order of
         the sources. Background fetches of each layer run in `nursery` (the daemon's)."""
         config = self.config
@@ -306,7 +308,7 @@ class Daemon:
                     disk=self.disk if _is_remote(source.blob) else None,
                 )
                 self.images.append(image)  # closed at teardown, whatever happens next
-                self.loads.layer_opened(image)
+                loads.layer_opened(image)
                 if not config.block_only:
                     await _probe_superblock(image, source)
             opened[index] = image

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from converter.tree import compare_trees, scan_directory
-from lazyfs.image.warm_start import WarmStart, remembered_layer
+from lazyfs.image.warm_start import WarmFeed, WarmStart, remembered_layer
 from tests.image.helpers import flip_byte
 from tests.support.images import base_layer, change_layer
 from tests.support.lazyfs_cli import REPO, Lazyfs, pid_gone, wait_until
@@ -354,21 +355,12 @@ def test_a_warm_start_handed_over_early_goes_on_loading_for_the_daemon(
 ) -> None:
     """Handed over to a daemon at once (`WarmStart.hand_over`), the loader goes on: the chunks
     it loads next come on the feed, each as the blob decodes it, until the feed ends."""
-    import select
-
     cache = lazyfs.cache_dir
     with layer_read_once(lazyfs, mountpoint, layer) as (_, served, url):
         metadata, held = _held_chunks(cache, url)
         chunks, feed = warm_start_of(cache, url, 1 << 30).hand_over()
     assert feed is not None and len(chunks) < len(held)  # handed over before it was done
-    try:
-        while select.select([feed.records], [], [], 30)[0]:
-            data = os.read(feed.records, 65536)
-            if not data:
-                break
-            chunks.update(feed.chunks_of(data))
-    finally:
-        feed.close()
+    chunks = loaded_to_the_end(chunks, feed)
     assert set(chunks) == set(held) and feed.pending == b""
     assert_decoded_as_in(served / "layer.blob", chunks, metadata, held)
 
@@ -386,6 +378,23 @@ def layer_read_once(lazyfs: Lazyfs, mountpoint: Path,
         assert_reads_equal(mountpoint, tree, SOME_FILES)
         umount(lazyfs, mountpoint)
         yield tree, served, url
+
+
+def loaded_to_the_end(chunks: dict[str, memoryview],
+                      feed: WarmFeed | None) -> dict[str, memoryview]:
+    """`chunks`, with those a handed-over warm start's `feed` brings until its loader is done
+    (as the daemon follows it); the feed is closed."""
+    if feed is None:
+        return chunks
+    try:
+        while select.select([feed.records], [], [], 30)[0]:
+            data = os.read(feed.records, 65536)
+            if not data:
+                break
+            chunks.update(feed.chunks_of(data))
+    finally:
+        feed.close()
+    return chunks
 
 
 def warm_start_of(cache: Path, url: str, budget: int) -> WarmStart:
@@ -439,7 +448,7 @@ def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
         assert len(held) >= 3
 
         def warm_start(budget: int) -> dict[str, memoryview]:
-            return warm_start_of(cache, url, budget).finish(wait_s=30)
+            return loaded_to_the_end(*warm_start_of(cache, url, budget).hand_over())
 
         chunks = warm_start(1 << 30)
         assert set(chunks) == set(held)
