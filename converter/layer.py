@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
 from converter.errors import ConvertError, UnsupportedSourceError
-from converter.mkfs import REPRODUCIBLE_UUID, build_erofs
+from converter.mkfs import REPRODUCIBLE_UUID, ErofsLayout, build_erofs
 from converter.source import SourceKind, detect_source, open_tar_stream
 from converter.tar_extract import ExtractStats, extract_layer
 from lazyfs.format.descriptor import (
@@ -43,6 +43,7 @@ class ConvertOptions:
 
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     erofs_compression: str | None = None  # mkfs.erofs -z argument, e.g. "lz4hc,12"
+    erofs_layout: ErofsLayout | None = None  # None: metadata-first unless compressed
     mkfs_opts: tuple[str, ...] = ()
     reproducible: bool = False  # fixed UUIDs and timestamps: same input, same bytes
     timestamp: int | None = None  # mkfs.erofs build time (UNIX seconds)
@@ -90,9 +91,11 @@ def convert_layer(
             f"{src}: already a seekable EROFS blob; to re-encode it, `lazyfs unpack` it to a "
             "raw image and convert that"
         )
-    if kind is SourceKind.EROFS_IMAGE and (options.erofs_compression or options.mkfs_opts):
-        raise ConvertError(f"{src}: is already an EROFS image: --erofs-compression and "
-                           "--mkfs-opts apply only to directory and tar sources")
+    if kind is SourceKind.EROFS_IMAGE and (options.erofs_compression or options.mkfs_opts
+                                           or options.erofs_layout):
+        raise ConvertError(f"{src}: is already an EROFS image: --erofs-compression, "
+                           "--erofs-layout and --mkfs-opts apply only to directory and tar "
+                           "sources")
     encode_options = options.encode
     if options.reproducible and encode_options.verity_uuid is None:
         encode_options = replace(encode_options, verity_uuid=uuid.UUID(REPRODUCIBLE_UUID).bytes)
@@ -114,8 +117,8 @@ def convert_layer(
             report("mkfs", 0, None)
             with _timed(seconds, "mkfs"):
                 build_erofs(tree, image, compression=options.erofs_compression,
-                            extra_opts=options.mkfs_opts, reproducible=options.reproducible,
-                            timestamp=options.timestamp)
+                            layout=options.erofs_layout, extra_opts=options.mkfs_opts,
+                            reproducible=options.reproducible, timestamp=options.timestamp)
             if kind.is_tar:
                 # The extracted tree is no longer needed: free its space before encoding.
                 shutil.rmtree(tree, ignore_errors=True)

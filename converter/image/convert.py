@@ -277,7 +277,7 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
 
     options = run.options
     if wrap:  # only encoded: mkfs options do not apply to an image that exists
-        options = replace(options, erofs_compression=None, mkfs_opts=())
+        options = replace(options, erofs_compression=None, erofs_layout=None, mkfs_opts=())
     try:
         result = await trio.to_thread.run_sync(convert_layer, fetched, blob, options, phase,
                                                limiter=run.threads)

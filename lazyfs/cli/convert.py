@@ -140,6 +140,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="dm-verity salt in hex (default none, as containerd)")
     parser.add_argument("--erofs-compression", metavar="COMP",
                         help="mkfs.erofs compressor, e.g. lz4hc,12 (adds -C 65536)")
+    parser.add_argument("--erofs-layout", choices=("metadata-first", "interleaved"),
+                        help="metadata-first (the default unless compressed): all inodes and "
+                        "directories in the first chunks, then the files' data, so that lazy "
+                        "path lookups fetch nothing else (chunk-based files: Linux >= 5.15); "
+                        "interleaved: mkfs.erofs's own layout, metadata between the data")
     parser.add_argument("--mkfs-opts", metavar="OPTS", default="",
                         help='extra mkfs.erofs options, e.g. --mkfs-opts="--all-root -x-1"')
     parser.add_argument("--reproducible", action="store_true",
@@ -175,6 +180,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     """The ConvertOptions of the command line. Raises UserError for a bad value."""
     from converter.encoder import EncodeOptions
     from converter.layer import ConvertOptions
+    from converter.mkfs import ErofsLayout
 
     chunk_size = parse_size(args.chunk_size, "--chunk-size")
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
@@ -201,8 +207,10 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         verity_data_block_size=block, verity_hash_block_size=block,
         verity_hash=args.verity_hash, verity_salt=salt, threads=args.jobs,
     )
+    layout = None if args.erofs_layout is None else ErofsLayout(args.erofs_layout)
     return ConvertOptions(encode=encode, erofs_compression=args.erofs_compression,
-                          mkfs_opts=mkfs_opts, reproducible=args.reproducible, force=args.force)
+                          erofs_layout=layout, mkfs_opts=mkfs_opts,
+                          reproducible=args.reproducible, force=args.force)
 
 
 def _image_options(args: argparse.Namespace) -> list[str]:

@@ -131,6 +131,8 @@ def test_mkfs_failure_is_one_line_and_leaves_nothing(tmp_path: Path, src: Path) 
         (["--mkfs-opts", "'unbalanced"], "--mkfs-opts"),
         (["--jobs", "-2"], "--jobs -2"),
         (["--erofs-compression", "lz4;rm"], "invalid EROFS compression"),
+        (["--erofs-compression", "lz4", "--erofs-layout", "metadata-first"],
+         "the metadata-first layout stores file data uncompressed"),
     ],
 )
 def test_bad_options_are_one_line(tmp_path: Path, src: Path, args: list[str],

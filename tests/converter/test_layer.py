@@ -18,7 +18,7 @@ import pytest
 
 from converter.errors import ConvertError, UnsafeTarError, UnsupportedSourceError
 from converter.layer import ConvertOptions, convert_layer, descriptor_path_for
-from converter.mkfs import build_erofs
+from converter.mkfs import ErofsLayout, build_erofs
 from lazyfs.eager.check import unpack_blob
 from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, parse_descriptor
 from tests.cli import lazyfs_env, run_lazyfs
@@ -143,6 +143,8 @@ def test_raw_erofs_image_is_encoded_as_is(tmp_path: Path) -> None:
     assert raw.read_bytes() == image.read_bytes()
     with pytest.raises(ConvertError, match="already an EROFS image"):
         _convert(image, tmp_path / "other.blob", erofs_compression="lz4")
+    with pytest.raises(ConvertError, match="--erofs-layout"):
+        _convert(image, tmp_path / "other.blob", erofs_layout=ErofsLayout.INTERLEAVED)
     with pytest.raises(UnsupportedSourceError, match="already a seekable EROFS blob"):
         _convert(out, tmp_path / "again.blob")
 

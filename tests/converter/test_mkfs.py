@@ -16,6 +16,7 @@ import pytest
 from converter.errors import ConvertError
 from converter.mkfs import (
     REPRODUCIBLE_UUID,
+    ErofsLayout,
     build_erofs,
     erofs_tool_version,
     fsck_erofs,
@@ -55,6 +56,39 @@ def _plain_tree(root: Path) -> Path:
     for path in (root / "dir/file", root / "other", root / "link", root / "dir", root):
         os.utime(path, (BASE_MTIME, BASE_MTIME), follow_symlinks=False)
     return root
+
+
+CHUNKED_FILE = 0x4  # EROFS feature_incompat: chunk-based files
+
+
+def _incompat_features(image: Path) -> int:
+    with open(image, "rb") as f:
+        f.seek(SUPERBLOCK + 80)
+        (features,) = struct.unpack("<I", f.read(4))
+    return features  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("compression", "layout", "extra", "chunked"), [
+    (None, None, (), True),  # the default: metadata first
+    (None, ErofsLayout.METADATA_FIRST, (), True),
+    (None, ErofsLayout.INTERLEAVED, (), False),
+    ("lz4hc,12", None, (), False),  # compressed files cannot be chunk-based
+    (None, ErofsLayout.INTERLEAVED, ("--chunksize=8192",), True),  # the caller's own wins
+])
+def test_layouts(tmp_path: Path, compression: str | None, layout: ErofsLayout | None,
+                 extra: tuple[str, ...], chunked: bool) -> None:
+    image = tmp_path / "layer.erofs"
+    build_erofs(_plain_tree(tmp_path / "src"), image, compression=compression, layout=layout,
+                extra_opts=extra)
+    fsck_erofs(image)
+    assert bool(_incompat_features(image) & CHUNKED_FILE) is chunked
+
+
+def test_metadata_first_cannot_be_compressed(tmp_path: Path) -> None:
+    with pytest.raises(ConvertError, match=r"metadata-first.*interleaved"):
+        build_erofs(_plain_tree(tmp_path / "src"), tmp_path / "img", compression="lz4hc",
+                    layout=ErofsLayout.METADATA_FIRST)
+    assert not (tmp_path / "img").exists()
 
 
 def test_tool_version() -> None:
@@ -170,11 +204,14 @@ def _extracted(
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("compression", [None, "lz4hc,12"])
-def test_layer_survives_mkfs_and_mount(tmp_path: Path, compression: str | None) -> None:
+@pytest.mark.parametrize(("compression", "layout"), [
+    (None, None), (None, ErofsLayout.INTERLEAVED), ("lz4hc,12", None)])
+def test_layer_survives_mkfs_and_mount(
+    tmp_path: Path, compression: str | None, layout: ErofsLayout | None
+) -> None:
     tree, expected = _extracted(rich_layer(), tmp_path)
     image = tmp_path / "layer.erofs"
-    build_erofs(tree, image, compression=compression, reproducible=True)
+    build_erofs(tree, image, compression=compression, layout=layout, reproducible=True)
     fsck_erofs(image)
     with mounted_erofs(image, tmp_path / "mnt") as mnt:
         assert compare_trees(expected, scan_directory(mnt)) == []

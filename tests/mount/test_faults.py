@@ -475,5 +475,6 @@ def test_chunk_size_not_a_multiple_of_the_verity_block_mounts_lazily(
         lazyfs.mount(odd.url + "layer.blob", str(mountpoint), *FAST, mountpoint=mountpoint)
         assert compare_trees(scan_directory(layer.tree), scan_directory(mountpoint)) == []
         layer_stats = stats(lazyfs, mountpoint)
-        assert layer_stats["verify_failures"] == 0 and layer_stats["chunk_count"] == 9
+        assert layer_stats["verify_failures"] == 0
+        assert layer_stats["chunk_count"] == -(-layer_stats["image_size"] // 1000003) > 1
         umount(lazyfs, mountpoint)

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -284,3 +285,44 @@ def test_server_dying_mid_read_gives_eio_and_umount_still_works(
 def _no_stray_mounts(mountpoint: Path) -> Iterator[None]:
     yield
     assert not os.path.ismount(mountpoint)
+
+
+def _walk_fetches(lazyfs: Lazyfs, mountpoint: Path, served: Path, tree: Path,
+                  trace: Path) -> tuple[list[int], int]:
+    """Look up and stat every name of the mounted tree, reading no file; (the chunks fetched,
+    sorted, and the layer's chunk count)."""
+    with serve_directory(served) as server:
+        lazyfs.mount(server.url + "layer.blob", str(mountpoint), "--readahead", "0",
+                     "--trace", str(trace), mountpoint=mountpoint)
+        names = sorted(path.relative_to(tree) for path in tree.rglob("*"))
+        for name in names:
+            seen, source = os.lstat(mountpoint / name), os.lstat(tree / name)
+            assert seen.st_mode == source.st_mode, name
+            assert seen.st_size == source.st_size or stat.S_ISDIR(seen.st_mode), name
+        stats = layer_stats(lazyfs, mountpoint)
+        assert lazyfs.run("umount", str(mountpoint)).returncode == 0
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    fetched = sorted({event["chunk"] for event in events if event["event"] == "fetch"})
+    assert len(fetched) == stats["chunks_fetched"]
+    return fetched, int(stats["chunk_count"])  # type: ignore[call-overload]
+
+
+def test_metadata_first_layout_answers_every_lookup_from_the_first_chunks(
+    lazyfs: Lazyfs, mountpoint: Path, small_layer: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`lazyfs convert`'s default layout puts every inode and directory before the file data:
+    a walk that looks up every name fetches a prefix of the image, a few of its chunks, where
+    mkfs.erofs's interleaved layout has the walk fetch chunks all over the image."""
+    tree = small_layer[0]
+    fetched: dict[str, list[int]] = {}
+    for layout in ("metadata-first", "interleaved"):
+        served = tmp_path / layout
+        served.mkdir()
+        convert(tree, served / "layer.blob", "--chunk-size", "64K", "--erofs-layout", layout)
+        fetched[layout], chunk_count = _walk_fetches(lazyfs, mountpoint, served, tree,
+                                                     tmp_path / f"{layout}.trace")
+        print(f"\n[layout] {layout}: the walk fetched {len(fetched[layout])} of "
+              f"{chunk_count} chunks")
+    first = fetched["metadata-first"]
+    assert first == list(range(len(first))) and len(first) <= chunk_count // 20, first
+    assert len(fetched["interleaved"]) >= 4 * len(first), fetched
