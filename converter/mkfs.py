@@ -21,12 +21,16 @@ the file data to a side file that it appends after all inodes and directories: e
 is answered from the first few chunks (about 0.5 % of a Debian root file system), file data
 keeps the walk's order, and identical 4 KiB blocks are stored once. Its cost: no file tails
 inlined in their inode (the padding compresses to nothing). Chunk-based files are never
-compressed, so a compressed image keeps the interleaved layout.
+compressed, so a compressed image keeps the interleaved layout. 1.5 stages the file data in
+an unnamed temporary file in /tmp (glibc's tmpfile(): no variable moves it); when /tmp lacks
+the room, the default falls back to the interleaved layout with a warning, and an explicit
+metadata-first request fails before mkfs runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -48,6 +52,11 @@ _OUTPUT_TAIL_CHARS = 2000
 _COMPRESSOR_SPEC = re.compile(r"[a-z0-9]+(,[0-9]+)?")
 # The EROFS block size: chunks of one block lose nothing to alignment and dedupe best.
 METADATA_FIRST_CHUNK_BYTES = 4096
+# Where mkfs.erofs 1.5 stages chunk-based file data, and the room it leaves there besides.
+STAGING_DIR = Path("/tmp")
+_STAGING_SPARE_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class ErofsLayout(Enum):
@@ -103,7 +112,11 @@ def build_erofs(
                 f"invalid EROFS compression {compression!r}: expected NAME[,LEVEL], e.g. lz4hc,12"
             )
         args += [f"-z{compression}", f"-C{PCLUSTER_BYTES}"]
-    args += layout_options(layout, compression, extra_opts)
+    layout_args = layout_options(layout, compression, extra_opts)
+    if layout_args and not _staging_fits(src_dir,
+                                         explicit=layout is ErofsLayout.METADATA_FIRST):
+        layout_args = []
+    args += layout_args
     env = dict(os.environ)
     if any(opt.startswith("-T") for opt in extra_opts):
         # 1.5 lets SOURCE_DATE_EPOCH win over -T: an explicit -T must not be overridden.
@@ -133,6 +146,43 @@ def build_erofs(
     except BaseException:
         _unlink_quietly(tmp_name)
         raise
+
+
+def _staging_fits(src_dir: Path, *, explicit: bool) -> bool:
+    """Whether STAGING_DIR has room for the data of the files under `src_dir` (rounded up to
+    whole blocks). No: raise ConvertError when the layout was asked for, else warn."""
+    need = file_data_bytes(src_dir, METADATA_FIRST_CHUNK_BYTES)
+    try:
+        free = shutil.disk_usage(STAGING_DIR).free
+    except OSError as e:
+        free, problem = 0, f"cannot be examined ({e.strerror})"
+    else:
+        problem = f"has {free >> 20} MiB free"
+    if need + _STAGING_SPARE_BYTES <= free:
+        return True
+    message = (f"the metadata-first layout stages {need >> 20} MiB of file data in "
+               f"{STAGING_DIR} (mkfs.erofs 1.5), which {problem}")
+    if explicit:
+        raise ConvertError(f"{message}: free space there or use --erofs-layout interleaved")
+    log.warning("%s: building the interleaved layout instead", message)
+    return False
+
+
+def file_data_bytes(root: Path, block: int) -> int:
+    """The bytes of the regular files under `root`, each rounded up to `block`."""
+    total = 0
+    pending = [os.fspath(root)]
+    try:
+        while pending:
+            with os.scandir(pending.pop()) as listing:
+                for entry in listing:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += -(-entry.stat(follow_symlinks=False).st_size // block) * block
+    except OSError as e:
+        raise ConvertError(f"{e.filename}: cannot read: {e.strerror}") from None
+    return total
 
 
 def fsck_erofs(image: Path, *, extract_to: Path | None = None) -> None:
@@ -215,6 +265,7 @@ __all__ = [
     "ErofsLayout",
     "build_erofs",
     "erofs_tool_version",
+    "file_data_bytes",
     "fsck_erofs",
     "layout_options",
     "newest_mtime",

@@ -19,6 +19,7 @@ from converter.mkfs import (
     ErofsLayout,
     build_erofs,
     erofs_tool_version,
+    file_data_bytes,
     fsck_erofs,
     newest_mtime,
 )
@@ -89,6 +90,30 @@ def test_metadata_first_cannot_be_compressed(tmp_path: Path) -> None:
         build_erofs(_plain_tree(tmp_path / "src"), tmp_path / "img", compression="lz4hc",
                     layout=ErofsLayout.METADATA_FIRST)
     assert not (tmp_path / "img").exists()
+
+
+def test_metadata_first_needs_room_in_the_staging_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mkfs.erofs 1.5 stages the file data in /tmp: without room there, the default falls
+    back to the interleaved layout and says so; an explicit request fails, naming sizes."""
+    src = _plain_tree(tmp_path / "src")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=32 << 20))
+    image = tmp_path / "default.erofs"
+    build_erofs(src, image)
+    fsck_erofs(image)
+    assert not _incompat_features(image) & CHUNKED_FILE
+    assert "stages 0 MiB of file data in /tmp (mkfs.erofs 1.5), which has 32 MiB free: " \
+        "building the interleaved layout instead" in caplog.text
+    with pytest.raises(ConvertError, match="which has 32 MiB free: free space there"):
+        build_erofs(src, tmp_path / "explicit.erofs", layout=ErofsLayout.METADATA_FIRST)
+    assert not (tmp_path / "explicit.erofs").exists()
+
+
+def test_file_data_bytes_counts_regular_files_in_whole_blocks(tmp_path: Path) -> None:
+    src = _plain_tree(tmp_path / "src")  # 30000 and 70000 bytes, a symlink, a directory
+    assert file_data_bytes(src, 4096) == 32768 + 73728
 
 
 def test_tool_version() -> None:
