@@ -38,7 +38,7 @@ import stat
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -168,23 +168,6 @@ def _staging_fits(src_dir: Path, *, explicit: bool) -> bool:
     return False
 
 
-def file_data_bytes(root: Path, block: int) -> int:
-    """The bytes of the regular files under `root`, each rounded up to `block`."""
-    total = 0
-    pending = [os.fspath(root)]
-    try:
-        while pending:
-            with os.scandir(pending.pop()) as listing:
-                for entry in listing:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        total += -(-entry.stat(follow_symlinks=False).st_size // block) * block
-    except OSError as e:
-        raise ConvertError(f"{e.filename}: cannot read: {e.strerror}") from None
-    return total
-
-
 def fsck_erofs(image: Path, *, extract_to: Path | None = None) -> None:
     """Check `image` with fsck.erofs, decoding every file's data (without `--extract`, 1.5
     checks only metadata). With `extract_to` (absent or empty), the tree is also written there;
@@ -209,19 +192,30 @@ def erofs_tool_version() -> str:
 
 def newest_mtime(root: Path) -> int:
     """The newest mtime (whole seconds) of anything under `root`, `root` itself included."""
-    newest = 0
+    return max(int(st.st_mtime) for st in _lstat_tree(root))
+
+
+def file_data_bytes(root: Path, block: int) -> int:
+    """The bytes of the regular files under `root`, each rounded up to `block`."""
+    return sum(-(-st.st_size // block) * block for st in _lstat_tree(root)
+               if stat.S_ISREG(st.st_mode))
+
+
+def _lstat_tree(root: Path) -> Iterator[os.stat_result]:
+    """The lstat of `root` and of everything under it. Raises ConvertError naming a path that
+    cannot be read."""
     pending = [os.fspath(root)]
     try:
+        yield os.lstat(root)
         while pending:
-            current = pending.pop()
-            st = os.lstat(current)
-            newest = max(newest, int(st.st_mtime))
-            if stat.S_ISDIR(st.st_mode):
-                with os.scandir(current) as listing:
-                    pending.extend(entry.path for entry in listing)
+            with os.scandir(pending.pop()) as listing:
+                for entry in listing:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        pending.append(entry.path)
+                    yield st
     except OSError as e:
         raise ConvertError(f"{e.filename}: cannot read: {e.strerror}") from None
-    return newest
 
 
 def _tool(name: str) -> str:
