@@ -22,9 +22,12 @@ is answered from the first few chunks (about 0.5 % of a Debian root file system)
 keeps the walk's order, and identical 4 KiB blocks are stored once. Its cost: no file tails
 inlined in their inode (the padding compresses to nothing). Chunk-based files are never
 compressed, so a compressed image keeps the interleaved layout. 1.5 stages the file data in
-an unnamed temporary file in /tmp (glibc's tmpfile(): no variable moves it); when /tmp lacks
-the room, the default falls back to the interleaved layout with a warning, and an explicit
-metadata-first request fails before mkfs runs.
+an unnamed temporary file in /tmp (glibc's tmpfile(): no variable moves it) and copies it into
+the image with copy_file_range, which fails across file systems: an image for elsewhere is
+built in /tmp and copied. When /tmp lacks the room, the default falls back to the interleaved
+layout with a warning, and an explicit metadata-first request fails before mkfs runs. (1.5
+calls chunk-based files experimental; the kernel has read them since 5.15, and every image
+is checked by fsck.erofs and compared with its tree in the tests.)
 """
 
 from __future__ import annotations
@@ -139,19 +142,43 @@ def build_erofs(
     except OSError as e:
         raise ConvertError(f"{out_image}: cannot create: {e.strerror}") from None
     os.close(fd)
+    build_name = tmp_name
     try:
-        _run([*args, tmp_name, os.fspath(src_dir)], env, f"mkfs.erofs of {src_dir}")
+        if layout_args and not _same_file_system(STAGING_DIR, out_dir):
+            # 1.5 copies the staged data into the image with copy_file_range, which fails
+            # (EIO) across file systems: build beside the staged data, then copy.
+            fd, build_name = tempfile.mkstemp(prefix=".lazyfs-mkfs.", suffix=".tmp",
+                                              dir=STAGING_DIR)
+            os.close(fd)
+        _run([*args, build_name, os.fspath(src_dir)], env, f"mkfs.erofs of {src_dir}")
+        if build_name != tmp_name:
+            shutil.copyfile(build_name, tmp_name)
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, out_image)
+    except OSError as e:
+        _unlink_quietly(tmp_name)
+        raise ConvertError(f"{e.filename or out_image}: cannot write: {e.strerror}") from None
     except BaseException:
         _unlink_quietly(tmp_name)
         raise
+    finally:
+        if build_name != tmp_name:
+            _unlink_quietly(build_name)
+
+
+def _same_file_system(first: Path, second: Path) -> bool:
+    try:
+        return os.stat(first).st_dev == os.stat(second).st_dev
+    except OSError:
+        return False
 
 
 def _staging_fits(src_dir: Path, *, explicit: bool) -> bool:
-    """Whether STAGING_DIR has room for the data of the files under `src_dir` (rounded up to
-    whole blocks). No: raise ConvertError when the layout was asked for, else warn."""
-    need = file_data_bytes(src_dir, METADATA_FIRST_CHUNK_BYTES)
+    """Whether STAGING_DIR has room for twice the data of the files under `src_dir` (rounded
+    up to whole blocks): the staged data, and the image it is copied into, built there or on
+    the same file system. No: raise ConvertError when the layout was asked for, else warn."""
+    need = 2 * file_data_bytes(src_dir, METADATA_FIRST_CHUNK_BYTES)
+    why = "mkfs.erofs 1.5 stages the file data there and copies it into the image beside it"
     try:
         free = shutil.disk_usage(STAGING_DIR).free
     except OSError as e:
@@ -160,8 +187,8 @@ def _staging_fits(src_dir: Path, *, explicit: bool) -> bool:
         problem = f"has {free >> 20} MiB free"
     if need + _STAGING_SPARE_BYTES <= free:
         return True
-    message = (f"the metadata-first layout stages {need >> 20} MiB of file data in "
-               f"{STAGING_DIR} (mkfs.erofs 1.5), which {problem}")
+    message = (f"the metadata-first layout needs {need >> 20} MiB in {STAGING_DIR} ({why}), "
+               f"which {problem}")
     if explicit:
         raise ConvertError(f"{message}: free space there or use --erofs-layout interleaved")
     log.warning("%s: building the interleaved layout instead", message)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -104,11 +105,49 @@ def test_metadata_first_needs_room_in_the_staging_dir(
     build_erofs(src, image)
     fsck_erofs(image)
     assert not _incompat_features(image) & CHUNKED_FILE
-    assert "stages 0 MiB of file data in /tmp (mkfs.erofs 1.5), which has 32 MiB free: " \
-        "building the interleaved layout instead" in caplog.text
+    assert "the metadata-first layout needs 0 MiB in /tmp (mkfs.erofs 1.5 stages the file " \
+        "data there" in caplog.text
+    assert "which has 32 MiB free: building the interleaved layout instead" in caplog.text
     with pytest.raises(ConvertError, match="which has 32 MiB free: free space there"):
         build_erofs(src, tmp_path / "explicit.erofs", layout=ErofsLayout.METADATA_FIRST)
     assert not (tmp_path / "explicit.erofs").exists()
+
+
+def test_metadata_first_needs_room_for_the_staged_data_and_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    monkeypatch.setattr("converter.mkfs._STAGING_SPARE_BYTES", 0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=5 << 20))
+    with pytest.raises(ConvertError, match=r"needs 6 MiB in /tmp .*which has 5 MiB free"):
+        build_erofs(src, tmp_path / "img", layout=ErofsLayout.METADATA_FIRST)
+
+
+@pytest.mark.root  # /dev/shm: a file system other than /tmp's on this machine
+def test_metadata_first_image_for_another_file_system(tmp_path: Path) -> None:
+    """1.5 fails (EIO) copying the staged data across file systems: such an image is built
+    beside the staged data and copied, and nothing is left behind in either place."""
+    if _same_file_system_as_tmp(Path("/dev/shm")):
+        pytest.skip("/dev/shm is on /tmp's file system here")
+    out_dir = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        image = out_dir / "layer.erofs"
+        before = set(os.listdir("/tmp"))
+        build_erofs(_plain_tree(tmp_path / "src"), image, layout=ErofsLayout.METADATA_FIRST)
+        fsck_erofs(image)
+        assert _incompat_features(image) & CHUNKED_FILE
+        assert os.listdir(out_dir) == ["layer.erofs"]
+        assert not [name for name in set(os.listdir("/tmp")) - before
+                    if name.startswith(".lazyfs-mkfs.")]
+    finally:
+        shutil.rmtree(out_dir)
+
+
+def _same_file_system_as_tmp(path: Path) -> bool:
+    return os.stat(path).st_dev == os.stat("/tmp").st_dev
 
 
 def test_file_data_bytes_counts_regular_files_in_whole_blocks(tmp_path: Path) -> None:
