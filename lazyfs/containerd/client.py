@@ -157,15 +157,21 @@ class ContainerdClient:
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def snapshot_exists(self, snapshotter: str, key: str) -> bool:
+    def snapshot_labels(self, snapshotter: str, key: str) -> dict[str, str] | None:
+        """The labels of snapshot `key` (the snapshotter's, under the namespace's), or None
+        if the namespace has no such snapshot."""
         request = snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=key)
         try:
-            self._call(rpc.SNAPSHOTS, "Stat", request, snapshots_pb2.StatSnapshotResponse)
+            response = self._call(rpc.SNAPSHOTS, "Stat", request,
+                                  snapshots_pb2.StatSnapshotResponse)
         except ContainerdError as exc:
             if exc.code == grpc.StatusCode.NOT_FOUND:
-                return False
+                return None
             raise
-        return True
+        return dict(response.info.labels)
+
+    def snapshot_exists(self, snapshotter: str, key: str) -> bool:
+        return self.snapshot_labels(snapshotter, key) is not None
 
     def prepare(self, snapshotter: str, key: str, parent: str, labels: Mapping[str, str]
                 ) -> list[types_pb2.Mount]:

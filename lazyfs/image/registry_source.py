@@ -85,6 +85,9 @@ class ImageConfig:
     working_dir: str = ""
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
+    # `rootfs.diff_ids`: what each layer's uncompressed content hashes to, by the config's
+    # word (the snapshotter checks it: lazyfs.snapshotter.content_check). Empty when absent.
+    diff_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,12 @@ def _parse_config(data: bytes, where: str) -> tuple[ImageConfig, str | None]:
     working_dir = settings.get("WorkingDir") or ""
     if not isinstance(working_dir, str):
         raise ImageResolveError(f"{where}: config.WorkingDir must be a string")
-    config = ImageConfig(strings("Env"), working_dir, strings("Entrypoint"), strings("Cmd"))
+    rootfs = obj.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(item, str) for item in diff_ids):
+        diff_ids = []
+    config = ImageConfig(strings("Env"), working_dir, strings("Entrypoint"), strings("Cmd"),
+                         tuple(diff_ids))
     os_name, architecture = obj.get("os"), obj.get("architecture")
     platform = None
     if isinstance(os_name, str) and isinstance(architecture, str):

@@ -27,6 +27,7 @@ from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.mount import kernel as kernel_mount
+from lazyfs.snapshotter.content_check import ContentChecker
 from lazyfs.snapshotter.layers import LayerHost
 from lazyfs.snapshotter.metrics import LayerMetrics, serve_metrics
 from lazyfs.snapshotter.remote import RemoteLayerService
@@ -96,11 +97,14 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
                 pyfuse3.init(host.ops, host.fuse_dir, options)
                 fuse_mounted = True
                 nursery.start_soon(_serve_fuse)
+                checker = ContentChecker(host, store)
+                host.on_attached = checker.layer_attached
+                nursery.start_soon(checker.run)
                 remounter = Remounter(host, store, config.remount)
                 try:
                     await remounter.attach_all()
                     token = trio.lowlevel.current_trio_token()
-                    remote = RemoteLayerService(host, store, config.registry, token)
+                    remote = RemoteLayerService(host, store, config.registry, token, checker)
                     snapshots = Snapshots(root, store, remote)
                     snapshots.cleanup()
                     server = _start_server(config.address, SnapshotsService(snapshots))

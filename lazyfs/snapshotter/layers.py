@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -151,6 +152,8 @@ class LayerHost:
         self.mounted: dict[str, MountedLayer] = {}
         self._attaching: dict[str, trio.Event] = {}
         self._errors: dict[str, BaseException] = {}
+        # Told of every layer once it is mounted (the content check measures it).
+        self.on_attached: Callable[[MountedLayer], None] | None = None
 
     def mountpoint(self, digest: str) -> str:
         return os.path.join(self.layers_dir, layer_name(digest))
@@ -178,6 +181,8 @@ class LayerHost:
             del self._attaching[spec.digest]
             done.set()
         self.mounted[spec.digest] = layer
+        if self.on_attached is not None:
+            self.on_attached(layer)
         return layer
 
     async def _attach(self, spec: LayerSpec) -> MountedLayer:

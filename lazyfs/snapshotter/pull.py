@@ -13,7 +13,6 @@ before the image record holds it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -24,12 +23,14 @@ import trio
 from lazyfs.containerd.client import ContainerdClient, ContainerdError, Descriptor
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.format.chain_id import chain_ids
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.registry_source import ResolvedImage, resolve_image
+from lazyfs.snapshotter.content_check import Verdict
 from lazyfs.snapshotter.layers import untrusted_reason
-from lazyfs.snapshotter.remote import LAZYFS_IMAGE_REF, LAZYFS_LAYER_DIGEST
-from lazyfs.snapshotter.snapshots import TARGET_LABEL
+from lazyfs.snapshotter.remote import LAZYFS_IMAGE_REF, LAZYFS_LAYER_DIGEST, requested_layer
+from lazyfs.snapshotter.snapshots import CONTENT_LABEL, TARGET_LABEL
 
 SNAPSHOTTER = "lazyfs"
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot."
@@ -59,19 +60,6 @@ class PullResult:
     name: str
     pinned: str
     chain_ids: list[str]
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """containerd's (OCI's) chain IDs of the layers: the first diff ID, then
-    sha256(previous chain ID + " " + diff ID)."""
-    chain: list[str] = []
-    for diff_id in diff_ids:
-        if not chain:
-            chain.append(diff_id)
-        else:
-            text = f"{chain[-1]} {diff_id}".encode()
-            chain.append("sha256:" + hashlib.sha256(text).hexdigest())
-    return chain
 
 
 async def fetch_image(reference_text: str, options: RegistryOptions, platform: Platform
@@ -156,7 +144,9 @@ def pull_into_containerd(reference_text: str, options: RegistryOptions, platform
 def _prepare_layer(client: ContainerdClient, image: ResolvedImage, number: int, digest: str,
                    chain: list[str]) -> None:
     target = chain[number]
-    if client.snapshot_exists(SNAPSHOTTER, target):
+    existing = client.snapshot_labels(SNAPSHOTTER, target)
+    if existing is not None:
+        _check_shared(existing, number, digest, chain, client.namespace)
         return
     key = f"extract-{secrets.token_hex(6)} {target}"
     labels = {
@@ -177,3 +167,31 @@ def _prepare_layer(client: ContainerdClient, image: ResolvedImage, number: int, 
         f"layer {number + 1} of {len(chain)} ({digest}): the {SNAPSHOTTER} snapshotter did "
         "not mount it lazily (is containerd's proxy plugin `lazyfs` this snapshotter?)"
     )
+
+
+def _check_shared(labels: dict[str, str], number: int, digest: str, chain: list[str],
+                  namespace: str) -> None:
+    """The namespace has a snapshot named by this layer's chain ID already (containerd would
+    use it without asking the snapshotter): it must be this layer, or a remote layer proven
+    to hold the same content, or an ordinary snapshot (containerd checked its diff ID when it
+    unpacked it). Raises PullError otherwise."""
+    state = labels.get(CONTENT_LABEL)
+    if state is None:
+        return  # an ordinary snapshot, unpacked and checked by containerd
+    try:
+        holder = requested_layer(labels)
+    except LazyfsError:
+        holder = None
+    if (holder is not None and holder.digest == digest) or state == Verdict.HOLDS.value:
+        return
+    where = f"layer {number + 1} of {len(chain)} ({digest})"
+    other = f"layer {holder.digest} of {holder.reference}" if holder else "another layer"
+    if state == Verdict.LIES.value:
+        raise PullError(
+            f"{where}: namespace {namespace} has its chain ID {chain[number]} as {other}, "
+            "which does not hold what its image says: remove that image (`ctr -n "
+            f"{namespace} images rm ...`) and pull again")
+    raise PullError(
+        f"{where}: namespace {namespace} has its chain ID {chain[number]} as {other}, whose "
+        f"content is not proven to be the same yet ({state}); pull again once the "
+        "snapshotter has checked it")

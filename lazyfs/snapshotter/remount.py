@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.errors import LazyfsError
+from lazyfs.snapshotter.content_check import torn_down
 from lazyfs.snapshotter.layers import LayerHost, LayerSpec
 from lazyfs.snapshotter.store import Store
 
@@ -81,6 +82,11 @@ class Remounter:
 
         async with trio.open_nursery() as nursery:
             for layer in self.store.layers():
+                if torn_down(self.store, layer):
+                    log.error("layer %s: not mounted again: it does not hold what its images "
+                              "say (its snapshots fail until containerd removes them)",
+                              layer.digest)
+                    continue
                 nursery.start_soon(one, LayerSpec.from_json(layer.source))
 
     def cancel(self) -> None:

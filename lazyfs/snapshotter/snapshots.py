@@ -9,7 +9,9 @@ bind of it, of several → a read-only overlay.
 
 A Prepare whose labels name a seekable EROFS layer goes to `RemoteLayers.prepare`, which
 mounts it and records it committed under the target name containerd asked for; Prepare
-then answers AlreadyExists, and containerd uses that snapshot instead of unpacking.
+then answers AlreadyExists, and containerd uses that snapshot instead of unpacking. A target
+that is a remote snapshot already answers AlreadyExists only if `RemoteLayers.share` says it
+may stand for what this Prepare asks (see `content_check`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from lazyfs.snapshotter.store import (
@@ -33,6 +35,8 @@ from lazyfs.snapshotter.store import (
 log = logging.getLogger(__name__)
 
 TARGET_LABEL = "containerd.io/snapshot.ref"
+# Stat of a remote snapshot: whether its layer is proven to hold its diff ID (a `Verdict`).
+CONTENT_LABEL = "containerd.io/snapshot/lazyfs.content"
 SNAPSHOTS_DIR = "snapshots"
 
 
@@ -50,6 +54,16 @@ class RemoteLayers(Protocol):
         """Mount the layer `labels` name and record it committed under the target name:
         True, or False when the labels name no seekable EROFS layer (prepare as usual).
         Raises SnapshotError for a layer that cannot be mounted."""
+
+    def share(self, existing: Snapshot, labels: Mapping[str, str]) -> bool:
+        """Whether the committed remote snapshot `existing` may stand for a Prepare of its
+        name with `labels` (True), or was renamed out of the way because its layer does not
+        hold what its image claims (False: prepare the target afresh). Raises SnapshotError
+        when that cannot be told now."""
+
+    def content_state(self, snapshot: Snapshot) -> str:
+        """Whether the remote `snapshot`'s layer is proven to hold what its image claims:
+        "holds", "pending", "lies" or "unclaimed"."""
 
     def path(self, snapshot: Snapshot) -> str:
         """The contents of the remote snapshot (its layer's EROFS mountpoint), mounting the
@@ -86,7 +100,8 @@ class Snapshots:
                 existing: Snapshot | None = self.store.get(target)
             except NotFoundError:
                 existing = None
-            if existing is not None and existing.kind == Kind.COMMITTED:
+            if existing is not None and existing.kind == Kind.COMMITTED and (
+                    existing.layer_id is None or self.remote.share(existing, labels)):
                 raise AlreadyExistsError(f"target snapshot {target} already exists")
             if self.remote.prepare(key, parent, labels):
                 raise AlreadyExistsError(f"target snapshot {target} already exists")
@@ -113,7 +128,11 @@ class Snapshots:
             self.remote.release(freed.id, freed.digest)
 
     def stat(self, key: str) -> Snapshot:
-        return self.store.get(key)
+        snapshot = self.store.get(key)
+        if snapshot.layer_id is None:
+            return snapshot
+        state = self.remote.content_state(snapshot)
+        return replace(snapshot, labels={**snapshot.labels, CONTENT_LABEL: state})
 
     def update(self, key: str, labels: Mapping[str, str], paths: list[str]) -> Snapshot:
         return self.store.update_labels(key, labels, paths)

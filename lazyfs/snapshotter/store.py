@@ -11,7 +11,10 @@ gRPC handlers call them from a thread pool.
 States (the kinds of containerd): ACTIVE (writable, may be committed), VIEW (read-only),
 COMMITTED (immutable, may be a parent). Only a committed snapshot has children; a snapshot
 with children cannot be removed. A remote snapshot is committed from the start: its
-contents are a lazily mounted layer (`layer_id`), never a directory of its own.
+contents are a lazily mounted layer (`layer_id`), never a directory of its own, and it
+carries the diff ID its image's config claims for that layer (`diff_id`); the layer carries
+what its content was measured to hash to once it has been (`content_digest`). A remote
+snapshot whose claim turned out false is renamed out of containerd's way (`quarantine`).
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from typing import Any
 
 from lazyfs.errors import LazyfsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+QUARANTINE_PREFIX = "lazyfs.quarantined/"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     digest TEXT NOT NULL UNIQUE,
-    source TEXT NOT NULL
+    source TEXT NOT NULL,
+    content_digest TEXT
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -46,11 +51,17 @@ CREATE TABLE IF NOT EXISTS snapshots (
     labels TEXT NOT NULL,
     size_bytes INTEGER NOT NULL DEFAULT 0,
     inodes INTEGER NOT NULL DEFAULT 0,
-    layer_id INTEGER REFERENCES layers(id)
+    layer_id INTEGER REFERENCES layers(id),
+    diff_id TEXT
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer_id);
 """
+# From schema 1: remote snapshots claimed no diff ID, layers were never measured.
+_MIGRATE_FROM_1 = (
+    "ALTER TABLE layers ADD COLUMN content_digest TEXT",
+    "ALTER TABLE snapshots ADD COLUMN diff_id TEXT",
+)
 
 
 class Kind(enum.IntEnum):
@@ -93,15 +104,19 @@ class Snapshot:
     size_bytes: int = 0
     inodes: int = 0
     layer_id: int | None = None
+    # A remote snapshot's diff ID, as its image's config says (None: not known).
+    diff_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Layer:
-    """A remote layer: its digest and what re-opening it needs (`source`, JSON-able)."""
+    """A remote layer: its digest, what re-opening it needs (`source`, JSON-able) and the
+    sha256 of its raw EROFS image once measured (`content_digest`)."""
 
     id: int
     digest: str
     source: dict[str, Any]
+    content_digest: str | None = None
 
 
 class Store:
@@ -116,10 +131,15 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                for statement in _MIGRATE_FROM_1:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
-            version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -167,7 +187,7 @@ class Store:
             row = db.execute("SELECT * FROM layers WHERE id = ?", (layer_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"remote layer {layer_id} not found")
-        return Layer(row["id"], row["digest"], json.loads(row["source"]))
+        return _layer(row)
 
     def layers(self) -> list[Layer]:
         """Every remote layer that a snapshot still uses."""
@@ -175,7 +195,14 @@ class Store:
             rows = db.execute(
                 "SELECT * FROM layers WHERE id IN (SELECT layer_id FROM snapshots) ORDER BY id"
             ).fetchall()
-        return [Layer(row["id"], row["digest"], json.loads(row["source"])) for row in rows]
+        return [_layer(row) for row in rows]
+
+    def claims(self, digest: str) -> list[Snapshot]:
+        """The remote snapshots whose contents are the layer `digest`."""
+        with self._transaction() as db:
+            rows = db.execute(_SELECT + " JOIN layers l ON l.id = s.layer_id"
+                              " WHERE l.digest = ? ORDER BY s.id", (digest,)).fetchall()
+        return [_snapshot(row) for row in rows]
 
     def snapshot_ids(self) -> set[int]:
         with self._transaction() as db:
@@ -241,11 +268,11 @@ class Store:
 
     def add_remote(
         self, name: str, parent: str, labels: Mapping[str, str], digest: str,
-        source: Mapping[str, Any], size_bytes: int,
+        source: Mapping[str, Any], size_bytes: int, diff_id: str | None = None,
     ) -> Snapshot:
         """Insert the committed snapshot `name` whose contents are the remote layer `digest`
-        (recorded with `source` unless known). Raises AlreadyExistsError, NotFoundError,
-        FailedPreconditionError."""
+        (recorded with `source` unless known), claimed by its image to hash to `diff_id`.
+        Raises AlreadyExistsError, NotFoundError, FailedPreconditionError."""
         with self._transaction() as db:
             parent_id = self._parent_id(db, name, parent)
             db.execute(
@@ -257,9 +284,9 @@ class Store:
             try:
                 cursor = db.execute(
                     "INSERT INTO snapshots (key, parent_id, kind, created_at, updated_at,"
-                    " labels, size_bytes, layer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " labels, size_bytes, layer_id, diff_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, parent_id, int(Kind.COMMITTED), now, now, json.dumps(dict(labels)),
-                     size_bytes, layer_id[0]),
+                     size_bytes, layer_id[0], diff_id),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExistsError(f"snapshot {name} already exists") from None
@@ -287,9 +314,29 @@ class Store:
                     row = db.execute(
                         "SELECT * FROM layers WHERE id = ?", (snapshot.layer_id,)
                     ).fetchone()
-                    freed = Layer(row["id"], row["digest"], json.loads(row["source"]))
+                    freed = _layer(row)
                     db.execute("DELETE FROM layers WHERE id = ?", (snapshot.layer_id,))
             return snapshot, freed
+
+    def set_content_digest(self, digest: str, content_digest: str) -> None:
+        """Record what the raw EROFS image of the layer `digest` hashes to (absent: no-op)."""
+        with self._transaction() as db:
+            db.execute("UPDATE layers SET content_digest = ? WHERE digest = ?",
+                       (content_digest, digest))
+
+    def quarantine(self, key: str, target_label: str) -> str:
+        """Rename the committed remote snapshot `key`, whose layer is not what its image
+        claimed, out of the way of the snapshot that should have that name, and drop its
+        `target_label` (containerd finds a remote snapshot by that label); returns the new
+        key. containerd's garbage collection removes it once no container uses it (no
+        namespace refers to the new key). Raises NotFoundError."""
+        with self._transaction() as db:
+            snapshot = self._get(db, key)
+            new_key = f"{QUARANTINE_PREFIX}{snapshot.id}/{key}"
+            labels = {k: v for k, v in snapshot.labels.items() if k != target_label}
+            db.execute("UPDATE snapshots SET key = ?, labels = ?, updated_at = ? WHERE id = ?",
+                       (new_key, json.dumps(labels), time.time(), snapshot.id))
+            return new_key
 
     def update_labels(
         self, key: str, labels: Mapping[str, str], paths: list[str]
@@ -359,7 +406,12 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         size_bytes=row["size_bytes"],
         inodes=row["inodes"],
         layer_id=row["layer_id"],
+        diff_id=row["diff_id"],
     )
+
+
+def _layer(row: sqlite3.Row) -> Layer:
+    return Layer(row["id"], row["digest"], json.loads(row["source"]), row["content_digest"])
 
 
 def _rowid(cursor: sqlite3.Cursor) -> int:

@@ -38,6 +38,7 @@ from tests.support.snapshotter_images import (
     CHUNK_SIZE,
     SHOW,
     assert_consistent,
+    chain_of,
     check_output,
     committed,
     database,
@@ -227,10 +228,10 @@ TARGET = "containerd.io/snapshot.ref"
 LAZYFS = "lazyfs"
 
 
-def cri_labels(image: PublishedImage, manifest_digest: str, layer_digest: str
-               ) -> dict[str, str]:
+def cri_labels(image: PublishedImage, manifest_digest: str, layer_digest: str,
+               target: str) -> dict[str, str]:
     return {
-        TARGET: "sha256:" + "1" * 64,
+        TARGET: target,
         CRI_IMAGE_REF: image.converted,
         CRI_MANIFEST_DIGEST: manifest_digest,
         CRI_LAYER_DIGEST: layer_digest,
@@ -246,20 +247,21 @@ def test_cri_labels_and_bad_inputs_through_containerd(
     nothing recorded or mounted, in containerd or in the snapshotter."""
     manifest_digest, manifest = manifest_of(registry, "test/app", "v1-erofs")
     bottom = manifest["layers"][0]["digest"]
+    bottom_id = chain_of(registry, "test/app", "v1-erofs")[0]
     with ContainerdClient(str(containerd.socket), containerd.namespace) as client:
         # As CRI's pull does: a lease keeps the snapshots the pull makes from containerd's
         # garbage collector (without it, a collection may remove the layer's at any moment).
         lease = client.create_lease()
-        labels = cri_labels(image, manifest_digest, bottom)
+        labels = cri_labels(image, manifest_digest, bottom, bottom_id)
         with pytest.raises(ContainerdError) as caught:
             client.prepare(LAZYFS, "k8s-extract-1", "", labels)
         assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
         assert client.snapshot_exists(LAZYFS, labels[TARGET])
         assert list(assert_consistent(containerd).values()) == [bottom]
 
-        def refused(labels: dict[str, str], message: str) -> None:
+        def refused(labels: dict[str, str], message: str, parent: str = "") -> None:
             with pytest.raises(ContainerdError, match=message) as caught:
-                client.prepare(LAZYFS, "k8s-extract-2", "", labels)
+                client.prepare(LAZYFS, "k8s-extract-2", parent, labels)
             assert caught.value.code == grpc.StatusCode.UNKNOWN
             assert "\n" not in str(caught.value)
             assert not client.snapshot_exists(LAZYFS, "k8s-extract-2")
@@ -267,19 +269,25 @@ def test_cri_labels_and_bad_inputs_through_containerd(
             assert list(assert_consistent(containerd).values()) == [bottom]
 
         unknown = "sha256:" + "2" * 64
-        fresh = {TARGET: "sha256:" + "3" * 64}
-        refused({**cri_labels(image, unknown, bottom), **fresh}, f"layer {bottom}.*not found")
-        refused({**cri_labels(image, manifest_digest, unknown), **fresh},
+        fresh = "sha256:" + "3" * 64
+        refused(cri_labels(image, unknown, bottom, fresh), f"layer {bottom}.*not found")
+        refused(cri_labels(image, manifest_digest, unknown, fresh),
                 f"layer {unknown}.*no such layer")
-        down = {**cri_labels(image, manifest_digest, bottom), **fresh,
+        down = {**cri_labels(image, manifest_digest, bottom, fresh),
                 CRI_IMAGE_REF: "127.0.0.1:9/test/app:v1-erofs"}
         refused(down, f"layer {bottom} of 127.0.0.1:9/test/app.*(refused|connect)")
+        # A target that is not the layer's chain ID in its image: containerd would share it
+        # with every image that names that chain ID.
+        refused(cri_labels(image, manifest_digest, bottom, fresh),
+                f"target snapshot {fresh} is not the layer's chain ID in this image")
 
         # A corrupt blob: its chunk table does not match the digest in the manifest.
         corrupt_digest, corrupt = publish_corrupt(registry, image)
-        refused({**cri_labels(image, corrupt_digest, corrupt), **fresh,
+        corrupt_id = chain_of(registry, "test/corrupt", "v1-erofs")[-1]
+        refused({**cri_labels(image, corrupt_digest, corrupt, corrupt_id),
                  CRI_IMAGE_REF: f"{registry.host}/test/corrupt:v1-erofs"},
-                f"layer {corrupt} of .*test/corrupt.*chunk table")
+                f"layer {corrupt} of .*test/corrupt.*chunk table",
+                parent=bottom_id)  # the same bottom layer's content: the same chain ID
 
         # Removing the snapshot and collecting garbage unmounts the layer. Removed while the
         # lease still holds it: once the lease is gone, a collection may take it first.

@@ -27,6 +27,7 @@ from tests.support.registry_images import PublishedImage
 from tests.support.snapshotter_images import (
     SHOW,
     assert_consistent,
+    chain_of,
     check_output,
     committed,
     database,
@@ -66,22 +67,23 @@ def test_a_layer_without_digests_is_refused(containerd: Containerd, image: Publi
     # As containerd's Prepares of a pull would come: the bottom layer has its digests and is
     # mounted; the top one is refused, and nothing of it is recorded or mounted.
     pinned = f"{registry.host}/test/app@{digest}"
+    bottom_id, top_id = chain_of(registry, "test/app", "v1-no-digests")
     with ContainerdClient(str(containerd.socket), containerd.namespace) as client:
         with pytest.raises(ContainerdError, match="already exists"):
             client.prepare(LAZYFS, "extract-1", "", {
-                TARGET_LABEL: "bottom", LAZYFS_IMAGE_REF: pinned,
+                TARGET_LABEL: bottom_id, LAZYFS_IMAGE_REF: pinned,
                 LAZYFS_LAYER_DIGEST: bottom["digest"]})
-        labels = {TARGET_LABEL: "top", LAZYFS_IMAGE_REF: pinned,
+        labels = {TARGET_LABEL: top_id, LAZYFS_IMAGE_REF: pinned,
                   LAZYFS_LAYER_DIGEST: top["digest"]}
         with pytest.raises(ContainerdError) as caught:
-            client.prepare(LAZYFS, "extract-2", "bottom", labels)
+            client.prepare(LAZYFS, "extract-2", bottom_id, labels)
         message = str(caught.value)
         assert "\n" not in message, message
         assert f"layer {top['digest']} of {pinned}: refusing to mount it" in message
         assert f"no {ANNOTATION_CHUNK_DIGEST} annotation" in message
-        for key in ("extract-2", "top"):
+        for key in ("extract-2", top_id):
             assert not client.snapshot_exists(LAZYFS, key)
-    assert assert_consistent(containerd) == {"bottom": bottom["digest"]}
+    assert assert_consistent(containerd) == {bottom_id: bottom["digest"]}
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from lazyfs.format.chain_id import chain_ids
 from lazyfs.snapshotter.layers import layer_name
 from tests.support.containerd import Containerd
 from tests.support.images import base_layer, change_layer, skopeo_push, write_oci_image
@@ -105,6 +106,16 @@ def manifest_of(registry: Registry, repository: str, tag: str) -> tuple[str, dic
             headers={"Accept": MANIFEST_TYPES}), timeout=30) as response:
         data = response.read()
     return "sha256:" + hashlib.sha256(data).hexdigest(), json.loads(data)
+
+
+def chain_of(registry: Registry, repository: str, tag: str) -> list[str]:
+    """The chain IDs of the layers of `repository:tag` (containerd's snapshot names)."""
+    _, manifest = manifest_of(registry, repository, tag)
+    with urllib.request.urlopen(
+            f"{registry.url}/v2/{repository}/blobs/{manifest['config']['digest']}",
+            timeout=30) as response:
+        config = json.loads(response.read())
+    return chain_ids(config["rootfs"]["diff_ids"])
 
 
 def put_manifest(registry: Registry, repository: str, tag: str, manifest: dict[str, Any]
