@@ -14,6 +14,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from lazyfs.cache.trust import prepare_database
 from lazyfs.errors import LazyfsError
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def _connect(directory: Path) -> sqlite3.Connection:
 
 
 def _connect_once(path: Path) -> sqlite3.Connection:
+    prepare_database(path)  # private, and so are the -wal and -shm files sqlite creates
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                          check_same_thread=False)
     try:

@@ -50,6 +50,7 @@ from lazyfs.cache.disk_index import (
     layer_entries,
     open_index,
 )
+from lazyfs.cache.trust import prepare_directory, private_opener, untrusted_message
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,15 @@ class DiskStore:
         self._index_error: DiskCacheError | None = None
         self._index_ready = threading.Event()
         try:
-            for sub in ("data", "tmp"):
-                (self.directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            unsafe = prepare_directory(self.directory)
+            if unsafe is None:
+                for sub in ("data", "tmp"):
+                    (self.directory / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise DiskCacheError(f"cannot use the cache directory {self.directory}: "
                                  f"{_reason(exc)}") from None
+        if unsafe is not None:
+            raise DiskCacheError(untrusted_message(self.directory, unsafe))
         if open_index:
             self._open_index()
             self.wait_index()
@@ -423,11 +428,12 @@ class DiskStore:
         """Write `data` to a temporary file, fsync it, and rename it to `final`."""
         temporary = self.directory / "tmp" / f"{final.name[:32]}.{uuid.uuid4().hex}"
         try:
-            with open(temporary, "xb") as stream:
+            with open(temporary, "xb", opener=private_opener) as stream:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
-            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for directory in (final.parents[2], final.parents[1], final.parent):  # data/KIND/HH
+                directory.mkdir(mode=0o700, exist_ok=True)
             os.rename(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)

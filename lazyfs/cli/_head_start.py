@@ -5,13 +5,12 @@ image), and their answers handed over once the daemon is about to start. Light t
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazyfs.cli import UserError
-from lazyfs.cli._images import platform_of
+from lazyfs.cli._images import cache_directory_of, platform_of
 
 if TYPE_CHECKING:
     from lazyfs.fetch.head_start import HeadStart, PrimedAnswers
@@ -174,9 +173,7 @@ def _reference_and_platform(text: str, args: argparse.Namespace,
 
 
 def _cache_directory(args: argparse.Namespace) -> Path | None:
-    """The disk cache directory the command uses (None: --no-disk-cache)."""
-    if args.no_disk_cache:
-        return None
-    from lazyfs.cache.defaults import default_cache_dir
-
-    return Path(os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir())
+    """The disk cache directory the command uses (None: --no-disk-cache). Raises UserError
+    for one that another user could change (`cache_directory_of`)."""
+    directory = cache_directory_of(args)
+    return None if directory is None else Path(directory)

@@ -107,8 +107,27 @@ def disk_cache_of(args: argparse.Namespace) -> DiskCacheOptions | None:
     size = None
     if args.disk_cache_size is not None:
         size = parse_size(args.disk_cache_size, "--disk-cache-size")
-    directory = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir()
+    directory = cache_directory_of(args)
+    assert directory is not None
     return DiskCacheOptions(directory, size, pull)
+
+
+def cache_directory_of(args: argparse.Namespace) -> str | None:
+    """The disk cache directory of the command line (None: --no-disk-cache), created if
+    missing and made private (`lazyfs.cache.trust.prepare_directory`), before anything is
+    read from it. Raises UserError for one that another user could change."""
+    if args.no_disk_cache:
+        return None
+    from lazyfs.cache.trust import prepare_directory, untrusted_message
+
+    directory = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir()
+    try:
+        unsafe = prepare_directory(directory)
+    except OSError as exc:
+        raise UserError(f"cannot use the cache directory {directory}: {exc.strerror}") from None
+    if unsafe is not None:
+        raise UserError(untrusted_message(directory, unsafe))
+    return directory
 
 
 def count_layers(count: int) -> str:

@@ -5,8 +5,9 @@ A layer's metadata and chunks are in the disk cache already, keyed by the digest
 authenticate them; what an image adds is the way to them: the manifest (or index) a tag last
 pointed to, and the manifests and configs it names. Those are kept by digest and checked
 against it when read back, so a damaged or planted entry is refused, never used. The pointer
-from a tag to a digest is the one thing nothing authenticates (it is as trustworthy as the
-cache directory, which only root writes): under the pull policy "always" it is used only when
+from a tag to a digest is the one thing nothing authenticates: it is as trustworthy as the
+cache directory, so a directory that another user could change is refused before anything is
+read from it (`lazyfs.cache.trust`). Under the pull policy "always" it is used only when
 the registry cannot be reached (after the client's own retries), with a warning that names the
 digest; under "missing" it is used without asking the registry, as a container runtime runs
 an image pulled before (`docker run` does by default), and the registry is asked only for a
@@ -27,7 +28,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from lazyfs.cache.disk_index import DiskCacheError
 from lazyfs.cache.disk_store import entry_path, read_entry
+from lazyfs.cache.trust import find_unsafe, untrusted_message
 from lazyfs.fetch.registry_head_start import MAX_DOCUMENT_BYTES
 from lazyfs.format.errors import OCIFormatError
 from lazyfs.format.oci import detect_media_type, digest_of
@@ -59,9 +62,13 @@ class PendingEntries:
     files, and written later: `writes` lists what to write, in order ((key, bytes), or
     (key, None) to drop the entry), for a process that has the cache open (the daemon). Reads
     see those writes. A file that cannot be read counts as absent (the daemon, which opens
-    the cache, reports what is wrong with it)."""
+    the cache, reports what is wrong with it). Raises DiskCacheError for a directory that
+    another user could change (`lazyfs.cache.trust.find_unsafe`)."""
 
     def __init__(self, directory: str) -> None:
+        unsafe = find_unsafe(directory)
+        if unsafe is not None:
+            raise DiskCacheError(untrusted_message(directory, unsafe))
         self._directory = Path(directory)
         self.writes: list[tuple[str, bytes | None]] = []
         self._latest: dict[str, bytes | None] = {}

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lazyfs.cache.trust import prepare_database
 from lazyfs.errors import LazyfsError
 
 SCHEMA_VERSION = 2
@@ -125,6 +126,7 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        prepare_database(path)  # private, with its -wal and -shm: it names images and URLs
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
