@@ -11,8 +11,11 @@ chunks for what is hot.
 
 This module is the asynchronous face of `disk_store.DiskStore` (its docstring is the
 protocol between processes): every call runs in a worker thread under a limiter, counts what
-it did, and turns disk and index errors into misses and skipped writes, logged once each:
-a cache that cannot write must not fail a read.
+it did, and turns disk and index errors into misses and skipped writes: a cache that cannot
+write must not fail a read, nor a mount. One that cannot be used at all (its directory or its
+index cannot be opened, a newer index format, a file system too full to open the index on)
+turns itself off: every call is a miss or a skipped write from then on. Either is logged once,
+with the directory and the reason.
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ DEFAULT_MAX_BYTES = 20 << 30
 MIN_DEFAULT_BYTES = 64 << 20
 IO_THREADS = 4
 
-__all__ = ["PULL_POLICIES", "DiskCache", "DiskCacheError", "DiskCacheOptions", "default_cache_dir"]
+__all__ = ["PULL_POLICIES", "STORE_ERRORS", "DiskCache", "DiskCacheError", "DiskCacheOptions",
+           "default_cache_dir", "open_disk_cache"]
+
+# What the store raises for a cache that fails: its files (OSError), its index (sqlite3.Error),
+# or the whole cache (DiskCacheError: its directory or index cannot be used).
+STORE_ERRORS: tuple[type[Exception], ...] = (OSError, sqlite3.Error, DiskCacheError)
 
 
 # When an image's tag is looked up in its registry (`lazyfs.image.image_memory`): every time;
@@ -91,7 +99,8 @@ class DiskCache:
     def __init__(self, store: DiskStore, io_threads: int = IO_THREADS) -> None:
         self.store = store
         self._limiter = trio.CapacityLimiter(io_threads)
-        self._warned: set[str] = set()
+        self._told_failure = False  # an operation that failed has been logged
+        self.failure: str | None = None  # why the cache is off (None: it is on)
         self.hits = 0
         self.misses = 0
         self.bytes_read = 0
@@ -115,7 +124,7 @@ class DiskCache:
         view = self._warm.pop(key, None)
         if view is None:
             return None
-        self.store.touch(key, ref)
+        self.store.note_use(key, ref)  # written with the next batch: no index on the loop
         self.hits += 1
         self.warm_chunks += 1
         return view
@@ -135,13 +144,25 @@ class DiskCache:
     def directory(self) -> str:
         return str(self.store.directory)
 
+    async def wait_index(self) -> bool:
+        """Wait until the index is open (`DiskStore.wait_index`). Returns whether the cache is
+        on: one whose index cannot be opened is turned off (logged once) instead."""
+        if self.failure is None:
+            try:
+                await trio.to_thread.run_sync(self.store.wait_index, limiter=self._limiter)
+            except STORE_ERRORS as exc:
+                self._trouble("open", exc)
+        return self.failure is None
+
     async def get(self, key: str, ref: tuple[str, int] | None = None) -> bytes | None:
         """The bytes stored under `key` (not verified: the caller must), or None."""
-        try:
-            data = await trio.to_thread.run_sync(self.store.get, key, ref, limiter=self._limiter)
-        except (OSError, sqlite3.Error) as exc:
-            self._trouble("read", exc)
-            data = None
+        data = None
+        if self.failure is None:
+            try:
+                data = await trio.to_thread.run_sync(self.store.get, key, ref,
+                                                     limiter=self._limiter)
+            except STORE_ERRORS as exc:
+                self._trouble("read", exc)
         if data is None:
             self.misses += 1
         else:
@@ -150,43 +171,53 @@ class DiskCache:
         return data
 
     async def contains(self, key: str) -> bool:
+        if self.failure is not None:
+            return False
         try:
             return await trio.to_thread.run_sync(self.store.contains, key,
                                                  limiter=self._limiter)
-        except OSError as exc:
+        except STORE_ERRORS as exc:
             self._trouble("read", exc)
             return False
 
     async def put(self, key: str, data: bytes, ref: tuple[str, int] | None = None) -> None:
         """Store `data` (verified by the caller) under `key`; a failure is logged once."""
+        if self.failure is not None:
+            return
         try:
             await trio.to_thread.run_sync(self.store.put, key, data, ref,
                                           limiter=self._limiter)
-        except (OSError, sqlite3.Error) as exc:
+        except STORE_ERRORS as exc:
             self._trouble("write", exc)
             return
         self.writes += 1
         self.bytes_written += len(data)
 
     async def delete(self, key: str) -> None:
+        if self.failure is not None:
+            return
         try:
             await trio.to_thread.run_sync(self.store.delete, key, limiter=self._limiter)
-        except (OSError, sqlite3.Error) as exc:
+        except STORE_ERRORS as exc:
             self._trouble("delete", exc)
 
     async def register_layer(self, layer: str, label: str, chunk_count: int) -> None:
+        if self.failure is not None:
+            return
         try:
             await trio.to_thread.run_sync(self.store.register_layer, layer, label, chunk_count,
                                           limiter=self._limiter)
-        except (OSError, sqlite3.Error) as exc:
+        except STORE_ERRORS as exc:
             self._trouble("write", exc)
 
     async def layer_chunks(self, layer: str) -> list[int]:
         """`DiskStore.layer_chunks` (empty when the index cannot be read)."""
+        if self.failure is not None:
+            return []
         try:
             return await trio.to_thread.run_sync(self.store.layer_chunks, layer,
                                                  limiter=self._limiter)
-        except (OSError, sqlite3.Error) as exc:
+        except STORE_ERRORS as exc:
             self._trouble("read", exc)
             return []
 
@@ -198,10 +229,12 @@ class DiskCache:
 
     async def remember_reads(self, layer: str, chunks: list[int]) -> None:
         """`DiskStore.remember_reads`; a failure is logged once."""
+        if self.failure is not None:
+            return
         try:
             await trio.to_thread.run_sync(self.store.remember_reads, layer, chunks,
                                           limiter=self._limiter)
-        except (OSError, sqlite3.Error) as exc:
+        except STORE_ERRORS as exc:
             self._trouble("write", exc)
 
     def note_bad_entry(self) -> None:
@@ -221,14 +254,41 @@ class DiskCache:
             "bad_entries": self.bad_entries,
             "errors": self.errors,
             "warm_start_chunks": self.warm_chunks,
+            "off": self.failure,
         }
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self.store.close, limiter=self._limiter)
+        """Close the store (uses not yet written are lost, quietly, if it has failed)."""
+        try:
+            await trio.to_thread.run_sync(self.store.close, limiter=self._limiter)
+        except STORE_ERRORS as exc:
+            self._trouble("close", exc)
 
-    def _trouble(self, what: str, exc: BaseException) -> None:
+    def _trouble(self, what: str, exc: Exception) -> None:
+        """Count a failed operation. A DiskCacheError means that the cache cannot be used at
+        all (its message names the directory): it is turned off. The first failure of an
+        operation and the turning off are each logged once, with the directory and reason."""
         self.errors += 1
-        if what not in self._warned:
-            self._warned.add(what)
-            log.warning("disk cache %s: cannot %s: %s (going on without it)",
+        if isinstance(exc, DiskCacheError):
+            if self.failure is None:
+                self.failure = str(exc)
+                log.warning("%s (going on without the disk cache)", exc)
+        elif not self._told_failure and self.failure is None:
+            self._told_failure = True
+            log.warning("disk cache %s: cannot %s: %s (the cache skips what fails; logged once)",
                         self.directory, what, exc)
+
+
+def open_disk_cache(options: DiskCacheOptions, *,
+                    index_in_background: bool = False) -> DiskCache | None:
+    """`DiskCache.open`, for a process that goes on without the disk cache when it cannot be
+    used: None then, logged once with the directory and the reason. Blocking (call from a
+    thread or before trio runs)."""
+    try:
+        return DiskCache.open(options, index_in_background=index_in_background)
+    except STORE_ERRORS as exc:
+        reason = str(exc)  # a DiskCacheError names the directory, the others may not
+        if not isinstance(exc, DiskCacheError):
+            reason = f"disk cache {options.directory}: {reason}"
+        log.warning("%s (going on without the disk cache)", reason)
+        return None

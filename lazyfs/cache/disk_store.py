@@ -212,10 +212,13 @@ class DiskStore:
     def contains(self, key: str) -> bool:
         return self.path(key).exists()
 
-    def note_use(self, key: str) -> None:
-        """Remember a use of `key`, written with the next batch of uses (never now)."""
+    def note_use(self, key: str, ref: tuple[str, int] | None = None) -> None:
+        """Remember a use of `key` (by chunk `ref` = (layer, index)), written with the next
+        batch of uses (never now: no index work, no error)."""
         with self._lock:
             self._touched[key] = time.time()
+            if ref is not None:
+                self._refs[ref] = key
 
     def touch(self, key: str, ref: tuple[str, int] | None = None) -> None:
         """Remember a use of `key` (by chunk `ref` = (layer, index)); written in batches."""
@@ -357,13 +360,19 @@ class DiskStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # Also after a COMMIT that failed (a full disk): sqlite keeps that transaction
+            # open, and every later BEGIN would fail. One that sqlite rolled back itself has
+            # nothing to roll back: that error must not hide the first.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def _reserve(self, key: str, size: int) -> list[tuple[str, int]]:
         now = time.time()

@@ -177,6 +177,8 @@ def _disk_cache_lines(disk: dict[str, Any] | None) -> list[str]:
     ]
     if "warm_start_chunks" in disk:
         lines.append(f"  warm start chunks         {disk['warm_start_chunks']}")
+    if disk.get("off"):
+        lines.append(f"  off                       {disk['off']}")
     return lines
 
 

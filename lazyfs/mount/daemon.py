@@ -34,7 +34,7 @@ from functools import partial
 import pyfuse3
 import trio
 
-from lazyfs.cache.disk import DiskCache, DiskCacheOptions
+from lazyfs.cache.disk import DiskCache, DiskCacheOptions, open_disk_cache
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES, ChunkCache
 from lazyfs.errors import LazyfsError
 from lazyfs.exception_groups import sole_error
@@ -223,9 +223,11 @@ class Daemon:
         write_record(record)  # `lazyfs mounts` shows it starting, `umount` can stop it
         if config.disk_cache is not None and any(_is_remote(s.blob) for s in config.sources):
             # Its index opens in the background while the layers open: reading entries needs
-            # none (opening it took 4-6 ms of a warm start's critical path).
+            # none (opening it took 4-6 ms of a warm start's critical path). A cache that
+            # cannot be used stops no mount: it goes on without one (logged once).
             self.disk = await trio.to_thread.run_sync(
-                partial(DiskCache.open, config.disk_cache, index_in_background=True))
+                partial(open_disk_cache, config.disk_cache, index_in_background=True))
+        if self.disk is not None:
             self.disk.note_used(config.disk_keys)
             self.disk.adopt_warm(config.warm_chunks)
         config.warm_chunks = {}  # the disk cache holds them now (or nothing does)
@@ -272,8 +274,7 @@ class Daemon:
                 record.erofs_mounts.append(erofs)
                 write_record(record)
         self.stats.phases.mark("kernel")
-        if self.disk is not None:
-            await trio.to_thread.run_sync(self.disk.store.wait_index)  # its errors end the start
+        if self.disk is not None and await self.disk.wait_index():  # else off, logged once
             log.info("disk cache %s, at most %d bytes", self.disk.directory,
                      self.disk.store.capacity_bytes)
             nursery.start_soon(self._remember_images, self.disk)
@@ -415,16 +416,28 @@ class Daemon:
             return
 
     async def _teardown(self) -> None:
-        """Undo whatever came up, in reverse order; keep going past failures."""
+        """Undo whatever came up, in reverse order; keep going past failures. Nothing here
+        looks into the FUSE file system: its loop has stopped, so a request to it (a stat of
+        its directory or of a block file) would wait forever for an answer."""
         record = self.record
+        if self._fuse_mounted:
+            # Abort the FUSE connection first (closing the session's /dev/fuse descriptor,
+            # which only this process holds, does): whatever still waits for an answer of
+            # the stopped loop (FUSE's INIT, a mount(2) under way in a worker thread) fails
+            # at once instead of hanging the teardown, and the daemon with it. The mounts on
+            # top lose nothing they could still read.
+            pyfuse3.close(unmount=False)
         try:
             await kernel.unmount_kernel_mounts(record, lazy_fallback=True)
         except kernel.MountError as exc:
             log.error("%s", exc)
         if self._fuse_mounted:
-            # After a bug stopped the loop or after terminate(): unmount(2) here, not by
-            # the kernel reaping /dev/fuse, so nothing is left at the mountpoint.
-            pyfuse3.close(unmount=True)
+            # Detached here, not left to the kernel reaping /dev/fuse, so that nothing is
+            # left at the mountpoint (libfuse does not unmount an aborted connection).
+            try:
+                await kernel.fuse_unmount_lazy(record.fuse_dir)
+            except kernel.MountError as exc:
+                log.error("%s", exc)
             self._fuse_mounted = False
         for image in self.images:
             await image.aclose()
@@ -456,4 +469,3 @@ def run_daemon(config: DaemonConfig, on_ready: Callable[[], None]) -> None:
     """Serve the mount until SIGTERM/SIGINT or an outside unmount; `on_ready` is called once
     everything is mounted. Raises what made start-up fail, after undoing it."""
     Daemon(config).run(on_ready)
-

@@ -371,7 +371,7 @@ def erofs_mounts_of(record: MountRecord) -> list[str]:
     loops = set(loops_backed_by(record.fuse_dir))
     if record.temp_dir is not None:
         loops.update(loops_backed_by(record.temp_dir))
-    block_files = {canonical(path) for path in record.block_files}
+    block_files = {_canonical_below(path, record.fuse_dir) for path in record.block_files}
     found = [erofs.mountpoint for erofs in reversed(record.erofs_mounts)]
     for directory in (record.mountpoint, record.layers_dir):
         if directory is None:
@@ -380,6 +380,15 @@ def erofs_mounts_of(record: MountRecord) -> list[str]:
             if mount.fstype == "erofs" and (mount.source in loops or mount.source in block_files):
                 found.append(mount.mountpoint)
     return list(dict.fromkeys(found))
+
+
+def _canonical_below(path: str, fuse_dir: str) -> str:
+    """`canonical(path)` without a look into `fuse_dir` when `path` lies in it: that is the
+    FUSE file system, whose daemon may no longer answer (a stat would wait forever)."""
+    relative = os.path.relpath(path, fuse_dir)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return canonical(path)
+    return os.path.join(canonical(fuse_dir), relative)
 
 
 def overlays_of(record: MountRecord) -> list[str]:

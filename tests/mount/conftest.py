@@ -18,9 +18,11 @@ def lazyfs(tmp_path: Path) -> Iterator[Lazyfs]:
         yield tool
     finally:
         pids = tool.pids + [r["pid"] for r in tool.records() if r["pid"] not in tool.pids]
-        for record in tool.records():  # the orderly way first, then by force
-            tool.run("umount", record["mountpoint"], timeout=60)
-        cleanup(mountpoints=tool.mountpoints, backing_prefixes=[tool.state_dir], pids=pids)
+        try:
+            for record in tool.records():  # the orderly way first, then by force
+                tool.run("umount", record["mountpoint"], timeout=60)
+        finally:  # also after an umount that hung
+            cleanup(mountpoints=tool.mountpoints, backing_prefixes=[tool.state_dir], pids=pids)
     assert tool.unexpected_log_lines() == [], tool.logs()
 
 

@@ -11,6 +11,8 @@ import errno
 import hashlib
 import json
 import os
+import random
+import re
 import select
 import signal
 import subprocess
@@ -28,7 +30,7 @@ from lazyfs.image.warm_start import WarmFeed, WarmStart, remembered_layer
 from tests.image.helpers import flip_byte
 from tests.support.images import base_layer, change_layer
 from tests.support.lazyfs_cli import REPO, Lazyfs, pid_gone, wait_until
-from tests.support.mounts import cleanup
+from tests.support.mounts import cleanup, mounts_below
 from tests.support.nginx import serve_directory
 from tests.support.registry import running_registry
 from tests.support.registry_images import publish
@@ -470,3 +472,64 @@ def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
         text = lazyfs.run("stats", str(mountpoint)).stdout  # no reads since: the same count
         assert f"  warm start chunks         {stats['disk_cache']['warm_start_chunks']}\n" in text
         umount(lazyfs, mountpoint)
+
+
+@pytest.fixture
+def full_cache_dir(tmp_path: Path) -> Iterator[Path]:
+    """A cache directory on a 48 MiB tmpfs (mode 0700, as a cache directory must be)."""
+    path = tmp_path / "small-cache"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48M,mode=0700", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        cleanup(mountpoints=[path])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_full_cache_file_system_stops_no_mount(
+    lazyfs: Lazyfs, mountpoint: Path, tmp_path: Path, full_cache_dir: Path
+) -> None:
+    """The disk cache on a 48 MiB tmpfs, a 72 MiB layer read whole, mounted again and again.
+    The first mount fills the file system (its writes fail); the next ones cannot even open
+    the index there ("database or disk is full"), an error that used to end the start-up
+    while the kernel waited for FUSE, and the teardown then hung in a stat of the FUSE
+    directory whose loop it had cancelled. Now every mount comes up in time without the disk
+    cache, logged once by each daemon, reads right, and leaves nothing mounted."""
+    tree = tmp_path / "tree"
+    (tree / "data").mkdir(parents=True)
+    for index in range(3):
+        (tree / "data" / f"random{index}.bin").write_bytes(random.randbytes(24 << 20))
+    served = tmp_path / "served"
+    served.mkdir()
+    convert(tree, served / "layer.blob")
+    lazyfs.expected_log_levels.add("WARNING")  # "cannot write", "going on without it"
+    lazyfs.mountpoints.append(mountpoint)
+    cycles = 4
+    with serve_directory(served) as server:
+        url = server.url + "layer.blob"
+        for _ in range(cycles):
+            # A cap beyond the file system: it fills whatever the default cap would be.
+            mounted = lazyfs.run("mount", url, str(mountpoint), "--cache-dir",
+                                 str(full_cache_dir), "--disk-cache-size", "1G", timeout=90)
+            assert mounted.returncode == 0, mounted.stderr
+            record = lazyfs.record(mountpoint)
+            assert record is not None and record["ready"]
+            lazyfs.pids.append(record["pid"])
+            assert compare_trees(scan_directory(tree), scan_directory(mountpoint)) == []
+            result = lazyfs.run("umount", str(mountpoint), timeout=60)
+            assert result.returncode == 0, result.stderr
+            assert mounts_below(lazyfs.state_dir) == [] and mounts_below(mountpoint) == []
+            assert lazyfs.records() == []
+    assert os.statvfs(full_cache_dir).f_bavail == 0
+    by_daemon: dict[str, list[str]] = {}
+    for line in lazyfs.logs().splitlines():
+        daemon = re.search(r"lazyfs\[(\d+)\] (WARNING|ERROR) ", line)
+        if daemon is not None:
+            by_daemon.setdefault(daemon.group(1), []).append(line)
+    assert all(len(lines) == 1 and "lazyfs.cache.disk" in lines[0]
+               for lines in by_daemon.values()), by_daemon
+    assert len(by_daemon) == cycles  # the first mounts' writes failed, the later ones' index
+    assert any("going on without the disk cache" in lines[0] for lines in by_daemon.values())
