@@ -92,6 +92,8 @@ class ChunkLoader:
         self._probing: trio.Event | None = None  # set when a probe of the source has told
         # Chunks loading only because a read may want them soon (readahead, and those that
         # follow a miss): a failed fetch does not hold them off, nobody asked for them yet.
+        # A read that waits for one takes it out (RemoteImage._claim): the kernel retries a
+        # failed read at once, and that retry must fail at once, not wait for a new fetch.
         self.speculative: set[int] = set()
 
     def refusal(self, chunk_index: int) -> str | None:
@@ -153,12 +155,17 @@ class ChunkLoader:
 
     async def load_run(self, run: list[int], reason: str,
                        streams: dict[int, FrameStream] | None = None,
-                       limiter: trio.CapacityLimiter | None = None) -> None:
+                       limiter: trio.CapacityLimiter | None = None,
+                       deadline: float | None = None) -> None:
         """Fetch, verify and decode adjacent claimed chunks (as partial frames into
-        `streams` when given); complete or fail every key, within the read timeout (or at
-        once when cancelled for unmount). At most `limiter`'s fetches at a time."""
+        `streams` when given); complete or fail every key by `deadline` (trio time; by
+        default the read timeout from now: a read that starts a load passes its own), or at
+        once when cancelled for unmount. At most `limiter`'s fetches at a time (waiting for
+        one counts against the deadline)."""
         unresolved = set(run)
-        scope = trio.CancelScope(deadline=trio.current_time() + self.tuning.read_timeout_s)
+        if deadline is None:
+            deadline = trio.current_time() + self.tuning.read_timeout_s
+        scope = trio.CancelScope(deadline=deadline)
         self._loads.add(scope)
         try:
             with scope:

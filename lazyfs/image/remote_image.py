@@ -9,9 +9,13 @@ Only verified bytes reach the cache and the caller. Loads run in the mount's nur
 read that is interrupted does not abandon a fetch other readers wait on, and unmount cancels
 them all.
 
-A read returns or fails within the read timeout, whatever loads its chunks. A chunk that
-failed recently fails at once (`lazyfs.image.health`: per chunk, for a while, not per layer),
-unless the disk cache (`lazyfs.image.disk_tier`) may hold it: a load asks the disk first.
+A read returns or fails within the read timeout, counted from when the FUSE handler called it,
+whatever loads its chunks and however many readers wait for them: the loads a read starts end
+by its deadline, and a read that waits for a chunk someone else's load brings makes a failure
+of that load hold the chunk off, so that the reads the kernel retries for the same read(2)
+fail at once instead of waiting as long again. A chunk that failed recently fails at once
+(`lazyfs.image.health`: per chunk, for a while, not per layer), unless the disk cache
+(`lazyfs.image.disk_tier`) may hold it: a load asks the disk first.
 Background loads (`prefetch.py`) claim chunks in the same cache and streams: no chunk is
 fetched twice.
 """
@@ -115,8 +119,10 @@ class RemoteImage:
         """Return verified image bytes `[offset, offset + size)`, clipped at the end of the image.
 
         Raises ImageReadError (its cause logged once) when a chunk cannot be fetched or
-        verified, or not within the read timeout.
+        verified, or not within the read timeout from this call.
         """
+        # Taken before anything that could wait: the handler calls this as the request comes.
+        deadline = trio.current_time() + self.tuning.read_timeout_s
         table = self.metadata.table
         indices = table.chunks_for_range(offset, size)
         if not indices:
@@ -128,13 +134,13 @@ class RemoteImage:
         end = min(offset + size, self.size)
         pieces: list[bytes] = []
         # The one bound on a read, whatever loads its chunks and however.
-        with trio.move_on_after(self.tuning.read_timeout_s):
-            found = self._claim(indices, "read")
+        with trio.move_on_at(deadline):
+            found = self._claim(indices, "read", deadline)
             # Copy only the requested bytes of each chunk, not whole chunks.
             for index in indices:
                 base = index * table.chunk_size
                 start, stop = max(offset - base, 0), min(end - base, table.decoded_size(index))
-                pieces.append(await self._piece(index, start, stop, found.get(index)))
+                pieces.append(await self._piece(index, start, stop, found.get(index), deadline))
         if len(pieces) < len(indices):
             log.debug("layer %s: a read of chunks %d-%d gave up after %g s", self.name,
                       indices[0], indices[-1], self.tuning.read_timeout_s)
@@ -220,15 +226,22 @@ class RemoteImage:
     def _key(self, chunk_index: int) -> Hashable:
         return (self._content_key, chunk_index)
 
-    def _claim(self, indices: range, reason: str) -> dict[int, ChunkData]:
+    def _claim(self, indices: range, reason: str,
+                deadline: float | None = None) -> dict[int, ChunkData]:
         """Start loading the chunks of `indices` that are neither cached, nor loading, nor
-        streaming; return those that are cached. Raises ImageReadError for a chunk refused
-        now (`ChunkLoader.early_refusal`; the loads claimed so far start)."""
+        streaming (the loads end by `deadline`, by default the read timeout from now); return
+        those that are cached. Raises ImageReadError for a chunk refused now
+        (`ChunkLoader.early_refusal`; the loads claimed so far start).
+
+        A chunk loading already, claimed before anyone asked for it (readahead, or with a
+        miss), is asked for now: if its load fails, it is held off like any chunk a read
+        wanted (`ChunkLoader.speculative`)."""
         found: dict[int, ChunkData] = {}
         claimed: list[int] = []
         try:
             for index in indices:
                 if index in self._streams:
+                    self.loader.speculative.discard(index)
                     continue
                 key = self._key(index)
                 data = self.cache.get(key)
@@ -237,6 +250,7 @@ class RemoteImage:
                     self._record(chunk=index, event="hit")
                     continue
                 if self.cache.is_loading(key):
+                    self.loader.speculative.discard(index)
                     continue
                 refusal = self.loader.early_refusal(index)
                 if refusal is not None:
@@ -247,7 +261,7 @@ class RemoteImage:
                 claimed += self._followers(indices[-1] + 1)
         finally:
             # Chunks claimed before a failure must still be loaded: others may wait for them.
-            self._start_loads(claimed, reason)
+            self._start_loads(claimed, reason, deadline)
         return found
 
     def _followers(self, index: int) -> list[int]:
@@ -272,26 +286,31 @@ class RemoteImage:
         self._speculate(followers)
         return followers
 
-    def _start_loads(self, claimed: list[int], reason: str) -> None:
+    def _start_loads(self, claimed: list[int], reason: str,
+                     deadline: float | None = None) -> None:
         """Load claimed chunks in the mount's nursery, in runs of adjacent frames, each at
-        most the coalesce cap."""
+        most the coalesce cap; each load ends by `deadline` (default: the read timeout from
+        when it starts)."""
         for run in self.metadata.frame_runs(claimed, self.tuning.coalesce_bytes):
             streams = self._streams.open(run) if self.loader.streaming else None
             if reason in ON_DEMAND:
                 self.demand.begin()  # now, not when the task starts: background loads yield
-            self._nursery.start_soon(self._load_run, run, reason, streams)
+            self._nursery.start_soon(self._load_run, run, reason, streams, None, deadline)
 
     async def _load_run(self, run: list[int], reason: str,
                         streams: dict[int, FrameStream] | None = None,
-                        limiter: trio.CapacityLimiter | None = None) -> None:
+                        limiter: trio.CapacityLimiter | None = None,
+                        deadline: float | None = None) -> None:
         try:
-            await self.loader.load_run(run, reason, streams, limiter)
+            await self.loader.load_run(run, reason, streams, limiter, deadline)
         finally:
             if reason in ON_DEMAND:
                 self.demand.end()
 
-    async def _piece(self, index: int, start: int, stop: int, data: ChunkData | None) -> bytes:
-        """Bytes `[start, stop)` of chunk `index`: from `data`, its stream or its load."""
+    async def _piece(self, index: int, start: int, stop: int, data: ChunkData | None,
+                     deadline: float) -> bytes:
+        """Bytes `[start, stop)` of chunk `index`: from `data`, its stream or its load (one
+        this read starts again ends by the read's `deadline`)."""
         key = self._key(index)
         while data is None:
             stream = self._streams.get(index)
@@ -304,7 +323,7 @@ class RemoteImage:
                     # The frame is fetched again, whole: wait for its key.
             data = await self.cache.wait(key)
             if data is None:  # evicted between its load and this wait (a tiny cache)
-                data = self._claim(range(index, index + 1), "read").get(index)
+                data = self._claim(range(index, index + 1), "read", deadline).get(index)
         return memoryview(data)[start:stop].tobytes()
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
@@ -321,7 +340,8 @@ class RemoteImage:
 
     def _speculate(self, chunks: list[int]) -> None:
         """Count `chunks`, claimed before any read asked for them, as read ahead (a failed
-        fetch of them holds nothing off: `ChunkLoader.speculative`)."""
+        fetch of them holds nothing off unless a read waits for them by then:
+        `ChunkLoader.speculative`)."""
         self.stats.readahead_chunks += len(chunks)
         self.loader.speculative.update(chunks)
 

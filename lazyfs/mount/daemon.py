@@ -46,7 +46,7 @@ from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.stats import TraceWriter
 from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.image.warm_start import WarmFeed
-from lazyfs.mount import kernel, stack
+from lazyfs.mount import fuse_connection, kernel, stack
 from lazyfs.mount.background_loads import BackgroundLoads
 from lazyfs.mount.state import (
     ImageRecord,
@@ -77,6 +77,10 @@ class DaemonStartError(LazyfsError):
     """The daemon did not come up; the message says why (one line)."""
 
 
+# FUSE requests handled at a time, at least (see WorkerLimits.for_layers).
+MIN_FUSE_WORKERS = 256
+
+
 @dataclass(frozen=True)
 class WorkerLimits:
     """Concurrency limits sized together (FUSE workers >= HTTP connections >= decode threads),
@@ -92,9 +96,13 @@ class WorkerLimits:
         decode_threads = max(2, cpu_count or os.cpu_count() or 1)
         http_connections = max(8, decode_threads)
         parallel_fetches = max(1, http_connections // 2)
-        # Each layer has its own connection pool; leave workers for metadata-only requests
-        # (getattr, lookup, the stats file) while every connection is busy.
-        fuse_workers = http_connections * max(1, layer_count) + 4
+        # A request no worker has taken waits in the kernel, where its read timeout cannot
+        # run: it would start only when a read stalled before it gave up, and wait as long
+        # again. Workers are cheap (a task and a buffer) and the limits that matter are waited
+        # for inside a read's deadline, so there are enough for every reader of a busy
+        # start-up; at least one connection's worth per layer, and some for metadata-only
+        # requests (getattr, lookup, the stats file).
+        fuse_workers = max(MIN_FUSE_WORKERS, http_connections * max(1, layer_count) + 4)
         return cls(decode_threads, http_connections, parallel_fetches, fuse_workers)
 
 
@@ -255,6 +263,7 @@ class Daemon:
             ) from None
         self._fuse_mounted = True
         nursery.start_soon(self._serve_fuse)
+        nursery.start_soon(self._raise_request_limit)
         self.stats.phases.mark("fuse")
         log.info("serving %s at %s", ", ".join(record.block_files), record.fuse_dir)
 
@@ -376,6 +385,20 @@ class Daemon:
     def _loop_attached(self, device: str) -> None:
         self.record.loop_devices.append(device)
         write_record(self.record)
+
+    async def _raise_request_limit(self) -> None:
+        """Let the kernel send as many requests at a time as there are FUSE workers
+        (`lazyfs.mount.fuse_connection`), in the background: the mount does not wait."""
+        workers = self.limits.fuse_workers
+        try:
+            await trio.to_thread.run_sync(fuse_connection.raise_request_limit,
+                                          self.record.fuse_dir, workers)
+        except OSError as exc:
+            log.info("%s: the kernel keeps its limit of FUSE requests in flight (%s): beyond "
+                     "it, reads wait in the kernel, outside the read timeout",
+                     self.record.fuse_dir, exc)
+        else:
+            log.debug("%s: up to %d FUSE requests in flight", self.record.fuse_dir, workers)
 
     async def _serve_fuse(self) -> None:
         self._fuse_serving = True

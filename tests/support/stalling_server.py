@@ -7,6 +7,9 @@ link would. Runs in threads on 127.0.0.1, so synchronous tests can drive trio co
         gate = server.stall("/layer.blob", start=frame_offset, after_bytes=half)
         ...  # a reader gets `half` bytes of that range, then nothing
         gate.set()  # the rest follows
+
+`stall_at` holds every answer that reaches a given byte, retries and resumed ranges
+included, as a link that breaks at the same place each time would.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class _Stall:
     after_bytes: int
     gate: threading.Event = field(default_factory=threading.Event)
     reached: threading.Event = field(default_factory=threading.Event)
+    every: bool = False  # every answer covering byte `start`, not only the next one at it
 
 
 class StallingServer:
@@ -57,6 +61,14 @@ class StallingServer:
             self._stalls.append(stall)
         return stall.gate
 
+    def stall_at(self, path: str, offset: int) -> threading.Event:
+        """Hold every answer to a range of `path` that covers byte `offset`, after the bytes
+        before it, until the returned event is set (or STALL_LIMIT_S passed)."""
+        stall = _Stall(path, offset, 0, every=True)
+        with self._lock:
+            self._stalls.append(stall)
+        return stall.gate
+
     def wait_stalled(self, timeout_s: float = 10.0) -> bool:
         """Wait until every stall set so far has held an answer."""
         with self._lock:
@@ -79,12 +91,19 @@ class StallingServer:
         self._server.server_close()
         self._thread.join(timeout=10)
 
-    def _take_stall(self, path: str, start: int) -> _Stall | None:
+    def _take_stall(self, path: str, start: int, end: int) -> tuple[_Stall, int] | None:
+        """The stall that holds an answer of bytes `start..end`, and after how many bytes."""
         with self._lock:
             for stall in self._stalls:
-                if stall.path == path and stall.start == start and not stall.reached.is_set():
+                if stall.path != path:
+                    continue
+                if stall.every:
+                    if start <= stall.start <= end and not stall.gate.is_set():
+                        stall.reached.set()
+                        return stall, stall.start - start
+                elif stall.start == start and not stall.reached.is_set():
                     stall.reached.set()
-                    return stall
+                    return stall, stall.after_bytes
         return None
 
     def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
@@ -122,14 +141,15 @@ class StallingServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("ETag", f'"{len(data)}"')
                 self.end_headers()
-                stall = server._take_stall(path, start)
-                if stall is None:
+                taken = server._take_stall(path, start, end)
+                if taken is None:
                     self.wfile.write(body)
                     return
-                self.wfile.write(body[:stall.after_bytes])
+                stall, after_bytes = taken
+                self.wfile.write(body[:after_bytes])
                 self.wfile.flush()
                 stall.gate.wait(STALL_LIMIT_S)
-                self.wfile.write(body[stall.after_bytes:])
+                self.wfile.write(body[after_bytes:])
 
             def _answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)
