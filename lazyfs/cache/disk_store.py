@@ -7,6 +7,8 @@ processes may use one directory at once (mount daemons, the snapshotter, `lazyfs
                           chunks each layer has in the store (for `lazyfs cache ls`), and
                           the order in which each layer's last mount first read its chunks
                           (`lazyfs.cache.disk_index`)
+    DIR/index.lock        held while a process opens the index, checks it and, if damaged,
+                          starts it afresh with the entry files (`disk_index.open_index`)
     DIR/data/KIND/HH/HEX  one file per entry: complete once it has this name, never changed
     DIR/tmp/              files being written; a writer killed mid-write leaves one here
 
@@ -24,6 +26,8 @@ readers go on meanwhile):
 - **delete.** Row first, then the file.
 - **A crash** at any point leaves at worst a file in `tmp/` (removed by a later open once it is
   old) or a row without a file (a get misses; the row is evicted in time, or by `prune`).
+- **A damaged index**, found when it is opened or used, is started afresh with a row for each
+  entry file; a process that had the old one open follows the new one at its next transaction.
 
 Nothing read from the store is trusted: every byte is verified by the caller before use, so
 a torn or flipped file costs a refetch, never a wrong byte.
@@ -32,6 +36,7 @@ a torn or flipped file costs a refetch, never a wrong byte.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -42,11 +47,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from lazyfs.cache.disk_index import (
     DiskCacheError,
     encode_read_order,
+    is_damage,
     layer_entries,
     open_index,
 )
@@ -109,12 +117,75 @@ def entry_path(directory: Path, key: str) -> Path:
     return directory / "data" / kind / name[:2] / name
 
 
+def refill_index(directory: Path, db: sqlite3.Connection) -> int:
+    """Count the entry files of the cache in `directory` into its fresh index `db` (after it
+    was found damaged): each with its size, and its modification time as its last use.
+    Returns how many. Raises sqlite3.Error."""
+    rows = []
+    for key in _entry_keys(directory):
+        try:
+            status = entry_path(directory, key).stat()  # also: a file where its key says
+        except FileNotFoundError:
+            continue
+        rows.append((key, key.partition("-")[0], disk_bytes(status.st_size), status.st_mtime,
+                     status.st_mtime))
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?, ?, ?)", rows)
+        db.execute("UPDATE totals SET bytes = (SELECT COALESCE(SUM(size), 0) FROM entries) "
+                   "WHERE id = 1")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    return len(rows)
+
+
+def _entry_keys(directory: Path) -> Iterator[str]:
+    """The keys of the entry files under `directory / "data"`."""
+    for path in (directory / "data").glob("*/*/*"):
+        key = f"{path.parent.parent.name}-{path.name}"
+        if _KEY.match(key):
+            yield key
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _recovering(method: Callable[Concatenate[DiskStore, _P], _R],
+                ) -> Callable[Concatenate[DiskStore, _P], _R]:
+    """`method`, called once more when it failed on a damaged index, after the index was
+    opened anew (`DiskStore._reopen_index`: checked, and started afresh if damaged)."""
+    @functools.wraps(method)
+    def call(self: DiskStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            log.info("disk cache %s: the index failed (%s); opening it anew",
+                     self.directory, exc)
+            with self._lock:
+                self._reopen_index()
+        return method(self, *args, **kwargs)
+
+    return call
+
+
 class DiskStore:
     """One process's handle on a cache directory; thread-safe (one lock around the index).
 
     With `default_cap`, the cap is `default_cap(bytes held)` once the index tells that. With
     `open_index=False` the index is opened by `open_index_in_background`: entries can be read
-    at once (a read needs no index), anything that needs the index waits for it."""
+    at once (a read needs no index), anything that needs the index waits for it.
+
+    An index found damaged while in use (sqlite's "malformed", a missing table) is opened
+    anew, checked and if need be started afresh (`disk_index.open_index`), and the call tried
+    once more; one that another process started afresh meanwhile is followed (its file is
+    another): before each transaction the file is compared with the one open."""
 
     def __init__(self, directory: str | os.PathLike[str], capacity_bytes: int, *,
                  default_cap: Callable[[int], int] | None = None,
@@ -130,6 +201,8 @@ class DiskStore:
         self._refs: dict[tuple[str, int], str] = {}
         self._last_flush = time.monotonic()
         self._index: sqlite3.Connection | None = None
+        self._index_path = self.directory / "index.sqlite"
+        self._index_id: tuple[int, int] | None = None  # the file open (device, inode)
         self._index_error: DiskCacheError | None = None
         self._index_ready = threading.Event()
         try:
@@ -173,7 +246,8 @@ class DiskStore:
 
     def _open_index(self) -> None:
         try:
-            self._index = open_index(self.directory)
+            self._index = open_index(self.directory, partial(refill_index, self.directory))
+            self._index_id = _file_id(self._index_path)
             self._sweep_tmp(TMP_MAX_AGE_S)
             if self._default_cap is not None:
                 (held,) = self._index.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()
@@ -182,10 +256,24 @@ class DiskStore:
             if self._index is not None:
                 self._index.close()
                 self._index = None
-            self._index_error = (exc if isinstance(exc, DiskCacheError) else DiskCacheError(
-                f"cannot use the cache directory {self.directory}: {_reason(exc)}"))
+            self._index_error = _unusable(self.directory, exc)
         finally:
             self._index_ready.set()
+
+    def _reopen_index(self) -> None:
+        """Open the index anew (the caller holds the lock): checked, and started afresh if
+        damaged (`open_index`). Raises DiskCacheError when it cannot be opened: so does every
+        call that needs it from then on."""
+        index, self._index = self._index, None
+        if index is not None:
+            with contextlib.suppress(sqlite3.Error):
+                index.close()
+        try:
+            self._index = open_index(self.directory, partial(refill_index, self.directory))
+        except (OSError, sqlite3.Error, DiskCacheError) as exc:
+            self._index_error = _unusable(self.directory, exc)
+            raise self._index_error from None
+        self._index_id = _file_id(self._index_path)
 
     def close(self) -> None:
         self._index_ready.wait()
@@ -220,6 +308,7 @@ class DiskStore:
             if ref is not None:
                 self._refs[ref] = key
 
+    @_recovering
     def touch(self, key: str, ref: tuple[str, int] | None = None) -> None:
         """Remember a use of `key` (by chunk `ref` = (layer, index)); written in batches."""
         with self._lock:
@@ -231,6 +320,7 @@ class DiskStore:
                 with self._transaction():
                     self._flush_touches()
 
+    @_recovering
     def put(self, key: str, data: bytes, ref: tuple[str, int] | None = None) -> list[str]:
         """Store `data` under `key` unless it is there (then only a use is noted). Returns the
         keys evicted to make room. An entry larger than the cap is not stored. Raises
@@ -259,12 +349,14 @@ class DiskStore:
             final.unlink(missing_ok=True)
         return [victim for victim, _ in evicted]
 
+    @_recovering
     def delete(self, key: str) -> None:
         """Forget `key`: its row, then its file."""
         with self._lock, self._transaction():
             self._drop(key)
         self.path(key).unlink(missing_ok=True)
 
+    @_recovering
     def register_layer(self, layer: str, label: str, chunk_count: int) -> None:
         """Name a layer for `lazyfs cache ls` (its chunks are added with their entries)."""
         with self._lock, self._transaction():
@@ -275,6 +367,7 @@ class DiskStore:
 
     # -- the whole store -------------------------------------------------------------------
 
+    @_recovering
     def totals(self) -> StoreTotals:
         with self._lock:
             size, evictions = self._db.execute(
@@ -283,6 +376,7 @@ class DiskStore:
         return StoreTotals(int(size), {str(k): int(v) for k, v in kinds.items()},
                            int(evictions))
 
+    @_recovering
     def layers(self) -> list[LayerRow]:
         with self._lock, self._transaction():
             self._flush_touches()
@@ -294,6 +388,7 @@ class DiskStore:
                 " ORDER BY l.last_used DESC").fetchall()
         return [LayerRow(*row) for row in rows]
 
+    @_recovering
     def layer_chunks(self, layer: str) -> list[int]:
         """The chunks of `layer` the store holds that its last mount read, in the order it
         first read them (see `remember_reads`); without such an order, every chunk it holds,
@@ -303,6 +398,7 @@ class DiskStore:
         with self._lock:
             return [chunk for chunk, _ in layer_entries(self._db, layer)]
 
+    @_recovering
     def remember_reads(self, layer: str, chunks: list[int]) -> None:
         """Keep the order in which a mount of `layer` first read `chunks`, in place of the
         last mount's: what a warm start loads ahead of reads, and in which order."""
@@ -310,6 +406,7 @@ class DiskStore:
             self._db.execute("INSERT OR REPLACE INTO read_orders VALUES (?, ?, ?)",
                              (layer, encode_read_order(chunks), time.time()))
 
+    @_recovering
     def prune(self, to_bytes: int) -> int:
         """Evict least-recently-used entries until at most `to_bytes` are kept, after
         reconciling the index with the files (rows without files, files without rows, old
@@ -321,10 +418,11 @@ class DiskStore:
         self._unlink(evicted)
         return len(evicted)
 
+    @_recovering
     def reconcile(self) -> None:
         """Make the index and the files agree; the total is recounted from the rows."""
         cutoff = time.time() - PENDING_MAX_AGE_S
-        named = set(self._named_files())
+        named = set(_entry_keys(self.directory))
         with self._lock, self._transaction():
             rows = self._db.execute("SELECT key, created FROM entries").fetchall()
             keys = {key for key, _ in rows}
@@ -343,8 +441,11 @@ class DiskStore:
                     path.unlink()
         self._sweep_tmp(PENDING_MAX_AGE_S)
 
+    @_recovering
     def clear(self) -> None:
-        """Delete every entry and layer."""
+        """Delete every entry and layer: the files first (on a full file system, sqlite can
+        write the index only once they are gone), then the rows."""
+        self.drop_files()
         with self._lock, self._transaction():
             self._db.execute("DELETE FROM entries")
             self._db.execute("DELETE FROM refs")
@@ -353,6 +454,10 @@ class DiskStore:
             self._db.execute("UPDATE totals SET bytes = 0 WHERE id = 1")
             self._touched.clear()
             self._refs.clear()
+
+    def drop_files(self) -> None:
+        """Delete every entry's file, without the index (a row left without its file misses,
+        and goes with `clear` or `reconcile`)."""
         shutil.rmtree(self.directory / "data", ignore_errors=True)
         (self.directory / "data").mkdir(mode=0o700, exist_ok=True)
 
@@ -360,6 +465,9 @@ class DiskStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
+        self.wait_index()
+        if _file_id(self._index_path) != self._index_id:
+            self._reopen_index()  # another process started it afresh (`open_index`)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -453,12 +561,6 @@ class DiskStore:
             with contextlib.suppress(OSError):
                 self.path(key).unlink(missing_ok=True)
 
-    def _named_files(self) -> Iterator[str]:
-        for path in (self.directory / "data").glob("*/*/*"):
-            key = f"{path.parent.parent.name}-{path.name}"
-            if _KEY.match(key):
-                yield key
-
     def _sweep_tmp(self, max_age_s: float) -> None:
         cutoff = time.time() - max_age_s
         with contextlib.suppress(OSError):
@@ -466,6 +568,22 @@ class DiskStore:
                 with contextlib.suppress(OSError):
                     if path.stat().st_mtime < cutoff:
                         path.unlink()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None when there is none."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _unusable(directory: Path, exc: BaseException) -> DiskCacheError:
+    """The DiskCacheError of a cache whose index cannot be opened (`exc` says why)."""
+    if isinstance(exc, DiskCacheError):
+        return exc
+    return DiskCacheError(f"cannot use the cache directory {directory}: {_reason(exc)}")
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,11 +1,16 @@
 """`lazyfs cache ls|stats|prune|clear`: look at and trim the disk cache that every mount on
-this machine shares (running daemons go on using it; what is removed is fetched again)."""
+this machine shares (running daemons go on using it; what is removed is fetched again). A
+cache that fails answers in one line, whatever failed; a damaged index is started afresh on
+the way (`lazyfs.cache.disk_index`), said in one line before the answer."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sqlite3
 import time
+from collections.abc import Iterator
 
 from lazyfs.cache.disk import default_cache_dir, default_capacity
 from lazyfs.cache.disk_store import DiskStore
@@ -34,19 +39,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parser.set_defaults(func=func)
 
 
-def _open(args: argparse.Namespace) -> DiskStore:
+@contextlib.contextmanager
+def _opened(args: argparse.Namespace, *, open_index: bool = True) -> Iterator[DiskStore]:
+    """The store of the cache the command names, closed after the block; without
+    `open_index`, the block opens the index. An error of the cache's files or index is a
+    UserError (one line); so is a cache that cannot be used (DiskCacheError)."""
     directory = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir()
     if not os.path.exists(os.path.join(directory, "index.sqlite")):
         raise UserError(f"{directory}: no disk cache here (give --cache-dir DIR)")
-    return DiskStore(directory, 0)
+    try:
+        store = DiskStore(directory, 0, open_index=open_index)
+        try:
+            yield store
+        finally:
+            store.close()
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"disk cache {directory}: {reason}") from None
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _opened(args) as store:
         rows = store.layers()
-    finally:
-        store.close()
     if not rows:
         return 0
     print(f"{'chunks':>15}  {'bytes':>10}  {'last used':<16}  layer")
@@ -58,12 +72,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _opened(args) as store:
         totals = store.totals()
         cap = default_capacity(str(store.directory), totals.size_bytes)
-    finally:
-        store.close()
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(totals.entries.items()))
     print(f"directory      {store.directory}")
     print(f"used           {human_size(totals.size_bytes)} ({totals.size_bytes} bytes)")
@@ -75,20 +86,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     keep = parse_size(args.to, "--to")
-    store = _open(args)
-    try:
+    with _opened(args) as store:
         evicted = store.prune(keep)
         left = store.totals().size_bytes
-    finally:
-        store.close()
     print(f"evicted {evicted} entries; {human_size(left)} left")
     return 0
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _opened(args, open_index=False) as store:
+        # The files before the index is opened: on a full file system, sqlite can open it
+        # (it writes when it does) only once they are gone.
+        store.drop_files()
+        store.open_index_in_background()
         store.clear()
-    finally:
-        store.close()
     return 0

@@ -6,16 +6,23 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import random
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from lazyfs.cache.disk_index import DiskCacheError, decode_read_order, read_layer_entries
+from lazyfs.cache.disk_index import (
+    INDEX_FILES,
+    DiskCacheError,
+    decode_read_order,
+    read_layer_entries,
+)
 from lazyfs.cache.disk_store import DISK_BLOCK, DiskStore, disk_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,19 +237,83 @@ def test_an_index_from_a_newer_lazyfs_is_refused(tmp_path: Path) -> None:
         DiskStore(tmp_path, 1)
 
 
-def test_a_damaged_index_starts_the_cache_afresh(tmp_path: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
-    store.put(key(1), b"x")
+def _garbage_over_pages(index: Path) -> None:
+    with open(index, "r+b") as stream:  # the header stays: sqlite opens it
+        stream.seek(5 * 4096)
+        stream.write(random.Random(5).randbytes(4 * 4096))
+
+
+def _truncated(index: Path) -> None:
+    os.truncate(index, index.stat().st_size // 3)
+
+
+def _other_tables(index: Path) -> None:
+    db = sqlite3.connect(index, isolation_level=None)
+    db.executescript("DROP TABLE entries; CREATE TABLE entries (key TEXT PRIMARY KEY, b BLOB);")
+    db.close()
+
+
+def _a_table_gone(index: Path) -> None:
+    sqlite3.connect(index, isolation_level=None).execute("DROP TABLE refs")
+
+
+def _not_a_database(index: Path) -> None:
+    index.write_bytes(b"not a database, " * 512)
+
+
+@pytest.mark.parametrize("damage", [_garbage_over_pages, _truncated, _other_tables,
+                                    _a_table_gone, _not_a_database])
+def test_a_damaged_index_is_started_afresh_with_the_entries_on_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Callable[[Path], None]
+) -> None:
+    """Found when the index is opened, said once; the entries whose files are on disk are
+    kept and counted (what the files cannot tell, the layers, comes back with mounts)."""
+    store = DiskStore(tmp_path, 64 << 20)
+    for name in range(300):  # an index of some pages
+        store.put(key(name), bytes([name % 256]) * (100 + name), (LAYER, name))
+    store.register_layer(LAYER, "layer", 300)
     store.close()
-    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+    for name in INDEX_FILES[1:]:
+        assert not (tmp_path / name).exists()  # the last to close checkpointed the WAL
+    damage(tmp_path / "index.sqlite")
+
+    store = DiskStore(tmp_path, 64 << 20)
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert f"disk cache {tmp_path}: the index was damaged (" in line
+    assert line.endswith("started it afresh with the 300 entries on disk")
+    assert store.get(key(7)) == bytes([7]) * 107
+    assert store.totals().size_bytes == files_bytes(tmp_path) == 300 * DISK_BLOCK
+    assert store.layers() == []
+    store.put(key("new"), b"y", (LAYER, 0))
+    assert store.layer_chunks(LAYER) == [0]
+    store.close()
+    assert DiskStore(tmp_path, 64 << 20).totals().size_bytes == 301 * DISK_BLOCK
+    assert len(caplog.records) == 1  # checked again, and sound
+
+
+def test_an_index_started_afresh_by_another_process_is_followed(tmp_path: Path) -> None:
+    """A store whose index another process replaced (after finding it damaged) writes to
+    the new one, not on into the file that is gone."""
+    first = DiskStore(tmp_path, 1 << 20)
+    first.put(key(1), b"one")
+    for name in INDEX_FILES:
         (tmp_path / name).unlink(missing_ok=True)
-    (tmp_path / "index.sqlite").write_bytes(b"not a database, " * 512)
+    second = DiskStore(tmp_path, 1 << 20)  # a fresh index, as `open_index` makes it
+    first.put(key(2), b"two")
+    assert second.totals().size_bytes == DISK_BLOCK  # key(1)'s row went with the old file
+    rows = sqlite3.connect(tmp_path / "index.sqlite").execute("SELECT key FROM entries")
+    assert [row[0] for row in rows] == [key(2)]
+    first.close()
+    second.close()
+
+
+def test_a_table_lost_while_in_use_is_found_and_the_call_goes_on(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, 1 << 20)
-    assert "starting afresh" in caplog.text
-    assert store.get(key(1)) is None and store.totals().size_bytes == 0
-    store.put(key(2), b"y")
-    assert store.get(key(2)) == b"y"
+    store.put(key(1), b"one", (LAYER, 1))
+    _a_table_gone(tmp_path / "index.sqlite")
+    store.put(key(2), b"two", (LAYER, 2))  # "no such table: refs": rebuilt, then done
+    assert store.totals().size_bytes == 2 * DISK_BLOCK
+    assert store.layer_chunks(LAYER) == [2]
     store.close()
 
 

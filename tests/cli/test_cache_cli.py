@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import random
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from lazyfs.cache.disk import DiskCacheOptions
+from lazyfs.cache.disk_store import DiskStore
 from lazyfs.cli.sizes import human_size
 from lazyfs.image.open import LayerSource
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning
 from tests.cli import assert_one_line_error, run_lazyfs
 from tests.image.helpers import make_image_bytes, run_with_layer, write_blob
+from tests.support.mounts import cleanup
 
 CHUNK = 64 * 1024
 
@@ -76,3 +83,65 @@ def test_no_cache_there_is_one_line(tmp_path: Path) -> None:
                           "no disk cache here")
     assert_one_line_error(run_lazyfs("cache", "prune", "--to", "lots", "--cache-dir", tmp_path),
                           "--to")
+
+
+def test_a_damaged_index_is_said_once_and_every_command_answers(filled: Path) -> None:
+    """Garbage over the index's pages (its header stays: sqlite opens it, and only a query
+    of a damaged page used to fail, with a traceback): the first command starts the index
+    afresh with the entries on disk and says so in one line; all of them answer."""
+    index = filled / "index.sqlite"
+    with open(index, "r+b") as stream:
+        stream.seek(4096)
+        stream.write(random.Random(3).randbytes(index.stat().st_size - 4096))
+    listed = run_lazyfs("cache", "ls", "--cache-dir", filled)
+    assert listed.returncode == 0 and listed.stdout == "", listed.stderr
+    (line,) = listed.stderr.splitlines()
+    assert line.startswith(f"lazyfs: WARNING: disk cache {filled}: the index was damaged (")
+    assert line.endswith("started it afresh with the 8 entries on disk")
+    stats = run_lazyfs("cache", "stats", "--cache-dir", filled)
+    assert stats.returncode == 0 and stats.stderr == ""
+    assert "entries        8 (6 frame, 2 meta)" in stats.stdout
+    assert f"used           {human_size(store_bytes(filled))}" in stats.stdout
+    pruned = run_lazyfs("cache", "prune", "--to", "100K", "--cache-dir", filled)
+    assert pruned.returncode == 0 and pruned.stderr == "" and 0 < store_bytes(filled) <= 100 << 10
+    cleared = run_lazyfs("cache", "clear", "--cache-dir", filled)
+    assert cleared.returncode == 0 and cleared.stderr == "" and store_bytes(filled) == 0
+
+
+def test_a_cache_that_cannot_be_used_is_one_line_for_every_command(filled: Path) -> None:
+    sqlite3.connect(filled / "index.sqlite").execute("PRAGMA user_version = 99")
+    for action in (("ls",), ("stats",), ("prune", "--to", "1M"), ("clear",)):
+        assert_one_line_error(run_lazyfs("cache", *action, "--cache-dir", filled),
+                              f"{filled}/index.sqlite: index format 99 is newer")
+
+
+@pytest.mark.root
+def test_clear_empties_a_cache_whose_file_system_is_full(tmp_path: Path) -> None:
+    """A file system filled while the index grew: its WAL could not be checkpointed into
+    the database file (that would grow), and sqlite cannot open the index there again. The
+    commands say so in one line; `clear` still empties the cache (the files go first, which
+    makes the room), and the cache works again."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M,mode=0700", "tmpfs", str(cache)],
+                   check=True)
+    try:
+        store = DiskStore(cache, 64 << 20)  # a cap beyond the file system
+        for name in range(200):
+            with contextlib.suppress(OSError, sqlite3.Error):
+                store.put("frame-" + hashlib.sha512(str(name).encode()).hexdigest(),
+                          random.randbytes(100), ("meta-" + "a" * 64, name))
+        with contextlib.suppress(OSError), open(cache / "ballast", "wb") as stream:
+            while True:  # whatever room is left
+                stream.write(bytes(4096))
+                stream.flush()
+        store.close()
+        for action in (("ls",), ("stats",), ("prune", "--to", "1M")):
+            assert_one_line_error(run_lazyfs("cache", *action, "--cache-dir", cache),
+                                  f"cache directory {cache}: database or disk is full")
+        cleared = run_lazyfs("cache", "clear", "--cache-dir", cache)
+        assert cleared.returncode == 0 and cleared.stderr == "", cleared.stderr
+        stats = run_lazyfs("cache", "stats", "--cache-dir", cache)
+        assert stats.returncode == 0 and "used           0 bytes" in stats.stdout, stats.stderr
+    finally:
+        cleanup(mountpoints=[cache])
