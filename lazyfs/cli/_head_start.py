@@ -86,12 +86,14 @@ def finish_layer(head_start: HeadStart | RegistryHeadStart | None) -> PrimedAnsw
     return head_start.finish(HEAD_START_WAIT_S)
 
 
-def finish_image(head_start: RegistryHeadStart | None) -> PrimedRegistry | None:
-    """As `finish_layer`, for an image."""
+def finish_image(head_start: RegistryHeadStart | None,
+                 deadline_s: float | None = None) -> PrimedRegistry | None:
+    """As `finish_layer`, for an image; the wait ends within `deadline_s` of the head
+    start's first request (the resolution's deadline: it goes on from there)."""
     if head_start is None:
         return None
     _preload()
-    return head_start.finish(HEAD_START_WAIT_S)
+    return head_start.finish(HEAD_START_WAIT_S, deadline_s)
 
 
 def image_warm_start(text: str, args: argparse.Namespace) -> WarmStart | None:

@@ -140,7 +140,8 @@ def add_read_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, metavar="SECONDS",
         help="a read returns its bytes or fails with EIO within this long, whatever the "
-        f"network does; on slow links allow a chunk's time (default {DEFAULT_READ_TIMEOUT_S:g})",
+        "network does, and resolving an image asks its registry for no longer; on slow links "
+        f"allow a chunk's time (default {DEFAULT_READ_TIMEOUT_S:g})",
     )
     group.add_argument(
         "--low-speed-limit", default=DEFAULT_LOW_SPEED, metavar="RATE",
@@ -201,13 +202,19 @@ def writable_upper(directory: str) -> tuple[str, str]:
         raise UserError(f"--writable {directory}: {exc.strerror}") from None
 
 
-def registry_options(args: argparse.Namespace) -> RegistryOptions:
-    """The RegistryOptions of the command line. Raises CredentialsError."""
+def registry_options(args: argparse.Namespace, *,
+                     deadline_s: float | None = None) -> RegistryOptions:
+    """The RegistryOptions of the command line; with `deadline_s` (the --read-timeout of a
+    command that resolves images), resolving an image asks its registry for at most that
+    long, retries included. Raises CredentialsError, UserError."""
     # Registries need httpx: imported only when an image is named, not for a layer blob.
     from lazyfs.fetch.registry_options import RegistryOptions, parse_credentials
 
+    if deadline_s is not None and not deadline_s > 0:
+        raise UserError("--read-timeout must be more than 0 seconds")
     credentials = None if args.creds is None else parse_credentials(args.creds)
-    return RegistryOptions(credentials, args.insecure_registry, tuple(args.mirror))
+    return RegistryOptions(credentials, args.insecure_registry, tuple(args.mirror),
+                           deadline_s=deadline_s)
 
 
 def platform_of(args: argparse.Namespace) -> Platform:

@@ -283,8 +283,9 @@ def build_image_config(args: argparse.Namespace,
     if len(set(mountpoints)) != len(mountpoints):
         raise MountpointError("each image needs a mountpoint of its own")
     writable = writable_upper(args.writable) if args.writable else None
-    found = resolve(references, registry_options(args), platform_of(args), insecure=args.insecure,
-                    disk=options.disk_cache, primed=finish_image(head_start))
+    found = resolve(references, registry_options(args, deadline_s=args.read_timeout),
+                    platform_of(args), insecure=args.insecure, disk=options.disk_cache,
+                    primed=finish_image(head_start, args.read_timeout))
     return image_config(
         found,
         references,

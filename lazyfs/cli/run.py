@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = RunRequest(
         reference=args.image,
         command=tuple(args.command),
-        registry=registry_options(args),
+        registry=registry_options(args, deadline_s=args.read_timeout),
         platform=platform_of(args),
         eager=args.eager,
         insecure=args.insecure,
@@ -157,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            low_speed_of(args), prefetch=prefetch_options_of(args)),
     )
     recorded_before = _modified(args.record)
-    prepared = prepare(request, primed=finish_image(head_start))
+    prepared = prepare(request, primed=finish_image(head_start, args.read_timeout))
     image = prepared.image
     print(
         f"lazyfs run: {image.pinned} ({image.platform}, {count_layers(len(image.layers))}), "

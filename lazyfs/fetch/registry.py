@@ -34,6 +34,7 @@ from lazyfs.fetch.registry_session import (
     NotFoundError,
     RegistryError,
     RegistrySession,
+    RegistryTimeoutError,
     RegistryUnavailableError,
     Source,
     UnauthorizedError,
@@ -63,6 +64,7 @@ __all__ = [
     "NotFoundError",
     "RegistryClient",
     "RegistryError",
+    "RegistryTimeoutError",
     "RegistryUnavailableError",
     "UnauthorizedError",
 ]
@@ -107,7 +109,10 @@ class RegistryClient:
     Plain HTTP needs `insecure=True`, for localhost too. `mirrors` (same forms, anonymous) are
     tried once each before the registry for pulls; the registry gets `retries` retries with
     jittered backoff on 5xx, 429 and connection errors. Each request phase has `timeout`
-    seconds, small requests `3 * timeout` in all. Use `async with` or call `aclose()`.
+    seconds, small requests `3 * timeout` in all; with `deadline_s`, all the small requests
+    (manifests, configs, HEADs, and the tokens they need) together, retries included, end
+    within that many seconds of the first (or by the time `end_by` sets), else fail with
+    RegistryTimeoutError. Use `async with` or call `aclose()`.
     """
 
     def __init__(
@@ -121,20 +126,33 @@ class RegistryClient:
         timeout: float = 30.0,
         retries: int = 3,
         backoff_s: float = 0.5,
+        deadline_s: float | None = None,
     ) -> None:
-        if timeout <= 0 or retries < 0 or backoff_s < 0:
-            raise ValueError("need timeout > 0, retries >= 0 and backoff_s >= 0")
+        if (timeout <= 0 or retries < 0 or backoff_s < 0
+                or (deadline_s is not None and deadline_s <= 0)):
+            raise ValueError("need timeout > 0, retries >= 0, backoff_s >= 0 and deadline_s > 0")
         if isinstance(credentials, tuple):
             credentials = Credentials(*credentials)
         self._origin = make_source(registry, insecure, "registry", credentials, retries)
         self._mirrors = tuple(make_source(m, insecure, "mirror", None, 0) for m in mirrors)
         self.name = self._origin.name
-        self._session = RegistrySession(transport=transport, timeout=timeout, backoff_s=backoff_s)
+        self._session = RegistrySession(transport=transport, timeout=timeout, backoff_s=backoff_s,
+                                        deadline_s=deadline_s)
 
     @property
     def auth(self) -> RegistryAuth:
         """The registry's httpx.Auth, for reading blob ranges with another HTTP client."""
         return self._origin.auth
+
+    def end_by(self, deadline: float) -> None:
+        """End the small requests by `deadline` (trio time), not `deadline_s` after the first:
+        a resolution that began before this client counts from its own start."""
+        self._session.end_by(deadline)
+
+    @property
+    def deadline(self) -> float | None:
+        """When the small requests must end (trio time), once that is known."""
+        return self._session.deadline
 
     def blob_url(self, repository: str, digest: str) -> str:
         """The registry URL of a blob (not a mirror's): read ranges of it with `auth`."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -59,12 +60,14 @@ class ManifestSource(Protocol):
 class PrimedRegistry:
     """A head start's answers for one repository: manifests by the reference asked for
     (body, Content-Type, Docker-Content-Digest), configs by digest, and each layer's first
-    answers by its digest. Manifests and configs serve once."""
+    answers by its digest. Manifests and configs serve once. `started`: when the head start
+    began asking (time.monotonic()), where the resolution's deadline counts from."""
 
     repository: str
     manifests: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     layers: dict[str, PrimedAnswers] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
 
 class PrimedClient:
@@ -139,8 +142,11 @@ class RegistryHeadStart(EarlyRequests):
         self._start_threads()
         return self
 
-    def finish(self, wait_s: float) -> PrimedRegistry:
-        """The answers received within `wait_s` more seconds; later ones are dropped."""
+    def finish(self, wait_s: float, deadline_s: float | None = None) -> PrimedRegistry:
+        """The answers received within `wait_s` more seconds, and within `deadline_s` of the
+        start; later ones are dropped."""
+        if deadline_s is not None:
+            wait_s = min(wait_s, max(0.0, self._primed.started + deadline_s - time.monotonic()))
         self._finish(wait_s)
         self._layers_known.set()
         return self._primed

@@ -28,12 +28,15 @@ def parse_credentials(text: str, option: str = "--creds") -> Credentials:
 
 @dataclass(frozen=True)
 class RegistryOptions:
-    """How to reach registries. Without `credentials`, those of `docker login` are used."""
+    """How to reach registries. Without `credentials`, those of `docker login` are used.
+    `timeout_s` bounds each phase of a request; `deadline_s`, when given, all that resolving
+    an image asks a registry (index, manifest, config, tokens, mirrors), retries included."""
 
     credentials: Credentials | None = None
     insecure: bool = False
     mirrors: tuple[str, ...] = ()
     timeout_s: float = 30.0
+    deadline_s: float | None = None
 
     def client(self, registry: str, *, mirrors: bool = True) -> RegistryClient:
         """A client for `registry` (use `async with`); with `mirrors=False` it talks to the
@@ -46,4 +49,5 @@ class RegistryOptions:
             insecure=self.insecure,
             mirrors=self.mirrors if mirrors else (),
             timeout=self.timeout_s,
+            deadline_s=self.deadline_s,
         )

@@ -5,13 +5,21 @@ authenticate. A RegistrySession owns the one pooled httpx.AsyncClient of a Regis
 sends every request: a deadline per attempt, bounded jittered retries on transient faults
 (5xx, 429, connection and read errors, an expired signed redirect URL), and HTTP statuses
 turned into the RegistryError subclass a caller can act on.
+
+A session may also have one deadline for all its small requests together (`deadline_s`, from
+the first of them, or a time `end_by` sets): resolving an image (index, manifest, config,
+and the tokens they need) then ends within it, whatever the retries, and a request it cuts
+short fails with RegistryTimeoutError, which names the request and how far it got (no
+answer, or headers and then part of a body), and the server it was waiting for.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -64,6 +72,10 @@ class RegistryUnavailableError(RegistryError):
     """Every attempt failed with a transient fault (5xx, 429, connection or read errors)."""
 
 
+class RegistryTimeoutError(RegistryUnavailableError):
+    """The session's deadline passed before a request was answered (`RegistrySession`)."""
+
+
 class _Retry(Exception):
     """One attempt failed in a way the next one may not."""
 
@@ -71,6 +83,50 @@ class _Retry(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Progress:
+    """How far the request in flight has got: the last HTTP request it sent (its own, a
+    token's, a redirect's) and the answer to it, if its headers came."""
+
+    request: httpx.Request | None = None
+    response: httpx.Response | None = None
+
+    def describe(self, source: Source) -> str:
+        """What the server was asked, and what came: `no answer to GET /v2/…`, or `GET /v2/…
+        answered HTTP 200, then its body stalled after 10 of 1234 bytes`."""
+        request = self.request
+        if request is None:
+            return "no request went out"
+        url = request.url
+        where = url.raw_path.decode("ascii", "replace").partition("?")[0]
+        if (url.scheme, url.host, url.port) != (source.base.scheme, source.base.host,
+                                                source.base.port):
+            where += f" on {url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+        response = self.response
+        if response is None or response.request is not request:
+            return f"no answer to {request.method} {where}"
+        promised = response.headers.get("Content-Length")
+        received = f"{response.num_bytes_downloaded}" + (f" of {promised}" if promised else "")
+        return (f"{request.method} {where} answered HTTP {response.status_code}, then its body "
+                f"stalled after {received} bytes")
+
+
+# The progress of the request the current task is making (for the client's event hooks).
+_PROGRESS: ContextVar[_Progress | None] = ContextVar("registry_progress", default=None)
+
+
+async def _note_request(request: httpx.Request) -> None:
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress.request, progress.response = request, None
+
+
+async def _note_response(response: httpx.Response) -> None:
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress.response = response
 
 
 @dataclass(frozen=True)
@@ -159,13 +215,19 @@ class RegistrySession:
 
     Each request phase has `timeout` seconds, a whole small request `3 * timeout`; retries
     wait `backoff_s` doubled per attempt (capped, jittered, at least a short Retry-After).
+    With `deadline_s`, all the small requests (those with a deadline per attempt) end within
+    that many seconds of the first, or by the time `end_by` sets: a transfer of a whole blob
+    has no such bound.
     """
 
     def __init__(
-        self, *, transport: httpx.AsyncBaseTransport | None, timeout: float, backoff_s: float
+        self, *, transport: httpx.AsyncBaseTransport | None, timeout: float, backoff_s: float,
+        deadline_s: float | None = None,
     ) -> None:
         self._timeout = timeout
         self._backoff_s = backoff_s
+        self.deadline_s = deadline_s
+        self._deadline: float | None = None  # trio time; set at the first request
         self._limiter: trio.CapacityLimiter | None = None
         self._transport = transport
         self._verify = tls_context(True)  # one CA load per process, not one per session
@@ -187,8 +249,19 @@ class RegistrySession:
                 follow_redirects=True,
                 max_redirects=5,
                 headers={"User-Agent": f"lazyfs/{__version__}"},
+                event_hooks={"request": [_note_request], "response": [_note_response]},
             )
         return self._http
+
+    def end_by(self, deadline: float) -> None:
+        """End the small requests by `deadline` (trio time) instead: a resolution that began
+        before this session (a head start asked first) counts from its own start."""
+        self._deadline = deadline
+
+    @property
+    def deadline(self) -> float | None:
+        """When the small requests must end (trio time), if that is known yet."""
+        return self._deadline
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -211,26 +284,39 @@ class RegistrySession:
     ) -> T:
         """Send a request and hand an accepted response to `consume`, with bounded retries.
 
-        Raises RegistryUnavailableError after the last transient failure, other RegistryErrors
-        for an answer that another attempt would not change.
+        Raises RegistryUnavailableError after the last transient failure, RegistryTimeoutError
+        when the session's deadline passes first (`deadline_s`), other RegistryErrors for an
+        answer that another attempt would not change.
         """
         url = target if isinstance(target, httpx.URL) else httpx.URL(f"{source.base}{target}")
         attempts = (source.retries if retries is None else retries) + 1
         last, retry_after_s = "", None
+        if deadline and self._deadline is None and self.deadline_s is not None:
+            self._deadline = trio.current_time() + self.deadline_s
+        overall = self._deadline if deadline and self._deadline is not None else math.inf
         for attempt in range(attempts):
             if attempt:
-                await trio.sleep(self.delay_s(attempt, retry_after_s))
+                delay_s = self.delay_s(attempt, retry_after_s)
+                if trio.current_time() + delay_s >= overall:
+                    raise self._timed_out(source, what, f"{last}; no time left to try again")
+                await trio.sleep(delay_s)
+            progress = _Progress()
+            token = _PROGRESS.set(progress)
             try:
-                with trio.fail_after(3 * self._timeout) if deadline else nullcontext():
-                    request = self._client.build_request(
-                        method, url, params=params, headers=headers, content=content
-                    )
-                    response = await self._client.send(request, auth=source.auth, stream=True)
-                    try:
-                        await self._check_status(source, what, response, ok)
-                        return await consume(source, response)
-                    finally:
-                        await response.aclose()
+                with trio.move_on_at(overall) as cut:
+                    with trio.fail_after(3 * self._timeout) if deadline else nullcontext():
+                        request = self._client.build_request(
+                            method, url, params=params, headers=headers, content=content
+                        )
+                        response = await self._client.send(request, auth=source.auth,
+                                                           stream=True)
+                        try:
+                            await self._check_status(source, what, response, ok)
+                            return await consume(source, response)
+                        finally:
+                            await response.aclose()
+                if cut.cancelled_caught:
+                    raise self._timed_out(source, what, progress.describe(source))
             except _Retry as error:
                 last, retry_after_s = error.reason, error.retry_after_s
             except RegistryAuthError as error:
@@ -252,9 +338,16 @@ class RegistrySession:
                 last, retry_after_s = _describe(error), None
             except httpx.HTTPError as error:  # too many redirects, undecodable body
                 raise RegistryError(f"registry {source.name}: {what}: {_describe(error)}") from None
+            finally:
+                _PROGRESS.reset(token)
         raise RegistryUnavailableError(
             f"registry {source.name}: {what}: failed after {attempts} attempts; last: {last}"
         )
+
+    def _timed_out(self, source: Source, what: str, detail: str) -> RegistryTimeoutError:
+        budget = f", {self.deadline_s:g} s" if self.deadline_s is not None else ""
+        return RegistryTimeoutError(
+            f"registry {source.name}: {what}: {detail} (gave up at the read timeout{budget})")
 
     async def _check_status(
         self, source: Source, what: str, response: httpx.Response, ok: tuple[int, ...]

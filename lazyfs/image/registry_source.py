@@ -264,7 +264,7 @@ async def layer_sources(
         registry_blob = client.blob_url(repository, layer.digest)
         registry_options = ReaderOptions(auth=client.auth, read_timeout_s=options.timeout_s,
                                          expected_size=layer.size)
-        blob, auth = await _blob_location(reference, layer.digest, options)
+        blob, auth = await _blob_location(reference, layer.digest, options, client.deadline)
         alternates: tuple[AlternateBlob, ...] = ()
         if blob is None:
             blob, auth = registry_blob, client.auth
@@ -291,16 +291,20 @@ async def layer_sources(
 
 
 async def _blob_location(
-    reference: ImageReference, digest: str, options: RegistryOptions
+    reference: ImageReference, digest: str, options: RegistryOptions, deadline: float | None
 ) -> tuple[str | None, Any]:
-    """(blob URL, auth) on the first mirror that has the blob; (None, None) if none does."""
+    """(blob URL, auth) on the first mirror that has the blob; (None, None) if none does.
+    Asking the mirrors ends by `deadline` (trio time, the resolution's), when given."""
     from lazyfs.fetch.registry import RegistryClient  # httpx: only when mounting images
 
     for mirror in options.mirrors:
         try:
             async with RegistryClient(
-                mirror, insecure=options.insecure, timeout=options.timeout_s, retries=0
+                mirror, insecure=options.insecure, timeout=options.timeout_s, retries=0,
+                deadline_s=options.deadline_s,
             ) as client:
+                if deadline is not None:
+                    client.end_by(deadline)
                 if await client.blob_exists(reference.repository, digest):
                     log.info("%s: reading %s from mirror %s", reference, digest, mirror)
                     return client.blob_url(reference.repository, digest), client.auth

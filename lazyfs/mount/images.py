@@ -3,9 +3,12 @@ layers one daemon serves for them all, and the record of each image's overlay.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
+
+import trio
 
 from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.fetch.errors import FetchError
@@ -62,8 +65,11 @@ async def resolve_images(
     (or repeated in one) is listed once. With `disk`, manifests and configs remembered there
     stand in while a registry is unreachable, or as `disk.pull` says, and what was fetched is
     listed to be remembered (`ImageSet.disk_writes`; `lazyfs.image.image_memory`); `primed`
-    holds a head start's answers for the first reference. Raises ImageResolveError for a
-    malformed reference, and the errors of `resolve_image` (one line each)."""
+    holds a head start's answers for the first reference. With `options.deadline_s` the
+    whole resolution asks the registries for at most that long, counted from the head
+    start's first request when there was one (RegistryTimeoutError names what stalled).
+    Raises ImageResolveError for a malformed reference, and the errors of `resolve_image`
+    (one line each)."""
     if disk is None:
         return await _resolve_images(references, options, platform, insecure, None, primed)
     entries = PendingEntries(disk.directory)
@@ -84,6 +90,10 @@ async def _resolve_images(
         except ValueError as exc:
             raise ImageResolveError(str(exc)) from None
 
+    deadline = None
+    if options.deadline_s is not None:
+        started = time.monotonic() if primed is None else primed.started
+        deadline = trio.current_time() + options.deadline_s - (time.monotonic() - started)
     images: list[ResolvedImage] = []
     sources: dict[str, LayerSource] = {}
     names: list[str] = []  # the mount's name of each distinct layer
@@ -92,6 +102,8 @@ async def _resolve_images(
         early = primed if position == 0 else None
         try:
             async with options.client(reference.registry) as client:
+                if deadline is not None:
+                    client.end_by(deadline)
                 memory = (None if disk is None
                           else ImageMemory(client, reference.registry, disk, pull, used))
                 image = await resolve_image(client, reference, platform, insecure=insecure,
