@@ -38,6 +38,11 @@ BUSY_TIMEOUT_S = 30.0
 SETUP_ATTEMPTS = 20
 SETUP_RETRY_S = 0.02
 INDEX_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")
+# The WAL's bounds: a checkpoint runs when a commit leaves more than WAL_CHECKPOINT_PAGES
+# pages in it, and cuts the file back to WAL_LIMIT_BYTES. sqlite's defaults (1000 pages, no
+# limit) let it stay at 4 MB and more, beyond the cap.
+WAL_CHECKPOINT_PAGES = 128
+WAL_LIMIT_BYTES = 512 << 10
 INDEX_LOCK = "index.lock"  # held while an index is opened, checked and reset
 # Tables added to index format 1 after its first release: an index may lack them.
 LATER_TABLES = ("read_orders",)
@@ -148,6 +153,8 @@ def _connect_once(path: Path) -> sqlite3.Connection:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise DiskCacheError(f"{path}: index format {version} is newer than this "

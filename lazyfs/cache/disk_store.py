@@ -16,7 +16,8 @@ The protocol every process follows (sqlite's write lock serialises the index; WA
 readers go on meanwhile):
 
 - **put.** One IMMEDIATE transaction inserts the entry's row (or refreshes it), adds its size
-  to the total and deletes least-recently-used rows until the total fits the cap; after the
+  to the total and deletes least-recently-used rows until the total fits the cap, less what
+  the index's own files and the directories take (`overhead_bytes`); after the
   commit the evicted files are unlinked. Only then is the file written: `tmp/`, fsync,
   rename to its name. If the row is gone by then (another process evicted it meanwhile), the
   file is unlinked again. So every named file has a row, the total counts every named file,
@@ -42,6 +43,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 from lazyfs.cache.disk_index import (
+    INDEX_FILES,
     DiskCacheError,
     encode_read_order,
     is_damage,
@@ -68,6 +71,15 @@ TMP_MAX_AGE_S = 3600.0
 PENDING_MAX_AGE_S = 600.0
 TOUCH_FLUSH_S = 2.0
 TOUCH_FLUSH_ENTRIES = 512
+# What the cap counts besides the entries (`DiskStore.overhead_bytes`): the index's files, its
+# WAL as no less than WAL_ROOM_BYTES (it grows to disk_index.WAL_CHECKPOINT_PAGES pages and
+# a transaction more before a checkpoint cuts it back), and the directories, recounted every
+# DIRECTORIES_RECOUNT_S (this process counts those it makes at once); in all no less than
+# MIN_OVERHEAD_BYTES, more than a small cache's take, so that the room for entries does not
+# move with every page the index grows by.
+WAL_ROOM_BYTES = 1 << 20
+MIN_OVERHEAD_BYTES = 2 << 20
+DIRECTORIES_RECOUNT_S = 10.0
 _KEY = re.compile(r"^([a-z]+)-([0-9a-f]{16,128})$")
 
 
@@ -205,6 +217,8 @@ class DiskStore:
         self._index_id: tuple[int, int] | None = None  # the file open (device, inode)
         self._index_error: DiskCacheError | None = None
         self._index_ready = threading.Event()
+        self._directory_bytes = 0  # the directories, as last counted (`overhead_bytes`)
+        self._directories_counted_at = -DIRECTORIES_RECOUNT_S
         try:
             unsafe = prepare_directory(self.directory)
             if unsafe is None:
@@ -330,11 +344,14 @@ class DiskStore:
             self.touch(key, ref)
             return []
         size = disk_bytes(len(data))
-        if size > self.capacity_bytes:
+        # A directory the file needs first is a block more besides the entries.
+        new_directories = sum(not path.is_dir() for path in (final.parents[1], final.parent))
+        room = self.capacity_bytes - self.overhead_bytes(new_directories * DISK_BLOCK)
+        if size > room:
             return []
         with self._lock, self._transaction():
             self._flush_touches()
-            evicted = self._reserve(key, size)
+            evicted = self._reserve(key, size, room)
             if ref is not None:
                 self._add_ref(ref, key)
         self._unlink(evicted)
@@ -343,6 +360,7 @@ class DiskStore:
         except OSError:
             self.delete(key)
             raise
+        self._directory_bytes += new_directories * DISK_BLOCK
         with self._lock:
             kept = self._db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone()
         if kept is None:  # evicted by another process while we wrote
@@ -366,6 +384,20 @@ class DiskStore:
                 (layer, label, chunk_count, time.time()))
 
     # -- the whole store -------------------------------------------------------------------
+
+    def overhead_bytes(self, new_directory_bytes: int = 0) -> int:
+        """What the cap counts besides the entries: the index's files (the WAL as no less than
+        WAL_ROOM_BYTES) and the cache's directories, with `new_directory_bytes` about to be
+        made; no less than MIN_OVERHEAD_BYTES."""
+        index = 0
+        for name in INDEX_FILES:
+            used = _disk_usage(self.directory / name)
+            index += max(used, WAL_ROOM_BYTES) if name.endswith("-wal") else used
+        now = time.monotonic()
+        if now - self._directories_counted_at >= DIRECTORIES_RECOUNT_S:
+            self._directory_bytes = _directories_bytes(self.directory)
+            self._directories_counted_at = now
+        return max(MIN_OVERHEAD_BYTES, index + self._directory_bytes + new_directory_bytes)
 
     @_recovering
     def totals(self) -> StoreTotals:
@@ -482,7 +514,8 @@ class DiskStore:
                     db.execute("ROLLBACK")
             raise
 
-    def _reserve(self, key: str, size: int) -> list[tuple[str, int]]:
+    def _reserve(self, key: str, size: int, room: int) -> list[tuple[str, int]]:
+        """Count `key` at `size` bytes, and evict until the entries fit in `room`."""
         now = time.time()
         row = self._db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
         if row is None:
@@ -494,7 +527,7 @@ class DiskStore:
                              "WHERE key = ?", (size, now, now, key))
             delta = size - int(row[0])
         self._db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 1", (delta,))
-        return self._evict_to(self.capacity_bytes, keep=key)
+        return self._evict_to(room, keep=key)
 
     def _evict_to(self, limit: int, keep: str | None) -> list[tuple[str, int]]:
         """Delete LRU rows (never `keep`) until the total is at most `limit`."""
@@ -568,6 +601,27 @@ class DiskStore:
                 with contextlib.suppress(OSError):
                     if path.stat().st_mtime < cutoff:
                         path.unlink()
+
+
+def _disk_usage(path: Path) -> int:
+    """The bytes the file at `path` takes on disk (0 when there is none)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _directories_bytes(directory: Path) -> int:
+    """The bytes the directories of the cache in `directory` take: its own, tmp/, data/,
+    data/KIND/ and data/KIND/HH/ (the entry files lie in the last)."""
+    data = directory / "data"
+    total = 0
+    for path in (directory, directory / "tmp", data, *data.glob("*"), *data.glob("*/*")):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            status = os.lstat(path)
+            if stat.S_ISDIR(status.st_mode):
+                total += status.st_blocks * 512
+    return total
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

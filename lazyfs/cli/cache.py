@@ -75,10 +75,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with _opened(args) as store:
         totals = store.totals()
         cap = default_capacity(str(store.directory), totals.size_bytes)
+        overhead = store.overhead_bytes()
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(totals.entries.items()))
     print(f"directory      {store.directory}")
     print(f"used           {human_size(totals.size_bytes)} ({totals.size_bytes} bytes)")
     print(f"default cap    {human_size(cap)} (--disk-cache-size overrides it per mount)")
+    print(f"index          {human_size(overhead)} of each cap (the index's files, the directories)")
     print(f"entries        {sum(totals.entries.values())}{f' ({kinds})' if kinds else ''}")
     print(f"evictions      {totals.evictions}")
     return 0

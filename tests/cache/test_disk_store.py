@@ -23,9 +23,19 @@ from lazyfs.cache.disk_index import (
     decode_read_order,
     read_layer_entries,
 )
-from lazyfs.cache.disk_store import DISK_BLOCK, DiskStore, disk_bytes
+from lazyfs.cache.disk_store import (
+    DISK_BLOCK,
+    MIN_OVERHEAD_BYTES,
+    WAL_ROOM_BYTES,
+    DiskStore,
+    disk_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[2]
+# A cap with room to spare; and caps of a few blocks for entries: what the cap counts for the
+# index and the directories of a small cache is MIN_OVERHEAD_BYTES.
+ROOMY = 64 << 20
+INDEX = MIN_OVERHEAD_BYTES
 
 
 def key(name: str | int) -> str:
@@ -38,7 +48,7 @@ def files_bytes(directory: Path) -> int:
 
 
 def test_put_get_and_delete(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     assert store.get(key(1)) is None
     store.put(key(1), b"one" * 1000)
     assert store.get(key(1)) == b"one" * 1000
@@ -50,7 +60,7 @@ def test_put_get_and_delete(tmp_path: Path) -> None:
 
 
 def test_keys_are_checked_before_they_become_paths(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     for bad in ("../../etc/passwd", "frame-../../x", "Frame-" + "a" * 64, "frame-abc"):
         with pytest.raises(ValueError):
             store.put(bad, b"x")
@@ -58,7 +68,7 @@ def test_keys_are_checked_before_they_become_paths(tmp_path: Path) -> None:
 
 
 def test_least_recently_used_goes_first_and_the_cap_holds(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 4 * DISK_BLOCK)
+    store = DiskStore(tmp_path, INDEX + 4 * DISK_BLOCK)
     for name in range(4):
         store.put(key(name), bytes([name]) * 100)
     assert store.get(key(0)) is not None  # used: now the most recent
@@ -73,7 +83,8 @@ def test_least_recently_used_goes_first_and_the_cap_holds(tmp_path: Path) -> Non
 
 
 def test_uses_reach_the_index_of_another_process(tmp_path: Path) -> None:
-    first, second = DiskStore(tmp_path, 3 * DISK_BLOCK), DiskStore(tmp_path, 3 * DISK_BLOCK)
+    first, second = (DiskStore(tmp_path, INDEX + 3 * DISK_BLOCK),
+                     DiskStore(tmp_path, INDEX + 3 * DISK_BLOCK))
     for name in range(3):
         first.put(key(name), b"x")
     second.get(key(0))
@@ -93,7 +104,7 @@ def _writer(directory: str, cap: int, prefix: str, count: int) -> None:
 
 @pytest.mark.slow
 def test_cap_holds_with_processes_writing_at_once(tmp_path: Path) -> None:
-    cap = 40 * DISK_BLOCK
+    cap = INDEX + 40 * DISK_BLOCK
     context = multiprocessing.get_context("spawn")
     writers = [context.Process(target=_writer, args=(str(tmp_path), cap, prefix, 150))
                for prefix in "abc"]
@@ -149,7 +160,7 @@ def test_a_killed_writer_leaves_no_named_partial_file(tmp_path: Path) -> None:
 
 
 def test_prune_evicts_to_a_size_and_reconciles(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     for name in range(6):
         store.put(key(name), b"x" * 100)
     store.path(key(0)).unlink()  # a file lost: its row goes once old enough
@@ -167,7 +178,7 @@ def test_prune_evicts_to_a_size_and_reconciles(tmp_path: Path) -> None:
 
 
 def test_layers_list_their_chunks_and_bytes(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     store.register_layer("meta-" + "a" * 64, "http://h/a.blob", 10)
     store.register_layer("meta-" + "b" * 64, "http://h/b.blob", 4)
     store.put(key(1), b"x" * 5000, ("meta-" + "a" * 64, 0))
@@ -186,7 +197,7 @@ LAYER = "meta-" + "c" * 64
 
 
 def test_a_layer_s_chunks_come_in_its_last_mount_s_read_order(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     for chunk in range(6):
         store.put(key(chunk), b"x", (LAYER, chunk))
     store.get(key(0), (LAYER, 0))  # chunk 0 used last
@@ -208,13 +219,13 @@ def test_a_layer_s_chunks_come_in_its_last_mount_s_read_order(tmp_path: Path) ->
 
 
 def test_a_damaged_read_order_is_ignored(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     for chunk in range(3):
         store.put(key(chunk), b"x", (LAYER, chunk))
     store.close()
     sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None).execute(
         "INSERT INTO read_orders VALUES (?, '2,x', 0)", (LAYER,))
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     assert store.layer_chunks(LAYER) == [0, 1, 2]
     store.close()
     assert decode_read_order("") == [] and decode_read_order("3,-1") is None
@@ -222,7 +233,7 @@ def test_a_damaged_read_order_is_ignored(tmp_path: Path) -> None:
 
 def test_an_index_without_read_orders_is_read_as_before(tmp_path: Path) -> None:
     """An index an older lazyfs wrote, looked at read-only by a warm start."""
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     store.put(key(0), b"x", (LAYER, 0))
     store.close()
     sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None).execute(
@@ -294,11 +305,11 @@ def test_a_damaged_index_is_started_afresh_with_the_entries_on_disk(
 def test_an_index_started_afresh_by_another_process_is_followed(tmp_path: Path) -> None:
     """A store whose index another process replaced (after finding it damaged) writes to
     the new one, not on into the file that is gone."""
-    first = DiskStore(tmp_path, 1 << 20)
+    first = DiskStore(tmp_path, ROOMY)
     first.put(key(1), b"one")
     for name in INDEX_FILES:
         (tmp_path / name).unlink(missing_ok=True)
-    second = DiskStore(tmp_path, 1 << 20)  # a fresh index, as `open_index` makes it
+    second = DiskStore(tmp_path, ROOMY)  # a fresh index, as `open_index` makes it
     first.put(key(2), b"two")
     assert second.totals().size_bytes == DISK_BLOCK  # key(1)'s row went with the old file
     rows = sqlite3.connect(tmp_path / "index.sqlite").execute("SELECT key FROM entries")
@@ -308,7 +319,7 @@ def test_an_index_started_afresh_by_another_process_is_followed(tmp_path: Path) 
 
 
 def test_a_table_lost_while_in_use_is_found_and_the_call_goes_on(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     store.put(key(1), b"one", (LAYER, 1))
     _a_table_gone(tmp_path / "index.sqlite")
     store.put(key(2), b"two", (LAYER, 2))  # "no such table: refs": rebuilt, then done
@@ -326,16 +337,16 @@ def test_an_unusable_directory_is_one_error(tmp_path: Path) -> None:
 def test_an_index_opened_in_the_background_serves_reads_at_once(tmp_path: Path) -> None:
     """Entries are read while the index opens in a thread of its own; what needs the index
     (a put, the cap) waits for it, and the default cap comes from the bytes it counts."""
-    store = DiskStore(tmp_path, 1 << 20)
+    store = DiskStore(tmp_path, ROOMY)
     store.put(key(1), b"x" * 5000)
     store.close()
     held: list[int] = []
-    store = DiskStore(tmp_path, 0, default_cap=lambda size: held.append(size) or 1 << 20,
+    store = DiskStore(tmp_path, 0, default_cap=lambda size: held.append(size) or ROOMY,
                       open_index=False)
     assert store.get(key(1)) == b"x" * 5000  # no index yet
     store.open_index_in_background()
     store.put(key(2), b"y")
-    assert held == [2 * DISK_BLOCK] and store.capacity_bytes == 1 << 20
+    assert held == [2 * DISK_BLOCK] and store.capacity_bytes == ROOMY
     assert store.totals().size_bytes == 3 * DISK_BLOCK
     store.close()
 
@@ -350,3 +361,31 @@ def test_an_index_that_cannot_be_opened_in_the_background_is_one_error(tmp_path:
     with pytest.raises(DiskCacheError, match="newer"):
         store.totals()
     store.close()  # nothing to close
+
+
+def du(directory: Path) -> int:
+    """What `du` counts of `directory`: the blocks of every file and directory in it."""
+    return sum(os.lstat(path).st_blocks * 512 for path in [directory, *directory.rglob("*")])
+
+
+def test_the_cap_holds_for_everything_on_disk_the_index_included(tmp_path: Path) -> None:
+    """Entries of all sizes written, used (the uses written in batches) and remembered in
+    read orders, well past an 8 MiB cap: `du` of the whole directory (the entries, the index,
+    its WAL and shared memory, the lock, the directories) stays within the cap after every
+    write, and the WAL stays small."""
+    cap = 8 << 20
+    store = DiskStore(tmp_path, cap)
+    rng = random.Random(1)
+    largest = largest_wal = 0
+    for name in range(600):
+        store.put(key(name), rng.randbytes(rng.randrange(1, 64 << 10)), (LAYER, name))
+        store.get(key(rng.randrange(name + 1)), (LAYER, name))
+        if name % 50 == 49:
+            store.remember_reads(LAYER, list(range(name)))
+        largest = max(largest, du(tmp_path))
+        largest_wal = max(largest_wal, (tmp_path / "index.sqlite-wal").stat().st_size)
+    assert store.evictions > 100
+    assert cap - (1 << 20) < largest <= cap  # full, not over
+    assert largest_wal <= WAL_ROOM_BYTES
+    store.close()
+    assert du(tmp_path) <= cap

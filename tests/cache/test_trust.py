@@ -178,7 +178,7 @@ def test_the_store_refuses_a_directory_of_another_user(tmp_path: Path) -> None:
 
 def test_what_the_store_creates_is_private(tmp_path: Path, default_umask: None) -> None:
     cache = tmp_path / "new" / "cache"
-    store = DiskStore(cache, 1 << 20)
+    store = DiskStore(cache, 64 << 20)  # room for entries beside the index
     try:
         key = frame_key("one")
         store.put(key, b"one")

@@ -123,18 +123,18 @@ def test_clear_empties_a_cache_whose_file_system_is_full(tmp_path: Path) -> None
     makes the room), and the cache works again."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M,mode=0700", "tmpfs", str(cache)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,mode=0700", "tmpfs", str(cache)],
                    check=True)
     try:
         store = DiskStore(cache, 64 << 20)  # a cap beyond the file system
-        for name in range(200):
+        layer = "meta-" + "a" * 64
+        for name in range(64):
             with contextlib.suppress(OSError, sqlite3.Error):
                 store.put("frame-" + hashlib.sha512(str(name).encode()).hexdigest(),
-                          random.randbytes(100), ("meta-" + "a" * 64, name))
-        with contextlib.suppress(OSError), open(cache / "ballast", "wb") as stream:
-            while True:  # whatever room is left
-                stream.write(bytes(4096))
-                stream.flush()
+                          random.randbytes(64 << 10), (layer, name))
+        with contextlib.suppress(OSError, sqlite3.Error):
+            store.register_layer(layer, "layer", 64)
+            store.remember_reads(layer, list(range(64)))
         store.close()
         for action in (("ls",), ("stats",), ("prune", "--to", "1M")):
             assert_one_line_error(run_lazyfs("cache", *action, "--cache-dir", cache),
