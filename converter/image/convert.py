@@ -10,9 +10,15 @@ The new config follows containerd's converter (core/images/converter/default.go 
 core/images/converter/erofs): for every converted layer `rootfs.diff_ids` holds the sha256 of
 the raw EROFS image, which is the layer's `containerd.io/uncompressed` digest that containerd's
 GetDiffID reads; the legacy `config.Image` and `container_config.Image` ids are dropped once
-diff_ids change; `os.features` gains "erofs", as containerd stamps on config and index platform
-so that EROFS-aware runtimes can tell such images apart. History is kept. Manifests are OCI
-image manifests; a multi-platform input gives a new OCI index.
+diff_ids change. History is kept. Manifests are OCI image manifests; a multi-platform input
+gives a new OCI index whose entries keep their platforms as the source wrote them.
+
+Neither platforms nor config gain an "erofs" OS feature. containerd stamps one
+(updateManifestPlatform) only on images with raw EROFS layers (`application/vnd.erofs.layer.v1`),
+never for seekable ones (`+zstd`), which are all this converter writes; and containerd's
+platform matcher (github.com/containerd/platforms) takes an index entry or config only when it
+asks for every OS feature listed, which its default matcher does not: a stamped image would
+not pull or run with a plain containerd.
 
 Which images of the source are converted is decided (and checked) by `selection`; the
 command line (`lazyfs convert SRC` for a whole image) is `lazyfs.cli.convert`.
@@ -55,7 +61,6 @@ from lazyfs.format.reference import ImageReference, parse_reference
 Progress = Callable[[str], None]
 """Called with one line of progress for humans (per layer: phases, then the outcome)."""
 
-EROFS_FEATURE = "erofs"
 # Annotations of a source layer that a new encoding makes wrong: a prefetch list names the
 # chunk table it was recorded from.
 _SEEKABLE_KEYS = frozenset(
@@ -370,12 +375,6 @@ async def _publish_manifest(run: _Run, descriptor: Descriptor, data: bytes,
 # --- configs and manifests ---------------------------------------------------------------------
 
 
-def _features(platform: Platform | None) -> Platform | None:
-    if platform is None or EROFS_FEATURE in platform.os_features:
-        return platform
-    return replace(platform, os_features=(*platform.os_features, EROFS_FEATURE))
-
-
 def new_config(config: dict[str, Any], diff_ids: list[str]) -> dict[str, Any]:
     """The image config for the converted layers (see the module docstring), key order kept."""
     out = dict(config)
@@ -386,10 +385,6 @@ def new_config(config: dict[str, Any], diff_ids: list[str]) -> dict[str, Any]:
         for key in ("config", "container_config"):
             if isinstance(out.get(key), dict) and "Image" in out[key]:
                 out[key] = {k: v for k, v in out[key].items() if k != "Image"}
-    features = out.get("os.features")
-    features = list(features) if isinstance(features, list) else []
-    if EROFS_FEATURE not in features:
-        out["os.features"] = [*features, EROFS_FEATURE]
     return out
 
 
@@ -416,12 +411,11 @@ async def _write_image(run: _Run, image: SourceImage,
     entry = image.entry
     descriptor = Descriptor(oci.OCI_MANIFEST, oci.sha256_digest(data), len(data),
                             annotations=entry.annotations if entry else {},
-                            platform=_features(entry.platform if entry else None))
+                            platform=entry.platform if entry else None)
     return descriptor, data
 
 
 __all__ = [
-    "EROFS_FEATURE",
     "TAR_TYPES",
     "ImageConvertResult",
     "LayerOutcome",

@@ -213,17 +213,22 @@ def write_image_blobs(layout: Path, tag: str, layers: Sequence[tuple[str, bytes,
 
 
 def write_index_image(layout: Path, tag: str,
-                      platforms: dict[str, Sequence[bytes]] | None = None) -> BuiltImage:
+                      platforms: dict[str, Sequence[bytes]] | None = None,
+                      platform_fields: dict[str, dict[str, object]] | None = None) -> BuiltImage:
     """A multi-platform image (an index); by default linux/amd64 and linux/arm64, sharing
-    the base layer and differing in the second."""
+    the base layer and differing in the second. `platform_fields` adds fields ("os.version",
+    "os.features") to a platform's index entry and config, by name ("linux/amd64")."""
     if platforms is None:
         platforms = {"linux/amd64": busybox_layers(), "linux/arm64": busybox_layers("-arm")}
     index = _start_layout(layout)
     entries = []
     for name, layers in platforms.items():
         os, arch, *variant = name.split("/")
-        manifest = _manifest(layout, layers, config_json(layers, os, arch, *variant))
+        extra = (platform_fields or {}).get(name, {})
+        config = json.loads(config_json(layers, os, arch, *variant)) | extra
+        manifest = _manifest(layout, layers, json.dumps(config).encode())
         platform = {"architecture": arch, "os": os} | ({"variant": variant[0]} if variant else {})
+        platform |= extra
         entries.append(_descriptor(OCI_MANIFEST, manifest, platform=platform))
     image_index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
                               "manifests": entries}).encode()

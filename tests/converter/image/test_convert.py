@@ -142,7 +142,7 @@ def test_layout_to_layout(tmp_path: Path) -> None:
     assert config["rootfs"] == {"type": "layers", "diff_ids": diff_ids}
     assert config["history"] == source_config["history"]
     assert "Image" not in config["config"] and config["config"]["Cmd"] == ["/bin/sh"]
-    assert config["os.features"] == ["erofs"]
+    assert set(config) == set(source_config)  # no "os.features" added, as containerd adds none
     assert (config["os"], config["architecture"]) == ("linux", "amd64")
 
     # Another OCI tool reads what we wrote.
@@ -181,8 +181,7 @@ def test_platform_filter_on_two_platform_index(tmp_path: Path) -> None:
     assert len(result.layers) == 2
     entry, index = _image(tmp_path / "arm", "multi")
     assert entry.media_type == oci.OCI_INDEX
-    assert [m["platform"] for m in index["manifests"]] == [
-        {"architecture": "arm64", "os": "linux", "os.features": ["erofs"]}]
+    assert [m["platform"] for m in index["manifests"]] == [{"architecture": "arm64", "os": "linux"}]
     manifest = _json(tmp_path / "arm", index["manifests"][0]["digest"])
     arm_tars = image.layers["linux/arm64"]
     for layer, tar in zip(manifest["layers"], arm_tars, strict=True):
@@ -200,6 +199,30 @@ def test_platform_filter_on_two_platform_index(tmp_path: Path) -> None:
         _convert(f"{image.layout}:multi", dest_layout=tmp_path / "none",
                  platform=parse_platform("linux/s390x"))
     assert not (tmp_path / "none").exists()
+
+
+def test_index_keeps_the_source_platforms_and_configs(tmp_path: Path) -> None:
+    """No "erofs" OS feature is added (containerd's converter adds none for seekable layers,
+    and its platform matcher then finds no entry): each platform and config's own fields
+    stay exactly as the source wrote them."""
+    image = write_index_image(
+        tmp_path / "src", "multi",
+        {"linux/amd64": busybox_layers(), "linux/arm/v7": busybox_layers("-arm")},
+        {"linux/amd64": {"os.version": "12", "os.features": ["sse4"]}})
+    result, _ = _convert(f"{image.layout}:multi", dest_layout=tmp_path / "out")
+    _, index = _image(tmp_path / "out", "multi")
+    source_index = _json(image.layout, image.digest)
+    assert [m["platform"] for m in index["manifests"]] == [
+        m["platform"] for m in source_index["manifests"]]
+    assert index["manifests"][0]["platform"]["os.features"] == ["sse4"]
+    assert "os.features" not in index["manifests"][1]["platform"]
+    for new, old in zip(index["manifests"], source_index["manifests"], strict=True):
+        config = _json(tmp_path / "out", _json(tmp_path / "out", new["digest"])["config"]["digest"])
+        source_config = _json(image.layout, _json(image.layout, old["digest"])["config"]["digest"])
+        changed = {"rootfs", "config"}  # the new diff IDs; the legacy config.Image id goes
+        assert {k: v for k, v in config.items() if k not in changed} == {
+            k: v for k, v in source_config.items() if k not in changed}
+    assert result.media_type == oci.OCI_INDEX
 
 
 def test_every_tar_compression_and_media_type(tmp_path: Path) -> None:
@@ -328,11 +351,13 @@ def test_new_config_follows_containerd() -> None:
     out = new_config(config, ["c", "b"])
     assert out["rootfs"]["diff_ids"] == ["c", "b"]
     assert out["config"] == {"Cmd": ["sh"]} and out["container_config"] == {}
-    assert out["os.features"] == ["win32k", "erofs"]
+    assert out["os.features"] == ["win32k"]  # as it was: containerd stamps no "erofs" here
     assert list(out) == list(config)  # key order kept
     assert config["rootfs"]["diff_ids"] == ["a", "b"]  # the input is not modified
     unchanged = new_config(config, ["a", "b"])
     assert unchanged["config"]["Image"] == "x"  # legacy ids go only when diff_ids change
+    del config["os.features"]
+    assert "os.features" not in new_config(config, ["c", "b"])
 
 
 # --- registries --------------------------------------------------------------------------------
