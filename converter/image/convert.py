@@ -4,7 +4,9 @@ Each distinct layer (by digest, across all platforms) is handled once: a tar lay
 gzip, zstd; OCI or Docker media type) is streamed to a private temporary file and converted by
 the layer pipeline; a raw EROFS layer is encoded as it is; a seekable EROFS layer is passed
 through unchanged. Each result is written and/or pushed as soon as it is ready and its
-temporary files removed, so disk use stays near `jobs` layers whatever the image size.
+temporary files removed, so disk use stays near `jobs` layers whatever the image size. No layer
+descriptor of the new manifests carries `containerd.io/uncompressed`: containerd keeps that
+digest as a content-store label, not in manifests.
 
 The new config follows containerd's converter (core/images/converter/default.go and
 core/images/converter/erofs): for every converted layer `rootfs.diff_ids` holds the sha256 of
@@ -48,7 +50,12 @@ from lazyfs.exception_groups import first_error
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format import oci
-from lazyfs.format.descriptor import ANNOTATION_CHUNK_DIGEST, Descriptor, SeekableAnnotations
+from lazyfs.format.descriptor import (
+    ANNOTATION_CHUNK_DIGEST,
+    LABEL_UNCOMPRESSED,
+    Descriptor,
+    SeekableAnnotations,
+)
 from lazyfs.format.platform import Platform
 from lazyfs.format.prefetch_list import (
     ANNOTATION_PREFETCH,
@@ -62,9 +69,11 @@ Progress = Callable[[str], None]
 """Called with one line of progress for humans (per layer: phases, then the outcome)."""
 
 # Annotations of a source layer that a new encoding makes wrong: a prefetch list names the
-# chunk table it was recorded from.
-_SEEKABLE_KEYS = frozenset(
-    {*SeekableAnnotations(0, "", 0, "").to_annotations(), ANNOTATION_PREFETCH})
+# chunk table it was recorded from; `containerd.io/uncompressed` (some tools put it in
+# manifests) the digest of the old content.
+_STALE_KEYS = frozenset(
+    {*SeekableAnnotations(0, "", 0, "").to_annotations(), ANNOTATION_PREFETCH,
+     LABEL_UNCOMPRESSED})
 _PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding"}
 
 
@@ -258,7 +267,7 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
             await run.source.fetch_blob(layer, fetched)
             await _publish_file(run, name, fetched, layer)
         run.report(f"{name}: seekable EROFS already, passed through")
-        return LayerOutcome(layer, layer, "passed", None)
+        return LayerOutcome(layer, _without_label(layer), "passed", None)
 
     fetched = run.work / f"{number}.src"
     run.report(f"{name}: fetching {layer.media_type.rpartition('.')[2]} ({_mib(layer.size)})")
@@ -291,7 +300,7 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     fetched.unlink()
     result.descriptor_path.unlink(missing_ok=True)
     encoded = result.encoded
-    annotations = {k: v for k, v in layer.annotations.items() if k not in _SEEKABLE_KEYS}
+    annotations = {k: v for k, v in layer.annotations.items() if k not in _STALE_KEYS}
     annotations.update(encoded.annotations.to_annotations())
     new = Descriptor(oci.EROFS_LAYER_ZSTD, encoded.blob_digest, encoded.blob_size,
                      annotations=annotations)
@@ -300,6 +309,16 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     run.report(f"{name}: {action} to {new.digest[:19]} ({_mib(new.size)}) "
                f"in {time.monotonic() - started:.1f} s")
     return LayerOutcome(layer, new, action, encoded.image_digest)
+
+
+def _without_label(layer: Descriptor) -> Descriptor:
+    """A seekable layer as a manifest names it: containerd keeps the raw image's digest as the
+    content-store label `containerd.io/uncompressed`, never as an annotation (older lazyfs
+    conversions put it there; lazyfs reads such images as any other)."""
+    if LABEL_UNCOMPRESSED not in layer.annotations:
+        return layer
+    return replace(layer, annotations={k: v for k, v in layer.annotations.items()
+                                       if k != LABEL_UNCOMPRESSED})
 
 
 def _attach_prefetch(run: _Run, outcomes: dict[str, LayerOutcome], prefetch: PrefetchList,

@@ -14,7 +14,7 @@ import trio
 
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.registry_options import RegistryOptions
-from lazyfs.format.descriptor import DescriptorError
+from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, DescriptorError, parse_annotations
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.errors import ImageResolveError, UntrustedLayerError
@@ -126,6 +126,17 @@ def test_a_manifest_with_seekable_layers_is_pinned_by_digest() -> None:
     assert image.config.cmd == ("sh",)
     # By digest, the same manifest again.
     assert resolve(registry, f"{HOST}/app@{manifest_digest}").layers == image.layers
+
+
+def test_a_layer_that_carries_its_uncompressed_digest_resolves_as_any_other() -> None:
+    """`lazyfs convert` no longer writes `containerd.io/uncompressed` into manifests
+    (containerd keeps it as a content-store label), but images that carry it (older
+    conversions, manifests made from a `lazyfs convert -o` descriptor file) still mount."""
+    registry = ScriptedRegistry()
+    carried = seekable() | {LABEL_UNCOMPRESSED: "sha256:" + "ef" * 32}
+    registry.image([layer("base", carried)])
+    image = resolve(registry, f"{HOST}/app:v1")
+    assert image.layers[0].annotations == parse_annotations(seekable())
 
 
 def test_an_index_gives_the_manifest_of_the_platform() -> None:

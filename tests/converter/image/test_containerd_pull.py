@@ -17,6 +17,7 @@ from converter.image.convert import convert_image
 from converter.image.sources import open_image_source
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format import oci
+from lazyfs.format.descriptor import LABEL_UNCOMPRESSED
 from lazyfs.format.platform import Platform
 from tests.support.containerd import running_containerd
 from tests.support.images import write_index_image
@@ -65,6 +66,8 @@ def test_ctr_pull_fetches_the_host_platform_of_a_converted_index(work: Path,
     manifest = oci.parse_manifest(_get(registry, f"app/manifests/{entry.digest}",
                                        oci.OCI_MANIFEST))
     layers = [layer.digest for layer in manifest.layers]
+    # As containerd's own converter: the raw image's digest is a content label, not in here.
+    assert not any(LABEL_UNCOMPRESSED in layer.annotations for layer in manifest.layers)
 
     with running_containerd(work / "c") as containerd:
         pulled = containerd.ctr("images", "pull", "--plain-http", reference, check=False)
