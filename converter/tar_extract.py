@@ -2,8 +2,11 @@
 
 The layer is read as a stream (never seeked, never held in memory) and written with the
 overlayfs form of OCI whiteouts, so the EROFS image works as an overlay lower layer:
-`dir/.wh.NAME` becomes a 0:0 character device at `dir/NAME`, `dir/.wh..wh..opq` becomes
-the xattr `trusted.overlay.opaque=y` on `dir`.
+`dir/.wh.NAME` becomes a 0:0 character device at `dir/NAME` and marks `dir` with the xattr
+`trusted.overlay.origin` (empty), `dir/.wh..wh..opq` becomes the xattr
+`trusted.overlay.opaque=y` on `dir`. The mark is what `mkfs.erofs --tar --aufs` writes, and
+what makes overlayfs hide the whiteouts of a directory no other layer has (see
+`converter.tar_members`).
 
 Safety: symlinks are never followed while writing. Every parent of an entry must be a real
 directory inside the destination; a path that is absolute or climbs out with `..`, a parent
@@ -39,6 +42,8 @@ from converter.tar_members import (
     OPAQUE_MARKER,
     OPAQUE_VALUE,
     OPAQUE_XATTR,
+    ORIGIN_VALUE,
+    ORIGIN_XATTR,
     ROOT,
     WHITEOUT_META_PREFIX,
     WHITEOUT_PREFIX,
@@ -177,6 +182,8 @@ class _Extractor:
             os.chown(full, member.uid, member.gid, follow_symlinks=False)
             os.chmod(full, 0)
             os.utime(full, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            os.setxattr(self._full(parent_of(path)), ORIGIN_XATTR, ORIGIN_VALUE,
+                        follow_symlinks=False)
             self.counts["whiteouts"] += 1
             return
         elif op == "fifo":
@@ -335,6 +342,8 @@ __all__ = [
     "OPAQUE_MARKER",
     "OPAQUE_VALUE",
     "OPAQUE_XATTR",
+    "ORIGIN_VALUE",
+    "ORIGIN_XATTR",
     "ROOT",
     "WHITEOUT_META_PREFIX",
     "WHITEOUT_PREFIX",

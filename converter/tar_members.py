@@ -8,6 +8,14 @@ the entry. OCI whiteouts are translated to the overlayfs form: `dir/.wh.NAME` be
 whiteout of `dir/NAME`, `dir/.wh..wh..opq` marks `dir` opaque (the xattr
 `trusted.overlay.opaque=y`), other `.wh..wh.` entries are aufs metadata and ignored. Ids and
 device numbers that Linux would store as something else are refused.
+
+A directory that a whiteout was written into also gets the xattr `trusted.overlay.origin`
+with an empty value, as `mkfs.erofs --tar --aufs` (containerd's tar converter) marks it.
+overlayfs hides whiteouts from a directory listing only where it knows the directory may
+hold them: a directory merged from several layers, or one with that xattr. A directory that
+exists in one layer only (a new directory, under an opaque one, or in the only layer of a
+stack, whatever the layer's place) is otherwise read as it is, and lists its whiteouts as
+unreadable entries.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ WHITEOUT_META_PREFIX = ".wh..wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OPAQUE_VALUE = b"y"
+ORIGIN_XATTR = "trusted.overlay.origin"
+ORIGIN_VALUE = b""  # "copied up, origin unknown": enough for overlayfs to filter whiteouts
 _PAX_XATTR = "SCHILY.xattr."
 _MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to chown
 _MAX_MAJOR = (1 << 12) - 1  # the kernel's 32-bit dev_t: 12 bits major, 20 bits minor

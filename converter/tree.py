@@ -12,8 +12,9 @@ get one chosen at extraction), directory sizes and link counts (filesystem detai
 xattr `security.selinux` (a label the host's policy puts on files, not part of the layer).
 The root directory is the entry "." and is compared like any other: its owner, mode and
 xattrs come from the layer's `./` entry, or are root:root 0755 without xattrs when the layer
-has none, as `extract_layer` makes them. Symlinks always have mode 0777 (Linux has no
-symlink modes); sizes are 0 for everything but regular files.
+has none, as `extract_layer` makes them. A directory a whiteout was written into carries
+`trusted.overlay.origin` (empty), as `extract_layer` marks it. Symlinks always have mode 0777
+(Linux has no symlink modes); sizes are 0 for everything but regular files.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ from converter.tar_extract import IMPLICIT_DIR_MODE
 from converter.tar_members import (
     OPAQUE_VALUE,
     OPAQUE_XATTR,
+    ORIGIN_VALUE,
+    ORIGIN_XATTR,
     ROOT,
     ancestors,
     member_xattrs,
+    parent_of,
     plan_member,
     xattr_allowed,
 )
@@ -206,6 +210,7 @@ def scan_tar(stream: BinaryIO) -> dict[str, TreeEntry]:
         _remove(tree, path)
         if op == "whiteout":
             tree[path] = _Inode("chardev", 0, member.uid, member.gid, rdev=(0, 0))
+            tree[parent_of(path)].xattrs[ORIGIN_XATTR] = ORIGIN_VALUE
             continue
         inode = _Inode(op, mode, member.uid, member.gid, xattrs=xattrs)
         if op == "file":

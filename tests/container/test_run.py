@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import registry_images
+from tests.support.images import base_layer, ghost_layer
 from tests.support.mounts import cleanup
-from tests.support.registry_images import REPO, PublishedImage, assert_nothing_left
+from tests.support.registry import Registry
+from tests.support.registry_images import REPO, PublishedImage, assert_nothing_left, publish
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -108,6 +110,30 @@ def test_the_command_runs_in_its_own_namespaces_with_proc_dev_and_tmp(
     lines = result.stdout.split()
     assert lines[:6] == ["pid", "2", "proc", "4", "tmp", lines[5]]
     assert int(lines[5]) < 10  # init, the shell, ls, grep: none of the host's processes
+    runner.assert_clean()
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_whiteouts_of_names_no_layer_has_stay_hidden(
+    runner: Runner, registry: Registry, mode: str, tmp_path: Path
+) -> None:
+    """The command sees no entry for a whiteout of a name no lower layer has, in a directory
+    of the whiting-out layer alone: that layer the only one, the bottom or the top."""
+    only = publish(tmp_path / "work", registry.host, layers=[ghost_layer(on_base=True)],
+                   repository="t/run-ghost-only")
+    stacked = publish(tmp_path / "work", registry.host,
+                      layers=[ghost_layer(), base_layer(), ghost_layer("newer")],
+                      repository="t/run-ghost-stacked")
+    extra = ["--eager"] if mode == "eager" else []
+    # The shell's globs list names as readdir returns them (busybox ls leaves out, on its
+    # stdout, an entry it cannot stat).
+    for image, expected in ((only, "/fresh/real"), (stacked, "/fresh/real /newer/real")):
+        result = runner.run(image.converted, "--insecure-registry", *extra, "--",
+                            "/bin/busybox", "sh", "-c", "echo /fresh/* /newer/*; echo /*")
+        assert result.returncode == 0, result.stderr
+        listed, root = result.stdout.splitlines()
+        assert listed.replace(" /newer/*", "") == expected
+        assert "phantom" not in root and "/bin" in root
     runner.assert_clean()
 
 

@@ -87,6 +87,32 @@ def test_attributes_on_disk(tmp_path: Path) -> None:
     assert (dest / "replaced").read_bytes() == b"second version"
 
 
+def test_directories_holding_whiteouts_are_marked_as_mkfs_erofs_marks_them(
+    tmp_path: Path,
+) -> None:
+    """`trusted.overlay.origin` (empty) on every directory a whiteout went into, as
+    `mkfs.erofs --tar --aufs` writes it: overlayfs hides whiteouts only in directories it
+    knows may hold them (merged ones, or marked ones)."""
+    layer = LayerBuilder()
+    layer.dir("fresh").file("fresh/.wh.ghost").file("fresh/real", b"real")
+    layer.file(".wh.top")  # the root holds one too
+    layer.file("implied/deeper/.wh.x")  # parents the layer only implies
+    layer.dir("plain").file("plain/file", b"no whiteout here")
+    layer.dir("back").file("back/.wh.y").file("back/y", b"written over the whiteout")
+    layer.dir("gone").file("gone/.wh.z").file("gone", b"the directory replaced by a file")
+    layer.dir("opq").file("opq/.wh..wh..opq").file("opq/new", b"")
+    dest = _extract(layer, tmp_path)
+    origin = "trusted.overlay.origin"
+    marked = [".", "fresh", "implied/deeper", "back"]
+    for path in marked:
+        assert os.getxattr(dest / path, origin) == b"", path
+    for path in ["implied", "plain", "opq"]:  # an opaque directory alone needs no mark
+        assert origin not in os.listxattr(dest / path), path
+    # mkfs.erofs keeps the mark once a whiteout went in, even after an entry replaced it.
+    assert (dest / "back/y").read_bytes() == b"written over the whiteout"
+    assert stat.S_ISCHR(os.lstat(dest / "fresh/ghost").st_mode)
+
+
 def test_mtimes(tmp_path: Path) -> None:
     layer = LayerBuilder()
     layer.dir("d", mtime=BASE_MTIME + 1)

@@ -36,6 +36,8 @@ def test_scan_tar_models_the_layer() -> None:
     assert tree["dev/sda"].kind == "blockdev" and tree["dev/initctl"].kind == "fifo"
     assert tree["var/removed"] == TreeEntry("var/removed", "chardev", 0, 7, 8, rdev=(0, 0))
     assert tree["opaque"].xattrs == {"trusted.overlay.opaque": b"y"}
+    assert tree["var"].xattrs == {"trusted.lazyfs.test": b"dir-xattr",
+                                  "trusted.overlay.origin": b""}  # it holds a whiteout
     assert tree["replaced"].sha256 == _sha(b"second version")
     assert tree["replaced"].mode == 0o600
     assert tree["empty"].sha256 == _sha(b"")

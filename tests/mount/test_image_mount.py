@@ -22,7 +22,13 @@ import pytest
 
 from converter.tree import compare_trees, scan_directory
 from tests.support import registry_images
-from tests.support.images import base_layer, change_layer, expected_rootfs_tree, write_index_image
+from tests.support.images import (
+    base_layer,
+    change_layer,
+    expected_rootfs_tree,
+    ghost_layer,
+    write_index_image,
+)
 from tests.support.lazyfs_cli import Lazyfs, pid_gone, wait_until
 from tests.support.registry import (
     Registry,
@@ -194,6 +200,32 @@ def test_an_image_of_one_layer(lazyfs: Lazyfs, registry: Registry, tmp_path: Pat
     assert stdout.endswith("(linux/amd64, 1 layer)\n")
     assert compare_trees(expected_rootfs_tree(single.layers), scan_directory(mountpoint)) == []
     umount_leaves_nothing(lazyfs, mountpoint, record)
+
+
+def test_whiteouts_of_names_no_layer_has_stay_hidden(
+    lazyfs: Lazyfs, registry: Registry, tmp_path: Path
+) -> None:
+    """A layer that whites out names no lower layer holds, in a directory of its own: the
+    merged tree hides them whether that layer is the only one, the bottom or the top (an
+    unmarked directory of one layer would list them as unreadable `c?????????` entries)."""
+    only = publish(tmp_path / "work", registry.host, layers=[ghost_layer()],
+                   repository="t/ghost-only")
+    stacked = publish(tmp_path / "work", registry.host,
+                      layers=[ghost_layer(), base_layer(), ghost_layer("newer")],
+                      repository="t/ghost-stacked")
+    first, second = directories(tmp_path, "only", "stacked")
+    _, record = mount_image(
+        lazyfs, only.converted, str(first), stacked.converted, str(second), INSECURE,
+        mountpoints=[first, second],
+    )  # fmt: skip
+    assert os.listdir(first / "fresh") == ["real"]
+    assert os.listdir(second / "fresh") == ["real"]  # the bottom layer's directory
+    assert os.listdir(second / "newer") == ["real"]  # the top layer's directory
+    for mountpoint in (first, second):
+        assert not [name for name in os.listdir(mountpoint) if name.startswith("phantom")]
+    assert compare_trees(expected_rootfs_tree(only.layers), scan_directory(first)) == []
+    assert compare_trees(expected_rootfs_tree(stacked.layers), scan_directory(second)) == []
+    umount_leaves_nothing(lazyfs, first, record)
 
 
 def test_platform_is_picked_from_an_index(

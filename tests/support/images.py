@@ -3,6 +3,7 @@
 - `base_layer()`: /bin/busybox, applet symlinks, /etc files, directories of several modes.
 - `change_layer()`: modifies files, deletes some with whiteouts (`.wh.NAME`) and empties a
   directory with an opaque whiteout (`.wh..wh..opq`), adding one file back into it.
+- `ghost_layer()`: a new directory holding a whiteout of a name no layer has.
 - `write_oci_image` / `write_index_image`: ordinary gzip OCI images in an OCI layout directory
   (written here independently of the converter's own layout code).
 - `docker_archive` / `docker_oci_archive`: what `docker save` writes, old and new form.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.tar_members import OPAQUE_XATTR, normalize_path
+from converter.tar_members import OPAQUE_XATTR, ORIGIN_XATTR, normalize_path
 from converter.tree import TreeEntry, scan_tar
 
 BUSYBOX = Path("/bin/busybox")
@@ -82,7 +83,21 @@ class _Tar:
 
 def base_layer() -> bytes:
     """busybox, a few applets as symlinks, /etc, and directories of several modes."""
-    tar = _Tar().dir("bin").file("bin/busybox", busybox_bytes(), 0o755)
+    return _base(_Tar()).bytes()
+
+
+def ghost_layer(directory: str = "fresh", *, on_base: bool = False) -> bytes:
+    """A new directory holding a file and a whiteout of a name no layer has (tools write
+    such whiteouts: `DIRECTORY/.wh.ghost`), and one in the root (`.wh.phantom-DIRECTORY`);
+    with `on_base`, on top of the base layer's contents in the same layer."""
+    tar = _base(_Tar()) if on_base else _Tar()
+    tar.dir(directory).file(f"{directory}/.wh.ghost", b"").file(f"{directory}/real", b"real\n")
+    tar.file(f".wh.phantom-{directory}", b"")
+    return tar.bytes()
+
+
+def _base(tar: _Tar) -> _Tar:
+    tar.dir("bin").file("bin/busybox", busybox_bytes(), 0o755)
     for applet in APPLETS:
         tar.symlink(f"bin/{applet}", "busybox")
     tar.dir("etc")
@@ -99,7 +114,7 @@ def base_layer() -> bytes:
     tar.file("var/cache/app/b.txt", b"cached\n")
     tar.dir("var/cache/app/sub").file("var/cache/app/sub/c.txt", b"deep\n")
     tar.dir("var/log").file("var/log/old.log", b"old\n")
-    return tar.bytes()
+    return tar
 
 
 def change_layer(flavour: str = "") -> bytes:
@@ -350,7 +365,9 @@ def expected_rootfs_tree(layers: Sequence[bytes]) -> dict[str, TreeEntry]:
                 _remove(merged, path, keep_self=True)
             if both_dirs and path not in explicit:
                 continue  # implied here: the lower directory stays as it is
-            xattrs = {k: v for k, v in entry.xattrs.items() if k != OPAQUE_XATTR}
+            # overlayfs keeps its own xattrs out of the merged tree
+            xattrs = {k: v for k, v in entry.xattrs.items()
+                      if k not in (OPAQUE_XATTR, ORIGIN_XATTR)}
             merged[path] = (number, replace(entry, xattrs=xattrs))
     groups: dict[tuple[int, str], list[str]] = {}
     for path, (number, entry) in merged.items():
