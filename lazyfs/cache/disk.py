@@ -275,8 +275,9 @@ class DiskCache:
                 log.warning("%s (going on without the disk cache)", exc)
         elif not self._told_failure and self.failure is None:
             self._told_failure = True
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             log.warning("disk cache %s: cannot %s: %s (the cache skips what fails; logged once)",
-                        self.directory, what, exc)
+                        self.directory, what, reason)
 
 
 def open_disk_cache(options: DiskCacheOptions, *,
