@@ -27,8 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "container": {"format", "fetch", "cache", "image", "eager", "fuse", "mount"},
     "snapshotter": {"format", "fetch", "cache", "image", "eager", "fuse", "mount",
                     "containerd"},
+    "audit": {"format", "fetch", "eager", "converter", "converter.image"},
     "cli": {"format", "fetch", "cache", "image", "eager", "fuse", "mount", "container",
-            "snapshotter", "containerd", "converter", "converter.image"},
+            "snapshotter", "containerd", "converter", "converter.image", "audit"},
     "converter": {"format"},
     "converter.image": {"format", "fetch", "converter"},
 }

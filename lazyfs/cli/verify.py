@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazyfs.cli import UserError, sigterm_as_interrupt
+from lazyfs.cli import UserError, sigterm_as_interrupt, verify_image
 from lazyfs.cli.convert import ProgressLine, blob_descriptor, write_stdout
 from lazyfs.eager.check import BlobReport, check_blob
 
@@ -58,17 +58,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "against a directory or tar layer. Prints each problem; exit status 0 only when "
         "everything holds, 1 otherwise.",
     )
-    parser.add_argument("blob", type=Path, metavar="BLOB")
+    parser.add_argument("blob", type=Path, metavar="BLOB|IMAGE")
     parser.add_argument("--descriptor", type=Path, metavar="D",
                         help="the blob's OCI descriptor JSON (default: the one beside BLOB)")
     parser.add_argument("--against", type=Path, metavar="SRC",
                         help="a directory or tar layer the image must hold exactly")
     parser.add_argument("-j", "--jobs", type=int, default=0, metavar="N",
                         help="decoder threads (default: one per core)")
+    verify_image.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if verify_image.is_image(args):
+        return verify_image.run(args)
     descriptor, descriptor_path = blob_descriptor(args.blob, args.descriptor)
     expected = _expected_tree(args.against) if args.against is not None else None
     outcome = _Outcome()
