@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pty
 import shutil
+import subprocess
+import sys
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +27,7 @@ import zstandard
 
 from converter.layer import ConvertOptions, convert_layer
 from lazyfs.format import oci
-from tests.cli import run_lazyfs
+from tests.cli import lazyfs_env, run_lazyfs
 from tests.support.images import (
     _Tar,
     base_layer,
@@ -140,6 +145,38 @@ def test_alone_a_conversion_is_sound(images: tuple[Path, Path]) -> None:
     result = run_lazyfs("verify", f"{images[1]}:v1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == "OK"
+
+
+def test_progress_on_a_terminal(images: tuple[Path, Path]) -> None:
+    source, converted = images
+    master, slave = pty.openpty()
+    seen = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                return
+            if not data:
+                return
+            seen.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "lazyfs", "verify", f"{converted}:v1", "--against",
+             f"{source}:v1"], stdout=subprocess.PIPE, stderr=slave, env=lazyfs_env(),
+            timeout=300, check=False, text=True)
+    finally:
+        os.close(slave)
+        reader.join(timeout=30)
+        os.close(master)
+    assert result.returncode == 0, result.stdout
+    shown = seen.decode(errors="replace")
+    assert "\r" in shown and "layer 1/3 sha256:" in shown and "source layer" in shown, shown
+    assert shown.endswith("\x1b[K"), shown  # the line is cleared at the end
 
 
 def _layer_of(layout: Path, tag: str, number: int) -> dict[str, Any]:
