@@ -28,8 +28,10 @@ ALLOWED: dict[str, set[str]] = {
     "snapshotter": {"format", "fetch", "cache", "image", "eager", "fuse", "mount",
                     "containerd"},
     "audit": {"format", "fetch", "eager", "converter", "converter.image"},
+    "cri": {"format", "fetch", "cache", "image", "eager", "fuse", "mount", "containerd",
+            "snapshotter"},
     "cli": {"format", "fetch", "cache", "image", "eager", "fuse", "mount", "container",
-            "snapshotter", "containerd", "converter", "converter.image", "audit"},
+            "snapshotter", "containerd", "converter", "converter.image", "audit", "cri"},
     "converter": {"format"},
     "converter.image": {"format", "fetch", "converter"},
 }

@@ -9,6 +9,7 @@ import os
 import sys
 
 from lazyfs.cli import UserError
+from lazyfs.cli._image_service import add_image_service_arguments, image_service_of
 from lazyfs.cli._images import (
     add_disk_cache_arguments,
     add_registry_arguments,
@@ -64,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_disk_cache_arguments(parser)
     add_registry_arguments(parser)
+    add_image_service_arguments(parser)
     parser.set_defaults(func=cmd_snapshotter)
 
     stats = subparsers.add_parser(
@@ -107,10 +109,12 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         prefetch=not args.no_prefetch,
     )
 
+    config, services = image_service_of(args, config)
+
     def on_ready() -> None:
         print(f"lazyfs: snapshotter ready on {config.address}", file=sys.stderr, flush=True)
 
-    run_snapshotter(config, on_ready)
+    run_snapshotter(config, on_ready, services)
     return 0
 
 

@@ -155,6 +155,16 @@ class ContainerdClient:
                 image=image, update_mask=FieldMask(paths=["target", "labels"]))
             self._call(rpc.IMAGES, "Update", request, images_pb2.UpdateImageResponse)
 
+    def delete_image(self, name: str, *, sync: bool = False) -> None:
+        """Remove the image record `name` (absent is fine); with `sync`, return once the
+        garbage collection it starts has run."""
+        try:
+            self._call(rpc.IMAGES, "Delete", images_pb2.DeleteImageRequest(name=name, sync=sync),
+                       empty_pb2.Empty)
+        except ContainerdError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot_labels(self, snapshotter: str, key: str) -> dict[str, str] | None:

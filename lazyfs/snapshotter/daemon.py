@@ -14,9 +14,10 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 import pyfuse3
@@ -56,9 +57,20 @@ class SnapshotterConfig:
     prefetch: bool = True  # replay the prefetch lists layers carry
 
 
-def run_snapshotter(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None:
-    """Serve until SIGTERM/SIGINT; `on_ready` once the socket takes calls."""
-    trio.run(_main, config, on_ready)
+class SideService(Protocol):
+    """A service of the same process beside the snapshots API (the CRI image service of
+    `lazyfs.cri`): started, from a thread, once the snapshots socket takes calls (it may
+    make containerd call the snapshotter), stopped before the snapshots socket is."""
+
+    def start(self) -> None: ...
+
+    def stop(self, grace_s: float) -> None: ...
+
+
+def run_snapshotter(config: SnapshotterConfig, on_ready: Callable[[], None],
+                    services: Sequence[SideService] = ()) -> None:
+    """Serve until SIGTERM/SIGINT, with `services`; `on_ready` once they take calls."""
+    trio.run(_main, config, on_ready, services)
 
 
 async def recover_mounts(root: str, fuse_dir: str, layers_dir: str) -> None:
@@ -73,11 +85,13 @@ async def recover_mounts(root: str, fuse_dir: str, layers_dir: str) -> None:
         await kernel_mount.fuse_unmount_lazy(fuse_dir)
 
 
-async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None:
+async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
+                services: Sequence[SideService] = ()) -> None:
     root = os.path.abspath(config.root)
     os.makedirs(root, mode=0o700, exist_ok=True)
     store = Store(database_path(root))
     server: grpc.Server | None = None
+    started: list[SideService] = []
     fuse_mounted = False
     disk = None
     try:
@@ -108,6 +122,9 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
                     snapshots = Snapshots(root, store, remote)
                     snapshots.cleanup()
                     server = _start_server(config.address, SnapshotsService(snapshots))
+                    for service in services:
+                        await trio.to_thread.run_sync(service.start)
+                        started.append(service)
                     if config.metrics_address is not None:
                         serve_metrics(config.metrics_address, host, registry,
                                       awaiting_remount=lambda: len(remounter.retrying))
@@ -118,6 +135,8 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None]) -> None
                         break
                 finally:
                     with trio.CancelScope(shield=True):
+                        for service in reversed(started):
+                            await trio.to_thread.run_sync(service.stop, STOP_GRACE_S)
                         if server is not None:
                             stopping = server
                             await trio.to_thread.run_sync(

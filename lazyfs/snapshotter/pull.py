@@ -9,10 +9,18 @@ containerd's snapshot service for the `lazyfs` snapshotter with labels naming th
 the snapshotter mounts it lazily and answers AlreadyExists, which containerd records as the
 committed snapshot of that chain ID. All of it under a lease, so nothing is collected
 before the image record holds it.
+
+For containerd's CRI plugin (`cri=True`, the CRI image service of lazyfs.cri) the image is
+named as the plugin names what it pulls itself: by its ID (the config's digest), by the
+reference (normalized as the plugin does: a reference with a digest loses its tag) and by
+the repository and the digest of what the reference resolved to, each name labelled
+`io.cri-containerd.image=managed`. The plugin lists images from containerd's image store
+and finds them by any of those names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -36,6 +44,8 @@ SNAPSHOTTER = "lazyfs"
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 GC_CONTENT = "containerd.io/gc.ref.content."
 DISTRIBUTION_SOURCE = "containerd.io/distribution.source."
+CRI_MANAGED_LABEL = "io.cri-containerd.image"
+CRI_MANAGED = "managed"
 
 
 class PullError(LazyfsError):
@@ -57,9 +67,11 @@ class FetchedImage:
 
 @dataclass(frozen=True)
 class PullResult:
-    name: str
+    name: str  # the first of `names`
     pinned: str
     chain_ids: list[str]
+    image_id: str = ""  # the config's digest
+    names: tuple[str, ...] = ()  # every name the image record has
 
 
 async def fetch_image(reference_text: str, options: RegistryOptions, platform: Platform
@@ -101,11 +113,30 @@ def image_name(reference_text: str) -> str:
     return name
 
 
+def cri_names(reference_text: str, top_digest: str, image_id: str) -> list[str]:
+    """The names containerd's CRI plugin gives an image it pulls (`image_id` first): the
+    reference as the plugin normalizes it, and the repository at `top_digest` (the index or
+    manifest the reference resolved to) unless the reference has a digest already."""
+    reference = parse_reference(reference_text)
+    if reference.digest is not None:
+        return [image_id, f"{reference.name}@{reference.digest}"]
+    return [image_id, f"{reference.name}:{reference.tag}", f"{reference.name}@{top_digest}"]
+
+
 def pull_into_containerd(reference_text: str, options: RegistryOptions, platform: Platform,
                          address: str, namespace: str) -> PullResult:
     """Resolve the image, register it with containerd and prepare every layer lazily.
     Raises PullError, LazyfsError subclasses of the registry, ContainerdError."""
     fetched = trio.run(fetch_image, reference_text, options, platform)
+    return put_into_containerd(fetched, reference_text, address, namespace)
+
+
+def put_into_containerd(fetched: FetchedImage, reference_text: str, address: str,
+                        namespace: str, *, cri: bool = False) -> PullResult:
+    """Register a fetched image with containerd and prepare every layer lazily; with `cri`,
+    named for containerd's CRI plugin (see above). Nothing is left when it fails: what it
+    wrote is collected once its lease goes, the names it gave are removed. Raises PullError,
+    ContainerdError."""
     resolved = fetched.resolved
     try:
         diff_ids = list(json.loads(fetched.config)["rootfs"]["diff_ids"])
@@ -116,10 +147,15 @@ def pull_into_containerd(reference_text: str, options: RegistryOptions, platform
                         f"{len(resolved.layers)} layers")
     chain = chain_ids(diff_ids)
     reference = parse_reference(reference_text)
-    name = image_name(reference_text)
+    if cri:
+        names = cri_names(reference_text, fetched.top.digest, fetched.config_digest)
+        image_labels = {CRI_MANAGED_LABEL: CRI_MANAGED}
+    else:
+        names, image_labels = [image_name(reference_text)], {}
     source_label = {DISTRIBUTION_SOURCE + reference.registry: reference.repository}
     with ContainerdClient(address, namespace) as client:
         lease = client.create_lease()
+        named: list[str] = []
         try:
             client.write_content(fetched.config_digest, fetched.config,
                                  {GC_SNAPSHOT + SNAPSHOTTER: chain[-1], **source_label})
@@ -135,10 +171,17 @@ def pull_into_containerd(reference_text: str, options: RegistryOptions, platform
                                      {**index_labels, **source_label})
             for number, layer in enumerate(resolved.layers):
                 _prepare_layer(client, resolved, number, layer.digest, chain)
-            client.put_image(name, fetched.top, {})
+            for name in names:
+                client.put_image(name, fetched.top, image_labels)
+                named.append(name)
+        except BaseException:
+            for name in named:
+                with contextlib.suppress(ContainerdError):
+                    client.delete_image(name)
+            raise
         finally:
             client.delete_lease(lease)
-    return PullResult(name, resolved.pinned, chain)
+    return PullResult(names[0], resolved.pinned, chain, fetched.config_digest, tuple(names))
 
 
 def _prepare_layer(client: ContainerdClient, image: ResolvedImage, number: int, digest: str,

@@ -3,8 +3,9 @@ proxy snapshotter `lazyfs`, for tests that run real containers with runc.
 
 `running_containerd(work)` starts both and yields a `Containerd`; on exit (also after a
 failure) it kills containers, stops containerd and the snapshotter, and unmounts whatever
-is left below `work`. Socket paths must stay short (108 bytes): `work` should be a short
-temporary directory.
+is left below `work`. Its CRI plugin is off unless a test gives the plugin's configuration
+(`cri_config`, see tests/support/cri.py). Socket paths must stay short (108 bytes): `work`
+should be a short temporary directory.
 
 Each `Containerd` works in a namespace of its own: runc keeps container state in
 /run/containerd/runc/NAMESPACE/ID and cgroups at /NAMESPACE/ID, the same for every
@@ -39,8 +40,7 @@ CONTAINERD_CONFIG = """version = 2
 root = "{root}"
 state = "{state}"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.btrfs",
+{cri_disabled}  "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.aufs",
@@ -62,6 +62,7 @@ disabled_plugins = [
     type = "snapshot"
     address = "{snapshotter_socket}"
 """
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 
 
 def require_containerd() -> None:
@@ -131,6 +132,7 @@ class Containerd:
     snapshotter: Snapshotter
     namespace: str = field(default_factory=unique_namespace)
     proc: subprocess.Popen[bytes] | None = None
+    cri_config: str | None = None  # the CRI plugin's TOML tables; None: the plugin is off
 
     @property
     def socket(self) -> Path:
@@ -142,9 +144,11 @@ class Containerd:
 
     def start(self) -> None:
         config = self.work / "containerd.toml"
-        config.write_text(CONTAINERD_CONFIG.format(
+        text = CONTAINERD_CONFIG.format(
             root=self.work / "root", state=self.work / "state", socket=self.socket,
-            snapshotter_socket=self.snapshotter.socket))
+            snapshotter_socket=self.snapshotter.socket,
+            cri_disabled="" if self.cri_config is not None else f'  "{CRI_PLUGIN}",\n')
+        config.write_text(text + (self.cri_config or ""))
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(["containerd", "--config", str(config)],
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -218,14 +222,15 @@ def _remove_runc_leftovers(namespace: str) -> None:
 
 
 @contextlib.contextmanager
-def running_containerd(work: Path, snapshotter_args: list[str] | None = None
-                       ) -> Iterator[Containerd]:
-    """containerd and the lazyfs snapshotter under `work`, torn down on exit."""
+def running_containerd(work: Path, snapshotter_args: list[str] | None = None,
+                       cri_config: str | None = None) -> Iterator[Containerd]:
+    """containerd and the lazyfs snapshotter under `work`, torn down on exit; with
+    `cri_config`, containerd's CRI plugin is on and configured so."""
     require_containerd()
     work.mkdir(parents=True, exist_ok=True)
     snapshotter = Snapshotter(work / "lazyfs", work / "lazyfs.sock", work / "lazyfs.log",
                               snapshotter_args or [])
-    containerd = Containerd(work, snapshotter)
+    containerd = Containerd(work, snapshotter, cri_config=cri_config)
     namespaces = [containerd.namespace]
     try:
         snapshotter.start()

@@ -196,11 +196,18 @@ class BuiltImage:
     layers: dict[str, list[bytes]]  # uncompressed layer tars by platform ("linux/amd64")
 
 
-def write_oci_image(layout: Path, tag: str, layers: Sequence[bytes] | None = None) -> BuiltImage:
-    """A single-manifest gzip image for linux/amd64, tagged `tag` in the layout."""
+def write_oci_image(layout: Path, tag: str, layers: Sequence[bytes] | None = None, *,
+                    entrypoint: Sequence[str] | None = None) -> BuiltImage:
+    """A single-manifest gzip image for linux/amd64, tagged `tag` in the layout; with
+    `entrypoint`, its config runs that (with no Cmd)."""
     layers = list(layers) if layers is not None else busybox_layers()
     index = _start_layout(layout)
-    manifest = _manifest(layout, layers, config_json(layers))
+    config = config_json(layers)
+    if entrypoint is not None:
+        values = json.loads(config)
+        values["config"] |= {"Entrypoint": list(entrypoint), "Cmd": None}
+        config = json.dumps(values).encode()
+    manifest = _manifest(layout, layers, config)
     _tag(layout, index, _descriptor(OCI_MANIFEST, manifest), tag)
     return BuiltImage(layout, tag, sha256(manifest), {"linux/amd64": layers})
 

@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from lazyfs.containerd.api import types_pb2 as lazyfs_dot_containerd_dot_api_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lazyfs/containerd/api/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!lazyfs/containerd/api/types.proto\"\x94\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"I\n\x12\x43reateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"J\n\x13\x43reateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"z\n\x12UpdateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"J\n\x13UpdateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image2\xd2\x02\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12o\n\x06\x43reate\x12\x31.containerd.services.images.v1.CreateImageRequest\x1a\x32.containerd.services.images.v1.CreateImageResponse\x12o\n\x06Update\x12\x31.containerd.services.images.v1.UpdateImageRequest\x1a\x32.containerd.services.images.v1.UpdateImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lazyfs/containerd/api/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!lazyfs/containerd/api/types.proto\"\x94\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"I\n\x12\x43reateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"J\n\x13\x43reateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"z\n\x12UpdateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"J\n\x13UpdateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"0\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04sync\x18\x02 \x01(\x08\x32\xa7\x03\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12o\n\x06\x43reate\x12\x31.containerd.services.images.v1.CreateImageRequest\x1a\x32.containerd.services.images.v1.CreateImageResponse\x12o\n\x06Update\x12\x31.containerd.services.images.v1.UpdateImageRequest\x1a\x32.containerd.services.images.v1.UpdateImageResponse\x12S\n\x06\x44\x65lete\x12\x31.containerd.services.images.v1.DeleteImageRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMAGE_LABELSENTRY']._loaded_options = None
   _globals['_IMAGE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGE']._serialized_start=172
-  _globals['_IMAGE']._serialized_end=448
-  _globals['_IMAGE_LABELSENTRY']._serialized_start=403
-  _globals['_IMAGE_LABELSENTRY']._serialized_end=448
-  _globals['_GETIMAGEREQUEST']._serialized_start=450
-  _globals['_GETIMAGEREQUEST']._serialized_end=481
-  _globals['_GETIMAGERESPONSE']._serialized_start=483
-  _globals['_GETIMAGERESPONSE']._serialized_end=554
-  _globals['_CREATEIMAGEREQUEST']._serialized_start=556
-  _globals['_CREATEIMAGEREQUEST']._serialized_end=629
-  _globals['_CREATEIMAGERESPONSE']._serialized_start=631
-  _globals['_CREATEIMAGERESPONSE']._serialized_end=705
-  _globals['_UPDATEIMAGEREQUEST']._serialized_start=707
-  _globals['_UPDATEIMAGEREQUEST']._serialized_end=829
-  _globals['_UPDATEIMAGERESPONSE']._serialized_start=831
-  _globals['_UPDATEIMAGERESPONSE']._serialized_end=905
-  _globals['_IMAGES']._serialized_start=908
-  _globals['_IMAGES']._serialized_end=1246
+  _globals['_IMAGE']._serialized_start=201
+  _globals['_IMAGE']._serialized_end=477
+  _globals['_IMAGE_LABELSENTRY']._serialized_start=432
+  _globals['_IMAGE_LABELSENTRY']._serialized_end=477
+  _globals['_GETIMAGEREQUEST']._serialized_start=479
+  _globals['_GETIMAGEREQUEST']._serialized_end=510
+  _globals['_GETIMAGERESPONSE']._serialized_start=512
+  _globals['_GETIMAGERESPONSE']._serialized_end=583
+  _globals['_CREATEIMAGEREQUEST']._serialized_start=585
+  _globals['_CREATEIMAGEREQUEST']._serialized_end=658
+  _globals['_CREATEIMAGERESPONSE']._serialized_start=660
+  _globals['_CREATEIMAGERESPONSE']._serialized_end=734
+  _globals['_UPDATEIMAGEREQUEST']._serialized_start=736
+  _globals['_UPDATEIMAGEREQUEST']._serialized_end=858
+  _globals['_UPDATEIMAGERESPONSE']._serialized_start=860
+  _globals['_UPDATEIMAGERESPONSE']._serialized_end=934
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=936
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=984
+  _globals['_IMAGES']._serialized_start=987
+  _globals['_IMAGES']._serialized_end=1410
 # @@protoc_insertion_point(module_scope)

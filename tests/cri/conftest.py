@@ -1,0 +1,72 @@
+"""Fixtures of the CRI tests: a registry with the app image (gzip and converted) and a pause
+image for the package, a fresh node (containerd with its CRI plugin, the snapshotter and
+its image service) per test. When a test that ran a node fails, the tails of containerd's
+log and the snapshotter's go into the report."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cri import Node, publish_pause_image, running_node
+from tests.support.registry import Registry, running_registry
+from tests.support.registry_images import PublishedImage
+from tests.support.snapshotter_images import publish_app_image
+
+LOG_TAIL_BYTES = 12_000
+
+
+@pytest.fixture(scope="package")
+def work() -> Iterator[Path]:
+    # Short: containerd's socket paths must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="lzk-", dir="/tmp") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="package")
+def registry(work: Path) -> Iterator[Registry]:
+    with running_registry(work / "registry") as server:
+        yield server
+
+
+@pytest.fixture(scope="package")
+def image(work: Path, registry: Registry) -> PublishedImage:
+    return publish_app_image(work, registry)
+
+
+@pytest.fixture(scope="package")
+def pause(work: Path, registry: Registry) -> str:
+    return publish_pause_image(work, registry)
+
+
+@pytest.fixture
+def node(work: Path, registry: Registry, pause: str, request: pytest.FixtureRequest
+         ) -> Iterator[Node]:
+    with running_node(work / f"n{request.node.name[-12:]}", pause, [registry.host]) as running:
+        yield running
+
+
+def _tail(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"({exc})"
+    return data[-LOG_TAIL_BYTES:].decode(errors="replace")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed:
+        return
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Node):
+            containerd = value.containerd
+            report.sections.append((f"containerd log ({report.when})", _tail(containerd.log)))
+            report.sections.append((f"lazyfs snapshotter log ({report.when})",
+                                    _tail(containerd.snapshotter.log)))
