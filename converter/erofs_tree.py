@@ -103,6 +103,9 @@ class _Reader:
 
     def entries(self, inode: Inode) -> Iterator[tuple[bytes, int]]:
         """(name, nid) of a directory's entries, "." and ".." left out."""
+        if inode.size > self.image.size:  # held in memory: only as much as the image has
+            raise ErofsError(f"directory inode {inode.nid}: {inode.size} bytes, more than the "
+                             f"{self.image.size}-byte image")
         data = b"".join(self.data(inode))
         block_size = self.sb.block_size
         for start in range(0, len(data), block_size):
