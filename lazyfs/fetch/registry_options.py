@@ -28,7 +28,9 @@ def parse_credentials(text: str, option: str = "--creds") -> Credentials:
 
 @dataclass(frozen=True)
 class RegistryOptions:
-    """How to reach registries. Without `credentials`, those of `docker login` are used.
+    """How to reach registries. Without `credentials`, those of `docker login` are used, or
+    of `credentials_file` (a Docker config.json) when given. `insecure`: plain HTTP to every
+    registry and mirror named by host; else to those in `plain_http` (`host[:port]`) only.
     `timeout_s` bounds each phase of a request; `deadline_s`, when given, all that resolving
     an image asks a registry (index, manifest, config, tokens, mirrors), retries included."""
 
@@ -36,18 +38,35 @@ class RegistryOptions:
     insecure: bool = False
     mirrors: tuple[str, ...] = ()
     timeout_s: float = 30.0
+    plain_http: tuple[str, ...] = ()
+    credentials_file: str | None = None
     deadline_s: float | None = None
 
     def client(self, registry: str, *, mirrors: bool = True) -> RegistryClient:
         """A client for `registry` (use `async with`); with `mirrors=False` it talks to the
         registry alone (as a push must). Raises DockerConfigError for an unreadable Docker
         config, ValueError for a malformed registry or mirror name."""
-        credentials = self.credentials or load_docker_credentials(registry)
+        credentials = self.credentials or load_docker_credentials(registry,
+                                                                  self.credentials_file)
         return RegistryClient(
-            registry,
+            self.url_of(registry),
             credentials=credentials,
-            insecure=self.insecure,
-            mirrors=self.mirrors if mirrors else (),
+            insecure=self.allows_plain_http,
+            mirrors=tuple(map(self.url_of, self.mirrors)) if mirrors else (),
             timeout=self.timeout_s,
             deadline_s=self.deadline_s,
         )
+
+    @property
+    def allows_plain_http(self) -> bool:
+        """The `insecure` argument of a RegistryClient for a name `url_of` gives."""
+        return self.insecure or bool(self.plain_http)
+
+    def url_of(self, name: str) -> str:
+        """A registry or mirror name (`host[:port]` or a URL) as a RegistryClient given
+        `allows_plain_http` takes it: with `plain_http` hosts, every host as a URL, http://
+        for those, https:// for the others; else `name` itself."""
+        if not self.plain_http or self.insecure or "://" in name:
+            return name
+        plain = name.lower() in (host.lower() for host in self.plain_http)
+        return f"{'http' if plain else 'https'}://{name}"

@@ -300,7 +300,8 @@ async def _blob_location(
     for mirror in options.mirrors:
         try:
             async with RegistryClient(
-                mirror, insecure=options.insecure, timeout=options.timeout_s, retries=0,
+                options.url_of(mirror), insecure=options.allows_plain_http,
+                timeout=options.timeout_s, retries=0,
                 deadline_s=options.deadline_s,
             ) as client:
                 if deadline is not None:
