@@ -118,9 +118,15 @@ def cache_directory_of(args: argparse.Namespace) -> str | None:
     read from it. Raises UserError for one that another user could change."""
     if args.no_disk_cache:
         return None
+    return prepare_cache_directory(
+        os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir())
+
+
+def prepare_cache_directory(directory: str) -> str:
+    """`directory`, created if missing and made private, for a disk cache. Raises UserError
+    for one that another user could change."""
     from lazyfs.cache.trust import prepare_directory, untrusted_message
 
-    directory = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_dir()
     try:
         unsafe = prepare_directory(directory)
     except OSError as exc:

@@ -12,9 +12,17 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 def parse_size(text: str, option: str = "size") -> int:
     """Bytes from `4194304`, `64K`, `4M`, `1G` (binary units). Raises UserError."""
+    size = size_of(text)
+    if size is None:
+        raise UserError(f"{option} {text!r}: not a size; expected e.g. 65536, 64K or 4M")
+    return size
+
+
+def size_of(text: str) -> int | None:
+    """Bytes from `4194304`, `64K`, `4M`, `1G` (binary units); None if `text` is no size."""
     found = _SIZE.match(text)
     if found is None:
-        raise UserError(f"{option} {text!r}: not a size; expected e.g. 65536, 64K or 4M")
+        return None
     return int(found.group(1)) * _UNITS[found.group(2).lower()]
 
 

@@ -1,28 +1,50 @@
 """`lazyfs snapshotter`: serve containerd's snapshots API as a proxy plugin, and
-`lazyfs snapshotter-stats`: what its remote layers fetched."""
+`lazyfs snapshotter-stats`: what its remote layers fetched.
+
+The snapshotter's settings come from its configuration file (`snapshotter_config.py`, where
+each key names the option that overrides it) and from these options, which win.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import socket
 import sys
+from dataclasses import replace
+from typing import Any
 
 from lazyfs.cli import UserError
-from lazyfs.cli._image_service import add_image_service_arguments, image_service_of
+from lazyfs.cli._image_service import add_image_service_arguments
 from lazyfs.cli._images import (
     add_disk_cache_arguments,
     add_registry_arguments,
-    cache_size_of,
-    disk_cache_of,
-    registry_options,
+    prepare_cache_directory,
 )
+from lazyfs.cli.snapshotter_config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_ROOT,
+    KEYS,
+    SCHEMA,
+    ConfigError,
+    Setting,
+    config_path,
+    image_service_config,
+    merge,
+    read_document,
+    settings_of_document,
+    settings_of_flags,
+    snapshotter_config,
+)
+from lazyfs.cri.image_service import ImageService
+from lazyfs.fetch.registry_options import parse_credentials
 from lazyfs.fuse.operations import STATS_FILE_NAME
 from lazyfs.snapshotter.daemon import SnapshotterConfig, run_snapshotter
 from lazyfs.snapshotter.layers import FUSE_DIR
-from lazyfs.snapshotter.remount import RemountPolicy
 
-DEFAULT_ROOT = "/var/lib/lazyfs-snapshotter"
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,37 +57,45 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the CRI plugin's labels) are mounted lazily and verified; every other layer is an "
         "ordinary overlayfs snapshot. Runs in the foreground until SIGTERM.",
     )
-    parser.add_argument("--address", required=True, metavar="SOCKET", help="unix socket path")
     parser.add_argument(
-        "--root", default=DEFAULT_ROOT, metavar="DIR",
-        help=f"snapshots, layer mounts and the metadata database (default {DEFAULT_ROOT})",
+        "--config", metavar="FILE",
+        help=f"read the settings from this TOML file (default {DEFAULT_CONFIG_PATH}, when it "
+        "exists); the options below override its keys",
     )
+    parser.add_argument("--address", metavar="SOCKET", help=_help("snapshotter.address"))
+    parser.add_argument("--root", metavar="DIR", help=_help("snapshotter.root"))
+    parser.add_argument("--cache-size", metavar="SIZE", help=_help("cache.size"))
+    parser.add_argument("--metrics-address", metavar="HOST:PORT",
+                        help=_help("metrics.address"))
     parser.add_argument(
-        "--cache-size", default="256M", metavar="SIZE",
-        help="decoded chunk cache shared by all layers (default 256M)",
+        "--remount-retries", metavar="N",
+        help=_help("timeouts.remount_retries", "; a call that needs the layer retries it too"),
     )
-    parser.add_argument(
-        "--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics there",
-    )
-    parser.add_argument(
-        "--remount-retries", type=int, default=RemountPolicy.attempts, metavar="N",
-        help="how often a layer that cannot be mounted again at start-up (its registry down) "
-        f"is retried in the background (default {RemountPolicy.attempts}); a call that "
-        "needs it retries it too",
-    )
-    parser.add_argument(
-        "--remount-max-delay", type=float, default=RemountPolicy.max_delay_s,
-        metavar="SECONDS", help="longest wait between two of those retries, which start a "
-        f"second apart and double (default {RemountPolicy.max_delay_s:.0f})",
-    )
+    parser.add_argument("--remount-max-delay", metavar="SECONDS",
+                        help=_help("timeouts.remount_max_delay"))
     parser.add_argument(
         "--no-prefetch", action="store_true",
         help="do not replay the prefetch lists layers carry in their annotations (by "
         "default each is fetched in the background once its layer is mounted, reads first)",
     )
+    reads = parser.add_argument_group("reads and their limits")
+    reads.add_argument("--read-timeout", metavar="SECONDS", help=_help("timeouts.read_timeout"))
+    reads.add_argument("--low-speed-limit", metavar="RATE",
+                       help=_help("timeouts.low_speed_limit"))
+    reads.add_argument("--low-speed-time", metavar="SECONDS",
+                       help=_help("timeouts.low_speed_time"))
+    reads.add_argument("--connections-per-layer", metavar="N",
+                       help=_help("limits.connections_per_layer"))
+    reads.add_argument("--fetches-per-layer", metavar="N", help=_help("limits.fetches_per_layer"))
+    reads.add_argument("--decode-threads", metavar="N", help=_help("limits.decode_threads"))
     add_disk_cache_arguments(parser)
     add_registry_arguments(parser)
     add_image_service_arguments(parser)
+    registries = parser.add_argument_group("more on registries")
+    registries.add_argument("--plain-http", action="append", default=[], metavar="HOST",
+                            help=_help("registry.plain_http", "; repeatable"))
+    registries.add_argument("--credentials-file", metavar="FILE",
+                            help=_help("registry.credentials_file"))
     parser.set_defaults(func=cmd_snapshotter)
 
     stats = subparsers.add_parser(
@@ -76,21 +106,55 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     stats.set_defaults(func=cmd_stats)
 
 
-def _metrics_address(text: str | None) -> tuple[str, int] | None:
-    if text is None:
-        return None
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--metrics-address {text}: expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def _help(key_id: str, more: str = "") -> str:
+    """An option's help: what its key of the configuration file means, and the default."""
+    key = KEYS[key_id]
+    return f"{key.help}{more} (default {key.default}; the file's {key.label})"
 
 
-def _remount_policy(retries: int, max_delay_s: float) -> RemountPolicy:
+def flags_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of the command line that override a key, by key id, as parsed (texts,
+    a list of texts for a repeatable option, True for an `--no-...` one)."""
+    given = {}
+    for key in SCHEMA:
+        value = getattr(args, key.option.removeprefix("--").replace("-", "_"))
+        if value not in (None, False, []):
+            given[key.id] = value
+    return given
+
+
+def settings_of(args: argparse.Namespace, default_path: str = DEFAULT_CONFIG_PATH
+                ) -> dict[str, Setting]:
+    """The settings of the configuration file, those of the options in their place. Raises
+    UserError (ConfigError naming the file and key, or the option)."""
+    path = config_path(args.config, default_path)
+    from_file = {} if path is None else settings_of_document(read_document(path), path)
+    settings = merge(from_file, settings_of_flags(flags_given(args)))
+    _check_readable(settings.get("registry.credentials_file"))
+    return settings
+
+
+def config_of(args: argparse.Namespace, default_path: str = DEFAULT_CONFIG_PATH,
+              settings: dict[str, Setting] | None = None) -> SnapshotterConfig:
+    """The snapshotter's configuration (of `settings`, else `settings_of(args)`), with
+    --creds and --insecure-registry, which have no key. Raises UserError."""
+    if settings is None:
+        settings = settings_of(args, default_path)
+    credentials = None if args.creds is None else parse_credentials(args.creds)
+    return snapshotter_config(settings, credentials=credentials,
+                              insecure=args.insecure_registry)
+
+
+def _check_readable(setting: Setting | None) -> None:
+    """A file the settings name can be read, now: not at the first pull that needs it."""
+    if setting is None:
+        return
     try:
-        return RemountPolicy(attempts=retries, max_delay_s=max_delay_s)
-    except ValueError:
-        raise UserError(f"--remount-retries {retries} --remount-max-delay {max_delay_s}: "
-                        "expected retries >= 0 and a delay > 0") from None
+        with open(setting.value, "rb"):
+            pass
+    except OSError as exc:
+        shown = f" {setting.value}" if setting.from_file else ""
+        raise ConfigError(f"{setting.where}:{shown}: {exc.strerror}") from None
 
 
 def cmd_snapshotter(args: argparse.Namespace) -> int:
@@ -98,24 +162,35 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         raise UserError("lazyfs snapshotter needs root: it mounts FUSE and EROFS file systems")
     if args.platform is not None:
         raise UserError("--platform: the snapshotter mounts the platform containerd pulled")
-    config = SnapshotterConfig(
-        address=os.path.abspath(args.address),
-        root=os.path.abspath(args.root),
-        registry=registry_options(args),
-        cache_size_bytes=cache_size_of(args),
-        metrics_address=_metrics_address(args.metrics_address),
-        remount=_remount_policy(args.remount_retries, args.remount_max_delay),
-        disk_cache=disk_cache_of(args),
-        prefetch=not args.no_prefetch,
-    )
-
-    config, services = image_service_of(args, config)
+    settings = settings_of(args)
+    config = config_of(args, settings=settings)
+    if config.disk_cache is not None:
+        directory = prepare_cache_directory(config.disk_cache.directory)
+        config = replace(config, disk_cache=replace(config.disk_cache, directory=directory))
+    image_service = image_service_config(settings)
+    services = () if image_service is None else (ImageService(image_service, config.registry),)
 
     def on_ready() -> None:
         print(f"lazyfs: snapshotter ready on {config.address}", file=sys.stderr, flush=True)
+        notify_systemd(b"READY=1")
 
     run_snapshotter(config, on_ready, services)
     return 0
+
+
+def notify_systemd(message: bytes) -> None:
+    """Tell the service manager `message` (`READY=1`: a unit of Type=notify is started, and
+    the units ordered after it, containerd, may start), when it asks ($NOTIFY_SOCKET)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(message, address)
+    except OSError as exc:
+        log.warning("cannot tell systemd %s at %s: %s", message.decode(), address, exc.strerror)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -26,10 +26,12 @@ from prometheus_client import CollectorRegistry
 
 from lazyfs.cache.disk import DiskCache, DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
+from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
+from lazyfs.image.tuning import ImageTuning
 from lazyfs.mount import kernel as kernel_mount
 from lazyfs.snapshotter.content_check import ContentChecker
-from lazyfs.snapshotter.layers import LayerHost
+from lazyfs.snapshotter.layers import LayerHost, LayerLimits
 from lazyfs.snapshotter.metrics import LayerMetrics, serve_metrics
 from lazyfs.snapshotter.remote import RemoteLayerService
 from lazyfs.snapshotter.remount import Remounter, RemountPolicy
@@ -47,6 +49,10 @@ STOP_GRACE_S = 5.0
 
 @dataclass(frozen=True)
 class SnapshotterConfig:
+    """What `lazyfs snapshotter` serves, and how. `tuning` is how every remote layer reads
+    (its `parallel_fetches` is `limits.parallel_fetches`), `low_speed` applies to every
+    fetch."""
+
     address: str  # the unix socket containerd connects to
     root: str
     registry: RegistryOptions = field(default_factory=RegistryOptions)
@@ -55,6 +61,9 @@ class SnapshotterConfig:
     remount: RemountPolicy = field(default_factory=RemountPolicy)
     disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
     prefetch: bool = True  # replay the prefetch lists layers carry
+    tuning: ImageTuning = field(default_factory=ImageTuning)
+    low_speed: SpeedLimit = field(default_factory=SpeedLimit)
+    limits: LayerLimits = field(default_factory=LayerLimits)
 
 
 class SideService(Protocol):
@@ -102,7 +111,9 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
                 registry = CollectorRegistry()
                 metrics = LayerMetrics(registry)
                 host = LayerHost(root, config.registry, config.cache_size_bytes, nursery,
-                                 metrics, disk, prefetch=config.prefetch)
+                                 metrics, disk, prefetch=config.prefetch,
+                                 tuning=config.tuning, low_speed=config.low_speed,
+                                 limits=config.limits)
                 await recover_mounts(root, host.fuse_dir, host.layers_dir)
                 os.makedirs(host.fuse_dir, mode=0o700, exist_ok=True)
                 os.makedirs(host.layers_dir, mode=0o700, exist_ok=True)

@@ -25,6 +25,7 @@ import trio
 
 from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
+from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_DIGEST,
@@ -56,6 +57,23 @@ FUSE_DIR = "fuse"
 NAME_HEX = 24
 HTTP_CONNECTIONS_PER_LAYER = 8
 PARALLEL_FETCHES_PER_LAYER = 4
+
+
+@dataclass(frozen=True)
+class LayerLimits:
+    """How much the remote layers do at once: per layer, `http_connections` to its source
+    and `parallel_fetches` requests in flight (no more than connections); for all of them,
+    `decode_threads` that decompress and hash (None: one per CPU, at least 2)."""
+
+    http_connections: int = HTTP_CONNECTIONS_PER_LAYER
+    parallel_fetches: int = PARALLEL_FETCHES_PER_LAYER
+    decode_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if (not 1 <= self.parallel_fetches <= self.http_connections
+                or (self.decode_threads is not None and self.decode_threads < 1)):
+            raise ValueError("layer limits: need 1 <= parallel_fetches <= http_connections "
+                             "and decode_threads >= 1")
 
 
 def layer_name(digest: str) -> str:
@@ -133,13 +151,21 @@ class MountedLayer:
 
 
 class LayerHost:
-    """The FUSE file system and the EROFS mounts of remote layers (trio thread only)."""
+    """The FUSE file system and the EROFS mounts of remote layers (trio thread only). Every
+    layer reads with `tuning` (its parallel fetches those of `limits`), every fetch gives up
+    below `low_speed`."""
 
     def __init__(self, root: str, options: RegistryOptions, cache_size_bytes: int,
                  nursery: trio.Nursery, metrics: LayerMetrics | None = None,
-                 disk: DiskCache | None = None, prefetch: bool = True) -> None:
+                 disk: DiskCache | None = None, prefetch: bool = True, *,
+                 tuning: ImageTuning | None = None, low_speed: SpeedLimit | None = None,
+                 limits: LayerLimits | None = None) -> None:
         self.root = root
         self.prefetch = prefetch
+        self.limits = limits or LayerLimits()
+        self.tuning = replace(tuning or ImageTuning(),
+                              parallel_fetches=self.limits.parallel_fetches)
+        self.low_speed = low_speed or SpeedLimit()
         self.metrics = metrics
         self.options = options
         self.nursery = nursery
@@ -147,7 +173,8 @@ class LayerHost:
         self.layers_dir = os.path.join(root, LAYERS_DIR)
         self.cache = ChunkCache(cache_size_bytes)
         self.disk = disk
-        self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
+        self.cpu_limiter = trio.CapacityLimiter(
+            self.limits.decode_threads or max(2, os.cpu_count() or 1))
         self.ops = LayerOperations([], cache=self.cache)
         self.mounted: dict[str, MountedLayer] = {}
         self._attaching: dict[str, trio.Event] = {}
@@ -157,6 +184,10 @@ class LayerHost:
 
     def mountpoint(self, digest: str) -> str:
         return os.path.join(self.layers_dir, layer_name(digest))
+
+    def _limited(self, options: ReaderOptions) -> ReaderOptions:
+        return replace(options, max_connections=self.limits.http_connections,
+                       low_speed=self.low_speed)
 
     async def ensure(self, spec: LayerSpec) -> MountedLayer:
         """The layer mounted, attaching it unless it is (or is being) already. Raises what
@@ -193,13 +224,16 @@ class LayerHost:
         async with self.options.client(reference.registry) as client:
             source = (await layer_sources(reference, [spec.image_layer()], client,
                                           self.options))[0]
-        source = replace(source, reader_options=replace(
-            source.reader_options, max_connections=HTTP_CONNECTIONS_PER_LAYER))
+        source = replace(source, reader_options=self._limited(source.reader_options),
+                         alternates=tuple(replace(alternate,
+                                                  reader_options=self._limited(
+                                                      alternate.reader_options))
+                                          for alternate in source.alternates))
         if self.metrics is not None:
             self.metrics.digests[layer_name(spec.digest)] = spec.digest
         image = await open_layer(source, cache=self.cache, nursery=self.nursery,
                                  cpu_limiter=self.cpu_limiter, trace=self.metrics, disk=self.disk,
-                                 tuning=ImageTuning(parallel_fetches=PARALLEL_FETCHES_PER_LAYER))
+                                 tuning=self.tuning)
         mountpoint = self.mountpoint(spec.digest)
         added = False
         try:
