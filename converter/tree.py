@@ -2,7 +2,7 @@
 
 Three producers meet here: a directory on disk (`scan_directory`, used on an extracted tree,
 a mounted EROFS image or a lazyfs mount) and a tar layer (`scan_tar`, the tree the layer
-means once its whiteouts are in the overlayfs form, exactly as `extract_layer` writes it).
+means once its whiteouts are in the overlayfs form, as a converter writes it).
 `compare_trees` lists every difference in words.
 
 What is compared: type, permission bits (with setuid, setgid, sticky), numeric owner, file
@@ -10,11 +10,17 @@ size and SHA-256, symlink target, device numbers, xattrs and which paths are har
 one another. Not compared: timestamps (mkfs.erofs may clamp them and implicit directories
 get one chosen at extraction), directory sizes and link counts (filesystem details), and the
 xattr `security.selinux` (a label the host's policy puts on files, not part of the layer).
-The root directory is the entry "." and is compared like any other: its owner, mode and
-xattrs come from the layer's `./` entry, or are root:root 0755 without xattrs when the layer
-has none, as `extract_layer` makes them. A directory a whiteout was written into carries
-`trusted.overlay.origin` (empty), as `extract_layer` marks it. Symlinks always have mode 0777
-(Linux has no symlink modes); sizes are 0 for everything but regular files.
+Sizes are 0 for everything but regular files. The root directory is the entry "." and is
+compared like any other: its owner, mode and xattrs come from the layer's `./` entry. A
+directory a whiteout was written into carries `trusted.overlay.origin` (empty).
+
+Converters of tar layers agree on everything the tar says, and differ where it says nothing
+(a `TarConvention`): `lazyfs convert` (`extract_layer`, then mkfs.erofs from the directory)
+makes the root of a layer without a `./` entry root:root 0755, gives symlinks mode 0777
+(Linux has no symlink modes) and ignores aufs metadata (`.wh..wh.NAME`); containerd's
+converter, `mkfs.erofs --tar --aufs`, makes that root 0777, keeps a symlink's mode from its
+header, and turns aufs metadata into a whiteout of `.wh.NAME`. `scan_tar_each` describes the
+tree of every convention in one read of the layer.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posixpath
 import stat
+import tarfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +45,8 @@ from converter.tar_members import (
     ORIGIN_VALUE,
     ORIGIN_XATTR,
     ROOT,
+    WHITEOUT_PREFIX,
+    MemberPlan,
     ancestors,
     member_xattrs,
     parent_of,
@@ -46,9 +56,12 @@ from converter.tar_members import (
 
 IGNORED_XATTRS = frozenset({"security.selinux"})
 # "setid" alone skips only the setuid and setgid bits of files (which some extractors, like
-# `fsck.erofs --extract` of erofs-utils 1.5, lose); "mode" skips all permission bits.
+# `fsck.erofs --extract` of erofs-utils 1.5, lose); "symlink_mode" only the modes of symlinks
+# (which no copy on Linux keeps: an EROFS image stores one, an extracted symlink is 0777);
+# "mode" skips all permission bits.
 COMPARED_ASPECTS = frozenset(
-    {"mode", "setid", "owner", "size", "content", "link_target", "rdev", "xattrs", "hardlinks"}
+    {"mode", "setid", "symlink_mode", "owner", "size", "content", "link_target", "rdev",
+     "xattrs", "hardlinks"}
 )
 _SETID_BITS = 0o6000
 _KINDS = {
@@ -167,6 +180,27 @@ def _read_xattrs(full: str) -> dict[str, bytes]:
 # --- tar layers -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TarConvention:
+    """What a converter of tar layers makes where the tar says nothing.
+
+    `root_mode`: the root's mode when the layer has no `./` entry (root:root, no xattrs);
+    `symlink_mode`: every symlink's mode, or None for the mode in its header;
+    `aufs_metadata_whiteouts`: whether `DIR/.wh..wh.NAME` (other than the opaque marker)
+    becomes a whiteout of `DIR/.wh.NAME` (else it is ignored).
+    """
+
+    name: str
+    root_mode: int
+    symlink_mode: int | None
+    aufs_metadata_whiteouts: bool
+
+
+LAZYFS_CONVENTION = TarConvention("lazyfs convert", IMPLICIT_DIR_MODE, 0o777, False)
+MKFS_EROFS_TAR_CONVENTION = TarConvention("mkfs.erofs --tar --aufs", 0o777, None, True)
+TAR_CONVENTIONS = (LAZYFS_CONVENTION, MKFS_EROFS_TAR_CONVENTION)
+
+
 @dataclass
 class _Inode:
     kind: str
@@ -180,51 +214,83 @@ class _Inode:
     xattrs: dict[str, bytes] = field(default_factory=dict)
 
 
-def scan_tar(stream: BinaryIO) -> dict[str, TreeEntry]:
-    """Describe the tree an uncompressed tar layer stands for, as `extract_layer` writes it.
+def scan_tar(stream: BinaryIO,
+             convention: TarConvention = LAZYFS_CONVENTION) -> dict[str, TreeEntry]:
+    """Describe the tree an uncompressed tar layer stands for, as a converter following
+    `convention` writes it (by default `lazyfs convert`, exactly as `extract_layer` does).
 
     Later entries replace earlier ones; hardlinks share one inode. Raises UnsafeTarError and
     ConvertError for the same entries that `extract_layer` refuses.
     """
-    tree: dict[str, _Inode] = {ROOT: _Inode("dir", IMPLICIT_DIR_MODE, 0, 0)}
+    return scan_tar_each(stream, (convention,))[convention]
+
+
+def scan_tar_each(stream: BinaryIO, conventions: Collection[TarConvention] = TAR_CONVENTIONS
+                  ) -> dict[TarConvention, dict[str, TreeEntry]]:
+    """The tree of the layer under each of `conventions`, from one read of `stream`. Raises
+    as `scan_tar`."""
+    models = [_TarModel(convention) for convention in conventions]
     for archive, member in iter_layer(stream):
         plan = plan_member(member)
-        op, path, name = plan.op, plan.path, member.name
+        content: tuple[int, str] | None = None
+        if plan.op == "file":
+            digest, size = hashlib.sha256(), 0
+            for piece in read_member(archive, member):
+                digest.update(piece)
+                size += len(piece)
+            content = (size, digest.hexdigest())
+        for model in models:
+            model.apply(member, plan, content)
+    return {model.convention: _entries_of(model.tree) for model in models}
+
+
+class _TarModel:
+    """One convention's tree of a layer, built member by member."""
+
+    def __init__(self, convention: TarConvention) -> None:
+        self.convention = convention
+        self.tree: dict[str, _Inode] = {ROOT: _Inode("dir", convention.root_mode, 0, 0)}
+
+    def apply(self, member: tarfile.TarInfo, plan: MemberPlan,
+              content: tuple[int, str] | None) -> None:
+        tree, op, path, name = self.tree, plan.op, plan.path, member.name
+        if op == "ignore" and self.convention.aufs_metadata_whiteouts:
+            hidden = posixpath.basename(path)[len(WHITEOUT_PREFIX):]
+            parent = parent_of(path)
+            op, path = "whiteout", hidden if parent == ROOT else f"{parent}/{hidden}"
         if op == "ignore":
-            continue
+            return
         if op == "opaque":
             _ensure_dir(tree, path, name)
             tree[path].xattrs[OPAQUE_XATTR] = OPAQUE_VALUE
-            continue
+            return
         if op == "hardlink":
             _link(tree, path, plan.link or "", name)
-            continue
+            return
         _ensure_parents(tree, path, name)
-        mode = 0o777 if op == "symlink" else stat.S_IMODE(member.mode)
+        mode = stat.S_IMODE(member.mode)
+        if op == "symlink" and self.convention.symlink_mode is not None:
+            mode = self.convention.symlink_mode
         xattrs = {k: v for k, v in member_xattrs(member).items() if xattr_allowed(k, op)}
         existing = tree.get(path)
         if op == "dir" and existing is not None and existing.kind == "dir":
             existing.mode, existing.uid, existing.gid = mode, member.uid, member.gid
             existing.xattrs.update(xattrs)
-            continue
+            return
         _remove(tree, path)
         if op == "whiteout":
             tree[path] = _Inode("chardev", 0, member.uid, member.gid, rdev=(0, 0))
             tree[parent_of(path)].xattrs[ORIGIN_XATTR] = ORIGIN_VALUE
-            continue
+            return
         inode = _Inode(op, mode, member.uid, member.gid, xattrs=xattrs)
         if op == "file":
-            digest = hashlib.sha256()
-            for piece in read_member(archive, member):
-                digest.update(piece)
-                inode.size += len(piece)
-            inode.sha256 = digest.hexdigest()
+            assert content is not None
+            inode.size, inode.sha256 = content
         elif op == "symlink":
             inode.link_target = plan.link
         elif op in ("chardev", "blockdev"):
             inode.rdev = (member.devmajor, member.devminor)
         tree[path] = inode
-    return _entries_of(tree)
 
 
 def _ensure_parents(tree: dict[str, _Inode], path: str, entry: str) -> None:
@@ -360,7 +426,8 @@ def compare_trees(
 def _differences(want: TreeEntry, got: TreeEntry, skip: frozenset[str]) -> list[str]:
     out: list[str] = []
     mask = ~_SETID_BITS if "setid" in skip and want.kind == "file" else ~0
-    if "mode" not in skip and want.mode & mask != got.mode & mask:
+    mode_skipped = "mode" in skip or ("symlink_mode" in skip and want.kind == "symlink")
+    if not mode_skipped and want.mode & mask != got.mode & mask:
         out.append(f"mode: expected {want.mode:04o}, found {got.mode:04o}")
     if "owner" not in skip and (want.uid, want.gid) != (got.uid, got.gid):
         out.append(f"owner: expected {want.uid}:{want.gid}, found {got.uid}:{got.gid}")
@@ -415,8 +482,13 @@ def _printable(path: str) -> str:
 __all__ = [
     "COMPARED_ASPECTS",
     "IGNORED_XATTRS",
+    "LAZYFS_CONVENTION",
+    "MKFS_EROFS_TAR_CONVENTION",
+    "TAR_CONVENTIONS",
+    "TarConvention",
     "TreeEntry",
     "compare_trees",
     "scan_directory",
     "scan_tar",
+    "scan_tar_each",
 ]

@@ -12,7 +12,12 @@
    compared with the source (`converter.tree`). The image is mounted read-only when root can
    mount EROFS, which shows everything; otherwise it is extracted with `fsck.erofs --extract`,
    which in erofs-utils 1.5 restores neither xattrs nor hardlinks (and owners only for root),
-   so those are not compared and the output says so.
+   nor can any extraction on Linux keep the mode an image stores for a symlink, so those are
+   not compared and the output says so. A tar layer is judged by the conventions of
+   whichever converter made the image, `lazyfs convert` or containerd's `mkfs.erofs --tar
+   --aufs` (`converter.tree.TAR_CONVENTIONS`: they differ only where the tar says nothing):
+   the image passes when it holds the tree one of them makes of the tar, and otherwise the
+   differences from the closest one are listed.
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ class _Outcome:
     def step(self, name: str, status: str) -> None:
         self.lines.append(f"  {name:<12} {status}")
 
-    def fail(self, name: str, problems: list[str]) -> None:
-        self.step(name, f"FAILED ({_count(len(problems), 'problem')})")
+    def fail(self, name: str, problems: list[str], detail: str = "") -> None:
+        self.step(name, f"FAILED ({_count(len(problems), 'problem')}{detail})")
         self.problems += [f"{name}: {problem}" for problem in problems]
 
 
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if verify_image.is_image(args):
         return verify_image.run(args)
     descriptor, descriptor_path = blob_descriptor(args.blob, args.descriptor)
-    expected = _expected_tree(args.against) if args.against is not None else None
+    expected = _expected_trees(args.against) if args.against is not None else None
     tool = _fsck_tool(args.fsck_erofs)
     outcome = _Outcome()
     with tempfile.TemporaryDirectory(prefix="lazyfs-verify-") as work_dir:
@@ -117,17 +122,20 @@ def run(args: argparse.Namespace) -> int:
     return 0 if not outcome.problems else 1
 
 
-def _expected_tree(src: Path) -> dict[str, TreeEntry]:
-    """The tree the image must hold, read before the long checks so a bad SRC fails fast."""
+def _expected_trees(src: Path) -> list[tuple[str | None, dict[str, TreeEntry]]]:
+    """The trees the image may hold, read before the long checks so a bad SRC fails fast: a
+    directory's (None, its tree), a tar layer's (converter, the tree it makes of the tar) for
+    each converter's conventions."""
     from converter.source import SourceKind, detect_source, open_tar_stream
-    from converter.tree import scan_directory, scan_tar
+    from converter.tree import scan_directory, scan_tar_each
 
     kind = detect_source(src)
     if kind is SourceKind.DIRECTORY:
-        return scan_directory(src)
+        return [(None, scan_directory(src))]
     if kind.is_tar:
         with open_tar_stream(src, kind) as stream:
-            return scan_tar(stream)
+            trees = scan_tar_each(stream)
+        return [(convention.name, tree) for convention, tree in trees.items()]
     raise UserError(f"--against {src}: is a {kind.value} source; give a directory or a tar "
                     "layer")
 
@@ -236,10 +244,11 @@ def _can_mount_erofs() -> bool:
         return False
 
 
-def _against(outcome: _Outcome, image: Path, work: Path, expected: dict[str, TreeEntry],
-             src: Path, tool: FsckTool | str) -> None:
+def _against(outcome: _Outcome, image: Path, work: Path,
+             expected: list[tuple[str | None, dict[str, TreeEntry]]], src: Path,
+             tool: FsckTool | str) -> None:
     """Compare the image's tree with the source's: from a read-only mount, else extracted."""
-    from converter.tree import compare_trees, scan_directory
+    from converter.tree import scan_directory
 
     if _can_mount_erofs():
         if _fsck(outcome, image, None, tool) is False:
@@ -253,7 +262,7 @@ def _against(outcome: _Outcome, image: Path, work: Path, expected: dict[str, Tre
                 actual = scan_directory(mount_point)
             finally:
                 _unmount(mount_point)
-            _compare(outcome, src, compare_trees(expected, actual), "mounted read-only", [])
+            _compare(outcome, src, expected, actual, "mounted read-only", [])
             return
         outcome.step("mount", f"failed, comparing an extracted copy: {_one_line(mounted)}")
     extract_to = work / "tree"
@@ -269,20 +278,32 @@ def _against(outcome: _Outcome, image: Path, work: Path, expected: dict[str, Tre
     if not extracted:
         return
     ignored = ["xattrs", "hardlinks"] + ([] if os.geteuid() == 0 else ["owner"])
+    ignored.append("symlink_mode")  # an extracted symlink is 0777, whatever the image says
     actual = scan_directory(extract_to)
-    _compare(outcome, src, compare_trees(expected, actual, ignore=ignored),
-             "extracted by fsck.erofs", ignored)
+    _compare(outcome, src, expected, actual, "extracted by fsck.erofs", ignored)
 
 
-def _compare(outcome: _Outcome, src: Path, differences: list[str], how: str,
-             ignored: list[str]) -> None:
+def _compare(outcome: _Outcome, src: Path,
+             expected: list[tuple[str | None, dict[str, TreeEntry]]],
+             actual: dict[str, TreeEntry], how: str, ignored: list[str]) -> None:
+    """Pass when the image holds one of the expected trees; otherwise list the differences
+    from the closest (the first of those with fewest)."""
+    from converter.tree import compare_trees
+
+    compared = [(maker, compare_trees(tree, actual, ignore=ignored)) for maker, tree in expected]
+    maker, differences = min(compared, key=lambda result: len(result[1]))
     if differences:
-        outcome.fail("against", differences)
+        detail = f" from the tree {maker} makes of the tar" if maker else ""
+        if len(compared) > 1:
+            detail += ", the closest"
+        outcome.fail("against", differences, detail)
         return
+    made = f", as {maker} makes it of the tar" if maker else ""
     note = ""
     if ignored:
-        note = f"; not compared: {', '.join(ignored)} (erofs-utils 1.5 extraction drops them)"
-    outcome.step("against", f"{src}: the image holds the same tree ({how}){note}")
+        names = ", ".join(aspect.replace("_", " ") for aspect in ignored)
+        note = f"; not compared: {names} (erofs-utils 1.5 extraction drops them)"
+    outcome.step("against", f"{src}: the image holds the same tree{made} ({how}){note}")
 
 
 def _unmount(mount_point: Path) -> None:

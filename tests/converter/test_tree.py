@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from converter.errors import ConvertError
-from converter.tree import COMPARED_ASPECTS, TreeEntry, compare_trees, scan_directory, scan_tar
+from converter.tree import (
+    COMPARED_ASPECTS,
+    LAZYFS_CONVENTION,
+    MKFS_EROFS_TAR_CONVENTION,
+    TAR_CONVENTIONS,
+    TreeEntry,
+    compare_trees,
+    scan_directory,
+    scan_tar,
+    scan_tar_each,
+)
 from tests.converter import CAP_NET_RAW, LayerBuilder, rich_layer
 
 
@@ -80,6 +90,43 @@ def test_scan_tar_xattr_rules() -> None:
     )
     assert tree["s"].xattrs == {"trusted.kept": b"2"}  # Linux has no user.* on symlinks
     assert tree["f"].xattrs == {}  # SELinux labels belong to the host, not to the layer
+
+
+def test_scan_tar_each_convention() -> None:
+    """The converters agree on all the tar says and differ where it says nothing."""
+    builder = rich_layer().dir("d").file("d/.wh..wh.plnk")  # aufs metadata
+    builder.symlink("s", "t").members[-1][0].mode = 0o644  # as a header may give it
+    del builder.members[0]  # no ./ entry
+    layer = builder.tar()
+    trees = scan_tar_each(io.BytesIO(layer))
+    assert list(trees) == list(TAR_CONVENTIONS)
+    ours, containerds = trees[LAZYFS_CONVENTION], trees[MKFS_EROFS_TAR_CONVENTION]
+    assert ours == scan_tar(io.BytesIO(layer))
+    assert ours["."].mode == 0o755 and containerds["."].mode == 0o777  # no ./ entry
+    assert ours["s"].mode == 0o777 and containerds["s"].mode == 0o644
+    # mkfs.erofs --aufs takes `.wh..wh.plnk` for a whiteout of `.wh.plnk`; lazyfs ignores it.
+    assert "d/.wh.plnk" not in ours and ours["d"].xattrs == {}
+    assert containerds["d/.wh.plnk"] == TreeEntry("d/.wh.plnk", "chardev", 0, 0, 0, rdev=(0, 0))
+    assert containerds["d"].xattrs == {"trusted.overlay.origin": b""}
+    # rich_layer's own `.wh..wh.plnk`, in the root
+    assert containerds[".wh.plnk"].kind == "chardev" and ".wh.plnk" not in ours
+    assert containerds["."].xattrs == {"trusted.overlay.origin": b""} and ours["."].xattrs == {}
+    # Everything else is the same: symlinks of mode 0777 in the header, and all the rest.
+    assert containerds["bin/sh"] == ours["bin/sh"]
+    for path in ("d/.wh.plnk", ".wh.plnk", ".", "s", "d"):
+        ours.pop(path, None)
+        containerds.pop(path, None)
+    assert ours == containerds
+
+
+def test_symlink_modes_can_be_left_out_of_a_comparison() -> None:
+    link = TreeEntry("s", "symlink", 0o644, 0, 0, link_target="t")
+    extracted = replace(link, mode=0o777)
+    assert compare_trees(_tree(link), _tree(extracted)) == ["s: mode: expected 0644, found 0777"]
+    assert compare_trees(_tree(link), _tree(extracted), ignore=["symlink_mode"]) == []
+    directory = TreeEntry("d", "dir", 0o755, 0, 0)
+    assert compare_trees(_tree(directory), _tree(replace(directory, mode=0o700)),
+                         ignore=["symlink_mode"]) == ["d: mode: expected 0755, found 0700"]
 
 
 # --- scan_directory ---------------------------------------------------------------------------
