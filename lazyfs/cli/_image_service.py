@@ -7,8 +7,11 @@ them with the others."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from lazyfs.cri.image_service import CRI_NAMESPACE
+from lazyfs.cri.credentials import PullSecrets
+from lazyfs.cri.image_service import CRI_NAMESPACE, ImageService, ImageServiceConfig
+from lazyfs.snapshotter.daemon import SideService, SnapshotterConfig
 
 
 def add_image_service_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,3 +32,14 @@ def add_image_service_arguments(parser: argparse.ArgumentParser) -> None:
         help="the containerd namespace the CRI plugin keeps its images in (default "
         f"{CRI_NAMESPACE})",
     )
+
+
+def with_image_service(config: SnapshotterConfig, service: ImageServiceConfig | None
+                       ) -> tuple[SnapshotterConfig, tuple[SideService, ...]]:
+    """The snapshotter's configuration and the services beside it: with `service`, the image
+    service, and the snapshotter's registry clients asking the pull secrets it keeps first."""
+    if service is None:
+        return config, ()
+    secrets = PullSecrets()
+    registry = replace(config.registry, keychain=secrets)
+    return replace(config, registry=registry), (ImageService(service, config.registry, secrets),)

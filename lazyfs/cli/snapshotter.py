@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from lazyfs.cli import UserError
-from lazyfs.cli._image_service import add_image_service_arguments
+from lazyfs.cli._image_service import add_image_service_arguments, with_image_service
 from lazyfs.cli._images import (
     add_disk_cache_arguments,
     add_registry_arguments,
@@ -38,7 +38,6 @@ from lazyfs.cli.snapshotter_config import (
     settings_of_flags,
     snapshotter_config,
 )
-from lazyfs.cri.image_service import ImageService
 from lazyfs.fetch.registry_options import parse_credentials
 from lazyfs.fuse.operations import STATS_FILE_NAME
 from lazyfs.snapshotter.daemon import SnapshotterConfig, run_snapshotter
@@ -167,8 +166,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     if config.disk_cache is not None:
         directory = prepare_cache_directory(config.disk_cache.directory)
         config = replace(config, disk_cache=replace(config.disk_cache, directory=directory))
-    image_service = image_service_config(settings)
-    services = () if image_service is None else (ImageService(image_service, config.registry),)
+    config, services = with_image_service(config, image_service_config(settings))
 
     def on_ready() -> None:
         print(f"lazyfs: snapshotter ready on {config.address}", file=sys.stderr, flush=True)

@@ -17,6 +17,12 @@ seekable EROFS, one that is not an image lazyfs reads (another manifest format, 
 platform) and one whose registry lazyfs cannot reach go to containerd, which may know more
 (its own mirrors and TLS settings); an answer of the registry (an unknown image, credentials
 refused) is answered here, naming the image and the cause.
+
+The pod's pull secret (PullImage's AuthConfig) resolves the image here, and is then kept in
+memory for the lazy fetches of its layers (`credentials.PullSecrets`, the snapshotter's
+keychain); a pull without one resolves with the snapshotter's own credentials (`--creds`,
+`docker login`'s), never with another pod's secret. containerd gets the secret with the
+request bytes when it pulls the image itself.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -36,6 +42,7 @@ import trio
 from lazyfs.containerd import rpc
 from lazyfs.containerd.client import ContainerdError
 from lazyfs.cri.api import api_pb2 as cri
+from lazyfs.cri.credentials import AuthConfigError, PullSecrets, credentials_of
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry import (
     NotFoundError,
@@ -73,9 +80,11 @@ class ImageServiceConfig:
 class ImageService:
     """The gRPC server of the image service; `start` and `stop` from any thread."""
 
-    def __init__(self, config: ImageServiceConfig, registry: RegistryOptions) -> None:
+    def __init__(self, config: ImageServiceConfig, registry: RegistryOptions,
+                 secrets: PullSecrets | None = None) -> None:
         self.config = config
         self.registry = registry
+        self.secrets = secrets  # where pull secrets are kept for the snapshotter
         self._server: grpc.Server | None = None
         self._containerd: grpc.Channel | None = None
         self._pulling: dict[str, threading.Lock] = {}
@@ -131,12 +140,20 @@ class ImageService:
         if not reference:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PullImage: no image given")
         try:
-            parse_reference(reference)
+            parsed = parse_reference(reference)
         except ValueError:
             return self.forward("PullImage", request, context)  # containerd says what is wrong
+        try:
+            credentials = (credentials_of(message.auth, parsed.registry)
+                           if message.HasField("auth") else None)
+        except AuthConfigError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f'failed to pull image "{reference}": {exc}')
+        options = replace(self.registry, keychain=None,
+                          credentials=credentials or self.registry.credentials)
         with self._lock_for(reference):
             try:
-                fetched = trio.run(fetch_image, reference, self.registry, host_platform())
+                fetched = trio.run(fetch_image, reference, options, host_platform())
             except _CONTAINERD_DECIDES as exc:
                 log.info("%s: not pulled lazily (%s); containerd pulls it", reference, exc)
                 return self.forward("PullImage", request, context)
@@ -145,14 +162,17 @@ class ImageService:
                             reference, exc)
                 return self.forward("PullImage", request, context)
             except LazyfsError as exc:
-                context.abort(_code(exc), f'failed to pull image "{reference}" lazily: {exc}')
+                context.abort(_code(exc), f'failed to pull image "{reference}": {exc}')
+            if credentials is not None and self.secrets is not None:
+                # Before containerd asks the snapshotter for the layers, which reads them.
+                self.secrets.remember(parsed.registry, parsed.repository, credentials)
             try:
                 result = put_into_containerd(fetched, reference,
                                              self.config.containerd_address,
                                              self.config.namespace, cri=True)
                 self._wait_listed(result)
             except LazyfsError as exc:
-                context.abort(_code(exc), f'failed to pull image "{reference}" lazily: {exc}')
+                context.abort(_code(exc), f'failed to pull image "{reference}": {exc}')
         log.info("%s: pulled lazily as %s (%d layers)", reference, result.image_id,
                  len(result.chain_ids))
         return cri.PullImageResponse(image_ref=result.image_id).SerializeToString()

@@ -27,7 +27,7 @@ import trio
 from lazyfs.fetch import registry_push
 from lazyfs.fetch.body import BodyTooLargeError, read_capped
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.registry_auth import Credentials, RegistryAuth
+from lazyfs.fetch.registry_auth import CredentialLookup, Credentials, RegistryAuth
 from lazyfs.fetch.registry_session import (
     CHUNK_BYTES,
     DigestMismatchError,
@@ -112,7 +112,8 @@ class RegistryClient:
     seconds, small requests `3 * timeout` in all; with `deadline_s`, all the small requests
     (manifests, configs, HEADs, and the tokens they need) together, retries included, end
     within that many seconds of the first (or by the time `end_by` sets), else fail with
-    RegistryTimeoutError. Use `async with` or call `aclose()`.
+    RegistryTimeoutError. With `credential_lookup`, the registry's credentials are looked up
+    for every request (`RegistryAuth`). Use `async with` or call `aclose()`.
     """
 
     def __init__(
@@ -127,13 +128,15 @@ class RegistryClient:
         retries: int = 3,
         backoff_s: float = 0.5,
         deadline_s: float | None = None,
+        credential_lookup: CredentialLookup | None = None,
     ) -> None:
         if (timeout <= 0 or retries < 0 or backoff_s < 0
                 or (deadline_s is not None and deadline_s <= 0)):
             raise ValueError("need timeout > 0, retries >= 0, backoff_s >= 0 and deadline_s > 0")
         if isinstance(credentials, tuple):
             credentials = Credentials(*credentials)
-        self._origin = make_source(registry, insecure, "registry", credentials, retries)
+        self._origin = make_source(registry, insecure, "registry", credentials, retries,
+                                   credential_lookup)
         self._mirrors = tuple(make_source(m, insecure, "mirror", None, 0) for m in mirrors)
         self.name = self._origin.name
         self._session = RegistrySession(transport=transport, timeout=timeout, backoff_s=backoff_s,

@@ -2,10 +2,13 @@
 
 A registry answers an unauthenticated request with 401 and a `WWW-Authenticate` challenge:
 `Basic realm=...` (answer with user and password) or `Bearer realm=..,service=..,scope=..`
-(get a token from the realm, with the user's basic credentials if any, then retry). Tokens are
-cached per scope until they expire. Credentials and tokens are only ever attached to requests
-for the registry's own origin (scheme, host and port), so whoever sends requests with this auth
-(a range reader following a redirect to object storage, say) cannot leak them elsewhere.
+(get a token from the realm, with the user's basic credentials if any, then retry; with an
+identity token, an OAuth2 refresh token, the token is asked for in a POST that carries it).
+Tokens are cached per scope until they expire. A registry token is a bearer token given
+ready-made: it is sent with every request, and nothing else is tried. Credentials and tokens
+are only ever attached to requests for the registry's own origin (scheme, host and port), so
+whoever sends requests with this auth (a range reader following a redirect to object storage,
+say) cannot leak them elsewhere.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lazyfs.format.reference import DOCKER_HUB, normalize_registry
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_LIFETIME_S = 60.0
+OAUTH_CLIENT_ID = "lazyfs"
 # Refresh a little early so a token does not expire between the check and its use.
 _EXPIRY_MARGIN_S = 5.0
 _MAX_CACHED_TOKENS = 64
@@ -59,10 +63,30 @@ class DockerConfigError(LazyfsError, ValueError):
 
 @dataclass(frozen=True)
 class Credentials:
-    """A user name and password (or personal access token) for one registry."""
+    """A user name and password (or personal access token) for one registry; or, as kubelet
+    may pass a pod's pull secret, an `identity_token` (an OAuth2 refresh token, exchanged at
+    the registry's token server) or a `registry_token` (a bearer token sent as it is), with
+    no password. Secrets never show in a repr."""
 
     username: str
     password: str = field(repr=False)
+    identity_token: str | None = field(default=None, repr=False)
+    registry_token: str | None = field(default=None, repr=False)
+
+    @property
+    def who(self) -> str:
+        """Whose credentials these are, for messages (never a secret)."""
+        if self.registry_token:
+            return "a registry token"
+        if self.identity_token:
+            return f"the identity token of user {self.username!r}" if self.username else (
+                "an identity token")
+        return f"user {self.username!r}"
+
+    @property
+    def has_password(self) -> bool:
+        """Whether these answer a Basic challenge (and authenticate a token request so)."""
+        return bool(self.username) and not (self.identity_token or self.registry_token)
 
     def basic_header(self) -> str:
         userpass = f"{self.username}:{self.password}".encode()
@@ -143,6 +167,16 @@ def _entry_credentials(entry: dict[str, Any], where: str) -> Credentials | None:
 
 
 @dataclass(frozen=True)
+class CredentialLookup:
+    """Credentials looked up for every request, where they may come and go while a client
+    lives (a pull secret kept in memory, `lazyfs.cri`): `lookup` returns the current ones,
+    or None; `advice` is what to tell when the registry wants some and there are none."""
+
+    lookup: Callable[[], Credentials | None]
+    advice: str
+
+
+@dataclass(frozen=True)
 class Challenge:
     """One parsed `WWW-Authenticate` challenge; `scheme` is lower case."""
 
@@ -204,8 +238,11 @@ class RegistryAuth(httpx.Auth):
     """httpx.Auth for one registry origin: anonymous, basic or bearer, as the registry asks.
 
     `origin` is the registry's base URL (`https://host[:port]`). `clock` (seconds, monotonic)
-    decides token expiry. Safe to share between clients: a range reader may use the same
-    instance as the registry client, and both profit from its token cache.
+    decides token expiry. With `lookup`, its credentials, when it has some, stand in for
+    `credentials`, asked anew for every request (tokens obtained with others are dropped),
+    and a request the registry refuses without any fails with its advice. Safe to share
+    between clients: a range reader may use the same instance as the registry client, and
+    both profit from its token cache.
     """
 
     def __init__(
@@ -214,12 +251,15 @@ class RegistryAuth(httpx.Auth):
         credentials: Credentials | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        lookup: CredentialLookup | None = None,
     ) -> None:
         self._origin_url = httpx.URL(origin)
         if self._origin_url.scheme not in ("http", "https") or not self._origin_url.host:
             raise ValueError(f"registry origin {origin!r}: expected http(s)://host[:port]")
         self._origin = _origin(self._origin_url)
         self.credentials = credentials
+        self._fixed = credentials
+        self._lookup = lookup
         self._clock = clock
         self._tokens: dict[str, _Token] = {}
         # Realm and service of the last Bearer challenge: lets an expired or missing token be
@@ -270,6 +310,11 @@ class RegistryAuth(httpx.Auth):
         if not self.is_origin(request.url):
             yield request, False
             return
+        self._look_up()
+        if self.credentials is not None and self.credentials.registry_token:
+            request.headers["Authorization"] = f"Bearer {self.credentials.registry_token}"
+            yield request, False
+            return
         scope = request_scope(request)
         fresh_scopes: tuple[str, ...] | None = None
         header = self._cached_header(scope)
@@ -290,7 +335,10 @@ class RegistryAuth(httpx.Auth):
         if challenge is None:
             return
         if challenge.scheme == "basic":
-            if self.credentials is None or header == self.credentials.basic_header():
+            if self.credentials is None:
+                self._refuse_without_credentials(request)
+            if (self.credentials is None or not self.credentials.has_password
+                    or header == self.credentials.basic_header()):
                 return
             self._basic = True
             request.headers["Authorization"] = self.credentials.basic_header()
@@ -301,6 +349,8 @@ class RegistryAuth(httpx.Auth):
                 raise RegistryAuthError(self.origin, "Bearer challenge without a realm")
             scopes = challenge.scopes or (tuple(scope.split()) if scope else ())
             if fresh_scopes is not None and set(scopes) <= set(fresh_scopes):
+                if self.credentials is None:
+                    self._refuse_without_credentials(request)
                 return  # a token obtained just now for this very scope was refused
             service = challenge.params.get("service")
             self._bearer = (realm, service)
@@ -308,8 +358,25 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = f"Bearer {token}"
             yield request, False
 
+    def _look_up(self) -> None:
+        """Take the credentials the lookup has now; forget what was obtained with others."""
+        if self._lookup is None:
+            return
+        current = self._lookup.lookup() or self._fixed
+        if current != self.credentials:
+            self.credentials = current
+            self._tokens.clear()
+            self._basic = False
+
+    def _refuse_without_credentials(self, request: httpx.Request) -> None:
+        """With a lookup that has none, a refusal is that advice. Raises RegistryAuthError."""
+        if self._lookup is not None:
+            raise RegistryAuthError(
+                self.origin, f"{request.url.path}: refused without credentials (HTTP 401): "
+                f"{self._lookup.advice}", status=401)
+
     def _cached_header(self, scope: str | None) -> str | None:
-        if self._basic and self.credentials is not None:
+        if self._basic and self.credentials is not None and self.credentials.has_password:
             return self.credentials.basic_header()
         token = self._tokens.get(scope or "")
         if token is None or self._clock() >= token.expires_at:
@@ -330,23 +397,29 @@ class RegistryAuth(httpx.Auth):
                 f"token realm {realm} is plain http for an https registry; "
                 "refusing to send credentials",
             )
-        params: list[tuple[str, str]] = [("service", service)] if service else []
-        params += [("scope", scope) for scope in scopes]
-        headers = {}
-        if self.credentials is not None:
-            params.append(("account", self.credentials.username))
-            headers["Authorization"] = self.credentials.basic_header()
         self.token_requests += 1
-        url = realm_url.copy_merge_params(httpx.QueryParams(tuple(params)))
-        token_request = httpx.Request("GET", url, headers=headers)
+        if self.credentials is not None and self.credentials.identity_token:
+            token_request = _refresh_token_request(realm_url, service, scopes,
+                                                   self.credentials.identity_token)
+        else:
+            params: list[tuple[str, str]] = [("service", service)] if service else []
+            params += [("scope", scope) for scope in scopes]
+            headers = {}
+            if self.credentials is not None and self.credentials.has_password:
+                params.append(("account", self.credentials.username))
+                headers["Authorization"] = self.credentials.basic_header()
+            url = realm_url.copy_merge_params(httpx.QueryParams(tuple(params)))
+            token_request = httpx.Request("GET", url, headers=headers)
         response = yield token_request, True
-        who = f"user {self.credentials.username!r}" if self.credentials else "anonymous access"
+        who = self.credentials.who if self.credentials else "anonymous access"
         where = f"token server {realm_url.copy_with(query=None)}"
         if response.status_code in (401, 403):
+            advice = ("check the credentials" if self.credentials is not None
+                      or self._lookup is None else self._lookup.advice)
             raise RegistryAuthError(
                 self.origin,
                 f"{where} refused {who} for {' '.join(scopes) or 'the registry'} "
-                f"(HTTP {response.status_code}); check the credentials",
+                f"(HTTP {response.status_code}); {advice}",
                 status=response.status_code,
             )
         if response.status_code != 200:
@@ -364,6 +437,17 @@ class RegistryAuth(httpx.Auth):
         while len(self._tokens) > _MAX_CACHED_TOKENS:
             self._tokens.pop(next(iter(self._tokens)))
         return token
+
+
+def _refresh_token_request(realm: httpx.URL, service: str | None, scopes: tuple[str, ...],
+                           refresh_token: str) -> httpx.Request:
+    """The OAuth2 request that exchanges an identity token (a refresh token) for an access
+    token, as the distribution spec's token servers take it: a form POSTed to the realm."""
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token,
+            "client_id": OAUTH_CLIENT_ID, "scope": " ".join(scopes)}
+    if service:
+        form["service"] = service
+    return httpx.Request("POST", realm, data=form)
 
 
 def _parse_token_response(response: httpx.Response, origin: str, where: str) -> tuple[str, float]:

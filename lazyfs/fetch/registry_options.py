@@ -1,16 +1,19 @@
 """How to reach registries: the knobs a user gives once for pulls, pushes and lazy mounts.
 
 `RegistryOptions` makes a `RegistryClient` per registry; `parse_credentials` reads the
-`USER:PASSWORD` of a `--creds` option.
+`USER:PASSWORD` of a `--creds` option. A `Keychain` holds credentials learned while running
+(the pull secrets kubelet passes the CRI image service, `lazyfs.cri`), per repository.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry import RegistryClient
-from lazyfs.fetch.registry_auth import Credentials, load_docker_credentials
+from lazyfs.fetch.registry_auth import CredentialLookup, Credentials, load_docker_credentials
 
 
 class CredentialsError(LazyfsError):
@@ -24,6 +27,16 @@ def parse_credentials(text: str, option: str = "--creds") -> Credentials:
     if not sep or not user:
         raise CredentialsError(f"{option}: expected USER:PASSWORD")
     return Credentials(user, password)
+
+
+class Keychain(Protocol):
+    """Credentials learned at run time, by registry and repository (any thread), and what
+    to do when a registry wants some the keychain does not have (`advice`)."""
+
+    @property
+    def advice(self) -> str: ...
+
+    def credentials(self, registry: str, repository: str) -> Credentials | None: ...
 
 
 @dataclass(frozen=True)
@@ -41,13 +54,22 @@ class RegistryOptions:
     plain_http: tuple[str, ...] = ()
     credentials_file: str | None = None
     deadline_s: float | None = None
+    # Asked first, at every request, by a client of one repository.
+    keychain: Keychain | None = None
 
-    def client(self, registry: str, *, mirrors: bool = True) -> RegistryClient:
+    def client(self, registry: str, *, mirrors: bool = True, repository: str | None = None
+               ) -> RegistryClient:
         """A client for `registry` (use `async with`); with `mirrors=False` it talks to the
-        registry alone (as a push must). Raises DockerConfigError for an unreadable Docker
+        registry alone (as a push must); with `repository`, the keychain's credentials for it
+        come first, whenever it has some. Raises DockerConfigError for an unreadable Docker
         config, ValueError for a malformed registry or mirror name."""
         credentials = self.credentials or load_docker_credentials(registry,
                                                                   self.credentials_file)
+        lookup = None
+        if repository is not None and self.keychain is not None:
+            lookup = CredentialLookup(
+                functools.partial(self.keychain.credentials, registry, repository),
+                self.keychain.advice)
         return RegistryClient(
             self.url_of(registry),
             credentials=credentials,
@@ -55,6 +77,7 @@ class RegistryOptions:
             mirrors=tuple(map(self.url_of, self.mirrors)) if mirrors else (),
             timeout=self.timeout_s,
             deadline_s=self.deadline_s,
+            credential_lookup=lookup,
         )
 
     @property

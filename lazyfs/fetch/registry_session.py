@@ -29,7 +29,12 @@ import trio
 from lazyfs import __version__
 from lazyfs.fetch.base import backoff_delay_s
 from lazyfs.fetch.errors import FetchError
-from lazyfs.fetch.registry_auth import Credentials, RegistryAuth, RegistryAuthError
+from lazyfs.fetch.registry_auth import (
+    CredentialLookup,
+    Credentials,
+    RegistryAuth,
+    RegistryAuthError,
+)
 from lazyfs.fetch.tls import LazyCAContext, tls_context
 from lazyfs.format.oci import digest_of
 from lazyfs.format.reference import (
@@ -157,11 +162,12 @@ def _base_url(name: str, insecure: bool, role: str) -> tuple[str, httpx.URL]:
 
 
 def make_source(
-    name: str, insecure: bool, role: str, credentials: Credentials | None, retries: int
+    name: str, insecure: bool, role: str, credentials: Credentials | None, retries: int,
+    lookup: CredentialLookup | None = None,
 ) -> Source:
     """The Source for `name` (`host[:port]` or an http(s) URL); ValueError if unusable."""
     display, base = _base_url(name, insecure, role)
-    return Source(display, base, RegistryAuth(str(base), credentials), retries)
+    return Source(display, base, RegistryAuth(str(base), credentials, lookup=lookup), retries)
 
 
 def blob_path(repository: str, digest: str) -> tuple[str, str]:
@@ -367,7 +373,7 @@ class RegistrySession:
         if status in (401, 403):
             credentials = source.auth.credentials
             hint = (
-                f"the credentials of user {credentials.username!r} were refused"
+                f"the credentials of {credentials.who} were refused"
                 if credentials is not None
                 else "no credentials given (docker login, or pass credentials)"
             )

@@ -12,9 +12,11 @@ COMMAND_TIMEOUT_S; its thread ends when the FUSE file system under it goes away.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +155,50 @@ def _stderr(result: subprocess.CompletedProcess[bytes]) -> str:
     return text or f"exit status {result.returncode}"
 
 
+def loop_backing_file(device: str) -> str | None:
+    """The backing file of loop device `device` (from sysfs), or None if it has none."""
+    try:
+        name = Path(f"/sys/block/{os.path.basename(device)}/loop/backing_file").read_text()
+    except OSError:
+        return None
+    return name.rstrip("\n").removesuffix(" (deleted)")
+
+
+def device_in_use(device: str) -> bool:
+    """True if a file system (a mount, or a superblock an overlay still holds after the
+    mount went) has block device `device` open: an exclusive open then fails."""
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    return False
+
+
+# A program of its own: a FUSE file of this process must never be open in it, since a
+# program forked meanwhile (mount(8), losetup(8)) would close it before its exec, and wait
+# for its FLUSH on this very event loop, blocked in that fork (and unkillable at exit).
+_CHANGE_LOOP_FD = """
+import fcntl, os, sys
+device, image_file = sys.argv[1:]
+try:
+    fcntl.ioctl(os.open(device, os.O_RDONLY), 0x4C06, os.open(image_file, os.O_RDONLY))
+except OSError as exc:
+    sys.exit(f"LOOP_CHANGE_FD: {exc.strerror}")
+"""
+
+
+async def change_loop_file(device: str, image_file: str) -> None:
+    """Make read-only loop device `device` read `image_file` instead of its backing file,
+    under whatever is mounted on it (the kernel allows it when the device is read-only and
+    both files have the same size). Raises MountError with the kernel's reason."""
+    result = await _run([sys.executable, "-I", "-S", "-c", _CHANGE_LOOP_FD, device,
+                         image_file])
+    if result.returncode != 0:
+        reason = _stderr(result)
+        raise MountError(f"cannot switch {device} to {image_file}: {reason}", reason)
+    log.info("switched %s to %s", device, image_file)
+
+
 async def attach_loop(image_file: str) -> str:
     """Attach `image_file` to a free read-only loop device. Returns the device path."""
     result = await _run(["losetup", "--find", "--show", "--read-only", image_file])
@@ -235,6 +281,15 @@ async def mount_erofs_via_loop(
         )
     log.info("mounted %s at %s (EROFS on %s)", image_file, mountpoint, device)
     return device
+
+
+async def mount_erofs_device(device: str, mountpoint: str) -> None:
+    """Mount block device `device` read-only as EROFS at `mountpoint` (a superblock already
+    reading it is shared). Raises MountError."""
+    result = await _run(["mount", "-t", "erofs", "-o", "ro", device, mountpoint])
+    if result.returncode != 0:
+        raise MountError(f"cannot mount {device} as EROFS at {mountpoint}: {_stderr(result)}")
+    log.info("mounted %s at %s (EROFS)", device, mountpoint)
 
 
 async def mount_erofs(

@@ -1,11 +1,15 @@
 """The `lazyfs snapshotter` process: recovery, the FUSE loop and layer mounts on the trio
 thread, the gRPC server on a thread pool, and an orderly teardown on SIGTERM/SIGINT.
 
-Start-up: take down what a previous run left mounted under ROOT (it died with its FUSE
-loop), open the database, mount the FUSE file system, re-attach every committed remote
-snapshot's layer (one that fails is retried in the background, and by the calls that need
-it: `remount.py`), remove orphan directories, and only then listen on the socket.
-Teardown: stop taking calls, stop the retries, unmount every layer, stop FUSE.
+Start-up: open the database, take down what a previous run left mounted under ROOT (it died
+with its FUSE loop) but for the layer mounts of committed snapshots, which running containers
+may be reading (`adopt.py`), mount the FUSE file system, re-attach every committed remote
+snapshot's layer, taking over its left mount (one that fails is retried in the background,
+and by the calls that need it: `remount.py`), remove orphan directories, and only then
+listen on the socket.
+Teardown: stop taking calls, stop the retries, unmount every layer no container uses, stop
+FUSE. A layer a running container uses stays mounted, and so does the (then dead) FUSE
+mount, as after SIGKILL: the next start takes it over, and the container reads again.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.image.tuning import ImageTuning
-from lazyfs.mount import kernel as kernel_mount
+from lazyfs.snapshotter.adopt import recover_mounts
 from lazyfs.snapshotter.content_check import ContentChecker
-from lazyfs.snapshotter.layers import LayerHost, LayerLimits
+from lazyfs.snapshotter.layers import LayerHost, LayerLimits, layer_name
 from lazyfs.snapshotter.metrics import LayerMetrics, serve_metrics
 from lazyfs.snapshotter.remote import RemoteLayerService
 from lazyfs.snapshotter.remount import Remounter, RemountPolicy
@@ -82,18 +86,6 @@ def run_snapshotter(config: SnapshotterConfig, on_ready: Callable[[], None],
     trio.run(_main, config, on_ready, services)
 
 
-async def recover_mounts(root: str, fuse_dir: str, layers_dir: str) -> None:
-    """Take down what a dead snapshotter left: EROFS mounts of its layers (lazily: a running
-    container may still hold one), their loop devices, and its FUSE mount."""
-    for mount in kernel_mount.mounts_at_or_below(layers_dir):
-        log.info("%s: left mounted by a previous run; detaching it", mount.mountpoint)
-        await kernel_mount.unmount(mount.mountpoint, attempts=1, lazy_fallback=True)
-    for device in kernel_mount.loops_backed_by(fuse_dir):
-        await kernel_mount.detach_loop(device)
-    if kernel_mount.is_mountpoint(fuse_dir):
-        await kernel_mount.fuse_unmount_lazy(fuse_dir)
-
-
 async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
                 services: Sequence[SideService] = ()) -> None:
     root = os.path.abspath(config.root)
@@ -102,6 +94,7 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
     server: grpc.Server | None = None
     started: list[SideService] = []
     fuse_mounted = False
+    layers_kept = 0
     disk = None
     try:
         if config.disk_cache is not None:
@@ -114,7 +107,8 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
                                  metrics, disk, prefetch=config.prefetch,
                                  tuning=config.tuning, low_speed=config.low_speed,
                                  limits=config.limits)
-                await recover_mounts(root, host.fuse_dir, host.layers_dir)
+                wanted = {layer_name(layer.digest) for layer in store.layers()}
+                host.left = await recover_mounts(host.fuse_dir, host.layers_dir, wanted)
                 os.makedirs(host.fuse_dir, mode=0o700, exist_ok=True)
                 os.makedirs(host.layers_dir, mode=0o700, exist_ok=True)
                 options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions",
@@ -153,12 +147,14 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
                             await trio.to_thread.run_sync(
                                 lambda: stopping.stop(STOP_GRACE_S).wait())
                         remounter.cancel()
-                        await host.detach_all()
+                        layers_kept = await host.detach_all(keep_busy=True)
                         pyfuse3.terminate()
                     nursery.cancel_scope.cancel()
     finally:
         if fuse_mounted:
-            pyfuse3.close(unmount=True)
+            # The next start finds the layers it takes over by their files below the FUSE
+            # mount: it stays, dead, while one is kept.
+            pyfuse3.close(unmount=layers_kept == 0)
         if disk is not None:
             await disk.aclose()
         store.close()

@@ -1,15 +1,19 @@
 """Remote layers of the snapshotter: one FUSE file system (ROOT/fuse) serving one verified
 block file per layer, added and removed at run time, and a kernel EROFS mount of each at
-ROOT/layers/NAME. All layers share one chunk cache, one decode-thread limiter and the
-daemon's nursery for background fetches; and the disk cache with every other process of the
-machine, so that a restart or a layer mounted again reads what was read before.
+ROOT/layers/NAME, through a read-only loop device (not file-backed: a snapshotter started
+after this one died can switch a loop device to its own block file under the mounts of
+running containers, `adopt.py`). All layers share one chunk cache, one decode-thread
+limiter and the daemon's nursery for background fetches; and the disk cache with every other
+process of the machine, so that a restart or a layer mounted again reads what was read
+before.
 
 Runs on the trio thread. gRPC handler threads come in through `RemoteLayerService`
 (`trio.from_thread.run`). Per layer digest there is at most one attach in flight: concurrent
 Prepares of one layer wait for the first and share its mount (single flight).
 
-Protocol of a layer: `attach` (open, authenticate, add the block file, mount EROFS; undone
-in reverse if a step fails) → mounted → `detach` (unmount EROFS, remove the file, close).
+Protocol of a layer: `attach` (open, authenticate, add the block file, mount EROFS or take
+over the mount a dead snapshotter left; undone in reverse if a step fails) → mounted →
+`detach` (unmount EROFS, detach the loop device, remove the file, close).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from lazyfs.image.remote_image import RemoteImage
 from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import kernel as kernel_mount
 from lazyfs.mount.state import ErofsMountRecord
+from lazyfs.snapshotter.adopt import LeftLayer, take_down
 from lazyfs.snapshotter.metrics import LayerMetrics
 
 log = logging.getLogger(__name__)
@@ -179,6 +184,9 @@ class LayerHost:
         self.mounted: dict[str, MountedLayer] = {}
         self._attaching: dict[str, trio.Event] = {}
         self._errors: dict[str, BaseException] = {}
+        # Loop devices a stopped snapshotter left, by layer name, until their layers are
+        # served again.
+        self.left: dict[str, LeftLayer] = {}
         # Told of every layer once it is mounted (the content check measures it).
         self.on_attached: Callable[[MountedLayer], None] | None = None
 
@@ -245,9 +253,12 @@ class LayerHost:
                 image.replaying_list = True  # its list is replayed once it is mounted
             self.ops.add_image(image)
             added = True
-            os.makedirs(mountpoint, mode=0o755, exist_ok=True)
-            erofs = await kernel_mount.mount_erofs(os.path.join(self.fuse_dir, image.name),
-                                                   mountpoint)
+            block_file = os.path.join(self.fuse_dir, image.name)
+            erofs = await self._take_over(image.name, block_file, mountpoint)
+            if erofs is None:
+                os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+                device = await kernel_mount.mount_erofs_via_loop(block_file, mountpoint)
+                erofs = ErofsMountRecord(block_file, mountpoint, device)
         except BaseException:
             with trio.CancelScope(shield=True):
                 if added:
@@ -260,6 +271,29 @@ class LayerHost:
                  mountpoint, image.size, image.metadata.table.chunk_count)
         return MountedLayer(spec, image, mountpoint, erofs,
                             self._start_prefetch(image, source.prefetch))
+
+    async def _take_over(self, name: str, block_file: str, mountpoint: str
+                         ) -> ErofsMountRecord | None:
+        """Layer `name`'s loop device a stopped snapshotter left, switched to `block_file`
+        and mounted at `mountpoint` (if its mount went); None if there is none or it cannot
+        be taken over (then it is taken down, and the caller mounts the layer afresh)."""
+        left = self.left.pop(name, None)
+        if left is None:
+            return None
+        try:
+            await kernel_mount.change_loop_file(left.device, block_file)
+            if left.mountpoint is None:
+                os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+                await kernel_mount.mount_erofs_device(left.device, mountpoint)
+        except kernel_mount.MountError as exc:
+            log.warning("layer %s: cannot take over %s: %s; mounting it afresh", name,
+                        left.device, exc)
+            with trio.CancelScope(shield=True):
+                await take_down(left)
+            return None
+        log.info("layer %s: took over %s, mounted at %s (it now reads %s)", name,
+                 left.device, mountpoint, block_file)
+        return ErofsMountRecord(block_file, mountpoint, left.device)
 
     def _start_prefetch(self, image: RemoteImage,
                         carried: LayerPrefetch | None) -> trio.CancelScope | None:
@@ -283,11 +317,18 @@ class LayerHost:
         log.info("layer %s: prefetching %d chunks its image lists", image.name, len(plans[0]))
         return scope
 
-    async def detach(self, digest: str) -> None:
-        """Unmount a layer (lazily if busy) and stop serving its file; absent is fine."""
+    async def detach(self, digest: str, *, keep_busy: bool = False) -> bool:
+        """Unmount a layer (lazily if busy) and stop serving its file; absent is fine. With
+        `keep_busy`, a loop device a superblock still reads (a running container's) is left
+        for the next snapshotter to take over. Returns whether it was left."""
         layer = self.mounted.pop(digest, None)
         if layer is None:
-            return
+            left = self.left.pop(layer_name(digest), None)
+            if left is not None:  # never served again: nothing can read through it
+                with trio.CancelScope(shield=True):
+                    await take_down(left)
+            return False
+        kept = False
         # No read may wait on a stalled server while the layer goes: end its fetches first.
         if layer.background is not None:
             layer.background.cancel()
@@ -295,8 +336,13 @@ class LayerHost:
         with trio.CancelScope(shield=True):
             try:
                 await kernel_mount.unmount(layer.mountpoint, lazy_fallback=True)
-                if layer.erofs.loop_device is not None:
-                    await kernel_mount.detach_loop(layer.erofs.loop_device)
+                device = layer.erofs.loop_device
+                # Overlays keep private clones of their lower mounts: the unmount succeeds
+                # under a running container, whose superblock still holds the device.
+                if device is not None and keep_busy and kernel_mount.device_in_use(device):
+                    kept = True
+                elif device is not None:
+                    await kernel_mount.detach_loop(device)
             except kernel_mount.MountError as exc:
                 log.error("%s", exc)
             self.ops.remove_image(layer.image.name)
@@ -305,11 +351,21 @@ class LayerHost:
             await layer.image.aclose()
             with contextlib.suppress(OSError):
                 os.rmdir(layer.mountpoint)
-        log.info("layer %s unmounted", digest)
+        if kept:
+            log.warning("layer %s is in use: %s is left for the next start to take over "
+                        "(reads through it fail until then)", digest, layer.erofs.loop_device)
+        else:
+            log.info("layer %s unmounted", digest)
+        return kept
 
-    async def detach_all(self) -> None:
+    async def detach_all(self, *, keep_busy: bool = False) -> int:
+        """Detach every layer (see `detach`); returns how many were left mounted."""
+        kept = 0
         for digest in list(self.mounted):
-            await self.detach(digest)
+            kept += await self.detach(digest, keep_busy=keep_busy)
+        for name in list(self.left):  # never served again
+            kept += await take_down(self.left.pop(name), keep_busy=keep_busy)
+        return kept
 
     def stats(self) -> dict[str, Any]:
         """Per layer (by digest) what it fetched, hit and verified."""

@@ -79,7 +79,7 @@ async def fetch_image(reference_text: str, options: RegistryOptions, platform: P
     """Resolve the image (every layer must be seekable EROFS with digests) and fetch its
     index, manifest and config. Raises LazyfsError subclasses."""
     reference = parse_reference(reference_text)
-    async with options.client(reference.registry) as client:
+    async with options.client(reference.registry, repository=reference.repository) as client:
         resolved = await resolve_image(client, reference, platform, insecure=True)
         for number, layer in enumerate(resolved.layers, start=1):
             reason = untrusted_reason(layer.annotations)

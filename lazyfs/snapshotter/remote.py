@@ -249,7 +249,8 @@ class RemoteLayerService:
                 return self._resolved[pinned]
             reference = parse_reference(pinned)
             try:
-                async with self.options.client(reference.registry) as client:
+                async with self.options.client(reference.registry,
+                                               repository=reference.repository) as client:
                     # Every layer is resolved; the one asked for is refused when no digest
                     # authenticates it (LayerHost), not the image for any other's sake.
                     found: ResolvedImage | UnconvertedLayerError = await resolve_image(

@@ -1,10 +1,12 @@
 """Fixtures of the CRI tests: a registry with the app image (gzip and converted) and a pause
-image for the package, a fresh node (containerd with its CRI plugin, the snapshotter and
-its image service) per test. When a test that ran a node fails, the tails of containerd's
-log and the snapshotter's go into the report."""
+image, and a private one (htpasswd) with the busybox image, for the package; a fresh node
+(containerd with its CRI plugin, the snapshotter and its image service) per test. When a
+test that ran a node fails, the tails of containerd's log and the snapshotter's go into the
+report."""
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.cri import Node, publish_pause_image, running_node
-from tests.support.registry import Registry, running_registry
-from tests.support.registry_images import PublishedImage
+from tests.support.registry import Registry, htpasswd_auth, running_registry
+from tests.support.registry_images import PublishedImage, publish
 from tests.support.snapshotter_images import publish_app_image
 
 LOG_TAIL_BYTES = 12_000
+PULL_USER = "puller"
+PULL_PASSWORD = f"pull-secret-{secrets.token_hex(8)}"  # found nowhere it must not be
 
 
 @pytest.fixture(scope="package")
@@ -42,10 +46,25 @@ def pause(work: Path, registry: Registry) -> str:
     return publish_pause_image(work, registry)
 
 
+@pytest.fixture(scope="package")
+def private(work: Path) -> Iterator[Registry]:
+    auth = htpasswd_auth(work / "private-auth", {PULL_USER: PULL_PASSWORD})
+    with running_registry(work / "private", auth) as server:
+        yield server
+
+
+@pytest.fixture(scope="package")
+def private_image(work: Path, private: Registry) -> PublishedImage:
+    """`test/private:v1` (gzip) and `:v1-erofs` in the private registry."""
+    return publish(work / "private-images", private.host, repository="test/private",
+                   creds=f"{PULL_USER}:{PULL_PASSWORD}")
+
+
 @pytest.fixture
-def node(work: Path, registry: Registry, pause: str, request: pytest.FixtureRequest
-         ) -> Iterator[Node]:
-    with running_node(work / f"n{request.node.name[-12:]}", pause, [registry.host]) as running:
+def node(work: Path, registry: Registry, private: Registry, pause: str,
+         request: pytest.FixtureRequest) -> Iterator[Node]:
+    with running_node(work / f"n{request.node.name[-12:]}", pause,
+                      [registry.host, private.host]) as running:
         yield running
 
 

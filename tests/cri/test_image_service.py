@@ -5,18 +5,25 @@ pull fails on its layers) and its containers start from the lazily mounted layer
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
+import os
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from lazyfs.cri.api import api_pb2 as cri
 from lazyfs.format.descriptor import parse_annotations
 from lazyfs.format.layout import parse_metadata
 from lazyfs.format.open_plan import metadata_pieces
+from tests.cri.conftest import PULL_PASSWORD, PULL_USER
 from tests.support.containerd import Containerd
-from tests.support.cri import Node, log_lines
+from tests.support.cri import Node, log_lines, running_node
 from tests.support.forged_images import blob_file
 from tests.support.lazyfs_cli import wait_until
 from tests.support.registry import Registry
@@ -119,3 +126,129 @@ def test_a_converted_image_is_pulled_lazily_and_its_pod_runs(
 def on_demand_bytes(containerd: Containerd, checked: int) -> int:
     """What the snapshotter's layers fetched but for their content checks (done)."""
     return sum(s["bytes_fetched"] for s in layer_stats(containerd).values()) - checked
+
+
+SECRET = cri.AuthConfig(username=PULL_USER, password=PULL_PASSWORD)
+NEEDS_CREDENTIALS = "the image needs credentials: pull the image again"
+
+
+def containerd_state(containerd: Containerd) -> dict[str, list[str]]:
+    """What containerd's CRI namespace holds: images, content, snapshots of ours, leases;
+    and the snapshotter's remote layers."""
+    def listing(*args: str) -> list[str]:
+        return sorted(containerd.ctr(*args, namespace=CRI_NAMESPACE).stdout.split())
+
+    return {
+        "images": listing("images", "ls", "-q"),
+        "content": listing("content", "ls", "-q"),
+        "snapshots": listing("snapshots", "--snapshotter", "lazyfs", "ls"),
+        "leases": listing("leases", "ls", "-q"),
+        "layers": sorted(remote_layers(containerd)),
+    }
+
+
+def refused(node: Node, reference: str, auth: cri.AuthConfig | None) -> grpc.RpcError:
+    """The error of a PullImage that must fail and leave nothing behind."""
+    before = containerd_state(node.containerd)
+    with pytest.raises(grpc.RpcError) as caught:
+        node.cri.pull(reference, auth)
+    assert containerd_state(node.containerd) == before
+    assert node.cri.status(reference) is None
+    error = caught.value
+    assert isinstance(error, grpc.Call)
+    assert f'failed to pull image "{reference}"' in str(error.details())
+    return error
+
+
+def assert_secret_nowhere(node: Node, disk_cache: Path) -> None:
+    """The pull secret is in no log and no file of the snapshotter or its disk cache."""
+    assert PULL_PASSWORD not in node.containerd.snapshotter.log.read_text()
+    root = node.containerd.snapshotter.root
+    for directory in (root, disk_cache):
+        for path, dirs, files in os.walk(directory):
+            if Path(path) == root:  # not the images' files: the layers and snapshots
+                dirs[:] = [d for d in dirs if d not in ("fuse", "layers", "snapshots")]
+            for name in files:
+                file = Path(path) / name
+                if stat.S_ISREG(file.lstat().st_mode):
+                    assert PULL_PASSWORD.encode() not in file.read_bytes(), file
+
+
+def test_a_private_image_is_pulled_with_the_pods_pull_secret(
+    node: Node, private_image: PublishedImage, tmp_path: Path, private_disk_cache: Path
+) -> None:
+    """A pull without the pod's secret, or with a wrong one, is refused, names the image and
+    the cause, and leaves nothing; with it, the image is pulled lazily and the secret serves
+    its layers' lazy fetches; an ordinary image of that registry goes to containerd with it."""
+    error = refused(node, private_image.converted, None)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "authentication required (HTTP 401" in str(error.details())
+    wrong = cri.AuthConfig(username=PULL_USER, password="not-the-secret")
+    error = refused(node, private_image.converted, wrong)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert f"the credentials of user '{PULL_USER}' were refused" in str(error.details())
+    assert "not-the-secret" not in str(error.details())
+
+    image_ref = node.cri.pull(private_image.converted, SECRET)
+    assert len(remote_layers(node.containerd)) == 2
+    check_shown(run_in_pod(node, image_ref, tmp_path / "lazy", "private"))
+
+    encoded = base64.b64encode(f"{PULL_USER}:{PULL_PASSWORD}".encode()).decode()
+    ordinary = node.cri.pull(private_image.original, cri.AuthConfig(auth=encoded))
+    status = node.cri.status(private_image.original)
+    assert status is not None and status.id == ordinary != image_ref
+    assert len(remote_layers(node.containerd)) == 2  # unpacked by containerd, not lazily
+    check_shown(run_in_pod(node, ordinary, tmp_path / "ordinary", "ordinary"))
+    assert_secret_nowhere(node, private_disk_cache)
+
+
+def test_after_a_restart_a_private_image_needs_its_pull_secret_again(
+    node: Node, private_image: PublishedImage, tmp_path: Path, private_disk_cache: Path
+) -> None:
+    """The snapshotter keeps pull secrets in memory only: restarted, it cannot mount the
+    layers of a private image again, and a container of it fails saying what to do, until
+    the image is pulled again with the secret."""
+    image_ref = node.cri.pull(private_image.converted, SECRET)
+    check_shown(run_in_pod(node, image_ref, tmp_path / "before", "before"))
+    snapshotter = node.containerd.snapshotter
+    # No disk cache: opening a layer asks its registry (from the cache it would not).
+    snapshotter.extra = [*snapshotter.extra, "--no-disk-cache"]
+    snapshotter.restart()
+    wait_until(lambda: node.containerd.ctr("snapshots", "--snapshotter", "lazyfs", "ls",
+                                           check=False, namespace=CRI_NAMESPACE).returncode == 0,
+               "containerd reconnecting")
+    wait_until(lambda: NEEDS_CREDENTIALS in snapshotter.log.read_text(),
+               "the layers' remount to fail")
+    assert layer_stats(node.containerd) == {}
+
+    sandbox = node.cri.sandbox_config("after", tmp_path / "after")
+    sandbox_id = node.cri.run_pod(sandbox)
+    with pytest.raises(grpc.RpcError) as caught:
+        node.cri.run_container(sandbox_id, sandbox, "show", image_ref, SHOW)
+    assert isinstance(caught.value, grpc.Call)
+    details = str(caught.value.details())
+    assert NEEDS_CREDENTIALS in details and "refused without credentials (HTTP 401)" in details
+
+    assert node.cri.pull(private_image.converted, SECRET) == image_ref
+    container_id = node.cri.run_container(sandbox_id, sandbox, "show2", image_ref, SHOW)
+    status = node.cri.wait_exited(container_id)
+    assert (status.exit_code, status.reason) == (0, "Completed"), status
+    check_shown(log_lines(tmp_path / "after" / "show2.log"))
+    assert_secret_nowhere(node, private_disk_cache)
+
+
+def test_credentials_of_a_docker_config_keep_working(
+    work: Path, registry: Registry, private: Registry, pause: str,
+    private_image: PublishedImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose snapshotter has `docker login`'s credentials pulls a private image
+    lazily without a pull secret, and its containers read the layers with them."""
+    config = tmp_path / "docker"
+    config.mkdir()
+    encoded = base64.b64encode(f"{PULL_USER}:{PULL_PASSWORD}".encode()).decode()
+    (config / "config.json").write_text(json.dumps({"auths": {private.host: {"auth": encoded}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    with running_node(work / "ndocker", pause, [registry.host, private.host]) as node:
+        image_ref = node.cri.pull(private_image.converted)
+        assert len(remote_layers(node.containerd)) == 2
+        check_shown(run_in_pod(node, image_ref, tmp_path / "pod", "docker"))

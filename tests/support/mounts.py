@@ -113,6 +113,10 @@ def cleanup(
     """Unmount, detach, then kill: what is mounted goes first so killed daemons leave no
     dead FUSE mounts behind that would hang the next test."""
     mountpoints, backing_prefixes = list(mountpoints), list(backing_prefixes)
+    # Loop devices first (those still mounted go with their last unmount): once a FUSE mount
+    # under a prefix is detached, its files no longer show below it.
+    for prefix in backing_prefixes:
+        detach_loops(prefix)
     for mountpoint in mountpoints:
         force_unmount(mountpoint)
     for prefix in backing_prefixes:

@@ -241,7 +241,9 @@ def _b64url(data: bytes) -> str:
 
 
 class TokenServer:
-    """Issues registry tokens for `users` (password check), or anonymous pull if allowed."""
+    """Issues registry tokens for `users` (password check), or anonymous pull if allowed;
+    also for the OAuth2 refresh tokens (identity tokens) in `refresh_tokens` (token ->
+    account), POSTed as the distribution spec's OAuth2 form."""
 
     ISSUER = "lazyfs-test-issuer"
     SERVICE = "lazyfs-test-registry"
@@ -252,6 +254,7 @@ class TokenServer:
         self.anonymous_pull = anonymous_pull
         self.expires_in = 300
         self.requests: list[dict[str, Any]] = []
+        self.refresh_tokens: dict[str, str] = {}
         self.bundle = root / "token-roots.pem"
         self._lock = threading.Lock()
         self._generation = 0
@@ -332,6 +335,21 @@ class TokenServer:
                 server.requests.append({"scopes": scopes, "account": account, "ok": True})
                 token = server.issue(account, scopes)
                 body = {"token": token, "access_token": token, "expires_in": server.expires_in}
+                self.reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                scopes = form.get("scope", [""])[0].split()
+                refresh = form.get("refresh_token", [""])[0]
+                account = server.refresh_tokens.get(refresh)
+                record = {"scopes": scopes, "account": account, "grant": form.get("grant_type"),
+                          "client_id": form.get("client_id"), "ok": account is not None}
+                server.requests.append(record)
+                if form.get("grant_type") != ["refresh_token"] or account is None:
+                    return self.reply(401, b'{"error":"invalid_grant"}')
+                token = server.issue(account, scopes)
+                body = {"access_token": token, "expires_in": server.expires_in}
                 self.reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
         return Handler
