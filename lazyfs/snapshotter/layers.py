@@ -229,7 +229,8 @@ class LayerHost:
         if reason is not None:
             raise UntrustedLayerError(reason)
         reference = parse_reference(spec.reference)
-        async with self.options.client(reference.registry) as client:
+        async with self.options.client(reference.registry,
+                                       repository=reference.repository) as client:
             source = (await layer_sources(reference, [spec.image_layer()], client,
                                           self.options))[0]
         source = replace(source, reader_options=self._limited(source.reader_options),
