@@ -19,15 +19,19 @@ where it has them; the report also says, a line each, what was checked.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
+from converter.errors import ConvertError
+from converter.fsck import FsckTool, find_fsck_erofs
 from converter.image.sources import ImageSource
 from converter.tree import compare_trees
-from lazyfs.audit.documents import ImageDocuments, PlatformImage, load_documents
+from lazyfs.audit.documents import ImageDocuments, load_documents
 from lazyfs.audit.layers import LayerReading, Progress, read_layer
 from lazyfs.audit.merge import LayerTree, merge_layers
 from lazyfs.audit.structure import (
@@ -41,15 +45,17 @@ from lazyfs.exception_groups import first_error
 from lazyfs.format.descriptor import Descriptor
 
 MAX_DIFFERENCES = 20  # per comparison of two trees: the rest is counted
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class AuditOptions:
     """`jobs` layers are read at once, each seekable one decoded on `threads` threads (0: one
-    per core)."""
+    per core); `fsck_erofs` is the fsck.erofs to run (None: `converter.fsck` finds one)."""
 
     jobs: int = 2
     threads: int = 0
+    fsck_erofs: str | None = None
 
 
 @dataclass
@@ -92,8 +98,8 @@ def where(uses: Iterable[tuple[str, int, int]], digest: str) -> str:
 
 
 async def _read_all(source: ImageSource, layers: dict[str, Descriptor], uses: _Uses,
-                    work: Path, options: AuditOptions, progress: Progress,
-                    prefix: str) -> dict[str, LayerReading]:
+                    work: Path, options: AuditOptions, progress: Progress, prefix: str,
+                    fsck: FsckTool | None) -> dict[str, LayerReading]:
     readings: dict[str, LayerReading] = {}
     tasks, threads = trio.CapacityLimiter(options.jobs), trio.CapacityLimiter(options.jobs)
     count = len(layers)
@@ -103,7 +109,7 @@ async def _read_all(source: ImageSource, layers: dict[str, Descriptor], uses: _U
             label = f"{prefix}layer {number}/{count} {short_digest(digest)}"
             readings[digest] = await read_layer(source, layers[digest], work / str(number),
                                                 label, threads=options.threads,
-                                                limiter=threads, progress=progress)
+                                                limiter=threads, progress=progress, fsck=fsck)
 
     work.mkdir()
     try:
@@ -135,7 +141,12 @@ async def audit_image(image: ImageSource, against: ImageSource | None, work: Pat
         pairs, differences = compare_images(documents, source)
         report.problems += differences
     uses, layers = _uses(documents)
-    readings = await _read_all(image, layers, uses, work / "image", options, progress, "")
+    try:
+        fsck: FsckTool | None = find_fsck_erofs(options.fsck_erofs)
+    except ConvertError as exc:
+        fsck = None
+        report.lines.append(f"fsck.erofs: not run: {exc}")
+    readings = await _read_all(image, layers, uses, work / "image", options, progress, "", fsck)
     for digest in layers:  # in the order the images use them
         reading, label = readings[digest], where(uses[digest], digest)
         if reading.summary:
@@ -146,11 +157,16 @@ async def audit_image(image: ImageSource, against: ImageSource | None, work: Pat
         return report
     source_uses, source_layers = _uses(source)
     source_readings = await _read_all(against, source_layers, source_uses, work / "source",
-                                      options, progress, "source ")
+                                      options, progress, "source ", fsck)
     for digest in source_layers:
         reading, label = source_readings[digest], where(source_uses[digest], digest)
         report.problems += [f"source {label}: {problem}" for problem in reading.problems]
     report.problems += _diff_ids(source, source_readings, "source ")
+    for prefix, where_used, found in (("", uses, readings),
+                                      ("source ", source_uses, source_readings)):
+        report.problems += [f"{prefix}{where(where_used[digest], digest)}: its files cannot be "
+                            f"compared: {reading.unread}"
+                            for digest, reading in found.items() if reading.unread]
     report.lines.append(f"source: {len(source_readings)} layers read")
     for pair in pairs:
         _compare_files(report, pair, readings, source_readings)
@@ -187,10 +203,23 @@ def _diff_ids(documents: ImageDocuments, readings: dict[str, LayerReading],
     return problems
 
 
-def _trees(image: PlatformImage, readings: dict[str, LayerReading]) -> list[LayerTree] | None:
-    assert image.manifest is not None
-    trees = [readings[layer.digest].tree for layer in image.manifest.layers]
-    return None if any(tree is None for tree in trees) else [t for t in trees if t is not None]
+def _closest(candidates: Mapping[str, _T], differences_of: Callable[[_T], list[str]]
+             ) -> tuple[str, list[str]]:
+    """The name of the candidate with the fewest differences (the first of equals), and its
+    differences."""
+    best: tuple[str, list[str]] | None = None
+    for name, candidate in candidates.items():
+        differences = differences_of(candidate)
+        if best is None or len(differences) < len(best[1]):
+            best = (name, differences)
+        if not differences:
+            break
+    assert best is not None, "no candidates"
+    return best
+
+
+def _layer_differences(tree: LayerTree, source: LayerTree) -> list[str]:
+    return compare_trees(source.entries, tree.entries)
 
 
 def _capped(differences: list[str]) -> list[str]:
@@ -203,35 +232,48 @@ def _capped(differences: list[str]) -> list[str]:
 
 def _compare_files(report: AuditReport, pair: PlatformPair, readings: dict[str, LayerReading],
                    source_readings: dict[str, LayerReading]) -> None:
-    """Each layer's files against its source layer's, then the merged root file systems."""
+    """Each layer's files against its source layer's, then the merged root file systems. A
+    source tar layer stands for the tree of whichever converter's conventions the image's
+    layer follows (the closest, when none)."""
     mine, theirs = pair.image, pair.source
     if mine.manifest is None or theirs.manifest is None:
         return
     layers, source_layers = mine.manifest.layers, theirs.manifest.layers
-    layers_differ = False
+    trees = [readings[layer.digest].tree for layer in layers]
+    sources = [source_readings[layer.digest].candidates() for layer in source_layers]
+    layers_differ, chosen, unusual = False, [], set()
     if len(layers) == len(source_layers):
-        for number, (layer, source_layer) in enumerate(zip(layers, source_layers, strict=True),
-                                                       1):
-            tree = readings[layer.digest].tree
-            source_tree = source_readings[source_layer.digest].tree
-            if tree is None or source_tree is None:
+        for number, (layer, tree, candidates) in enumerate(zip(layers, trees, sources,
+                                                               strict=True), 1):
+            if tree is None or not candidates:
                 continue  # why is a problem already
+            name, differences = _closest(candidates, partial(_layer_differences, tree))
+            chosen.append(candidates[name])
+            if name != next(iter(candidates)):
+                unusual.add(name)
             label = f"{pair.name}: {layer_label(number, len(layers), layer.digest)}"
-            differences = compare_trees(source_tree.entries, tree.entries)
             layers_differ = layers_differ or bool(differences)
             report.problems += [f"{label}: {line}" for line in _capped(differences)]
-    trees, source_trees = _trees(mine, readings), _trees(theirs, source_readings)
-    if trees is None or source_trees is None:
+    image_trees = [tree for tree in trees if tree is not None]
+    if len(image_trees) < len(trees) or not all(sources):
         report.lines.append(f"{pair.name}: root file system not compared: a layer could not "
                             "be read")
         return
-    merged, source_merged = merge_layers(trees), merge_layers(source_trees)
-    differences = compare_trees(source_merged, merged)
+    merged = merge_layers(image_trees)
+    if len(chosen) == len(sources):
+        options = {"": chosen}
+    else:  # no layer to pair with: every convention for all of them, the closest counts
+        names = list(dict.fromkeys(name for candidates in sources for name in candidates))
+        options = {name: [c.get(name, next(iter(c.values()))) for c in sources]
+                   for name in names}
+    _, differences = _closest(
+        options, lambda source_trees: compare_trees(merge_layers(source_trees), merged))
     report.problems += [f"{pair.name}: root file system: {line}"
                         for line in _capped(differences)]
     if not differences and not layers_differ:
-        report.lines.append(f"{pair.name}: each layer holds its source layer's files; the root "
-                            f"file system the same {len(merged)} paths")
+        how = f" (the tars as {', '.join(sorted(unusual))} converts them)" if unusual else ""
+        report.lines.append(f"{pair.name}: each layer holds its source layer's files{how}; "
+                            f"the root file system the same {len(merged)} paths")
 
 
 __all__ = ["MAX_DIFFERENCES", "AuditOptions", "AuditReport", "audit_image", "where"]

@@ -5,8 +5,10 @@ byte checked as its format allows, its diff ID computed and its file tree read.
   frame's SHA-512 and size, the chunk table and dm-verity tree against the annotations, every
   data block, the blob digest); the diff ID is the sha256 of the raw EROFS image it decodes
   to (the `containerd.io/uncompressed` digest containerd's differ computes); the tree is
-  read from that image (`lazyfs.audit.erofs_files`);
-- raw EROFS: the diff ID is the blob's digest, the tree read from the blob;
+  read from that image (`lazyfs.audit.erofs_files`), and fsck.erofs decodes every file of
+  it as `lazyfs verify BLOB` has it do (`converter.fsck`: one too old for the image's
+  compression is said, not a problem);
+- raw EROFS: the diff ID is the blob's digest, the tree read from the blob, fsck.erofs run;
 - tar (plain, gzip or zstd, told by content): the diff ID is the sha256 of the uncompressed
   tar, the tree `converter.tree.scan_tar`'s, with the directories the layer names itself
   (for applying it over lower layers, `lazyfs.audit.merge`).
@@ -27,11 +29,12 @@ from typing import BinaryIO
 import trio
 
 from converter.errors import ConvertError, UnsupportedSourceError
+from converter.fsck import FsckTool, check_erofs_image
 from converter.image.selection import TAR_TYPES
 from converter.image.sources import ImageSource
 from converter.source import CHUNK_SIZE, detect_source, iter_layer, open_tar_stream
 from converter.tar_members import plan_member
-from converter.tree import scan_tar
+from converter.tree import scan_tar_each
 from lazyfs.audit.erofs_files import TreeUnavailableError, erofs_tree
 from lazyfs.audit.merge import LayerTree
 from lazyfs.eager.check import check_blob
@@ -46,20 +49,33 @@ Progress = Callable[[str, int, int | None], None]
 
 @dataclass
 class LayerReading:
-    """What reading one layer found. `diff_id` and `tree` are None when it failed."""
+    """What reading one layer found. `diff_id` and `tree` are None when it failed. A tar
+    layer's tree depends on the converter where the tar says nothing (the root's mode, a
+    symlink's: `converter.tree.TarConvention`): `conventions` holds it by each convention's
+    name, `tree` by the first (`lazyfs convert`'s); an EROFS layer's is its own, and
+    `conventions` empty."""
 
     descriptor: Descriptor
     summary: str = ""
     diff_id: str | None = None
     tree: LayerTree | None = None
+    conventions: dict[str, LayerTree] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    unread: str | None = None  # why a sound EROFS layer's files could not be read here
+
+    def candidates(self) -> dict[str, LayerTree]:
+        """The trees the layer may stand for, by convention name ("" for an EROFS layer)."""
+        if self.conventions:
+            return self.conventions
+        return {"": self.tree} if self.tree is not None else {}
 
 
 async def read_layer(source: ImageSource, descriptor: Descriptor, work: Path, label: str,
-                     *, threads: int, limiter: trio.CapacityLimiter,
-                     progress: Progress) -> LayerReading:
+                     *, threads: int, limiter: trio.CapacityLimiter, progress: Progress,
+                     fsck: FsckTool | None) -> LayerReading:
     """Fetch the layer `descriptor` of `source` into the private directory `work` and read
-    it (see the module docstring); `label` names it in progress. Leaves nothing in `work`."""
+    it (see the module docstring); `label` names it in progress; `fsck` checks EROFS images
+    (None: not run). Leaves nothing in `work`."""
     reading = LayerReading(descriptor)
     blob = work / "layer.blob"
     work.mkdir()
@@ -71,22 +87,22 @@ async def read_layer(source: ImageSource, descriptor: Descriptor, work: Path, la
             reading.problems.append(f"blob: {exc}")
             return reading
         await trio.to_thread.run_sync(_read_blob, reading, blob, work, label, threads, progress,
-                                      limiter=limiter)
+                                      fsck, limiter=limiter)
         return reading
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _read_blob(reading: LayerReading, blob: Path, work: Path, label: str, threads: int,
-               progress: Progress) -> None:
+               progress: Progress, fsck: FsckTool | None) -> None:
     media_type = reading.descriptor.media_type
     try:
         if media_type == oci.EROFS_LAYER_ZSTD:
-            _read_seekable(reading, blob, work, label, threads, progress)
+            _read_seekable(reading, blob, work, label, threads, progress, fsck)
         elif media_type == oci.EROFS_LAYER:
             progress(f"{label}: reading files", 0, None)
             reading.diff_id = reading.descriptor.digest
-            _read_erofs(reading, blob, work, "EROFS")
+            _read_erofs(reading, blob, work, "EROFS", label, progress, fsck)
         elif media_type in TAR_TYPES:
             _read_tar(reading, blob, label, progress)
         else:
@@ -97,7 +113,7 @@ def _read_blob(reading: LayerReading, blob: Path, work: Path, label: str, thread
 
 
 def _read_seekable(reading: LayerReading, blob: Path, work: Path, label: str, threads: int,
-                   progress: Progress) -> None:
+                   progress: Progress, fsck: FsckTool | None) -> None:
     image = work / "image.erofs"
     try:
         with open(image, "wb") as output:
@@ -120,21 +136,37 @@ def _read_seekable(reading: LayerReading, blob: Path, work: Path, label: str, th
     frames = report.chunks_checked
     _read_erofs(reading, image, work,
                 f"seekable EROFS, {frames} frame{'' if frames == 1 else 's'} ok, {verity}, "
-                f"EROFS image {report.image_digest}")
+                f"EROFS image {report.image_digest}", label, progress, fsck)
     image.unlink()
 
 
-def _read_erofs(reading: LayerReading, image: Path, work: Path, what: str) -> None:
+def _read_erofs(reading: LayerReading, image: Path, work: Path, what: str, label: str,
+                progress: Progress, fsck: FsckTool | None) -> None:
     try:
         tree, how = erofs_tree(image, work)
     except (ErofsError, ConvertError) as exc:
         reading.problems.append(f"EROFS image: {exc}")
         return
     except TreeUnavailableError as exc:
-        reading.problems.append(f"its files cannot be read: {exc}")
+        reading.unread = str(exc)
+        reading.summary = f"{what}; files not read: {exc}"
+    else:
+        reading.tree = LayerTree(tree)
+        reading.summary = f"{what}; {len(tree)} paths ({how})"
+    if fsck is None:
         return
-    reading.tree = LayerTree(tree)
-    reading.summary = f"{what}; {len(tree)} paths ({how})"
+    progress(f"{label}: fsck.erofs", 0, None)
+    try:
+        outcome = check_erofs_image(image, fsck)
+    except ConvertError as exc:
+        reading.problems.append(f"fsck.erofs: {exc}")
+        return
+    if outcome.problem is not None:
+        reading.problems.append(f"fsck.erofs: {outcome.problem}")
+    elif outcome.not_checked is not None:
+        reading.summary += f"; fsck.erofs not run: {outcome.not_checked}"
+    else:
+        reading.summary += "; fsck.erofs: every file decodes"
 
 
 class _Hashing:
@@ -168,7 +200,7 @@ def _read_tar(reading: LayerReading, blob: Path, label: str, progress: Progress)
     try:
         with open_tar_stream(blob, kind) as raw:
             stream = _Hashing(raw, lambda done: progress(f"{label}: reading tar", done, None))
-            entries = scan_tar(stream)  # type: ignore[arg-type]
+            trees = scan_tar_each(stream)  # type: ignore[arg-type]
             while stream.read(CHUNK_SIZE):  # whatever follows the end of the archive
                 pass
         with open_tar_stream(blob, kind) as raw:
@@ -178,8 +210,10 @@ def _read_tar(reading: LayerReading, blob: Path, label: str, progress: Progress)
         reading.problems.append(f"tar: {exc}")
         return
     reading.diff_id = "sha256:" + stream.hasher.hexdigest()
-    reading.tree = LayerTree(entries, explicit)
-    reading.summary = f"{kind.value}, tar {reading.diff_id}; {len(entries)} paths"
+    reading.conventions = {convention.name: LayerTree(entries, explicit)
+                           for convention, entries in trees.items()}
+    reading.tree = next(iter(reading.conventions.values()))
+    reading.summary = f"{kind.value}, tar {reading.diff_id}; {len(reading.tree.entries)} paths"
 
 
 __all__ = ["LayerReading", "Progress", "read_layer"]

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     registry = RegistryOptions(creds, args.insecure_registry, tuple(args.mirror or ()))
     image_name = str(args.blob)
     source_name = None if args.against is None else str(args.against)
-    options = AuditOptions(threads=args.jobs)
+    options = AuditOptions(threads=args.jobs, fsck_erofs=args.fsck_erofs)
 
     with tempfile.TemporaryDirectory(prefix="lazyfs-verify-") as work_dir, \
             ProgressLine() as line, sigterm_as_interrupt():
