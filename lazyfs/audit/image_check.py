@@ -97,8 +97,8 @@ def where(uses: Iterable[tuple[str, int, int]], digest: str) -> str:
     return "; ".join(parts) + f" ({short_digest(digest)})"
 
 
-async def _read_all(source: ImageSource, layers: dict[str, Descriptor], uses: _Uses,
-                    work: Path, options: AuditOptions, progress: Progress, prefix: str,
+async def _read_all(source: ImageSource, layers: dict[str, Descriptor], work: Path,
+                    options: AuditOptions, progress: Progress, prefix: str,
                     fsck: FsckTool | None) -> dict[str, LayerReading]:
     readings: dict[str, LayerReading] = {}
     tasks, threads = trio.CapacityLimiter(options.jobs), trio.CapacityLimiter(options.jobs)
@@ -146,7 +146,7 @@ async def audit_image(image: ImageSource, against: ImageSource | None, work: Pat
     except ConvertError as exc:
         fsck = None
         report.lines.append(f"fsck.erofs: not run: {exc}")
-    readings = await _read_all(image, layers, uses, work / "image", options, progress, "", fsck)
+    readings = await _read_all(image, layers, work / "image", options, progress, "", fsck)
     for digest in layers:  # in the order the images use them
         reading, label = readings[digest], where(uses[digest], digest)
         if reading.summary:
@@ -156,8 +156,8 @@ async def audit_image(image: ImageSource, against: ImageSource | None, work: Pat
     if source is None or against is None:
         return report
     source_uses, source_layers = _uses(source)
-    source_readings = await _read_all(against, source_layers, source_uses, work / "source",
-                                      options, progress, "source ", fsck)
+    source_readings = await _read_all(against, source_layers, work / "source", options,
+                                      progress, "source ", fsck)
     for digest in source_layers:
         reading, label = source_readings[digest], where(source_uses[digest], digest)
         report.problems += [f"source {label}: {problem}" for problem in reading.problems]
@@ -167,7 +167,8 @@ async def audit_image(image: ImageSource, against: ImageSource | None, work: Pat
         report.problems += [f"{prefix}{where(where_used[digest], digest)}: its files cannot be "
                             f"compared: {reading.unread}"
                             for digest, reading in found.items() if reading.unread]
-    report.lines.append(f"source: {len(source_readings)} layers read")
+    count = len(source_readings)
+    report.lines.append(f"source: {count} layer{'' if count == 1 else 's'} read")
     for pair in pairs:
         _compare_files(report, pair, readings, source_readings)
     return report
