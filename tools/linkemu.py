@@ -2,12 +2,14 @@
 """A user-space TCP link emulator: round-trip latency and bandwidth between client and server.
 
 Loopback is too fast to show what lazy fetching costs on a real network. This forwards each
-connection to a target, holds data for rtt/2 in each direction and shapes each direction with
-a token bucket, per connection or (--aggregate) shared by all connections like one link.
+connection to a target and, in each direction, sends its bytes one after another at the link's
+rate (a serializer, per connection or with --aggregate shared by all connections like one
+link's), then holds them for rtt/2 of propagation. No byte arrives before the link could have
+delivered it: an idle link earns no credit, so a burst after a pause leaves at the rate too.
 Opening a connection costs one extra round trip, as a TCP handshake would. No root or netem.
 
     python tools/linkemu.py --listen 127.0.0.1:8081 --target 127.0.0.1:8080 \\
-        --rtt-ms 20 --rate-mbit 100
+        --rtt-ms 20 --rate-mbit 100 --aggregate
 
 Importable: `run_link_emulator(...)` inside trio, `start_link_emulator(...)` as a subprocess.
 """
@@ -29,29 +31,34 @@ import trio
 
 log = logging.getLogger("linkemu")
 
+# Bytes are forwarded in pieces of at most this much, each delivered whole once its last byte
+# would have arrived: a piece's first byte comes later than on a wire (never earlier), so a
+# piece lasts at most about PIECE_S of link time, and at least an Ethernet frame.
 CHUNK_BYTES = 16 * 1024
-# Shaped data may leave back to back up to this long after an idle period.
-BURST_S = 0.005
+MIN_PIECE_BYTES = 1500
+PIECE_S = 0.001
+# What one direction of a connection holds beyond its bytes in flight (a router's queue).
+QUEUE_BYTES = 256 * 1024
 START_TIMEOUT_S = 10.0
 
 
-class TokenBucket:
-    """Paces a byte stream to `rate_bytes_per_s`; shared by tasks, it paces their sum."""
+class Serializer:
+    """One direction of a link: bytes leave one after another at `rate_bytes_per_s`, never
+    faster. Shared by connections, it sends their bytes in the order they were handed over,
+    as a router's queue does. Time spent idle earns nothing: what comes after a pause
+    leaves at the rate, not in a burst."""
 
     def __init__(self, rate_bytes_per_s: float) -> None:
+        if not rate_bytes_per_s > 0:
+            raise ValueError(f"a link's rate must be positive, not {rate_bytes_per_s}")
         self.rate = rate_bytes_per_s
-        self.burst = max(CHUNK_BYTES, rate_bytes_per_s * BURST_S)
-        self.tokens = self.burst
-        self.updated = trio.current_time()
+        self.busy_until = -math.inf
 
-    async def take(self, size: int) -> None:
-        """Wait until `size` bytes may pass. Tokens go into debt, so later takers queue up."""
-        now = trio.current_time()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        self.tokens -= size
-        if self.tokens < 0:
-            await trio.sleep(-self.tokens / self.rate)
+    def send(self, size: int, now: float) -> float:
+        """Queue `size` bytes handed over at `now`; returns when their last byte has left
+        (the link's queue drained and these sent at its rate)."""
+        self.busy_until = max(now, self.busy_until) + size / self.rate
+        return self.busy_until
 
 
 class _Link:
@@ -64,20 +71,24 @@ class _Link:
         self.target_port = target_port
         self.delay_s = rtt_ms / 2000
         self.rate_bytes_per_s = rate_mbit * 1_000_000 / 8
-        # Enough queued chunks to keep a bandwidth-delay product in flight, and a bound.
+        self.piece_bytes = CHUNK_BYTES
+        if self.rate_bytes_per_s:
+            self.piece_bytes = max(MIN_PIECE_BYTES,
+                                   min(CHUNK_BYTES, int(self.rate_bytes_per_s * PIECE_S)))
+        # Enough queued pieces to keep a bandwidth-delay product in flight, and a bound.
         in_flight = self.rate_bytes_per_s * self.delay_s if self.rate_bytes_per_s else 2**24
-        self.queue_chunks = min(4096, math.ceil(in_flight / CHUNK_BYTES) + 16)
-        self.shared: tuple[TokenBucket, TokenBucket] | None = None
+        self.queue_pieces = min(4096, math.ceil((in_flight + QUEUE_BYTES) / self.piece_bytes))
+        self.shared: tuple[Serializer, Serializer] | None = None
         if aggregate and self.rate_bytes_per_s:
-            self.shared = (TokenBucket(self.rate_bytes_per_s), TokenBucket(self.rate_bytes_per_s))
+            self.shared = (Serializer(self.rate_bytes_per_s), Serializer(self.rate_bytes_per_s))
 
-    def buckets(self) -> tuple[TokenBucket | None, TokenBucket | None]:
-        """(client to server, server to client) buckets of a new connection."""
+    def serializers(self) -> tuple[Serializer | None, Serializer | None]:
+        """(client to server, server to client) serializers of a new connection."""
         if self.shared is not None:
             return self.shared
         if not self.rate_bytes_per_s:
             return None, None
-        return TokenBucket(self.rate_bytes_per_s), TokenBucket(self.rate_bytes_per_s)
+        return Serializer(self.rate_bytes_per_s), Serializer(self.rate_bytes_per_s)
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Forward one client connection until both directions end or either side breaks."""
@@ -88,7 +99,7 @@ class _Link:
             except OSError as exc:
                 log.warning("cannot connect to %s:%d: %s", self.target_host, self.target_port, exc)
                 return
-            up, down = self.buckets()
+            up, down = self.serializers()
             async with server, trio.open_nursery() as nursery:
                 nursery.start_soon(self._pipe, client, server, up, nursery.cancel_scope)
                 nursery.start_soon(self._pipe, server, client, down, nursery.cancel_scope)
@@ -97,19 +108,20 @@ class _Link:
         self,
         source: trio.SocketStream,
         sink: trio.SocketStream,
-        bucket: TokenBucket | None,
+        serializer: Serializer | None,
         connection: trio.CancelScope,
     ) -> None:
-        """One direction: shape, stamp with the delivery time, deliver after the delay."""
-        send, receive = trio.open_memory_channel[tuple[float, bytes]](self.queue_chunks)
+        """One direction: serialize, stamp with the arrival time, deliver then."""
+        send, receive = trio.open_memory_channel[tuple[float, bytes]](self.queue_pieces)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver, receive, sink, connection)
             async with send:
                 try:
-                    while data := await source.receive_some(CHUNK_BYTES):
-                        if bucket is not None:
-                            await bucket.take(len(data))
-                        await send.send((trio.current_time() + self.delay_s, data))
+                    while data := await source.receive_some(self.piece_bytes):
+                        sent = trio.current_time()
+                        if serializer is not None:
+                            sent = serializer.send(len(data), sent)
+                        await send.send((sent + self.delay_s, data))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     connection.cancel()
 

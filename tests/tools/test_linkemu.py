@@ -6,19 +6,19 @@ through faster than its rate is broken), not benchmarks: a slow machine only add
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 
 import httpx
 import pytest
 import trio
-import trio.testing
 
 from lazyfs.fetch.http import HttpRangeReader
 from tests.support import nginx
@@ -50,35 +50,153 @@ def served(nginx_server: StartServer, tmp_path: Path) -> tuple[NginxServer, byte
     return nginx_server(tmp_path), data
 
 
-def test_token_bucket_paces_to_rate() -> None:
+def test_serializer_sends_at_its_rate_and_earns_nothing_while_idle() -> None:
+    link = linkemu.Serializer(1_000_000)  # 1 MB/s
+    assert link.send(10_000, 5.0) == pytest.approx(5.01)  # the first bytes too: no burst
+    assert link.send(10_000, 5.0) == pytest.approx(5.02)  # behind them in the queue
+    assert link.send(10_000, 5.015) == pytest.approx(5.03)
+    # Idle from 5.03 to 9: what comes then leaves at the rate all the same.
+    assert link.send(50_000, 9.0) == pytest.approx(9.05)
+    with pytest.raises(ValueError):
+        linkemu.Serializer(0)
+
+
+def test_shared_serializer_paces_the_sum() -> None:
+    link = linkemu.Serializer(1_000_000)
+    # Four connections hand over 10 kB each every 10 ms, together four times the rate.
+    last = max(link.send(10_000, step / 100) for step in range(50) for _ in range(4))
+    assert last == pytest.approx(2.0)
+
+
+# -- each byte against the earliest a link could deliver it -------------------------------------
+
+RTT_S = 0.020
+RATE_MBIT = 100.0
+RATE_BYTES_PER_S = RATE_MBIT * 1_000_000 / 8
+EPSILON_S = 1e-9  # float rounding only: the emulator and the client share trio's clock
+
+
+async def _sizes_server(stream: trio.SocketStream) -> None:
+    """Answer each request line `SIZE\\n` with SIZE bytes."""
+    pending = b""
+    async with stream:
+        while data := await stream.receive_some(65536):
+            pending += data
+            while b"\n" in pending:
+                line, _, pending = pending.partition(b"\n")
+                await stream.send_all(bytes(int(line)))
+
+
+@contextlib.asynccontextmanager
+async def _link(*, aggregate: bool) -> AsyncIterator[int]:
+    """A sizes server behind an emulated 20 ms / 100 Mbit/s link, in this trio run: the
+    emulator's port."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, _sizes_server, 0, host="127.0.0.1"))
+        target = listeners[0].socket.getsockname()[1]
+        yield await nursery.start(functools.partial(
+            linkemu.run_link_emulator, "127.0.0.1", 0, "127.0.0.1", target,
+            RTT_S * 1000, RATE_MBIT, aggregate=aggregate))
+        nursery.cancel_scope.cancel()
+
+
+async def _receive(stream: trio.SocketStream, size: int,
+                   arrived: Callable[[int], None]) -> None:
+    """Receive `size` bytes, calling `arrived(n)` as each n arrive."""
+    while size:
+        data = await stream.receive_some(size)
+        assert data
+        arrived(len(data))
+        size -= len(data)
+
+
+def _request(size: int) -> bytes:
+    return f"{size}\n".encode()
+
+
+async def _exchange(stream: trio.SocketStream) -> None:
+    """One byte asked for and received: the connection's handshake is behind it."""
+    await stream.send_all(_request(1))
+    await _receive(stream, 1, lambda new: None)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("aggregate", [True, False])
+def test_sequential_requests_take_what_the_link_allows(aggregate: bool) -> None:
+    """One connection, one answer after another with the link idle in between (as a start-up
+    reading file after file): every byte of an answer arrives no earlier than a round trip
+    plus its request's and its own share of the rate after the request was sent."""
+    count, size = 25, 150_000
+    late_bytes: list[float] = []
+
     async def main() -> None:
-        bucket = linkemu.TokenBucket(1_000_000)  # 1 MB/s, burst of one chunk
-        started = trio.current_time()
-        await bucket.take(linkemu.CHUNK_BYTES)
-        assert trio.current_time() == started  # the burst passes at once
-        for _ in range(100):
-            await bucket.take(10_000)
-        assert trio.current_time() - started == pytest.approx(1.0)
+        async with _link(aggregate=aggregate) as port:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                started = trio.current_time()
+                paused = 0.0
+                for index in range(count):
+                    if index % 5 == 4:  # idle a while: the link must earn nothing meanwhile
+                        await trio.sleep(0.1)
+                        paused += 0.1
+                    request = _request(size)
+                    sent = trio.current_time()
+                    await stream.send_all(request)
+                    received = 0
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+                    def arrived(new: int, sent: float = sent, request: bytes = request) -> None:
+                        nonlocal received
+                        received += new
+                        earliest = sent + RTT_S + (len(request) + received) / RATE_BYTES_PER_S
+                        late_bytes.append(trio.current_time() - earliest)
+
+                    await _receive(stream, size, arrived)
+                elapsed = trio.current_time() - started - paused
+        # 25 answers of 150 kB through 20 ms / 100 Mbit/s: at least 25 * (20 + 12) ms.
+        assert elapsed >= count * (RTT_S + size / RATE_BYTES_PER_S)
+
+    trio.run(main)
+    assert min(late_bytes) >= -EPSILON_S
 
 
-def test_shared_token_bucket_paces_the_sum() -> None:
+@pytest.mark.network
+def test_parallel_burst_shares_the_link() -> None:
+    """Eight connections ask at once: the bytes of all their answers together arrive no
+    faster than the link's rate, from a round trip after the requests."""
+    connections, size = 8, 512 * 1024
+    late_bytes: list[float] = []
+
     async def main() -> None:
-        bucket = linkemu.TokenBucket(1_000_000)
-        await bucket.take(linkemu.CHUNK_BYTES)
-        started = trio.current_time()
+        async with _link(aggregate=True) as port:
+            streams = [await trio.open_tcp_stream("127.0.0.1", port)
+                       for _ in range(connections)]
+            request = _request(size)
+            received = 0
 
-        async def send(total: int) -> None:
-            for _ in range(total // 10_000):
-                await bucket.take(10_000)
+            def arrived(new: int) -> None:
+                nonlocal received
+                received += new
+                # Every request goes up first; the first of them takes its share of the rate.
+                earliest = sent + RTT_S + (len(request) + received) / RATE_BYTES_PER_S
+                late_bytes.append(trio.current_time() - earliest)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(send, 500_000)
-        assert trio.current_time() - started == pytest.approx(2.0)
+            async def ask(stream: trio.SocketStream) -> None:
+                async with stream:
+                    await stream.send_all(request)
+                    await _receive(stream, size, arrived)
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+            sent = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    nursery.start_soon(ask, stream)
+            elapsed = trio.current_time() - sent
+            # 4 MiB at 100 Mbit/s take 0.34 s; alone, one connection's would take 42 ms.
+            assert elapsed >= RTT_S + connections * size / RATE_BYTES_PER_S
+            assert received == connections * size
+
+    trio.run(main)
+    assert min(late_bytes) >= -EPSILON_S
 
 
 @pytest.mark.network
@@ -95,6 +213,34 @@ def test_transfer_through_link_is_intact_and_shaped(served: tuple[NginxServer, b
                 assert await reader.read(0, len(data)) == data
             # 4 MiB at 16 Mbit/s needs 2.1 s.
             assert trio.current_time() - started >= 1.5
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.network
+def test_sequential_range_requests_take_what_the_link_allows(
+    served: tuple[NginxServer, bytes],
+) -> None:
+    """Range requests of 150 kB one after another over one connection, as a start-up makes
+    them: each costs at least a round trip and 12 ms of 100 Mbit/s, however idle the link was
+    while its request went up."""
+    server, data = served
+    count, size = 20, 150_000
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(functools.partial(
+                linkemu.run_link_emulator, "127.0.0.1", 0, "127.0.0.1", server.port,
+                RTT_S * 1000, RATE_MBIT, aggregate=True))
+            async with HttpRangeReader(f"http://127.0.0.1:{port}/blob") as reader:
+                assert await reader.read(0, 1) == data[:1]  # connected, the size known
+                started = trio.current_time()
+                for index in range(count):
+                    offset = index * size
+                    assert await reader.read(offset, size) == data[offset:offset + size]
+                elapsed = trio.current_time() - started
+            assert elapsed >= count * (RTT_S + size / RATE_BYTES_PER_S)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
