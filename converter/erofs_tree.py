@@ -39,8 +39,8 @@ _MAX_SYMLINK_BYTES = 4096
 _MAX_SHARED_XATTR_BYTES = 4 + 255 + 65536
 
 
-class _Image:
-    """Positioned reads of the image file, never past its end unnoticed."""
+class ImageFile:
+    """Positioned reads of an image file, never past its end unnoticed."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.fd = f.fileno()
@@ -59,8 +59,11 @@ class _Image:
         return os.pread(self.fd, max(0, min(size, self.size - offset)), offset)
 
 
-class _Reader:
-    def __init__(self, image: _Image, superblock: Superblock) -> None:
+class ErofsReader:
+    """Inodes, data, xattrs and directory entries of an uncompressed EROFS image (also
+    `converter.erofs_inodes`, which writes an image anew from one)."""
+
+    def __init__(self, image: ImageFile, superblock: Superblock) -> None:
         self.image, self.sb = image, superblock
 
     def inode(self, nid: int) -> Inode:
@@ -89,7 +92,9 @@ class _Reader:
                     yield self.image.read(extent.offset + done, size, f"inode {inode.nid}: data")
                 done += size
 
-    def xattrs(self, inode: Inode) -> dict[str, bytes]:
+    def xattrs(self, inode: Inode, *, all_names: bool = False) -> dict[str, bytes]:
+        """The inode's xattrs by name; those a tree leaves out (IGNORED_XATTRS) only with
+        `all_names`."""
         where = f"inode {inode.nid}"
         body = self.image.read(inode.offset + inode.inode_size, inode.xattr_size,
                                f"{where}: xattrs") if inode.xattr_size else b""
@@ -99,7 +104,8 @@ class _Reader:
             area = self.image.read_up_to(offset, _MAX_SHARED_XATTR_BYTES)
             name, value, _ = parse_xattr_entry(area, 0, f"{where}: shared xattr {xattr_id}")
             pairs.append((name, value))
-        return {name: value for name, value in sorted(pairs) if name not in IGNORED_XATTRS}
+        return {name: value for name, value in sorted(pairs)
+                if all_names or name not in IGNORED_XATTRS}
 
     def entries(self, inode: Inode) -> Iterator[tuple[bytes, int]]:
         """(name, nid) of a directory's entries, "." and ".." left out."""
@@ -123,8 +129,8 @@ def scan_erofs(image_path: Path) -> dict[str, TreeEntry]:
     ErofsError for a malformed image (naming the inode and offset), OSError.
     """
     with open(image_path, "rb") as f:
-        image = _Image(f)
-        reader = _Reader(image, parse_superblock(image.read_up_to(0, 2048)))
+        image = ImageFile(f)
+        reader = ErofsReader(image, parse_superblock(image.read_up_to(0, 2048)))
         entries: dict[str, TreeEntry] = {}
         links: dict[int, list[str]] = {}
         seen_dirs: set[int] = set()
@@ -150,7 +156,7 @@ def scan_erofs(image_path: Path) -> dict[str, TreeEntry]:
     return entries
 
 
-def _entry(reader: _Reader, path: str, inode: Inode) -> TreeEntry:
+def _entry(reader: ErofsReader, path: str, inode: Inode) -> TreeEntry:
     kind = kind_of(inode.mode)
     if kind is None:
         raise ErofsError(f"inode {inode.nid} ({path!r}): unknown file type in mode "
@@ -172,4 +178,4 @@ def _entry(reader: _Reader, path: str, inode: Inode) -> TreeEntry:
                      xattrs=reader.xattrs(inode))
 
 
-__all__ = ["scan_erofs"]
+__all__ = ["ErofsReader", "ImageFile", "scan_erofs"]

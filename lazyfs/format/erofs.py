@@ -16,6 +16,8 @@ follow the kernel's `fs/erofs/erofs_fs.h`:
 Compressed files, several devices and long xattr name prefixes raise ErofsUnsupportedError
 (the kernel reads those images; this module does not). Everything else that does not fit raises
 ErofsError naming the structure, where it is and what was found. Pure: bytes in, values out.
+The structures and constants are public: the writer (`lazyfs.format.erofs_build`) packs what
+this module unpacks.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ LAYOUT_CHUNK_BASED = 4
 _LAYOUT_NAMES = {LAYOUT_COMPRESSED_FULL: "compressed (full indexes)",
                  LAYOUT_COMPRESSED_COMPACT: "compressed (compact indexes)"}
 
+FEATURE_COMPAT_MTIME = 0x02  # inodes keep their own mtimes (mkfs.erofs sets it)
+FEATURE_INCOMPAT_CHUNKED_FILE = 0x04
 _FEATURE_DEVICE_TABLE = 0x08
 _FEATURE_XATTR_PREFIXES = 0x40
 # Bits this reader knows: compression features (0x01, 0x02, 0x10, 0x20) matter only to
@@ -51,16 +55,16 @@ _FEATURE_XATTR_PREFIXES = 0x40
 # device table (0x08) only with no extra device; long xattr name prefixes (0x40) only when an
 # entry uses one.
 _KNOWN_INCOMPAT = 0x7F
-_CHUNK_BLKBITS_MASK = 0x1F
-_CHUNK_INDEXES = 0x20
+CHUNK_FORMAT_BLKBITS_MASK = 0x1F
+CHUNK_FORMAT_INDEXES = 0x20
 _LONG_PREFIX = 0x80
 
-_SUPERBLOCK = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQ")
-_COMPACT = struct.Struct("<HHHHIIIIHHI")
-_EXTENDED = struct.Struct("<HHHHQIIIIQII16s")
-_DIRENT = struct.Struct("<QHBB")
-_XATTR_ENTRY = struct.Struct("<BBH")
-_CHUNK_INDEX = struct.Struct("<HHI")
+SUPERBLOCK_STRUCT = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQ")
+COMPACT_INODE_STRUCT = struct.Struct("<HHHHIIIIHHI")
+EXTENDED_INODE_STRUCT = struct.Struct("<HHHHQIIIIQII16s")
+DIRENT_STRUCT = struct.Struct("<QHBB")
+XATTR_ENTRY_STRUCT = struct.Struct("<BBH")
+CHUNK_INDEX_STRUCT = struct.Struct("<HHI")
 
 XATTR_PREFIXES = {
     1: "user.",
@@ -91,6 +95,8 @@ class Superblock:
     xattr_blkaddr: int
     feature_incompat: int
     extra_devices: int
+    build_time: int = 0  # the mtime of every compact inode (seconds, and nanoseconds)
+    build_time_nsec: int = 0
 
     def inode_offset(self, nid: int) -> int:
         return self.meta_blkaddr * self.block_size + nid * INODE_SLOT_SIZE
@@ -114,6 +120,9 @@ class Inode:
     raw: int
     inode_size: int
     xattr_count: int
+    nlink: int = 1
+    mtime: int | None = None  # None: a compact inode, whose mtime is the build time
+    mtime_nsec: int = 0
 
     @property
     def xattr_size(self) -> int:
@@ -159,8 +168,9 @@ def _need(buf: bytes, size: int, what: str, offset: int) -> None:
 def parse_superblock(buf: bytes) -> Superblock:
     """The superblock of an image whose first bytes are `buf` (at least 1152 of them)."""
     _need(buf, SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE, "EROFS superblock", 0)
-    fields = _SUPERBLOCK.unpack_from(buf, SUPERBLOCK_OFFSET)
-    (magic, _checksum, _compat, blkszbits, _extslots, root_nid, _inos, _time, _nsec, _blocks,
+    fields = SUPERBLOCK_STRUCT.unpack_from(buf, SUPERBLOCK_OFFSET)
+    (magic, _checksum, _compat, blkszbits, _extslots, root_nid, _inos, build_time,
+     build_time_nsec, _blocks,
      meta_blkaddr, xattr_blkaddr, _uuid, _name, incompat, _u1, extra_devices, _slotoff,
      dirblkbits, _prefix_count, _prefix_start, _packed_nid) = fields
     where = f"EROFS superblock at offset {SUPERBLOCK_OFFSET}"
@@ -178,7 +188,7 @@ def parse_superblock(buf: bytes) -> Superblock:
     if incompat & _FEATURE_DEVICE_TABLE and extra_devices:
         raise ErofsUnsupportedError(f"{where}: data on {extra_devices} extra devices")
     return Superblock(1 << blkszbits, root_nid, meta_blkaddr, xattr_blkaddr, incompat,
-                      extra_devices)
+                      extra_devices, build_time, build_time_nsec)
 
 
 def parse_inode(buf: bytes, nid: int, offset: int) -> Inode:
@@ -188,21 +198,24 @@ def parse_inode(buf: bytes, nid: int, offset: int) -> Inode:
     _need(buf, COMPACT_INODE_SIZE, what, offset)
     i_format = int.from_bytes(buf[:2], "little")
     layout = (i_format >> 1) & 0x7
+    mtime: int | None = None
+    mtime_nsec = 0
     if i_format & 1:
         _need(buf, EXTENDED_INODE_SIZE, what, offset)
-        (_, xattr_count, mode, _, size, raw, _, uid, gid, _, _, _nlink,
-         _) = _EXTENDED.unpack_from(buf)
+        (_, xattr_count, mode, _, size, raw, _, uid, gid, mtime, mtime_nsec, nlink,
+         _) = EXTENDED_INODE_STRUCT.unpack_from(buf)
         inode_size = EXTENDED_INODE_SIZE
     else:
-        (_, xattr_count, mode, _nlink, size, _, raw, _, uid, gid,
-         _) = _COMPACT.unpack_from(buf)
+        (_, xattr_count, mode, nlink, size, _, raw, _, uid, gid,
+         _) = COMPACT_INODE_STRUCT.unpack_from(buf)
         inode_size = COMPACT_INODE_SIZE
     if layout > LAYOUT_CHUNK_BASED:
         raise ErofsError(f"{what} at offset {offset}: data layout {layout}, expected 0 to 4")
     if i_format >> 4:
         raise ErofsUnsupportedError(f"{what} at offset {offset}: i_format {i_format:#x} has "
                                     "bits unknown to this reader")
-    return Inode(nid, offset, mode, uid, gid, size, layout, raw, inode_size, xattr_count)
+    return Inode(nid, offset, mode, uid, gid, size, layout, raw, inode_size, xattr_count, nlink,
+                 mtime, mtime_nsec)
 
 
 # --- xattrs -------------------------------------------------------------------------------------
@@ -210,10 +223,10 @@ def parse_inode(buf: bytes, nid: int, offset: int) -> Inode:
 
 def parse_xattr_entry(buf: bytes, pos: int, where: str) -> tuple[str, bytes, int]:
     """(name, value, position after the 4-aligned entry) of the entry at `pos` of `buf`."""
-    if pos + _XATTR_ENTRY.size > len(buf):
+    if pos + XATTR_ENTRY_STRUCT.size > len(buf):
         raise ErofsError(f"{where}: xattr entry at {pos} runs past the end of its area")
-    name_len, index, value_size = _XATTR_ENTRY.unpack_from(buf, pos)
-    start = pos + _XATTR_ENTRY.size
+    name_len, index, value_size = XATTR_ENTRY_STRUCT.unpack_from(buf, pos)
+    start = pos + XATTR_ENTRY_STRUCT.size
     end = start + name_len + value_size
     if end > len(buf):
         raise ErofsError(f"{where}: xattr entry at {pos} ({name_len} name and {value_size} "
@@ -252,14 +265,14 @@ def parse_xattr_body(buf: bytes, where: str) -> tuple[list[int], list[tuple[str,
 
 def chunk_map_range(superblock: Superblock, inode: Inode) -> tuple[int, int]:
     """(offset, size) of a chunk-based inode's chunk map in the image."""
-    unit = _CHUNK_INDEX.size if inode.raw & _CHUNK_INDEXES else 4
+    unit = CHUNK_INDEX_STRUCT.size if inode.raw & CHUNK_FORMAT_INDEXES else 4
     chunks = -(-inode.size // _chunk_size(superblock, inode))
     return -(-inode.after_xattrs // unit) * unit, chunks * unit
 
 
 def _chunk_size(superblock: Superblock, inode: Inode) -> int:
-    bits = inode.raw & _CHUNK_BLKBITS_MASK
-    if inode.raw & 0xFFFF & ~(_CHUNK_BLKBITS_MASK | _CHUNK_INDEXES) or bits > 30:
+    bits = inode.raw & CHUNK_FORMAT_BLKBITS_MASK
+    if inode.raw & 0xFFFF & ~(CHUNK_FORMAT_BLKBITS_MASK | CHUNK_FORMAT_INDEXES) or bits > 30:
         raise ErofsUnsupportedError(f"inode {inode.nid}: chunk format {inode.raw & 0xFFFF:#x}")
     return superblock.block_size << bits
 
@@ -299,14 +312,14 @@ def data_extents(superblock: Superblock, inode: Inode, image_size: int,
 
 def _chunk_extents(superblock: Superblock, inode: Inode, chunk_map: bytes) -> list[Extent]:
     chunk = _chunk_size(superblock, inode)
-    indexes = bool(inode.raw & _CHUNK_INDEXES)
-    unit = _CHUNK_INDEX.size if indexes else 4
+    indexes = bool(inode.raw & CHUNK_FORMAT_INDEXES)
+    unit = CHUNK_INDEX_STRUCT.size if indexes else 4
     count = -(-inode.size // chunk)
     _need(chunk_map, count * unit, f"inode {inode.nid}: chunk map", inode.after_xattrs)
     extents: list[Extent] = []
     for number in range(count):
         if indexes:
-            advise, device, address = _CHUNK_INDEX.unpack_from(chunk_map, number * unit)
+            advise, device, address = CHUNK_INDEX_STRUCT.unpack_from(chunk_map, number * unit)
             if device or advise:
                 raise ErofsUnsupportedError(f"inode {inode.nid}: chunk {number} on device "
                                             f"{device} (advise {advise:#x})")
@@ -332,12 +345,12 @@ def parse_dir_block(block: bytes, where: str) -> list[Dirent]:
     """The entries of one directory block (`block`: its bytes within the directory's size;
     the names run up to the next name, the last one up to the block's end or a NUL)."""
     _need(block, DIRENT_SIZE, f"{where}: directory block", 0)
-    first = _DIRENT.unpack_from(block)[1]
+    first = DIRENT_STRUCT.unpack_from(block)[1]
     if first < DIRENT_SIZE or first % DIRENT_SIZE or first > len(block):
         raise ErofsError(f"{where}: first name offset {first} in a directory block of "
                          f"{len(block)} bytes")
     count = first // DIRENT_SIZE
-    raw = [_DIRENT.unpack_from(block, i * DIRENT_SIZE) for i in range(count)]
+    raw = [DIRENT_STRUCT.unpack_from(block, i * DIRENT_SIZE) for i in range(count)]
     entries = []
     for i, (nid, nameoff, file_type, _) in enumerate(raw):
         end = raw[i + 1][1] if i + 1 < count else len(block)
@@ -361,7 +374,17 @@ def kind_of(mode: int) -> str | None:
 
 
 __all__ = [
+    "CHUNK_FORMAT_BLKBITS_MASK",
+    "CHUNK_FORMAT_INDEXES",
+    "CHUNK_INDEX_STRUCT",
+    "COMPACT_INODE_STRUCT",
+    "DIRENT_STRUCT",
     "EROFS_MAGIC",
+    "EXTENDED_INODE_STRUCT",
+    "FEATURE_COMPAT_MTIME",
+    "FEATURE_INCOMPAT_CHUNKED_FILE",
+    "SUPERBLOCK_STRUCT",
+    "XATTR_ENTRY_STRUCT",
     "Dirent",
     "ErofsError",
     "ErofsUnsupportedError",
