@@ -85,10 +85,13 @@ class ContainerdClient:
         self.lease = lease
         return lease
 
-    def delete_lease(self, lease: str) -> None:
+    def delete_lease(self, lease: str, *, sync: bool = False) -> None:
+        """Delete the lease; with `sync`, return once the garbage collection that follows
+        has run (what only the lease held is gone)."""
         if self.lease == lease:
             self.lease = None
-        self._call(rpc.LEASES, "Delete", leases_pb2.DeleteRequest(id=lease), empty_pb2.Empty)
+        self._call(rpc.LEASES, "Delete", leases_pb2.DeleteRequest(id=lease, sync=sync),
+                   empty_pb2.Empty)
 
     # -- content -----------------------------------------------------------------------------
 

@@ -135,8 +135,8 @@ def put_into_containerd(fetched: FetchedImage, reference_text: str, address: str
                         namespace: str, *, cri: bool = False) -> PullResult:
     """Register a fetched image with containerd and prepare every layer lazily; with `cri`,
     named for containerd's CRI plugin (see above). Nothing is left when it fails: what it
-    wrote is collected once its lease goes, the names it gave are removed. Raises PullError,
-    ContainerdError."""
+    wrote is collected as its lease goes (before this returns), the names it gave are removed.
+    Raises PullError, ContainerdError."""
     resolved = fetched.resolved
     try:
         diff_ids = list(json.loads(fetched.config)["rootfs"]["diff_ids"])
@@ -156,6 +156,7 @@ def put_into_containerd(fetched: FetchedImage, reference_text: str, address: str
     with ContainerdClient(address, namespace) as client:
         lease = client.create_lease()
         named: list[str] = []
+        failed = True
         try:
             client.write_content(fetched.config_digest, fetched.config,
                                  {GC_SNAPSHOT + SNAPSHOTTER: chain[-1], **source_label})
@@ -174,13 +175,12 @@ def put_into_containerd(fetched: FetchedImage, reference_text: str, address: str
             for name in names:
                 client.put_image(name, fetched.top, image_labels)
                 named.append(name)
-        except BaseException:
-            for name in named:
+            failed = False
+        finally:
+            for name in named if failed else ():
                 with contextlib.suppress(ContainerdError):
                     client.delete_image(name)
-            raise
-        finally:
-            client.delete_lease(lease)
+            client.delete_lease(lease, sync=failed)
     return PullResult(names[0], resolved.pinned, chain, fetched.config_digest, tuple(names))
 
 

@@ -6,6 +6,7 @@ report."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import tempfile
 from collections.abc import Iterator
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.cri import Node, publish_pause_image, running_node
+from tests.support.images import base_layer
 from tests.support.registry import Registry, htpasswd_auth, running_registry
 from tests.support.registry_images import PublishedImage, publish
-from tests.support.snapshotter_images import publish_app_image
+from tests.support.snapshotter_images import change_layer_with_big_file, publish_app_image
 
 LOG_TAIL_BYTES = 12_000
 PULL_USER = "puller"
@@ -60,11 +62,20 @@ def private_image(work: Path, private: Registry) -> PublishedImage:
                    creds=f"{PULL_USER}:{PULL_PASSWORD}")
 
 
+@pytest.fixture(scope="package")
+def private_app(work: Path, private: Registry) -> PublishedImage:
+    """The app image's layers (a large file nobody reads) as `test/private-app` there."""
+    return publish(work / "private-app", private.host, repository="test/private-app",
+                   layers=[base_layer(), change_layer_with_big_file()],
+                   creds=f"{PULL_USER}:{PULL_PASSWORD}")
+
+
 @pytest.fixture
 def node(work: Path, registry: Registry, private: Registry, pause: str,
          request: pytest.FixtureRequest) -> Iterator[Node]:
-    with running_node(work / f"n{request.node.name[-12:]}", pause,
-                      [registry.host, private.host]) as running:
+    # Its own directory (a test's name ends like another's: a hash of all of it).
+    name = hashlib.sha256(request.node.name.encode()).hexdigest()[:10]
+    with running_node(work / f"n{name}", pause, [registry.host, private.host]) as running:
         yield running
 
 

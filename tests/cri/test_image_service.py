@@ -18,17 +18,18 @@ import grpc
 import pytest
 
 from lazyfs.cri.api import api_pb2 as cri
-from lazyfs.format.descriptor import parse_annotations
+from lazyfs.format.descriptor import ANNOTATION_CHUNK_TABLE_OFFSET, parse_annotations
 from lazyfs.format.layout import parse_metadata
 from lazyfs.format.open_plan import metadata_pieces
 from tests.cri.conftest import PULL_PASSWORD, PULL_USER
 from tests.support.containerd import Containerd
 from tests.support.cri import Node, log_lines, running_node
 from tests.support.forged_images import blob_file
+from tests.support.images import base_layer, change_layer, skopeo_push, write_oci_image
 from tests.support.lazyfs_cli import wait_until
 from tests.support.registry import Registry
-from tests.support.registry_images import PublishedImage
-from tests.support.snapshotter_images import committed, layer_stats, manifest_of
+from tests.support.registry_images import PublishedImage, convert_push
+from tests.support.snapshotter_images import committed, erofs_mounts, layer_stats, manifest_of
 
 pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
 
@@ -156,7 +157,7 @@ def refused(node: Node, reference: str, auth: cri.AuthConfig | None) -> grpc.Rpc
     assert node.cri.status(reference) is None
     error = caught.value
     assert isinstance(error, grpc.Call)
-    assert f'failed to pull image "{reference}"' in str(error.details())
+    assert f'image "{reference}"' in str(error.details())  # ours, or containerd's
     return error
 
 
@@ -237,6 +238,41 @@ def test_after_a_restart_a_private_image_needs_its_pull_secret_again(
     assert_secret_nowhere(node, private_disk_cache)
 
 
+def test_after_a_restart_reads_the_disk_cache_lacks_need_the_pull_secret_again(
+    node: Node, private_app: PublishedImage, tmp_path: Path
+) -> None:
+    """With the disk cache, a restarted snapshotter mounts the layers again without asking
+    the registry: what the cache holds is read, and a fetch of the rest fails (EIO in the
+    container) saying that the image needs credentials, until a pull brings them."""
+    image_ref = node.cri.pull(private_app.converted, SECRET)
+    check_shown(run_in_pod(node, image_ref, tmp_path / "before", "before"))
+    node.containerd.snapshotter.restart()
+    wait_until(lambda: node.containerd.ctr("snapshots", "--snapshotter", "lazyfs", "ls",
+                                           check=False, namespace=CRI_NAMESPACE).returncode == 0,
+               "containerd reconnecting")
+    assert len(layer_stats(node.containerd)) == 2  # from the disk cache
+
+    sandbox = node.cri.sandbox_config("after", tmp_path / "after")
+    sandbox_id = node.cri.run_pod(sandbox)
+    read_all = ["/bin/sh", "-c", "cat /etc/motd && cat /opt/big.bin > /dev/null && echo read"]
+
+    def start(name: str) -> tuple[int, list[str]]:
+        container_id = node.cri.run_container(sandbox_id, sandbox, name, image_ref, read_all)
+        status = node.cri.wait_exited(container_id)
+        return status.exit_code, log_lines(tmp_path / "after" / f"{name}.log")
+
+    code, lines = start("lacking")
+    assert code != 0 and lines[0] == "welcome"  # cached: read; the rest: EIO
+    assert "Input/output error" in lines[-1], lines
+    assert NEEDS_CREDENTIALS in node.containerd.snapshotter.log.read_text()
+
+    node.cri.pull(private_app.converted, SECRET)
+    # Reads of what failed are held off for a moment (a second, doubling while they fail).
+    attempts = iter(range(30))
+    wait_until(lambda: start(f"again{next(attempts)}") == (0, ["welcome", "read"]),
+               "the layers to read with the secret again", timeout_s=90)
+
+
 def test_credentials_of_a_docker_config_keep_working(
     work: Path, registry: Registry, private: Registry, pause: str,
     private_image: PublishedImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -252,3 +288,84 @@ def test_credentials_of_a_docker_config_keep_working(
         image_ref = node.cri.pull(private_image.converted)
         assert len(remote_layers(node.containerd)) == 2
         check_shown(run_in_pod(node, image_ref, tmp_path / "pod", "docker"))
+
+
+def test_an_ordinary_image_and_every_other_call_go_to_containerd(
+    node: Node, image: PublishedImage, registry: Registry, tmp_path: Path
+) -> None:
+    """A gzip image pulled through lazyfs's endpoint is containerd's own pull (its layers
+    unpacked into ordinary snapshots of the snapshotter); status, listing and the image file
+    system are containerd's answers."""
+    image_ref = node.cri.pull(image.original)
+    assert image_ref == manifest_of(registry, "test/app", "v1")[1]["config"]["digest"]
+    assert remote_layers(node.containerd) == {}
+    assert len(committed(node.containerd, CRI_NAMESPACE)) == 2
+    status = node.cri.status(image.original)
+    assert status is not None and status.id == image_ref
+    assert list(status.repo_tags) == [image.original]
+    assert image_ref in [listed.id for listed in node.cri.list_images()]
+    usage = node.cri.image("ImageFsInfo", cri.ImageFsInfoRequest(), cri.ImageFsInfoResponse)
+    assert usage.image_filesystems and usage.image_filesystems[0].fs_id.mountpoint
+    check_shown(run_in_pod(node, image_ref, tmp_path / "pod", "ordinary"))
+    assert node.cri.status(f"{registry.host}/test/app:unknown") is None
+    node.cri.remove(f"{registry.host}/test/app:unknown")  # removing nothing is no error
+
+
+def test_removing_a_lazily_pulled_image_unmounts_its_layers(
+    node: Node, image: PublishedImage, tmp_path: Path
+) -> None:
+    """RemoveImage (containerd's: every name of the image, then its garbage collection)
+    removes the layers' snapshots, and the snapshotter unmounts the layers."""
+    image_ref = node.cri.pull(image.converted)
+    check_shown(run_in_pod(node, image_ref, tmp_path / "pod", "removed"))
+    assert len(erofs_mounts(node.containerd)) == 2
+    node.cri.remove(image.converted)
+    assert node.cri.status(image_ref) is None
+    assert image_ref not in [listed.id for listed in node.cri.list_images()]
+    wait_until(lambda: remote_layers(node.containerd) == {}, "the layers' snapshots to go")
+    wait_until(lambda: layer_stats(node.containerd) == {}, "the layers to be unmounted")
+    assert erofs_mounts(node.containerd) == []
+    images = node.containerd.ctr("images", "ls", "-q", namespace=CRI_NAMESPACE).stdout
+    assert "test/app" not in images and image_ref not in images
+
+
+def test_an_image_that_cannot_be_pulled_is_named_with_the_cause(
+    node: Node, image: PublishedImage, registry: Registry
+) -> None:
+    """An unknown tag or repository: the registry's answer, named, and nothing left. A
+    registry lazyfs cannot reach: containerd, which may know a way, is asked, and says why
+    it cannot either."""
+    for missing in (f"{registry.host}/test/app:no-such-tag", f"{registry.host}/test/none:v1"):
+        error = refused(node, missing, None)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert str(error.details()).startswith(f'failed to pull image "{missing}": ')
+        assert "not found (HTTP 404" in str(error.details())
+    unreachable = "127.0.0.1:9/test/app:v1"
+    error = refused(node, unreachable, None)
+    assert str(error.details()).startswith(f'failed to pull and unpack image "{unreachable}"')
+    assert "connection refused" in str(error.details()), error.details()
+    assert "127.0.0.1:9" in node.containerd.snapshotter.log.read_text()
+
+
+def test_a_layer_that_fails_to_mount_leaves_nothing_of_the_pull(
+    node: Node, registry: Registry, tmp_path: Path
+) -> None:
+    """The second layer's chunk table does not match the digest its manifest gives: the
+    pull fails naming the image and the layer, and what it did before (content, the first
+    layer's snapshot and mount) is collected before the error comes back."""
+    layout = write_oci_image(tmp_path / "corrupt", "v1", [base_layer(), change_layer("-bad")])
+    skopeo_push(layout.layout, "v1", registry.host, "test/corrupt:v1")
+    reference = f"{registry.host}/test/corrupt:v1-erofs"
+    convert_push(f"{registry.host}/test/corrupt:v1", reference)
+    layer = manifest_of(registry, "test/corrupt", "v1-erofs")[1]["layers"][1]
+    blob = blob_file(registry, layer["digest"])  # this image's own: no other has the layer
+    data = bytearray(blob.read_bytes())
+    data[int(layer["annotations"][ANNOTATION_CHUNK_TABLE_OFFSET]) + 40] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+    error = refused(node, reference, None)
+    details = str(error.details())
+    assert details.startswith(f'failed to pull image "{reference}": layer 2 of 2 '
+                              f'({layer["digest"]})'), details
+    assert "chunk table" in details
+    assert erofs_mounts(node.containerd) == []

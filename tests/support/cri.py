@@ -3,11 +3,11 @@ for `running_containerd`, a pause image, and a small client (`Cri`) whose Runtim
 calls go to containerd's socket and ImageService calls to the image service a test names
 (lazyfs's, or containerd's own).
 
-What this machine allows: runc cannot set up a pod's cgroups through CRI here (the plugin's
-cgroup paths and resource settings fail on this host's cgroup hierarchy), so the plugin runs
-with `disable_cgroup`; no AppArmor, an OOM score adjustment no lower than ours, no
-unprivileged ports or ICMP (sysctls a host-network pod cannot take), and no CNI: every pod
-shares the host's network namespace.
+What a test machine allows: the plugin runs with `disable_cgroup`, so that a pod needs no
+cgroups of its own (runc cannot make them everywhere: in a container, in a hierarchy not
+delegated to it) and leaves none in the machine's hierarchy; no AppArmor, an OOM score
+adjustment no lower than ours, no unprivileged ports or ICMP (sysctls a host-network pod
+cannot take), and no CNI: every pod shares the host's network namespace.
 """
 
 from __future__ import annotations
