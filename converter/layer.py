@@ -1,7 +1,9 @@
 """Convert one layer (directory, tar of any compression, raw EROFS image) into a seekable blob.
 
-directory -> mkfs.erofs -> encode; tar -> safe extraction into a private temporary directory
--> mkfs.erofs -> encode; raw EROFS image -> encode. The blob and its OCI descriptor are written
+directory or tar -> lazyfs's EROFS writer (streamed, nothing extracted) -> encode; with
+mkfs.erofs (compressed or interleaved images, or `erofs_writer` MKFS): directory -> mkfs.erofs
+-> encode, tar -> safe extraction into a private temporary directory -> mkfs.erofs -> encode;
+raw EROFS image -> encode. The blob and its OCI descriptor are written
 to temporary files beside their destinations and renamed into place only when both are
 complete, so an interrupted or failed conversion leaves neither a partial output nor its
 temporary space behind.
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
+from converter.erofs_writer import ErofsWriter
 from converter.errors import ConvertError, UnsupportedSourceError
+from converter.layer_image import build_layer_image, choose_writer
 from converter.mkfs import REPRODUCIBLE_UUID, ErofsLayout, build_erofs
 from converter.source import SourceKind, detect_source, open_tar_stream
 from converter.tar_extract import ExtractStats, extract_layer
@@ -33,8 +37,10 @@ from lazyfs.format.descriptor import (
 from lazyfs.format.descriptor import descriptor_path_for as descriptor_name_for
 
 Progress = Callable[[str, int, int | None], None]
-"""Called with (phase, bytes done, total bytes or None when unknown); phases are "extract"
-(tar bytes read), "mkfs" (no byte counts) and "encode" (image bytes encoded)."""
+"""Called with (phase, bytes done, total bytes or None when unknown); phases are "scan" (tar
+bytes read, or none for a directory) and "write" (file data written) with lazyfs's writer,
+"extract" (tar bytes read) and "mkfs" (no byte counts) with mkfs.erofs, then "encode" (image
+bytes encoded)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,10 @@ class ConvertOptions:
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     erofs_compression: str | None = None  # mkfs.erofs -z argument, e.g. "lz4hc,12"
     erofs_layout: ErofsLayout | None = None  # None: metadata-first unless compressed
+    erofs_writer: ErofsWriter | None = None  # None: lazyfs's unless only mkfs.erofs can
     mkfs_opts: tuple[str, ...] = ()
     reproducible: bool = False  # fixed UUIDs and timestamps: same input, same bytes
-    timestamp: int | None = None  # mkfs.erofs build time (UNIX seconds)
+    timestamp: int | None = None  # the image's build time (UNIX seconds)
     force: bool = False  # replace an existing blob and descriptor
 
 
@@ -92,10 +99,12 @@ def convert_layer(
             "raw image and convert that"
         )
     if kind is SourceKind.EROFS_IMAGE and (options.erofs_compression or options.mkfs_opts
-                                           or options.erofs_layout):
+                                           or options.erofs_layout or options.erofs_writer):
         raise ConvertError(f"{src}: is already an EROFS image: --erofs-compression, "
-                           "--erofs-layout and --mkfs-opts apply only to directory and tar "
-                           "sources")
+                           "--erofs-layout, --erofs-writer and --mkfs-opts apply only to "
+                           "directory and tar sources")
+    writer = choose_writer(options.erofs_writer, options.erofs_compression,
+                           options.erofs_layout, options.mkfs_opts)
     encode_options = options.encode
     if options.reproducible and encode_options.verity_uuid is None:
         encode_options = replace(encode_options, verity_uuid=uuid.UUID(REPRODUCIBLE_UUID).bytes)
@@ -106,6 +115,12 @@ def convert_layer(
         work = Path(work_dir)
         if kind is SourceKind.EROFS_IMAGE:
             image = src
+        elif writer is ErofsWriter.LAZYFS:
+            image = work / "image.erofs"
+            built = build_layer_image(src, kind, image, reproducible=options.reproducible,
+                                      timestamp=options.timestamp, report=report)
+            seconds.update(built.seconds)
+            stats = built.stats
         else:
             tree = src
             if kind.is_tar:

@@ -74,7 +74,8 @@ Progress = Callable[[str], None]
 _STALE_KEYS = frozenset(
     {*SeekableAnnotations(0, "", 0, "").to_annotations(), ANNOTATION_PREFETCH,
      LABEL_UNCOMPRESSED})
-_PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding"}
+_PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding",
+           "scan": "reading the entries", "write": "writing the EROFS image"}
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,8 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
 
     options = run.options
     if wrap:  # only encoded: mkfs options do not apply to an image that exists
-        options = replace(options, erofs_compression=None, erofs_layout=None, mkfs_opts=())
+        options = replace(options, erofs_compression=None, erofs_layout=None, mkfs_opts=(),
+                          erofs_writer=None)
     try:
         result = await trio.to_thread.run_sync(convert_layer, fetched, blob, options, phase,
                                                limiter=run.threads)

@@ -145,6 +145,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "directories in the first chunks, then the files' data, so that lazy "
                         "path lookups fetch nothing else (chunk-based files: Linux >= 5.15); "
                         "interleaved: mkfs.erofs's own layout, metadata between the data")
+    parser.add_argument("--erofs-writer", choices=("lazyfs", "mkfs"),
+                        help="what writes the EROFS image: lazyfs (the default for "
+                        "uncompressed images: streamed from the directory or tar, no size "
+                        "limit) or mkfs (mkfs.erofs; always for --erofs-compression, "
+                        "--erofs-layout interleaved and --mkfs-opts)")
     parser.add_argument("--mkfs-opts", metavar="OPTS", default="",
                         help='extra mkfs.erofs options, e.g. --mkfs-opts="--all-root -x-1"')
     parser.add_argument("--reproducible", action="store_true",
@@ -179,7 +184,9 @@ _IMAGE_OPTIONS = ("oci_layout", "push", "platform", "creds", "push_creds", "mirr
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     """The ConvertOptions of the command line. Raises UserError for a bad value."""
     from converter.encoder import EncodeOptions
+    from converter.erofs_writer import ErofsWriter
     from converter.layer import ConvertOptions
+    from converter.layer_image import choose_writer
     from converter.mkfs import ErofsLayout
 
     chunk_size = parse_size(args.chunk_size, "--chunk-size")
@@ -208,8 +215,10 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         verity_hash=args.verity_hash, verity_salt=salt, threads=args.jobs,
     )
     layout = None if args.erofs_layout is None else ErofsLayout(args.erofs_layout)
+    writer = None if args.erofs_writer is None else ErofsWriter(args.erofs_writer)
+    choose_writer(writer, args.erofs_compression, layout, mkfs_opts)  # contradictions, early
     return ConvertOptions(encode=encode, erofs_compression=args.erofs_compression,
-                          erofs_layout=layout, mkfs_opts=mkfs_opts,
+                          erofs_layout=layout, erofs_writer=writer, mkfs_opts=mkfs_opts,
                           reproducible=args.reproducible, force=args.force)
 
 

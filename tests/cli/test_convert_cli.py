@@ -57,7 +57,7 @@ def test_convert_defaults_and_summary(tmp_path: Path, src: Path) -> None:
     for fragment in (descriptor["digest"], descriptor["annotations"]["containerd.io/uncompressed"],
                      "ratio", " of 512.0 KiB, chunk table at",
                      descriptor["annotations"]["dev.containerd.erofs.dmverity.root_digest"],
-                     "mkfs", "encode"):
+                     "scan", "write", "encode"):
         assert fragment in summary, fragment
     info = _inspect(out)
     assert info["chunk_size"] == 512 << 10  # lazyfs convert's default, not containerd's
@@ -133,6 +133,8 @@ def test_mkfs_failure_is_one_line_and_leaves_nothing(tmp_path: Path, src: Path) 
         (["--erofs-compression", "lz4;rm"], "invalid EROFS compression"),
         (["--erofs-compression", "lz4", "--erofs-layout", "metadata-first"],
          "the metadata-first layout stores file data uncompressed"),
+        (["--erofs-writer", "lazyfs", "--erofs-compression", "lz4"],
+         "--erofs-compression: only mkfs.erofs builds such images (--erofs-writer mkfs)"),
     ],
 )
 def test_bad_options_are_one_line(tmp_path: Path, src: Path, args: list[str],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from converter.erofs_writer import ErofsWriter
 from converter.errors import ConvertError, UnsafeTarError, UnsupportedSourceError
 from converter.layer import ConvertOptions, convert_layer, descriptor_path_for
 from converter.mkfs import ErofsLayout, build_erofs
@@ -107,6 +108,37 @@ def test_tar_layers(tmp_path: Path, compression: str) -> None:
     assert [name for name in dict.fromkeys(p[0] for p in phases)] == ["extract", "mkfs",
                                                                      "encode"]
     assert phases[-1][1] == phases[-1][2]  # encoded the whole image
+
+
+@pytest.mark.parametrize("writer", list(ErofsWriter), ids=[w.value for w in ErofsWriter])
+@pytest.mark.parametrize("source", ["directory", "tar+gzip"])
+def test_either_writer(tmp_path: Path, writer: ErofsWriter, source: str) -> None:
+    """lazyfs's writer (the default) and mkfs.erofs (`--erofs-writer mkfs`) build the same
+    tree, metadata first."""
+    if source == "directory":
+        src = _every_kind_directory(tmp_path / "src")
+    else:
+        src = tmp_path / "layer.tar.gz"
+        src.write_bytes(rich_layer().gzip())
+    out = tmp_path / "layer.blob"
+    phases: list[str] = []
+    convert_layer(src, out, ConvertOptions(erofs_writer=writer),
+                  lambda phase, done, total: phases.append(phase))
+    _verify_against(out, src)
+    expected = ["scan", "write", "encode"] if writer is ErofsWriter.LAZYFS else [
+        "extract", "mkfs", "encode"] if source != "directory" else ["mkfs", "encode"]
+    assert list(dict.fromkeys(phases)) == expected
+
+
+def test_only_mkfs_writes_compressed_and_interleaved_images(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file").write_bytes(b"data")
+    for options in ({"erofs_compression": "lz4"}, {"erofs_layout": ErofsLayout.INTERLEAVED},
+                    {"mkfs_opts": ("-x-1",)}):
+        with pytest.raises(ConvertError, match=r"only mkfs\.erofs builds such images"):
+            _convert(src, tmp_path / "x.blob", erofs_writer=ErofsWriter.LAZYFS, **options)
+    _convert(src, tmp_path / "y.blob", erofs_compression="lz4")  # mkfs.erofs, chosen alone
 
 
 def test_descriptor_beside_blob_records_the_image(tmp_path: Path) -> None:

@@ -1,0 +1,150 @@
+"""Which program writes a layer's raw EROFS image, and how lazyfs's own writer is run.
+
+lazyfs's writer (`converter.erofs_writer`) writes every uncompressed image by default: streamed
+from the directory or the tar layer (read twice, nothing extracted), metadata first, in any
+size. mkfs.erofs (`converter.mkfs`) writes what only it can: compressed images, its own
+interleaved layout, images built with mkfs options; and any image with `--erofs-writer mkfs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from converter.dir_inodes import DirectorySource
+from converter.erofs_writer import ErofsWriter, ImageOptions, ImageResult, write_image
+from converter.errors import ConvertError
+from converter.inode_tree import LayerSource, Node
+from converter.mkfs import REPRODUCIBLE_UUID, ErofsLayout
+from converter.source import SourceKind, open_tar_stream
+from converter.tar_extract import ExtractStats
+from converter.tar_inodes import TarSource
+
+Report = Callable[[str, int, int | None], None]
+"""(phase, bytes done, total or None): "scan" (tar bytes read), "write" (file data)."""
+
+
+def choose_writer(writer: ErofsWriter | None, compression: str | None,
+                  layout: ErofsLayout | None, mkfs_opts: tuple[str, ...]) -> ErofsWriter:
+    """The writer for these options (None: lazyfs's, unless only mkfs.erofs can do what they
+    ask). Raises ConvertError when lazyfs's is asked for what only mkfs.erofs does."""
+    needs_mkfs = [what for what, given in (
+        ("--erofs-compression", compression is not None),
+        ("--erofs-layout interleaved", layout is ErofsLayout.INTERLEAVED),
+        ("--mkfs-opts", bool(mkfs_opts))) if given]
+    if writer is ErofsWriter.LAZYFS and needs_mkfs:
+        raise ConvertError(f"{', '.join(needs_mkfs)}: only mkfs.erofs builds such images "
+                           "(--erofs-writer mkfs); lazyfs's writer builds uncompressed, "
+                           "metadata-first images")
+    if writer is None:
+        return ErofsWriter.MKFS if needs_mkfs else ErofsWriter.LAZYFS
+    return writer
+
+
+def build_time_from_environment(timestamp: int | None) -> int | None:
+    """`timestamp`, else SOURCE_DATE_EPOCH as mkfs.erofs honours it. Raises ConvertError for
+    a value that is not a time."""
+    if timestamp is not None:
+        if timestamp < 0:
+            raise ConvertError(f"invalid timestamp {timestamp}: must be >= 0")
+        return timestamp
+    text = os.environ.get("SOURCE_DATE_EPOCH")
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ConvertError(f"SOURCE_DATE_EPOCH={text!r}: not a number of seconds")
+    return int(text)
+
+
+@dataclass
+class Built:
+    """What lazyfs's writer made of a layer: the image's numbers, the tar's entries (None for
+    a directory) and the seconds of each phase."""
+
+    result: ImageResult
+    stats: ExtractStats | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _CountingReader:
+    """A stream that reports the bytes read through it."""
+
+    def __init__(self, stream: BinaryIO, report: Report) -> None:
+        self._stream = stream
+        self._report = report
+        self._done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._done += len(data)
+        self._report("scan", self._done, None)
+        return data
+
+
+def layer_source(src: Path, kind: SourceKind, report: Report) -> LayerSource:
+    """The source lazyfs's writer reads `src` through (a directory or a tar layer). Raises
+    ConvertError (UnsafeTarError) for what it cannot take."""
+    if kind is SourceKind.DIRECTORY:
+        return DirectorySource(src)
+    if not kind.is_tar:
+        raise ConvertError(f"{src}: a {kind.value} source has no tree to write")
+    first = True
+
+    @contextlib.contextmanager
+    def stream() -> Iterator[BinaryIO]:
+        nonlocal first
+        with open_tar_stream(src, kind) as raw:
+            if first:  # the read of the entries; the data's is counted as written
+                first = False
+                yield _CountingReader(raw, report)  # type: ignore[misc]
+            else:
+                yield raw
+
+    return TarSource(stream)
+
+
+def write_layer_image(source: LayerSource, image: Path, *, reproducible: bool,
+                      timestamp: int | None, report: Report,
+                      startup: Iterable[tuple[Node, int]] = ()) -> ImageResult:
+    """Write `source`'s image with lazyfs's writer. Raises ConvertError, OSError."""
+    options = ImageOptions(
+        timestamp=build_time_from_environment(timestamp),
+        uuid=uuid.UUID(REPRODUCIBLE_UUID).bytes if reproducible else uuid.uuid4().bytes)
+    return write_image(source, image, options, startup=startup,
+                       progress=lambda done, total: report("write", done, total))
+
+
+def build_layer_image(src: Path, kind: SourceKind, image: Path, *, reproducible: bool,
+                      timestamp: int | None, report: Report) -> Built:
+    """Build the raw EROFS image of the directory or tar layer `src` with lazyfs's writer.
+    Raises ConvertError (UnsafeTarError) for unusable input, naming the path or entry."""
+    seconds: dict[str, float] = {}
+    start = time.monotonic()
+    report("scan", 0, None)
+    source = layer_source(src, kind, report)
+    seconds["scan"] = time.monotonic() - start
+    start = time.monotonic()
+    try:
+        result = write_layer_image(source, image, reproducible=reproducible,
+                                   timestamp=timestamp, report=report)
+    except OSError as exc:
+        raise ConvertError(f"{exc.filename or image}: cannot write: {exc.strerror}") from None
+    seconds["write"] = time.monotonic() - start
+    stats = source.stats if isinstance(source, TarSource) else None
+    return Built(result, stats, seconds)
+
+
+__all__ = [
+    "Built",
+    "build_layer_image",
+    "build_time_from_environment",
+    "choose_writer",
+    "layer_source",
+    "write_layer_image",
+]
