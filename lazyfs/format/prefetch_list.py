@@ -15,6 +15,12 @@ A list file (`lazyfs run --record FILE`, `lazyfs mount --record FILE`):
 `chunks` lists chunk indices in order, runs of consecutive ones written `first-last`. An image
 carries one layer's entry, the same JSON object, in the layer descriptor's annotation
 `dev.lazyfs.prefetch` (`lazyfs convert --prefetch FILE`).
+
+A recorded list also says, per layer, which blocks of the raw image reads touched, in the
+order they first did, at EROFS block granularity: `"blocks": "0-3,1000,5"`, with
+`"block_size": 4096` and `"image_size"` (the raw image's bytes). A converter maps them back to
+file blocks and lays those out first (`lazyfs convert --startup-order FILE`). Annotations
+carry no blocks: a mount needs only the chunks.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ ANNOTATION_PREFETCH = "dev.lazyfs.prefetch"
 MAX_LIST_BYTES = 4 * 1024 * 1024
 # Registries cap manifests at a few MiB; one layer's list stays far below that.
 MAX_ANNOTATION_BYTES = 256 * 1024
+BLOCK_SIZE = 4096  # what recorders note reads at: the EROFS block
+MAX_RECORDED_BLOCKS = 1 << 18  # 1 GiB of reads: a start-up reads far less
 
 
 class PrefetchListError(FormatError):
@@ -39,12 +47,22 @@ class PrefetchListError(FormatError):
 
 @dataclass(frozen=True)
 class LayerPrefetch:
-    """One layer's chunks in first-read order (each index once, all below `chunk_count`)."""
+    """One layer's chunks in first-read order (each index once, all below `chunk_count`);
+    and, when recorded, the `block_size` blocks of its `image_size`-byte raw image the reads
+    touched, in the same order (empty otherwise)."""
 
     chunk_digest: str
     chunk_count: int
     chunks: tuple[int, ...]
     name: str = ""
+    blocks: tuple[int, ...] = ()
+    block_size: int = 0
+    image_size: int = 0
+
+    @property
+    def block_count(self) -> int:
+        """The image's blocks (0 without a block record)."""
+        return -(-self.image_size // self.block_size) if self.block_size else 0
 
 
 @dataclass(frozen=True)
@@ -76,24 +94,28 @@ def format_runs(chunks: Iterable[int]) -> str:
     return ",".join(parts)
 
 
-def parse_runs(text: str, chunk_count: int, where: str) -> tuple[int, ...]:
-    """The chunk indices of `first-last,…` text, in order. Raises PrefetchListError for a
-    malformed run, an index out of range, a descending run or an index listed twice."""
+def parse_runs(text: str, chunk_count: int, where: str, what: str = "chunk",
+               limit: int | None = None) -> tuple[int, ...]:
+    """The chunk (or `what`) indices of `first-last,…` text, in order. Raises
+    PrefetchListError for a malformed run, an index out of range, a descending run, an index
+    listed twice, or more than `limit` indices."""
     chunks: list[int] = []
     seen: set[int] = set()
     for part in text.split(",") if text else []:
         first_text, dash, last_text = part.partition("-")
         if not first_text.isdigit() or (dash and not last_text.isdigit()):
-            raise PrefetchListError(f"{where}: chunks: {part!r} is not N or N-M")
+            raise PrefetchListError(f"{where}: {what}s: {part!r} is not N or N-M")
         first = int(first_text)
         last = int(last_text) if dash else first
         if last < first or last >= chunk_count:
             raise PrefetchListError(
-                f"{where}: chunks: run {part!r} is not within 0-{chunk_count - 1} in order"
+                f"{where}: {what}s: run {part!r} is not within 0-{chunk_count - 1} in order"
             )
+        if limit is not None and len(chunks) + last - first + 1 > limit:
+            raise PrefetchListError(f"{where}: {what}s: more than {limit} listed")
         for index in range(first, last + 1):
             if index in seen:
-                raise PrefetchListError(f"{where}: chunks: chunk {index} listed twice")
+                raise PrefetchListError(f"{where}: {what}s: {what} {index} listed twice")
             seen.add(index)
             chunks.append(index)
     return tuple(chunks)
@@ -113,14 +135,34 @@ def _layer_from(obj: Any, where: str) -> LayerPrefetch:
         raise PrefetchListError(f"{where}: chunks: expected a string of runs, found {runs!r}")
     if not isinstance(name, str):
         raise PrefetchListError(f"{where}: name: expected a string, found {name!r}")
-    return LayerPrefetch(digest, count, parse_runs(runs, count, where), name)
+    layer = LayerPrefetch(digest, count, parse_runs(runs, count, where), name)
+    if "blocks" not in obj:
+        return layer
+    block_runs, block_size, image_size = (obj.get("blocks"), obj.get("block_size"),
+                                          obj.get("image_size"))
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 512 \
+            or block_size & (block_size - 1):
+        raise PrefetchListError(f"{where}: block_size: expected a power of two of 512 or "
+                                f"more, found {block_size!r}")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise PrefetchListError(f"{where}: image_size: expected a positive integer, found "
+                                f"{image_size!r}")
+    if not isinstance(block_runs, str):
+        raise PrefetchListError(f"{where}: blocks: expected a string of runs, found "
+                                f"{block_runs!r}")
+    blocks = parse_runs(block_runs, -(-image_size // block_size), where, "block",
+                        MAX_RECORDED_BLOCKS)
+    return LayerPrefetch(digest, count, layer.chunks, name, blocks, block_size, image_size)
 
 
-def _layer_object(layer: LayerPrefetch) -> dict[str, Any]:
+def _layer_object(layer: LayerPrefetch, *, with_blocks: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"chunk_digest": layer.chunk_digest, "chunk_count": layer.chunk_count,
                            "chunks": format_runs(layer.chunks)}
     if layer.name:
         out["name"] = layer.name
+    if with_blocks and layer.block_size:
+        out.update(blocks=format_runs(layer.blocks), block_size=layer.block_size,
+                   image_size=layer.image_size)
     return out
 
 
@@ -166,9 +208,9 @@ def parse_prefetch_annotation(value: str, where: str) -> LayerPrefetch:
 
 
 def serialize_prefetch_annotation(layer: LayerPrefetch) -> str:
-    """The annotation value for `layer` (compact JSON). Raises PrefetchListError when it
-    would exceed MAX_ANNOTATION_BYTES."""
-    value = json.dumps(_layer_object(layer), separators=(",", ":"))
+    """The annotation value for `layer` (compact JSON, its chunks alone). Raises
+    PrefetchListError when it would exceed MAX_ANNOTATION_BYTES."""
+    value = json.dumps(_layer_object(layer, with_blocks=False), separators=(",", ":"))
     if len(value) > MAX_ANNOTATION_BYTES:
         raise PrefetchListError(f"the prefetch list of layer {layer.name or layer.chunk_digest} "
                                 f"is {len(value)} bytes; an annotation takes at most "

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from lazyfs.format.prefetch_list import (
+    BLOCK_SIZE,
+    MAX_RECORDED_BLOCKS,
     LayerPrefetch,
     PrefetchList,
     PrefetchListError,
@@ -234,35 +236,46 @@ def _frame_size(image: RemoteImage, index: int) -> int:
 class _LayerAccesses:
     chunk_digest: str
     chunk_count: int
+    image_size: int
     chunks: dict[int, None] = field(default_factory=dict)  # first reads, in order
+    blocks: dict[int, None] = field(default_factory=dict)  # the same, by EROFS block
 
 
 class AccessRecorder:
-    """Remembers, per layer, the chunks reads touched in the order they first did; written
-    as a prefetch list when the mount ends. Bounded by the layers' chunk counts."""
+    """Remembers, per layer, the chunks reads touched in the order they first did, and the
+    4 KiB blocks of the raw image too (for `lazyfs convert --startup-order`); written as a
+    prefetch list when the mount ends. Bounded by the layers' chunk counts, and blocks by
+    MAX_RECORDED_BLOCKS (a start-up reads far less)."""
 
     def __init__(self) -> None:
         self._layers: dict[str, _LayerAccesses] = {}
 
-    def hook(self, image: RemoteImage) -> Callable[[range], None] | None:
-        """The read hook for `image`; None for a layer without a chunk digest (a list could
-        not name it)."""
+    def hook(self, image: RemoteImage) -> Callable[[int, int], None] | None:
+        """The read hook for `image`, called with (offset, size) of each read; None for a
+        layer without a chunk digest (a list could not name it)."""
         digest = image.metadata.annotations.chunk_digest
         if digest is None:
             return None
+        table = image.metadata.table
         accesses = self._layers.setdefault(
-            image.name, _LayerAccesses(digest, image.metadata.table.chunk_count))
+            image.name, _LayerAccesses(digest, table.chunk_count, image.size))
 
-        def note(indices: range) -> None:
-            for index in indices:
+        def note(offset: int, size: int) -> None:
+            for index in table.chunks_for_range(offset, size):
                 if index not in accesses.chunks:
                     accesses.chunks[index] = None
+            end = min(offset + size, accesses.image_size)
+            blocks = accesses.blocks
+            for block in range(offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)):
+                if block not in blocks and len(blocks) < MAX_RECORDED_BLOCKS:
+                    blocks[block] = None
 
         return note
 
     def prefetch_list(self) -> PrefetchList:
         return PrefetchList(tuple(
-            LayerPrefetch(layer.chunk_digest, layer.chunk_count, tuple(layer.chunks), name)
+            LayerPrefetch(layer.chunk_digest, layer.chunk_count, tuple(layer.chunks), name,
+                          tuple(layer.blocks), BLOCK_SIZE, layer.image_size)
             for name, layer in self._layers.items() if layer.chunks))
 
     def write(self, path: str) -> None:

@@ -92,10 +92,10 @@ class RemoteImage:
         if source_probe is not None:
             self.loader.probe_source(nursery, source_probe, tuning.source_probe_delay_s)
         # Background loads wait while `demand` counts fetches that reads wait for; `on_read`
-        # (a recorder's) sees the chunks of every read.
+        # (a recorder's) sees (offset, size) of every read.
         self.demand = DemandGate()
         self.background = BackgroundStats()
-        self.on_read: Callable[[range], None] | None = None
+        self.on_read: Callable[[int, int], None] | None = None
         # While a prefetch list is replayed it says what comes next (better than the layout
         # does): no readahead, no chunks follow a miss; they would only compete with it.
         self.replaying_list = False
@@ -128,7 +128,7 @@ class RemoteImage:
         if not indices:
             return b""
         if self.on_read is not None:
-            self.on_read(indices)
+            self.on_read(offset, size)
         if self.disk is not None:
             self.disk.note_reads(indices)
         end = min(offset + size, self.size)

@@ -52,6 +52,35 @@ def test_annotation_round_trips(layer: LayerPrefetch) -> None:
     assert parse_prefetch_annotation(serialize_prefetch_annotation(layer), "l") == layer
 
 
+@given(layer_lists(), st.data())
+def test_block_records_round_trip_in_files_only(layer: LayerPrefetch, data: st.DataObject) -> None:
+    image_size = data.draw(st.integers(min_value=1, max_value=300 * 4096))
+    count = -(-image_size // 4096)
+    blocks = tuple(data.draw(st.permutations(range(count)))[:data.draw(st.integers(0, count))])
+    recorded = LayerPrefetch(layer.chunk_digest, layer.chunk_count, layer.chunks, layer.name,
+                             blocks, 4096, image_size)
+    assert recorded.block_count == count
+    prefetch = PrefetchList((recorded,))
+    assert parse_prefetch_list(serialize_prefetch_list(prefetch), "f") == prefetch
+    assert parse_prefetch_annotation(serialize_prefetch_annotation(recorded), "l") == layer
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"blocks": "0-2", "block_size": 4096}, "image_size: expected a positive integer"),
+    ({"blocks": "0-2", "block_size": 1000, "image_size": 9000}, "block_size: expected a power"),
+    ({"blocks": "0-3", "block_size": 4096, "image_size": 9000}, "blocks: run '0-3' is not within"),
+    ({"blocks": "1,1", "block_size": 4096, "image_size": 9000}, "blocks: block 1 listed twice"),
+    ({"blocks": [1], "block_size": 4096, "image_size": 9000}, "blocks: expected a string"),
+    ({"blocks": "0-300000", "block_size": 4096, "image_size": 1 << 31},
+     "blocks: more than 262144 listed"),
+])
+def test_bad_block_records(fields: dict[str, object], message: str) -> None:
+    entry = {"chunk_digest": DIGEST, "chunk_count": 2, "chunks": "0", **fields}
+    data = json.dumps({"mediaType": PREFETCH_MEDIA_TYPE, "layers": [entry]}).encode()
+    with pytest.raises(PrefetchListError, match=message):
+        parse_prefetch_list(data, "f")
+
+
 def test_runs_fold_ascending_sequences_only() -> None:
     assert format_runs([0, 1, 2, 7, 5, 6]) == "0-2,7,5-6"
     assert format_runs([]) == ""

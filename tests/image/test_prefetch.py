@@ -208,6 +208,10 @@ def test_recorder_writes_first_reads_in_order(blob: Path, tmp_path: Path) -> Non
     assert layer is not None
     assert layer.chunks == (3, 1, 2, 0)
     assert layer.name == "layer.blob"
+    # And the 4 KiB blocks of the raw image, in the order reads first touched them.
+    per_chunk = CHUNK // 4096
+    assert layer.block_size == 4096 and layer.image_size == len(IMAGE)
+    assert layer.blocks == (3 * per_chunk, *range(per_chunk, 2 * per_chunk + 1), 0)
     assert list(tmp_path.glob("*.partial-*")) == []
 
 
