@@ -46,7 +46,6 @@ import sqlite3
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -576,7 +575,7 @@ class DiskStore:
 
     def _write(self, final: Path, data: bytes) -> None:
         """Write `data` to a temporary file, fsync it, and rename it to `final`."""
-        temporary = self.directory / "tmp" / f"{final.name[:32]}.{uuid.uuid4().hex}"
+        temporary = self.directory / "tmp" / f"{final.name[:32]}.{os.urandom(16).hex()}"
         try:
             with open(temporary, "xb", opener=private_opener) as stream:
                 stream.write(data)

@@ -15,6 +15,7 @@ from lazyfs.cli._images import cache_directory_of, platform_of
 if TYPE_CHECKING:
     from lazyfs.fetch.head_start import HeadStart, PrimedAnswers
     from lazyfs.fetch.registry_head_start import PrimedRegistry, RegistryHeadStart
+    from lazyfs.format.descriptor import Descriptor
     from lazyfs.format.platform import Platform
     from lazyfs.format.reference import ImageReference
     from lazyfs.image.warm_start import WarmFeed, WarmLayer, WarmStart
@@ -27,22 +28,24 @@ HEAD_START_WAIT_S = 1.0
 def layer_head_start(args: argparse.Namespace, descriptor: str | None,
                      headers: dict[str, str]) -> HeadStart | None:
     """Start fetching what opening the layer SOURCE names asks for first (its descriptor at
-    `descriptor` when given), when it is an http(s) URL (not a layer located by offsets
-    given here)."""
+    `descriptor` when given: a URL, or a local file read now), when it is an http(s) URL (not
+    a layer located by offsets given here)."""
     if "://" not in args.source or args.chunk_table_offset is not None:
         return None
     from lazyfs.fetch.head_start import HeadStart
-    from lazyfs.format.descriptor import descriptor_locations
-    from lazyfs.image.keys import descriptor_key
+    from lazyfs.format.descriptor import is_local
     from lazyfs.image.tuning import ImageTuning
 
     if not HeadStart.applies_to(args.source, descriptor):
         return None
-    remembered = _disk_cache_holds(args, *(
-        descriptor_key(location) for location in descriptor_locations(args.source, descriptor)))
-    return HeadStart(args.source, descriptor=descriptor, headers=headers,
+    known, held = _layer_on_disk(args, descriptor)
+    # A local descriptor that cannot be read: the daemon says why; its layer's metadata on
+    # disk: the daemon opens it without a request.
+    if descriptor is not None and is_local(descriptor) and (known is None or held):
+        return None
+    return HeadStart(args.source, descriptor=descriptor, known=known, headers=headers,
                      tree_window_bytes=ImageTuning().verity_window_bytes,
-                     first_frame=not args.block_only, descriptor_only=remembered).start()
+                     first_frame=not args.block_only, descriptor_only=held).start()
 
 
 def image_head_start(text: str, args: argparse.Namespace, *,
@@ -50,16 +53,13 @@ def image_head_start(text: str, args: argparse.Namespace, *,
     """Start fetching what resolving the image `text` and mounting its layers ask for first
     (`mounts`: EROFS is mounted on the layers, so their first frames too); none when the
     image is taken from the disk cache without asking the registry (`--pull`)."""
-    from lazyfs.image.keys import image_data_key, tag_key
+    from lazyfs.image.keys import image_data_key
 
     parsed = _reference_and_platform(text, args)
     if parsed is None:
         return None
     reference, platform = parsed
-    wanted = reference.reference
-    key = (image_data_key(wanted) if wanted.startswith(("sha256:", "sha512:"))
-           else tag_key(reference.registry, reference.repository, wanted))
-    remembered = _disk_cache_holds(args, key)
+    remembered = _disk_cache_holds(args, _image_key(reference))
     pull = getattr(args, "pull", "always")
     if pull == "never" or (remembered and pull == "missing"):
         return None
@@ -98,20 +98,24 @@ def finish_image(head_start: RegistryHeadStart | None,
 
 def image_warm_start(text: str, args: argparse.Namespace) -> WarmStart | None:
     """Start loading what the disk cache holds of the image `text` as it remembers it (the
-    manifest its tag pointed to last), for the daemon to start with."""
+    manifest its tag pointed to last), for the daemon to start with; none when it remembers
+    no manifest for it."""
+    parsed = _reference_and_platform(text, args)
+    if parsed is None or not _disk_cache_holds(args, _image_key(parsed[0])):
+        return None
     from lazyfs.image.warm_start import remembered_image_layers
 
-    parsed = _reference_and_platform(text, args)
-    if parsed is None:
-        return None
     reference, platform = parsed
     return _warm_start(args, lambda directory: remembered_image_layers(
         directory, reference.registry, reference.repository, reference.reference, platform))
 
 
 def layer_warm_start(args: argparse.Namespace, descriptor: str | None) -> WarmStart | None:
-    """As `image_warm_start`, for the layer URL SOURCE (its descriptor as remembered)."""
+    """As `image_warm_start`, for the layer URL SOURCE (its descriptor as remembered, or the
+    local file `descriptor`); none when the disk cache holds nothing of it to start with."""
     if "://" not in args.source or args.chunk_table_offset is not None:
+        return None
+    if not _layer_on_disk(args, descriptor)[1]:
         return None
     from lazyfs.image.warm_start import remembered_layer
 
@@ -148,6 +152,35 @@ def _preload() -> None:
     from lazyfs.mount.background import preload_daemon_modules
 
     preload_daemon_modules()
+
+
+def _layer_on_disk(args: argparse.Namespace,
+                   descriptor: str | None) -> tuple[Descriptor | None, bool]:
+    """For the layer URL SOURCE: its descriptor when `descriptor` is a local file (read now;
+    None when it cannot be, or for a URL), and whether the disk cache holds what opening the
+    layer starts with (that layer's metadata; else the descriptor last fetched from where the
+    daemon looks for it)."""
+    from lazyfs.format.descriptor import descriptor_locations, is_local
+    from lazyfs.image.keys import descriptor_key, layer_key
+
+    if descriptor is not None and is_local(descriptor):
+        from lazyfs.fetch.head_start import read_descriptor_file
+
+        known = read_descriptor_file(descriptor)
+        return known, known is not None and _disk_cache_holds(
+            args, layer_key(known.seekable(descriptor)))
+    return None, _disk_cache_holds(args, *(
+        descriptor_key(location) for location in descriptor_locations(args.source, descriptor)))
+
+
+def _image_key(reference: ImageReference) -> str | None:
+    """The disk cache's name for what `reference` (a tag or a digest) stands for."""
+    from lazyfs.image.keys import image_data_key, tag_key
+
+    wanted = reference.reference
+    if wanted.startswith(("sha256:", "sha512:")):
+        return image_data_key(wanted)
+    return tag_key(reference.registry, reference.repository, wanted)
 
 
 def _disk_cache_holds(args: argparse.Namespace, *keys: str | None) -> bool:

@@ -6,7 +6,9 @@ requests one after another: the descriptor beside the blob, the metadata range, 
 the first frame (the EROFS superblock and the root directory) and the hash blocks over it.
 None of those requests needs the imports, so a `HeadStart` thread makes them first, with the
 standard library alone, and the round trips overlap the imports; the first frame, which
-starts the blob, comes on a second connection at the same time.
+starts the blob, comes on a second connection at the same time. A descriptor in a local file
+(`--descriptor FILE`) is read at once (`read_descriptor_file`): the metadata range is then
+the first request.
 
 What it receives is kept as it came (`PrimedAnswers`), and the daemon's reader answers the
 first request for each of those ranges from it instead of the network. Nothing is trusted for
@@ -30,8 +32,10 @@ from urllib.parse import SplitResult, urlsplit
 
 from lazyfs.errors import LazyfsError
 from lazyfs.format.descriptor import (
+    Descriptor,
     SeekableAnnotations,
     descriptor_locations,
+    is_local,
     parse_descriptor,
 )
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
@@ -200,12 +204,14 @@ class EarlyRequests:
 class HeadStart(EarlyRequests):
     """Fetch in a thread what opening the layer at `blob_url` asks for first (see the module
     docstring). `descriptor` is the descriptor URL the user gave (else the ones beside the
-    blob are tried, as the daemon will); `headers` go with every request. With `descriptor_only`
-    (a disk cache holds the layer) only the descriptor is fetched; else the metadata too, and
-    with `first_frame` the start of the first frame and its hash blocks (the kernel mount reads
-    them first)."""
+    blob are tried, as the daemon will), or `known` the descriptor read from the user's file
+    (then nothing precedes the metadata); `headers` go with every request. With
+    `descriptor_only` (a disk cache holds the layer) only the descriptor is fetched; else the
+    metadata too, and with `first_frame` the start of the first frame and its hash blocks
+    (the kernel mount reads them first)."""
 
     def __init__(self, blob_url: str, *, descriptor: str | None = None,
+                 known: Descriptor | None = None,
                  headers: Mapping[str, str] | None = None, verify_tls: bool | str = True,
                  tree_window_bytes: int, first_frame: bool = True,
                  descriptor_only: bool = False) -> None:
@@ -214,8 +220,9 @@ class HeadStart(EarlyRequests):
         self._url = blob_url
         self._path = _path_of(self._parts)
         self._descriptor = descriptor
-        self._descriptor_only = descriptor_only
-        self._first_frame_too = first_frame and not descriptor_only
+        self._known = known
+        self._descriptor_only = descriptor_only and known is None
+        self._first_frame_too = first_frame and not self._descriptor_only
         self._answers = PrimedAnswers()
         self._thread(self._open_layer, "head-start")
         if self._first_frame_too:
@@ -227,11 +234,12 @@ class HeadStart(EarlyRequests):
     @staticmethod
     def applies_to(blob_url: str, descriptor: str | None) -> bool:
         """Whether a head start can help: an http(s) blob URL without credentials in it, and
-        a descriptor that is beside it or at an http(s) URL of the same origin."""
+        a descriptor that is beside it, in a local file or at an http(s) URL of the same
+        origin."""
         parts = urlsplit(blob_url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
             return False
-        if descriptor is None:
+        if descriptor is None or is_local(descriptor):
             return True
         other = urlsplit(descriptor)
         return (other.scheme, other.netloc) == (parts.scheme, parts.netloc)
@@ -246,13 +254,16 @@ class HeadStart(EarlyRequests):
         return self._answers
 
     def _open_layer(self, connection: http.client.HTTPConnection) -> None:
-        descriptor = None
-        for location in descriptor_locations(self._url, self._descriptor):
-            text = self._get_document(connection, location)
-            if text is not None:
-                descriptor = parse_descriptor(text, location)
-                annotations = descriptor.seekable(location)
-                break
+        descriptor = self._known
+        if descriptor is not None:
+            annotations = descriptor.seekable()
+        else:
+            for location in descriptor_locations(self._url, self._descriptor):
+                text = self._get_document(connection, location)
+                if text is not None:
+                    descriptor = parse_descriptor(text, location)
+                    annotations = descriptor.seekable(location)
+                    break
         if descriptor is None or self._descriptor_only:
             return
         self._layer_metadata(connection, self._path, self._answers, annotations,
@@ -279,6 +290,23 @@ class HeadStart(EarlyRequests):
             self._answers.bytes_fetched += length
 
         self._keep(record)
+
+
+def read_descriptor_file(location: str) -> Descriptor | None:
+    """The descriptor in the local file `location` (a path or file:// URL), at once; None
+    when it cannot be read or is no descriptor of a seekable layer (the daemon reads it again
+    and says why)."""
+    try:
+        with open(location.removeprefix("file://"), "rb") as stream:
+            text = stream.read(MAX_DOCUMENT_BYTES + 1)
+        if len(text) > MAX_DOCUMENT_BYTES:
+            return None
+        descriptor = parse_descriptor(text, location)
+        descriptor.seekable(location)
+    except (OSError, LazyfsError) as exc:
+        log.debug("head start: no descriptor: %s", exc)
+        return None
+    return descriptor
 
 
 def _connect(parts: SplitResult, verify_tls: bool | str) -> http.client.HTTPConnection:

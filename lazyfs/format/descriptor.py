@@ -275,6 +275,12 @@ def descriptor_locations(blob: str, descriptor: str | None) -> list[str]:
     return descriptor_path_candidates(blob.partition("?")[0])
 
 
+def is_local(location: str) -> bool:
+    """Whether a blob or descriptor `location` names a local file (a path or file:// URL)
+    rather than a URL to fetch."""
+    return "://" not in location or location.startswith("file://")
+
+
 def descriptor_path_for(blob: str) -> str:
     """The descriptor's path beside the blob at `blob`: `X.blob` -> `X.descriptor.json`, any
     other name -> `NAME.descriptor.json` (the first of `descriptor_path_candidates`)."""

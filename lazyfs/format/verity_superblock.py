@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import uuid as uuid_module
 from dataclasses import dataclass
 
 from lazyfs.format.errors import BadMagicError, FieldError, TruncatedError
@@ -43,7 +42,9 @@ class VeritySuperblock:
 
     @property
     def uuid_text(self) -> str:
-        return str(uuid_module.UUID(bytes=self.uuid))
+        import uuid  # for display only: not on a mount's path
+
+        return str(uuid.UUID(bytes=self.uuid))
 
 
 def _check_block_size(field: str, offset: int, size: int) -> None:

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazyfs.cache.disk_index import read_layer_entries
 from lazyfs.cache.disk_store import read_entry
@@ -44,20 +45,16 @@ from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
     SeekableAnnotations,
     descriptor_locations,
+    is_local,
     parse_annotations,
     parse_descriptor,
 )
 from lazyfs.format.errors import FormatError
-from lazyfs.format.oci import (
-    Index,
-    detect_media_type,
-    digest_of,
-    parse_manifest,
-    parse_manifest_or_index,
-)
-from lazyfs.format.platform import Platform
 from lazyfs.image.disk_entries import check_cached_metadata, check_frame
 from lazyfs.image.keys import descriptor_key, frame_key, image_data_key, layer_key, tag_key
+
+if TYPE_CHECKING:
+    from lazyfs.format.platform import Platform
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +238,8 @@ def remembered_image_layers(directory: Path, registry: str, repository: str, ref
     """The seekable layers of the image the disk cache remembers for `reference` (a tag: the
     manifest it pointed to last; a digest: that manifest), through an index for `platform`;
     [] when it remembers none."""
+    from lazyfs.format.oci import Index, detect_media_type, parse_manifest, parse_manifest_or_index
+
     if reference.startswith(("sha256:", "sha512:")):
         digest = reference
     else:
@@ -263,10 +262,12 @@ def remembered_image_layers(directory: Path, registry: str, repository: str, ref
 
 
 def remembered_layer(directory: Path, blob: str, descriptor: str | None) -> list[WarmLayer]:
-    """The layer at the URL `blob`, as the descriptor the disk cache remembers for it says
-    (looked for where the daemon looks); [] when it remembers none."""
+    """The layer at the URL `blob`, as its descriptor says: the local file `descriptor` when
+    it names one, else the descriptor the disk cache remembers for the blob (looked for where
+    the daemon looks); [] when there is none."""
     for location in descriptor_locations(blob, descriptor):
-        text = read_entry(directory, descriptor_key(location))
+        text = (Path(location.removeprefix("file://")).read_bytes() if is_local(location)
+                else read_entry(directory, descriptor_key(location)))
         if text is not None:
             found = parse_descriptor(text, location)
             return [WarmLayer(found.seekable(location), found.size)]
@@ -275,6 +276,8 @@ def remembered_layer(directory: Path, blob: str, descriptor: str | None) -> list
 
 def _remembered(directory: Path, digest: str) -> bytes | None:
     """The manifest of `digest` the disk cache holds, if it matches the digest."""
+    from lazyfs.format.oci import digest_of
+
     key = image_data_key(digest)
     body = None if key is None else read_entry(directory, key)
     if body is None or digest_of(body, digest.partition(":")[0]) != digest:

@@ -26,12 +26,10 @@ from lazyfs.errors import LazyfsError
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
-from lazyfs.image.registry_source import host_platform
 from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.background import spawn_daemon, stop_mount
 from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
-from lazyfs.mount.images import ImageSet, image_record, resolve_images
 from lazyfs.mount.state import (
     LOG_SUFFIX,
     MountRecord,
@@ -45,6 +43,7 @@ from lazyfs.mount.state import (
 if TYPE_CHECKING:
     from lazyfs.fetch.registry_head_start import PrimedRegistry
     from lazyfs.fetch.registry_options import RegistryOptions
+    from lazyfs.mount.images import ImageSet
 
 STATS_TIMEOUT_S = 10.0
 
@@ -143,6 +142,8 @@ def image_config(
     mountpoint, read-only unless `writable` gives (upper, work) directories; with
     `block_only`, only the layers' image files in `mountpoints[0]`. `temp_dir` is scratch
     space removed with the mount."""
+    from lazyfs.mount.images import image_record  # images only: not on a layer's path
+
     upper, work = writable if writable is not None else (None, None)
     images = [
         image_record(reference, image, mountpoint, upper, work)
@@ -178,6 +179,9 @@ def resolve(
     machine's); with `disk`, images resolved before resolve again while their registry is
     unreachable; `primed`: a head start's answers for the first reference. Raises
     ImageResolveError, FetchError."""
+    from lazyfs.image.names import host_platform
+    from lazyfs.mount.images import resolve_images
+
     return trio.run(
         lambda: resolve_images(references, registry, platform or host_platform(),
                                insecure=insecure, disk=disk, primed=primed)

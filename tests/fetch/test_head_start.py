@@ -15,7 +15,12 @@ import pytest
 
 from converter.encoder import EncodeResult
 from lazyfs.fetch.errors import BlobChangedError
-from lazyfs.fetch.head_start import FIRST_FRAME_BYTES, HeadStart, PrimedAnswers
+from lazyfs.fetch.head_start import (
+    FIRST_FRAME_BYTES,
+    HeadStart,
+    PrimedAnswers,
+    read_descriptor_file,
+)
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.image.open import LayerSource
 from lazyfs.image.remote_image import RemoteImage
@@ -137,6 +142,57 @@ def test_an_early_answer_for_a_blob_of_another_size_is_refused(served: Served) -
 
 
 @pytest.mark.network
+def test_a_local_descriptor_is_known_at_once_and_the_reader_asks_for_nothing_again(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    """`--descriptor FILE`: the layout is known before any request, so the metadata goes
+    first on one connection and the first frame on the other; no descriptor is asked for,
+    and the daemon's reader finds everything it opens the layer with."""
+    served_dir = tmp_path / "served"
+    served_dir.mkdir()
+    blob, result = write_blob(served_dir, IMAGE, chunk_size=CHUNK)
+    descriptor = tmp_path / "mine.json"
+    (served_dir / "layer.descriptor.json").rename(descriptor)
+    server = nginx_server(served_dir)
+    url = server.url + "layer.blob"
+    known = read_descriptor_file(str(descriptor))
+    assert known is not None and known.size == result.blob_size
+    answers = head_start(url, descriptor=str(descriptor), known=known)
+    a = result.annotations
+    assert a.verity_offset is not None
+    payload = a.verity_offset + SKIPPABLE_HEADER_SIZE
+    assert not answers.documents
+    assert sorted(answers.ranges) == sorted([0, min(a.chunk_table_offset, a.verity_offset),
+                                             payload + 2 * 4096])
+    deadline = time.monotonic() + 5
+    while len(server.access_lines()) < answers.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(server.access_lines()) == answers.requests == 3
+    data = blob.read_bytes()
+    for start, (body, size) in answers.ranges.items():
+        assert size == len(data) and body == data[start:start + len(body)]
+
+    async def first_read(image: RemoteImage) -> bytes:
+        return await image.read(1024, 4096)
+
+    source = LayerSource(url, descriptor=str(descriptor), primed=answers)
+    assert run_with_layer(source, first_read, tuning=TUNING) == IMAGE[1024:5120]
+    assert len(server.access_lines()) == 3  # all of it from the head start
+
+
+def test_a_descriptor_file_is_read_when_it_is_one(tmp_path: Path) -> None:
+    _, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    path = tmp_path / "layer.descriptor.json"
+    for location in (str(path), f"file://{path}"):
+        found = read_descriptor_file(location)
+        assert found is not None and found.seekable() == result.annotations
+    (tmp_path / "garbage.json").write_text("{")
+    (tmp_path / "large.json").write_bytes(b" " * (2 * 1024 * 1024))
+    for name in ("missing.json", "garbage.json", "large.json"):
+        assert read_descriptor_file(str(tmp_path / name)) is None
+
+
+@pytest.mark.network
 def test_no_server_leaves_nothing_and_no_error(tmp_path: Path) -> None:
     answers = head_start("http://127.0.0.1:9/layer.blob")
     assert answers.requests == 0 and not answers.ranges and not answers.documents
@@ -147,6 +203,8 @@ def test_it_applies_to_plain_urls_of_one_origin_only() -> None:
     assert HeadStart.applies_to("http://h/a.blob", "http://h/d.json")
     assert not HeadStart.applies_to("http://h/a.blob", "http://other/d.json")
     assert not HeadStart.applies_to("http://u:p@h/a.blob", None)
+    assert HeadStart.applies_to("http://h/a.blob", "/srv/d.json")  # read by the command
+    assert HeadStart.applies_to("http://h/a.blob", "file:///srv/d.json")
     assert not HeadStart.applies_to("/srv/a.blob", None)
     assert not HeadStart.applies_to("file:///srv/a.blob", None)
 
@@ -158,6 +216,22 @@ def test_the_mount_command_imports_nothing_heavy_before_its_head_start() -> None
             "import lazyfs.cli._head_start, lazyfs.fetch.registry_head_start; "
             "print(sorted({'trio', 'httpx', 'pyfuse3', 'zstandard', 'sqlite3'} & "
             "set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_layer_mount_imports_nothing_it_does_not_use_before_its_daemon() -> None:
+    """What `lazyfs mount URL` imports before it forks its daemon (the command, the mount
+    service, a warm start, the daemon's preloaded modules) holds nothing of images and
+    registries, nor uuid: it is all on the way to the first read."""
+    code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); "
+            "import lazyfs.cli.mount, lazyfs.cli._head_start, lazyfs.mount.service, "
+            "lazyfs.image.warm_start, lazyfs.mount.background as background; "
+            "background.preload_daemon_modules(); "
+            "print(sorted({'lazyfs.mount.images', 'lazyfs.image.registry_source', "
+            "'lazyfs.fetch.registry_head_start', 'lazyfs.fetch.registry', 'lazyfs.format.oci', "
+            "'lazyfs.image.image_memory', 'uuid'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"

@@ -479,6 +479,34 @@ def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
         umount(lazyfs, mountpoint)
 
 
+def test_a_local_descriptor_starts_warm_too(
+    lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`--descriptor FILE` (the disk cache keeps only descriptors fetched from URLs): a second
+    mount's warm start reads the file and loads what the first mount read, its head start
+    asks for nothing the disk holds, and no chunk is fetched."""
+    tree, served = layer
+    blob_only = tmp_path / "served"
+    blob_only.mkdir()
+    (blob_only / "layer.blob").symlink_to(served / "layer.blob")
+    descriptor = tmp_path / "layer.json"
+    descriptor.write_bytes((served / "layer.descriptor.json").read_bytes())
+    with serve_directory(blob_only) as server:
+        url = server.url + "layer.blob"
+        for _ in range(2):
+            asked_before = len(server.access_lines())
+            lazyfs.mount(url, str(mountpoint), "--descriptor", str(descriptor), "--readahead",
+                         "0", mountpoint=mountpoint)
+            assert_reads_equal(mountpoint, tree, SOME_FILES)
+            stats = mount_stats(lazyfs, mountpoint)
+            umount(lazyfs, mountpoint)
+        assert stats["disk_cache"]["warm_start_chunks"] >= 1
+        assert only_layer(stats)["chunks_fetched"] == 0
+        # Only the daemon's probe of a layer opened from the disk: does its source answer?
+        assert [line.split()[2] for line in server.access_lines()[asked_before:]] in (
+            [], ['"bytes=0-0"'])
+
+
 @pytest.fixture
 def full_cache_dir(tmp_path: Path) -> Iterator[Path]:
     """A cache directory on a 48 MiB tmpfs (mode 0700, as a cache directory must be)."""

@@ -244,6 +244,35 @@ def test_a_mount_opens_with_one_request_and_the_top_of_the_tree(
         assert lazyfs.run("umount", str(mountpoint)).returncode == 0
 
 
+def test_a_local_descriptor_gets_a_head_start_too(
+    lazyfs: Lazyfs, mountpoint: Path, small_layer: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`--descriptor FILE`: the command reads the file at once, its head start asks for the
+    metadata and the first frame, and the daemon asks for neither again; nobody asks for a
+    descriptor."""
+    _, served = small_layer
+    blob_only = tmp_path / "served"
+    blob_only.mkdir()
+    (blob_only / "layer.blob").symlink_to(served / "layer.blob")
+    descriptor = tmp_path / "layer.json"
+    shutil.copy(served / "layer.descriptor.json", descriptor)
+    annotations = parse_descriptor(descriptor.read_text()).seekable()
+    with serve_directory(blob_only) as server:
+        lazyfs.mount(server.url + "layer.blob", str(mountpoint), "--descriptor",
+                     str(descriptor), "--readahead", "0", mountpoint=mountpoint)
+        ranges = []
+        for line in server.access_lines():
+            _, path, asked, status, _ = line.split()
+            assert (path, status) == ("/layer.blob", "206"), line
+            start, end = asked.strip('"').removeprefix("bytes=").split("-")
+            ranges.append((int(start), int(end) + 1))
+        # The first frame as the head start asks for it (the daemon would ask for the frame).
+        assert (0, FIRST_FRAME_BYTES) in ranges, ranges
+        assert [start for start, _ in ranges].count(annotations.chunk_table_offset) == 1
+        assert len(set(ranges)) == len(ranges), ranges
+        assert lazyfs.run("umount", str(mountpoint)).returncode == 0
+
+
 def test_wrong_chunk_digest_refuses_the_mount(
     lazyfs: Lazyfs, mountpoint: Path, served_copy: Path
 ) -> None:
