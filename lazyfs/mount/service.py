@@ -14,22 +14,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from lazyfs.cache.disk import DiskCacheOptions
-from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.errors import LazyfsError
-from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform
 from lazyfs.image.open import LayerSource
-from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.background import spawn_daemon, stop_mount
 from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
+from lazyfs.mount.host import MountOptions as MountOptions  # how the layers are served
 from lazyfs.mount.state import (
     LOG_SUFFIX,
     MountRecord,
@@ -46,6 +43,7 @@ if TYPE_CHECKING:
     from lazyfs.mount.images import ImageSet
 
 STATS_TIMEOUT_S = 10.0
+DEFAULT_OPTIONS = MountOptions()
 
 
 class MountpointError(LazyfsError):
@@ -58,22 +56,6 @@ class NotMountedError(LazyfsError):
 
 class StatsError(LazyfsError):
     """A mount's statistics cannot be read (daemon gone, not answering)."""
-
-
-@dataclass(frozen=True)
-class MountOptions:
-    """How a daemon serves its layers: the decoded chunk cache (bytes, at least one chunk of
-    every layer), how each layer reads (readahead, coalescing, parallel fetches, the read
-    timeout, failure retries), a file to append a JSON line per chunk access, the disk cache
-    shared with other daemons (None: none), the low-speed limit of every fetch, and what it
-    fetches in the background or records for later (prefetch lists)."""
-
-    cache_size_bytes: int = DEFAULT_CACHE_BYTES
-    tuning: ImageTuning = field(default_factory=ImageTuning)
-    trace_file: str | None = None
-    disk_cache: DiskCacheOptions | None = field(default_factory=DiskCacheOptions)
-    low_speed: SpeedLimit = field(default_factory=SpeedLimit)
-    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -111,21 +93,12 @@ def layer_config(
     mountpoint: str,
     *,
     block_only: bool = False,
-    options: MountOptions = MountOptions(),
+    options: MountOptions = DEFAULT_OPTIONS,
 ) -> DaemonConfig:
     """A daemon serving one layer blob: EROFS-mounted at `mountpoint`, or with `block_only`
     only its verified image file in the directory `mountpoint`."""
-    return DaemonConfig(
-        sources=[source],
-        mountpoint=mountpoint,
-        block_only=block_only,
-        cache_size_bytes=options.cache_size_bytes,
-        tuning=options.tuning,
-        disk_cache=options.disk_cache,
-        trace_file=options.trace_file,
-        low_speed=options.low_speed,
-        prefetch=options.prefetch,
-    )
+    return DaemonConfig(sources=[source], mountpoint=mountpoint, block_only=block_only,
+                        options=options)
 
 
 def image_config(
@@ -135,7 +108,7 @@ def image_config(
     *,
     writable: tuple[str, str] | None = None,
     block_only: bool = False,
-    options: MountOptions = MountOptions(),
+    options: MountOptions = DEFAULT_OPTIONS,
     temp_dir: str | None = None,
 ) -> DaemonConfig:
     """A daemon serving the resolved images `found` (from `references`): each stacked at its
@@ -154,12 +127,7 @@ def image_config(
         mountpoint=mountpoints[0],
         images=[] if block_only else images,
         block_only=block_only,
-        cache_size_bytes=options.cache_size_bytes,
-        tuning=options.tuning,
-        disk_cache=options.disk_cache,
-        trace_file=options.trace_file,
-        low_speed=options.low_speed,
-        prefetch=options.prefetch,
+        options=options,
         temp_dir=temp_dir,
         disk_keys=tuple(found.disk_keys),
         disk_writes=tuple(found.disk_writes),
@@ -230,7 +198,7 @@ def mount_layer(
     mountpoint: str,
     *,
     block_only: bool = False,
-    options: MountOptions = MountOptions(),
+    options: MountOptions = DEFAULT_OPTIONS,
 ) -> MountRecord:
     """Mount one layer blob lazily in a background daemon (see `layer_config`)."""
     target = check_mountpoint(mountpoint)
@@ -244,7 +212,7 @@ def mount_images(
     *,
     insecure: bool = False,
     writable: str | None = None,
-    options: MountOptions = MountOptions(),
+    options: MountOptions = DEFAULT_OPTIONS,
 ) -> MountRecord:
     """Mount images lazily in one background daemon: `targets` are (reference, mountpoint)
     pairs; layers the images share are fetched and cached once. `writable` is a directory

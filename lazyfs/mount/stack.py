@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -63,11 +63,12 @@ async def mount_layers(
     record: MountRecord,
     image_files: Mapping[str, str],
     *,
-    on_loop_attached: Callable[[str], None] | None = None,
+    mount: Callable[[str, str], Awaitable[ErofsMountRecord]] | None = None,
 ) -> dict[str, str]:
     """Mount each of `image_files` ({layer name: EROFS image file}, one per distinct layer)
-    read-only in the record's layers directory, a few at a time. Returns {layer name: its
-    mountpoint}.
+    read-only in the record's layers directory, a few at a time, with `mount(image_file,
+    mountpoint)` (a lazy mount's host's), by default `kernel.mount_erofs`. Returns {layer
+    name: its mountpoint}.
 
     Each mount is recorded as soon as it is up. Raises MountError (after the other mounts in
     flight were stopped; what came up stays recorded for the teardown).
@@ -85,9 +86,7 @@ async def mount_layers(
         with contextlib.suppress(FileExistsError):
             os.mkdir(target, 0o700)
         async with limiter:
-            erofs: ErofsMountRecord = await kernel.mount_erofs(
-                image_file, target, on_loop_attached=on_loop_attached
-            )
+            erofs = await (mount or kernel.mount_erofs)(image_file, target)
         record.erofs_mounts.append(erofs)
         write_record(record)
         mounted[name] = target
