@@ -113,7 +113,7 @@ def write_image(source: LayerSource, out: Path, options: ImageOptions | None = N
     source's, or a value EROFS cannot hold) and OSError."""
     options = options or ImageOptions()
     layout = _plan(source.root, options, startup)
-    with open(out, "wb") as stream:
+    with open(out, "w+b") as stream:  # read back: identical blocks are compared
         fd = stream.fileno()
         metadata = _Metadata(fd, layout.data_start * BLOCK_SIZE)
         area = _DataArea(fd, layout)

@@ -3,7 +3,9 @@
 directory or tar -> lazyfs's EROFS writer (streamed, nothing extracted) -> encode; with
 mkfs.erofs (compressed or interleaved images, or `erofs_writer` MKFS): directory -> mkfs.erofs
 -> encode, tar -> safe extraction into a private temporary directory -> mkfs.erofs -> encode;
-raw EROFS image -> encode. The blob and its OCI descriptor are written
+raw EROFS image -> encode. With a start-up order (a recorded prefetch list), lazyfs's writer
+writes any of them (a seekable EROFS blob too) anew, the blocks the start read first, and the
+descriptor carries the new layer's prefetch list. The blob and its OCI descriptor are written
 to temporary files beside their destinations and renamed into place only when both are
 complete, so an interrupted or failed conversion leaves neither a partial output nor its
 temporary space behind.
@@ -25,9 +27,10 @@ from typing import BinaryIO
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
 from converter.erofs_writer import ErofsWriter
 from converter.errors import ConvertError, UnsupportedSourceError
-from converter.layer_image import build_layer_image, choose_writer
+from converter.layer_image import build_in_startup_order, build_layer_image, choose_writer
 from converter.mkfs import REPRODUCIBLE_UUID, ErofsLayout, build_erofs
 from converter.source import SourceKind, detect_source, open_tar_stream
+from converter.startup_order import startup_prefetch
 from converter.tar_extract import ExtractStats, extract_layer
 from lazyfs.format.descriptor import (
     LABEL_UNCOMPRESSED,
@@ -35,6 +38,13 @@ from lazyfs.format.descriptor import (
     serialize_descriptor,
 )
 from lazyfs.format.descriptor import descriptor_path_for as descriptor_name_for
+from lazyfs.format.prefetch_list import (
+    ANNOTATION_PREFETCH,
+    LayerPrefetch,
+    PrefetchList,
+    PrefetchListError,
+    serialize_prefetch_annotation,
+)
 
 Progress = Callable[[str, int, int | None], None]
 """Called with (phase, bytes done, total bytes or None when unknown); phases are "scan" (tar
@@ -55,6 +65,8 @@ class ConvertOptions:
     reproducible: bool = False  # fixed UUIDs and timestamps: same input, same bytes
     timestamp: int | None = None  # the image's build time (UNIX seconds)
     force: bool = False  # replace an existing blob and descriptor
+    startup_order: PrefetchList | None = None  # a recorded list: its blocks first
+    startup_order_source: str = "--startup-order"  # where that list came from
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,8 @@ class ConvertResult:
     encoded: EncodeResult
     extract_stats: ExtractStats | None
     seconds: dict[str, float]
+    prefetch: LayerPrefetch | None = None  # the list it carries (written in start-up order)
+    startup_end: int | None = None  # where its start-up blocks end in the raw image
 
 
 def descriptor_path_for(blob_path: Path) -> Path:
@@ -93,7 +107,8 @@ def convert_layer(
     descriptor_path = descriptor_path_for(out)
     kind = detect_source(src)
     _check_outputs(src, out, descriptor_path, options.force)
-    if kind is SourceKind.SEEKABLE_EROFS:
+    startup = options.startup_order
+    if kind is SourceKind.SEEKABLE_EROFS and startup is None:
         raise UnsupportedSourceError(
             f"{src}: already a seekable EROFS blob; to re-encode it, `lazyfs unpack` it to a "
             "raw image and convert that"
@@ -104,16 +119,24 @@ def convert_layer(
                            "--erofs-layout, --erofs-writer and --mkfs-opts apply only to "
                            "directory and tar sources")
     writer = choose_writer(options.erofs_writer, options.erofs_compression,
-                           options.erofs_layout, options.mkfs_opts)
+                           options.erofs_layout, options.mkfs_opts, startup is not None)
     encode_options = options.encode
     if options.reproducible and encode_options.verity_uuid is None:
         encode_options = replace(encode_options, verity_uuid=uuid.UUID(REPRODUCIBLE_UUID).bytes)
     report = progress or (lambda phase, done, total: None)
     seconds: dict[str, float] = {}
     stats: ExtractStats | None = None
+    startup_end: int | None = None
     with tempfile.TemporaryDirectory(prefix="lazyfs-convert-") as work_dir:
         work = Path(work_dir)
-        if kind is SourceKind.EROFS_IMAGE:
+        if startup is not None:
+            image = work / "image.erofs"
+            built = build_in_startup_order(
+                src, kind, image, work, prefetch=startup, where=options.startup_order_source,
+                reproducible=options.reproducible, timestamp=options.timestamp, report=report)
+            seconds.update(built.seconds)
+            stats, startup_end = built.stats, built.result.startup_end
+        elif kind is SourceKind.EROFS_IMAGE:
             image = src
         elif writer is ErofsWriter.LAZYFS:
             image = work / "image.erofs"
@@ -138,10 +161,11 @@ def convert_layer(
                 # The extracted tree is no longer needed: free its space before encoding.
                 shutil.rmtree(tree, ignore_errors=True)
         with _timed(seconds, "encode"):
-            encoded, descriptor = _write_outputs(image, out, descriptor_path, encode_options,
-                                                 options.force, report)
+            encoded, descriptor, prefetch = _write_outputs(
+                image, out, descriptor_path, encode_options, options.force, report,
+                startup_end)
     return ConvertResult(src, options, kind, out, descriptor_path, descriptor, encoded, stats,
-                         seconds)
+                         seconds, prefetch, startup_end)
 
 
 def _check_outputs(src: Path, out: Path, descriptor_path: Path, force: bool) -> None:
@@ -191,10 +215,11 @@ def _extract(src: Path, kind: SourceKind, dest: Path, report: Progress) -> Extra
 
 def _write_outputs(
     image: Path, out: Path, descriptor_path: Path, encode_options: EncodeOptions, force: bool,
-    report: Progress,
-) -> tuple[EncodeResult, Descriptor]:
+    report: Progress, startup_end: int | None = None,
+) -> tuple[EncodeResult, Descriptor, LayerPrefetch | None]:
     """Encode `image` into a temporary blob beside `out`, write the descriptor likewise, then
-    move both into place (never over existing files unless `force`)."""
+    move both into place (never over existing files unless `force`). With `startup_end`, the
+    descriptor carries the prefetch list of the chunks up to there, which is returned."""
     temps: list[Path] = []
     try:
         blob_temp = _temp_beside(out, temps)
@@ -211,6 +236,15 @@ def _write_outputs(
             raise ConvertError(f"{exc.filename or out}: {exc.strerror or exc}") from None
         annotations = encoded.annotations.to_annotations()
         annotations[LABEL_UNCOMPRESSED] = encoded.image_digest
+        prefetch = None
+        chunk_digest = encoded.annotations.chunk_digest
+        if startup_end is not None and chunk_digest is not None:
+            prefetch = startup_prefetch(chunk_digest, encoded.chunk_count,
+                                        encode_options.chunk_size, startup_end)
+            try:
+                annotations[ANNOTATION_PREFETCH] = serialize_prefetch_annotation(prefetch)
+            except PrefetchListError as exc:
+                raise ConvertError(str(exc)) from None
         descriptor = Descriptor(encoded.media_type, encoded.blob_digest, encoded.blob_size,
                                 annotations=annotations)
         descriptor_temp = _temp_beside(descriptor_path, temps)
@@ -222,7 +256,7 @@ def _write_outputs(
     finally:
         for temp in temps:
             temp.unlink(missing_ok=True)
-    return encoded, descriptor
+    return encoded, descriptor, prefetch
 
 
 def _temp_beside(path: Path, temps: list[Path]) -> Path:

@@ -22,6 +22,11 @@ platform matcher (github.com/containerd/platforms) takes an index entry or confi
 asks for every OS feature listed, which its default matcher does not: a stamped image would
 not pull or run with a plain containerd.
 
+With a start-up order (a list recorded by `lazyfs run --record`), a seekable layer the list
+recorded (by its chunk table digest) is decoded and written anew, the blocks that start read
+first, and a tar layer is written so when its conversion is the layer recorded; each carries
+its new prefetch list (`converter.startup_order`).
+
 Which images of the source are converted is decided (and checked) by `selection`; the
 command line (`lazyfs convert SRC` for a whole image) is `lazyfs.cli.convert`.
 """
@@ -46,6 +51,7 @@ from converter.image.selection import TAR_TYPES, SourceImage, distinct_layers, s
 from converter.image.sources import ImageSource
 from converter.layer import ConvertOptions, convert_layer
 from converter.source import SourceKind, detect_source
+from converter.startup_order import NoStartupOrderError
 from lazyfs.exception_groups import first_error
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.registry_options import RegistryOptions
@@ -75,12 +81,14 @@ _STALE_KEYS = frozenset(
     {*SeekableAnnotations(0, "", 0, "").to_annotations(), ANNOTATION_PREFETCH,
      LABEL_UNCOMPRESSED})
 _PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding",
-           "scan": "reading the entries", "write": "writing the EROFS image"}
+           "scan": "reading the entries", "write": "writing the EROFS image",
+           "decode": "decoding the recorded layer"}
 
 
 @dataclass(frozen=True)
 class LayerOutcome:
-    """One distinct source layer and what it became ("converted", "wrapped" or "passed")."""
+    """One distinct source layer and what it became ("converted", "wrapped", "reordered" or
+    "passed")."""
 
     source: Descriptor
     result: Descriptor
@@ -184,6 +192,12 @@ async def convert_image(
             raise first_error(group) from None
         if prefetch is not None:
             _attach_prefetch(run, outcomes, prefetch, prefetch_source)
+        startup = run.options.startup_order
+        if startup is not None and not any(ANNOTATION_PREFETCH in outcome.result.annotations
+                                           for outcome in outcomes.values()):
+            raise ConvertError(f"{run.options.startup_order_source}: recorded for other layers "
+                               "than this image's: record a run of this image (or of its "
+                               "conversion by lazyfs's writer)")
         written = [await _write_image(run, image, outcomes) for image in images]
         push_tag = push_ref.tag if push_ref else None
         if index is None:
@@ -258,10 +272,21 @@ async def _layer_task(run: _Run, number: int, layer: Descriptor,
         outcomes[layer.digest] = await _convert_layer(run, number, layer)
 
 
+def _recorded_start(run: _Run, layer: Descriptor) -> PrefetchList | None:
+    """The start-up order's entry for a seekable layer, if the list recorded it (by its
+    chunk table digest) with its blocks."""
+    startup = run.options.startup_order
+    if startup is None:
+        return None
+    entry = startup.for_digest(layer.annotations.get(ANNOTATION_CHUNK_DIGEST))
+    return PrefetchList((entry,)) if entry is not None and entry.blocks else None
+
+
 async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutcome:
     name = f"layer {number}/{run.total} {layer.digest[:19]}"
     started = time.monotonic()
-    if layer.media_type == oci.EROFS_LAYER_ZSTD:
+    recorded = _recorded_start(run, layer)
+    if layer.media_type == oci.EROFS_LAYER_ZSTD and recorded is None:
         if not await _has_blob(run, layer):
             run.report(f"{name}: seekable EROFS already, copying ({_mib(layer.size)})")
             fetched = run.work / f"{number}.blob"
@@ -279,7 +304,10 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
         raise ConvertError(f"{name}: media type {layer.media_type}, but the content is "
                            "neither a tar nor an EROFS image") from None
     wrap = layer.media_type == oci.EROFS_LAYER
-    if (wrap and kind is not SourceKind.EROFS_IMAGE) or (not wrap and not kind.is_tar):
+    reorder = recorded is not None  # a seekable layer, written anew in start-up order
+    expected = (SourceKind.SEEKABLE_EROFS if reorder else SourceKind.EROFS_IMAGE if wrap
+                else None)
+    if kind is not expected and (expected is not None or not kind.is_tar):
         raise ConvertError(f"{name}: media type {layer.media_type}, but the content is "
                            f"{kind.value}")
     blob = run.work / f"{number}.blob"
@@ -291,12 +319,18 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
             run.report(f"{name}: {_PHASES.get(what, what)}")
 
     options = run.options
-    if wrap:  # only encoded: mkfs options do not apply to an image that exists
+    if wrap or reorder:  # mkfs options do not apply to an image that exists
         options = replace(options, erofs_compression=None, erofs_layout=None, mkfs_opts=(),
-                          erofs_writer=None)
+                          erofs_writer=None, startup_order=recorded)
     try:
-        result = await trio.to_thread.run_sync(convert_layer, fetched, blob, options, phase,
-                                               limiter=run.threads)
+        try:
+            result = await trio.to_thread.run_sync(convert_layer, fetched, blob, options,
+                                                   phase, limiter=run.threads)
+        except NoStartupOrderError:  # a tar layer the list did not record: as usual
+            run.report(f"{name}: not in the start-up order's list, converted as usual")
+            result = await trio.to_thread.run_sync(
+                convert_layer, fetched, blob, replace(options, startup_order=None), phase,
+                limiter=run.threads)
     except ConvertError as e:
         raise type(e)(f"{name}: {e}") from None
     fetched.unlink()
@@ -304,10 +338,14 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     encoded = result.encoded
     annotations = {k: v for k, v in layer.annotations.items() if k not in _STALE_KEYS}
     annotations.update(encoded.annotations.to_annotations())
+    if result.prefetch is not None:
+        annotations[ANNOTATION_PREFETCH] = serialize_prefetch_annotation(result.prefetch)
+        run.report(f"{name}: start-up blocks first, prefetch list of "
+                   f"{len(result.prefetch.chunks)} chunks attached")
     new = Descriptor(oci.EROFS_LAYER_ZSTD, encoded.blob_digest, encoded.blob_size,
                      annotations=annotations)
     await _publish_file(run, name, blob, new)
-    action = "wrapped" if wrap else "converted"
+    action = "reordered" if reorder else "wrapped" if wrap else "converted"
     run.report(f"{name}: {action} to {new.digest[:19]} ({_mib(new.size)}) "
                f"in {time.monotonic() - started:.1f} s")
     return LayerOutcome(layer, new, action, encoded.image_digest)

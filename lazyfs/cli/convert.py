@@ -25,6 +25,7 @@ from lazyfs.eager.locate import find_descriptor
 if TYPE_CHECKING:
     from converter.layer import ConvertOptions, ConvertResult
     from lazyfs.format.descriptor import Descriptor
+    from lazyfs.format.prefetch_list import PrefetchList
 
 MAX_CHUNK_SIZE = 0xFFFFFFFF
 # The converter's chunk size (the library's EncodeOptions keep containerd's 4 MiB). A lazy
@@ -150,6 +151,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "uncompressed images: streamed from the directory or tar, no size "
                         "limit) or mkfs (mkfs.erofs; always for --erofs-compression, "
                         "--erofs-layout interleaved and --mkfs-opts)")
+    parser.add_argument("--startup-order", metavar="FILE",
+                        help="a list recorded with `lazyfs run/mount --record FILE` from a "
+                        "conversion of SRC (or SRC itself, a converted layer or image): the "
+                        "file blocks that start read go right after the metadata, in the "
+                        "order it read them, and the new layer carries its prefetch list")
     parser.add_argument("--mkfs-opts", metavar="OPTS", default="",
                         help='extra mkfs.erofs options, e.g. --mkfs-opts="--all-root -x-1"')
     parser.add_argument("--reproducible", action="store_true",
@@ -216,10 +222,28 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     )
     layout = None if args.erofs_layout is None else ErofsLayout(args.erofs_layout)
     writer = None if args.erofs_writer is None else ErofsWriter(args.erofs_writer)
-    choose_writer(writer, args.erofs_compression, layout, mkfs_opts)  # contradictions, early
+    startup = None if args.startup_order is None else _recorded_list(args.startup_order,
+                                                                     "--startup-order")
+    if startup is not None and getattr(args, "prefetch", None) is not None:
+        raise UserError("--startup-order and --prefetch: give one (a layer written in start-up "
+                        "order carries its own prefetch list)")
+    # Contradictions, before any work.
+    choose_writer(writer, args.erofs_compression, layout, mkfs_opts, startup is not None)
     return ConvertOptions(encode=encode, erofs_compression=args.erofs_compression,
                           erofs_layout=layout, erofs_writer=writer, mkfs_opts=mkfs_opts,
-                          reproducible=args.reproducible, force=args.force)
+                          reproducible=args.reproducible, force=args.force,
+                          startup_order=startup,
+                          startup_order_source=args.startup_order or "--startup-order")
+
+
+def _recorded_list(path: str, option: str) -> PrefetchList:
+    """The prefetch list in the file `path`. Raises UserError."""
+    from lazyfs.format.prefetch_list import parse_prefetch_list
+
+    try:
+        return parse_prefetch_list(Path(path).read_bytes(), path)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: {exc.strerror}") from None
 
 
 def _image_options(args: argparse.Namespace) -> list[str]:
@@ -297,12 +321,7 @@ def run_image_convert(args: argparse.Namespace, layer_options: ConvertOptions) -
                                      RegistryOptions(creds, insecure, tuple(args.mirror or ())))
     prefetch = None
     if args.prefetch is not None:
-        from lazyfs.format.prefetch_list import parse_prefetch_list
-
-        try:
-            prefetch = parse_prefetch_list(Path(args.prefetch).read_bytes(), args.prefetch)
-        except OSError as exc:
-            raise UserError(f"--prefetch {args.prefetch}: {exc.strerror}") from None
+        prefetch = _recorded_list(args.prefetch, "--prefetch")
     push = args.push
     if (push is not None and push_creds is None and isinstance(image_source, RegistrySource)
             and image_source.reference.registry == parse_push_reference(push).registry):
@@ -341,6 +360,9 @@ def summary(result: ConvertResult, seconds: float) -> str:
         f"  dm-verity   {annotations.root_digest or 'none'}"
         + (f" at {annotations.verity_offset}" if annotations.verity_offset is not None else ""),
         f"  descriptor  {result.descriptor_path}",
+        *([f"  start-up    blocks first up to byte {result.startup_end} of the image; "
+           f"prefetch list of {len(result.prefetch.chunks)} chunks in the descriptor"]
+          if result.prefetch is not None else []),
         f"  time        {seconds:.1f} s ({phases}), {rate:.0f} MB/s of image",
     ]
     return "\n".join(lines) + "\n"

@@ -300,3 +300,20 @@ def test_metadata_written_in_place_as_in_memory(tmp_path: Path,
     monkeypatch.setattr("converter.erofs_writer.METADATA_BUFFER_BYTES", 0)
     _write(_tar_source(data), in_place)
     assert in_memory.read_bytes() == in_place.read_bytes()
+
+
+def test_identical_blocks_already_written_are_read_back(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block shared with one written out before (not in the buffer any more) is compared
+    with the image's bytes; one whose key matches but whose bytes differ is stored anew."""
+    monkeypatch.setattr("converter.erofs_writer._FLUSH_BYTES", BLOCK)
+    src = _plain_tree(tmp_path / "src")
+    image = tmp_path / "image.erofs"
+    assert _write(DirectorySource(src), image).shared_blocks == 9
+    monkeypatch.setattr("converter.erofs_writer.block_key", lambda block: 7)  # all collide
+    colliding = tmp_path / "colliding.erofs"
+    result = _write(DirectorySource(src), colliding)
+    # One key for all: the index holds the first block stored (" space"), and only blocks
+    # with its bytes share it; every other block is stored anew, none wrongly shared.
+    assert result.shared_blocks == 3
+    assert compare_trees(scan_directory(src), scan_erofs(colliding), ignore={"owner"}) == []
