@@ -30,8 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "audit": {"format", "fetch", "eager", "converter", "converter.image"},
     "cri": {"format", "fetch", "cache", "image", "eager", "fuse", "mount", "containerd",
             "snapshotter"},
+    "bench": {"format", "fetch", "cache", "image", "eager", "fuse", "mount", "container"},
     "cli": {"format", "fetch", "cache", "image", "eager", "fuse", "mount", "container",
-            "snapshotter", "containerd", "converter", "converter.image", "audit", "cri"},
+            "snapshotter", "containerd", "converter", "converter.image", "audit", "cri",
+            "bench"},
     "converter": {"format"},
     "converter.image": {"format", "fetch", "converter"},
 }
@@ -164,6 +166,19 @@ def test_layers_use_only_their_own_libraries() -> None:
         banned = FORBIDDEN.get(layer_of(module) or "", ())
         found += [f"{module} imports {name}" for name in sorted(third_party_imports(source))
                   if name in banned]
+    assert found == []
+
+
+def test_the_packages_never_import_the_scripts() -> None:
+    """tools/ are scripts on top of the packages, never below them."""
+    found = []
+    for module, (source, _) in sorted(project_sources().items()):
+        for node in ast.walk(ast.parse(source)):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                     and not node.level else [])
+            found += [f"{module} imports {name}" for name in names
+                      if name.split(".")[0] == "tools"]
     assert found == []
 
 
