@@ -1,8 +1,8 @@
-"""Fixtures of the CRI tests: a registry with the app image (gzip and converted) and a pause
-image, and a private one (htpasswd) with the busybox image, for the package; a fresh node
-(containerd with its CRI plugin, the snapshotter and its image service) per test. When a
-test that ran a node fails, the tails of containerd's log and the snapshotter's go into the
-report."""
+"""Fixtures of the CRI tests: a registry with the app image (gzip and converted), an image
+with the app image's layers under one of its own, and a pause image, and a private registry
+(htpasswd) with the busybox image, for the package; a fresh node (containerd with its CRI
+plugin, the snapshotter and its image service) per test. When a test that ran a node fails,
+the tails of containerd's log and the snapshotter's go into the report."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.cri import Node, publish_pause_image, running_node
-from tests.support.images import base_layer
+from tests.support.images import base_layer, change_layer, skopeo_push, write_oci_image
 from tests.support.registry import Registry, htpasswd_auth, running_registry
-from tests.support.registry_images import PublishedImage, publish
-from tests.support.snapshotter_images import change_layer_with_big_file, publish_app_image
+from tests.support.registry_images import PublishedImage, convert_push, publish
+from tests.support.snapshotter_images import (
+    CHUNK_SIZE,
+    change_layer_with_big_file,
+    publish_app_image,
+)
 
 LOG_TAIL_BYTES = 12_000
 PULL_USER = "puller"
@@ -41,6 +45,19 @@ def registry(work: Path) -> Iterator[Registry]:
 @pytest.fixture(scope="package")
 def image(work: Path, registry: Registry) -> PublishedImage:
     return publish_app_image(work, registry)
+
+
+@pytest.fixture(scope="package")
+def sibling(work: Path, registry: Registry, image: PublishedImage) -> PublishedImage:
+    """`test/sibling:v1` (gzip) and `:v1-erofs`: the app image's two layers, converted alike
+    (the same blobs), under a top layer of its own (`/etc/motd` says `welcome-sibling`)."""
+    layers = [*image.layers, change_layer("-sibling")]
+    layout = write_oci_image(work / "images" / "sibling", "v1", layers)
+    original = f"{registry.host}/test/sibling:v1"
+    converted = f"{registry.host}/test/sibling:v1-erofs"
+    skopeo_push(layout.layout, "v1", registry.host, "test/sibling:v1")
+    convert_push(original, converted, "--chunk-size", CHUNK_SIZE)
+    return PublishedImage(registry.host, original, converted, layers)
 
 
 @pytest.fixture(scope="package")

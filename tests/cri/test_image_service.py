@@ -1,7 +1,8 @@
 """lazyfs's CRI image service under containerd 1.6's CRI plugin, driven as kubelet drives
 them: PullImage, ImageStatus, ListImages, RemoveImage through lazyfs's socket, pods and
 containers through containerd's. A seekable EROFS image is pulled lazily (containerd's own
-pull fails on its layers) and its containers start from the lazily mounted layers."""
+pull fails on its layers) and its containers start from the lazily mounted layers; images
+that share layers share their snapshots, mounts and fetches."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lazyfs.cri.api import api_pb2 as cri
 from lazyfs.format.descriptor import ANNOTATION_CHUNK_TABLE_OFFSET, parse_annotations
 from lazyfs.format.layout import parse_metadata
 from lazyfs.format.open_plan import metadata_pieces
+from lazyfs.snapshotter.layers import layer_name
 from tests.cri.conftest import PULL_PASSWORD, PULL_USER
 from tests.support.containerd import Containerd
 from tests.support.cri import Node, log_lines, running_node
@@ -29,7 +31,14 @@ from tests.support.images import base_layer, change_layer, skopeo_push, write_oc
 from tests.support.lazyfs_cli import wait_until
 from tests.support.registry import Registry
 from tests.support.registry_images import PublishedImage, convert_push
-from tests.support.snapshotter_images import committed, erofs_mounts, layer_stats, manifest_of
+from tests.support.snapshotter_images import (
+    assert_consistent,
+    chain_of,
+    committed,
+    erofs_mounts,
+    layer_stats,
+    manifest_of,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
 
@@ -38,19 +47,24 @@ CRI_NAMESPACE = "k8s.io"
 SHOW = ["/bin/sh", "-c", "cat /etc/motd /etc/passwd; ls /var/cache/app; echo end"]
 
 
-def check_shown(lines: list[str]) -> None:
-    assert lines[0] == "welcome"  # the top layer's /etc/motd
+def check_shown(lines: list[str], motd: str = "welcome") -> None:
+    assert lines[0] == motd  # the top layer's /etc/motd
     assert "root:x:0:0:root:/root:/bin/sh" in lines  # the base layer's /etc/passwd
     assert "fresh.txt" in lines and "a.bin" not in lines  # the opaque directory
     assert lines[-1] == "end"
 
 
-def run_in_pod(node: Node, image_ref: str, log_dir: Path, name: str) -> list[str]:
-    """A host-network pod running one container of `image_ref` (as kubelet passes what
-    PullImage answered) that shows SHOW; its log lines once it has exited 0."""
+def start_in_pod(node: Node, image_ref: str, log_dir: Path, name: str) -> tuple[str, str]:
+    """A host-network pod with one container of `image_ref` (as kubelet passes what
+    PullImage answered) started, showing SHOW: (sandbox ID, container ID)."""
     sandbox = node.cri.sandbox_config(name, log_dir)
     sandbox_id = node.cri.run_pod(sandbox)
-    container_id = node.cri.run_container(sandbox_id, sandbox, "show", image_ref, SHOW)
+    return sandbox_id, node.cri.run_container(sandbox_id, sandbox, "show", image_ref, SHOW)
+
+
+def run_in_pod(node: Node, image_ref: str, log_dir: Path, name: str) -> list[str]:
+    """A pod of `start_in_pod`; its container's log lines once it has exited 0."""
+    sandbox_id, container_id = start_in_pod(node, image_ref, log_dir, name)
     status = node.cri.wait_exited(container_id)
     assert (status.exit_code, status.reason) == (0, "Completed"), status
     lines = log_lines(log_dir / "show.log")
@@ -122,6 +136,58 @@ def test_a_converted_image_is_pulled_lazily_and_its_pod_runs(
           f"{checked}")
     assert 0 < pulled < total / 8, (pulled, total)  # metadata, superblocks, readahead
     assert pulled < started < total / 4, (started, total)
+
+
+def test_pods_of_two_images_fetch_the_layers_they_share_once(
+    node: Node, image: PublishedImage, sibling: PublishedImage, registry: Registry,
+    tmp_path: Path
+) -> None:
+    """Two images, one the other's two layers (the same blobs) and a top layer of its own,
+    pulled lazily, a pod of each: the shared layers are one snapshot and one mount each;
+    once the first pod has run, the second image's pull and pod fetch nothing of them, while
+    the first pod still runs; each container sees its own top layer."""
+    app = manifest_of(registry, "test/app", "v1-erofs")[1]["layers"]
+    other = manifest_of(registry, "test/sibling", "v1-erofs")[1]["layers"]
+    assert [layer["digest"] for layer in other[:2]] == [layer["digest"] for layer in app]
+    shared = {layer_name(layer["digest"]): layer for layer in app}
+
+    def fetched() -> dict[str, int]:
+        """What each shared layer fetched, once the content checks are done (they fetch
+        every frame once, in the background): from then on only reads fetch."""
+        wait_until(lambda: None not in remote_layers(node.containerd).values(),
+                   "the layers' content checks")
+        stats = layer_stats(node.containerd)
+        return {name: stats[name]["bytes_fetched"] for name in shared}
+
+    def shown(container_id: str, log: Path) -> list[str]:
+        status = node.cri.wait_exited(container_id)
+        assert (status.exit_code, status.reason) == (0, "Completed"), status
+        return log_lines(log)
+
+    app_ref = node.cri.pull(image.converted)
+    app_pod, container_id = start_in_pod(node, app_ref, tmp_path / "app", "app")
+    check_shown(shown(container_id, tmp_path / "app" / "show.log"))
+    first = fetched()
+
+    sibling_ref = node.cri.pull(sibling.converted)
+    assert sibling_ref != app_ref
+    # One snapshot per chain ID, each of a remote layer mounted once, nothing else mounted.
+    snapshots = {key: digest for key, digest in assert_consistent(node.containerd).items()
+                 if digest is not None}
+    assert snapshots == dict(zip(chain_of(registry, "test/sibling", "v1-erofs"),
+                                 [layer["digest"] for layer in other], strict=True))
+    sibling_pod, container_id = start_in_pod(node, sibling_ref, tmp_path / "sibling",
+                                             "sibling")
+    lines = shown(container_id, tmp_path / "sibling" / "show.log")
+    check_shown(lines, motd="welcome-sibling")
+    assert fetched() == first  # the sibling's pull and pod: nothing of the shared layers
+
+    for name, layer in shared.items():
+        on_demand = first[name] - frames_bytes(registry, layer)
+        print(f"\nshared layer {name}: {on_demand} of {layer['size']} bytes fetched")
+        assert 0 < on_demand <= layer["size"]  # no byte twice
+    node.cri.remove_pod(sibling_pod)
+    node.cri.remove_pod(app_pod)
 
 
 def on_demand_bytes(containerd: Containerd, checked: int) -> int:
