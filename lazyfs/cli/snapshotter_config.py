@@ -32,9 +32,9 @@ from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_auth import Credentials
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.reference import InvalidReferenceError, validate_registry
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
+from lazyfs.mount.host import LayerLimits
 from lazyfs.snapshotter.daemon import SnapshotterConfig
-from lazyfs.snapshotter.layers import LayerLimits
 from lazyfs.snapshotter.remount import RemountPolicy
 
 DEFAULT_CONFIG_PATH = "/etc/lazyfs/config.toml"
@@ -405,7 +405,9 @@ def snapshotter_config(settings: Mapping[str, Setting], *,
                        insecure: bool = False) -> SnapshotterConfig:
     """The SnapshotterConfig of `settings` (checked already), every key not given at its
     dataclass's default; `credentials` and `insecure` are those of --creds and
-    --insecure-registry, which have no key (a password belongs in a credentials file)."""
+    --insecure-registry, which have no key (a password belongs in a credentials file).
+    The read timeout also bounds what resolving an image asks its registry, as the
+    commands' --read-timeout does."""
     def value(key_id: str, default: Any = None) -> Any:
         setting = settings.get(key_id)
         return default if setting is None else setting.value
@@ -423,6 +425,7 @@ def snapshotter_config(settings: Mapping[str, Setting], *,
         root=value("snapshotter.root", DEFAULT_ROOT),
         registry=RegistryOptions(
             credentials, insecure, value("registry.mirrors", ()),
+            deadline_s=value("timeouts.read_timeout", DEFAULT_READ_TIMEOUT_S),
             **given({"registry.plain_http": "plain_http",
                      "registry.credentials_file": "credentials_file"})),
         **given({"cache.size": "cache_size_bytes", "metrics.address": "metrics_address",

@@ -70,6 +70,26 @@ class BackgroundLoads:
             return
         nursery.start_soon(self._run, BackgroundLoader(images, plans, self.options))
 
+    def replay(self, nursery: trio.Nursery, image: RemoteImage,
+               carried: LayerPrefetch | None) -> trio.CancelScope | None:
+        """Replay the list `carried` of a layer added while its host runs (on-demand reads
+        first, as `start` does), with background slots of its own; returns its scope, for
+        the layer's detach to cancel, or None when there is nothing to replay."""
+        plans = plan_lists([image], [carried], self.options)
+        if not plans[0]:
+            image.replaying_list = False
+            return None
+        loader = BackgroundLoader([image], plans, self.options)
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await loader.run()
+
+        nursery.start_soon(run)
+        log.info("layer %s: prefetching %d chunks its image lists", image.name, len(plans[0]))
+        return scope
+
     def kernel_mounted(self) -> None:
         """The kernel mounts are up: loads from the disk may start."""
         self._kernel_mounted.set()

@@ -11,7 +11,7 @@ so the unmount succeeds) keeps its loop device, and the FUSE mount stays (dead) 
 
 The next snapshotter finds those loop devices before it detaches the dead FUSE mount
 (afterwards they no longer name their files below ROOT/fuse), serves the layers on a new FUSE
-mount, and switches each loop device to the new block file (LOOP_CHANGE_FD, `LayerHost`):
+mount, and switches each loop device to the new block file (LOOP_CHANGE_FD, `LayerSet`):
 the EROFS superblock, and every container above it, reads again; a layer whose mount went is
 mounted again from the same device (the kernel shares the superblock).
 

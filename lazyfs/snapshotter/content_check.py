@@ -34,7 +34,7 @@ from lazyfs.format.chunk_table import verify_frame
 from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.image.remote_image import RemoteImage
-from lazyfs.snapshotter.layers import LayerHost, MountedLayer
+from lazyfs.snapshotter.layers import LayerSet, MountedLayer
 from lazyfs.snapshotter.store import Layer, NotFoundError, Snapshot, Store
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ class ContentChecker:
     """Measures mounted remote layers one at a time, in the daemon's nursery (`run`), and
     acts on what it finds. Trio thread only, except `refusal` (any thread)."""
 
-    def __init__(self, host: LayerHost, store: Store) -> None:
-        self.host = host
+    def __init__(self, layers: LayerSet, store: Store) -> None:
+        self.layers = layers
         self.store = store
         self._queue: OrderedDict[str, None] = OrderedDict()
         self._wake = trio.Event()
@@ -114,7 +114,7 @@ class ContentChecker:
         self.mismatches = 0  # layers found to hold other content than claimed
 
     def layer_attached(self, mounted: MountedLayer) -> None:
-        """LayerHost's hook: measure a newly mounted layer unless it was measured before."""
+        """LayerSet's hook: measure a newly mounted layer unless it was measured before."""
         self.enqueue(mounted.spec.digest)
 
     def enqueue(self, digest: str, *, urgent: bool = False) -> None:
@@ -162,16 +162,16 @@ class ContentChecker:
 
     async def _wait_turn(self) -> None:
         """On-demand reads of every layer go first."""
-        for mounted in list(self.host.mounted.values()):
+        for mounted in list(self.layers.mounted.values()):
             await mounted.image.demand.wait_idle()
 
     async def _check(self, digest: str) -> None:
-        mounted = self.host.mounted.get(digest)
+        mounted = self.layers.mounted.get(digest)
         if mounted is None:
             return  # measured when it is mounted again (`layer_attached`)
         if self._content_digest(digest) is None:
             try:
-                found = await measure_layer(mounted.image, self.host.cpu_limiter,
+                found = await measure_layer(mounted.image, self.layers.host.cpu_limiter,
                                             self._wait_turn)
             except LazyfsError as exc:
                 self._measure_failed(digest, exc)
@@ -198,7 +198,7 @@ class ContentChecker:
             await trio.sleep(delay)
             self.enqueue(digest)
 
-        self.host.nursery.start_soon(later)
+        self.layers.host.nursery.start_soon(later)
 
     async def _judge(self, digest: str) -> None:
         claims = self.store.claims(digest)
@@ -215,5 +215,5 @@ class ContentChecker:
             log.error("snapshot %s: %s; its mounts fail from now on", snapshot.key,
                       mismatch(snapshot, layer))
         if torn_down(self.store, layer):
-            await self.host.detach(digest)
+            await self.layers.detach(digest)
             log.error("layer %s: torn down (no image it came with holds it rightly)", digest)

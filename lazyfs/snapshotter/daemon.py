@@ -1,15 +1,18 @@
 """The `lazyfs snapshotter` process: recovery, the FUSE loop and layer mounts on the trio
 thread, the gRPC server on a thread pool, and an orderly teardown on SIGTERM/SIGINT.
 
-Start-up: open the database, take down what a previous run left mounted under ROOT (it died
-with its FUSE loop) but for the layer mounts of committed snapshots, which running containers
-may be reading (`adopt.py`), mount the FUSE file system, re-attach every committed remote
+Start-up: open the database and the disk cache (one that cannot be used stops nothing: the
+snapshotter goes on without it), take down what a previous run left mounted under ROOT (it
+died with its FUSE loop) but for the layer mounts of committed snapshots, which running
+containers may be reading (`adopt.py`), mount the FUSE file system of its layer host (the
+host a mount and `run` use too: `lazyfs.mount.host`), re-attach every committed remote
 snapshot's layer, taking over its left mount (one that fails is retried in the background,
 and by the calls that need it: `remount.py`), remove orphan directories, and only then
 listen on the socket.
 Teardown: stop taking calls, stop the retries, unmount every layer no container uses, stop
-FUSE. A layer a running container uses stays mounted, and so does the (then dead) FUSE
-mount, as after SIGKILL: the next start takes it over, and the container reads again.
+FUSE (its connection aborted first if its loop has stopped, so that nothing waits for it). A
+layer a running container uses stays mounted, and so does the (then dead) FUSE mount, as after
+SIGKILL: the next start takes it over, and the container reads again.
 """
 
 from __future__ import annotations
@@ -24,18 +27,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
-import pyfuse3
 import trio
 from prometheus_client import CollectorRegistry
 
-from lazyfs.cache.disk import DiskCache, DiskCacheOptions
+from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
-from lazyfs.image.tuning import ImageTuning
+from lazyfs.image.tuning import ImageTuning, PrefetchOptions
+from lazyfs.mount.host import LayerHost, LayerLimits, MountOptions
 from lazyfs.snapshotter.adopt import recover_mounts
 from lazyfs.snapshotter.content_check import ContentChecker
-from lazyfs.snapshotter.layers import LayerHost, LayerLimits, layer_name
+from lazyfs.snapshotter.layers import FUSE_DIR, LayerSet, layer_name
 from lazyfs.snapshotter.metrics import LayerMetrics, serve_metrics
 from lazyfs.snapshotter.remote import RemoteLayerService
 from lazyfs.snapshotter.remount import Remounter, RemountPolicy
@@ -47,7 +50,6 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GRPC_THREADS = 16
-FUSE_WORKERS = 64
 STOP_GRACE_S = 5.0
 
 
@@ -68,6 +70,18 @@ class SnapshotterConfig:
     tuning: ImageTuning = field(default_factory=ImageTuning)
     low_speed: SpeedLimit = field(default_factory=SpeedLimit)
     limits: LayerLimits = field(default_factory=LayerLimits)
+
+    def mount_options(self) -> MountOptions:
+        """How the layer host serves the remote layers: the knobs above; of the loads ahead
+        of reads, the prefetch lists layers carry, replayed unless `prefetch` is off."""
+        return MountOptions(
+            cache_size_bytes=self.cache_size_bytes,
+            tuning=self.tuning,
+            disk_cache=self.disk_cache,
+            low_speed=self.low_speed,
+            prefetch=PrefetchOptions(use_image_lists=self.prefetch, from_disk=False),
+            limits=self.limits,
+        )
 
 
 class SideService(Protocol):
@@ -93,37 +107,34 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
     store = Store(database_path(root))
     server: grpc.Server | None = None
     started: list[SideService] = []
-    fuse_mounted = False
+    host: LayerHost | None = None
     layers_kept = 0
-    disk = None
     try:
-        if config.disk_cache is not None:
-            disk = await trio.to_thread.run_sync(DiskCache.open, config.disk_cache)
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 registry = CollectorRegistry()
                 metrics = LayerMetrics(registry)
-                host = LayerHost(root, config.registry, config.cache_size_bytes, nursery,
-                                 metrics, disk, prefetch=config.prefetch,
-                                 tuning=config.tuning, low_speed=config.low_speed,
-                                 limits=config.limits)
                 wanted = {layer_name(layer.digest) for layer in store.layers()}
-                host.left = await recover_mounts(host.fuse_dir, host.layers_dir, wanted)
+                # Loop devices: the next start switches those running containers still read
+                # to its own block files (`adopt.py`).
+                host = await LayerHost.open(os.path.join(root, FUSE_DIR),
+                                            config.mount_options(), nursery,
+                                            layer_count=len(wanted), trace=metrics,
+                                            allow_other=True, loop_devices=True)
+                layers = LayerSet(root, host, config.registry, metrics)
+                layers.left = await recover_mounts(host.fuse_dir, layers.layers_dir, wanted)
                 os.makedirs(host.fuse_dir, mode=0o700, exist_ok=True)
-                os.makedirs(host.layers_dir, mode=0o700, exist_ok=True)
-                options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions",
-                           "allow_other"}
-                pyfuse3.init(host.ops, host.fuse_dir, options)
-                fuse_mounted = True
-                nursery.start_soon(_serve_fuse)
-                checker = ContentChecker(host, store)
-                host.on_attached = checker.layer_attached
+                os.makedirs(layers.layers_dir, mode=0o700, exist_ok=True)
+                host.start_fuse()
+                checker = ContentChecker(layers, store)
+                layers.on_attached = checker.layer_attached
                 nursery.start_soon(checker.run)
-                remounter = Remounter(host, store, config.remount)
+                remounter = Remounter(layers, store, config.remount)
                 try:
                     await remounter.attach_all()
+                    await host.disk_cache_ready()  # else off, logged once
                     token = trio.lowlevel.current_trio_token()
-                    remote = RemoteLayerService(host, store, config.registry, token, checker)
+                    remote = RemoteLayerService(layers, store, config.registry, token, checker)
                     snapshots = Snapshots(root, store, remote)
                     snapshots.cleanup()
                     server = _start_server(config.address, SnapshotsService(snapshots))
@@ -131,7 +142,7 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
                         await trio.to_thread.run_sync(service.start)
                         started.append(service)
                     if config.metrics_address is not None:
-                        serve_metrics(config.metrics_address, host, registry,
+                        serve_metrics(config.metrics_address, layers, registry,
                                       awaiting_remount=lambda: len(remounter.retrying))
                     log.info("serving snapshots on %s (root %s)", config.address, root)
                     on_ready()
@@ -147,24 +158,18 @@ async def _main(config: SnapshotterConfig, on_ready: Callable[[], None],
                             await trio.to_thread.run_sync(
                                 lambda: stopping.stop(STOP_GRACE_S).wait())
                         remounter.cancel()
-                        layers_kept = await host.detach_all(keep_busy=True)
-                        pyfuse3.terminate()
+                        layers_kept = await layers.detach_all(keep_busy=True)
+                        host.stop_fuse()
                     nursery.cancel_scope.cancel()
     finally:
-        if fuse_mounted:
+        if host is not None:
             # The next start finds the layers it takes over by their files below the FUSE
             # mount: it stays, dead, while one is kept.
-            pyfuse3.close(unmount=layers_kept == 0)
-        if disk is not None:
-            await disk.aclose()
+            await host.close(keep_fuse_mount=layers_kept > 0)
         store.close()
         with contextlib.suppress(OSError):
             os.unlink(config.address)
     log.info("stopped")
-
-
-async def _serve_fuse() -> None:
-    await pyfuse3.main(min_tasks=1, max_tasks=FUSE_WORKERS)
 
 
 def _start_server(address: str, service: SnapshotsService) -> grpc.Server:

@@ -1,10 +1,11 @@
-"""Remote layers of the snapshotter: one FUSE file system (ROOT/fuse) serving one verified
-block file per layer, added and removed at run time, and a kernel EROFS mount of each at
-ROOT/layers/NAME, through a read-only loop device (not file-backed: a snapshotter started
-after this one died can switch a loop device to its own block file under the mounts of
-running containers, `adopt.py`). All layers share one chunk cache, one decode-thread
-limiter and the daemon's nursery for background fetches; and the disk cache with every other
-process of the machine, so that a restart or a layer mounted again reads what was read
+"""Remote layers of the snapshotter, by layer digest, on the process's `LayerHost`
+(`lazyfs.mount.host`, the host a mount and `run` use too): its FUSE file system (ROOT/fuse)
+serves one verified block file per layer, added and removed at run time, and each layer is
+mounted as EROFS at ROOT/layers/NAME through a read-only loop device (not file-backed: a
+snapshotter started after this one died can switch a loop device to its own block file under
+the mounts of running containers, `adopt.py`). All layers share the host's chunk cache,
+decode threads, limits and nursery for background fetches; and the disk cache with every
+other process of the machine, so that a restart or a layer mounted again reads what was read
 before.
 
 Runs on the trio thread. gRPC handler threads come in through `RemoteLayerService`
@@ -22,14 +23,11 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from lazyfs.cache.disk import DiskCache
-from lazyfs.cache.memory import ChunkCache
-from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_DIGEST,
@@ -37,20 +35,16 @@ from lazyfs.format.descriptor import (
     SeekableAnnotations,
 )
 from lazyfs.format.prefetch_list import (
-    LayerPrefetch,
     PrefetchListError,
     parse_prefetch_annotation,
     serialize_prefetch_annotation,
 )
 from lazyfs.format.reference import parse_reference
-from lazyfs.fuse.operations import LayerOperations
 from lazyfs.image.errors import UntrustedLayerError
-from lazyfs.image.open import open_layer
-from lazyfs.image.prefetch import BackgroundLoader, plan_lists
 from lazyfs.image.registry_source import ImageLayer, layer_sources
 from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import kernel as kernel_mount
+from lazyfs.mount.host import LayerHost
 from lazyfs.mount.state import ErofsMountRecord
 from lazyfs.snapshotter.adopt import LeftLayer, take_down
 from lazyfs.snapshotter.metrics import LayerMetrics
@@ -60,25 +54,6 @@ log = logging.getLogger(__name__)
 LAYERS_DIR = "layers"
 FUSE_DIR = "fuse"
 NAME_HEX = 24
-HTTP_CONNECTIONS_PER_LAYER = 8
-PARALLEL_FETCHES_PER_LAYER = 4
-
-
-@dataclass(frozen=True)
-class LayerLimits:
-    """How much the remote layers do at once: per layer, `http_connections` to its source
-    and `parallel_fetches` requests in flight (no more than connections); for all of them,
-    `decode_threads` that decompress and hash (None: one per CPU, at least 2)."""
-
-    http_connections: int = HTTP_CONNECTIONS_PER_LAYER
-    parallel_fetches: int = PARALLEL_FETCHES_PER_LAYER
-    decode_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if (not 1 <= self.parallel_fetches <= self.http_connections
-                or (self.decode_threads is not None and self.decode_threads < 1)):
-            raise ValueError("layer limits: need 1 <= parallel_fetches <= http_connections "
-                             "and decode_threads >= 1")
 
 
 def layer_name(digest: str) -> str:
@@ -155,32 +130,18 @@ class MountedLayer:
     background: trio.CancelScope | None = None
 
 
-class LayerHost:
-    """The FUSE file system and the EROFS mounts of remote layers (trio thread only). Every
-    layer reads with `tuning` (its parallel fetches those of `limits`), every fetch gives up
-    below `low_speed`."""
+class LayerSet:
+    """The snapshotter's remote layers, by digest (trio thread only): each resolved through
+    its registry (`options`) and attached on `host`, whose FUSE file system is at ROOT/fuse,
+    at ROOT/layers/NAME; `metrics` learns each layer's digest."""
 
-    def __init__(self, root: str, options: RegistryOptions, cache_size_bytes: int,
-                 nursery: trio.Nursery, metrics: LayerMetrics | None = None,
-                 disk: DiskCache | None = None, prefetch: bool = True, *,
-                 tuning: ImageTuning | None = None, low_speed: SpeedLimit | None = None,
-                 limits: LayerLimits | None = None) -> None:
+    def __init__(self, root: str, host: LayerHost, options: RegistryOptions,
+                 metrics: LayerMetrics | None = None) -> None:
         self.root = root
-        self.prefetch = prefetch
-        self.limits = limits or LayerLimits()
-        self.tuning = replace(tuning or ImageTuning(),
-                              parallel_fetches=self.limits.parallel_fetches)
-        self.low_speed = low_speed or SpeedLimit()
-        self.metrics = metrics
+        self.host = host
         self.options = options
-        self.nursery = nursery
-        self.fuse_dir = os.path.join(root, FUSE_DIR)
+        self.metrics = metrics
         self.layers_dir = os.path.join(root, LAYERS_DIR)
-        self.cache = ChunkCache(cache_size_bytes)
-        self.disk = disk
-        self.cpu_limiter = trio.CapacityLimiter(
-            self.limits.decode_threads or max(2, os.cpu_count() or 1))
-        self.ops = LayerOperations([], cache=self.cache)
         self.mounted: dict[str, MountedLayer] = {}
         self._attaching: dict[str, trio.Event] = {}
         self._errors: dict[str, BaseException] = {}
@@ -192,10 +153,6 @@ class LayerHost:
 
     def mountpoint(self, digest: str) -> str:
         return os.path.join(self.layers_dir, layer_name(digest))
-
-    def _limited(self, options: ReaderOptions) -> ReaderOptions:
-        return replace(options, max_connections=self.limits.http_connections,
-                       low_speed=self.low_speed)
 
     async def ensure(self, spec: LayerSpec) -> MountedLayer:
         """The layer mounted, attaching it unless it is (or is being) already. Raises what
@@ -233,45 +190,36 @@ class LayerHost:
                                        repository=reference.repository) as client:
             source = (await layer_sources(reference, [spec.image_layer()], client,
                                           self.options))[0]
-        source = replace(source, reader_options=self._limited(source.reader_options),
-                         alternates=tuple(replace(alternate,
-                                                  reader_options=self._limited(
-                                                      alternate.reader_options))
-                                          for alternate in source.alternates))
         if self.metrics is not None:
             self.metrics.digests[layer_name(spec.digest)] = spec.digest
-        image = await open_layer(source, cache=self.cache, nursery=self.nursery,
-                                 cpu_limiter=self.cpu_limiter, trace=self.metrics, disk=self.disk,
-                                 tuning=self.tuning)
+        host = self.host
+        image = await host.open_layer(source, probe=False)
+        if source.prefetch is not None and host.options.prefetch.use_image_lists:
+            # Its list is replayed once it is mounted: no read reads ahead before.
+            image.replaying_list = True
+        await host.probe_superblock(image, source)
         mountpoint = self.mountpoint(spec.digest)
-        added = False
         try:
             if image.metadata.blob_size != spec.size:
                 raise kernel_mount.MountError(
                     f"layer {spec.digest}: blob is {image.metadata.blob_size} bytes, the "
                     f"manifest says {spec.size}")
-            if self.prefetch and source.prefetch is not None:
-                image.replaying_list = True  # its list is replayed once it is mounted
-            self.ops.add_image(image)
-            added = True
-            block_file = os.path.join(self.fuse_dir, image.name)
+            block_file = host.serve(image)
             erofs = await self._take_over(image.name, block_file, mountpoint)
             if erofs is None:
                 os.makedirs(mountpoint, mode=0o755, exist_ok=True)
-                device = await kernel_mount.mount_erofs_via_loop(block_file, mountpoint)
-                erofs = ErofsMountRecord(block_file, mountpoint, device)
+                erofs = await host.mount_erofs(block_file, mountpoint)
         except BaseException:
             with trio.CancelScope(shield=True):
-                if added:
-                    self.ops.remove_image(image.name)
-                await image.aclose()
+                await host.discard(image)
                 with contextlib.suppress(OSError):
                     os.rmdir(mountpoint)
             raise
         log.info("layer %s mounted lazily at %s (%d bytes in %d chunks)", spec.digest,
                  mountpoint, image.size, image.metadata.table.chunk_count)
-        return MountedLayer(spec, image, mountpoint, erofs,
-                            self._start_prefetch(image, source.prefetch))
+        # Replayed on-demand reads first, as a mount's lists are; cancelled by its detach.
+        background = host.loads.replay(host.nursery, image, source.prefetch)
+        return MountedLayer(spec, image, mountpoint, erofs, background)
 
     async def _take_over(self, name: str, block_file: str, mountpoint: str
                          ) -> ErofsMountRecord | None:
@@ -296,28 +244,6 @@ class LayerHost:
                  left.device, mountpoint, block_file)
         return ErofsMountRecord(block_file, mountpoint, left.device)
 
-    def _start_prefetch(self, image: RemoteImage,
-                        carried: LayerPrefetch | None) -> trio.CancelScope | None:
-        """Replay the prefetch list the layer carries in the background, on-demand reads
-        first (as a mount does); its scope, for the layer's detach to cancel."""
-        if not self.prefetch or carried is None:
-            return None
-        options = PrefetchOptions()
-        plans = plan_lists([image], [carried], options)
-        if not plans[0]:
-            image.replaying_list = False
-            return None
-        loader = BackgroundLoader([image], plans, options)
-        scope = trio.CancelScope()
-
-        async def replay() -> None:
-            with scope:
-                await loader.run()
-
-        self.nursery.start_soon(replay)
-        log.info("layer %s: prefetching %d chunks its image lists", image.name, len(plans[0]))
-        return scope
-
     async def detach(self, digest: str, *, keep_busy: bool = False) -> bool:
         """Unmount a layer (lazily if busy) and stop serving its file; absent is fine. With
         `keep_busy`, a loop device a superblock still reads (a running container's) is left
@@ -329,29 +255,11 @@ class LayerHost:
                 with trio.CancelScope(shield=True):
                     await take_down(left)
             return False
-        kept = False
-        # No read may wait on a stalled server while the layer goes: end its fetches first.
         if layer.background is not None:
             layer.background.cancel()
-        layer.image.cancel_fetches()
-        with trio.CancelScope(shield=True):
-            try:
-                await kernel_mount.unmount(layer.mountpoint, lazy_fallback=True)
-                device = layer.erofs.loop_device
-                # Overlays keep private clones of their lower mounts: the unmount succeeds
-                # under a running container, whose superblock still holds the device.
-                if device is not None and keep_busy and kernel_mount.device_in_use(device):
-                    kept = True
-                elif device is not None:
-                    await kernel_mount.detach_loop(device)
-            except kernel_mount.MountError as exc:
-                log.error("%s", exc)
-            self.ops.remove_image(layer.image.name)
-            if layer.image.disk is not None:  # for the layer's next warm start
-                await layer.image.disk.save_reads()
-            await layer.image.aclose()
-            with contextlib.suppress(OSError):
-                os.rmdir(layer.mountpoint)
+        kept = await self.host.detach(layer.image, layer.erofs, keep_busy=keep_busy)
+        with contextlib.suppress(OSError):
+            os.rmdir(layer.mountpoint)
         if kept:
             log.warning("layer %s is in use: %s is left for the next start to take over "
                         "(reads through it fail until then)", digest, layer.erofs.loop_device)

@@ -38,7 +38,7 @@ from lazyfs.image.registry_source import (
     resolve_image,
 )
 from lazyfs.snapshotter.content_check import ContentChecker, Verdict, mismatch, verdict
-from lazyfs.snapshotter.layers import LayerHost, LayerSpec
+from lazyfs.snapshotter.layers import LayerSet, LayerSpec
 from lazyfs.snapshotter.snapshots import TARGET_LABEL
 from lazyfs.snapshotter.store import (
     AlreadyExistsError,
@@ -104,9 +104,9 @@ class RemoteLayerService:
     """The snapshot service's `RemoteLayers`: called from gRPC threads, works on the trio
     thread through `token`."""
 
-    def __init__(self, host: LayerHost, store: Store, options: RegistryOptions,
+    def __init__(self, layers: LayerSet, store: Store, options: RegistryOptions,
                  token: trio.lowlevel.TrioToken, checker: ContentChecker) -> None:
-        self.host = host
+        self.layers = layers
         self.store = store
         self.options = options
         self.token = token
@@ -138,13 +138,13 @@ class RemoteLayerService:
         if refusal is not None:
             raise RemoteLayerError(f"snapshot {snapshot.key}: {refusal}")
         layer = self.store.layer(snapshot.layer_id)
-        if layer.digest not in self.host.mounted:  # its mount failed at start-up: try again
+        if layer.digest not in self.layers.mounted:  # its mount failed at start-up: try again
             trio.from_thread.run(self._mount_again, snapshot.key,
                                  LayerSpec.from_json(layer.source), trio_token=self.token)
-        return self.host.mountpoint(layer.digest)
+        return self.layers.mountpoint(layer.digest)
 
     def release(self, layer_id: int, digest: str) -> None:
-        trio.from_thread.run(self.host.detach, digest, trio_token=self.token)
+        trio.from_thread.run(self.layers.detach, digest, trio_token=self.token)
 
     # -- on the trio thread ------------------------------------------------------------------
 
@@ -159,8 +159,8 @@ class RemoteLayerService:
                     return False
                 position, diff_id = _position(image, request, target, parent, where)
                 spec = LayerSpec.of(image.pinned, image.layers[position])
-                was_mounted = spec.digest in self.host.mounted
-                layer = await self.host.ensure(spec)
+                was_mounted = spec.digest in self.layers.mounted
+                layer = await self.layers.ensure(spec)
                 measured = self._measured(spec.digest)
                 if measured is not None and measured != diff_id:
                     raise RemoteLayerError(
@@ -181,7 +181,7 @@ class RemoteLayerService:
         except BaseException:
             if not was_mounted and not any(
                     existing.digest == spec.digest for existing in self.store.layers()):
-                await self.host.detach(spec.digest)
+                await self.layers.detach(spec.digest)
             raise
         self.checker.enqueue(spec.digest)  # measured once, judged for every claim
         log.info("%s: committed as %s", where, target)
@@ -228,7 +228,7 @@ class RemoteLayerService:
     async def _mount_again(self, key: str, spec: LayerSpec) -> None:
         try:
             with trio.fail_after(REMOUNT_TIMEOUT_S):
-                await self.host.ensure(spec)
+                await self.layers.ensure(spec)
         except trio.TooSlowError:
             raise RemoteLayerError(f"snapshot {key}: layer {spec.digest} is not mounted: not "
                                    f"mounted again within {REMOUNT_TIMEOUT_S:.0f} s") from None
@@ -236,7 +236,7 @@ class RemoteLayerService:
             raise RemoteLayerError(
                 f"snapshot {key}: layer {spec.digest} is not mounted: {exc}") from None
         if not any(layer.digest == spec.digest for layer in self.store.layers()):
-            await self.host.detach(spec.digest)  # its last snapshot went meanwhile
+            await self.layers.detach(spec.digest)  # its last snapshot went meanwhile
             raise NotFoundError(f"snapshot {key} does not exist")
         log.info("layer %s mounted again for snapshot %s", spec.digest, key)
 
@@ -252,7 +252,7 @@ class RemoteLayerService:
                 async with self.options.client(reference.registry,
                                                repository=reference.repository) as client:
                     # Every layer is resolved; the one asked for is refused when no digest
-                    # authenticates it (LayerHost), not the image for any other's sake.
+                    # authenticates it (LayerSet), not the image for any other's sake.
                     found: ResolvedImage | UnconvertedLayerError = await resolve_image(
                         client, reference, host_platform(), insecure=True)
             except UnconvertedLayerError as exc:

@@ -21,7 +21,7 @@ import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.snapshotter.content_check import torn_down
-from lazyfs.snapshotter.layers import LayerHost, LayerSpec
+from lazyfs.snapshotter.layers import LayerSet, LayerSpec
 from lazyfs.snapshotter.store import Store
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ class RemountPolicy:
 class Remounter:
     """Start-up attachment and background retries of remote layers (trio thread only)."""
 
-    def __init__(self, host: LayerHost, store: Store, policy: RemountPolicy) -> None:
-        self.host = host
+    def __init__(self, layers: LayerSet, store: Store, policy: RemountPolicy) -> None:
+        self.layers = layers
         self.store = store
         self.policy = policy
         self._scopes: set[trio.CancelScope] = set()
@@ -73,12 +73,12 @@ class Remounter:
         async def one(spec: LayerSpec) -> None:
             async with limiter:
                 try:
-                    await self.host.ensure(spec)
+                    await self.layers.ensure(spec)
                 except (LazyfsError, OSError) as exc:
                     log.error("layer %s: cannot mount it again: %s (retrying in the "
                               "background)", spec.digest, exc)
                     self.retrying.add(spec.digest)
-                    self.host.nursery.start_soon(self._retry, spec)
+                    self.layers.host.nursery.start_soon(self._retry, spec)
 
         async with trio.open_nursery() as nursery:
             for layer in self.store.layers():
@@ -108,19 +108,19 @@ class Remounter:
         attempt = 0
         for attempt, delay in enumerate(self.policy.delays(), start=1):
             await trio.sleep(delay)
-            if spec.digest in self.host.mounted:
+            if spec.digest in self.layers.mounted:
                 return  # mounted on demand meanwhile
             if not self.in_use(spec.digest):
                 log.info("layer %s: no snapshot uses it any more; not retried", spec.digest)
                 return
             try:
-                await self.host.ensure(spec)
+                await self.layers.ensure(spec)
             except (LazyfsError, OSError) as exc:
                 log.warning("layer %s: retry %d of %d failed: %s", spec.digest, attempt,
                             self.policy.attempts, exc)
                 continue
             if not self.in_use(spec.digest):  # its last snapshot went while we mounted it
-                await self.host.detach(spec.digest)
+                await self.layers.detach(spec.digest)
                 return
             log.info("layer %s mounted again (retry %d)", spec.digest, attempt)
             return
