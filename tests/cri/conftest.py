@@ -62,7 +62,7 @@ def sibling(work: Path, registry: Registry, image: PublishedImage) -> PublishedI
 
 @pytest.fixture(scope="package")
 def pause(work: Path, registry: Registry) -> str:
-    return publish_pause_image(work, registry)
+    return publish_pause_image(work, registry.host)
 
 
 @pytest.fixture(scope="package")

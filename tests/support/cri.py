@@ -27,7 +27,6 @@ from lazyfs.containerd import rpc
 from lazyfs.cri.api import api_pb2 as cri
 from tests.support.containerd import Containerd, running_containerd
 from tests.support.images import base_layer, skopeo_push, write_oci_image
-from tests.support.registry import Registry
 
 RUNTIME = "runtime.v1.RuntimeService"
 IMAGES = "runtime.v1.ImageService"
@@ -48,7 +47,7 @@ CRI_CONFIG = """
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "lazyfs"
+    snapshotter = "{snapshotter}"
     disable_snapshot_annotations = false
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -62,22 +61,25 @@ MIRROR = """  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
 """
 
 
-def cri_config(work: Path, pause: str, registries: Sequence[str]) -> str:
+def cri_config(work: Path, pause: str, registries: Sequence[str],
+               snapshotter: str = "lazyfs") -> str:
     """The CRI plugin's tables: `pause` as the sandbox image, plain HTTP to `registries`
-    (`host:port` each), no CNI configuration (`work/cni` stays empty)."""
+    (`host:port` each), images unpacked into `snapshotter` (containerd's `overlayfs` for
+    the baseline of tools/bench_cri), no CNI configuration (`work/cni` stays empty)."""
     for sub in ("bin", "conf"):
         (work / "cni" / sub).mkdir(parents=True, exist_ok=True)
-    text = CRI_CONFIG.format(pause=pause, cni=work / "cni")
+    text = CRI_CONFIG.format(pause=pause, cni=work / "cni", snapshotter=snapshotter)
     return text + "".join(MIRROR.format(host=host) for host in registries)
 
 
-def publish_pause_image(work: Path, registry: Registry) -> str:
-    """An image whose entrypoint sleeps (busybox), as `test/pause:1`; returns its reference."""
+def publish_pause_image(work: Path, host: str) -> str:
+    """An image whose entrypoint sleeps (busybox), as `test/pause:1` in the registry at
+    `host`; returns its reference."""
     layers = [base_layer()]
     image = write_oci_image(work / "images" / "pause", "1", layers,
                             entrypoint=["/bin/busybox", "sleep", "86400"])
-    skopeo_push(image.layout, "1", registry.host, PAUSE)
-    return f"{registry.host}/{PAUSE}"
+    skopeo_push(image.layout, "1", host, PAUSE)
+    return f"{host}/{PAUSE}"
 
 
 @dataclass
@@ -162,8 +164,15 @@ class Cri:
 
     def run_container(self, sandbox_id: str, sandbox: cri.PodSandboxConfig, name: str,
                       image_ref: str, command: Sequence[str]) -> str:
-        """CreateContainer of `image_ref` (what PullImage answered, as kubelet passes it) and
-        StartContainer; its log is `name.log` in the pod's log directory. Returns its ID."""
+        """`create_container` and `start_container`; returns the container's ID."""
+        container_id = self.create_container(sandbox_id, sandbox, name, image_ref, command)
+        self.start_container(container_id)
+        return container_id
+
+    def create_container(self, sandbox_id: str, sandbox: cri.PodSandboxConfig, name: str,
+                         image_ref: str, command: Sequence[str]) -> str:
+        """CreateContainer of `image_ref` (what PullImage answered, as kubelet passes it);
+        its log is `name.log` in the pod's log directory. Returns its ID."""
         node = cri.NamespaceOption(network=cri.NODE, pid=cri.CONTAINER, ipc=cri.POD)
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name),
@@ -175,11 +184,12 @@ class Cri:
         )
         request = cri.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=config,
                                              sandbox_config=sandbox)
-        container_id = self.runtime("CreateContainer", request,
-                                    cri.CreateContainerResponse).container_id
+        return self.runtime("CreateContainer", request,
+                            cri.CreateContainerResponse).container_id
+
+    def start_container(self, container_id: str) -> None:
         self.runtime("StartContainer", cri.StartContainerRequest(container_id=container_id),
                      cri.StartContainerResponse)
-        return container_id
 
     def wait_exited(self, container_id: str, timeout_s: float = EXIT_TIMEOUT_S
                     ) -> cri.ContainerStatus:
@@ -212,13 +222,17 @@ class Node:
 
 
 @contextlib.contextmanager
-def running_node(work: Path, pause: str, registries: Sequence[str]) -> Iterator[Node]:
-    """containerd (CRI plugin on, sandbox image `pause`, plain HTTP to `registries`) and the
-    snapshotter serving the image service, under `work`; pods and all torn down on exit."""
+def running_node(work: Path, pause: str, registries: Sequence[str], *,
+                 snapshotter: str = "lazyfs", snapshotter_args: Sequence[str] = ()
+                 ) -> Iterator[Node]:
+    """containerd (CRI plugin on, sandbox image `pause`, plain HTTP to `registries`, images
+    unpacked into `snapshotter`) and the lazyfs snapshotter serving the image service (with
+    `snapshotter_args` besides), under `work`; pods and all torn down on exit."""
     image_socket = work / "cri.sock"
     args = ["--image-service-address", str(image_socket),
-            "--containerd-address", str(work / "containerd.sock")]
-    with running_containerd(work, args, cri_config(work, pause, registries)) as containerd:
+            "--containerd-address", str(work / "containerd.sock"), *snapshotter_args]
+    config = cri_config(work, pause, registries, snapshotter)
+    with running_containerd(work, args, config) as containerd:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not image_socket.exists():
             if time.monotonic() > deadline:
