@@ -26,7 +26,8 @@ class LayerReport:
 @dataclass
 class RunReport:
     """One run: `mounted_s` from the start of `lazyfs run` until the image was mounted,
-    `total_s` until the command exited."""
+    `total_s` until the command exited; `phases`, of a lazy run, where its mount's start-up
+    time went, as `lazyfs stats` shows it (seconds, None for a phase not passed)."""
 
     mode: str
     image: str
@@ -36,6 +37,7 @@ class RunReport:
     command_s: float = 0.0
     total_s: float = 0.0
     layers: list[LayerReport] = field(default_factory=list)
+    phases: dict[str, float | None] = field(default_factory=dict)
 
 
 def lazy_layer_report(name: str, digest: str, size: int, stats: Mapping[str, Any]) -> LayerReport:

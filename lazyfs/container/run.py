@@ -142,6 +142,7 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify,
                 temp_dir=str(work),
             )
             config.warm_chunks, config.warm_feed = warm_chunks()
+            config.command_started = started  # the phases count from the run's start
             record = start(config)
         report.mounted_s = time.monotonic() - started
         report.exit_code = run_container(spec)
@@ -150,7 +151,7 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify,
         if request.eager:
             report.layers = _eager_layers(pulled)
         else:
-            report.layers = _lazy_layers(image, record, notify)
+            report.layers, report.phases = _lazy_stats(image, record, notify)
     finally:
         with interrupts_ignored():
             _teardown(
@@ -159,18 +160,21 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify,
     return report
 
 
-def _lazy_layers(image: ResolvedImage, record: MountRecord, notify: Notify) -> list[LayerReport]:
-    """Per-layer numbers from the daemon's stats file (none if it cannot be read)."""
+def _lazy_stats(image: ResolvedImage, record: MountRecord, notify: Notify
+                ) -> tuple[list[LayerReport], dict[str, float | None]]:
+    """Per-layer numbers and the start-up phases from the daemon's stats file (none if it
+    cannot be read)."""
     try:
         stats: dict[str, Any] = read_stats(record)
     except StatsError as exc:
         notify(f"no layer statistics: {exc}")
-        return []
+        return [], {}
     layers = stats.get("layers", {})
+    phases = stats.get("daemon", {}).get("phases") or {}
     return [
         lazy_layer_report(layer.name, layer.digest, layer.size, layers.get(layer.name, {}))
         for layer in image.distinct_layers
-    ]
+    ], dict(phases)
 
 
 def _eager_layers(pulled: list[PulledLayer]) -> list[LayerReport]:
