@@ -33,6 +33,8 @@ class UserError(LazyfsError):
 
 # command: (module of this package that registers it, its help line), in `--help` order.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("bench", "time a command's start in an image: lazy, with a prefetch list, eager, "
+              "warm"),
     "cache": ("cache", "list, measure, trim or empty the disk cache"),
     "convert": ("convert", "convert a layer or a whole image into seekable EROFS"),
     "inspect": ("inspect", "show the layout, chunks and dm-verity parameters of a blob"),
@@ -47,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "mounted lazily"),
     "snapshotter-stats": ("snapshotter", "show what the snapshotter's remote layers fetched"),
     "stats": ("mounts", "show what a mount fetched, cached, verified"),
+    "trace": ("trace", "summarize or plot the chunk accesses a --trace file holds"),
     "umount": ("mounts", "unmount a lazyfs mount"),
     "unpack": ("unpack", "decode a seekable EROFS blob into its raw EROFS image"),
     "verify": ("verify", "check every byte of a blob (and optionally its files against the "
