@@ -54,7 +54,6 @@ from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import ImageReference
 from lazyfs.image.open import LayerSource
-from lazyfs.image.registry_source import ResolvedImage
 
 Progress = Callable[[str], None]
 """Told, as the bench goes, what it is doing now (one line, no newline)."""
@@ -80,7 +79,8 @@ class BenchError(LazyfsError):
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """What to measure. `run_options` go to every `lazyfs run` (registry options,
+    """What to measure. `registry_args` (--insecure-registry, --platform, --creds, --mirror)
+    go to every run, `run_options` to every `lazyfs run` (they include `registry_args`, and
     --insecure, --readahead, --cache-size); `registry`, `platform` and `insecure` are the same
     for the bench's own look at the image. `trace` records the lazy runs' chunk accesses."""
 
@@ -93,6 +93,7 @@ class BenchRequest:
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     platform: Platform | None = None
     insecure: bool = False
+    registry_args: tuple[str, ...] = ()
     run_options: tuple[str, ...] = ()
     trace: bool = False
 
@@ -109,10 +110,16 @@ class BenchOutcome:
 
 @dataclass(frozen=True)
 class _Image:
-    resolved: ResolvedImage
+    """What the bench learned of the image: `ordinary` when its layers are not seekable
+    EROFS (only an eager pull runs it: `pull.py`)."""
+
+    reference: ImageReference
+    manifest_digest: str
+    platform: str
     layers: tuple[LayerInfo, ...]
     blob_url: str
-    carries_prefetch: bool
+    carries_prefetch: bool = False
+    ordinary: bool = False
 
 
 def run_bench(request: BenchRequest, progress: Progress,
@@ -153,13 +160,21 @@ def run_bench(request: BenchRequest, progress: Progress,
 
 def _inspect(request: BenchRequest) -> _Image:
     """Resolve the image as the runs will, and read each layer's chunk size."""
+    from lazyfs.image.registry_source import UnconvertedLayerError
     from lazyfs.mount.service import resolve
 
     try:
-        found = resolve([request.image], request.registry, request.platform,
-                        insecure=request.insecure)
+        try:
+            found = resolve([request.image], request.registry, request.platform,
+                            insecure=request.insecure)
+        except UnconvertedLayerError as exc:
+            if request.modes != ("eager",):
+                raise BenchError(f"{exc}; as it is, only --modes eager runs it") from None
+            return trio.run(_inspect_ordinary, request)
         chunks = trio.run(_chunk_tables, found.sources)
     except (LazyfsError, ValueError) as exc:
+        if isinstance(exc, BenchError):
+            raise
         message = str(exc)
         raise BenchError(message if message.startswith(request.image)
                          else f"{request.image}: {message}") from None
@@ -167,8 +182,24 @@ def _inspect(request: BenchRequest) -> _Image:
     layers = tuple(
         LayerInfo(layer.name, layer.digest, layer.size, *chunks.get(layer.name, (None, None)))
         for layer in resolved.distinct_layers)
-    return _Image(resolved, layers, found.sources[0].blob,
+    return _Image(resolved.reference, resolved.manifest_digest, resolved.platform, layers,
+                  found.sources[0].blob,
                   any(layer.prefetch is not None for layer in resolved.layers))
+
+
+async def _inspect_ordinary(request: BenchRequest) -> _Image:
+    """An image whose layers are not seekable EROFS, as `pull.py` resolves it."""
+    from lazyfs.bench.pull import resolve_ordinary
+    from lazyfs.image.names import host_platform
+
+    reference = ImageReference.parse(request.image)
+    async with request.registry.client(reference.registry) as client:
+        image = await resolve_ordinary(client, reference, request.platform or host_platform())
+        url = client.blob_url(reference.repository, image.layers[0].digest)
+    layers = tuple(LayerInfo(layer.name, layer.digest, layer.size)
+                   for layer in {layer.digest: layer for layer in image.layers}.values())
+    return _Image(reference, image.manifest_digest, image.platform, layers, url,
+                  ordinary=True)
 
 
 async def _chunk_tables(sources: Sequence[LayerSource]) -> dict[str, tuple[int, int]]:
@@ -202,7 +233,7 @@ def _through_link(request: BenchRequest, image: _Image, stack: contextlib.ExitSt
     url = urlsplit(image.blob_url)
     if url.scheme != "http" or url.hostname is None:
         raise BenchError(
-            f"--link: {image.resolved.reference.registry} is spoken to over {url.scheme}; the "
+            f"--link: {image.reference.registry} is spoken to over {url.scheme}; the "
             "link emulator forwards a local port, which TLS would not accept for the "
             "registry's name: use a registry reached in plain HTTP (--insecure-registry)")
     link = request.link
@@ -241,11 +272,11 @@ class _Bench:
         self._scratch = 0
 
     def environment(self) -> Environment:
-        request, resolved = self.request, self.image.resolved
+        request, image = self.request, self.image
         link = request.link
         return Environment(
             lazyfs_version=__version__, image=request.image, reference=self.reference,
-            image_digest=resolved.manifest_digest, platform=resolved.platform,
+            image_digest=image.manifest_digest, platform=image.platform,
             layers=self.image.layers, command=request.command, modes=request.modes,
             repeat=request.repeat,
             link=None if link is None else {"rtt_ms": link.rtt_ms, "rate_mbit": link.rate_mbit},
@@ -308,9 +339,9 @@ class _Bench:
         except (KeyError, TypeError, ValueError) as exc:
             raise BenchError(f"{where}: an unreadable report ({exc})") from None
         digest = str(report.get("image", "")).rpartition("@")[2]
-        if digest != self.image.resolved.manifest_digest:
-            raise BenchError(f"{where}: ran {digest}, not {self.image.resolved.manifest_digest}:"
-                             " the tag moved while the bench ran")
+        if digest != self.image.manifest_digest:
+            raise BenchError(f"{where}: ran {digest}, not {self.image.manifest_digest}: the "
+                             "tag moved while the bench ran")
         if trace is None:
             return result, None
         try:
@@ -337,6 +368,9 @@ class _Bench:
                 *self.request.run_options, *options,
                 *(["--cache-dir", str(cache)] if cache is not None else []),
                 "--report", str(report), "--", *self.request.command]
+        if self.image.ordinary:  # only eager runs: what a container engine does (pull.py)
+            argv = [sys.executable, "-m", "lazyfs.bench.pull", *self.request.registry_args,
+                    "--report", str(report), self.reference, "--", *self.request.command]
         where = (f"{mode} run {number} of {self.request.repeat}" if number else mode)
         if what:
             where += f", {what}"
@@ -347,7 +381,7 @@ class _Bench:
         if not report.exists():
             failure = next((line for line in reversed(errors) if ": error: " in line), None)
             detail = failure or " / ".join(errors[-_TAIL_LINES:]) or "no output"
-            raise BenchError(f"{where}: lazyfs run failed (exit code {code}): {detail}")
+            raise BenchError(f"{where}: the run failed (exit code {code}): {detail}")
         data: dict[str, object] = json.loads(report.read_text())
         if data.get("exit_code") != 0:
             # What the command said: its stderr comes before lazyfs run's report.
@@ -419,6 +453,10 @@ def _clean_up(work: Path, progress: Progress) -> None:
         for mount in _leftover_roots(work):
             progress(f"unmounting {mount}, left by a run that was killed")
             _unmount_leftover(mount)
+        for left in kernel.mounts_at_or_below(work):  # an eager pull's overlay, say
+            progress(f"unmounting {left.mountpoint}, left by a run that was killed")
+            with contextlib.suppress(kernel.MountError):
+                trio.run(lambda: kernel.unmount(left.mountpoint, lazy_fallback=True))
         if kernel.mounts_at_or_below(work):
             progress(f"{work} still has mounts below it; not removed")
             return

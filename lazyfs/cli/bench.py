@@ -88,19 +88,23 @@ def _split_command(args: argparse.Namespace) -> None:
     parser.parse_args(options, namespace=args)
 
 
-def _run_options(args: argparse.Namespace) -> tuple[str, ...]:
-    """What every `lazyfs run` of the bench is given besides its mode's options."""
-    options: list[str] = []
-    if args.insecure_registry:
-        options.append("--insecure-registry")
-    if args.insecure:
-        options.append("--insecure")
-    for flag, value in (("--platform", args.platform), ("--creds", args.creds),
-                        ("--readahead", args.readahead), ("--cache-size", args.cache_size)):
+def _registry_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The registry options every run of the bench is given."""
+    options: list[str] = ["--insecure-registry"] if args.insecure_registry else []
+    for flag, value in (("--platform", args.platform), ("--creds", args.creds)):
         if value is not None:
             options += [flag, str(value)]
     for mirror in args.mirror:
         options += ["--mirror", mirror]
+    return tuple(options)
+
+
+def _run_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """What every `lazyfs run` of the bench is given besides its mode's options."""
+    options = list(_registry_args(args)) + (["--insecure"] if args.insecure else [])
+    for flag, value in (("--readahead", args.readahead), ("--cache-size", args.cache_size)):
+        if value is not None:
+            options += [flag, str(value)]
     return tuple(options)
 
 
@@ -151,7 +155,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         image=args.image, command=tuple(args.command), modes=modes, repeat=args.repeat,
         link=link, prefetch_file=args.prefetch,
         registry=registry_options(args), platform=platform_of(args), insecure=args.insecure,
-        run_options=_run_options(args), trace=bool(args.plot))
+        registry_args=_registry_args(args), run_options=_run_options(args),
+        trace=bool(args.plot))
     progress = _ProgressLine()
     try:
         with sigterm_as_interrupt():

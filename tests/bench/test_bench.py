@@ -164,19 +164,50 @@ def test_errors_name_the_mode_and_run(bencher: Bencher, busybox: PublishedImage)
     bencher.assert_clean()
 
 
+# The busybox image's changes, as a container must see them: the upper layer's files, its
+# whiteouts (a file, a directory) and its opaque directory.
+CHANGES = ('test "$(cat /etc/hostname)" = changed && ! test -e /etc/os-release && '
+           '! test -e /var/log && test "$(ls /var/cache/app)" = fresh.txt')
+
+
+def test_an_ordinary_image_runs_eagerly(bencher: Bencher, busybox: PublishedImage,
+                                        tmp_path: Path) -> None:
+    """An image lazyfs cannot mount (gzip tar layers) runs in the eager mode alone: pulled
+    and unpacked as a container engine does, its whiteouts overlayfs's."""
+    out_json = tmp_path / "b.json"
+    result = bencher.run(busybox.original, "--insecure-registry", "--modes", "eager",
+                         "--repeat", "2", "--json", str(out_json), "--", "/bin/busybox", "sh",
+                         "-c", CHANGES)
+    assert result.returncode == 0, result.stderr
+    assert list(table_rows(result.stdout)) == ["eager"]
+    data = json.loads(out_json.read_text())
+    env = data["environment"]
+    assert env["chunk_size"] is None and len(env["layers"]) == 2 and env["link"] is None
+    blobs = sum(layer["size_bytes"] for layer in env["layers"])
+    for run in data["runs"]:
+        assert run["mode"] == "eager" and run["exit_code"] == 0
+        assert 0 < run["mounted_s"] < run["total_s"]
+        assert run["bytes_fetched"] == blobs and run["requests"] == 2
+    refused = bencher.run(busybox.original, "--insecure-registry", "--", "true")
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 2
+    assert refused.stderr.splitlines()[-1].endswith("only --modes eager runs it")
+    bencher.assert_clean()
+
+
 def _pids(pattern: str, parent: int | None = None) -> list[int]:
     extra = ["-P", str(parent)] if parent is not None else []
     found = subprocess.run(["pgrep", *extra, "-f", pattern], capture_output=True, text=True)
     return [int(pid) for pid in found.stdout.split()]
 
 
-@pytest.mark.parametrize("mode", ["lazy", "eager"])
+@pytest.mark.parametrize("mode", ["lazy", "eager", "ordinary"])
 def test_ctrl_c_leaves_nothing_behind(bencher: Bencher, busybox: PublishedImage,
                                       mode: str) -> None:
-    marker = "611.25" if mode == "lazy" else "612.25"
+    marker = {"lazy": "611.25", "eager": "612.25", "ordinary": "613.25"}[mode]
+    image = busybox.original if mode == "ordinary" else busybox.converted
     process = subprocess.Popen(
-        bencher.argv(busybox.converted, "--insecure-registry", "--modes", mode, "--link",
-                     "5ms,100mbit", "--", "/bin/busybox", "sleep", marker),
+        bencher.argv(image, "--insecure-registry", "--modes", mode.replace("ordinary", "eager"),
+                     "--link", "5ms,100mbit", "--", "/bin/busybox", "sleep", marker),
         cwd=REPO, env=bencher.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + WAIT_S
