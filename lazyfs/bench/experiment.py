@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -456,7 +457,8 @@ def _clean_up(work: Path, progress: Progress) -> None:
         for left in kernel.mounts_at_or_below(work):  # an eager pull's overlay, say
             progress(f"unmounting {left.mountpoint}, left by a run that was killed")
             with contextlib.suppress(kernel.MountError):
-                trio.run(lambda: kernel.unmount(left.mountpoint, lazy_fallback=True))
+                trio.run(functools.partial(kernel.unmount, left.mountpoint,
+                                           lazy_fallback=True))
         if kernel.mounts_at_or_below(work):
             progress(f"{work} still has mounts below it; not removed")
             return
