@@ -95,6 +95,17 @@ class ChunkCache:
         bytes a check borrows (a neighbouring chunk), not bytes a read returns."""
         return self._entries.get(key)
 
+    def keep(self, key: Hashable, data: ChunkData) -> None:
+        """Store verified bytes that no load claimed (a layer's dm-verity hash blocks),
+        counted in the cap like a chunk; nobody waits for them."""
+        if key not in self._pending:
+            self._store(key, data)
+
+    def keys_in(self, namespace: Hashable) -> list[tuple[Hashable, ...]]:
+        """The cached keys of `namespace` (tuple keys whose first element it is)."""
+        return [key for key in self._entries
+                if isinstance(key, tuple) and key and key[0] == namespace]
+
     def counts(self, namespace: Hashable) -> tuple[int, int]:
         """(hits, misses) of the keys in `namespace` (see `get`)."""
         hits, misses = self._counts.get(namespace, (0, 0))

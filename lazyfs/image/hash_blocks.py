@@ -7,8 +7,13 @@ Readers that need the same block at the same time share one fetch, as chunks do 
 
 The protocol, all on the trio thread (no await between looking at the state and changing it):
 
-- `_verified[offset]` holds a block that matched its parent. Blocks are kept for the mount's
-  life: at most the tree, 1/64 of the image with sha512 digests and 4 KiB blocks.
+- A block that matched its parent is verified: the levels above the lowest are kept for the
+  mount's life (1/64 of level 0 with sha512 digests and 4 KiB blocks: 1/4096 of the image);
+  level-0 blocks (1/64 of the image) live in the layer's chunk cache, counted in its cap
+  with the chunks and evicted with them, keyed by the root digest that authenticates them.
+  One evicted is fetched again (and checked against its parent) when a load needs it. The
+  RECENT_BLOCKS verified last are also kept by the layer itself, so that the blocks a load
+  just fetched are there when it checks its data, however small the cache.
 - `_bad[offset]` says why a block did not match (or its parent did not). It is remembered: the
   data under it fails with EIO at once, and the other blocks of the tree are unaffected.
 - `_loading[offset]` is the event of a block some task is fetching. Others wait for it and look
@@ -21,11 +26,13 @@ The protocol, all on the trio thread (no await between looking at the state and 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from lazyfs.cache.memory import ChunkCache
 from lazyfs.exception_groups import leaf_errors
 from lazyfs.fetch.base import BlobReader
 from lazyfs.fetch.errors import FetchError
@@ -37,6 +44,8 @@ from lazyfs.image.stats import ImageStats
 
 log = logging.getLogger(__name__)
 
+# Level-0 blocks a layer keeps itself, the last verified (a 16 MiB run needs 64 with sha512).
+RECENT_BLOCKS = 256
 # A path's blocks are looked up again after a load another task started has failed; after
 # this many rounds the read fails like any fetch that failed.
 _MAX_ROUNDS = 3
@@ -76,7 +85,9 @@ class HashBlockStore:
     """Verified hash blocks of one layer's dm-verity tree, keyed by verity payload offset."""
 
     def __init__(self, reader: BlobReader, metadata: BlobMetadata, stats: ImageStats,
-                 cpu_limiter: trio.CapacityLimiter) -> None:
+                 cpu_limiter: trio.CapacityLimiter, cache: ChunkCache | None = None) -> None:
+        """`cache` keeps the verified level-0 blocks (by default one of their own, unbounded
+        in effect)."""
         if metadata.verity is None or metadata.root is None:
             raise ValueError("the layer has no authenticated dm-verity tree")
         self.geometry: VerityGeometry = metadata.verity
@@ -86,30 +97,54 @@ class HashBlockStore:
         self._stats = stats
         self._cpu_limiter = cpu_limiter
         self._block_size = self.geometry.superblock.hash_block_size
-        self._verified: dict[int, bytes] = {}
+        self._upper: dict[int, bytes] = {}  # verified blocks above level 0
+        self._recent: OrderedDict[int, bytes] = OrderedDict()  # level 0, verified last
+        self._cache = cache if cache is not None else ChunkCache(1 << 62)
+        self._level0 = (self.geometry.levels[0].payload_offset if self.geometry.levels
+                        else self.geometry.tree_offset + self.geometry.tree_size)
+        self._namespace = ("dm-verity", metadata.root)
         self._bad: dict[int, str] = {}
         self._loading: dict[int, trio.Event] = {}
 
     @property
     def verified_count(self) -> int:
-        return len(self._verified)
+        """Verified blocks held now (level 0: those the cache still holds)."""
+        return len(self.known())
 
-    def is_verified(self, payload_offset: int) -> bool:
-        return payload_offset in self._verified
+    def _get(self, offset: int) -> bytes | None:
+        if offset < self._level0:
+            return self._upper.get(offset)
+        block = self._recent.get(offset)
+        if block is not None:
+            return block
+        found = self._cache.peek((self._namespace, offset))
+        return None if found is None else bytes(found)
+
+    def _keep(self, offset: int, block: bytes) -> None:
+        if offset < self._level0:
+            self._upper[offset] = block
+            return
+        self._cache.keep((self._namespace, offset), block)
+        self._recent[offset] = block
+        self._recent.move_to_end(offset)
+        if len(self._recent) > RECENT_BLOCKS:
+            self._recent.popitem(last=False)
 
     def known(self, offsets: list[int] | None = None) -> dict[int, bytes]:
-        """The verified blocks among `offsets` (all of them by default), a copy."""
+        """The verified blocks among `offsets` (by default all held now), a copy."""
         if offsets is None:
-            return dict(self._verified)
-        return {offset: self._verified[offset] for offset in offsets
-                if offset in self._verified}
+            held = [key[1] for key in self._cache.keys_in(self._namespace)]
+            offsets = list(dict.fromkeys([*self._upper, *self._recent, *(
+                offset for offset in held if isinstance(offset, int))]))
+        found = {offset: self._get(offset) for offset in offsets}
+        return {offset: block for offset, block in found.items() if block is not None}
 
     def adopt(self, blocks: Mapping[int, bytes]) -> None:
         """Take blocks verified elsewhere against this tree (read back from the disk cache and
         checked against the blocks above them, up to the root)."""
         for offset, block in blocks.items():
-            if offset not in self._bad:
-                self._verified.setdefault(offset, block)
+            if offset not in self._bad and self._get(offset) is None:
+                self._keep(offset, block)
 
     def retry_bad(self, offsets: list[int]) -> None:
         """Forget that the blocks among `offsets` did not match: a load the layer's failure
@@ -139,7 +174,7 @@ class HashBlockStore:
                   for offset in range(first, end - size + 1, size)}
         if blocks:
             await self._check(blocks)
-        if top not in self._verified and top not in self._bad:
+        if self._get(top) is None and top not in self._bad:
             await self._ensure([top])
         if top in self._bad:
             raise IntegrityError(self._bad[top])
@@ -161,8 +196,9 @@ class HashBlockStore:
         for offset in needed:
             if level0 is None or offset < level0.payload_offset:
                 continue
-            if offset in self._verified:
-                blocks[offset] = self._verified[offset]
+            block = self._get(offset)
+            if block is not None:
+                blocks[offset] = block
             else:
                 bad[offset] = self._bad.get(offset) or self._ancestor_failure(offset)
         return Coverage(self.geometry, blocks, bad)
@@ -183,16 +219,16 @@ class HashBlockStore:
                     event = self._loading.pop(offset, None)
                     if event is not None:
                         event.set()
-            if all(offset in self._verified or offset in self._bad for offset in needed):
+            if all(offset in self._bad or self._get(offset) is not None for offset in needed):
                 return
         missing = [offset for offset in needed
-                   if offset not in self._verified and offset not in self._bad]
+                   if offset not in self._bad and self._get(offset) is None]
         raise FetchError(f"{self._reader.source}: dm-verity hash block at payload offset "
                          f"{missing[0]} could not be loaded (another read's fetch failed)")
 
     def _claimable(self, offset: int) -> bool:
-        return (offset not in self._verified and offset not in self._bad
-                and offset not in self._loading)
+        return (offset not in self._bad and offset not in self._loading
+                and self._get(offset) is None)
 
     async def _fetch(self, offsets: list[int], reader: BlobReader) -> dict[int, bytes]:
         """Fetch blocks by payload offset, each run of adjacent ones in one request, the runs
@@ -237,10 +273,11 @@ class HashBlockStore:
             parents: dict[int, bytes] = {}
             for offset, block in batch.items():
                 parent = self._parent_of(offset)
-                if parent is None or parent in self._verified:
+                verified_parent = None if parent is None else self._get(parent)
+                if parent is None or verified_parent is not None:
                     checkable[offset] = block
-                    if parent is not None:
-                        parents[parent] = self._verified[parent]
+                    if parent is not None and verified_parent is not None:
+                        parents[parent] = verified_parent
                 elif parent in self._bad:
                     self._bad[offset] = self._bad[parent]
             if checkable:
@@ -249,7 +286,7 @@ class HashBlockStore:
                     set(parents), limiter=self._cpu_limiter,
                 )
                 for offset in newly:
-                    self._verified[offset] = checkable[offset]
+                    self._keep(offset, checkable[offset])
                 for offset, reason in failed.items():
                     self._bad[offset] = reason
             for offset in batch:

@@ -71,7 +71,7 @@ class ChunkLoader:
         self._cpu_limiter = cpu_limiter or trio.CapacityLimiter(2)
         # The dm-verity tree's verified hash blocks, fetched as loads need them.
         self.hash_blocks = (
-            HashBlockStore(readers[0], metadata, stats, self._cpu_limiter)
+            HashBlockStore(readers[0], metadata, stats, self._cpu_limiter, cache)
             if metadata.verity is not None and metadata.root is not None else None
         )
         # Frames streaming in (partial frames), and partial chunks kept, by chunk index:

@@ -1,4 +1,5 @@
-"""When a layer's reads stream, so that the chunks after them are worth loading early."""
+"""When a layer's reads stream, so that the chunks after them are worth loading early, and how
+far ahead: a window that grows while they go on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ class SequentialReads:
     read back to back (a file read in order, not two small files that happen to share a
     chunk), or once reads moved on chunk by chunk over TRIGGER_BYTES (at least STREAK_CHUNKS
     steps): a walk through many small files laid out one after another streams as much as
-    one big file does, though no two of its reads touch."""
+    one big file does, though no two of its reads touch.
+
+    While they stream, the chunks within a window after the last read are loaded; the window
+    starts at the readahead distance, and doubles each time it is topped up (the reads went on
+    through half of it) up to a largest distance, as the kernel grows its own readahead: a
+    long read in order then asks for large requests, a few in flight, instead of a chunk per
+    read. A read that does not stream starts it over."""
 
     def __init__(self, chunk_size: int, chunk_count: int) -> None:
         self._chunk_count = chunk_count
@@ -21,6 +28,7 @@ class SequentialReads:
         self._sequential_bytes = 0
         self._last_chunk = -2  # no read yet: a first read of chunk 0 is no step forward
         self._streak = 0
+        self._window = 0  # chunks; 0: the readahead distance (reads do not stream yet)
 
     def observe(self, offset: int, end: int, chunks: range) -> bool:
         """Note a read of bytes [offset, end) in `chunks`; whether reads now stream."""
@@ -34,11 +42,20 @@ class SequentialReads:
         elif chunks[0] != self._last_chunk:
             self._streak = 0
         self._last_chunk = chunks[-1]
-        return (self._sequential_bytes >= self._trigger_bytes
-                or self._streak >= self._streak_trigger)
+        streaming = (self._sequential_bytes >= self._trigger_bytes
+                     or self._streak >= self._streak_trigger)
+        if not streaming:
+            self._window = 0
+        return streaming
 
     def ahead(self, offset: int, end: int, chunks: range, readahead: int) -> range:
-        """Note a read (as `observe`); the `readahead` chunks after it once reads stream."""
+        """Note a read (as `observe`); the chunks of the window after it once reads stream
+        (`readahead` chunks at first)."""
         if not self.observe(offset, end, chunks) or not readahead:
             return range(0)
-        return range(chunks[-1] + 1, min(chunks[-1] + readahead + 1, self._chunk_count))
+        self._window = max(self._window, readahead)
+        return range(chunks[-1] + 1, min(chunks[-1] + self._window + 1, self._chunk_count))
+
+    def grow(self, largest: int) -> None:
+        """The window was topped up: double it, up to `largest` chunks."""
+        self._window = max(self._window, min(self._window * 2, largest))

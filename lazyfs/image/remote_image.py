@@ -132,7 +132,7 @@ class RemoteImage:
         if self.disk is not None:
             self.disk.note_reads(indices)
         end = min(offset + size, self.size)
-        pieces: list[bytes] = []
+        pieces: list[bytes | memoryview] = []
         # The one bound on a read, whatever loads its chunks and however.
         with trio.move_on_at(deadline):
             found = self._claim(indices, "read", deadline)
@@ -147,7 +147,8 @@ class RemoteImage:
             raise ImageReadError(f"chunks {indices[0]}-{indices[-1]}: not loaded within "
                                  f"{self.tuning.read_timeout_s:g} s")
         self._schedule_readahead(offset, size, indices)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        # One copy of the bytes: views of cached chunks joined (or taken) at once.
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
     def warm(self, offset: int, size: int) -> None:
         """Start loading the chunks of `[offset, offset + size)` without waiting for them: the
@@ -233,15 +234,19 @@ class RemoteImage:
         those that are cached. Raises ImageReadError for a chunk refused now
         (`ChunkLoader.early_refusal`; the loads claimed so far start).
 
-        A chunk loading already, claimed before anyone asked for it (readahead, or with a
-        miss), is asked for now: if its load fails, it is held off like any chunk a read
-        wanted (`ChunkLoader.speculative`)."""
+        A read wants its first chunk; the chunks after it are as good as read ahead (the
+        kernel's readahead asks for up to a MiB at a time, as far as it reads ahead): if
+        their load fails they are not held off (`ChunkLoader.speculative`), so one bad range
+        fails the reads that need it, not those of its neighbours in a large request. A
+        first chunk loading already, claimed before anyone asked for it, is wanted now: if
+        its load fails, it is held off like any chunk a read wanted."""
         found: dict[int, ChunkData] = {}
         claimed: list[int] = []
         try:
             for index in indices:
                 if index in self._streams:
-                    self.loader.speculative.discard(index)
+                    if index == indices[0]:
+                        self.loader.speculative.discard(index)
                     continue
                 key = self._key(index)
                 data = self.cache.get(key)
@@ -250,13 +255,16 @@ class RemoteImage:
                     self._record(chunk=index, event="hit")
                     continue
                 if self.cache.is_loading(key):
-                    self.loader.speculative.discard(index)
+                    if index == indices[0]:
+                        self.loader.speculative.discard(index)
                     continue
                 refusal = self.loader.early_refusal(index)
                 if refusal is not None:
                     raise ImageReadError(f"chunk {index}: {refusal}")
                 if self.cache.claim(key):
                     claimed.append(index)
+                    if index != indices[0]:
+                        self.loader.speculative.add(index)
             if reason == "read" and claimed and claimed[-1] == indices[-1]:
                 claimed += self._followers(indices[-1] + 1)
         finally:
@@ -308,9 +316,10 @@ class RemoteImage:
                 self.demand.end()
 
     async def _piece(self, index: int, start: int, stop: int, data: ChunkData | None,
-                     deadline: float) -> bytes:
-        """Bytes `[start, stop)` of chunk `index`: from `data`, its stream or its load (one
-        this read starts again ends by the read's `deadline`)."""
+                     deadline: float) -> bytes | memoryview:
+        """Bytes `[start, stop)` of chunk `index` (a view of the cached chunk, not a copy):
+        from `data`, its stream or its load (one this read starts again ends by the read's
+        `deadline`)."""
         key = self._key(index)
         while data is None:
             stream = self._streams.get(index)
@@ -324,19 +333,31 @@ class RemoteImage:
             data = await self.cache.wait(key)
             if data is None:  # evicted between its load and this wait (a tiny cache)
                 data = self._claim(range(index, index + 1), "read", deadline).get(index)
-        return memoryview(data)[start:stop].tobytes()
+        return memoryview(data)[start:stop]
 
     def _schedule_readahead(self, offset: int, size: int, indices: range) -> None:
+        """While reads stream, load the window after them (`SequentialReads`), topped up
+        only once less than half of it is loaded or loading: then all that it lacks goes at
+        once (in requests of up to the coalesce cap), and the window grows."""
         if self.replaying_list or all(index in self.planned_chunks for index in indices):
             return
         table = self.metadata.table
         ahead = self._sequential.ahead(offset, min(offset + size, self.size), indices,
                                        self.tuning.readahead_for(table.chunk_size))
-        claimed = [index for index in ahead if index not in self._streams
+        ready = 0
+        for index in ahead:
+            if self.needs_fetch(index):
+                break
+            ready += 1
+        if not ahead or ready >= max(1, len(ahead) // 2) or ready == len(ahead):
+            return
+        claimed = [index for index in ahead[ready:] if index not in self._streams
                    and self.loader.early_refusal(index) is None
                    and self.cache.claim(self._key(index))]
         self._speculate(claimed)
         self._start_loads(claimed, "readahead")
+        self._sequential.grow(self.tuning.readahead_max_for(table.chunk_size,
+                                                            self.cache.capacity_bytes))
 
     def _speculate(self, chunks: list[int]) -> None:
         """Count `chunks`, claimed before any read asked for them, as read ahead (a failed

@@ -16,9 +16,11 @@ class ImageTuning:
 
     After a sequential read, the chunks within `readahead_bytes` past it are loaded in the
     background (a distance in bytes, so that smaller chunks do not shrink it), or exactly
-    `readahead_chunks` chunks when that is set (0: none). Adjacent missing chunks are fetched
-    in one request of at most `coalesce_bytes`; at most `parallel_fetches` requests of one
-    layer are in flight.
+    `readahead_chunks` chunks when that is set (0: none). While reads go on in order the
+    distance doubles each time the chunks ahead are topped up, up to `readahead_max_bytes`
+    (and a quarter of the chunk cache; not beyond `readahead_chunks` when that is set).
+    Adjacent missing chunks are fetched in one request of at most `coalesce_bytes`; at most
+    `parallel_fetches` requests of one layer are in flight.
 
     A read returns its bytes or fails within `read_timeout_s`, whatever loads it (and a load
     gives up after as long). A chunk whose frame fails a check is fetched again up to
@@ -48,6 +50,7 @@ class ImageTuning:
 
     readahead_chunks: int | None = None
     readahead_bytes: int = 8 * 1024 * 1024
+    readahead_max_bytes: int = 64 * 1024 * 1024
     coalesce_bytes: int = 16 * 1024 * 1024
     parallel_fetches: int = 4
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
@@ -64,18 +67,19 @@ class ImageTuning:
 
     def __post_init__(self) -> None:
         if ((self.readahead_chunks is not None and self.readahead_chunks < 0)
-                or self.readahead_bytes < 0 or self.coalesce_bytes < 1
+                or self.readahead_bytes < 0 or self.readahead_max_bytes < 0
+                or self.coalesce_bytes < 1
                 or self.parallel_fetches < 1 or self.read_timeout_s <= 0
                 or self.refetches < 0 or self.retry_after_s < 0
                 or self.retry_max_s < self.retry_after_s or self.bad_retry_after_s < 0
                 or self.verity_window_bytes < 0 or self.stream_piece_bytes < 1
                 or self.follow_miss_bytes < 0 or self.source_probe_delay_s < 0):
             raise ValueError(
-                "image tuning: need readahead_chunks and readahead_bytes >= 0, "
-                "coalesce_bytes >= 1, parallel_fetches >= 1, read_timeout_s > 0, "
-                "refetches >= 0, 0 <= retry_after_s <= retry_max_s, bad_retry_after_s >= 0, "
-                "verity_window_bytes >= 0, stream_piece_bytes >= 1, follow_miss_bytes >= 0 "
-                "and source_probe_delay_s >= 0"
+                "image tuning: need readahead_chunks, readahead_bytes and "
+                "readahead_max_bytes >= 0, coalesce_bytes >= 1, parallel_fetches >= 1, "
+                "read_timeout_s > 0, refetches >= 0, 0 <= retry_after_s <= retry_max_s, "
+                "bad_retry_after_s >= 0, verity_window_bytes >= 0, stream_piece_bytes >= 1, "
+                "follow_miss_bytes >= 0 and source_probe_delay_s >= 0"
             )
 
     def readahead_for(self, chunk_size: int) -> int:
@@ -83,6 +87,14 @@ class ImageTuning:
         if self.readahead_chunks is not None:
             return self.readahead_chunks
         return -(-self.readahead_bytes // chunk_size)
+
+    def readahead_max_for(self, chunk_size: int, cache_bytes: int) -> int:
+        """How many chunks ahead reads that go on in order may load at most, with a chunk
+        cache of `cache_bytes` (a quarter of it at most, never less than `readahead_for`)."""
+        if self.readahead_chunks is not None:
+            return self.readahead_chunks
+        largest = min(self.readahead_max_bytes, cache_bytes // 4) // chunk_size
+        return max(largest, self.readahead_for(chunk_size))
 
 
 DEFAULT_FILL_RATE_BYTES = 8 * 1024 * 1024

@@ -21,6 +21,7 @@ import trio
 
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
+from lazyfs.mount.heap import bound_heap
 from lazyfs.mount.state import MountRecord, daemon_alive, remove_record
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def _daemon_child(config: DaemonConfig, ready_fd: int) -> int:
     def on_ready() -> None:
         _send(ready_fd, _READY)
 
+    bound_heap()
     try:
         run_daemon(config, on_ready)
         return 0

@@ -7,6 +7,16 @@ event loop would deadlock the daemon against itself. mount(2) therefore runs in 
 thread (no program to start: a few milliseconds less per mount), umount(8), losetup(8) and
 fusermount3(1) as subprocesses under trio. A mount that hangs is given up after
 COMMAND_TIMEOUT_S; its thread ends when the FUSE file system under it goes away.
+
+How far the kernel reads a block file ahead sets the size of the FUSE requests that bulk
+reads make: a FUSE file system's readahead starts at 128 KiB (and FUSE's INIT can only lower
+it), so a file read in order came as 128 KiB requests, each a trip through the daemon. Before
+EROFS is mounted on a block file of a FUSE file system, that file system's readahead is raised
+to BLOCK_FILE_READAHEAD_KB (a file takes its readahead when it is opened: the mount's, or the
+loop device's, open comes after), and a loop device's own is raised alike: sequential reads
+then come as requests of up to 1 MiB (libfuse's largest), several in flight. A small read
+still asks for little: the kernel starts its readahead small and grows it while reads go on
+in order.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from lazyfs.mount.state import ErofsMountRecord, MountRecord
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 60.0
+# How far the kernel may read a block file (and a loop device over one) ahead.
+BLOCK_FILE_READAHEAD_KB = 4096
 UNMOUNT_ATTEMPTS = 6
 UNMOUNT_FIRST_DELAY_S = 0.1
 # mount(2) copies at most one page of options; leave room for what mount(8) adds.
@@ -199,6 +211,47 @@ async def change_loop_file(device: str, image_file: str) -> None:
     log.info("switched %s to %s", device, image_file)
 
 
+def raise_readahead(image_file: str, readahead_kb: int = BLOCK_FILE_READAHEAD_KB) -> bool:
+    """Let the kernel read files of the FUSE file system holding `image_file` up to
+    `readahead_kb` ahead (never lowered), for files opened from now on. Returns False, changing
+    nothing, when `image_file` is on any other file system. Blocks (a stat of a FUSE file
+    waits for its daemon to answer, INIT first): call it from a worker thread. Raises
+    OSError."""
+    device = os.stat(image_file).st_dev
+    number = f"{os.major(device)}:{os.minor(device)}"
+    with open("/proc/self/mountinfo") as stream:
+        fuse = any(line.split()[2] == number and line.partition(" - ")[2].startswith("fuse")
+                   for line in stream)
+    if not fuse:
+        return False
+    _raise_readahead_file(Path("/sys/class/bdi", number, "read_ahead_kb"), readahead_kb)
+    return True
+
+
+def _raise_readahead_file(path: Path, readahead_kb: int) -> None:
+    if int(path.read_text()) < readahead_kb:
+        path.write_text(str(readahead_kb))
+
+
+async def _raise_readahead(image_file: str, device: str | None = None) -> None:
+    """`raise_readahead` of `image_file`, or with `device` (a loop device over it) of that
+    device, in a worker thread; a failure is logged (the mount works, with smaller
+    requests)."""
+    def raise_it() -> None:
+        if device is None:
+            raise_readahead(image_file)
+        else:
+            _raise_readahead_file(
+                Path("/sys/block", os.path.basename(device), "queue", "read_ahead_kb"),
+                BLOCK_FILE_READAHEAD_KB)
+
+    try:
+        await trio.to_thread.run_sync(raise_it, abandon_on_cancel=True)
+    except (OSError, ValueError) as exc:
+        log.info("%s: the kernel keeps its readahead (%s): bulk reads come in smaller "
+                 "requests", image_file, exc)
+
+
 async def attach_loop(image_file: str) -> str:
     """Attach `image_file` to a free read-only loop device. Returns the device path."""
     result = await _run(["losetup", "--find", "--show", "--read-only", image_file])
@@ -257,6 +310,7 @@ async def mount_erofs_file_backed(image_file: str, mountpoint: str) -> None:
 
     mount(8) of util-linux would turn a regular file into a loop device by itself whenever
     blkid knows the file system type, so this calls mount(2) directly."""
+    await _raise_readahead(image_file)
     reason = await _mount(image_file, mountpoint, "erofs", MS_RDONLY)
     if reason is not None:
         raise MountError(f"cannot mount {image_file} as EROFS at {mountpoint}: {reason}", reason)
@@ -269,9 +323,11 @@ async def mount_erofs_via_loop(
     """Mount `image_file` as EROFS through a read-only loop device; returns the device.
     `on_loop_attached(device)` runs before the mount so the device can be recorded. Raises
     MountError (after detaching the device again)."""
+    await _raise_readahead(image_file)
     device = await attach_loop(image_file)
     if on_loop_attached is not None:
         on_loop_attached(device)
+    await _raise_readahead(image_file, device)
     result = await _run(["mount", "-t", "erofs", "-o", "ro", device, mountpoint])
     if result.returncode != 0:
         with trio.CancelScope(shield=True):

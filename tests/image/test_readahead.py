@@ -66,3 +66,33 @@ def test_reads_that_jump_between_chunks_do_not_read_ahead(tmp_path: Path) -> Non
                            tuning=tuning)
     assert stats["readahead_chunks"] == 0
     assert stats["chunks_fetched"] == len(offsets)
+
+
+def test_a_long_read_in_order_loads_ahead_in_few_growing_requests(tmp_path: Path) -> None:
+    """The window after a read in order doubles each time it is topped up, and what it lacks
+    goes in one request: a whole layer read in order takes a handful of requests, not one a
+    chunk."""
+    chunk = 64 * 1024
+    blob = write_blob(tmp_path, make_image_bytes(64 * chunk), chunk_size=chunk)[0]
+    tuning = ImageTuning(readahead_bytes=4 * chunk, readahead_max_bytes=32 * chunk,
+                         follow_miss_bytes=0)
+
+    async def body(image: RemoteImage) -> object:
+        for offset in range(0, 64 * chunk, chunk):
+            await image.read(offset, chunk)
+        await trio.sleep(0.2)
+        return image.stats_snapshot()
+
+    stats = run_with_layer(LayerSource(str(blob)), body, tuning=tuning)  # type: ignore[arg-type]
+    assert stats["chunks_fetched"] == 64
+    assert stats["readahead_chunks"] == 63
+    # The first chunk, then windows of 4, 8, 16 and 32 chunks topped up at half: 1 + 6.
+    assert stats["chunk_fetches"] <= 8, stats
+
+
+def test_readahead_grows_no_further_than_a_quarter_of_the_cache() -> None:
+    tuning = ImageTuning(readahead_bytes=1 << 20, readahead_max_bytes=64 << 20)
+    assert tuning.readahead_max_for(512 << 10, 256 << 20) == 128
+    assert tuning.readahead_max_for(512 << 10, 16 << 20) == 8
+    assert tuning.readahead_max_for(512 << 10, 1 << 20) == 2  # the distance at least
+    assert ImageTuning(readahead_chunks=3).readahead_max_for(512 << 10, 256 << 20) == 3

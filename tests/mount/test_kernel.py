@@ -86,6 +86,13 @@ def test_file_backed_mount_and_unmount(work: Path) -> None:
     trio.run(main)
 
 
+def test_readahead_is_left_alone_off_fuse(tmp_path: Path) -> None:
+    """Only a FUSE file system's readahead is raised (never a disk's, under a local image)."""
+    image = tmp_path / "image.erofs"
+    image.write_bytes(b"\0" * 4096)
+    assert kernel.raise_readahead(str(image)) is False
+
+
 @pytest.mark.root
 def test_loop_device_mount_records_and_detaches_its_device(work: Path) -> None:
     image, mnt = str(work / "image.erofs"), str(work / "mnt")
@@ -95,6 +102,9 @@ def test_loop_device_mount_records_and_detaches_its_device(work: Path) -> None:
         device = await kernel.mount_erofs_via_loop(image, mnt, attached.append)
         assert attached == [device] and loops_backed_by(str(work)) == [device]
         assert (work / "mnt" / "hello").read_text() == "hello\n"
+        # The kernel reads the device ahead far enough for large requests to its file.
+        queue = Path("/sys/block", os.path.basename(device), "queue", "read_ahead_kb")
+        assert int(queue.read_text()) >= kernel.BLOCK_FILE_READAHEAD_KB
         record = MountRecord(mountpoint=mnt, pid=0, fuse_dir=str(work), block_files=[image])
         await kernel.unmount_kernel_mounts(record, lazy_fallback=False)
         assert not is_mountpoint(mnt) and loops_backed_by(str(work)) == []
