@@ -72,6 +72,7 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
             if not line.lstrip().startswith("(")}
 
 
+@pytest.mark.slow  # eleven runs, about a minute
 def test_every_mode_through_the_link(bencher: Bencher, busybox: PublishedImage,
                                      tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
