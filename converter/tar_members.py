@@ -20,12 +20,15 @@ unreadable entries.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import tarfile
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from converter.errors import ConvertError, UnsafeTarError
+
+log = logging.getLogger(__name__)
 
 ROOT = "."
 WHITEOUT_PREFIX = ".wh."
@@ -163,5 +166,6 @@ def member_mtime_ns(member: tarfile.TarInfo) -> int:
         try:
             return int(Decimal(text) * 1_000_000_000)
         except (InvalidOperation, ValueError):
-            pass
+            log.warning("tar member %s: its pax mtime %r is not a number; using %d",
+                        member.name, text, int(member.mtime))
     return int(member.mtime) * 1_000_000_000

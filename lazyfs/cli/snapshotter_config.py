@@ -135,7 +135,7 @@ def _host(value: object) -> str:
         try:
             return validate_registry(value)
         except InvalidReferenceError:
-            pass
+            raise Expected("host[:port]", value) from None
     raise Expected("host[:port]", value)
 
 
@@ -145,9 +145,9 @@ def _mirror(value: object) -> str:
         if not sep or scheme in ("http", "https"):
             try:
                 validate_registry(host.rstrip("/") if sep else value)
-                return value
             except InvalidReferenceError:
-                pass
+                raise Expected("host[:port] or http(s)://host[:port]", value) from None
+            return value
     raise Expected("host[:port] or http(s)://host[:port]", value)
 
 

@@ -183,9 +183,6 @@ class ContainerdClient:
             raise
         return dict(response.info.labels)
 
-    def snapshot_exists(self, snapshotter: str, key: str) -> bool:
-        return self.snapshot_labels(snapshotter, key) is not None
-
     def prepare(self, snapshotter: str, key: str, parent: str, labels: Mapping[str, str]
                 ) -> list[types_pb2.Mount]:
         """Raises ContainerdError (code ALREADY_EXISTS for a remote snapshot)."""

@@ -15,8 +15,9 @@ first request for each of those ranges from it instead of the network. Nothing i
 having come early: the bytes pass every check a network answer passes (the blob size, the
 descriptor's digests, the chunk table digest, frame hashes, dm-verity), and each primed answer
 serves one request only, so a frame that fails its check is fetched again from the server.
-Whatever goes wrong ends the head start quietly: the daemon then asks for itself and reports
-what it finds.
+Whatever goes wrong ends the head start, with one line at INFO (`-v`): the daemon then asks
+for itself and reports what it finds. Only a bug (an exception nobody expects) is a warning,
+with its traceback.
 """
 
 from __future__ import annotations
@@ -87,7 +88,12 @@ class PrimedAnswers:
 
 
 class EarlyStop(Exception):
-    """The head start ends here (the daemon will do the rest)."""
+    """The head start ends here (the daemon will do the rest); `late`: because the daemon no
+    longer waits for it."""
+
+    def __init__(self, reason: str, *, late: bool = False) -> None:
+        super().__init__(reason)
+        self.late = late
 
 
 class EarlyRequests:
@@ -129,14 +135,19 @@ class EarlyRequests:
             # has its handshake done by then.
             connection.connect()
         except (OSError, ValueError, LazyfsError, http.client.HTTPException) as exc:
-            log.debug("head start: no connection: %s", exc)
+            log.info("head start: no connection to %s (%s); the daemon asks itself",
+                     self._parts.netloc, exc)
             return
         try:
             work(connection)
-        except (EarlyStop, OSError, http.client.HTTPException, LazyfsError, ValueError) as exc:
-            log.debug("head start ends: %s", exc)
-        except Exception:  # a head start only saves time: whatever it hits, the daemon reports
-            log.debug("head start ends", exc_info=True)
+        except EarlyStop as exc:
+            # "too late": the daemon went ahead without it, as it should.
+            log.log(logging.DEBUG if exc.late else logging.INFO, "head start ends: %s", exc)
+        except (OSError, http.client.HTTPException, LazyfsError, ValueError) as exc:
+            log.info("head start ends: %s; the daemon asks itself", exc)
+        except Exception:  # a head start only saves time: the mount goes on without it
+            log.warning("head start: unexpected failure (the daemon asks itself)",
+                        exc_info=True)
         finally:
             connection.close()
 
@@ -144,7 +155,7 @@ class EarlyRequests:
         """Record an answer, unless `finish` has passed (then this head start ends)."""
         with self._lock:
             if self._finished:
-                raise EarlyStop("too late")
+                raise EarlyStop("too late", late=True)
             record()
 
     def _send(self, connection: http.client.HTTPConnection, path: str,
@@ -304,7 +315,7 @@ def read_descriptor_file(location: str) -> Descriptor | None:
         descriptor = parse_descriptor(text, location)
         descriptor.seekable(location)
     except (OSError, LazyfsError) as exc:
-        log.debug("head start: no descriptor: %s", exc)
+        log.info("head start: no descriptor: %s", exc)
         return None
     return descriptor
 

@@ -14,6 +14,7 @@ unexpected: the head start ends there, and the command asks for itself.
 from __future__ import annotations
 
 import http.client
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from lazyfs.format.oci import (
 )
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import DOCKER_HUB, is_digest_reference
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from lazyfs.format.reference import ImageReference
@@ -91,8 +94,9 @@ class PrimedClient:
             if digest == expected:
                 try:
                     return body, detect_media_type(body, content_type or None), digest
-                except OCIFormatError:
-                    pass
+                except OCIFormatError as exc:
+                    log.info("head start: manifest %s:%s: %s; asked for again", repository,
+                             reference, exc)
         return await self._client.get_manifest(repository, reference)
 
     async def get_blob(self, repository: str, digest: str, *,

@@ -7,7 +7,6 @@ digest of the whole compressed frame (64 bytes for SHA-512, none for algorithm 0
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import itertools
 import struct
@@ -72,10 +71,6 @@ class ChunkTable:
         if size <= 0 or offset >= end:
             return range(0)
         return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
-
-    def chunk_at_blob_offset(self, blob_offset: int) -> int:
-        """The chunk whose frame contains `blob_offset` (for error messages about raw bytes)."""
-        return max(bisect.bisect_right(self.frame_offsets, blob_offset) - 1, 0)
 
 
 def expected_chunk_count(uncompressed_size: int, chunk_size: int) -> int:

@@ -56,6 +56,10 @@ class FrameDecodeError(IntegrityError):
     """A zstd frame is corrupt, or decodes to other than the exact expected size."""
 
 
+class SizeMismatchError(IntegrityError):
+    """Content is not the size the descriptor that authenticates it gives."""
+
+
 class OCIFormatError(FormatError, ValueError):
     """An OCI document (manifest, index, descriptor, platform) is not of the expected shape.
 

@@ -103,12 +103,6 @@ def digest_of(data: bytes, algorithm: str) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-def descriptor_for(data: bytes, media_type: str, *,
-                   annotations: Mapping[str, str] | None = None) -> Descriptor:
-    """Return a Descriptor of `data` (digest and size computed)."""
-    return Descriptor(media_type, sha256_digest(data), len(data), annotations=annotations or {})
-
-
 # --- parsing ------------------------------------------------------------------------------
 
 

@@ -155,11 +155,6 @@ class ImageReference:
         return self.digest if self.digest is not None else str(self.tag)
 
     @property
-    def api_host(self) -> str:
-        """The host[:port] serving the registry API (`registry-1.docker.io` for Docker Hub)."""
-        return registry_api_host(self.registry)
-
-    @property
     def name(self) -> str:
         """`registry/repository`, without tag or digest."""
         return f"{self.registry}/{self.repository}"
@@ -167,10 +162,6 @@ class ImageReference:
     def with_digest(self, digest: str) -> ImageReference:
         """Return this reference pinned to `digest` (the tag is kept, for display)."""
         return replace(self, digest=validate_digest(digest))
-
-    def with_tag(self, tag: str) -> ImageReference:
-        """Return a reference to `tag` in the same repository; any digest is dropped."""
-        return replace(self, tag=validate_tag(tag), digest=None)
 
     def __str__(self) -> str:
         text = self.name

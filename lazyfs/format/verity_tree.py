@@ -21,7 +21,7 @@ from lazyfs.format.verity_superblock import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Set
+    from collections.abc import Mapping, Set
 
 
 @dataclass(frozen=True)
@@ -229,16 +229,6 @@ def _pack_hash_blocks(geometry: VerityGeometry, digests: bytes, block_count: int
         at = block_index * block_size + position * geometry.slot_size
         out[at:at + digest_size] = digests[index * digest_size:(index + 1) * digest_size]
     return bytes(out)
-
-
-def build_verity_payload(
-    superblock: VeritySuperblock, data_chunks: Iterable[bytes]
-) -> tuple[bytes, bytes]:
-    """Hash `data_chunks` (block-aligned except the last) and build `(payload, root)`."""
-    builder = VerityTreeBuilder(superblock)
-    for chunk in data_chunks:
-        builder.add_leaf_digests(data_block_digests(builder.geometry, chunk))
-    return builder.finish()
 
 
 def check_payload_size(geometry: VerityGeometry, payload_size: int, offset: int = 0) -> None:

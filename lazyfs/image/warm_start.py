@@ -32,6 +32,7 @@ import mmap
 import os
 import select
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from lazyfs.cache.disk_index import read_layer_entries
 from lazyfs.cache.disk_store import read_entry
+from lazyfs.errors import LazyfsError
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
     ANNOTATION_CHUNK_TABLE_OFFSET,
@@ -126,7 +128,7 @@ class WarmStart:
             stop_r, stop_w = os.pipe()
             pid = os.fork()
         except OSError as exc:
-            log.debug("warm start: %s", exc)
+            log.info("warm start: not started: %s", exc)
             return None
         if pid == 0:  # the loader
             code = 0
@@ -134,8 +136,20 @@ class WarmStart:
                 os.close(records_r)
                 os.close(stop_w)
                 self._load(records_w, stop_r)
-            except BaseException:  # a warm start only saves time: the daemon loads the rest
+            # A warm start only saves time: whatever stops the loader, the daemon loads the
+            # rest (and reports what is wrong with the disk cache, if anything).
+            except BrokenPipeError:
+                log.debug("warm start: nobody takes the chunks any more")
+            except (OSError, ValueError, sqlite3.Error, LazyfsError) as exc:
                 code = 1
+                log.info("warm start: stopped: %s", exc)
+            except KeyboardInterrupt:
+                code = 1
+                log.debug("warm start: interrupted")
+            except BaseException:
+                code = 1
+                log.warning("warm start: the loader failed (the mount loads the rest itself)",
+                            exc_info=True)
             finally:
                 os._exit(code)
         os.close(records_w)

@@ -138,8 +138,8 @@ class BackgroundLoads:
                     break
                 if self._disk is not None:
                     self._disk.adopt_warm(feed.chunks_of(data))
-        except OSError as exc:
-            log.debug("warm start: %s", exc)
+        except OSError as exc:  # the daemon loads the rest itself
+            log.info("warm start: its loader cannot be followed: %s", exc)
         finally:
             feed.close()
             self._warm_feed_done.set()

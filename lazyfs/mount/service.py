@@ -1,6 +1,8 @@
-"""The mount service's public calls: mount one layer or whole images lazily, find a mount,
-read its statistics, take it down. For the command line and anything else that mounts
-(a containerd snapshotter): no argparse, errors are `LazyfsError`s with one-line messages.
+"""The mount service's public calls: plan the lazy mount of one layer or of whole images
+(`check_mountpoint`, `resolve`, then `layer_config` or `image_config`), start its daemon
+(`start`) or serve it in this process (`serve`), find a mount, read its statistics, take it
+down. For the command line and any other program that mounts: no argparse, errors are
+`LazyfsError`s with one-line messages.
 
 A mount is a daemon process (`background.spawn_daemon`) serving the FUSE file system of its
 layers and owning the kernel mounts on top; its record in the state directory
@@ -191,44 +193,6 @@ def start(config: DaemonConfig) -> MountRecord:
             f"{config.mountpoint}: the mount daemon exited; see {config.log_file}"
         )
     return record
-
-
-def mount_layer(
-    source: LayerSource,
-    mountpoint: str,
-    *,
-    block_only: bool = False,
-    options: MountOptions = DEFAULT_OPTIONS,
-) -> MountRecord:
-    """Mount one layer blob lazily in a background daemon (see `layer_config`)."""
-    target = check_mountpoint(mountpoint)
-    return start(layer_config(source, target, block_only=block_only, options=options))
-
-
-def mount_images(
-    targets: Sequence[tuple[str, str]],
-    registry: RegistryOptions | None = None,
-    platform: Platform | None = None,
-    *,
-    insecure: bool = False,
-    writable: str | None = None,
-    options: MountOptions = DEFAULT_OPTIONS,
-) -> MountRecord:
-    """Mount images lazily in one background daemon: `targets` are (reference, mountpoint)
-    pairs; layers the images share are fetched and cached once. `writable` is a directory
-    for the changes (upper and work directories), read-only without it."""
-    mountpoints = [check_mountpoint(path) for _, path in targets]
-    if len(set(mountpoints)) != len(mountpoints):
-        raise MountpointError("each image needs a mountpoint of its own")
-    references = [reference for reference, _ in targets]
-    dirs = writable_dirs(writable) if writable is not None else None
-    if registry is None:
-        from lazyfs.fetch.registry_options import RegistryOptions
-
-        registry = RegistryOptions()
-    found = resolve(references, registry, platform, insecure=insecure,
-                    disk=options.disk_cache)
-    return start(image_config(found, references, mountpoints, writable=dirs, options=options))
 
 
 def find_mount(path: str) -> MountRecord:

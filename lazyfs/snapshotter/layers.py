@@ -34,6 +34,7 @@ from lazyfs.format.descriptor import (
     ANNOTATION_ROOT_DIGEST,
     SeekableAnnotations,
 )
+from lazyfs.format.errors import SizeMismatchError
 from lazyfs.format.prefetch_list import (
     PrefetchListError,
     parse_prefetch_annotation,
@@ -201,7 +202,7 @@ class LayerSet:
         mountpoint = self.mountpoint(spec.digest)
         try:
             if image.metadata.blob_size != spec.size:
-                raise kernel_mount.MountError(
+                raise SizeMismatchError(
                     f"layer {spec.digest}: blob is {image.metadata.blob_size} bytes, the "
                     f"manifest says {spec.size}")
             block_file = host.serve(image)

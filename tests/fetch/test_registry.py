@@ -56,8 +56,8 @@ async def push_image(client: RegistryClient, repo: str, tag: str, layer: bytes) 
     await client.push_blob(repo, digest(config), config)
     await client.push_blob(repo, digest(layer), layer)
     manifest = oci.Manifest(
-        config=oci.descriptor_for(config, oci.OCI_CONFIG),
-        layers=(oci.descriptor_for(layer, oci.EROFS_LAYER_ZSTD),),
+        config=Descriptor(oci.OCI_CONFIG, digest(config), len(config)),
+        layers=(Descriptor(oci.EROFS_LAYER_ZSTD, digest(layer), len(layer)),),
     )
     body = oci.serialize_manifest(manifest)
     manifest_digest = await client.push_manifest(repo, tag, body, oci.OCI_MANIFEST)

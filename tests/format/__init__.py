@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,20 @@ from lazyfs.format.verity_superblock import (
     VeritySuperblock,
     root_digest_annotation,
 )
-from lazyfs.format.verity_tree import build_verity_payload
+from lazyfs.format.verity_tree import VerityTreeBuilder, data_block_digests
 
 FIXED_UUID = uuid.UUID("6c617a79-6673-4000-8000-746573747321")
+
+
+def build_verity_payload(
+    superblock: VeritySuperblock, data_chunks: Iterable[bytes]
+) -> tuple[bytes, bytes]:
+    """Hash `data_chunks` (block-aligned except the last) and build `(payload, root)`, as the
+    converter's encoder does."""
+    builder = VerityTreeBuilder(superblock)
+    for chunk in data_chunks:
+        builder.add_leaf_digests(data_block_digests(builder.geometry, chunk))
+    return builder.finish()
 
 
 def compress(data: bytes, level: int = 3, checksum: bool = True, content_size: bool = False

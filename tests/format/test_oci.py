@@ -23,8 +23,8 @@ def digest(data: bytes) -> str:
 
 
 def test_oci_models_round_trip_and_select_platform() -> None:
-    layer = oci.descriptor_for(b"x", oci.OCI_LAYER_GZIP, annotations={"b": "2", "a": "1"})
-    manifest = oci.Manifest(config=oci.descriptor_for(b"{}", oci.OCI_CONFIG), layers=(layer,))
+    layer = Descriptor(oci.OCI_LAYER_GZIP, digest(b"x"), 1, annotations={"b": "2", "a": "1"})
+    manifest = oci.Manifest(config=Descriptor(oci.OCI_CONFIG, digest(b"{}"), 2), layers=(layer,))
     body = oci.serialize_manifest(manifest)
     assert oci.parse_manifest(body) == manifest
     assert b'"annotations":{"a":"1","b":"2"}' in body and b" " not in body

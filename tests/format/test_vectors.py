@@ -21,12 +21,11 @@ from lazyfs.format.errors import FormatError, IntegrityError
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE, decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata, parse_metadata
 from lazyfs.format.verity_tree import (
-    build_verity_payload,
     split_tree,
     verify_data_blocks,
     verify_hash_blocks,
 )
-from tests.format import flip, needs_veritysetup, veritysetup_verify
+from tests.format import build_verity_payload, flip, needs_veritysetup, veritysetup_verify
 
 
 @dataclass(frozen=True)

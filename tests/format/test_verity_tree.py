@@ -21,7 +21,6 @@ from lazyfs.format.verity_superblock import (
 from lazyfs.format.verity_tree import (
     VerityGeometry,
     VerityTreeBuilder,
-    build_verity_payload,
     check_hash_blocks,
     check_payload_size,
     data_block_digests,
@@ -32,6 +31,7 @@ from lazyfs.format.verity_tree import (
     verity_geometry,
 )
 from tests.format import (
+    build_verity_payload,
     flip,
     make_superblock,
     needs_veritysetup,

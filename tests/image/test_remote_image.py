@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -81,7 +82,7 @@ def test_corrupt_frame_fails_only_its_chunk(blob: Path, caplog: pytest.LogCaptur
     flip_byte(blob, 3 * CHUNK // 4 + 100)  # inside an early frame, far from chunk 9
 
     async def body(image: RemoteImage) -> object:
-        bad = image.metadata.table.chunk_at_blob_offset(3 * CHUNK // 4 + 100)
+        bad = bisect.bisect_right(image.metadata.table.frame_offsets, 3 * CHUNK // 4 + 100) - 1
         with pytest.raises(ImageReadError):
             await image.read(bad * CHUNK, 4096)
         with pytest.raises(ImageReadError):  # remembered: no second fetch
@@ -554,7 +555,7 @@ def test_trace_records_fetches_hits_and_bad_chunks(blob: Path, tmp_path: Path) -
     trace = TraceWriter.open(str(trace_path))
 
     async def body(image: RemoteImage) -> object:
-        bad = image.metadata.table.chunk_at_blob_offset(3 * CHUNK // 4 + 100)
+        bad = bisect.bisect_right(image.metadata.table.frame_offsets, 3 * CHUNK // 4 + 100) - 1
         await image.read(9 * CHUNK, 100)
         await image.read(9 * CHUNK + 200, 100)
         with pytest.raises(ImageReadError):

@@ -29,10 +29,12 @@ from tests.support.mounts import cleanup, mounts_below
 SCRIPT = """
 import json, os, sys
 from lazyfs.image.open import LayerSource
-from lazyfs.mount.service import MountOptions, find_mount, mount_layer, read_stats, unmount
+from lazyfs.mount.service import (
+    MountOptions, check_mountpoint, find_mount, layer_config, read_stats, start, unmount)
 
 blob, mountpoint = sys.argv[1:3]
-record = mount_layer(LayerSource(blob=blob), mountpoint, options=MountOptions(8 << 20))
+record = start(layer_config(LayerSource(blob=blob), check_mountpoint(mountpoint),
+                            options=MountOptions(8 << 20)))
 print(json.dumps({"pid": record.pid}), flush=True)
 with open(os.path.join(mountpoint, "hello.txt")) as stream:
     text = stream.read()

@@ -256,7 +256,7 @@ def test_cri_labels_and_bad_inputs_through_containerd(
         with pytest.raises(ContainerdError) as caught:
             client.prepare(LAZYFS, "k8s-extract-1", "", labels)
         assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
-        assert client.snapshot_exists(LAZYFS, labels[TARGET])
+        assert client.snapshot_labels(LAZYFS, labels[TARGET]) is not None
         assert list(assert_consistent(containerd).values()) == [bottom]
 
         def refused(labels: dict[str, str], message: str, parent: str = "") -> None:
@@ -264,8 +264,8 @@ def test_cri_labels_and_bad_inputs_through_containerd(
                 client.prepare(LAZYFS, "k8s-extract-2", parent, labels)
             assert caught.value.code == grpc.StatusCode.UNKNOWN
             assert "\n" not in str(caught.value)
-            assert not client.snapshot_exists(LAZYFS, "k8s-extract-2")
-            assert not client.snapshot_exists(LAZYFS, labels[TARGET])
+            assert client.snapshot_labels(LAZYFS, "k8s-extract-2") is None
+            assert client.snapshot_labels(LAZYFS, labels[TARGET]) is None
             assert list(assert_consistent(containerd).values()) == [bottom]
 
         unknown = "sha256:" + "2" * 64
