@@ -11,7 +11,9 @@ with the layer's newest mtime, symlinks are 0777, `user.*` xattrs are dropped wh
 refuses them, a hard link shares its target's node, and what extraction refuses (a path
 through a symlink, a link to a missing target) is refused with the same error. Nothing is
 written to disk, so no root is needed. The second read hands over the data of each member
-whose file is still in the tree, in the layer's order.
+whose file is still in the tree, in the layer's order: straight from the stream, at the
+offsets the first read noted (parsing 200 000 headers again would double the time), unless
+the layer has GNU sparse members, whose content only tarfile assembles.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import BinaryIO
 
 from converter.errors import ConvertError, UnsafeTarError
 from converter.inode_tree import Node, directory, walk
-from converter.source import iter_layer, read_member
+from converter.source import CHUNK_SIZE, iter_layer, read_member
 from converter.tar_extract import IMPLICIT_DIR_MODE, ExtractStats
 from converter.tar_members import (
     OPAQUE_VALUE,
@@ -62,14 +64,46 @@ class TarSource:
                 tree.apply(ordinal, member)
         self.root = tree.finish()
         self._data = tree.data
+        self._sparse = tree.sparse
         self.stats = tree.stats()
 
     def file_data(self) -> Iterator[tuple[Node, Iterator[bytes]]]:
         with self._open() as stream:
-            for ordinal, (archive, member) in enumerate(iter_layer(stream)):
-                node = self._data.get(ordinal)
-                if node is not None:
-                    yield node, read_member(archive, member)
+            if self._sparse:
+                for ordinal, (archive, member) in enumerate(iter_layer(stream)):
+                    found = self._data.get(ordinal)
+                    if found is not None:
+                        yield found[0], read_member(archive, member)
+                return
+            cursor = _Cursor(stream)
+            for node, offset in self._data.values():  # in the layer's order
+                cursor.skip_to(offset)
+                yield node, cursor.read(node.size)
+
+
+class _Cursor:
+    """Sequential reads of the uncompressed tar stream, by offset."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.position = 0
+
+    def _piece(self, size: int) -> bytes:
+        piece = self._stream.read(min(size, CHUNK_SIZE))
+        if not piece:
+            raise ConvertError(f"the layer ends at byte {self.position} of its tar on its "
+                               "second read (did it change meanwhile?)")
+        self.position += len(piece)
+        return piece
+
+    def skip_to(self, offset: int) -> None:
+        while self.position < offset:
+            self._piece(offset - self.position)
+
+    def read(self, size: int) -> Iterator[bytes]:
+        end = self.position + size
+        while self.position < end:
+            yield self._piece(end - self.position)
 
 
 def _bytes(text: str) -> bytes:
@@ -81,7 +115,9 @@ class _TarTree:
         self.root = directory(IMPLICIT_DIR_MODE)
         self.implicit: set[Node] = {self.root}  # their mtime: the layer's newest
         self.newest_ns = 0
-        self.data: dict[int, Node] = {}  # member ordinal -> the file its data fills
+        # member ordinal -> the file its data fills, and where its data starts in the tar
+        self.data: dict[int, tuple[Node, int]] = {}
+        self.sparse = False
         self.counts: Counter[str] = Counter()
 
     def apply(self, ordinal: int, member: tarfile.TarInfo) -> None:
@@ -121,7 +157,8 @@ class _TarTree:
             node = self._node(op, member, plan.link, mtime_ns)
             self.counts[op + "s"] += 1
             if op == "file" and member.size:
-                self.data[ordinal] = node
+                self.data[ordinal] = (node, member.offset_data)
+                self.sparse = self.sparse or member.sparse is not None
                 self.counts["file_bytes"] += member.size
         parent.children[name] = node
 
@@ -245,7 +282,8 @@ class _TarTree:
         for node in self.implicit:
             node.mtime_ns = self.newest_ns
         reachable = {node for _, node in walk(self.root) if node.is_file}
-        self.data = {ordinal: node for ordinal, node in self.data.items() if node in reachable}
+        self.data = {ordinal: found for ordinal, found in self.data.items()
+                     if found[0] in reachable}
         return self.root
 
     def stats(self) -> ExtractStats:

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,29 @@ def test_identical_blocks_already_written_are_read_back(tmp_path: Path,
     # with its bytes share it; every other block is stored anew, none wrongly shared.
     assert result.shared_blocks == 3
     assert compare_trees(scan_directory(src), scan_erofs(colliding), ignore={"owner"}) == []
+
+
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_sparse_tar_members(tmp_path: Path, tar_format: str) -> None:
+    """GNU tar's sparse members (read through tarfile, which assembles them) beside plain
+    ones (read straight from the stream)."""
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "before").write_bytes(os.urandom(10000))
+    with open(src / "sparse", "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"in the middle")
+    (src / "after").write_bytes(os.urandom(5000))
+    layer = tmp_path / "layer.tar"
+    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", str(layer), "-C",
+                    str(src), "before", "sparse", "after"], check=True)
+    image = tmp_path / "image.erofs"
+    _write(TarSource(lambda: open(layer, "rb")), image)  # noqa: SIM115 - TarSource closes it
+    found = scan_erofs(image)
+    expected = scan_directory(src)
+    for name in ("before", "sparse", "after"):
+        assert (found[name].size, found[name].sha256) == (expected[name].size,
+                                                          expected[name].sha256)
