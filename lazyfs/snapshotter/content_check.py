@@ -13,7 +13,11 @@ own layers stand for that image's. The snapshotter therefore
 - measures every remote layer once, in the background: its frames fetched in order, each
   checked against the authenticated chunk table, decoded and hashed (sha256 of the raw EROFS
   image, which is what a diff ID of seekable EROFS is), after on-demand reads, never on the
-  start-up path;
+  start-up path: each request waits until the reads of every layer have paused for QUIET_S
+  (a start-up reads in bursts with short pauses between them, and 4 MiB requests there would
+  take its link and CPUs), at most PATIENCE_S after the measurement began (a layer read
+  without pause), then only until no read's fetch is in flight; a measurement a Prepare waits
+  for (`wait_measured`) waits for no pause;
 - tears down a layer whose content is not what a snapshot of it claims: that snapshot's Mounts
   fail with a message naming the claim and the finding, running containers on it read EIO,
   and the next Prepare of its chain ID takes the name back (`Store.quarantine`).
@@ -33,6 +37,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.format.chunk_table import verify_frame
 from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
+from lazyfs.image.demand import DemandGate, wait_for_pause
 from lazyfs.image.remote_image import RemoteImage
 from lazyfs.snapshotter.layers import LayerSet, MountedLayer
 from lazyfs.snapshotter.store import Layer, NotFoundError, Snapshot, Store
@@ -41,6 +46,8 @@ log = logging.getLogger(__name__)
 
 PIECE_BYTES = 4 << 20  # frames fetched per request while measuring
 RETRY_DELAYS_S = (5.0, 30.0, 120.0, 600.0)  # a measurement that failed (source down) again
+QUIET_S = 1.0  # how long reads must have paused before a measuring request starts
+PATIENCE_S = 30.0  # how long a measurement waits for such pauses before it no longer does
 
 
 class Verdict(enum.Enum):
@@ -110,6 +117,7 @@ class ContentChecker:
         self._queue: OrderedDict[str, None] = OrderedDict()
         self._wake = trio.Event()
         self._measured: dict[str, trio.Event] = {}
+        self._awaited: set[str] = set()  # layers a Prepare waits for: no waiting for pauses
         self._failures: dict[str, int] = {}
         self.mismatches = 0  # layers found to hold other content than claimed
 
@@ -128,6 +136,7 @@ class ContentChecker:
         """Return once the layer `digest` has been measured (first in line)."""
         event = self._measured.setdefault(digest, trio.Event())
         if self._content_digest(digest) is None:
+            self._awaited.add(digest)
             self.enqueue(digest, urgent=True)
             await event.wait()
 
@@ -160,25 +169,31 @@ class ContentChecker:
             return None
         return self.store.layer(claims[0].layer_id).content_digest
 
-    async def _wait_turn(self) -> None:
-        """On-demand reads of every layer go first."""
-        for mounted in list(self.layers.mounted.values()):
-            await mounted.image.demand.wait_idle()
+    def _demand_gates(self) -> list[DemandGate]:
+        return [mounted.image.demand for mounted in self.layers.mounted.values()]
 
     async def _check(self, digest: str) -> None:
         mounted = self.layers.mounted.get(digest)
         if mounted is None:
             return  # measured when it is mounted again (`layer_attached`)
         if self._content_digest(digest) is None:
+            began = trio.current_time()
+
+            async def wait_turn() -> None:
+                """On-demand reads of every layer go first (see the module's note)."""
+                patience_s = 0.0 if digest in self._awaited else PATIENCE_S
+                await wait_for_pause(self._demand_gates, QUIET_S, began + patience_s)
+
             try:
                 found = await measure_layer(mounted.image, self.layers.host.cpu_limiter,
-                                            self._wait_turn)
+                                            wait_turn)
             except LazyfsError as exc:
                 self._measure_failed(digest, exc)
                 return
             self.store.set_content_digest(digest, found)
             self._failures.pop(digest, None)
         self._measured.setdefault(digest, trio.Event()).set()
+        self._awaited.discard(digest)
         await self._judge(digest)
 
     def _measure_failed(self, digest: str, exc: LazyfsError) -> None:
@@ -189,6 +204,7 @@ class ContentChecker:
                       "it is mounted again: other images' layers cannot share its snapshots",
                       digest, exc)
             self._measured.setdefault(digest, trio.Event()).set()  # nobody waits forever
+            self._awaited.discard(digest)
             return
         delay = RETRY_DELAYS_S[attempt]
         log.warning("layer %s: its content could not be checked yet (%s); trying again in "
