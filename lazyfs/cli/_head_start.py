@@ -76,13 +76,16 @@ def image_head_start(text: str, args: argparse.Namespace, *,
 
 
 def finish_layer(head_start: HeadStart | RegistryHeadStart | None) -> PrimedAnswers | None:
-    """The answers that arrived by now for a layer URL; while they travel, the daemon's own
-    imports are done here, before its fork."""
+    """The answers that arrived by now for a layer URL; while some still travel, the daemon's
+    own imports are done here, before its fork. Once they are all in, those imports would
+    only delay the fork: the daemon then makes them itself, when it needs them (httpcore at
+    its first request that no answer here holds, often after it is ready)."""
     from lazyfs.fetch.head_start import HeadStart
 
     if not isinstance(head_start, HeadStart):
         return None
-    _preload()
+    if head_start.in_flight():
+        _preload()
     return head_start.finish(HEAD_START_WAIT_S)
 
 
