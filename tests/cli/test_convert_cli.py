@@ -244,3 +244,24 @@ def test_layer_and_image_options_do_not_mix(tmp_path: Path, src: Path) -> None:
                           "--oci-layout: only for a whole image")
     assert_one_line_error(run_lazyfs("convert", src), "give the blob to write: -o OUT")
     assert_one_line_error(run_lazyfs("convert", image.layout), "nothing to write")
+
+
+def test_startup_order_options_are_one_line(tmp_path: Path, src: Path) -> None:
+    from lazyfs.format.prefetch_list import LayerPrefetch, PrefetchList, serialize_prefetch_list
+
+    recorded = tmp_path / "start.json"
+    recorded.write_bytes(serialize_prefetch_list(PrefetchList((LayerPrefetch(
+        "sha512:" + "0" * 128, 2, (0,), "layer", (0, 3), 4096, 90000),))))
+    for args, fragment in (
+        (["--startup-order", str(tmp_path / "missing.json")], "No such file"),
+        (["--startup-order", str(recorded), "--erofs-compression", "lz4"],
+         "as --startup-order needs"),
+        (["--startup-order", str(recorded), "--erofs-writer", "mkfs"],
+         "only lazyfs's writer lays blocks out in start-up order"),
+        (["--startup-order", str(recorded)], "no recorded layer has an image of"),
+    ):
+        result = run_lazyfs("convert", src, "-o", tmp_path / "x.blob", *args)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (tmp_path / "x.blob").exists()
