@@ -48,6 +48,7 @@ from tests.support.snapshotter_images import (
     manifest_of,
     put_manifest,
     scrape,
+    unchecked_layers,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
@@ -71,6 +72,9 @@ def test_lazy_pull_survives_a_restart_and_runs_four_containers(
     # Nothing but the superblocks was read so far (and what came along with a miss).
     assert all(s["chunks_fetched"] - s["readahead_chunks"] <= 2
                for s in layer_stats(containerd).values())
+    # The content checks done (each fetches its layer whole, once reads pause): after the
+    # restart only the containers' reads fetch.
+    wait_until(lambda: unchecked_layers(containerd) == [], "the layers' content checks")
 
     port = free_port()
     # Without the disk cache (test_a_restarted_snapshotter_reads_from_the_disk_cache has it),
@@ -171,6 +175,9 @@ def test_a_restarted_snapshotter_reads_from_the_disk_cache(
     assert result.returncode == 0, result.stderr
     check_output(containerd.ctr("run", "--rm", "--snapshotter", "lazyfs", image.converted,
                                 "disk1", "/bin/sh", "-c", SHOW).stdout)
+    # The content checks done (they fetch each layer whole, and do not fill the disk cache):
+    # after the restart only reads could fetch.
+    wait_until(lambda: unchecked_layers(containerd) == [], "the layers' content checks")
     containerd.snapshotter.restart()
     wait_until(lambda: containerd.ctr("snapshots", "--snapshotter", "lazyfs", "ls",
                                       check=False).returncode == 0, "containerd reconnecting")

@@ -145,6 +145,15 @@ def database(containerd: Containerd) -> dict[str, str | None]:
     return {key: digest for key, digest in rows}
 
 
+def unchecked_layers(containerd: Containerd) -> list[str]:
+    """The snapshotter's remote layers its content check has not measured yet (the check
+    fetches each layer whole, in the background once reads pause)."""
+    path = containerd.snapshotter.root / "metadata.db"
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT digest FROM layers WHERE content_digest IS NULL").fetchall()
+    return [digest for (digest,) in rows]
+
+
 def assert_consistent(containerd: Containerd) -> dict[str, str | None]:
     """The database, its layers all mounted and nothing else mounted; returns it."""
     rows = database(containerd)
