@@ -18,9 +18,13 @@ class SequentialReads:
     starts at the readahead distance, and doubles each time it is topped up (the reads went on
     through half of it) up to a largest distance, as the kernel grows its own readahead: a
     long read in order then asks for large requests, a few in flight, instead of a chunk per
-    read. A read that does not stream starts it over."""
+    read. It grows only while one run of bytes read back to back is at least twice the first
+    window: a start-up walking through many files laid out one after another streams too,
+    but each of its reads wants little past it, and a growing window would fetch what it never
+    reads. A read that does not stream starts it over."""
 
     def __init__(self, chunk_size: int, chunk_count: int) -> None:
+        self._chunk_size = chunk_size
         self._chunk_count = chunk_count
         self._trigger_bytes = min(chunk_size, TRIGGER_BYTES)
         self._streak_trigger = max(STREAK_CHUNKS, TRIGGER_BYTES // chunk_size)
@@ -29,6 +33,7 @@ class SequentialReads:
         self._last_chunk = -2  # no read yet: a first read of chunk 0 is no step forward
         self._streak = 0
         self._window = 0  # chunks; 0: the readahead distance (reads do not stream yet)
+        self._first_window = 0  # chunks: the readahead distance the window started at
 
     def observe(self, offset: int, end: int, chunks: range) -> bool:
         """Note a read of bytes [offset, end) in `chunks`; whether reads now stream."""
@@ -54,8 +59,12 @@ class SequentialReads:
         if not self.observe(offset, end, chunks) or not readahead:
             return range(0)
         self._window = max(self._window, readahead)
+        self._first_window = readahead
         return range(chunks[-1] + 1, min(chunks[-1] + self._window + 1, self._chunk_count))
 
     def grow(self, largest: int) -> None:
-        """The window was topped up: double it, up to `largest` chunks."""
+        """The window was topped up: double it, up to `largest` chunks, if the reads are one
+        long run read back to back (see the class)."""
+        if self._sequential_bytes < 2 * self._first_window * self._chunk_size:
+            return
         self._window = max(self._window, min(self._window * 2, largest))
