@@ -77,14 +77,12 @@ def image_head_start(text: str, args: argparse.Namespace, *,
 
 def finish_layer(head_start: HeadStart | RegistryHeadStart | None) -> PrimedAnswers | None:
     """The answers that arrived by now for a layer URL; while they travel, the daemon's own
-    imports are done here, before its fork. httpx's transport only while some are still on
-    their way: once they are all in, it would only delay the fork, and the daemon needs it
-    first for a request of its own, often after it is ready."""
+    imports are done here, before its fork."""
     from lazyfs.fetch.head_start import HeadStart
 
     if not isinstance(head_start, HeadStart):
         return None
-    _preload(transport=head_start.in_flight())
+    _preload()
     return head_start.finish(HEAD_START_WAIT_S)
 
 
@@ -150,10 +148,10 @@ def _warm_start(args: argparse.Namespace,
     return WarmStart(directory, lambda: layers(directory), budget).start()
 
 
-def _preload(*, transport: bool = True) -> None:
+def _preload() -> None:
     from lazyfs.mount.background import preload_daemon_modules
 
-    preload_daemon_modules(transport=transport)
+    preload_daemon_modules()
 
 
 def _layer_on_disk(args: argparse.Namespace,

@@ -120,10 +120,6 @@ class EarlyRequests:
         for thread in self._threads:
             thread.start()
 
-    def in_flight(self) -> bool:
-        """Whether a request of this head start may still be on its way."""
-        return any(thread.is_alive() for thread in self._threads)
-
     def _finish(self, wait_s: float) -> None:
         """Wait up to `wait_s` seconds for the threads; nothing is kept after this."""
         deadline = time.monotonic() + wait_s

@@ -26,13 +26,10 @@ from lazyfs.mount.state import MountRecord, daemon_alive, remove_record
 
 log = logging.getLogger(__name__)
 
-# What a daemon imports on its way to ready that the command has not (the blob readers, the
+# What a daemon imports on its way to ready that the command has not (httpx's transport, the
 # decoder): imported before the fork, while a head start's answers travel, they are there
 # from the daemon's first instant instead of after it.
-DAEMON_MODULES = ("lazyfs.fetch.local", "zstandard")
-# httpx's transport: a daemon needs it for its first request of its own, which comes after it
-# is ready when a head start brought what opening the layer reads.
-TRANSPORT_MODULES = ("httpcore",)
+DAEMON_MODULES = ("lazyfs.fetch.local", "httpcore", "zstandard")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 _READY = b"ready\n"
@@ -57,10 +54,9 @@ def _user_facing() -> tuple[type[BaseException], ...]:
     )
 
 
-def preload_daemon_modules(*, transport: bool = True) -> None:
-    """Import what a daemon will need (`DAEMON_MODULES`, and with `transport` httpx's
-    transport) into this process, to be forked."""
-    for name in DAEMON_MODULES + (TRANSPORT_MODULES if transport else ()):
+def preload_daemon_modules() -> None:
+    """Import what a daemon will need (`DAEMON_MODULES`) into this process, to be forked."""
+    for name in DAEMON_MODULES:
         importlib.import_module(name)
 
 

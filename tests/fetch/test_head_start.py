@@ -235,31 +235,3 @@ def test_a_layer_mount_imports_nothing_it_does_not_use_before_its_daemon() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
-
-
-@pytest.mark.network
-@pytest.mark.parametrize("server", ["silent", "refusing"])
-def test_the_daemon_modules_load_before_the_fork_only_while_answers_travel(server: str) -> None:
-    """While an answer is on its way, the command imports the daemon's modules before the
-    fork (the wait hides them); once the head start is over, it leaves them to the daemon,
-    which imports httpcore at its first request of its own."""
-    code = f"""
-import socket, sys, time
-from lazyfs.cli._head_start import finish_layer
-from lazyfs.fetch.head_start import HeadStart
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-if {server!r} == "silent":
-    listener.listen()  # connections are accepted by the kernel, never answered
-url = f"http://127.0.0.1:{{listener.getsockname()[1]}}/layer.blob"
-head_start = HeadStart(url, tree_window_bytes=4096).start()
-deadline = time.monotonic() + 10
-while {server!r} == "refusing" and head_start.in_flight() and time.monotonic() < deadline:
-    time.sleep(0.01)
-assert "httpcore" not in sys.modules
-finish_layer(head_start)
-print("httpcore" in sys.modules)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60)
-    assert out.stdout.strip() == str(server == "silent")
