@@ -220,6 +220,12 @@ def test_fewer_connections_make_as_many_fetches(tmp_path: Path) -> None:
     assert (limits.http_connections, limits.parallel_fetches) == (16, 4)
 
 
+def test_the_read_timeout_is_also_the_deadline_of_resolving_an_image(tmp_path: Path) -> None:
+    assert _config(tmp_path, "").registry.deadline_s == 30.0
+    assert _config(tmp_path, "[timeouts]\nread_timeout = 5\n").registry.deadline_s == 5.0
+    assert _config(tmp_path, "", "--read-timeout", "7.5").registry.deadline_s == 7.5
+
+
 def test_creds_and_insecure_registry_are_options_only(tmp_path: Path) -> None:
     config = _config(tmp_path, '[registry]\nplain_http = ["m1.test"]\n', "--creds", "alice:pw",
                      "--insecure-registry")
