@@ -159,7 +159,11 @@ class ContentChecker:
                 self._wake = trio.Event()
                 await self._wake.wait()
             digest, _ = self._queue.popitem(last=False)
-            await self._check(digest)
+            try:
+                await self._check(digest)
+            except Exception:  # one layer's check must never end the snapshotter
+                log.exception("layer %s: its content check failed; not tried again until it "
+                              "is mounted again", digest)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -187,7 +191,14 @@ class ContentChecker:
             try:
                 found = await measure_layer(mounted.image, self.layers.host.cpu_limiter,
                                             wait_turn)
-            except LazyfsError as exc:
+            except Exception as exc:
+                if self.layers.mounted.get(digest) is not mounted:
+                    # Unmounted while measured (its reader closed under the check): measured
+                    # again if it is mounted again.
+                    log.info("layer %s: unmounted while its content was checked", digest)
+                    return
+                if not isinstance(exc, LazyfsError):
+                    raise
                 self._measure_failed(digest, exc)
                 return
             self.store.set_content_digest(digest, found)
