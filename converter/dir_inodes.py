@@ -17,7 +17,7 @@ from pathlib import Path
 
 from converter.errors import ConvertError
 from converter.inode_tree import Node, walk
-from lazyfs.format.erofs_build import ErofsLimitError, split_xattr_name
+from lazyfs.erofs.build import ErofsLimitError, split_xattr_name
 
 READ_BYTES = 1 << 20
 

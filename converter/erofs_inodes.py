@@ -19,7 +19,7 @@ from types import TracebackType
 from converter.erofs_tree import ErofsReader, ImageFile
 from converter.errors import ConvertError
 from converter.inode_tree import NS_PER_SECOND, Node, walk
-from lazyfs.format.erofs import ErofsError, Inode, kind_of, parse_superblock
+from lazyfs.erofs.reader import ErofsError, Inode, kind_of, parse_superblock
 
 _MAX_SYMLINK_BYTES = 4096
 _SIGNED = 1 << 63

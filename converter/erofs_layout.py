@@ -8,7 +8,7 @@ data_start         | start-up blocks: file blocks a start read, in the order it 
 startup_end        | every other file block, in the order the source hands them over
 ```
 
-An inode record is the inode (compact where nothing is lost, see `lazyfs.format.erofs_build`),
+An inode record is the inode (compact where nothing is lost, see `lazyfs.erofs.build`),
 its inline xattrs, then either a directory's or symlink's tail (inline) or a regular file's
 block map (chunk-based, one 4 KiB chunk per block, so that identical blocks are stored once
 and a start-up's blocks can go anywhere). Records are 32-byte aligned; a record that fits in
@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from converter.inode_tree import NS_PER_SECOND, Node, count_links, walk
-from lazyfs.format.erofs import (
+from lazyfs.erofs.build import (
+    MAX_BLOCK_ADDRESS,
+    ErofsLimitError,
+    chunk_map_entry_size,
+    directory_size,
+    encode_device,
+    inode_size,
+    xattr_body_size,
+)
+from lazyfs.erofs.reader import (
     COMPACT_INODE_SIZE,
     EXTENDED_INODE_SIZE,
     LAYOUT_CHUNK_BASED,
@@ -37,15 +46,6 @@ from lazyfs.format.erofs import (
     NULL_ADDR,
     SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
-)
-from lazyfs.format.erofs_build import (
-    MAX_BLOCK_ADDRESS,
-    ErofsLimitError,
-    chunk_map_entry_size,
-    directory_size,
-    encode_device,
-    inode_size,
-    xattr_body_size,
 )
 
 BLOCK_SIZE_BITS = 12

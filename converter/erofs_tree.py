@@ -2,7 +2,7 @@
 `converter.tree` trees, beside directories and tar layers.
 
 No mount and no root: every inode, directory, xattr and every byte of file data is read from
-the image file with `lazyfs.format.erofs` and bounds-checked, so the tree has what an
+the image file with `lazyfs.erofs.reader` and bounds-checked, so the tree has what an
 extraction by fsck.erofs 1.5 loses (xattrs such as the overlayfs opaque mark, hardlinks,
 owners, whiteout devices) and equals `scan_directory` of a read-only kernel mount of the image.
 Compressed images raise ErofsUnsupportedError: mount those instead.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from converter.tree import IGNORED_XATTRS, TreeEntry
-from lazyfs.format.erofs import (
+from lazyfs.erofs.reader import (
     ErofsError,
     Extent,
     Inode,

@@ -43,13 +43,7 @@ from converter.erofs_layout import (
 )
 from converter.errors import ConvertError
 from converter.inode_tree import LayerSource, Node
-from lazyfs.format.erofs import (
-    FEATURE_COMPAT_MTIME,
-    FEATURE_INCOMPAT_CHUNKED_FILE,
-    LAYOUT_FLAT_INLINE,
-    NULL_ADDR,
-)
-from lazyfs.format.erofs_build import (
+from lazyfs.erofs.build import (
     ErofsLimitError,
     InodeFields,
     SuperblockFields,
@@ -61,6 +55,12 @@ from lazyfs.format.erofs_build import (
     serialize_xattr_body,
     superblock_head,
     xattr_icount,
+)
+from lazyfs.erofs.reader import (
+    FEATURE_COMPAT_MTIME,
+    FEATURE_INCOMPAT_CHUNKED_FILE,
+    LAYOUT_FLAT_INLINE,
+    NULL_ADDR,
 )
 
 _ZERO_BLOCK = bytes(BLOCK_SIZE)

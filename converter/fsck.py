@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.errors import ConvertError
-from lazyfs.format.erofs_compression import algorithm_name, compression_algorithms
+from lazyfs.erofs.compression import algorithm_name, compression_algorithms
 from lazyfs.format.errors import FormatError
 
 ENV_FSCK_EROFS = "LAZYFS_FSCK_EROFS"

@@ -43,7 +43,7 @@ from converter.tar_members import (
     plan_member,
     xattr_allowed,
 )
-from lazyfs.format.erofs_build import MAX_NAME_BYTES, ErofsLimitError, split_xattr_name
+from lazyfs.erofs.build import MAX_NAME_BYTES, ErofsLimitError, split_xattr_name
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ def prepare_unpacked(reference: str, work: Path) -> Path:
     import trio
 
     from lazyfs.fetch.registry_options import RegistryOptions
-    from lazyfs.image.eager_pull import pull_layers
     from lazyfs.mount.service import resolve
+    from lazyfs.oci.eager_pull import pull_layers
 
     options = RegistryOptions(insecure=True)
     image = resolve([reference], options).images[0]

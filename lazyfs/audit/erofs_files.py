@@ -16,8 +16,8 @@ from pathlib import Path
 
 from converter.erofs_tree import scan_erofs
 from converter.tree import TreeEntry, scan_directory
+from lazyfs.erofs.reader import ErofsUnsupportedError
 from lazyfs.errors import LazyfsError
-from lazyfs.format.erofs import ErofsUnsupportedError
 
 _MOUNT_TIMEOUT_SECONDS = 60
 
@@ -40,7 +40,7 @@ def can_mount_erofs() -> bool:
 def erofs_tree(image: Path, work: Path) -> tuple[dict[str, TreeEntry], str]:
     """The tree inside the raw EROFS image at `image`, and how it was read ("read by lazyfs"
     or "mounted read-only"); `work` is a private directory for a mount point. Raises
-    ErofsError (from lazyfs.format.erofs) for a malformed image, ConvertError when a mounted
+    ErofsError (from lazyfs.erofs.reader) for a malformed image, ConvertError when a mounted
     tree cannot be scanned, TreeUnavailableError when the image can be read neither way."""
     try:
         return scan_erofs(image), "read by lazyfs"

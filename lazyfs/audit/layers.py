@@ -38,10 +38,10 @@ from converter.tree import scan_tar_each
 from lazyfs.audit.erofs_files import TreeUnavailableError, erofs_tree
 from lazyfs.audit.merge import LayerTree
 from lazyfs.eager.check import check_blob
+from lazyfs.erofs.reader import ErofsError
 from lazyfs.errors import LazyfsError
 from lazyfs.format import oci
 from lazyfs.format.descriptor import Descriptor
-from lazyfs.format.erofs import ErofsError
 
 Progress = Callable[[str, int, int | None], None]
 """Called with (what is being done, bytes done, bytes in all or None), from any thread."""

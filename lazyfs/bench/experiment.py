@@ -54,7 +54,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import ImageReference
-from lazyfs.image.open import LayerSource
+from lazyfs.startup.open import LayerSource
 
 Progress = Callable[[str], None]
 """Told, as the bench goes, what it is doing now (one line, no newline)."""
@@ -66,7 +66,7 @@ TERM_WAIT_S = 10.0
 # Read in again after the page cache was dropped: the program files of both kinds of start.
 PROGRAMS = (
     [sys.executable, "-c", "import lazyfs.cli.run, lazyfs.cli._head_start, lazyfs.mount.service, "
-     "lazyfs.container.run, lazyfs.fetch.http, lazyfs.image.remote_image, lazyfs.image.eager_pull, "
+     "lazyfs.container.run, lazyfs.fetch.http, lazyfs.layer.remote_image, lazyfs.oci.eager_pull, "
      "httpx, httpcore, trio, zstandard, pyfuse3"],
     ["mount", "--version"],
     ["umount", "--version"],
@@ -161,8 +161,8 @@ def run_bench(request: BenchRequest, progress: Progress,
 
 def _inspect(request: BenchRequest) -> _Image:
     """Resolve the image as the runs will, and read each layer's chunk size."""
-    from lazyfs.image.registry_source import UnconvertedLayerError
     from lazyfs.mount.service import resolve
+    from lazyfs.oci.registry_source import UnconvertedLayerError
 
     try:
         try:
@@ -191,7 +191,7 @@ def _inspect(request: BenchRequest) -> _Image:
 async def _inspect_ordinary(request: BenchRequest) -> _Image:
     """An image whose layers are not seekable EROFS, as `pull.py` resolves it."""
     from lazyfs.bench.pull import resolve_ordinary
-    from lazyfs.image.names import host_platform
+    from lazyfs.oci.names import host_platform
 
     reference = ImageReference.parse(request.image)
     async with request.registry.client(reference.registry) as client:
@@ -207,7 +207,7 @@ async def _chunk_tables(sources: Sequence[LayerSource]) -> dict[str, tuple[int, 
     """(chunk size, chunk count) of each layer, from its metadata (one range request)."""
     from lazyfs.fetch.local import open_blob_reader
     from lazyfs.format.descriptor import SeekableAnnotations
-    from lazyfs.image.metadata import load_metadata
+    from lazyfs.startup.metadata import load_metadata
 
     found: dict[str, tuple[int, int]] = {}
     for source in sources:

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         platform = parse_platform(args.platform) if args.platform else None
         if platform is None:
-            from lazyfs.image.names import host_platform
+            from lazyfs.oci.names import host_platform
 
             platform = host_platform()
         credentials = parse_credentials(args.creds) if args.creds else None

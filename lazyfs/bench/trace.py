@@ -1,5 +1,5 @@
 """What a `--trace` file says: the chunk accesses a mount (`lazyfs mount --trace`, `lazyfs run
---trace`) wrote as JSON lines (`lazyfs.image.stats.TraceWriter`: `t` seconds since the daemon
+--trace`) wrote as JSON lines (`lazyfs.layer.stats.TraceWriter`: `t` seconds since the daemon
 started, `layer`, `chunk`, `event`: hit, fetch, disk or bad; `bytes` of a fetched or
 disk-loaded frame, `latency_ms` and `reason` of a fetch).
 

@@ -48,7 +48,7 @@ __all__ = ["PULL_POLICIES", "STORE_ERRORS", "DiskCache", "DiskCacheError", "Disk
 STORE_ERRORS: tuple[type[Exception], ...] = (OSError, sqlite3.Error, DiskCacheError)
 
 
-# When an image's tag is looked up in its registry (`lazyfs.image.image_memory`): every time;
+# When an image's tag is looked up in its registry (`lazyfs.oci.image_memory`): every time;
 # only when the disk cache remembers no manifest for it (as container runtimes run an image
 # pulled before); never.
 PULL_POLICIES = ("always", "missing", "never")
@@ -110,7 +110,7 @@ class DiskCache:
         self.errors = 0
         self.warm_chunks = 0
         # Decoded chunks by frame key, loaded and checked by the command before it started
-        # this process (`lazyfs.image.warm_start`); each is taken once, or dropped.
+        # this process (`lazyfs.startup.warm_start`); each is taken once, or dropped.
         self._warm: dict[str, memoryview] = {}
 
     def adopt_warm(self, chunks: dict[str, memoryview]) -> None:

@@ -44,7 +44,7 @@ import trio
 from lazyfs.cache.defaults import DEFAULT_CACHE_BYTES as DEFAULT_CACHE_BYTES
 
 # A chunk's bytes: a bytes object, or a read-only view of memory shared with the command that
-# loaded it before the daemon started (`lazyfs.image.warm_start`), kept without a copy.
+# loaded it before the daemon started (`lazyfs.startup.warm_start`), kept without a copy.
 ChunkData = bytes | memoryview
 
 NAMESPACES_COUNTED = 4096

@@ -3,7 +3,7 @@ creates.
 
 The disk cache holds one thing no digest authenticates: the manifest a tag pointed to last,
 which `lazyfs run IMAGE:TAG` and `lazyfs mount` use without asking the registry
-(`lazyfs.image.image_memory`). Whoever can write the directory, or one of its parents (and so
+(`lazyfs.oci.image_memory`). Whoever can write the directory, or one of its parents (and so
 rename the directory away and put another in its place), can plant such a pointer and its
 manifest, and root then mounts and runs the planted image. Root also writes in the directory
 (the index and sqlite's -wal and -shm files beside it, entries renamed into place, old

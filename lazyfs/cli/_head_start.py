@@ -1,5 +1,5 @@
 """A mount's first requests, started from the command line before the command imports the
-rest (`lazyfs.fetch.head_start` for a layer URL, `lazyfs.fetch.registry_head_start` for an
+rest (`lazyfs.startup.head_start` for a layer URL, `lazyfs.startup.registry_head_start` for an
 image), and their answers handed over once the daemon is about to start. Light to import."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from lazyfs.cli import UserError
 from lazyfs.cli._images import cache_directory_of, platform_of
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.head_start import HeadStart, PrimedAnswers
-    from lazyfs.fetch.registry_head_start import PrimedRegistry, RegistryHeadStart
+    from lazyfs.fetch.primed import PrimedAnswers
     from lazyfs.format.descriptor import Descriptor
     from lazyfs.format.platform import Platform
     from lazyfs.format.reference import ImageReference
-    from lazyfs.image.warm_start import WarmFeed, WarmLayer, WarmStart
+    from lazyfs.startup.head_start import HeadStart
+    from lazyfs.startup.registry_head_start import PrimedRegistry, RegistryHeadStart
+    from lazyfs.startup.warm_start import WarmFeed, WarmLayer, WarmStart
 
 # How long a command waits, once it is ready to start its daemon, for answers still on their
 # way (the daemon would wait for them anyway, asking again).
@@ -32,9 +33,9 @@ def layer_head_start(args: argparse.Namespace, descriptor: str | None,
     a layer located by offsets given here)."""
     if "://" not in args.source or args.chunk_table_offset is not None:
         return None
-    from lazyfs.fetch.head_start import HeadStart
     from lazyfs.format.descriptor import is_local
-    from lazyfs.image.tuning import ImageTuning
+    from lazyfs.layer.tuning import ImageTuning
+    from lazyfs.startup.head_start import HeadStart
 
     if not HeadStart.applies_to(args.source, descriptor):
         return None
@@ -53,7 +54,7 @@ def image_head_start(text: str, args: argparse.Namespace, *,
     """Start fetching what resolving the image `text` and mounting its layers ask for first
     (`mounts`: EROFS is mounted on the layers, so their first frames too); none when the
     image is taken from the disk cache without asking the registry (`--pull`)."""
-    from lazyfs.image.keys import image_data_key
+    from lazyfs.layer.keys import image_data_key
 
     parsed = _reference_and_platform(text, args)
     if parsed is None:
@@ -63,8 +64,8 @@ def image_head_start(text: str, args: argparse.Namespace, *,
     pull = getattr(args, "pull", "always")
     if pull == "never" or (remembered and pull == "missing"):
         return None
-    from lazyfs.fetch.registry_head_start import RegistryHeadStart
-    from lazyfs.image.tuning import ImageTuning
+    from lazyfs.layer.tuning import ImageTuning
+    from lazyfs.startup.registry_head_start import RegistryHeadStart
 
     if not RegistryHeadStart.applies_to(reference, bool(args.mirror)):
         return None
@@ -78,7 +79,7 @@ def image_head_start(text: str, args: argparse.Namespace, *,
 def finish_layer(head_start: HeadStart | RegistryHeadStart | None) -> PrimedAnswers | None:
     """The answers that arrived by now for a layer URL; while they travel, the daemon's own
     imports are done here, before its fork."""
-    from lazyfs.fetch.head_start import HeadStart
+    from lazyfs.startup.head_start import HeadStart
 
     if not isinstance(head_start, HeadStart):
         return None
@@ -103,7 +104,7 @@ def image_warm_start(text: str, args: argparse.Namespace) -> WarmStart | None:
     parsed = _reference_and_platform(text, args)
     if parsed is None or not _disk_cache_holds(args, _image_key(parsed[0])):
         return None
-    from lazyfs.image.warm_start import remembered_image_layers
+    from lazyfs.startup.warm_start import remembered_image_layers
 
     reference, platform = parsed
     return _warm_start(args, lambda directory: remembered_image_layers(
@@ -117,7 +118,7 @@ def layer_warm_start(args: argparse.Namespace, descriptor: str | None) -> WarmSt
         return None
     if not _layer_on_disk(args, descriptor)[1]:
         return None
-    from lazyfs.image.warm_start import remembered_layer
+    from lazyfs.startup.warm_start import remembered_layer
 
     return _warm_start(args, lambda directory: remembered_layer(directory, args.source,
                                                                 descriptor))
@@ -139,7 +140,7 @@ def _warm_start(args: argparse.Namespace,
     if directory is None or args.no_prefetch:
         return None
     from lazyfs.cli.sizes import parse_size
-    from lazyfs.image.warm_start import WarmStart
+    from lazyfs.startup.warm_start import WarmStart
 
     try:
         budget = parse_size(args.cache_size, "--cache-size") // 2
@@ -161,10 +162,10 @@ def _layer_on_disk(args: argparse.Namespace,
     layer starts with (that layer's metadata; else the descriptor last fetched from where the
     daemon looks for it)."""
     from lazyfs.format.descriptor import descriptor_locations, is_local
-    from lazyfs.image.keys import descriptor_key, layer_key
+    from lazyfs.layer.keys import descriptor_key, layer_key
 
     if descriptor is not None and is_local(descriptor):
-        from lazyfs.fetch.head_start import read_descriptor_file
+        from lazyfs.startup.head_start import read_descriptor_file
 
         known = read_descriptor_file(descriptor)
         return known, known is not None and _disk_cache_holds(
@@ -175,7 +176,7 @@ def _layer_on_disk(args: argparse.Namespace,
 
 def _image_key(reference: ImageReference) -> str | None:
     """The disk cache's name for what `reference` (a tag or a digest) stands for."""
-    from lazyfs.image.keys import image_data_key, tag_key
+    from lazyfs.layer.keys import image_data_key, tag_key
 
     wanted = reference.reference
     if wanted.startswith(("sha256:", "sha512:")):

@@ -1,7 +1,7 @@
 """What `lazyfs mount` and `lazyfs run` share for images in registries: the registry options
 and the checks of the options both give a mount (cache sizes, disk cache, writable
 directory). Light to import: the parsers are built before a mount starts its head start
-(`lazyfs.fetch.head_start`), so what needs trio or httpx is imported where it is used."""
+(`lazyfs.startup.head_start`), so what needs trio or httpx is imported where it is used."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from lazyfs.cli import UserError
 from lazyfs.cli.sizes import parse_size
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform, parse_platform
-from lazyfs.image.names import host_platform
-from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
+from lazyfs.layer.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
+from lazyfs.oci.names import host_platform
 
 if TYPE_CHECKING:
     from lazyfs.cache.disk import DiskCacheOptions

@@ -10,7 +10,7 @@ import os
 from lazyfs.cli import UserError
 from lazyfs.cli.sizes import parse_size
 from lazyfs.format.prefetch_list import PrefetchListError, parse_prefetch_list
-from lazyfs.image.tuning import DEFAULT_FILL_RATE_BYTES, PrefetchOptions
+from lazyfs.layer.tuning import DEFAULT_FILL_RATE_BYTES, PrefetchOptions
 
 DEFAULT_FILL_RATE = f"{DEFAULT_FILL_RATE_BYTES >> 20}M"
 

@@ -1,7 +1,7 @@
 """`lazyfs mount`: check the arguments and call the mount service (`lazyfs.mount.service`),
 which resolves images and starts the daemon; `umount`, `stats` and `mounts` in `mounts.py`.
 
-A layer URL's first requests start before anything else (`lazyfs.fetch.head_start`), so this
+A layer URL's first requests start before anything else (`lazyfs.startup.head_start`), so this
 module and the parsers it builds import nothing heavy: trio, pyfuse3 and httpx are imported
 while those requests travel.
 """
@@ -45,11 +45,11 @@ from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fuse.phases import process_started_monotonic
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.head_start import HeadStart
-    from lazyfs.fetch.registry_head_start import RegistryHeadStart
-    from lazyfs.image.warm_start import WarmStart
     from lazyfs.mount.daemon import DaemonConfig
     from lazyfs.mount.service import MountOptions
+    from lazyfs.startup.head_start import HeadStart
+    from lazyfs.startup.registry_head_start import RegistryHeadStart
+    from lazyfs.startup.warm_start import WarmStart
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -168,7 +168,7 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
 
 def start_head_start(args: argparse.Namespace) -> HeadStart | RegistryHeadStart | None:
     """The first requests of the mount, started now: for a layer URL, or for one image."""
-    from lazyfs.image.names import is_image_reference
+    from lazyfs.oci.names import is_image_reference
 
     if is_image_reference(args.source):
         if args.more:
@@ -183,7 +183,7 @@ def start_head_start(args: argparse.Namespace) -> HeadStart | RegistryHeadStart 
 
 def start_warm_start(args: argparse.Namespace) -> WarmStart | None:
     """Loading what the disk cache holds of the layer or the one image, started now."""
-    from lazyfs.image.names import is_image_reference
+    from lazyfs.oci.names import is_image_reference
 
     if is_image_reference(args.source):
         return None if args.more else image_warm_start(args.source, args)
@@ -194,12 +194,12 @@ def build_config(args: argparse.Namespace,
                  head_start: HeadStart | RegistryHeadStart | None = None) -> DaemonConfig:
     """The daemon's configuration for a layer blob or, if SOURCE is one, for images; a
     layer's first requests are already under way when `head_start` is given."""
-    from lazyfs.image.names import is_image_reference
-    from lazyfs.image.open import LayerSource
     from lazyfs.mount.service import check_mountpoint, layer_config
+    from lazyfs.oci.names import is_image_reference
+    from lazyfs.startup.open import LayerSource
 
     if is_image_reference(args.source):
-        from lazyfs.fetch.registry_head_start import RegistryHeadStart
+        from lazyfs.startup.registry_head_start import RegistryHeadStart
 
         return build_image_config(args, head_start if isinstance(
             head_start, RegistryHeadStart) else None)
@@ -245,8 +245,8 @@ def build_image_config(args: argparse.Namespace,
                        head_start: RegistryHeadStart | None = None) -> DaemonConfig:
     """Resolve the images (pinned manifests, seekable layers) and plan their mounts (the
     first one's first requests under way when `head_start` is given)."""
-    from lazyfs.image.names import is_image_reference
     from lazyfs.mount.service import MountpointError, check_mountpoint, image_config, resolve
+    from lazyfs.oci.names import is_image_reference
 
     blob_only = [
         flag

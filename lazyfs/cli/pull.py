@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from lazyfs.cli._images import add_registry_arguments, platform_of, registry_options
-from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S
+from lazyfs.layer.tuning import DEFAULT_READ_TIMEOUT_S
 from lazyfs.snapshotter.pull import SNAPSHOTTER, pull_into_containerd
 
 DEFAULT_NAMESPACE = "default"

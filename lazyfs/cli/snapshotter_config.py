@@ -32,7 +32,7 @@ from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_auth import Credentials
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.reference import InvalidReferenceError, validate_registry
-from lazyfs.image.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
+from lazyfs.layer.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
 from lazyfs.mount.host import LayerLimits
 from lazyfs.snapshotter.daemon import SnapshotterConfig
 from lazyfs.snapshotter.remount import RemountPolicy

@@ -28,8 +28,6 @@ from lazyfs.container.report import LayerReport, RunReport, lazy_layer_report
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
-from lazyfs.image.eager_pull import PulledLayer
-from lazyfs.image.registry_source import ResolvedImage
 from lazyfs.mount import kernel
 from lazyfs.mount.eager import mount_eager, unmount_eager
 from lazyfs.mount.images import ImageSet, image_record
@@ -44,10 +42,12 @@ from lazyfs.mount.service import (
     writable_dirs,
 )
 from lazyfs.mount.state import MountRecord, StateError, ensure_state_dir, private_dir
+from lazyfs.oci.eager_pull import PulledLayer
+from lazyfs.oci.registry_source import ResolvedImage
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.registry_head_start import PrimedRegistry
-    from lazyfs.image.warm_start import WarmFeed
+    from lazyfs.startup.registry_head_start import PrimedRegistry
+    from lazyfs.startup.warm_start import WarmFeed
 
 Notify = Callable[[str], None]
 """Called with a one-line message for the user."""
@@ -110,7 +110,7 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify,
     """Mount, run the command, tear down; `started` is when the run began (monotonic). Returns
     the report (its exit code the command's). `warm_chunks()` gives, as the lazy mount's
     daemon is about to start, the chunks the command loaded from the disk cache meanwhile and
-    the loader going on (`lazyfs.image.warm_start`). Raises what made the mount fail, after
+    the loader going on (`lazyfs.startup.warm_start`). Raises what made the mount fail, after
     the teardown; KeyboardInterrupt stops the command and tears down."""
     request, image = prepared.request, prepared.image
     ensure_state_dir()

@@ -52,9 +52,9 @@ from lazyfs.fetch.registry import (
 )
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.reference import parse_reference
-from lazyfs.image.errors import ImageResolveError
-from lazyfs.image.names import host_platform
-from lazyfs.image.registry_source import UnconvertedLayerError
+from lazyfs.layer.errors import ImageResolveError
+from lazyfs.oci.names import host_platform
+from lazyfs.oci.registry_source import UnconvertedLayerError
 from lazyfs.snapshotter.pull import PullResult, fetch_image, put_into_containerd
 
 log = logging.getLogger(__name__)

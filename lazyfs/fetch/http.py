@@ -59,7 +59,7 @@ from lazyfs.fetch.http_attempts import (
 from lazyfs.fetch.http_attempts import get_small as get_small
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.head_start import PrimedAnswers
+    from lazyfs.fetch.primed import PrimedAnswers
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from lazyfs.fetch.errors import BlobChangedError, FetchError
 from lazyfs.fetch.http import HttpRangeReader
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.head_start import PrimedAnswers
+    from lazyfs.fetch.primed import PrimedAnswers
 
 # read_stream hands a file on in pieces of this size, as a network answer would arrive.
 STREAM_PIECE_BYTES = 256 * 1024

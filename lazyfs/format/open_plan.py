@@ -5,7 +5,7 @@ each other (in either order), the tree's top levels first in its payload. So one
 the first metadata offset to a window past the start of the tree, holds what opening needs
 (`metadata_ranges`, cut apart again by `metadata_pieces`). After that a read of chunk `i`
 needs its frame and the hash blocks over its data blocks (`chunk_hash_blocks`). The loader
-and the head start of a mount (`lazyfs.fetch.head_start`) both plan with these.
+and the head start of a mount (`lazyfs.startup.head_start`) both plan with these.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ import pyfuse3
 from lazyfs.cache.disk import DiskCache
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fuse.phases import StartupPhases
-from lazyfs.image.errors import ImageReadError
-from lazyfs.image.stats import LatencyRecorder
+from lazyfs.layer.errors import ImageReadError
+from lazyfs.layer.stats import LatencyRecorder
 
 # The virtual file in the FUSE root that `lazyfs stats` reads (JSON).
 STATS_FILE_NAME = ".lazyfs-stats.json"

@@ -41,7 +41,7 @@ def _user_facing() -> tuple[type[BaseException], ...]:
     from lazyfs.cache.disk import DiskCacheError
     from lazyfs.fetch.errors import FetchError
     from lazyfs.format.errors import FormatError
-    from lazyfs.image.errors import LayerOpenError
+    from lazyfs.layer.errors import LayerOpenError
 
     return (
         DiskCacheError,

@@ -1,7 +1,7 @@
 """A mount's loads ahead of reads, in the daemon's nursery (unmount cancels them): the prefetch
 lists and the fill, what the disk cache holds of layers opened from it (in the order their
 last mount read them), the chunks a command's warm start goes on loading in a process of its
-own (`lazyfs.image.warm_start`), and the recorder that writes a list of the mount's reads.
+own (`lazyfs.startup.warm_start`), and the recorder that writes a list of the mount's reads.
 
 Loads from the disk wait for the kernel mounts: the disk answers at once, so started earlier
 they would hold the interpreter while the kernel's first reads (its superblock, the root
@@ -18,10 +18,10 @@ import trio
 
 from lazyfs.cache.disk import DiskCache
 from lazyfs.format.prefetch_list import LayerPrefetch
-from lazyfs.image.prefetch import AccessRecorder, BackgroundLoader, plan_lists
-from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.tuning import PrefetchOptions
-from lazyfs.image.warm_start import WarmFeed
+from lazyfs.layer.remote_image import RemoteImage
+from lazyfs.layer.tuning import PrefetchOptions
+from lazyfs.startup.prefetch import AccessRecorder, BackgroundLoader, plan_lists
+from lazyfs.startup.warm_start import WarmFeed
 
 log = logging.getLogger(__name__)
 

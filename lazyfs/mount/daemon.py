@@ -39,10 +39,8 @@ from lazyfs.cache.disk import DiskCache
 from lazyfs.errors import LazyfsError
 from lazyfs.exception_groups import sole_error
 from lazyfs.fuse.operations import DaemonStats
-from lazyfs.image.open import LayerSource
-from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.stats import TraceWriter
-from lazyfs.image.warm_start import WarmFeed
+from lazyfs.layer.remote_image import RemoteImage
+from lazyfs.layer.stats import TraceWriter
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.host import LayerHost, MountOptions, is_remote
 from lazyfs.mount.state import (
@@ -53,6 +51,8 @@ from lazyfs.mount.state import (
     remove_record,
     write_record,
 )
+from lazyfs.startup.open import LayerSource
+from lazyfs.startup.warm_start import WarmFeed
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The eager baseline of an image mount, for `lazyfs run --eager`: every layer downloaded,
-digest-checked and decompressed first (`lazyfs.image.eager_pull`), then the EROFS images
+digest-checked and decompressed first (`lazyfs.oci.eager_pull`), then the EROFS images
 mounted directly and stacked with overlayfs like a lazy mount's, without a daemon.
 
 The calling process owns the mounts: their record names it as the daemon, and is written
@@ -17,8 +17,6 @@ from pathlib import Path
 import trio
 
 from lazyfs.fetch.registry_options import RegistryOptions
-from lazyfs.image.eager_pull import PulledLayer, pull_layers
-from lazyfs.image.registry_source import ResolvedImage
 from lazyfs.mount import stack
 from lazyfs.mount.background import undo_mounts
 from lazyfs.mount.state import (
@@ -29,6 +27,8 @@ from lazyfs.mount.state import (
     process_start_ticks,
     write_record,
 )
+from lazyfs.oci.eager_pull import PulledLayer, pull_layers
+from lazyfs.oci.registry_source import ResolvedImage
 
 
 @dataclass(frozen=True)

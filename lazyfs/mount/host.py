@@ -44,14 +44,14 @@ from lazyfs.cache.disk import DiskCache, DiskCacheOptions, open_disk_cache
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES, ChunkCache
 from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
-from lazyfs.image.errors import ImageReadError, LayerOpenError
-from lazyfs.image.open import LayerSource, open_layer
-from lazyfs.image.remote_image import RemoteImage
-from lazyfs.image.stats import TraceWriter
-from lazyfs.image.tuning import ImageTuning, PrefetchOptions
+from lazyfs.layer.errors import ImageReadError, LayerOpenError
+from lazyfs.layer.remote_image import RemoteImage
+from lazyfs.layer.stats import TraceWriter
+from lazyfs.layer.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import fuse_connection, kernel
 from lazyfs.mount.background_loads import BackgroundLoads
 from lazyfs.mount.state import ErofsMountRecord
+from lazyfs.startup.open import LayerSource, open_layer
 
 log = logging.getLogger(__name__)
 

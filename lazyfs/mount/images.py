@@ -14,15 +14,15 @@ from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.fetch.errors import FetchError
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import DOCKER_HUB, parse_reference
-from lazyfs.image.errors import ImageResolveError
-from lazyfs.image.image_memory import Entries, ImageMemory, PendingEntries
-from lazyfs.image.open import LayerSource
-from lazyfs.image.registry_source import ResolvedImage, layer_sources, resolve_image
+from lazyfs.layer.errors import ImageResolveError
 from lazyfs.mount.state import ImageRecord
+from lazyfs.oci.image_memory import Entries, ImageMemory, PendingEntries
+from lazyfs.oci.registry_source import ResolvedImage, layer_sources, resolve_image
+from lazyfs.startup.open import LayerSource
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.registry_head_start import PrimedRegistry
     from lazyfs.fetch.registry_options import RegistryOptions
+    from lazyfs.startup.registry_head_start import PrimedRegistry
 
 @dataclass
 class ImageSet:
@@ -64,7 +64,7 @@ async def resolve_images(
     """Resolve every reference and collect their layers; a layer shared by several images
     (or repeated in one) is listed once. With `disk`, manifests and configs remembered there
     stand in while a registry is unreachable, or as `disk.pull` says, and what was fetched is
-    listed to be remembered (`ImageSet.disk_writes`; `lazyfs.image.image_memory`); `primed`
+    listed to be remembered (`ImageSet.disk_writes`; `lazyfs.oci.image_memory`); `primed`
     holds a head start's answers for the first reference. With `options.deadline_s` the
     whole resolution asks the registries for at most that long, counted from the head
     start's first request when there was one (RegistryTimeoutError names what stalled).

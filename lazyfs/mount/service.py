@@ -24,7 +24,6 @@ import trio
 from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.errors import LazyfsError
 from lazyfs.format.platform import Platform
-from lazyfs.image.open import LayerSource
 from lazyfs.mount import kernel, stack
 from lazyfs.mount.background import spawn_daemon, stop_mount
 from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
@@ -38,11 +37,12 @@ from lazyfs.mount.state import (
     private_dir,
     retire_log,
 )
+from lazyfs.startup.open import LayerSource
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.registry_head_start import PrimedRegistry
     from lazyfs.fetch.registry_options import RegistryOptions
     from lazyfs.mount.images import ImageSet
+    from lazyfs.startup.registry_head_start import PrimedRegistry
 
 STATS_TIMEOUT_S = 10.0
 DEFAULT_OPTIONS = MountOptions()
@@ -149,8 +149,8 @@ def resolve(
     machine's); with `disk`, images resolved before resolve again while their registry is
     unreachable; `primed`: a head start's answers for the first reference. Raises
     ImageResolveError, FetchError."""
-    from lazyfs.image.names import host_platform
     from lazyfs.mount.images import resolve_images
+    from lazyfs.oci.names import host_platform
 
     return trio.run(
         lambda: resolve_images(references, registry, platform or host_platform(),

@@ -37,8 +37,8 @@ from lazyfs.errors import LazyfsError
 from lazyfs.format.chunk_table import verify_frame
 from lazyfs.format.frames import decode_chunk_frame
 from lazyfs.format.layout import BlobMetadata
-from lazyfs.image.demand import DemandGate, wait_for_pause
-from lazyfs.image.remote_image import RemoteImage
+from lazyfs.layer.demand import DemandGate, wait_for_pause
+from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.snapshotter.layers import LayerSet, MountedLayer
 from lazyfs.snapshotter.store import Layer, NotFoundError, Snapshot, Store
 

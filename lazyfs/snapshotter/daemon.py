@@ -34,7 +34,7 @@ from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_options import RegistryOptions
-from lazyfs.image.tuning import ImageTuning, PrefetchOptions
+from lazyfs.layer.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount.host import LayerHost, LayerLimits, MountOptions
 from lazyfs.snapshotter.adopt import recover_mounts
 from lazyfs.snapshotter.content_check import ContentChecker

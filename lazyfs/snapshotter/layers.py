@@ -41,12 +41,12 @@ from lazyfs.format.prefetch_list import (
     serialize_prefetch_annotation,
 )
 from lazyfs.format.reference import parse_reference
-from lazyfs.image.errors import UntrustedLayerError
-from lazyfs.image.registry_source import ImageLayer, layer_sources
-from lazyfs.image.remote_image import RemoteImage
+from lazyfs.layer.errors import UntrustedLayerError
+from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.mount import kernel as kernel_mount
 from lazyfs.mount.host import LayerHost
 from lazyfs.mount.state import ErofsMountRecord
+from lazyfs.oci.registry_source import ImageLayer, layer_sources
 from lazyfs.snapshotter.adopt import LeftLayer, take_down
 from lazyfs.snapshotter.metrics import LayerMetrics
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lazyfs.image.stats import TraceWriter
+from lazyfs.layer.stats import TraceWriter
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.chain_id import chain_ids
 from lazyfs.format.platform import Platform
 from lazyfs.format.reference import parse_reference
-from lazyfs.image.registry_source import ResolvedImage, resolve_image
+from lazyfs.oci.registry_source import ResolvedImage, resolve_image
 from lazyfs.snapshotter.content_check import Verdict
 from lazyfs.snapshotter.layers import untrusted_reason
 from lazyfs.snapshotter.remote import LAZYFS_IMAGE_REF, LAZYFS_LAYER_DIGEST, requested_layer

@@ -31,7 +31,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.chain_id import ChainIdError, chain_ids, check_diff_ids
 from lazyfs.format.reference import parse_reference
-from lazyfs.image.registry_source import (
+from lazyfs.oci.registry_source import (
     ResolvedImage,
     UnconvertedLayerError,
     host_platform,

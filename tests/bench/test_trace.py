@@ -21,7 +21,7 @@ from lazyfs.bench.trace import (
     read_trace,
     summarize,
 )
-from lazyfs.image.stats import TraceWriter
+from lazyfs.layer.stats import TraceWriter
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

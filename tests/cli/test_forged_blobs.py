@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import assert_one_line_error, run_lazyfs
-from tests.image.helpers import make_image_bytes, write_blob
+from tests.layer.helpers import make_image_bytes, write_blob
 from tests.support.forge import Forgery, forge_layer
 
 CHUNK = 64 * 1024

@@ -19,7 +19,7 @@ import pytest
 from converter.mkfs import build_erofs
 from tests.cli import assert_one_line_error, lazyfs_env, run_lazyfs
 from tests.converter import mounted_erofs, rich_layer
-from tests.image.helpers import flip_byte
+from tests.layer.helpers import flip_byte
 
 VECTORS = ("basic-noverity", "basic-verity-64k")
 

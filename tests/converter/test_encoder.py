@@ -15,7 +15,7 @@ from converter.encoder import EncodeOptions, EncodeResult, encode_image
 from lazyfs.eager.check import check_blob
 from lazyfs.eager.locate import find_descriptor
 from lazyfs.format.descriptor import Descriptor
-from tests.image.helpers import make_image_bytes
+from tests.layer.helpers import make_image_bytes
 
 VECTORS = ("basic-noverity", "basic-verity-64k")
 

@@ -18,7 +18,7 @@ from converter.erofs_tree import scan_erofs
 from converter.mkfs import ErofsLayout, build_erofs
 from converter.tar_extract import extract_layer
 from converter.tree import compare_trees, scan_directory
-from lazyfs.format.erofs import ErofsError, ErofsUnsupportedError
+from lazyfs.erofs.reader import ErofsError, ErofsUnsupportedError
 from tests.converter import mounted_erofs, rich_layer
 
 VECTORS = ("basic-noverity", "basic-verity-64k", "ctd-tar-whiteouts")

@@ -26,7 +26,7 @@ from converter.mkfs import fsck_erofs
 from converter.tar_extract import extract_layer
 from converter.tar_inodes import TarSource
 from converter.tree import compare_trees, scan_directory, scan_tar
-from lazyfs.format.erofs import parse_superblock
+from lazyfs.erofs.reader import parse_superblock
 from tests.converter import BASE_MTIME, CAP_NET_RAW, LayerBuilder, mounted_erofs, rich_layer
 
 BLOCK = 4096

@@ -24,7 +24,7 @@ from lazyfs.eager.check import unpack_blob
 from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, parse_descriptor
 from tests.cli import lazyfs_env, run_lazyfs
 from tests.converter import LayerBuilder, rich_layer
-from tests.image.helpers import make_image_bytes
+from tests.layer.helpers import make_image_bytes
 
 pytestmark = pytest.mark.root  # tar extraction keeps owners and device nodes; verify mounts
 

@@ -14,7 +14,7 @@ from lazyfs.eager.check import BlobCheckError, check_blob, unpack_blob
 from lazyfs.eager.locate import find_descriptor, sibling_descriptor_path
 from lazyfs.format.descriptor import Descriptor, serialize_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
-from tests.image.helpers import flip_byte, make_image_bytes, write_blob
+from tests.layer.helpers import flip_byte, make_image_bytes, write_blob
 
 IMAGE_SIZE = 300_000  # 74 data blocks of 4096: tree levels of 2 and 1 hash blocks (sha512)
 CHUNK_SIZE = 65536  # 5 chunks, the last one short

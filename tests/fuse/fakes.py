@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from lazyfs.image.errors import ImageReadError
+from lazyfs.layer.errors import ImageReadError
 
 
 class FakeImage:

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from converter.tree import compare_trees, scan_directory
-from lazyfs.image.warm_start import WarmFeed, WarmStart, remembered_layer
-from tests.image.helpers import flip_byte
+from lazyfs.startup.warm_start import WarmFeed, WarmStart, remembered_layer
+from tests.layer.helpers import flip_byte
 from tests.support.images import base_layer, change_layer
 from tests.support.lazyfs_cli import REPO, Lazyfs, pid_gone, wait_until
 from tests.support.mounts import cleanup, mounts_below
@@ -430,8 +430,8 @@ def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
     holds of the layer at `url`."""
     from lazyfs.cache.disk_index import read_layer_entries
     from lazyfs.cache.disk_store import read_entry
-    from lazyfs.image.disk_entries import check_cached_metadata
-    from lazyfs.image.keys import layer_key
+    from lazyfs.layer.disk_entries import check_cached_metadata
+    from lazyfs.layer.keys import layer_key
 
     (remembered,) = remembered_layer(cache, url, None)
     key = layer_key(remembered.annotations)
@@ -445,7 +445,7 @@ def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
 def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
     lazyfs: Lazyfs, mountpoint: Path, layer: tuple[Path, Path]
 ) -> None:
-    """The command's warm start (`lazyfs.image.warm_start`) loads, in a process of its own,
+    """The command's warm start (`lazyfs.startup.warm_start`) loads, in a process of its own,
     exactly the chunks the disk holds of the layer as the blob decodes them; a frame damaged
     on disk is left out (the daemon finds it bad and fetches it), the budget holds, and a
     remount with a warm start reads right and fetches nothing."""

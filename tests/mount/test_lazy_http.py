@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from converter.tree import compare_trees, scan_directory
-from lazyfs.fetch.head_start import FIRST_FRAME_BYTES
 from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
-from tests.image.helpers import flip_byte
+from lazyfs.startup.early_requests import FIRST_FRAME_BYTES
+from tests.layer.helpers import flip_byte
 from tests.support.lazyfs_cli import REPO, Lazyfs
 from tests.support.nginx import serve_directory
 from tools.sample_tree import make_sample_tree

@@ -20,7 +20,7 @@ import pytest
 from lazyfs.format.chunk_table import parse_chunk_table
 from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.frames import parse_skippable_frame
-from tests.image.helpers import write_blob
+from tests.layer.helpers import write_blob
 from tests.support.lazyfs_cli import WAIT_S, Lazyfs, pid_gone, wait_until
 from tests.support.mounts import mounts_below
 

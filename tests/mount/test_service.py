@@ -21,14 +21,14 @@ from lazyfs.mount.service import (
     unmount,
 )
 from lazyfs.mount.state import MountRecord, process_start_ticks, remove_record, write_record
-from tests.image.helpers import write_blob
+from tests.layer.helpers import write_blob
 from tests.support.lazyfs_cli import REPO, pid_gone
 from tests.support.mounts import cleanup, mounts_below
 
 # Run in a process of its own: the daemon is forked, which must happen before trio runs.
 SCRIPT = """
 import json, os, sys
-from lazyfs.image.open import LayerSource
+from lazyfs.startup.open import LayerSource
 from lazyfs.mount.service import (
     MountOptions, check_mountpoint, find_mount, layer_config, read_stats, start, unmount)
 

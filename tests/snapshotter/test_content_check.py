@@ -13,11 +13,11 @@ import trio
 
 from lazyfs.format.chain_id import ChainIdError, chain_ids, check_diff_ids
 from lazyfs.format.errors import IntegrityError
-from lazyfs.image.open import LayerSource
-from lazyfs.image.remote_image import RemoteImage
+from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.snapshotter.content_check import Verdict, measure_layer, torn_down, verdict
 from lazyfs.snapshotter.store import QUARANTINE_PREFIX, SCHEMA_VERSION, Store
-from tests.image.helpers import run_with_layer
+from lazyfs.startup.open import LayerSource
+from tests.layer.helpers import run_with_layer
 
 TARGET = "containerd.io/snapshot.ref"
 

@@ -13,7 +13,7 @@ from lazyfs.format.chunk_table import verify_frame
 from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.errors import IntegrityError
 from lazyfs.format.verity_tree import split_tree, verify_data_blocks, verify_hash_blocks
-from tests.image.helpers import write_blob
+from tests.layer.helpers import write_blob
 from tests.support.forge import (
     NoRawBlockError,
     blob_metadata,

@@ -1,0 +1,1 @@
+"""The EROFS file system format: reading an image's tree, and writing uncompressed images."""

@@ -1,1 +1,0 @@
-"""A remote seekable EROFS layer read at random: fetch, verify, decompress, cache."""

@@ -1,0 +1,2 @@
+"""OCI images: references resolved to manifests, configs and layers, remembered for
+offline starts."""

@@ -1,0 +1,234 @@
+"""The head start of a mount against a real nginx: what it fetches before the daemon exists,
+that the daemon's reader asks for none of it again, and that its answers are checked like any
+other (a corrupt one is fetched again, a blob of another size refused)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from converter.encoder import EncodeResult
+from lazyfs.fetch.errors import BlobChangedError
+from lazyfs.fetch.primed import PrimedAnswers
+from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
+from lazyfs.layer.remote_image import RemoteImage
+from lazyfs.layer.tuning import ImageTuning
+from lazyfs.startup.early_requests import FIRST_FRAME_BYTES
+from lazyfs.startup.head_start import HeadStart, read_descriptor_file
+from lazyfs.startup.open import LayerSource
+from tests.layer.helpers import make_image_bytes, run_with_layer, write_blob
+from tests.startup.test_open_requests import blob_ranges
+from tests.support import nginx
+
+nginx_server = nginx.nginx_server
+StartNginx = Callable[[Path], nginx.NginxServer]
+
+CHUNK = 64 * 1024
+IMAGE = make_image_bytes(2 * 1024 * 1024, seed=33)
+WINDOW = 4096
+TUNING = ImageTuning(readahead_chunks=0, verity_window_bytes=WINDOW)
+
+
+def head_start(url: str, **options: object) -> PrimedAnswers:
+    started = HeadStart(url, tree_window_bytes=WINDOW, **options).start()  # type: ignore[arg-type]
+    return started.finish(10.0)
+
+
+@dataclass
+class Served:
+    server: nginx.NginxServer
+    url: str
+    answers: PrimedAnswers
+    result: EncodeResult
+
+
+@pytest.fixture
+def served(tmp_path: Path, nginx_server: StartNginx) -> Served:
+    """The test layer served by nginx, and what a head start fetched of it."""
+    _, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+    answers = head_start(url)
+    # nginx logs a request once its answer is sent, which may be after the client has it:
+    # count the head start's requests in before a test counts its own.
+    deadline = time.monotonic() + 5
+    while len(server.access_lines()) < answers.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return Served(server, url, answers, result)
+
+
+@pytest.mark.network
+def test_it_fetches_descriptor_metadata_first_frame_and_its_hash_blocks(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    blob, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    server = nginx_server(tmp_path)
+    answers = head_start(server.url + "layer.blob")
+    data = blob.read_bytes()
+    assert answers.documents.keys() == {server.url + "layer.descriptor.json"}
+    a = result.annotations
+    assert a.verity_offset is not None
+    payload = a.verity_offset + SKIPPABLE_HEADER_SIZE
+    # First frame from 0 (whole: it is shorter than FIRST_FRAME_BYTES), then the metadata,
+    # then the level-0 hash block over chunk 0 (the window held the top level only).
+    assert sorted(answers.ranges) == sorted([0, min(a.chunk_table_offset, a.verity_offset),
+                                             payload + 2 * 4096])
+    for start, (body, size) in answers.ranges.items():
+        assert size == len(data) and body == data[start:start + len(body)]
+    assert len(answers.ranges[0][0]) == min(FIRST_FRAME_BYTES, len(data))
+    assert answers.requests == 4 and answers.bytes_fetched == sum(
+        len(body) for body, _ in answers.ranges.values()) + len(
+        answers.documents[server.url + "layer.descriptor.json"] or b"")
+
+
+@pytest.mark.network
+def test_the_reader_asks_for_nothing_the_head_start_holds(served: Served) -> None:
+    server, url, answers, result = served.server, served.url, served.answers, served.result
+    before = len(server.access_lines())
+
+    async def first_reads(image: RemoteImage) -> tuple[bytes, tuple[int, int]]:
+        data = await image.read(1024, 4096) + await image.read(3 * CHUNK, 100)
+        return data, image.metadata.frame_range(3)
+
+    data, frame_3 = run_with_layer(LayerSource(url, primed=answers), first_reads, tuning=TUNING)
+    assert data == IMAGE[1024:5120] + IMAGE[3 * CHUNK:3 * CHUNK + 100]
+    # Only chunk 3 reached the server: the descriptor, metadata, chunk 0 and its hash block
+    # came from the head start (and that hash block covers chunk 3 too).
+    assert len(server.access_lines()) - before == 1
+    assert blob_ranges(server)[-1] == frame_3
+    assert result.blob_size > frame_3[1]
+
+
+@pytest.mark.network
+def test_a_corrupt_early_answer_is_fetched_again_from_the_server(served: Served) -> None:
+    server, url, answers = served.server, served.url, served.answers
+    body, size = answers.ranges[0]
+    answers.ranges[0] = (body[:500] + bytes([body[500] ^ 1]) + body[501:], size)
+    before = len(server.access_lines())
+
+    async def first_read(image: RemoteImage) -> tuple[bytes, int]:
+        return await image.read(0, 8192), image.stats.refetches
+
+    data, refetches = run_with_layer(LayerSource(url, primed=answers), first_read,
+                                     tuning=TUNING)
+    assert data == IMAGE[:8192] and refetches == 1
+    assert [start for start, _ in blob_ranges(server)[-1:]] == [0]
+    assert len(server.access_lines()) - before == 1
+
+
+@pytest.mark.network
+def test_an_early_answer_for_a_blob_of_another_size_is_refused(served: Served) -> None:
+    url, answers = served.url, served.answers
+    metadata_start = sorted(answers.ranges)[1]  # the first range the reader asks for
+    for first, (body, size) in list(answers.ranges.items()):
+        answers.ranges[first] = (body, size + 1)
+
+    async def nothing(image: RemoteImage) -> None:
+        return None
+
+    with pytest.raises(BlobChangedError) as raised:
+        run_with_layer(LayerSource(url, primed=answers), nothing, tuning=TUNING)
+    assert f"bytes={metadata_start}-" in str(raised.value)
+    assert f"blob is {size + 1} bytes, expected {size}" in str(raised.value)
+
+
+@pytest.mark.network
+def test_a_local_descriptor_is_known_at_once_and_the_reader_asks_for_nothing_again(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    """`--descriptor FILE`: the layout is known before any request, so the metadata goes
+    first on one connection and the first frame on the other; no descriptor is asked for,
+    and the daemon's reader finds everything it opens the layer with."""
+    served_dir = tmp_path / "served"
+    served_dir.mkdir()
+    blob, result = write_blob(served_dir, IMAGE, chunk_size=CHUNK)
+    descriptor = tmp_path / "mine.json"
+    (served_dir / "layer.descriptor.json").rename(descriptor)
+    server = nginx_server(served_dir)
+    url = server.url + "layer.blob"
+    known = read_descriptor_file(str(descriptor))
+    assert known is not None and known.size == result.blob_size
+    answers = head_start(url, descriptor=str(descriptor), known=known)
+    a = result.annotations
+    assert a.verity_offset is not None
+    payload = a.verity_offset + SKIPPABLE_HEADER_SIZE
+    assert not answers.documents
+    assert sorted(answers.ranges) == sorted([0, min(a.chunk_table_offset, a.verity_offset),
+                                             payload + 2 * 4096])
+    deadline = time.monotonic() + 5
+    while len(server.access_lines()) < answers.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(server.access_lines()) == answers.requests == 3
+    data = blob.read_bytes()
+    for start, (body, size) in answers.ranges.items():
+        assert size == len(data) and body == data[start:start + len(body)]
+
+    async def first_read(image: RemoteImage) -> bytes:
+        return await image.read(1024, 4096)
+
+    source = LayerSource(url, descriptor=str(descriptor), primed=answers)
+    assert run_with_layer(source, first_read, tuning=TUNING) == IMAGE[1024:5120]
+    assert len(server.access_lines()) == 3  # all of it from the head start
+
+
+def test_a_descriptor_file_is_read_when_it_is_one(tmp_path: Path) -> None:
+    _, result = write_blob(tmp_path, IMAGE, chunk_size=CHUNK)
+    path = tmp_path / "layer.descriptor.json"
+    for location in (str(path), f"file://{path}"):
+        found = read_descriptor_file(location)
+        assert found is not None and found.seekable() == result.annotations
+    (tmp_path / "garbage.json").write_text("{")
+    (tmp_path / "large.json").write_bytes(b" " * (2 * 1024 * 1024))
+    for name in ("missing.json", "garbage.json", "large.json"):
+        assert read_descriptor_file(str(tmp_path / name)) is None
+
+
+@pytest.mark.network
+def test_no_server_leaves_nothing_and_no_error(tmp_path: Path) -> None:
+    answers = head_start("http://127.0.0.1:9/layer.blob")
+    assert answers.requests == 0 and not answers.ranges and not answers.documents
+
+
+def test_it_applies_to_plain_urls_of_one_origin_only() -> None:
+    assert HeadStart.applies_to("https://example.com/a.blob", None)
+    assert HeadStart.applies_to("http://h/a.blob", "http://h/d.json")
+    assert not HeadStart.applies_to("http://h/a.blob", "http://other/d.json")
+    assert not HeadStart.applies_to("http://u:p@h/a.blob", None)
+    assert HeadStart.applies_to("http://h/a.blob", "/srv/d.json")  # read by the command
+    assert HeadStart.applies_to("http://h/a.blob", "file:///srv/d.json")
+    assert not HeadStart.applies_to("/srv/a.blob", None)
+    assert not HeadStart.applies_to("file:///srv/a.blob", None)
+
+
+def test_the_mount_command_imports_nothing_heavy_before_its_head_start() -> None:
+    """The parsers of `lazyfs mount` and `lazyfs run` and the modules behind them are light,
+    so the head starts begin before trio, pyfuse3 and httpx are imported."""
+    code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); cli.build_parser('run'); "
+            "import lazyfs.cli._head_start, lazyfs.startup.registry_head_start; "
+            "print(sorted({'trio', 'httpx', 'pyfuse3', 'zstandard', 'sqlite3'} & "
+            "set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_layer_mount_imports_nothing_it_does_not_use_before_its_daemon() -> None:
+    """What `lazyfs mount URL` imports before it forks its daemon (the command, the mount
+    service, a warm start, the daemon's preloaded modules) holds nothing of images and
+    registries, nor uuid: it is all on the way to the first read."""
+    code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); "
+            "import lazyfs.cli.mount, lazyfs.cli._head_start, lazyfs.mount.service, "
+            "lazyfs.startup.warm_start, lazyfs.mount.background as background; "
+            "background.preload_daemon_modules(); "
+            "print(sorted({'lazyfs.mount.images', 'lazyfs.oci.registry_source', "
+            "'lazyfs.startup.registry_head_start', 'lazyfs.fetch.registry', 'lazyfs.format.oci', "
+            "'lazyfs.oci.image_memory', 'uuid'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
