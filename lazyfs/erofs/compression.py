@@ -7,16 +7,19 @@ feature COMPR_CFGS (0x2) is set, is the bitmap of the algorithms the image's fil
 lz4, 1 lzma, 2 deflate, 3 zstd). Without that feature the field means something else and the
 only algorithm an image can use is lz4 (mkfs.erofs sets it for any other, and for lz4 with big
 physical clusters). Pure: bytes in, names out.
+
+It reads those three fields alone, not `reader.parse_superblock`: that parser refuses the
+features of compressed images (it decodes uncompressed ones), and this must name what a
+compressed image needs.
 """
 
 from __future__ import annotations
 
 import struct
 
+from lazyfs.erofs.reader import EROFS_MAGIC, SUPERBLOCK_OFFSET
 from lazyfs.format.errors import FieldError, TruncatedError
 
-SUPERBLOCK_OFFSET = 1024
-EROFS_MAGIC = 0xE0F5E1E2
 ALGORITHMS = ("lz4", "lzma", "deflate", "zstd")  # by the id the on-disk format gives them
 FEATURE_COMPR_CFGS = 0x2
 _HEAD = struct.Struct("<I76xIH")  # magic, feature_incompat (at 80), available_compr_algs (84)
