@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-BASE = {"lazyfs", "lazyfs.errors", "lazyfs.exception_groups"}
+BASE = {"lazyfs", "lazyfs.errors", "lazyfs.exception_groups", "lazyfs.sizes"}
 
 # layer -> the layers it may import (besides itself and the base modules).
 ALLOWED: dict[str, set[str]] = {
@@ -34,11 +34,13 @@ ALLOWED: dict[str, set[str]] = {
     "audit": {"format", "erofs", "fetch", "eager", "converter", "converter.image"},
     "cri": {"format", "fetch", "cache", "layer", "startup", "oci", "eager", "fuse", "mount",
             "containerd", "snapshotter"},
+    "node": {"format", "fetch", "cache", "layer", "startup", "oci", "eager", "fuse", "mount",
+             "containerd", "snapshotter", "cri"},
     "bench": {"format", "fetch", "cache", "layer", "startup", "oci", "eager", "fuse", "mount",
               "container"},
     "cli": {"format", "erofs", "fetch", "cache", "layer", "startup", "oci", "eager", "fuse",
             "mount", "container", "snapshotter", "containerd", "converter", "converter.image",
-            "audit", "cri", "bench"},
+            "audit", "cri", "node", "bench"},
     "converter": {"format", "erofs"},
     "converter.image": {"format", "erofs", "fetch", "converter"},
 }
@@ -132,6 +134,8 @@ def test_imports_point_down_the_layer_table() -> None:
         ("lazyfs.erofs.reader", "from lazyfs.layer import keys"),
         ("lazyfs.layer.remote_image", "from lazyfs.mount import daemon"),
         ("lazyfs.mount.daemon", "from lazyfs.cli import main"),
+        ("lazyfs.node.config", "from lazyfs.cli import UserError"),
+        ("lazyfs.sizes", "from lazyfs.cli import UserError"),
         ("lazyfs.container.runner", "from lazyfs.snapshotter import service"),
         ("converter.encoder", "from lazyfs.fetch import http"),
         ("converter.image.convert", "from lazyfs.layer import remote_image"),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lazyfs.cli.sizes import human_size
 from lazyfs.container.report import LayerReport, RunReport
+from lazyfs.sizes import human_size
 
 
 def _share(part: int, whole: int) -> str:

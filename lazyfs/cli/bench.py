@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from lazyfs.cli import UserError, sigterm_as_interrupt
 from lazyfs.cli._images import add_registry_arguments, platform_of, registry_options
-from lazyfs.cli.sizes import human_size
+from lazyfs.sizes import human_size
 
 if TYPE_CHECKING:
     from lazyfs.bench.results import Environment, ModeSummary, RunResult

@@ -16,7 +16,8 @@ from lazyfs.cache.disk import default_cache_dir, default_capacity
 from lazyfs.cache.disk_store import DiskStore
 from lazyfs.cli import UserError
 from lazyfs.cli._images import add_cache_dir_argument
-from lazyfs.cli.sizes import human_size, parse_size
+from lazyfs.cli.sizes import parse_size
+from lazyfs.sizes import human_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from lazyfs.cli import UserError, sigterm_as_interrupt
-from lazyfs.cli.sizes import human_size, parse_size
+from lazyfs.cli.sizes import parse_size
 from lazyfs.eager.locate import find_descriptor
+from lazyfs.sizes import human_size
 
 if TYPE_CHECKING:
     from converter.layer import ConvertOptions, ConvertResult

@@ -14,10 +14,10 @@ from typing import Any
 
 from lazyfs.cli import UserError
 from lazyfs.cli.convert import write_stdout
-from lazyfs.cli.sizes import human_size
 from lazyfs.eager.describe import describe
 from lazyfs.eager.locate import find_descriptor
 from lazyfs.format.verity_superblock import HASH_TYPE_NORMAL
+from lazyfs.sizes import human_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -8,9 +8,9 @@ import json
 import sys
 from typing import Any
 
-from lazyfs.cli.sizes import human_size
 from lazyfs.mount.service import find_mount, read_stats, unmount
 from lazyfs.mount.state import MountRecord, StateError, daemon_alive, iter_records
+from lazyfs.sizes import human_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

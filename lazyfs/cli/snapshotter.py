@@ -1,49 +1,45 @@
 """`lazyfs snapshotter`: serve containerd's snapshots API as a proxy plugin, and
 `lazyfs snapshotter-stats`: what its remote layers fetched.
 
-The snapshotter's settings come from its configuration file (`snapshotter_config.py`, where
-each key names the option that overrides it) and from these options, which win.
+The snapshotter's settings come from its configuration file (`lazyfs.node.config`, where
+each key names the option that overrides it) and from these options, which win. With
+--image-service-address and --containerd-address it also serves CRI's image service, for
+kubelet's `--image-service-endpoint` (`lazyfs.node.image_service`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import socket
 import sys
 from dataclasses import replace
 from typing import Any
 
 from lazyfs.cli import UserError
-from lazyfs.cli._image_service import add_image_service_arguments, with_image_service
 from lazyfs.cli._images import (
     add_disk_cache_arguments,
     add_registry_arguments,
     prepare_cache_directory,
 )
-from lazyfs.cli.snapshotter_config import (
+from lazyfs.cri.image_service import CRI_NAMESPACE
+from lazyfs.fetch.registry_options import parse_credentials
+from lazyfs.fuse.operations import STATS_FILE_NAME
+from lazyfs.node.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_ROOT,
     KEYS,
     SCHEMA,
-    ConfigError,
     Setting,
     config_path,
     image_service_config,
-    merge,
-    read_document,
-    settings_of_document,
-    settings_of_flags,
+    load_settings,
     snapshotter_config,
 )
-from lazyfs.fetch.registry_options import parse_credentials
-from lazyfs.fuse.operations import STATS_FILE_NAME
+from lazyfs.node.image_service import with_image_service
+from lazyfs.node.systemd import notify_systemd
 from lazyfs.snapshotter.daemon import SnapshotterConfig, run_snapshotter
 from lazyfs.snapshotter.layers import FUSE_DIR
-
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -105,6 +101,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     stats.set_defaults(func=cmd_stats)
 
 
+def add_image_service_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Kubernetes nodes (CRI)")
+    group.add_argument(
+        "--image-service-address", metavar="SOCKET",
+        help="also serve CRI's image service on this unix socket, for kubelet's "
+        "--image-service-endpoint: seekable EROFS images are pulled lazily (into containerd's "
+        f"namespace {CRI_NAMESPACE}), every other image and call goes to containerd's CRI "
+        "plugin; needs --containerd-address",
+    )
+    group.add_argument(
+        "--containerd-address", metavar="SOCKET",
+        help="containerd's socket, whose CRI plugin the image service works with",
+    )
+    group.add_argument(
+        "--image-service-namespace", metavar="NS",
+        help="the containerd namespace the CRI plugin keeps its images in (default "
+        f"{CRI_NAMESPACE})",
+    )
+
+
 def _help(key_id: str, more: str = "") -> str:
     """An option's help: what its key of the configuration file means, and the default."""
     key = KEYS[key_id]
@@ -125,35 +141,19 @@ def flags_given(args: argparse.Namespace) -> dict[str, Any]:
 def settings_of(args: argparse.Namespace, default_path: str = DEFAULT_CONFIG_PATH
                 ) -> dict[str, Setting]:
     """The settings of the configuration file, those of the options in their place. Raises
-    UserError (ConfigError naming the file and key, or the option)."""
-    path = config_path(args.config, default_path)
-    from_file = {} if path is None else settings_of_document(read_document(path), path)
-    settings = merge(from_file, settings_of_flags(flags_given(args)))
-    _check_readable(settings.get("registry.credentials_file"))
-    return settings
+    ConfigError naming the file and key, or the option."""
+    return load_settings(config_path(args.config, default_path), flags_given(args))
 
 
 def config_of(args: argparse.Namespace, default_path: str = DEFAULT_CONFIG_PATH,
               settings: dict[str, Setting] | None = None) -> SnapshotterConfig:
     """The snapshotter's configuration (of `settings`, else `settings_of(args)`), with
-    --creds and --insecure-registry, which have no key. Raises UserError."""
+    --creds and --insecure-registry, which have no key. Raises ConfigError, UserError."""
     if settings is None:
         settings = settings_of(args, default_path)
     credentials = None if args.creds is None else parse_credentials(args.creds)
     return snapshotter_config(settings, credentials=credentials,
                               insecure=args.insecure_registry)
-
-
-def _check_readable(setting: Setting | None) -> None:
-    """A file the settings name can be read, now: not at the first pull that needs it."""
-    if setting is None:
-        return
-    try:
-        with open(setting.value, "rb"):
-            pass
-    except OSError as exc:
-        shown = f" {setting.value}" if setting.from_file else ""
-        raise ConfigError(f"{setting.where}:{shown}: {exc.strerror}") from None
 
 
 def cmd_snapshotter(args: argparse.Namespace) -> int:
@@ -174,21 +174,6 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
 
     run_snapshotter(config, on_ready, services)
     return 0
-
-
-def notify_systemd(message: bytes) -> None:
-    """Tell the service manager `message` (`READY=1`: a unit of Type=notify is started, and
-    the units ordered after it, containerd, may start), when it asks ($NOTIFY_SOCKET)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # an abstract socket
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.sendto(message, address)
-    except OSError as exc:
-        log.warning("cannot tell systemd %s at %s: %s", message.decode(), address, exc.strerror)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import sys
 
 from lazyfs.bench.trace import LayerSummary, TraceError, TraceEvent, TraceSummary, heat_strip
 from lazyfs.cli import UserError
-from lazyfs.cli.sizes import human_size
+from lazyfs.sizes import human_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -13,9 +13,9 @@ import pytest
 
 from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.cache.disk_store import DiskStore
-from lazyfs.cli.sizes import human_size
 from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.layer.tuning import ImageTuning
+from lazyfs.sizes import human_size
 from lazyfs.startup.open import LayerSource
 from tests.cli import assert_one_line_error, run_lazyfs
 from tests.layer.helpers import make_image_bytes, run_with_layer, write_blob

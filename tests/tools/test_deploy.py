@@ -18,7 +18,7 @@ import pytest
 
 from lazyfs.cli import build_parser
 from lazyfs.cli.snapshotter import flags_given
-from lazyfs.cli.snapshotter_config import (
+from lazyfs.node.config import (
     DEFAULT_ADDRESS,
     DEFAULT_CONFIG_PATH,
     SCHEMA,
@@ -64,7 +64,7 @@ def test_the_example_configuration_loads_and_lists_every_key() -> None:
 
 
 def test_readme_lists_every_key_as_the_schema_has_it() -> None:
-    rows = [f"| `{key.label}` | `{key.option}` | {key.kind.name} | {key.default} | "
+    rows = [f"| `{key.label}` | `{key.option}` | {key.value_name} | {key.default} | "
             f"{key.help} |" for key in SCHEMA]
     header = "| key | option | value | default | what it sets |\n|---|---|---|---|---|\n"
     assert header + "\n".join(rows) + "\n" in README.read_text()

@@ -2,38 +2,49 @@
 /etc/lazyfs/config.toml when it exists.
 
 `SCHEMA` is the one table of what a file may hold: per key its section, the kind of value
-(which checks it, from the file and from the command line alike), the option that overrides
-it and what it means; README's table of keys is checked against it. A file and the command
-line each give `Setting`s by key (`settings_of_document`, `settings_of_flags`), the flags'
-replace the file's (`merge`), and `snapshotter_config` and `image_service_config` make of
-them the frozen dataclasses the daemon and the CRI image service take (defaults are theirs).
-All of it is pure: `read_document` is the one place a file is read. Every error is a
-ConfigError of one line naming the file, section and key (or the option) and what was
-expected.
+(`values.py`, which checks it, from the file and from the command line alike) and its
+minimum, the option that overrides it, the dataclass field it sets and what it means; README's
+table of keys is checked against it. A file and the command line each give `Setting`s by key
+(`settings_of_document`, `settings_of_flags`), the flags' replace the file's (`merge`), and
+`snapshotter_config` and `image_service_config` make of them the frozen dataclasses the
+daemon and the CRI image service take (defaults are theirs). All of it is pure but
+`read_document`, the one place a file is read, and `load_settings`, which also checks that
+the credentials file named can be read. Every error is a ConfigError of one line naming the
+file, section and key (or the option) and what was expected.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from lazyfs.cache.disk import DiskCacheOptions
-from lazyfs.cli import UserError
-from lazyfs.cli.sizes import size_of
 from lazyfs.cri.image_service import CRI_NAMESPACE, ImageServiceConfig
+from lazyfs.errors import LazyfsError
 from lazyfs.fetch.base import SpeedLimit
 from lazyfs.fetch.registry_auth import Credentials
 from lazyfs.fetch.registry_options import RegistryOptions
-from lazyfs.format.reference import InvalidReferenceError, validate_registry
-from lazyfs.layer.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
+from lazyfs.layer.tuning import ImageTuning
 from lazyfs.mount.host import LayerLimits
+from lazyfs.node.values import (
+    BOOLEAN,
+    COUNT,
+    HOST_PORT,
+    HOSTS,
+    MIRRORS,
+    NAME,
+    PATH,
+    SECONDS,
+    SIZE,
+    Expected,
+    Kind,
+)
 from lazyfs.snapshotter.daemon import SnapshotterConfig
 from lazyfs.snapshotter.remount import RemountPolicy
 
@@ -42,157 +53,39 @@ DEFAULT_ADDRESS = "/run/lazyfs/snapshotter.sock"
 DEFAULT_ROOT = "/var/lib/lazyfs-snapshotter"
 
 
-class ConfigError(UserError):
+class ConfigError(LazyfsError):
     """A configuration file, or an option that overrides one of its keys, is not usable."""
 
 
-class Expected(Exception):
-    """A value is not of its kind: `what` it should have been; `got` the part at fault
-    (an item of a list), else the whole value."""
-
-    def __init__(self, what: str, got: object = None) -> None:
-        super().__init__(what)
-        self.what = what
-        self.got = got
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A kind of value: `check` turns a TOML value into the value the dataclasses take,
-    raising Expected; `parse` turns an option's text into a TOML value first (None: the
-    text is the value). `name` says what a value looks like, in README's table."""
-
-    name: str
-    check: Callable[[Any], Any]
-    parse: Callable[[str], Any] | None = None
-
-
-def _size(minimum: int) -> Kind:  # minimum: 0 or 1
-    def check(value: object) -> int:
-        size = (value if isinstance(value, int) and not isinstance(value, bool)
-                else size_of(value) if isinstance(value, str) else None)
-        if size is None or size < 0:
-            raise Expected('a size like "1G"')
-        if size < minimum:
-            raise Expected("a size more than 0")
-        return size
-
-    return Kind('size ("64K", "256M", "1G" or bytes)', check)
-
-
-def _seconds(value: object) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise Expected("a number of seconds")
-    if not (math.isfinite(value) and value > 0):
-        raise Expected("a number of seconds, more than 0")
-    return float(value)
-
-
-def _number_text(text: str) -> object:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _count(minimum: int) -> Kind:
-    def check(value: object) -> int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise Expected("a whole number")
-        if value < minimum:
-            raise Expected(f"a whole number, {minimum} or more")
-        return value
-
-    def parse(text: str) -> object:
-        try:
-            return int(text)
-        except ValueError:
-            return text
-
-    return Kind(f"whole number, {minimum} or more", check, parse)
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise Expected("true or false")
-    return value
-
-
-def _path(value: object) -> str:
-    if not isinstance(value, str) or not os.path.isabs(value):
-        raise Expected("an absolute path")
-    return os.path.normpath(value)
-
-
-def _name(value: object) -> str:
-    if not isinstance(value, str) or not value or value.strip() != value:
-        raise Expected("a name")
-    return value
-
-
-def _host(value: object) -> str:
-    if isinstance(value, str):
-        try:
-            return validate_registry(value)
-        except InvalidReferenceError:
-            raise Expected("host[:port]", value) from None
-    raise Expected("host[:port]", value)
-
-
-def _mirror(value: object) -> str:
-    if isinstance(value, str):
-        scheme, sep, host = value.partition("://")
-        if not sep or scheme in ("http", "https"):
-            try:
-                validate_registry(host.rstrip("/") if sep else value)
-            except InvalidReferenceError:
-                raise Expected("host[:port] or http(s)://host[:port]", value) from None
-            return value
-    raise Expected("host[:port] or http(s)://host[:port]", value)
-
-
-def _list_of(item: Callable[[object], str], what: str) -> Callable[[object], tuple[str, ...]]:
-    def check(value: object) -> tuple[str, ...]:
-        if not isinstance(value, list):
-            raise Expected(f"a list of {what}")
-        return tuple(item(element) for element in value)
-
-    return check
-
-
-def _host_port(value: object) -> tuple[str, int]:
-    if isinstance(value, str):
-        host, sep, port = value.rpartition(":")
-        if sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
-            return host.strip("[]") or "127.0.0.1", int(port)
-    raise Expected('HOST:PORT, like "127.0.0.1:9180"')
-
-
-SIZE = _size(0)
-POSITIVE_SIZE = _size(1)
-SECONDS = Kind("seconds (a number)", _seconds, _number_text)
-COUNT = _count(0)
-POSITIVE_COUNT = _count(1)
-BOOLEAN = Kind("true or false", _boolean)
-PATH = Kind("absolute path", _path)
-NAME = Kind("name", _name)
-HOSTS = Kind("list of host[:port]", _list_of(_host, "host[:port]"))
-MIRRORS = Kind("list of host[:port] or http(s)://host[:port]",
-               _list_of(_mirror, "host[:port] or http(s)://host[:port]"))
-HOST_PORT = Kind("HOST:PORT", _host_port)
+# Where a key's value goes: `part.field`, the part one of these dataclasses (a field of the
+# snapshotter's configuration, but for itself and the image service's).
+PARTS: dict[str, type] = {
+    "snapshotter": SnapshotterConfig,
+    "registry": RegistryOptions,
+    "disk_cache": DiskCacheOptions,
+    "limits": LayerLimits,
+    "tuning": ImageTuning,
+    "low_speed": SpeedLimit,
+    "remount": RemountPolicy,
+    "image_service": ImageServiceConfig,
+}
 
 
 @dataclass(frozen=True)
 class Key:
     """One key of the file: `[section] name`, its kind, the option that overrides it (an
-    `--no-...` option sets a boolean to false) and what it means, with its default."""
+    `--no-...` option sets a boolean to false), where its value goes (`part.field` of
+    PARTS; a part alone: a boolean that turns the part off) and what it means, with its
+    default; a number's `minimum`."""
 
     section: str
     name: str
     kind: Kind
     option: str
+    goes_to: str
     help: str
     default: str = ""
+    minimum: int | None = None
 
     @property
     def id(self) -> str:
@@ -202,64 +95,84 @@ class Key:
     def label(self) -> str:
         return f"[{self.section}] {self.name}"
 
+    @property
+    def value_name(self) -> str:
+        """What a value looks like, in README's table."""
+        return self.kind.name.format(minimum=self.minimum)
+
+    def check(self, value: object) -> Any:
+        """`value` as its dataclass takes it. Raises Expected."""
+        checked = self.kind.check(value)
+        if self.minimum is not None and checked < self.minimum:
+            assert self.kind.too_small is not None, self.id
+            raise Expected(self.kind.too_small(self.minimum))
+        return checked
+
 
 SCHEMA: tuple[Key, ...] = (
-    Key("snapshotter", "address", PATH, "--address",
+    Key("snapshotter", "address", PATH, "--address", "snapshotter.address",
         "the unix socket containerd's proxy plugin connects to", DEFAULT_ADDRESS),
-    Key("snapshotter", "root", PATH, "--root",
+    Key("snapshotter", "root", PATH, "--root", "snapshotter.root",
         "snapshots, layer mounts and the metadata database", DEFAULT_ROOT),
-    Key("registry", "mirrors", MIRRORS, "--mirror",
+    Key("registry", "mirrors", MIRRORS, "--mirror", "registry.mirrors",
         "tried first, in order, for manifests and blobs (content is checked against digests "
         "either way)", "none"),
-    Key("registry", "plain_http", HOSTS, "--plain-http",
+    Key("registry", "plain_http", HOSTS, "--plain-http", "registry.plain_http",
         "registries and mirrors spoken to in plain HTTP (every other one in HTTPS)", "none"),
     Key("registry", "credentials_file", PATH, "--credentials-file",
+        "registry.credentials_file",
         "registry credentials in the form of `docker login`'s config.json (`auths`)",
         "$DOCKER_CONFIG/config.json, else ~/.docker/config.json"),
-    Key("cache", "size", POSITIVE_SIZE, "--cache-size",
-        "decoded chunks in memory, shared by all layers", "256M"),
-    Key("cache", "disk", BOOLEAN, "--no-disk-cache",
+    Key("cache", "size", SIZE, "--cache-size", "snapshotter.cache_size_bytes",
+        "decoded chunks in memory, shared by all layers", "256M", minimum=1),
+    Key("cache", "disk", BOOLEAN, "--no-disk-cache", "disk_cache",
         "keep verified data on disk, shared with every lazyfs of the machine", "true"),
-    Key("cache", "dir", PATH, "--cache-dir", "the disk cache",
+    Key("cache", "dir", PATH, "--cache-dir", "disk_cache.directory", "the disk cache",
         "$LAZYFS_CACHE_DIR, else /var/cache/lazyfs"),
-    Key("cache", "disk_size", SIZE, "--disk-cache-size",
+    Key("cache", "disk_size", SIZE, "--disk-cache-size", "disk_cache.size_bytes",
         "least recently used data beyond it is evicted from the disk cache",
         "a tenth of the free space, at most 20G"),
-    Key("limits", "connections_per_layer", POSITIVE_COUNT, "--connections-per-layer",
-        "HTTP connections of one layer to its registry or mirror", "8"),
-    Key("limits", "fetches_per_layer", POSITIVE_COUNT, "--fetches-per-layer",
-        "requests of one layer in flight, at most connections_per_layer", "4"),
-    Key("limits", "decode_threads", POSITIVE_COUNT, "--decode-threads",
-        "threads that decompress and verify, for all layers", "one per CPU, at least 2"),
-    Key("timeouts", "read_timeout", SECONDS, "--read-timeout",
+    Key("limits", "connections_per_layer", COUNT, "--connections-per-layer",
+        "limits.http_connections",
+        "HTTP connections of one layer to its registry or mirror", "8", minimum=1),
+    Key("limits", "fetches_per_layer", COUNT, "--fetches-per-layer", "limits.parallel_fetches",
+        "requests of one layer in flight, at most connections_per_layer", "4", minimum=1),
+    Key("limits", "decode_threads", COUNT, "--decode-threads", "limits.decode_threads",
+        "threads that decompress and verify, for all layers", "one per CPU, at least 2",
+        minimum=1),
+    Key("timeouts", "read_timeout", SECONDS, "--read-timeout", "tuning.read_timeout_s",
         "a read returns its bytes or fails with EIO within this long", "30"),
-    Key("timeouts", "low_speed_limit", SIZE, "--low-speed-limit",
+    Key("timeouts", "low_speed_limit", SIZE, "--low-speed-limit", "low_speed.bytes_per_s",
         "a fetch receiving less than this many bytes a second for low_speed_time is "
         "abandoned and retried", "8K"),
-    Key("timeouts", "low_speed_time", SECONDS, "--low-speed-time",
+    Key("timeouts", "low_speed_time", SECONDS, "--low-speed-time", "low_speed.time_s",
         "see low_speed_limit", "10"),
-    Key("timeouts", "remount_retries", COUNT, "--remount-retries",
-        "background retries of a layer that cannot be mounted again at start-up", "8"),
+    Key("timeouts", "remount_retries", COUNT, "--remount-retries", "remount.attempts",
+        "background retries of a layer that cannot be mounted again at start-up", "8",
+        minimum=0),
     Key("timeouts", "remount_max_delay", SECONDS, "--remount-max-delay",
+        "remount.max_delay_s",
         "longest wait between two of those retries (they start a second apart and "
         "double)", "60"),
-    Key("metrics", "address", HOST_PORT, "--metrics-address",
+    Key("metrics", "address", HOST_PORT, "--metrics-address", "snapshotter.metrics_address",
         "serve Prometheus metrics there", "none"),
-    Key("prefetch", "enabled", BOOLEAN, "--no-prefetch",
+    Key("prefetch", "enabled", BOOLEAN, "--no-prefetch", "snapshotter.prefetch",
         "replay the prefetch lists layers carry, in the background once mounted", "true"),
-    Key("image_service", "address", PATH, "--image-service-address",
+    Key("image_service", "address", PATH, "--image-service-address", "image_service.address",
         "serve CRI's image service on this unix socket, for kubelet's "
         "--image-service-endpoint (containerd 1.6 and 1.7)", "none"),
     Key("image_service", "containerd_address", PATH, "--containerd-address",
+        "image_service.containerd_address",
         "containerd's socket, whose CRI plugin the image service works with (needed with "
         "address)", "none"),
     Key("image_service", "namespace", NAME, "--image-service-namespace",
+        "image_service.namespace",
         "the containerd namespace the CRI plugin keeps its images in", CRI_NAMESPACE),
 )
 KEYS: dict[str, Key] = {key.id: key for key in SCHEMA}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(key.section for key in SCHEMA))
 # A boolean key that its option (`--no-...`) sets to false.
-NEGATED = {"cache.disk", "prefetch.enabled"}
+NEGATED = {key.id for key in SCHEMA if key.option.startswith("--no-")}
 
 
 @dataclass(frozen=True)
@@ -299,7 +212,7 @@ def settings_of_document(document: Mapping[str, Any], origin: str) -> dict[str, 
                 raise ConfigError(f"{origin}: [{section}] {name}: unknown key (known: {known})")
             where = f"{origin}: {key.label}"
             try:
-                checked = key.kind.check(value)
+                checked = key.check(value)
             except Expected as exc:
                 got = value if exc.got is None else exc.got
                 raise ConfigError(f"{where}: expected {exc.what}, got {_shown(got)}") from None
@@ -320,13 +233,8 @@ def settings_of_flags(given: Mapping[str, Any]) -> dict[str, Setting]:
             continue
         texts = raw if isinstance(raw, list) else [raw]
         where = f"{key.option} {' '.join(map(shlex.quote, texts))}"
-        value: Any = raw
-        if key.kind is PATH:
-            value = os.path.abspath(raw)
-        elif key.kind.parse is not None:
-            value = key.kind.parse(raw)
         try:
-            checked = key.kind.check(value)
+            checked = key.check(raw if key.kind.parse is None else key.kind.parse(raw))
         except Expected as exc:
             if exc.got is not None:
                 where = f"{key.option} {shlex.quote(str(exc.got))}"
@@ -400,6 +308,16 @@ def _assignment(setting: Setting) -> str:
     return f"{setting.label} = {_shown(setting.value)}" if setting.from_file else setting.label
 
 
+def _fields_of(settings: Mapping[str, Setting], part: str) -> dict[str, Any]:
+    """The fields of the dataclass `part` (of PARTS) that `settings` give, by name."""
+    fields = {}
+    for key_id, setting in settings.items():
+        goes_to, _, field = KEYS[key_id].goes_to.partition(".")
+        if goes_to == part and field:
+            fields[field] = setting.value
+    return fields
+
+
 def snapshotter_config(settings: Mapping[str, Setting], *,
                        credentials: Credentials | None = None,
                        insecure: bool = False) -> SnapshotterConfig:
@@ -408,37 +326,18 @@ def snapshotter_config(settings: Mapping[str, Setting], *,
     --insecure-registry, which have no key (a password belongs in a credentials file).
     The read timeout also bounds what resolving an image asks its registry, as the
     commands' --read-timeout does."""
-    def value(key_id: str, default: Any = None) -> Any:
-        setting = settings.get(key_id)
-        return default if setting is None else setting.value
-
-    def given(names: Mapping[str, str]) -> dict[str, Any]:
-        return {field: settings[key_id].value for key_id, field in names.items()
-                if key_id in settings}
-
-    disk_cache = None
-    if value("cache.disk", True):
-        disk_cache = DiskCacheOptions(**given({"cache.dir": "directory",
-                                               "cache.disk_size": "size_bytes"}))
+    tuning = ImageTuning(**_fields_of(settings, "tuning"))
+    registry = RegistryOptions(credentials, insecure, deadline_s=tuning.read_timeout_s,
+                               **_fields_of(settings, "registry"))
+    disk = settings.get("cache.disk")
+    disk_cache = (DiskCacheOptions(**_fields_of(settings, "disk_cache"))
+                  if disk is None or disk.value else None)
+    top = {"address": DEFAULT_ADDRESS, "root": DEFAULT_ROOT, **_fields_of(settings, "snapshotter")}
     return SnapshotterConfig(
-        address=value("snapshotter.address", DEFAULT_ADDRESS),
-        root=value("snapshotter.root", DEFAULT_ROOT),
-        registry=RegistryOptions(
-            credentials, insecure, value("registry.mirrors", ()),
-            deadline_s=value("timeouts.read_timeout", DEFAULT_READ_TIMEOUT_S),
-            **given({"registry.plain_http": "plain_http",
-                     "registry.credentials_file": "credentials_file"})),
-        **given({"cache.size": "cache_size_bytes", "metrics.address": "metrics_address",
-                 "prefetch.enabled": "prefetch"}),
-        remount=RemountPolicy(**given({"timeouts.remount_retries": "attempts",
-                                       "timeouts.remount_max_delay": "max_delay_s"})),
-        disk_cache=disk_cache,
-        tuning=ImageTuning(**given({"timeouts.read_timeout": "read_timeout_s"})),
-        low_speed=SpeedLimit(**given({"timeouts.low_speed_limit": "bytes_per_s",
-                                      "timeouts.low_speed_time": "time_s"})),
-        limits=_limits(given({"limits.connections_per_layer": "http_connections",
-                              "limits.fetches_per_layer": "parallel_fetches",
-                              "limits.decode_threads": "decode_threads"})),
+        **top, registry=registry, disk_cache=disk_cache, tuning=tuning,
+        low_speed=SpeedLimit(**_fields_of(settings, "low_speed")),
+        remount=RemountPolicy(**_fields_of(settings, "remount")),
+        limits=_limits(_fields_of(settings, "limits")),
     )
 
 
@@ -454,10 +353,7 @@ def image_service_config(settings: Mapping[str, Setting]) -> ImageServiceConfig 
     """The ImageServiceConfig of `settings` (merged already), None without an address."""
     if "image_service.address" not in settings:
         return None
-    return ImageServiceConfig(**{field: settings[key_id].value for key_id, field in (
-        ("image_service.address", "address"),
-        ("image_service.containerd_address", "containerd_address"),
-        ("image_service.namespace", "namespace")) if key_id in settings})
+    return ImageServiceConfig(**_fields_of(settings, "image_service"))
 
 
 _POSITION = re.compile(
@@ -499,3 +395,24 @@ def config_path(given: str | None, default: str = DEFAULT_CONFIG_PATH) -> str | 
     if given is not None:
         return given
     return default if os.path.exists(default) else None
+
+
+def load_settings(path: str | None, flags: Mapping[str, Any]) -> dict[str, Setting]:
+    """The settings of the file `path` (none: no file), those of the options `flags` (as
+    `settings_of_flags` takes them) in their place. Raises ConfigError."""
+    from_file = {} if path is None else settings_of_document(read_document(path), path)
+    settings = merge(from_file, settings_of_flags(flags))
+    _check_readable(settings.get("registry.credentials_file"))
+    return settings
+
+
+def _check_readable(setting: Setting | None) -> None:
+    """A file the settings name can be read, now: not at the first pull that needs it."""
+    if setting is None:
+        return
+    try:
+        with open(setting.value, "rb"):
+            pass
+    except OSError as exc:
+        shown = f" {setting.value}" if setting.from_file else ""
+        raise ConfigError(f"{setting.where}:{shown}: {exc.strerror}") from None

@@ -1,6 +1,7 @@
 """The configuration file of `lazyfs snapshotter`: every key reaches the dataclass field it
-sets, an option overrides its key, every kind of bad input is one line naming the file and
-the key (or the option), and the default file is read only when it exists."""
+names (one that exists), an option overrides its key, every kind of bad input is one line
+naming the file and the key (or the option), and the default file is read only when it
+exists."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ import pytest
 
 from lazyfs.cli import build_parser
 from lazyfs.cli.snapshotter import config_of, flags_given, settings_of
-from lazyfs.cli.snapshotter_config import (
+from lazyfs.cri.image_service import ImageServiceConfig
+from lazyfs.node.config import (
     DEFAULT_ADDRESS,
     DEFAULT_ROOT,
     KEYS,
     NEGATED,
+    PARTS,
     SCHEMA,
     ConfigError,
     config_path,
@@ -29,7 +32,6 @@ from lazyfs.cli.snapshotter_config import (
     settings_of_document,
     snapshotter_config,
 )
-from lazyfs.cri.image_service import ImageServiceConfig
 from lazyfs.snapshotter.daemon import SnapshotterConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,6 +164,16 @@ def test_every_key_has_a_sample_and_an_option_of_the_snapshotter(key_id: str,
     assert set(SAMPLES) == set(KEYS)
     args = build_parser("snapshotter").parse_args(["snapshotter", *_argv(key_id, tmp_path)])
     assert flags_given(args).keys() == {key_id}
+
+
+@pytest.mark.parametrize("key_id", sorted(KEYS))
+def test_every_key_goes_to_a_field_of_its_dataclass(key_id: str) -> None:
+    part, _, field = KEYS[key_id].goes_to.partition(".")
+    assert part in PARTS
+    if field:
+        assert field in {each.name for each in fields(PARTS[part])}
+    else:  # a part turned off: a boolean
+        assert KEYS[key_id].kind.name == "true or false"
 
 
 @pytest.mark.parametrize("section", sorted({key.section for key in SCHEMA}))
