@@ -65,7 +65,7 @@ INTERRUPT_WAIT_S = 60.0
 TERM_WAIT_S = 10.0
 # Read in again after the page cache was dropped: the program files of both kinds of start.
 PROGRAMS = (
-    [sys.executable, "-c", "import lazyfs.cli.run, lazyfs.cli._head_start, lazyfs.mount.service, "
+    [sys.executable, "-c", "import lazyfs.cli.run, lazyfs.startup.begin, lazyfs.mount.service, "
      "lazyfs.container.run, lazyfs.fetch.http, lazyfs.layer.remote_image, lazyfs.oci.eager_pull, "
      "httpx, httpcore, trio, zstandard, pyfuse3"],
     ["mount", "--version"],

@@ -1,12 +1,13 @@
-"""What `lazyfs mount` and `lazyfs run` share for images in registries: the registry options
-and the checks of the options both give a mount (cache sizes, disk cache, writable
-directory). Light to import: the parsers are built before a mount starts its head start
-(`lazyfs.startup.head_start`), so what needs trio or httpx is imported where it is used."""
+"""What `lazyfs mount` and `lazyfs run` share for images in registries: the registry options,
+the checks of the options both give a mount (cache sizes, disk cache, writable directory) and
+an image's early start (`lazyfs.startup.begin`). Light to import: the parsers are built before
+a mount begins, so what needs trio or httpx is imported where it is used."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazyfs.cache.defaults import CACHE_DIR_ENV, DEFAULT_CACHE_BYTES, default_cache_dir
@@ -16,6 +17,8 @@ from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform, parse_platform
 from lazyfs.layer.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
 from lazyfs.oci.names import host_platform
+from lazyfs.startup.begin import EarlyStart, StartupError, begin_image
+from lazyfs.startup.begin import prepare_cache_directory as prepare_private_directory
 
 if TYPE_CHECKING:
     from lazyfs.cache.disk import DiskCacheOptions
@@ -114,8 +117,8 @@ def disk_cache_of(args: argparse.Namespace) -> DiskCacheOptions | None:
 
 def cache_directory_of(args: argparse.Namespace) -> str | None:
     """The disk cache directory of the command line (None: --no-disk-cache), created if
-    missing and made private (`lazyfs.cache.trust.prepare_directory`), before anything is
-    read from it. Raises UserError for one that another user could change."""
+    missing and made private, before anything is read from it. Raises UserError for one that
+    another user could change."""
     if args.no_disk_cache:
         return None
     return prepare_cache_directory(
@@ -123,17 +126,45 @@ def cache_directory_of(args: argparse.Namespace) -> str | None:
 
 
 def prepare_cache_directory(directory: str) -> str:
-    """`directory`, created if missing and made private, for a disk cache. Raises UserError
-    for one that another user could change."""
-    from lazyfs.cache.trust import prepare_directory, untrusted_message
-
+    """`directory`, created if missing and made private, for a disk cache
+    (`lazyfs.startup.begin.prepare_cache_directory`). Raises UserError."""
     try:
-        unsafe = prepare_directory(directory)
-    except OSError as exc:
-        raise UserError(f"cannot use the cache directory {directory}: {exc.strerror}") from None
-    if unsafe is not None:
-        raise UserError(untrusted_message(directory, unsafe))
-    return directory
+        return str(prepare_private_directory(directory))
+    except StartupError as exc:
+        raise UserError(str(exc)) from None
+
+
+def begin_image_of(args: argparse.Namespace, text: str, *,
+                   first_frames: bool = True) -> EarlyStart:
+    """The warm start and early requests of the image `text`, begun now with the command's
+    options (`lazyfs.startup.begin.begin_image`); none when the platform asked for is bad
+    (reported with the other checks). Raises UserError (an unusable cache directory)."""
+    try:
+        platform = platform_of(args)
+    except UserError:
+        return EarlyStart()
+    return begin_image(text, platform=platform, insecure_registry=args.insecure_registry,
+                       mirrors=bool(args.mirror), pull=getattr(args, "pull", "always"),
+                       cache_dir=cache_path_of(args), warm_bytes=warm_bytes_of(args),
+                       first_frames=first_frames)
+
+
+def cache_path_of(args: argparse.Namespace) -> Path | None:
+    """`cache_directory_of`, as a path."""
+    directory = cache_directory_of(args)
+    return None if directory is None else Path(directory)
+
+
+def warm_bytes_of(args: argparse.Namespace) -> int | None:
+    """What a warm start may load: half the chunk cache (what the daemon would load ahead of
+    reads); None when the daemon loads nothing ahead, or the size is bad (reported with the
+    other checks)."""
+    if args.no_prefetch:
+        return None
+    try:
+        return cache_size_of(args) // 2
+    except UserError:
+        return None
 
 
 def count_layers(count: int) -> str:

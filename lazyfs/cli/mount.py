@@ -1,9 +1,9 @@
 """`lazyfs mount`: check the arguments and call the mount service (`lazyfs.mount.service`),
 which resolves images and starts the daemon; `umount`, `stats` and `mounts` in `mounts.py`.
 
-A layer URL's first requests start before anything else (`lazyfs.startup.head_start`), so this
-module and the parsers it builds import nothing heavy: trio, pyfuse3 and httpx are imported
-while those requests travel.
+The mount's warm start and first requests begin before anything else (`lazyfs.startup.begin`),
+so this module and the parsers it builds import nothing heavy: trio, pyfuse3 and httpx are
+imported while those requests travel.
 """
 
 from __future__ import annotations
@@ -15,15 +15,6 @@ import sys
 from typing import TYPE_CHECKING
 
 from lazyfs.cli import CommandParser, UserError, exit_at_once
-from lazyfs.cli._head_start import (
-    finish_image,
-    finish_layer,
-    finish_warm,
-    image_head_start,
-    image_warm_start,
-    layer_head_start,
-    layer_warm_start,
-)
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     REFERENCE_RULE,
@@ -31,6 +22,8 @@ from lazyfs.cli._images import (
     add_pull_argument,
     add_read_arguments,
     add_registry_arguments,
+    begin_image_of,
+    cache_path_of,
     cache_size_of,
     count_layers,
     disk_cache_of,
@@ -38,18 +31,18 @@ from lazyfs.cli._images import (
     platform_of,
     registry_options,
     tuning_of,
+    warm_bytes_of,
     writable_upper,
 )
 from lazyfs.cli._prefetch import add_prefetch_arguments, prefetch_options_of
 from lazyfs.fetch.base import ReaderOptions
 from lazyfs.fuse.phases import process_started_monotonic
+from lazyfs.oci.names import is_image_reference
+from lazyfs.startup.begin import EarlyStart, begin_layer
 
 if TYPE_CHECKING:
     from lazyfs.mount.daemon import DaemonConfig
     from lazyfs.mount.service import MountOptions
-    from lazyfs.startup.head_start import HeadStart
-    from lazyfs.startup.registry_head_start import RegistryHeadStart
-    from lazyfs.startup.warm_start import WarmStart
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -166,43 +159,32 @@ def _common_checks(args: argparse.Namespace) -> MountOptions:
                         prefetch=prefetch_options_of(args))
 
 
-def start_head_start(args: argparse.Namespace) -> HeadStart | RegistryHeadStart | None:
-    """The first requests of the mount, started now: for a layer URL, or for one image."""
-    from lazyfs.oci.names import is_image_reference
-
+def begin(args: argparse.Namespace) -> EarlyStart:
+    """The mount's warm start and first requests, begun now (`lazyfs.startup.begin`): for a
+    layer URL (not one located by offsets given here), or for one image. Raises UserError
+    (an unusable cache directory)."""
     if is_image_reference(args.source):
-        if args.more:
-            return None
-        return image_head_start(args.source, args, mounts=not args.block_only)
+        return EarlyStart() if args.more else begin_image_of(
+            args, args.source, first_frames=not args.block_only)
+    if "://" not in args.source or args.chunk_table_offset is not None:
+        return EarlyStart()
     try:
         headers = dict(parse_header(header) for header in args.header)
     except UserError:
-        return None  # reported with the other checks
-    return layer_head_start(args, _absolute(args.descriptor), headers)
+        return EarlyStart()  # reported with the other checks
+    return begin_layer(args.source, descriptor=_absolute(args.descriptor), headers=headers,
+                       cache_dir=cache_path_of(args), warm_bytes=warm_bytes_of(args),
+                       first_frame=not args.block_only)
 
 
-def start_warm_start(args: argparse.Namespace) -> WarmStart | None:
-    """Loading what the disk cache holds of the layer or the one image, started now."""
-    from lazyfs.oci.names import is_image_reference
-
-    if is_image_reference(args.source):
-        return None if args.more else image_warm_start(args.source, args)
-    return layer_warm_start(args, _absolute(args.descriptor))
-
-
-def build_config(args: argparse.Namespace,
-                 head_start: HeadStart | RegistryHeadStart | None = None) -> DaemonConfig:
-    """The daemon's configuration for a layer blob or, if SOURCE is one, for images; a
-    layer's first requests are already under way when `head_start` is given."""
+def build_config(args: argparse.Namespace, early: EarlyStart | None = None) -> DaemonConfig:
+    """The daemon's configuration for a layer blob or, if SOURCE is one, for images, with
+    the answers of the `early` requests."""
     from lazyfs.mount.service import check_mountpoint, layer_config
-    from lazyfs.oci.names import is_image_reference
     from lazyfs.startup.open import LayerSource
 
     if is_image_reference(args.source):
-        from lazyfs.startup.registry_head_start import RegistryHeadStart
-
-        return build_image_config(args, head_start if isinstance(
-            head_start, RegistryHeadStart) else None)
+        return build_image_config(args, early)
     image_only = [
         flag
         for flag, value in (
@@ -236,17 +218,16 @@ def build_config(args: argparse.Namespace,
         reader_options=ReaderOptions(
             headers=dict(parse_header(header) for header in args.header)
         ),
-        primed=finish_layer(head_start),
     )
-    return layer_config(source, mountpoint, block_only=bool(args.block_only), options=options)
+    return layer_config(source, mountpoint, block_only=bool(args.block_only), options=options,
+                        early=early)
 
 
 def build_image_config(args: argparse.Namespace,
-                       head_start: RegistryHeadStart | None = None) -> DaemonConfig:
+                       early: EarlyStart | None = None) -> DaemonConfig:
     """Resolve the images (pinned manifests, seekable layers) and plan their mounts (the
-    first one's first requests under way when `head_start` is given)."""
+    first one's with the answers of the `early` requests)."""
     from lazyfs.mount.service import MountpointError, check_mountpoint, image_config, resolve
-    from lazyfs.oci.names import is_image_reference
 
     blob_only = [
         flag
@@ -285,7 +266,7 @@ def build_image_config(args: argparse.Namespace,
     writable = writable_upper(args.writable) if args.writable else None
     found = resolve(references, registry_options(args, deadline_s=args.read_timeout),
                     platform_of(args), insecure=args.insecure, disk=options.disk_cache,
-                    primed=finish_image(head_start, args.read_timeout))
+                    early=early)
     return image_config(
         found,
         references,
@@ -306,13 +287,11 @@ def _pinned_lines(config: DaemonConfig) -> str:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    warm_start = start_warm_start(args)  # it forks: before the head start's threads
-    head_start = start_head_start(args)
+    early = begin(args)
     from lazyfs.mount.service import log_path, serve, start
 
-    config = build_config(args, head_start)
+    config = build_config(args, early)
     config.command_started = process_started_monotonic()
-    config.warm_chunks, config.warm_feed = finish_warm(warm_start)
     if args.foreground:
 
         def on_ready() -> None:
@@ -320,12 +299,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             print(f"lazyfs: mounted {config.mountpoint}", file=sys.stderr)
 
-        serve(config, on_ready=on_ready)
+        serve(config, on_ready=on_ready, early=early)
         return 0
     config.log_file = log_path(config.mountpoint)
     if getattr(args, "verbose", 0):
         print(f"lazyfs: daemon log: {config.log_file}", file=sys.stderr)
-    start(config)
+    start(config, early)
     sys.stdout.write(_pinned_lines(config))
     # The daemon owns the mount: nothing of this process needs tearing down.
     exit_at_once(0)

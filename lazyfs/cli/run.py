@@ -21,13 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lazyfs.cli import UserError, sigterm_as_interrupt
-from lazyfs.cli._head_start import finish_image, finish_warm, image_head_start, image_warm_start
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     add_disk_cache_arguments,
     add_pull_argument,
     add_read_arguments,
     add_registry_arguments,
+    begin_image_of,
     cache_size_of,
     count_layers,
     disk_cache_of,
@@ -42,6 +42,7 @@ from lazyfs.cli._prefetch import (
     uses_prefetch_options,
 )
 from lazyfs.fuse.phases import process_started_monotonic
+from lazyfs.startup.begin import EarlyStart
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -129,10 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{flag} applies to the lazy mount; not with --eager")
     if args.eager and args.pull == "never":
         raise UserError("--pull never: an eager run downloads every layer from the registry")
-    # A lazy run's first requests go out before the rest of lazyfs is imported.
-    warm_start = None if args.eager else image_warm_start(args.image, args)  # forks: first
-    head_start = None if args.eager else image_head_start(args.image, args)
-    # What only the run itself needs comes after the forks: the warm start loads meanwhile.
+    # A lazy run's warm start and first requests begin before the rest of lazyfs is imported.
+    early = EarlyStart() if args.eager else begin_image_of(args, args.image)
+    # What only the run itself needs comes after: the warm start loads meanwhile.
     from lazyfs.container.run import RunRequest, prepare, run
     from lazyfs.mount.service import MountOptions
 
@@ -157,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            low_speed_of(args), prefetch=prefetch_options_of(args)),
     )
     recorded_before = _modified(args.record)
-    prepared = prepare(request, primed=finish_image(head_start, args.read_timeout))
+    prepared = prepare(request, early)
     image = prepared.image
     print(
         f"lazyfs run: {image.pinned} ({image.platform}, {count_layers(len(image.layers))}), "
@@ -166,8 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     with sigterm_as_interrupt():
-        report = run(prepared, started=started, notify=_notify,
-                     warm_chunks=lambda: finish_warm(warm_start))
+        report = run(prepared, started=started, notify=_notify, early=early)
     from lazyfs.cli._run_report import format_report  # once the command has run
 
     sys.stderr.write(format_report(report))

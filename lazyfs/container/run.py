@@ -46,8 +46,7 @@ from lazyfs.oci.eager_pull import PulledLayer
 from lazyfs.oci.registry_source import ResolvedImage
 
 if TYPE_CHECKING:
-    from lazyfs.startup.registry_head_start import PrimedRegistry
-    from lazyfs.startup.warm_start import WarmFeed
+    from lazyfs.startup.begin import EarlyStart
 
 Notify = Callable[[str], None]
 """Called with a one-line message for the user."""
@@ -89,13 +88,13 @@ class PreparedRun:
         return self.found.images[0]
 
 
-def prepare(request: RunRequest, primed: PrimedRegistry | None = None) -> PreparedRun:
-    """Resolve the image and choose the command; `primed` holds a head start's answers.
-    Raises ImageResolveError, FetchError, RunError (no command)."""
+def prepare(request: RunRequest, early: EarlyStart | None = None) -> PreparedRun:
+    """Resolve the image and choose the command, with the answers of the `early` requests
+    (`lazyfs.startup.begin`). Raises ImageResolveError, FetchError, RunError (no command)."""
     found = resolve(
         [request.reference], request.registry, request.platform, insecure=request.insecure,
         # An eager run downloads every blob anyway; a lazy one may run offline from the cache.
-        disk=None if request.eager else request.mount.disk_cache, primed=primed,
+        disk=None if request.eager else request.mount.disk_cache, early=early,
     )
     image = found.images[0]
     argv = list(request.command) or [*image.config.entrypoint, *image.config.cmd]
@@ -105,13 +104,12 @@ def prepare(request: RunRequest, primed: PrimedRegistry | None = None) -> Prepar
 
 
 def run(prepared: PreparedRun, *, started: float, notify: Notify,
-        warm_chunks: Callable[[], tuple[dict[str, memoryview], WarmFeed | None]] = (
-            lambda: ({}, None))) -> RunReport:
+        early: EarlyStart | None = None) -> RunReport:
     """Mount, run the command, tear down; `started` is when the run began (monotonic). Returns
-    the report (its exit code the command's). `warm_chunks()` gives, as the lazy mount's
-    daemon is about to start, the chunks the command loaded from the disk cache meanwhile and
-    the loader going on (`lazyfs.startup.warm_start`). Raises what made the mount fail, after
-    the teardown; KeyboardInterrupt stops the command and tears down."""
+    the report (its exit code the command's). The lazy mount's daemon starts with what the
+    `early` warm start loaded from the disk cache meanwhile, and takes over its loader
+    (`lazyfs.startup.begin`). Raises what made the mount fail, after the teardown;
+    KeyboardInterrupt stops the command and tears down."""
     request, image = prepared.request, prepared.image
     ensure_state_dir()
     if request.writable:
@@ -141,9 +139,8 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify,
                 options=request.mount,
                 temp_dir=str(work),
             )
-            config.warm_chunks, config.warm_feed = warm_chunks()
             config.command_started = started  # the phases count from the run's start
-            record = start(config)
+            record = start(config, early)
         report.mounted_s = time.monotonic() - started
         report.exit_code = run_container(spec)
         report.total_s = time.monotonic() - started

@@ -2,7 +2,8 @@
 (`check_mountpoint`, `resolve`, then `layer_config` or `image_config`), start its daemon
 (`start`) or serve it in this process (`serve`), find a mount, read its statistics, take it
 down. For the command line and any other program that mounts: no argparse, errors are
-`LazyfsError`s with one-line messages.
+`LazyfsError`s with one-line messages. What a mount began before (`lazyfs.startup.begin`:
+early requests, a warm start) is handed over here, as `early`.
 
 A mount is a daemon process (`background.spawn_daemon`) serving the FUSE file system of its
 layers and owning the kernel mounts on top; its record in the state directory
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +27,7 @@ from lazyfs.cache.disk import DiskCacheOptions
 from lazyfs.errors import LazyfsError
 from lazyfs.format.platform import Platform
 from lazyfs.mount import kernel, stack
-from lazyfs.mount.background import spawn_daemon, stop_mount
+from lazyfs.mount.background import preload_daemon_modules, spawn_daemon, stop_mount
 from lazyfs.mount.daemon import DaemonConfig, DaemonStartError, run_daemon
 from lazyfs.mount.host import MountOptions as MountOptions  # how the layers are served
 from lazyfs.mount.state import (
@@ -42,7 +44,7 @@ from lazyfs.startup.open import LayerSource
 if TYPE_CHECKING:
     from lazyfs.fetch.registry_options import RegistryOptions
     from lazyfs.mount.images import ImageSet
-    from lazyfs.startup.registry_head_start import PrimedRegistry
+    from lazyfs.startup.begin import EarlyStart
 
 STATS_TIMEOUT_S = 10.0
 DEFAULT_OPTIONS = MountOptions()
@@ -96,9 +98,13 @@ def layer_config(
     *,
     block_only: bool = False,
     options: MountOptions = DEFAULT_OPTIONS,
+    early: EarlyStart | None = None,
 ) -> DaemonConfig:
     """A daemon serving one layer blob: EROFS-mounted at `mountpoint`, or with `block_only`
-    only its verified image file in the directory `mountpoint`."""
+    only its verified image file in the directory `mountpoint`; it starts with the answers
+    of the `early` requests for the layer, once they arrive."""
+    if early is not None:
+        source = replace(source, primed=early.layer_answers(preload_daemon_modules))
     return DaemonConfig(sources=[source], mountpoint=mountpoint, block_only=block_only,
                         options=options)
 
@@ -143,15 +149,19 @@ def resolve(
     *,
     insecure: bool = False,
     disk: DiskCacheOptions | None = None,
-    primed: PrimedRegistry | None = None,
+    early: EarlyStart | None = None,
 ) -> ImageSet:
     """`images.resolve_images` from synchronous code (`platform` defaults to this
     machine's); with `disk`, images resolved before resolve again while their registry is
-    unreachable; `primed`: a head start's answers for the first reference. Raises
-    ImageResolveError, FetchError."""
+    unreachable; `early`: the early requests for the first reference, whose answers it takes
+    (once they arrive, within the registry's deadline). Raises ImageResolveError,
+    FetchError."""
     from lazyfs.mount.images import resolve_images
     from lazyfs.oci.names import host_platform
 
+    primed = None
+    if early is not None:
+        primed = early.image_answers(preload_daemon_modules, registry.deadline_s)
     return trio.run(
         lambda: resolve_images(references, registry, platform or host_platform(),
                                insecure=insecure, disk=disk, primed=primed)
@@ -167,17 +177,24 @@ def log_path(mountpoint: str) -> str:
     return str(private_dir(mountpoint, LOG_SUFFIX))
 
 
-def serve(config: DaemonConfig, on_ready: Callable[[], None]) -> None:
+def serve(config: DaemonConfig, on_ready: Callable[[], None],
+          early: EarlyStart | None = None) -> None:
     """Serve the mount in this process until SIGTERM/SIGINT/SIGHUP or an outside unmount;
-    `on_ready` runs once everything is mounted. Raises what made start-up fail (after
-    undoing it): DaemonStartError, LayerOpenError, MountError, ..."""
+    `on_ready` runs once everything is mounted; it starts with what the `early` warm start
+    loaded. Raises what made start-up fail (after undoing it): DaemonStartError,
+    LayerOpenError, MountError, ..."""
+    if early is not None:
+        config.warm_chunks, config.warm_feed = early.warm_chunks()
     run_daemon(config, on_ready)
 
 
-def start(config: DaemonConfig) -> MountRecord:
+def start(config: DaemonConfig, early: EarlyStart | None = None) -> MountRecord:
     """Start a background daemon for `config` (logging to `config.log_file`, by default
-    `log_path(config.mountpoint)`) and wait until everything is mounted. Returns the mount's
-    record. Raises DaemonStartError with the daemon's reason, and the daemon's errors."""
+    `log_path(config.mountpoint)`) and wait until everything is mounted; it starts with what
+    the `early` warm start loaded, and takes over the loader. Returns the mount's record.
+    Raises DaemonStartError with the daemon's reason, and the daemon's errors."""
+    if early is not None:
+        config.warm_chunks, config.warm_feed = early.warm_chunks()
     if config.log_file is None:
         config.log_file = log_path(config.mountpoint)
     try:

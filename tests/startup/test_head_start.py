@@ -210,7 +210,7 @@ def test_the_mount_command_imports_nothing_heavy_before_its_head_start() -> None
     """The parsers of `lazyfs mount` and `lazyfs run` and the modules behind them are light,
     so the head starts begin before trio, pyfuse3 and httpx are imported."""
     code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); cli.build_parser('run'); "
-            "import lazyfs.cli._head_start, lazyfs.startup.registry_head_start; "
+            "import lazyfs.startup.begin, lazyfs.startup.registry_head_start; "
             "print(sorted({'trio', 'httpx', 'pyfuse3', 'zstandard', 'sqlite3'} & "
             "set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -223,7 +223,7 @@ def test_a_layer_mount_imports_nothing_it_does_not_use_before_its_daemon() -> No
     service, a warm start, the daemon's preloaded modules) holds nothing of images and
     registries, nor uuid: it is all on the way to the first read."""
     code = ("import sys, lazyfs.cli as cli; cli.build_parser('mount'); "
-            "import lazyfs.cli.mount, lazyfs.cli._head_start, lazyfs.mount.service, "
+            "import lazyfs.cli.mount, lazyfs.startup.begin, lazyfs.mount.service, "
             "lazyfs.startup.warm_start, lazyfs.mount.background as background; "
             "background.preload_daemon_modules(); "
             "print(sorted({'lazyfs.mount.images', 'lazyfs.oci.registry_source', "
