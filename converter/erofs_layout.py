@@ -5,7 +5,8 @@ block 0            | superblock (byte 1024), inodes from byte 1152 on (the root 
                    | ... every inode, each directory's entries' inodes side by side ...
 next block         | directory blocks (and the targets of symlinks too long to inline)
 data_start         | start-up blocks: file blocks a start read, in the order it read them
-startup_end        | every other file block, in the order the source hands them over
+startup_end        | the files nearly every start reads (`converter.likely_start`), whole
+likely_end         | every other file block, in the order the source hands them over
 ```
 
 An inode record is the inode (compact where nothing is lost, see `lazyfs.erofs.build`),
@@ -129,7 +130,8 @@ def raw_field(node: Node, shape: Shape, chunk_format: int) -> int:
 class Layout:
     """The plan of one image. `order` holds every inode in nid order; block numbers are
     image blocks; `startup` maps a file node to {file block: image block} for the blocks
-    of the start-up region."""
+    of the start-up region; `likely` maps a file node to the first image block of its
+    blocks, side by side, from `startup_end` to `likely_end`."""
 
     build_time_ns: int
     chunk_indexes: bool
@@ -140,6 +142,8 @@ class Layout:
     data_start: int
     startup_end: int
     startup: dict[Node, dict[int, int]] = field(default_factory=dict)
+    likely: dict[Node, int] = field(default_factory=dict)
+    likely_end: int = 0
 
     @property
     def build_time(self) -> tuple[int, int]:
@@ -170,10 +174,13 @@ def build_time_for(root: Node, timestamp: int | None) -> int:
 
 
 def plan_layout(root: Node, build_time_ns: int, *, chunk_indexes: bool = False,
-                startup: Iterable[tuple[Node, int]] = ()) -> Layout:
+                startup: Iterable[tuple[Node, int]] = (),
+                likely: Iterable[Node] = ()) -> Layout:
     """Lay out the image of `root` (see the module docstring); `startup` lists (file node,
     file block) in the order a start-up read them (blocks beyond a file's end and repeats
-    are left out). Raises ErofsLimitError for what EROFS cannot hold."""
+    are left out); `likely` lists the file nodes whose blocks follow them, each file's side
+    by side (those `startup` names are left out). Raises ErofsLimitError for what EROFS
+    cannot hold."""
     inode_count = count_links(root)
     _size_directories(root)
     order: list[Node] = []
@@ -219,9 +226,15 @@ def plan_layout(root: Node, build_time_ns: int, *, chunk_indexes: bool = False,
             if index not in blocks_of:
                 blocks_of[index] = block
                 block += 1
+    startup_end = block
+    firsts: dict[Node, int] = {}
+    for node in likely:
+        if node.is_file and node.size and node not in slots and node not in firsts:
+            firsts[node] = block
+            block += file_blocks(node.size)
     _check_address(block)
     return Layout(build_time_ns, chunk_indexes, order, inode_count, metadata_end,
-                  directory_start, data_start, block, slots)
+                  directory_start, data_start, startup_end, slots, firsts, block)
 
 
 def _size_directories(root: Node) -> None:

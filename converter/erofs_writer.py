@@ -43,6 +43,7 @@ from converter.erofs_layout import (
 )
 from converter.errors import ConvertError
 from converter.inode_tree import LayerSource, Node
+from converter.likely_start import likely_start_files
 from lazyfs.erofs.build import (
     ErofsLimitError,
     InodeFields,
@@ -144,7 +145,8 @@ def place_blocks(source: LayerSource, options: ImageOptions | None = None,
 def _plan(root: Node, options: ImageOptions, startup: Iterable[tuple[Node, int]]) -> Layout:
     try:
         return plan_layout(root, build_time_for(root, options.timestamp),
-                           chunk_indexes=options.chunk_indexes, startup=startup)
+                           chunk_indexes=options.chunk_indexes, startup=startup,
+                           likely=likely_start_files(root))
     except ErofsLimitError as exc:
         raise ConvertError(f"cannot be stored in EROFS: {exc}") from None
 
@@ -159,17 +161,17 @@ def _check_blocks(blocks: int) -> None:
 
 
 class _DataArea:
-    """Where file blocks go: the start-up slots, else appended from `layout.startup_end` on
-    (buffered); without `fd`, only counted."""
+    """Where file blocks go: the start-up slots and the likely start's places, else appended
+    from `layout.likely_end` on (buffered); without `fd`, only counted."""
 
     def __init__(self, fd: int | None, layout: Layout,
                  on_stored: Callable[[int, Node, int], None] | None = None) -> None:
         self.fd = fd
         self.index = BlockIndex()
-        self.next_block = layout.startup_end
+        self.next_block = layout.likely_end
         self.on_stored = on_stored
         self._pending = bytearray()
-        self._pending_start = layout.startup_end
+        self._pending_start = layout.likely_end
         self.stored = self.shared = self.holes = 0
 
     def place(self, block: bytes, node: Node, number: int, slot: int | None) -> int:
@@ -183,6 +185,8 @@ class _DataArea:
                 os.pwrite(self.fd, block, slot * BLOCK_SIZE)
             self.index.add(key, slot)
             self.stored += 1
+            if self.on_stored is not None:
+                self.on_stored(slot, node, number)
             return slot
         found = self.index.find(key)
         if found is not None and self._holds(found, block):
@@ -236,6 +240,7 @@ def _place_file(layout: Layout, area: _DataArea, metadata: _Metadata | None, nod
                 pieces: Iterator[bytes]) -> int:
     """Store one file's blocks and write its block map; return its size."""
     slots = layout.startup.get(node, {})
+    first = layout.likely.get(node)
     map_offset = layout.map_offset(node) if metadata is not None else 0
     addresses = array("I")
     carry = bytearray()
@@ -243,7 +248,8 @@ def _place_file(layout: Layout, area: _DataArea, metadata: _Metadata | None, nod
 
     def put(block: bytes) -> None:
         nonlocal number, map_offset
-        addresses.append(area.place(block, node, number, slots.get(number)))
+        slot = slots.get(number) if first is None else first + number
+        addresses.append(area.place(block, node, number, slot))
         number += 1
         if len(addresses) >= _MAP_FLUSH_ENTRIES:
             map_offset = _write_map(metadata, map_offset, addresses, layout.chunk_indexes)
