@@ -1,10 +1,11 @@
 """`RemoteImage.read(offset, size)`: the raw EROFS image of a remote layer, read at random.
 
-A read maps to chunks; missing chunks are claimed in the cache and loaded by the layer's
-ChunkLoader (`lazyfs.layer.loader`: fetch by range, adjacent ones in one request up to a cap;
-each frame checked against its SHA-512, decoded to its exact size, every data block checked
-against the dm-verity tree, whose hash blocks are fetched as reads need them). With dm-verity
-frames stream in (`frame_stream.py`) and a read is answered as soon as its blocks verify.
+A read maps to chunks; missing chunks are claimed in the cache and loaded, a run of them at a
+time (`lazyfs.layer.run_load`: fetch by range, adjacent ones in one request up to a cap; each
+frame checked against its SHA-512, decoded to its exact size, every data block checked
+against the dm-verity tree, whose hash blocks are fetched as reads need them), under the
+policy of the layer's ChunkLoader (`lazyfs.layer.loader`). With dm-verity frames stream in
+(`frame_stream.py`) and a read is answered as soon as its blocks verify.
 Only verified bytes reach the cache and the caller. Loads run in the mount's nursery, so a
 read that is interrupted does not abandon a fetch other readers wait on, and unmount cancels
 them all.
@@ -39,6 +40,7 @@ from lazyfs.layer.frame_stream import FrameStream
 from lazyfs.layer.keys import content_key
 from lazyfs.layer.loader import ChunkLoader
 from lazyfs.layer.readahead import SequentialReads
+from lazyfs.layer.run_load import RunLoad
 from lazyfs.layer.stats import BackgroundStats, ImageStats, TraceWriter
 from lazyfs.layer.tuning import ImageTuning
 
@@ -86,7 +88,6 @@ class RemoteImage:
             cpu_limiter=cpu_limiter, record=self._record, disk=disk,
         )
         self.hash_blocks = self.loader.hash_blocks
-        self._streams = self.loader.streams
         # Opened from the metadata a disk cache kept: an earlier mount read the layer.
         self.opened_from_disk = source_probe is not None
         if source_probe is not None:
@@ -179,15 +180,14 @@ class RemoteImage:
             "verify_failures": self.stats.verify_failures,
             "refetches": self.stats.refetches,
             "tree_blocks_fetched": self.stats.tree_blocks_fetched,
-            "partial_chunks": self._streams.partial_indices(),
+            "partial_chunks": self.loader.partial_chunks(),
             "fetch_latency": self.stats.fetch_latency.summary_ms(),
             "background": self.background.snapshot(),
             **self.loader.snapshot(),
         }
 
     async def aclose(self) -> None:
-        for reader in self.loader.readers:
-            await reader.aclose()
+        await self.loader.aclose()
 
     # -- background loads (lazyfs/startup/prefetch.py) -------------------------------------------
 
@@ -195,8 +195,8 @@ class RemoteImage:
         """Whether chunk `index` is neither cached, loading, streaming, nor refused now (bad,
         held off, its source down)."""
         key = self._key(index)
-        return not (index in self._streams or key in self.cache or self.cache.is_loading(key)
-                    or self.loader.early_refusal(index) is not None)
+        return not (self.loader.stream(index) is not None or key in self.cache
+                    or self.cache.is_loading(key) or self.loader.early_refusal(index) is not None)
 
     def has_chunk(self, index: int) -> bool:
         """Whether chunk `index` is in the memory cache."""
@@ -212,15 +212,13 @@ class RemoteImage:
                 claimed.append(index)
             elif claimed:
                 break
-        if self.loader.streaming:
-            self._streams.open(claimed)
+        self.loader.open_streams(claimed)
         return claimed
 
     async def load_claimed(self, run: list[int], reason: str,
                            limiter: trio.CapacityLimiter) -> None:
         """Load chunks claimed by `claim_for_background`, under the caller's `limiter`."""
-        streams = self._streams.of(run) if self.loader.streaming else None
-        await self._load_run(run, reason, streams, limiter)
+        await self._load_run(run, reason, self.loader.streams_of(run), limiter)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -236,7 +234,7 @@ class RemoteImage:
 
         A read wants its first chunk; the chunks after it are as good as read ahead (the
         kernel's readahead asks for up to a MiB at a time, as far as it reads ahead): if
-        their load fails they are not held off (`ChunkLoader.speculative`), so one bad range
+        their load fails they are not held off (`ChunkLoader.speculate`), so one bad range
         fails the reads that need it, not those of its neighbours in a large request. A
         first chunk loading already, claimed before anyone asked for it, is wanted now: if
         its load fails, it is held off like any chunk a read wanted."""
@@ -244,9 +242,9 @@ class RemoteImage:
         claimed: list[int] = []
         try:
             for index in indices:
-                if index in self._streams:
+                if self.loader.stream(index) is not None:
                     if index == indices[0]:
-                        self.loader.speculative.discard(index)
+                        self.loader.wanted(index)
                     continue
                 key = self._key(index)
                 data = self.cache.get(key)
@@ -256,7 +254,7 @@ class RemoteImage:
                     continue
                 if self.cache.is_loading(key):
                     if index == indices[0]:
-                        self.loader.speculative.discard(index)
+                        self.loader.wanted(index)
                     continue
                 refusal = self.loader.early_refusal(index)
                 if refusal is not None:
@@ -264,7 +262,7 @@ class RemoteImage:
                 if self.cache.claim(key):
                     claimed.append(index)
                     if index != indices[0]:
-                        self.loader.speculative.add(index)
+                        self.loader.speculate([index])
             if reason == "read" and claimed and claimed[-1] == indices[-1]:
                 claimed += self._followers(indices[-1] + 1)
         finally:
@@ -300,7 +298,7 @@ class RemoteImage:
         most the coalesce cap; each load ends by `deadline` (default: the read timeout from
         when it starts)."""
         for run in self.metadata.frame_runs(claimed, self.tuning.coalesce_bytes):
-            streams = self._streams.open(run) if self.loader.streaming else None
+            streams = self.loader.open_streams(run)
             if reason in ON_DEMAND:
                 self.demand.begin()  # now, not when the task starts: background loads yield
             self._nursery.start_soon(self._load_run, run, reason, streams, None, deadline)
@@ -310,7 +308,7 @@ class RemoteImage:
                         limiter: trio.CapacityLimiter | None = None,
                         deadline: float | None = None) -> None:
         try:
-            await self.loader.load_run(run, reason, streams, limiter, deadline)
+            await RunLoad(self.loader, run, reason, streams).run(limiter, deadline)
         finally:
             if reason in ON_DEMAND:
                 self.demand.end()
@@ -322,7 +320,7 @@ class RemoteImage:
         `deadline`)."""
         key = self._key(index)
         while data is None:
-            stream = self._streams.get(index)
+            stream = self.loader.stream(index)
             if stream is not None:
                 try:
                     return await stream.read(start, stop)
@@ -351,7 +349,7 @@ class RemoteImage:
             ready += 1
         if not ahead or ready >= max(1, len(ahead) // 2) or ready == len(ahead):
             return
-        claimed = [index for index in ahead[ready:] if index not in self._streams
+        claimed = [index for index in ahead[ready:] if self.loader.stream(index) is None
                    and self.loader.early_refusal(index) is None
                    and self.cache.claim(self._key(index))]
         self._speculate(claimed)
@@ -362,9 +360,9 @@ class RemoteImage:
     def _speculate(self, chunks: list[int]) -> None:
         """Count `chunks`, claimed before any read asked for them, as read ahead (a failed
         fetch of them holds nothing off unless a read waits for them by then:
-        `ChunkLoader.speculative`)."""
+        `ChunkLoader.speculate`)."""
         self.stats.readahead_chunks += len(chunks)
-        self.loader.speculative.update(chunks)
+        self.loader.speculate(chunks)
 
     def _record(self, **fields: Any) -> None:
         if self._trace is not None:

@@ -430,9 +430,9 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
     """A chunk completed early in a run and gone from the cache (here: a cache too small to
     keep it) may be claimed again while the run still decodes its other chunks; the run's
     end must not fail that newer load, whose own completion would then find no claim."""
-    from lazyfs.layer import loader
+    from lazyfs.layer import whole_frames
 
-    real = loader.decode_frame
+    real = whole_frames.decode_frame
     decodes: list[int] = []
 
     def slow(metadata: Any, chunk_index: int, frame: bytes, offset: int) -> bytes:
@@ -445,7 +445,7 @@ def test_finished_load_does_not_fail_a_later_load_of_the_same_chunk(
             time.sleep(0.8)  # the second load of chunk 0 outlasts the run
         return real(metadata, chunk_index, frame, offset)
 
-    monkeypatch.setattr(loader, "decode_frame", slow)
+    monkeypatch.setattr(whole_frames, "decode_frame", slow)
 
     async def body(image: RemoteImage) -> object:
         results: dict[str, bytes] = {}
