@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,35 +15,23 @@ import pytest
 
 from tests.support.cri import Node, publish_pause_image, running_node
 from tests.support.images import base_layer, change_layer, skopeo_push, write_oci_image
+from tests.support.node_fixtures import (  # the fixtures: used by name
+    add_logs,
+    image_fixture,  # noqa: F401
+    registry_fixture,  # noqa: F401
+    short_work_dir,
+)
 from tests.support.registry import Registry, htpasswd_auth, running_registry
 from tests.support.registry_images import PublishedImage, convert_push, publish
-from tests.support.snapshotter_images import (
-    CHUNK_SIZE,
-    change_layer_with_big_file,
-    publish_app_image,
-)
+from tests.support.snapshotter_images import CHUNK_SIZE, change_layer_with_big_file
 
-LOG_TAIL_BYTES = 12_000
 PULL_USER = "puller"
 PULL_PASSWORD = f"pull-secret-{secrets.token_hex(8)}"  # found nowhere it must not be
 
 
 @pytest.fixture(scope="package")
 def work() -> Iterator[Path]:
-    # Short: containerd's socket paths must fit in 108 bytes.
-    with tempfile.TemporaryDirectory(prefix="lzk-", dir="/tmp") as directory:
-        yield Path(directory)
-
-
-@pytest.fixture(scope="package")
-def registry(work: Path) -> Iterator[Registry]:
-    with running_registry(work / "registry") as server:
-        yield server
-
-
-@pytest.fixture(scope="package")
-def image(work: Path, registry: Registry) -> PublishedImage:
-    return publish_app_image(work, registry)
+    yield from short_work_dir("lzk-")
 
 
 @pytest.fixture(scope="package")
@@ -96,14 +83,6 @@ def node(work: Path, registry: Registry, private: Registry, pause: str,
         yield running
 
 
-def _tail(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"({exc})"
-    return data[-LOG_TAIL_BYTES:].decode(errors="replace")
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
                               ) -> Iterator[None]:
@@ -113,7 +92,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
         return
     for value in getattr(item, "funcargs", {}).values():
         if isinstance(value, Node):
-            containerd = value.containerd
-            report.sections.append((f"containerd log ({report.when})", _tail(containerd.log)))
-            report.sections.append((f"lazyfs snapshotter log ({report.when})",
-                                    _tail(containerd.snapshotter.log)))
+            add_logs(report, value.containerd)

@@ -1,39 +1,26 @@
 """Fixtures of the snapshotter tests: one registry with the app image for the package, a
-fresh containerd and snapshotter per test. When a test that ran containerd fails, the tails
-of containerd's log and the snapshotter's go into the report, so that CI shows why."""
+fresh containerd and snapshotter per test (with the logs' tails in a failed test's report)."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.containerd import Containerd, running_containerd
-from tests.support.registry import Registry, running_registry
-from tests.support.registry_images import PublishedImage
-from tests.support.snapshotter_images import publish_app_image
-
-LOG_TAIL_BYTES = 12_000
+from tests.support.node_fixtures import (  # the fixtures: used by name
+    add_logs,
+    image_fixture,  # noqa: F401
+    registry_fixture,  # noqa: F401
+    short_work_dir,
+)
+from tests.support.registry import Registry
 
 
 @pytest.fixture(scope="package")
 def work() -> Iterator[Path]:
-    # Short: containerd's socket paths must fit in 108 bytes.
-    with tempfile.TemporaryDirectory(prefix="lzc-", dir="/tmp") as directory:
-        yield Path(directory)
-
-
-@pytest.fixture(scope="package")
-def registry(work: Path) -> Iterator[Registry]:
-    with running_registry(work / "registry") as server:
-        yield server
-
-
-@pytest.fixture(scope="package")
-def image(work: Path, registry: Registry) -> PublishedImage:
-    return publish_app_image(work, registry)
+    yield from short_work_dir("lzc-")
 
 
 @pytest.fixture
@@ -41,14 +28,6 @@ def containerd(work: Path, registry: Registry, request: pytest.FixtureRequest
                ) -> Iterator[Containerd]:
     with running_containerd(work / f"c{request.node.name[-12:]}") as running:
         yield running
-
-
-def _tail(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"({exc})"
-    return data[-LOG_TAIL_BYTES:].decode(errors="replace")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -60,6 +39,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
         return
     for value in getattr(item, "funcargs", {}).values():
         if isinstance(value, Containerd):
-            report.sections.append((f"containerd log ({report.when})", _tail(value.log)))
-            report.sections.append(
-                (f"lazyfs snapshotter log ({report.when})", _tail(value.snapshotter.log)))
+            add_logs(report, value)
