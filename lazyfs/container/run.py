@@ -29,7 +29,6 @@ from lazyfs.errors import LazyfsError
 from lazyfs.fetch.registry_options import RegistryOptions
 from lazyfs.format.platform import Platform
 from lazyfs.mount import kernel
-from lazyfs.mount.eager import mount_eager, unmount_eager
 from lazyfs.mount.images import ImageSet, image_record
 from lazyfs.mount.service import (
     MountOptions,
@@ -42,10 +41,10 @@ from lazyfs.mount.service import (
     writable_dirs,
 )
 from lazyfs.mount.state import MountRecord, StateError, ensure_state_dir, private_dir
-from lazyfs.oci.eager_pull import PulledLayer
 from lazyfs.oci.registry_source import ResolvedImage
 
 if TYPE_CHECKING:
+    from lazyfs.oci.eager_pull import PulledLayer
     from lazyfs.startup.begin import EarlyStart
 
 Notify = Callable[[str], None]
@@ -128,6 +127,8 @@ def run(prepared: PreparedRun, *, started: float, notify: Notify,
     )
     try:
         if request.eager:
+            from lazyfs.mount.eager import mount_eager  # eager runs only: not on a lazy start
+
             target = image_record(request.reference, image, str(root), upper, workdir)
             pulled = mount_eager(target, image, request.registry, work).layers
         else:
@@ -187,6 +188,8 @@ def _teardown(root: Path, work: Path, *, eager: bool, relay_log: bool, notify: N
     scratch directory. Reports failures, never raises."""
     try:
         if eager:
+            from lazyfs.mount.eager import unmount_eager
+
             unmount_eager(str(root))
         else:
             unmount(str(root), lazy=True, missing_ok=True)
