@@ -89,8 +89,15 @@ def frame_files(cache: Path) -> list[Path]:
 
 
 def du(directory: Path) -> int:
-    """What `du` counts of `directory`: the blocks of every file and directory in it."""
-    return sum(os.lstat(path).st_blocks * 512 for path in [directory, *directory.rglob("*")])
+    """What `du` counts of `directory`: the blocks of every file and directory in it (a file
+    a running daemon evicts between the listing and its stat counts nothing, as in `du`)."""
+    total = 0
+    for path in [directory, *directory.rglob("*")]:
+        try:
+            total += os.lstat(path).st_blocks * 512
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def read_until_gone(mountpoint: Path) -> None:
