@@ -213,3 +213,23 @@ def test_no_import_cycles() -> None:
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def floor_of(layer: str) -> int:
+    """1 for a layer that may import no other; else one above the highest it may import."""
+    return 1 + max((floor_of(other) for other in ALLOWED[layer]), default=0)
+
+
+def test_readmes_floors_are_the_tables() -> None:
+    """README's "How it is built" draws the packages as floors: the ones this table makes."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## How it is built"):text.index("**One byte, from")]
+    drawn: dict[str, int] = {}
+    for line in section.splitlines():
+        cells = line.split(" | ")
+        if len(cells) > 2 and cells[0].lstrip("| ").isdigit():
+            for path in cells[1].split(", "):
+                module = path.strip("`/").replace("/", ".")
+                layer = layer_of(module) if module.startswith("lazyfs.") else module
+                drawn[str(layer)] = int(cells[0].lstrip("| "))
+    assert drawn == {layer: floor_of(layer) for layer in ALLOWED}
