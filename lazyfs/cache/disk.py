@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -39,6 +40,9 @@ DEFAULT_FREE_FRACTION = 0.10
 DEFAULT_MAX_BYTES = 20 << 30
 MIN_DEFAULT_BYTES = 64 << 20
 IO_THREADS = 4
+# Bytes handed to `DiskCache.put_later` and not yet written, for the whole process: past it a
+# write is skipped (the memory it would hold matters more than one more entry on disk).
+DEFAULT_PENDING_WRITE_BYTES = 32 << 20
 
 __all__ = ["PULL_POLICIES", "STORE_ERRORS", "DiskCache", "DiskCacheError", "DiskCacheOptions",
            "default_cache_dir", "open_disk_cache"]
@@ -92,13 +96,31 @@ def open_store(options: DiskCacheOptions, *, index_in_background: bool = False) 
     return store
 
 
+Ref = tuple[str, int] | None  # the chunk (layer, index) an entry is kept for
+
+
+@dataclass(frozen=True)
+class _QueuedWrite:
+    entries: list[tuple[str, bytes, Ref]]
+    size: int
+    done: Callable[[], None]
+
+
 class DiskCache:
     """The disk cache as a trio program uses it: `get`, `put`, `delete` of keys named by the
     image layer, in worker threads; counters for the stats file."""
 
-    def __init__(self, store: DiskStore, io_threads: int = IO_THREADS) -> None:
+    def __init__(self, store: DiskStore, io_threads: int = IO_THREADS,
+                 pending_write_bytes: int = DEFAULT_PENDING_WRITE_BYTES) -> None:
         self.store = store
         self._limiter = trio.CapacityLimiter(io_threads)
+        # Writes in the background (`put_later`): what waits, and its bytes, for every layer
+        # of the process together.
+        self.pending_write_limit = pending_write_bytes
+        self.pending_write_bytes = 0
+        self._queued: list[_QueuedWrite] = []
+        self._writing = False
+        self.skipped_writes = 0
         self._told_failure = False  # an operation that failed has been logged
         self.failure: str | None = None  # why the cache is off (None: it is on)
         self.hits = 0
@@ -193,6 +215,61 @@ class DiskCache:
         self.writes += 1
         self.bytes_written += len(data)
 
+    def put_later(self, nursery: trio.Nursery, entries: list[tuple[str, bytes, Ref]],
+                  done: Callable[[], None]) -> bool:
+        """Store `entries` (verified by the caller; each counts on those before it) in the
+        background, batched with the others waiting (`DiskStore.put_many`: one transaction
+        and one flush of the disk for a batch); `done` is called once they are written or
+        given up. False, and nothing done, when the process's pending writes would exceed
+        `pending_write_limit` (or the cache is off)."""
+        size = sum(len(data) for _, data, _ in entries)
+        if (self.failure is not None or not entries
+                or self.pending_write_bytes + size > self.pending_write_limit):
+            self.skipped_writes += self.failure is None
+            return False
+        self.pending_write_bytes += size
+        self._queued.append(_QueuedWrite(entries, size, done))
+        if not self._writing:
+            self._writing = True
+            nursery.start_soon(self._write_queued)
+        return True
+
+    async def _write_queued(self) -> None:
+        """Write what `put_later` queued, a batch at a time, until nothing waits."""
+        batch: list[_QueuedWrite] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                await self._write_batch(batch)
+                self._release(batch)
+                batch = []
+        finally:
+            self._writing = False
+            self._release(batch)  # cancelled (unmount): given up
+            if self._queued:  # cancelled while others queued: they are given up too
+                queued, self._queued = self._queued, []
+                self._release(queued)
+
+    async def _write_batch(self, batch: list[_QueuedWrite]) -> None:
+        if self.failure is not None:
+            return
+        groups = [write.entries for write in batch]
+        try:
+            _, errors = await trio.to_thread.run_sync(self.store.put_many, groups,
+                                                      limiter=self._limiter)
+        except STORE_ERRORS as exc:
+            self._trouble("write", exc)
+            return
+        for error in errors:
+            self._trouble("write", error)
+        self.writes += sum(len(group) for group in groups) - len(errors)
+        self.bytes_written += sum(write.size for write in batch)
+
+    def _release(self, writes: list[_QueuedWrite]) -> None:
+        for write in writes:
+            self.pending_write_bytes -= write.size
+            write.done()
+
     async def delete(self, key: str) -> None:
         if self.failure is not None:
             return
@@ -249,6 +326,8 @@ class DiskCache:
             "misses": self.misses,
             "bytes_read": self.bytes_read,
             "writes": self.writes,
+            "writes_skipped": self.skipped_writes,
+            "pending_write_bytes": self.pending_write_bytes,
             "bytes_written": self.bytes_written,
             "evictions": self.store.evictions,
             "bad_entries": self.bad_entries,

@@ -22,6 +22,9 @@ readers go on meanwhile):
   rename to its name. If the row is gone by then (another process evicted it meanwhile), the
   file is unlinked again. So every named file has a row, the total counts every named file,
   and after a commit the total never exceeds the cap of the process that committed.
+- **put_many.** The same for a batch: one transaction for all its rows, then every file is
+  written to `tmp/`, and only then each is synced and renamed, in order (the disk flushes
+  once for the batch rather than once an entry).
 - **get.** Opens the file by name, without the index: a name means a complete file. Uses are
   kept in memory and written to the index in batches, so the LRU order is approximate.
 - **delete.** Row first, then the file.
@@ -46,7 +49,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -367,6 +370,79 @@ class DiskStore:
         return [victim for victim, _ in evicted]
 
     @_recovering
+    def put_many(self, groups: Sequence[Sequence[tuple[str, bytes, tuple[str, int] | None]]],
+                 ) -> tuple[list[str], list[OSError]]:
+        """`put` of many entries at once: one transaction counts them all, then their files
+        are written, and only then synced and renamed, so that the disk flushes once for the
+        batch instead of once an entry. Within a group an entry counts on those before it (a
+        frame on its hash blocks): once one fails, the rest of its group is withdrawn too.
+        Returns (the keys evicted to make room, the errors of the groups that failed);
+        raises sqlite3.Error."""
+        wanted: list[list[tuple[str, bytes, tuple[str, int] | None]]] = []
+        for group in groups:
+            fresh = []
+            for key, data, ref in group:
+                if self.path(key).exists():
+                    self.touch(key, ref)
+                else:
+                    fresh.append((key, data, ref))
+            if fresh:
+                wanted.append(fresh)
+        if not wanted:
+            return [], []
+        directories = {self.path(key).parent for group in wanted for key, _, _ in group}
+        new_directories = len({path for path in directories if not path.is_dir()}
+                              | {path.parent for path in directories
+                                 if not path.parent.is_dir()})
+        room = self.capacity_bytes - self.overhead_bytes(new_directories * DISK_BLOCK)
+        counted: list[list[tuple[str, bytes]]] = []
+        with self._lock, self._transaction():
+            self._flush_touches()
+            evicted: list[tuple[str, int]] = []
+            for group in wanted:
+                kept_group = []
+                for key, data, ref in group:
+                    size = disk_bytes(len(data))
+                    if size > room:
+                        break
+                    evicted += self._reserve(key, size, room)
+                    if ref is not None:
+                        self._add_ref(ref, key)
+                    kept_group.append((key, data))
+                counted.append(kept_group)
+        batch = {key for entries in counted for key, _ in entries}
+        self._unlink([victim for victim in evicted if victim[0] not in batch])
+        errors: list[OSError] = []
+        written: list[tuple[str, Path]] = []
+        for entries in counted:
+            for position, (key, data) in enumerate(entries):
+                try:
+                    written.append((key, self._write_unsynced(self.path(key), data)))
+                except OSError as exc:
+                    errors.append(exc)
+                    for withdrawn, _ in entries[position:]:
+                        self.delete(withdrawn)
+                    break
+        renamed = []
+        for key, temporary in written:
+            try:
+                self._sync_and_rename(temporary, self.path(key))
+                renamed.append(key)
+            except OSError as exc:
+                errors.append(exc)
+                self.delete(key)
+        self._directory_bytes += new_directories * DISK_BLOCK
+        if renamed:
+            with self._lock:
+                rows = {row[0] for row in self._db.execute(
+                    f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(renamed))})",
+                    renamed)}
+            for key in renamed:
+                if key not in rows:  # evicted by another process (or this batch) meanwhile
+                    self.path(key).unlink(missing_ok=True)
+        return [victim for victim, _ in evicted], errors
+
+    @_recovering
     def delete(self, key: str) -> None:
         """Forget `key`: its row, then its file."""
         with self._lock, self._transaction():
@@ -581,6 +657,32 @@ class DiskStore:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
+            for directory in (final.parents[2], final.parents[1], final.parent):  # data/KIND/HH
+                directory.mkdir(mode=0o700, exist_ok=True)
+            os.rename(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def _write_unsynced(self, final: Path, data: bytes) -> Path:
+        """Write `data` to a temporary file for `final` (not synced yet); return its path."""
+        temporary = self.directory / "tmp" / f"{final.name[:32]}.{os.urandom(16).hex()}"
+        try:
+            with open(temporary, "xb", opener=private_opener) as stream:
+                stream.write(data)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return temporary
+
+    def _sync_and_rename(self, temporary: Path, final: Path) -> None:
+        """fsync a file `_write_unsynced` wrote, and rename it to `final`."""
+        try:
+            descriptor = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
             for directory in (final.parents[2], final.parents[1], final.parent):  # data/KIND/HH
                 directory.mkdir(mode=0o700, exist_ok=True)
             os.rename(temporary, final)

@@ -17,7 +17,8 @@ What is kept (only for layers whose chunk table a digest authenticates):
   blocks above them before use.
 - **descriptors** fetched from a URL, to open a layer again while the URL is unreachable.
 
-Writes run in the mount's nursery, bounded: a read never waits for the disk to take a copy.
+Writes run in the mount's nursery, batched and bounded for the whole process
+(`DiskCache.put_later`): a read never waits for the disk to take a copy.
 A layer opened from the disk does not know whether its source answers: the loader asks it
 once in the background (`ChunkLoader.probe_source`), and the layer's failure policy
 (`lazyfs.layer.health`) treats a source that does not answer as down, as for any fetch.
@@ -50,8 +51,6 @@ from lazyfs.layer.disk_entries import (
 from lazyfs.layer.keys import descriptor_key, frame_key, layer_key, tree_key
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_WRITE_BYTES = 64 << 20
 
 
 # -- metadata and descriptors at open ------------------------------------------------------------
@@ -118,7 +117,7 @@ class LayerDisk:
         self.layer = key
         self._nursery = nursery
         self._kept_blocks = kept_blocks  # hash blocks the metadata entry holds
-        self._pending_write_bytes = 0
+        self._pending_writes = 0  # saves of this layer not yet written
         self._writes_done = trio.Event()
         self._writes_done.set()
         self._dropped: set[int] = set()
@@ -226,31 +225,28 @@ class LayerDisk:
     def save(self, chunk_index: int, frame: bytes, blocks: Mapping[int, bytes]) -> None:
         """Keep a verified frame (and for a layer checked by dm-verity when read back, the hash
         blocks it was verified with that the metadata entry lacks), in the background; skipped
-        while too much is waiting to be written."""
+        while too much waits to be written, for all layers of the process together
+        (`DiskCache.put_later`)."""
         key = frame_key(self.metadata, chunk_index)
+        if key is None:
+            return
+        entries: list[tuple[str, bytes, tuple[str, int] | None]] = []
         extra = {offset: block for offset, block in blocks.items()
                  if offset not in self._kept_blocks}
-        if self.metadata.table.hash_algorithm != HASH_NONE:
-            extra = {}
-        size = len(frame) + sum(len(block) for block in extra.values())
-        if key is None or self._pending_write_bytes + size > MAX_PENDING_WRITE_BYTES:
-            return
-        if not self._pending_write_bytes:
-            self._writes_done = trio.Event()
-        self._pending_write_bytes += size
-        self._nursery.start_soon(self._write, chunk_index, key, frame, extra, size)
+        if extra and self.metadata.table.hash_algorithm == HASH_NONE:
+            # First: a frame on disk without its hash blocks cannot be used.
+            entries.append((tree_key(self.layer, chunk_index), pack_blocks(TREE_MAGIC, extra),
+                            None))
+        entries.append((key, frame, (self.layer, chunk_index)))
+        if self.disk.put_later(self._nursery, entries, self._written):
+            if not self._pending_writes:
+                self._writes_done = trio.Event()
+            self._pending_writes += 1
 
-    async def _write(self, chunk_index: int, key: str, frame: bytes,
-                     extra: dict[int, bytes], size: int) -> None:
-        try:
-            if extra:  # first: a frame on disk without its hash blocks cannot be used
-                await self.disk.put(tree_key(self.layer, chunk_index),
-                                    pack_blocks(TREE_MAGIC, extra))
-            await self.disk.put(key, frame, (self.layer, chunk_index))
-        finally:
-            self._pending_write_bytes -= size
-            if not self._pending_write_bytes:
-                self._writes_done.set()
+    def _written(self) -> None:
+        self._pending_writes -= 1
+        if not self._pending_writes:
+            self._writes_done.set()
 
     async def writes_done(self) -> None:
         """Return once no frame waits to be written (at unmount: they are worth keeping)."""

@@ -40,7 +40,12 @@ from functools import partial
 import pyfuse3
 import trio
 
-from lazyfs.cache.disk import DiskCache, DiskCacheOptions, open_disk_cache
+from lazyfs.cache.disk import (
+    DEFAULT_PENDING_WRITE_BYTES,
+    DiskCache,
+    DiskCacheOptions,
+    open_disk_cache,
+)
 from lazyfs.cache.memory import DEFAULT_CACHE_BYTES, ChunkCache
 from lazyfs.fetch.base import ReaderOptions, SpeedLimit
 from lazyfs.fuse.operations import DaemonStats, LayerOperations
@@ -50,6 +55,7 @@ from lazyfs.layer.stats import TraceWriter
 from lazyfs.layer.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import fuse_connection, kernel
 from lazyfs.mount.background_loads import BackgroundLoads
+from lazyfs.mount.heap import bound_heap
 from lazyfs.mount.state import ErofsMountRecord
 from lazyfs.startup.open import LayerSource, open_layer
 
@@ -71,17 +77,20 @@ class LayerLimits:
     connections >= fetches in flight), so no stage queues work that the next cannot take:
     per layer, `http_connections` to its source and `parallel_fetches` requests in flight (no
     more than connections); for all of them, `decode_threads` that decompress and hash (None:
-    one per CPU, at least 2)."""
+    one per CPU, at least 2), and `pending_disk_write_bytes` of verified frames waiting for
+    the disk cache (beyond it a frame is not written: memory, not the disk, is the limit)."""
 
     http_connections: int = HTTP_CONNECTIONS_PER_LAYER
     parallel_fetches: int = PARALLEL_FETCHES_PER_LAYER
     decode_threads: int | None = None
+    pending_disk_write_bytes: int = DEFAULT_PENDING_WRITE_BYTES
 
     def __post_init__(self) -> None:
         if (not 1 <= self.parallel_fetches <= self.http_connections
-                or (self.decode_threads is not None and self.decode_threads < 1)):
-            raise ValueError("layer limits: need 1 <= parallel_fetches <= http_connections "
-                             "and decode_threads >= 1")
+                or (self.decode_threads is not None and self.decode_threads < 1)
+                or self.pending_disk_write_bytes < 0):
+            raise ValueError("layer limits: need 1 <= parallel_fetches <= http_connections, "
+                             "decode_threads >= 1 and pending_disk_write_bytes >= 0")
 
     def decode_thread_count(self) -> int:
         return self.decode_threads or max(2, os.cpu_count() or 1)
@@ -163,10 +172,13 @@ class LayerHost:
         A disk cache that cannot be used stops nothing: the host goes on without one (logged
         once). Its index opens in the background: reading entries needs none (opening it
         took 4-6 ms of a warm start's critical path)."""
+        bound_heap()  # every process that hosts layers: a mount's daemon, -f, the snapshotter
         disk = None
         if disk_cache and options.disk_cache is not None:
             disk = await trio.to_thread.run_sync(
                 partial(open_disk_cache, options.disk_cache, index_in_background=True))
+            if disk is not None:
+                disk.pending_write_limit = options.limits.pending_disk_write_bytes
         return cls(fuse_dir, options, nursery, disk, layer_count=layer_count, stats=stats,
                    trace=trace, allow_other=allow_other, loop_devices=loop_devices)
 

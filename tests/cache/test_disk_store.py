@@ -389,3 +389,26 @@ def test_the_cap_holds_for_everything_on_disk_the_index_included(tmp_path: Path)
     assert largest_wal <= WAL_ROOM_BYTES
     store.close()
     assert du(tmp_path) <= cap
+
+
+def test_put_many_stores_a_batch_in_order_and_cuts_a_group_at_what_does_not_fit(
+        tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, INDEX + 4 * DISK_BLOCK)
+    evicted, errors = store.put_many([
+        [(key("tree"), b"t" * 100, None), (key("frame"), b"f" * 100, ("layer", 0))],
+        [(key("big"), b"b" * (5 * DISK_BLOCK), None), (key("after-big"), b"a", None)],
+        [(key("last"), b"l" * 100, ("layer", 1))],
+    ])
+    assert evicted == [] and errors == []
+    assert store.get(key("tree")) == b"t" * 100 and store.get(key("frame")) == b"f" * 100
+    assert store.get(key("last")) == b"l" * 100
+    # Larger than the cap: not stored, and neither is what counts on it.
+    assert store.get(key("big")) is None and store.get(key("after-big")) is None
+    assert store.totals().size_bytes == 3 * DISK_BLOCK == files_bytes(tmp_path)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # Present already: a use is noted, nothing written; a full cache evicts the oldest.
+    evicted, errors = store.put_many([[(key("tree"), b"t" * 100, None)],
+                                      [(key("new-1"), b"n", None), (key("new-2"), b"n", None)]])
+    assert errors == [] and len(evicted) == 1
+    assert store.totals().size_bytes == 4 * DISK_BLOCK == files_bytes(tmp_path)
+    store.close()
