@@ -67,6 +67,9 @@ class ChunkCache:
             raise ValueError("cache capacity must be >= 0")
         self.capacity_bytes = capacity_bytes
         self.size_bytes = 0
+        # Bytes of chunks on their way in (`hold`): counted in the cap, so that the cache
+        # makes room for them before they land, not after.
+        self.held_bytes = 0
         self._entries: OrderedDict[Hashable, ChunkData] = OrderedDict()
         self._pending: dict[Hashable, _Pending] = {}
         self.hits = 0
@@ -162,6 +165,16 @@ class ChunkCache:
             raise pending.error
         return pending.data
 
+    def hold(self, size: int) -> None:
+        """Count `size` bytes of a chunk being loaded (its stream's buffer) in the cap until
+        `release`: the least recently used entries make room for it now."""
+        self.held_bytes += size
+        self._evict_to(self.capacity_bytes - self.held_bytes)
+
+    def release(self, size: int) -> None:
+        """Stop counting bytes `hold` counted (the chunk is stored, or given up)."""
+        self.held_bytes -= size
+
     @property
     def entries(self) -> int:
         return len(self._entries)
@@ -171,6 +184,7 @@ class ChunkCache:
         return {
             "capacity_bytes": self.capacity_bytes,
             "size_bytes": self.size_bytes,
+            "held_bytes": self.held_bytes,
             "entries": self.entries,
             "hits": self.hits,
             "misses": self.misses,
@@ -185,7 +199,11 @@ class ChunkCache:
             self.size_bytes -= len(old)
         self._entries[key] = data
         self.size_bytes += len(data)
-        while self.size_bytes > self.capacity_bytes:
+        self._evict_to(max(self.capacity_bytes - self.held_bytes, len(data)))
+
+    def _evict_to(self, size: int) -> None:
+        """Evict the least recently used entries until they take at most `size` bytes."""
+        while self.size_bytes > size and self._entries:
             _, evicted = self._entries.popitem(last=False)
             self.size_bytes -= len(evicted)
             self.evictions += 1

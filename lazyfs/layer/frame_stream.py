@@ -49,7 +49,7 @@ from lazyfs.layer.hash_blocks import Coverage, HashBlockStore
 log = logging.getLogger(__name__)
 
 # Bytes of a run received ahead of its processing at most: then the transfer waits.
-MAX_INBOX_BYTES = 4 * 1024 * 1024
+MAX_INBOX_BYTES = 1024 * 1024
 # The most one worker-thread call takes: what came meanwhile is published in pieces this size,
 # so a read waits for the piece that holds its blocks, not for all that had arrived.
 MAX_PIECE_BYTES = 256 * 1024
@@ -59,11 +59,15 @@ MAX_PARTIAL_CHUNKS = 8
 
 
 class FrameStream:
-    """One chunk as its frame arrives: the verified prefix grows; readers wait for theirs."""
+    """One chunk as its frame arrives: the verified prefix grows; readers wait for theirs.
+
+    Its bytes grow in one buffer, of the chunk's size once `reserve` has been told it, and
+    the completed chunk is that very buffer (read-only): a chunk is never held twice."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self._data: bytearray | ChunkData = bytearray()
+        self._filled = 0  # bytes of `_data` verified (or holes)
         self.holes: list[tuple[int, int, str]] = []  # (start, end, why) within the chunk
         self.error: ImageReadError | None = None
         self.done = False
@@ -73,7 +77,12 @@ class FrameStream:
     @property
     def verified(self) -> int:
         """Bytes of the chunk decoded and verified (or known to be a hole), from its start."""
-        return len(self._data)
+        return self._filled
+
+    def reserve(self, size: int) -> None:
+        """Make room for the whole chunk (`size` bytes) before the first `publish`."""
+        if isinstance(self._data, bytearray) and not self._filled and len(self._data) < size:
+            self._data = bytearray(size)
 
     async def read(self, start: int, end: int) -> bytes:
         """The chunk's bytes `[start, end)` once verified. Raises ImageReadError when the frame
@@ -89,18 +98,32 @@ class FrameStream:
         for hole_start, hole_end, why in self.holes:
             if hole_start < end and start < hole_end:
                 raise ImageReadError(f"chunk {self.index}: {why}")
-        return bytes(self._data[start:end])
+        with memoryview(self._data) as view:
+            return bytes(view[start:end])
 
-    def publish(self, data: bytes, holes: Sequence[tuple[int, int, str]] = ()) -> None:
+    def publish(self, data: bytes | bytearray,
+                holes: Sequence[tuple[int, int, str]] = ()) -> None:
         """Add verified bytes (holes zero-filled) and wake the readers."""
-        assert isinstance(self._data, bytearray)
-        self._data += data
+        buffer = self._data
+        assert isinstance(buffer, bytearray)
+        end = self._filled + len(data)
+        if end <= len(buffer):
+            buffer[self._filled:end] = data
+        else:
+            del buffer[self._filled:]
+            buffer += data
+        self._filled = end
         self.holes.extend(holes)
         self._wake()
 
-    def complete(self) -> bytes:
-        """The whole chunk has arrived and verified: its bytes, kept as one immutable copy."""
-        self._data = bytes(self._data)
+    def complete(self) -> ChunkData:
+        """The whole chunk has arrived and verified: its bytes, kept as one immutable copy
+        (the buffer itself, read-only, when it holds exactly the chunk)."""
+        buffer = self._data
+        assert isinstance(buffer, bytearray)
+        if len(buffer) != self._filled:
+            del buffer[self._filled:]
+        self._data = memoryview(buffer).toreadonly()
         self.done = True
         self._wake()
         return self._data
@@ -109,6 +132,7 @@ class FrameStream:
         """The whole chunk, verified by other means (the disk cache's copy, checked as a
         whole): it replaces what had streamed in, holes included, without a copy."""
         self._data = data
+        self._filled = len(data)
         self.holes.clear()
         self.done = True
         self._wake()
@@ -176,24 +200,29 @@ class LayerStreams:
 
 @dataclass
 class _Frame:
-    """One frame of a run, and what its worker threads carry from piece to piece."""
+    """One frame of a run, and what its worker threads carry from piece to piece. Its decoder
+    (zstd's state and window, most of a chunk) exists only while the frame streams in: a run
+    holds one or two, not one per frame."""
 
     index: int
     offset: int
     size: int
     first_block: int
-    decoder: FrameStreamDecoder
-    sha: hashlib._Hash | None
+    decoded_size: int
+    hashed: bool
+    decoder: FrameStreamDecoder | None = None
+    sha: hashlib._Hash | None = None
     received: int = 0
     position: int = 0  # chunk bytes published so far
-    kept: bytearray | None = None  # the frame's bytes, when kept for the disk cache
+    kept: list[bytes] | None = None  # the frame's pieces, when kept for the disk cache
     carry: bytearray = field(default_factory=bytearray)  # decoded, not yet a whole block
     failed: bool = False
+    held: int = 0  # bytes counted in the cache's cap while the chunk streams in
 
 
 @dataclass(frozen=True)
 class _Step:
-    data: bytes
+    data: bytes | bytearray
     holes: list[tuple[int, int, str]]
 
 
@@ -238,9 +267,8 @@ class RunStreamer:
             start, end = self.metadata.frame_range(index)
             frames.append(_Frame(
                 index, start, end - start, data_blocks(self.metadata, [index])[0],
-                FrameStreamDecoder(table.decoded_size(index), index, start, end - start),
-                hashlib.sha512() if table.hash_algorithm != HASH_NONE else None,
-                kept=bytearray() if self.keep_frames else None,
+                table.decoded_size(index), table.hash_algorithm != HASH_NONE,
+                kept=[] if self.keep_frames else None,
             ))
         began = time.monotonic()
         # The first frame's hash blocks, then the rest of the run's: a read waits on the
@@ -251,7 +279,8 @@ class RunStreamer:
         # Bytes received and not yet processed: the network fills it, the processor empties
         # it, a piece of all that has come at a time (small pieces on a slow link, the first
         # answer comes sooner; large ones on a fast link, fewer thread hops).
-        inbox = bytearray()
+        inbox: deque[bytes | memoryview] = deque()
+        inbox_bytes = 0
         changed = trio.Event()
 
         async def load_coverage() -> None:
@@ -261,9 +290,20 @@ class RunStreamer:
                            await self.hash_blocks.cover(*data_blocks(self.metadata, run)))
             covered[1].set()
 
+        def release(frame: _Frame) -> None:
+            """The frame has ended: what it held goes."""
+            self.hash_blocks.cache.release(frame.held)
+            frame.held = 0
+            frame.decoder = frame.sha = None
+            frame.carry = bytearray()
+
         async def process(frame: _Frame, piece: bytes, last: bool) -> None:
             which = 0 if frame is frames[0] else 1
             await covered[which].wait()
+            if frame.decoder is None:  # its first piece
+                frame.decoder = FrameStreamDecoder(frame.decoded_size, frame.index,
+                                                   frame.offset, frame.size)
+                frame.sha = hashlib.sha512() if frame.hashed else None
             try:
                 step = await trio.to_thread.run_sync(
                     _decode_and_verify, self.metadata, frame, piece, last, coverage[which],
@@ -271,16 +311,25 @@ class RunStreamer:
                 )
             except FormatError as exc:
                 frame.failed = True
+                release(frame)
                 streams[frame.index].fail(ImageReadError(f"chunk {frame.index}: {exc}"))
                 on_done(FrameDone(frame.index, reason=str(exc)))
                 return
-            streams[frame.index].publish(step.data, step.holes)
+            stream = streams[frame.index]
+            if not frame.held and not stream.verified:  # the frame's first bytes
+                # Counted in the cache's cap while it streams in: room is made for it now.
+                frame.held = frame.decoded_size
+                self.hash_blocks.cache.hold(frame.held)
+                stream.reserve(frame.held)
+            stream.publish(step.data, step.holes)
             if frame.kept is not None:
-                frame.kept += piece
+                frame.kept.append(piece)
             if last:
+                release(frame)
+                kept = b"".join(frame.kept) if frame.kept is not None else None
+                frame.kept = None
                 on_done(FrameDone(frame.index, frame_bytes=frame.size,
-                                  latency_s=time.monotonic() - began,
-                                  frame=bytes(frame.kept) if frame.kept is not None else None))
+                                  latency_s=time.monotonic() - began, frame=kept))
             elif not self.finish_frames and not any(s.waiting for s in streams.values()):
                 raise StoppedEarly
 
@@ -290,20 +339,38 @@ class RunStreamer:
             await changed.wait()
 
         async def sink(piece: bytes) -> None:
-            while len(inbox) > MAX_INBOX_BYTES:  # the processor is behind: let it catch up
+            nonlocal inbox_bytes
+            while inbox_bytes > MAX_INBOX_BYTES:  # the processor is behind: let it catch up
                 await wait_for_change()
-            inbox.extend(piece)
+            inbox.append(piece)
+            inbox_bytes += len(piece)
             changed.set()
+
+        def take_from_inbox(size: int) -> bytes:
+            """The first `size` bytes received (one copy, or none)."""
+            nonlocal inbox_bytes
+            parts: list[bytes | memoryview] = []
+            wanted = size
+            while wanted:
+                part = inbox.popleft()
+                if len(part) > wanted:
+                    inbox.appendleft(memoryview(part)[wanted:])
+                    part = memoryview(part)[:wanted]
+                parts.append(part)
+                wanted -= len(part)
+            inbox_bytes -= size
+            if len(parts) == 1 and isinstance(parts[0], bytes):
+                return parts[0]
+            return b"".join(parts)
 
         async def processor() -> None:
             for frame in frames:
                 while frame.received < frame.size:
                     wanted = min(self.piece_bytes, frame.size - frame.received)
-                    while len(inbox) < wanted:
+                    while inbox_bytes < wanted:
                         await wait_for_change()
-                    take = min(len(inbox), frame.size - frame.received, MAX_PIECE_BYTES)
-                    piece = bytes(inbox[:take])
-                    del inbox[:take]
+                    take = min(inbox_bytes, frame.size - frame.received, MAX_PIECE_BYTES)
+                    piece = take_from_inbox(take)
                     changed.set()
                     frame.received += take
                     if not frame.failed:
@@ -326,6 +393,9 @@ class RunStreamer:
                 if found and len(found) == len(errors):
                     raise found[0] from None
             raise
+        finally:
+            for frame in frames:
+                release(frame)
 
 
 def _decode_and_verify(metadata: BlobMetadata, frame: _Frame, piece: bytes, last: bool,
@@ -338,6 +408,7 @@ def _decode_and_verify(metadata: BlobMetadata, frame: _Frame, piece: bytes, last
         if last:
             check_frame_digest(metadata.table, frame.index, frame.sha.digest(), frame.offset,
                                frame.size)
+    assert frame.decoder is not None
     frame.carry += frame.decoder.feed(piece)
     if last:
         frame.decoder.finish()
@@ -345,8 +416,11 @@ def _decode_and_verify(metadata: BlobMetadata, frame: _Frame, piece: bytes, last
     assert geometry is not None and metadata.root is not None
     block_size = geometry.superblock.data_block_size
     whole = len(frame.carry) if last else len(frame.carry) // block_size * block_size
-    data = bytearray(frame.carry[:whole])
-    del frame.carry[:whole]
+    if whole == len(frame.carry):
+        data, frame.carry = frame.carry, bytearray()
+    else:
+        data = frame.carry[:whole]
+        del frame.carry[:whole]
     holes: list[tuple[int, int, str]] = []
     first = frame.first_block + frame.position // block_size
     checked = 0  # data before this offset is verified, or a hole
@@ -362,7 +436,7 @@ def _decode_and_verify(metadata: BlobMetadata, frame: _Frame, piece: bytes, last
         checked = end
     _verify(metadata, coverage, first, data, checked, len(data))
     frame.position += len(data)
-    return _Step(bytes(data), holes)
+    return _Step(data, holes)
 
 
 def _verify(metadata: BlobMetadata, coverage: Coverage, first: int, data: bytearray,

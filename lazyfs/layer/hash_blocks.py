@@ -107,6 +107,11 @@ class HashBlockStore:
         self._loading: dict[int, trio.Event] = {}
 
     @property
+    def cache(self) -> ChunkCache:
+        """The chunk cache the layer's level-0 blocks live in (its chunks' too, when given)."""
+        return self._cache
+
+    @property
     def verified_count(self) -> int:
         """Verified blocks held now (level 0: those the cache still holds)."""
         return len(self.known())

@@ -137,6 +137,7 @@ def test_lru_within_the_byte_cap_and_the_counts() -> None:
     assert cache.stats_snapshot() == {
         "capacity_bytes": 10,
         "size_bytes": 8,
+        "held_bytes": 0,
         "entries": 2,
         "hits": 2,
         "misses": 1,
@@ -171,3 +172,19 @@ def test_only_the_most_recently_counted_namespaces_are_kept() -> None:
     cache.get(("one-more", 0))  # the oldest, namespace 0, goes
     assert cache.counts("first") == (0, 2)
     assert cache.counts(0) == (0, 0) and cache.counts(1) == (0, 1)
+
+
+def test_bytes_held_for_chunks_on_their_way_in_count_in_the_cap() -> None:
+    cache = ChunkCache(capacity_bytes=12)
+    for key in ("a", "b", "c"):
+        assert cache.claim(key)
+        cache.complete(key, key.encode() * 4)
+    cache.hold(5)  # a chunk streaming in: the two least recent make room now
+    assert cache.get("a") is None and cache.get("b") is None and cache.get("c") == b"cccc"
+    assert cache.claim("d")
+    cache.complete("d", b"dddd")  # 8 + 5 held > 12: c goes
+    assert cache.get("c") is None and cache.get("d") == b"dddd"
+    cache.release(5)
+    assert cache.stats_snapshot()["held_bytes"] == 0
+    cache.keep("e", b"eeee")
+    assert cache.size_bytes == 8 and cache.get("d") == b"dddd"
