@@ -17,12 +17,13 @@ from lazyfs.fetch.base import SpeedLimit
 from lazyfs.format.platform import Platform, parse_platform
 from lazyfs.layer.tuning import DEFAULT_READ_TIMEOUT_S, ImageTuning
 from lazyfs.oci.names import host_platform
-from lazyfs.startup.begin import EarlyStart, StartupError, begin_image
-from lazyfs.startup.begin import prepare_cache_directory as prepare_private_directory
+from lazyfs.startup.cache_directory import StartupError
+from lazyfs.startup.cache_directory import prepare_cache_directory as prepare_private_directory
 
 if TYPE_CHECKING:
     from lazyfs.cache.disk import DiskCacheOptions
     from lazyfs.fetch.registry_options import RegistryOptions
+    from lazyfs.startup.begin import EarlyStart
 
 REFERENCE_RULE = (
     "SOURCE is an image reference ([REGISTRY/]REPOSITORY[:TAG][@DIGEST]) when it is not a URL "
@@ -139,6 +140,9 @@ def begin_image_of(args: argparse.Namespace, text: str, *,
     """The warm start and early requests of the image `text`, begun now with the command's
     options (`lazyfs.startup.begin.begin_image`); none when the platform asked for is bad
     (reported with the other checks). Raises UserError (an unusable cache directory)."""
+    # `lazyfs mount` and `lazyfs run` only: the other commands do not import the requests.
+    from lazyfs.startup.begin import EarlyStart, begin_image
+
     try:
         platform = platform_of(args)
     except UserError:

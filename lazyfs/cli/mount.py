@@ -61,59 +61,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "mounted.",
     )
     mount.add_argument("source", metavar="SOURCE", help="blob URL or path, or image reference")
-    mount.add_argument(
-        "mountpoint",
-        metavar="MOUNTPOINT",
-        nargs="?",
-        help="empty directory (not with --block-only)",
-    )
-    mount.add_argument(
-        "more",
-        metavar="IMAGE_REF MOUNTPOINT",
-        nargs="*",
-        help="more images to mount with the same daemon",
-    )
-    mount.add_argument(
-        "--writable",
-        metavar="DIR",
-        help="images: keep changes in DIR/upper (work dir DIR/work) instead of read-only",
-    )
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                       help="empty directory (not with --block-only)")
+    mount.add_argument("more", metavar="IMAGE_REF MOUNTPOINT", nargs="*",
+                       help="more images to mount with the same daemon")
+    mount.add_argument("--writable", metavar="DIR", help="images: keep changes in DIR/upper "
+                       "(work dir DIR/work) instead of read-only")
     mount.add_argument("--descriptor", metavar="FILE|URL", help="the layer's OCI descriptor")
     mount.add_argument("--chunk-table-offset", type=int, metavar="OFFSET")
     mount.add_argument("--chunk-digest", metavar="sha512:HEX")
     mount.add_argument("--verity-offset", type=int, metavar="OFFSET")
     mount.add_argument("--root-digest", metavar="ALG:HEX")
-    mount.add_argument(
-        "--insecure", action="store_true", help="allow a layer without trusted digests"
-    )
-    mount.add_argument(
-        "--block-only",
-        metavar="DIR",
-        help="only expose the layer's EROFS image as a file in DIR (no EROFS mount)",
-    )
-    mount.add_argument(
-        "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
-    )
-    mount.add_argument(
-        "--cache-size",
-        default=DEFAULT_CACHE_SIZE,
-        metavar="SIZE",
-        help=f"decoded chunk cache, bytes or with K/M/G (default {DEFAULT_CACHE_SIZE})",
-    )
-    mount.add_argument(
-        "--header",
-        action="append",
-        default=[],
-        metavar="'NAME: VALUE'",
-        help="HTTP header for every request (repeatable), e.g. 'Authorization: Bearer ...'",
-    )
+    mount.add_argument("--insecure", action="store_true",
+                       help="allow a layer without trusted digests")
+    mount.add_argument("--block-only", metavar="DIR", help="only expose the layer's EROFS "
+                       "image as a file in DIR (no EROFS mount)")
+    mount.add_argument("-f", "--foreground", action="store_true",
+                       help="stay in the foreground, log to stderr")
+    mount.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+                       help=f"decoded chunk cache, bytes or with K/M/G (default "
+                       f"{DEFAULT_CACHE_SIZE})")
+    mount.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                       help="HTTP header for every request (repeatable), e.g. "
+                       "'Authorization: Bearer ...'")
     mount.add_argument("--trace", metavar="FILE", help="append a JSON line per chunk access")
     mount.add_argument("--readahead", type=int, metavar="N",
                        help="chunks to read ahead after sequential reads (0: no reading "
                        "ahead at all, nor chunks that follow a miss)")
-    mount.add_argument(
-        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output"
-    )
+    mount.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="more output")
     add_prefetch_arguments(mount)
     add_disk_cache_arguments(mount)
     add_pull_argument(mount)
@@ -267,14 +243,8 @@ def build_image_config(args: argparse.Namespace,
     found = resolve(references, registry_options(args, deadline_s=args.read_timeout),
                     platform_of(args), insecure=args.insecure, disk=options.disk_cache,
                     early=early)
-    return image_config(
-        found,
-        references,
-        mountpoints,
-        writable=writable,
-        block_only=bool(args.block_only),
-        options=options,
-    )
+    return image_config(found, references, mountpoints, writable=writable,
+                        block_only=bool(args.block_only), options=options)
 
 
 def _pinned_lines(config: DaemonConfig) -> str:

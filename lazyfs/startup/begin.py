@@ -13,8 +13,9 @@ when they can help:
 Both are in the `EarlyStart` returned. Once the daemon is about to start, the mount service
 takes their answers from it (`layer_answers`, `image_answers`, `warm_chunks`) and the daemon
 starts with them instead of making the same requests and disk reads. Neither is needed:
-whatever stops them, the daemon does the work itself. Light to import: the warm start and an
-image's head start are imported only when they run.
+whatever stops them, the daemon does the work itself. The disk cache directory they look in
+is prepared first (`cache_directory`, which raises StartupError). Light to import: the warm
+start and an image's head start are imported only when they run.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazyfs.cache.trust import prepare_directory, untrusted_message
-from lazyfs.errors import LazyfsError
 from lazyfs.fetch.primed import PrimedAnswers
 from lazyfs.format.descriptor import Descriptor, descriptor_locations, is_local
 from lazyfs.format.reference import ImageReference, parse_reference
@@ -41,25 +40,6 @@ if TYPE_CHECKING:
 # How long a command waits, once it is ready to start its daemon, for answers still on their
 # way (the daemon would wait for them anyway, asking again).
 HEAD_START_WAIT_S = 1.0
-
-
-class StartupError(LazyfsError):
-    """A setting the mount starts with cannot be used (a disk cache directory another user
-    could change)."""
-
-
-def prepare_cache_directory(directory: str) -> Path:
-    """`directory`, created if missing and made private, for a disk cache, before anything is
-    read from it (`lazyfs.cache.trust.prepare_directory`). Raises StartupError for one that
-    cannot be used or that another user could change."""
-    try:
-        unsafe = prepare_directory(directory)
-    except OSError as exc:
-        raise StartupError(
-            f"cannot use the cache directory {directory}: {exc.strerror}") from None
-    if unsafe is not None:
-        raise StartupError(untrusted_message(directory, unsafe))
-    return Path(directory)
 
 
 @dataclass
