@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import NoReturn
 
@@ -76,6 +76,24 @@ class CommandParser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._parsing = False
+
+
+def parse_options_in_command(args: argparse.Namespace, prog: str,
+                             add_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Options may also follow IMAGE_REF, up to `--`: parse them out of `args.command` (the
+    positionals' REMAINDER), with the parser `add_options` makes; what follows `--` is the
+    command."""
+    rest = list(args.command)
+    if "--" in rest:
+        index = rest.index("--")
+        options, args.command = rest[:index], rest[index + 1:]
+    elif rest and rest[0].startswith("-"):
+        options, args.command = rest, []
+    else:
+        return
+    parser = argparse.ArgumentParser(prog=prog, add_help=False)
+    add_options(parser)
+    parser.parse_args(options, namespace=args)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from lazyfs.cli import UserError, sigterm_as_interrupt
+from lazyfs.cli import UserError, parse_options_in_command, sigterm_as_interrupt
 from lazyfs.cli._images import add_registry_arguments, platform_of, registry_options
 from lazyfs.sizes import human_size
 
@@ -73,21 +73,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.set_defaults(func=cmd_bench)
 
 
-def _split_command(args: argparse.Namespace) -> None:
-    """Options may also follow IMAGE_REF, up to `--`: parse them out of the command."""
-    rest = list(args.command)
-    if "--" in rest:
-        index = rest.index("--")
-        options, args.command = rest[:index], rest[index + 1:]
-    elif rest and rest[0].startswith("-"):
-        options, args.command = rest, []
-    else:
-        return
-    parser = argparse.ArgumentParser(prog="lazyfs bench", add_help=False)
-    _add_options(parser)
-    parser.parse_args(options, namespace=args)
-
-
 def _registry_args(args: argparse.Namespace) -> tuple[str, ...]:
     """The registry options every run of the bench is given."""
     options: list[str] = ["--insecure-registry"] if args.insecure_registry else []
@@ -117,7 +102,7 @@ def _writable(path: str, option: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _split_command(args)
+    parse_options_in_command(args, "lazyfs bench", _add_options)
     from lazyfs.bench.experiment import BenchError, BenchRequest, run_bench
     from lazyfs.bench.link import LinkSpecError, parse_link
     from lazyfs.bench.results import MODES, write_csv, write_json

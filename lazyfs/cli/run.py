@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lazyfs.cli import UserError, sigterm_as_interrupt
+from lazyfs.cli import UserError, parse_options_in_command, sigterm_as_interrupt
 from lazyfs.cli._images import (
     DEFAULT_CACHE_SIZE,
     add_disk_cache_arguments,
@@ -105,17 +105,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def split_command(args: argparse.Namespace) -> None:
     """Options may also follow IMAGE_REF, up to `--`: parse them out of the command."""
-    rest = list(args.command)
-    if "--" in rest:
-        index = rest.index("--")
-        options, args.command = rest[:index], rest[index + 1 :]
-    elif rest and rest[0].startswith("-"):
-        options, args.command = rest, []
-    else:
-        return
-    parser = argparse.ArgumentParser(prog="lazyfs run", add_help=False)
-    _add_options(parser)
-    parser.parse_args(options, namespace=args)
+    parse_options_in_command(args, "lazyfs run", _add_options)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

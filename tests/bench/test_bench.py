@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from lazyfs import __version__
 from tests.support import registry_images
 from tests.support.mounts import cleanup
-from tests.support.registry_images import REPO, PublishedImage, assert_nothing_left
+from tests.support.registry_images import REPO, PrivateCommand, PublishedImage
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -33,27 +31,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WAIT_S = 120
 
 
-class Bencher:
+class Bencher(PrivateCommand):
     """`lazyfs bench` with a private state directory and TMPDIR, both checked and cleaned."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.state_dir = tmp_path / "state"
-        self.tmp_dir = tmp_path / "tmp"
-        self.tmp_dir.mkdir()
-        self.env = {**os.environ, "LAZYFS_STATE_DIR": str(self.state_dir),
-                    "TMPDIR": str(self.tmp_dir)}
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "lazyfs", "bench", *args]
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), cwd=REPO, env=self.env, capture_output=True,
-                              text=True, timeout=600, check=False)
-
-    def assert_clean(self) -> None:
-        assert_nothing_left(self.tmp_dir, self.state_dir)
-        assert os.listdir(self.tmp_dir) == []
-        assert not self.state_dir.exists() or os.listdir(self.state_dir) == []
+        super().__init__(tmp_path, "bench", timeout_s=600)
 
 
 @pytest.fixture

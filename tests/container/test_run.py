@@ -5,10 +5,8 @@ nothing stays mounted, attached or running afterwards, also after Ctrl-C."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,12 @@ from tests.support import registry_images
 from tests.support.images import base_layer, ghost_layer
 from tests.support.mounts import cleanup
 from tests.support.registry import Registry
-from tests.support.registry_images import REPO, PublishedImage, assert_nothing_left, publish
+from tests.support.registry_images import (
+    REPO,
+    PrivateCommand,
+    PublishedImage,
+    publish,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -30,28 +33,11 @@ registry = registry_images.registry
 busybox = registry_images.busybox
 
 
-class Runner:
+class Runner(PrivateCommand):
     """`lazyfs run` with a private state directory and TMPDIR, both checked and cleaned."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.state_dir = tmp_path / "state"
-        self.tmp_dir = tmp_path / "tmp"
-        self.tmp_dir.mkdir()
-        self.env = {**os.environ, "LAZYFS_STATE_DIR": str(self.state_dir),
-                    "TMPDIR": str(self.tmp_dir)}
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "lazyfs", "run", *args]
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), cwd=REPO, env=self.env, capture_output=True,
-                              text=True, timeout=180, check=False)
-
-    def assert_clean(self) -> None:
-        """No mounts, loop devices, records, scratch directories or daemon logs left."""
-        assert_nothing_left(self.tmp_dir, self.state_dir)
-        assert os.listdir(self.tmp_dir) == []
-        assert not self.state_dir.exists() or os.listdir(self.state_dir) == []
+        super().__init__(tmp_path, "run", timeout_s=180)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ converted with `lazyfs convert REF --push REF2` into `test/busybox:v1-erofs`.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -84,3 +85,30 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 @pytest.fixture(scope="module")
 def busybox(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> PublishedImage:
     return publish(tmp_path_factory.mktemp("busybox"), registry.host)
+
+
+class PrivateCommand:
+    """A `lazyfs COMMAND` with a private state directory and TMPDIR, both checked and
+    cleaned: no mounts, loop devices, records, scratch directories or daemon logs left."""
+
+    def __init__(self, tmp_path: Path, command: str, timeout_s: float) -> None:
+        self.command = command
+        self.timeout_s = timeout_s
+        self.state_dir = tmp_path / "state"
+        self.tmp_dir = tmp_path / "tmp"
+        self.tmp_dir.mkdir()
+        self.env = {**os.environ, "LAZYFS_STATE_DIR": str(self.state_dir),
+                    "TMPDIR": str(self.tmp_dir)}
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "lazyfs", self.command, *args]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), cwd=REPO, env=self.env, capture_output=True,
+                              text=True, timeout=self.timeout_s, check=False)
+
+    def assert_clean(self) -> None:
+        assert_nothing_left(self.tmp_dir, self.state_dir)
+        assert os.listdir(self.tmp_dir) == []
+        assert not self.state_dir.exists() or os.listdir(self.state_dir) == []
+
