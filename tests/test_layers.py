@@ -131,7 +131,7 @@ def test_imports_point_down_the_layer_table() -> None:
         ("lazyfs.format.frames", "from lazyfs.fetch.http import HttpBlobReader"),
         ("lazyfs.fetch.http", "import lazyfs.layer.remote_image"),
         ("lazyfs.layer.remote_image", "from lazyfs.startup import open"),
-        ("lazyfs.erofs.reader", "from lazyfs.layer import keys"),
+        ("lazyfs.erofs.reader", "from lazyfs.layer import loader"),
         ("lazyfs.layer.remote_image", "from lazyfs.mount import daemon"),
         ("lazyfs.mount.daemon", "from lazyfs.cli import main"),
         ("lazyfs.node.config", "from lazyfs.cli import UserError"),

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.cache.disk import DiskCache
+from lazyfs.cache.keys import descriptor_key, frame_key, layer_key, tree_key
 from lazyfs.cache.memory import ChunkData
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import SeekableAnnotations
@@ -48,7 +49,6 @@ from lazyfs.layer.disk_entries import (
     pack_metadata,
     unpack_blocks,
 )
-from lazyfs.layer.keys import descriptor_key, frame_key, layer_key, tree_key
 
 log = logging.getLogger(__name__)
 

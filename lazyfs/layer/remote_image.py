@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from lazyfs.cache.keys import content_key
 from lazyfs.cache.memory import ChunkCache, ChunkData
 from lazyfs.fetch.base import BlobReader
 from lazyfs.format.layout import BlobMetadata
@@ -37,7 +38,6 @@ from lazyfs.layer.demand import DemandGate
 from lazyfs.layer.disk_tier import LayerDisk
 from lazyfs.layer.errors import ImageReadError
 from lazyfs.layer.frame_stream import FrameStream
-from lazyfs.layer.keys import content_key
 from lazyfs.layer.loader import ChunkLoader
 from lazyfs.layer.readahead import SequentialReads
 from lazyfs.layer.run_load import RunLoad

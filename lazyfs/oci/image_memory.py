@@ -30,11 +30,11 @@ import trio
 
 from lazyfs.cache.disk_index import DiskCacheError
 from lazyfs.cache.disk_store import entry_path, read_entry
+from lazyfs.cache.keys import image_data_key, tag_key
 from lazyfs.cache.trust import find_unsafe, untrusted_message
 from lazyfs.format.errors import OCIFormatError
 from lazyfs.format.oci import detect_media_type, digest_of
 from lazyfs.layer.errors import ImageResolveError
-from lazyfs.layer.keys import image_data_key, tag_key
 from lazyfs.startup.registry_head_start import MAX_DOCUMENT_BYTES
 
 if TYPE_CHECKING:

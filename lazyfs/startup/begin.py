@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lazyfs.cache.keys import descriptor_key, image_data_key, layer_key, tag_key
 from lazyfs.fetch.primed import PrimedAnswers
 from lazyfs.format.descriptor import Descriptor, descriptor_locations, is_local
 from lazyfs.format.reference import ImageReference, parse_reference
-from lazyfs.layer.keys import descriptor_key, image_data_key, layer_key, tag_key
 from lazyfs.layer.tuning import ImageTuning
 from lazyfs.startup.head_start import HeadStart, read_descriptor_file
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from lazyfs.cache.disk import DiskCache
+from lazyfs.cache.keys import layer_key
 from lazyfs.cache.memory import ChunkCache
 from lazyfs.fetch.base import BlobReader, ReaderOptions
 from lazyfs.fetch.errors import BlobChangedError, FetchError
@@ -41,7 +42,6 @@ from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.prefetch_list import LayerPrefetch
 from lazyfs.layer import disk_tier
 from lazyfs.layer.errors import LayerOpenError, UntrustedLayerError
-from lazyfs.layer.keys import layer_key
 from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.layer.stats import TraceWriter
 from lazyfs.layer.tuning import ImageTuning

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from lazyfs.cache.disk_index import read_layer_entries
 from lazyfs.cache.disk_store import read_entry
+from lazyfs.cache.keys import descriptor_key, frame_key, image_data_key, layer_key, tag_key
 from lazyfs.errors import LazyfsError
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.descriptor import (
@@ -53,7 +54,6 @@ from lazyfs.format.descriptor import (
 )
 from lazyfs.format.errors import FormatError
 from lazyfs.layer.disk_entries import check_cached_metadata, check_frame
-from lazyfs.layer.keys import descriptor_key, frame_key, image_data_key, layer_key, tag_key
 
 if TYPE_CHECKING:
     from lazyfs.format.platform import Platform

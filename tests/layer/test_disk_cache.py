@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from lazyfs.cache.disk import DiskCache, DiskCacheOptions
+from lazyfs.cache.keys import frame_key, layer_key, tree_key
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.layer.errors import ImageReadError
-from lazyfs.layer.keys import frame_key, layer_key, tree_key
 from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.layer.tuning import ImageTuning
 from lazyfs.startup.metadata import load_metadata

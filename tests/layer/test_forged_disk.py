@@ -14,11 +14,11 @@ import pytest
 import trio
 
 from lazyfs.cache.disk import DiskCache, DiskCacheOptions
+from lazyfs.cache.keys import frame_key, layer_key, tree_key
 from lazyfs.format.chunk_table import HASH_NONE
 from lazyfs.format.layout import BlobMetadata
 from lazyfs.format.verity_tree import VerityGeometry, data_block_digests, hash_blocks_needed
 from lazyfs.layer.disk_entries import pack_blocks, pack_metadata
-from lazyfs.layer.keys import frame_key, layer_key, tree_key
 from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.layer.tuning import ImageTuning
 from lazyfs.startup.open import LayerSource

@@ -437,8 +437,8 @@ def _held_chunks(cache: Path, url: str) -> tuple[Any, dict[str, int]]:
     holds of the layer at `url`."""
     from lazyfs.cache.disk_index import read_layer_entries
     from lazyfs.cache.disk_store import read_entry
+    from lazyfs.cache.keys import layer_key
     from lazyfs.layer.disk_entries import check_cached_metadata
-    from lazyfs.layer.keys import layer_key
 
     (remembered,) = remembered_layer(cache, url, None)
     key = layer_key(remembered.annotations)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.cache.disk_store import entry_path
-from lazyfs.layer.keys import tag_key
+from lazyfs.cache.keys import tag_key
 from tests.mount.test_image_mount import mount_image, one_line_error, umount_leaves_nothing
 from tests.support.images import busybox_layers
 from tests.support.lazyfs_cli import Lazyfs

@@ -12,9 +12,9 @@ import trio
 
 from lazyfs.cache.disk_index import DiskCacheError
 from lazyfs.cache.disk_store import entry_path
+from lazyfs.cache.keys import image_data_key, tag_key
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.format.reference import parse_reference
-from lazyfs.layer.keys import image_data_key, tag_key
 from lazyfs.oci.image_memory import ImageMemory, PendingEntries
 from lazyfs.oci.registry_source import ResolvedImage, resolve_image
 from tests.oci.test_registry_source import (
