@@ -277,8 +277,9 @@ class RunStreamer:
         coverage: dict[int, Coverage] = {}
         covered = (trio.Event(), trio.Event())
         # Bytes received and not yet processed: the network fills it, the processor empties
-        # it, a piece of all that has come at a time (small pieces on a slow link, the first
-        # answer comes sooner; large ones on a fast link, fewer thread hops).
+        # it, a piece of all that has come at a time (small pieces while a read waits on a
+        # slow link, the first answer comes sooner; large ones on a fast link or while no
+        # read waits, fewer thread hops).
         inbox: deque[bytes | memoryview] = deque()
         inbox_bytes = 0
         changed = trio.Event()
@@ -334,9 +335,13 @@ class RunStreamer:
                 raise StoppedEarly
 
         async def wait_for_change() -> None:
-            nonlocal changed
-            changed = trio.Event()
+            """Wait until bytes arrive or are taken for processing."""
             await changed.wait()
+
+        def note_change() -> None:
+            nonlocal changed
+            changed, done = trio.Event(), changed
+            done.set()
 
         async def sink(piece: bytes) -> None:
             nonlocal inbox_bytes
@@ -344,34 +349,39 @@ class RunStreamer:
                 await wait_for_change()
             inbox.append(piece)
             inbox_bytes += len(piece)
-            changed.set()
+            note_change()
 
         def take_from_inbox(size: int) -> bytes:
             """The first `size` bytes received (one copy, or none)."""
             nonlocal inbox_bytes
             parts: list[bytes | memoryview] = []
-            wanted = size
-            while wanted:
+            left = size
+            while left:
                 part = inbox.popleft()
-                if len(part) > wanted:
-                    inbox.appendleft(memoryview(part)[wanted:])
-                    part = memoryview(part)[:wanted]
+                if len(part) > left:
+                    inbox.appendleft(memoryview(part)[left:])
+                    part = memoryview(part)[:left]
                 parts.append(part)
-                wanted -= len(part)
+                left -= len(part)
             inbox_bytes -= size
             if len(parts) == 1 and isinstance(parts[0], bytes):
                 return parts[0]
             return b"".join(parts)
 
+        def piece_size(frame: _Frame) -> int:
+            """Bytes to gather before a piece of `frame` is decoded: few while a read waits
+            for it (its blocks come sooner), else a large piece (fewer thread hops)."""
+            piece = self.piece_bytes if streams[frame.index].waiting else MAX_PIECE_BYTES
+            return min(piece, frame.size - frame.received)
+
         async def processor() -> None:
             for frame in frames:
                 while frame.received < frame.size:
-                    wanted = min(self.piece_bytes, frame.size - frame.received)
-                    while inbox_bytes < wanted:
+                    while inbox_bytes < piece_size(frame):
                         await wait_for_change()
                     take = min(inbox_bytes, frame.size - frame.received, MAX_PIECE_BYTES)
                     piece = take_from_inbox(take)
-                    changed.set()
+                    note_change()
                     frame.received += take
                     if not frame.failed:
                         await process(frame, piece, frame.received == frame.size)
