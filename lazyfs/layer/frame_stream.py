@@ -79,10 +79,19 @@ class FrameStream:
         """Bytes of the chunk decoded and verified (or known to be a hole), from its start."""
         return self._filled
 
-    def reserve(self, size: int) -> None:
-        """Make room for the whole chunk (`size` bytes) before the first `publish`."""
-        if isinstance(self._data, bytearray) and not self._filled and len(self._data) < size:
-            self._data = bytearray(size)
+    def adopt(self, buffer: bytearray) -> None:
+        """Take `buffer`, of the whole chunk's size, before anything is published: the
+        decoding threads write verified bytes into it, `advance` makes them readable."""
+        assert isinstance(self._data, bytearray) and not self._filled
+        self._data = buffer
+
+    def advance(self, size: int, holes: Sequence[tuple[int, int, str]] = ()) -> None:
+        """The next `size` bytes of the adopted buffer are verified (holes zero-filled): wake
+        the readers."""
+        assert isinstance(self._data, bytearray) and self._filled + size <= len(self._data)
+        self._filled += size
+        self.holes.extend(holes)
+        self._wake()
 
     async def read(self, start: int, end: int) -> bytes:
         """The chunk's bytes `[start, end)` once verified. Raises ImageReadError when the frame
@@ -218,11 +227,12 @@ class _Frame:
     carry: bytearray = field(default_factory=bytearray)  # decoded, not yet a whole block
     failed: bool = False
     held: int = 0  # bytes counted in the cache's cap while the chunk streams in
+    buffer: bytearray | None = None  # the chunk, made and filled by the worker threads
 
 
 @dataclass(frozen=True)
 class _Step:
-    data: bytes | bytearray
+    size: int  # bytes verified (or holes) written to the frame's buffer
     holes: list[tuple[int, int, str]]
 
 
@@ -295,7 +305,7 @@ class RunStreamer:
             """The frame has ended: what it held goes."""
             self.hash_blocks.cache.release(frame.held)
             frame.held = 0
-            frame.decoder = frame.sha = None
+            frame.decoder = frame.sha = frame.buffer = None
             frame.carry = bytearray()
 
         async def process(frame: _Frame, piece: bytes, last: bool) -> None:
@@ -317,12 +327,13 @@ class RunStreamer:
                 on_done(FrameDone(frame.index, reason=str(exc)))
                 return
             stream = streams[frame.index]
-            if not frame.held and not stream.verified:  # the frame's first bytes
+            if not frame.held and frame.buffer is not None:  # the frame's first bytes
                 # Counted in the cache's cap while it streams in: room is made for it now.
                 frame.held = frame.decoded_size
                 self.hash_blocks.cache.hold(frame.held)
-                stream.reserve(frame.held)
-            stream.publish(step.data, step.holes)
+                stream.adopt(frame.buffer)
+            if step.size or step.holes:
+                stream.advance(step.size, step.holes)
             if frame.kept is not None:
                 frame.kept.append(piece)
             if last:
@@ -445,8 +456,11 @@ def _decode_and_verify(metadata: BlobMetadata, frame: _Frame, piece: bytes, last
                       f"data block {first + position // block_size} cannot be verified: {why}"))
         checked = end
     _verify(metadata, coverage, first, data, checked, len(data))
+    if frame.buffer is None:  # made here, not on the event loop: zeroing it takes a while
+        frame.buffer = bytearray(frame.decoded_size)
+    frame.buffer[frame.position:frame.position + len(data)] = data
     frame.position += len(data)
-    return _Step(data, holes)
+    return _Step(len(data), holes)
 
 
 def _verify(metadata: BlobMetadata, coverage: Coverage, first: int, data: bytearray,
