@@ -61,7 +61,7 @@ class ImageFile:
 
 class ErofsReader:
     """Inodes, data, xattrs and directory entries of an uncompressed EROFS image (also
-    `converter.erofs_inodes`, which writes an image anew from one)."""
+    `converter.erofs.image_inodes`, which writes an image anew from one)."""
 
     def __init__(self, image: ImageFile, superblock: Superblock) -> None:
         self.image, self.sb = image, superblock

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
-from converter.erofs_writer import ErofsWriter
+from converter.erofs.startup_order import startup_prefetch
+from converter.erofs.writer import ErofsWriter
 from converter.errors import ConvertError, UnsupportedSourceError
 from converter.layer_image import build_in_startup_order, build_layer_image, choose_writer
 from converter.mkfs import REPRODUCIBLE_UUID, ErofsLayout, build_erofs
 from converter.source import SourceKind, detect_source, open_tar_stream
-from converter.startup_order import startup_prefetch
 from converter.tar_extract import ExtractStats, extract_layer
 from lazyfs.format.descriptor import (
     LABEL_UNCOMPRESSED,

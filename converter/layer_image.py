@@ -1,13 +1,13 @@
 """Which program writes a layer's raw EROFS image, and how lazyfs's own writer is run.
 
-lazyfs's writer (`converter.erofs_writer`) writes every uncompressed image by default: streamed
+lazyfs's writer (`converter.erofs.writer`) writes every uncompressed image by default: streamed
 from the directory or the tar layer (read twice, nothing extracted), metadata first, in any
 size. mkfs.erofs (`converter.mkfs`) writes what only it can: compressed images, its own
 interleaved layout, images built with mkfs options; and any image with `--erofs-writer mkfs`.
 
 In start-up order (`build_in_startup_order`), lazyfs's writer also takes an EROFS image (raw,
 or a seekable blob it decodes first): the layer a recorded start read, written anew with the
-blocks that start read right after the metadata (`converter.startup_order`).
+blocks that start read right after the metadata (`converter.erofs.startup_order`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from typing import BinaryIO
 
 import zstandard
 
-from converter.dir_inodes import DirectorySource
-from converter.erofs_inodes import ErofsSource
-from converter.erofs_writer import ErofsWriter, ImageOptions, ImageResult, write_image
+from converter.erofs.dir_inodes import DirectorySource
+from converter.erofs.image_inodes import ErofsSource
+from converter.erofs.inode_tree import LayerSource, Node
+from converter.erofs.startup_order import startup_by_replay, startup_from_image
+from converter.erofs.tar_inodes import TarSource
+from converter.erofs.writer import ErofsWriter, ImageOptions, ImageResult, write_image
 from converter.errors import ConvertError
-from converter.inode_tree import LayerSource, Node
 from converter.mkfs import REPRODUCIBLE_UUID, ErofsLayout
 from converter.source import CHUNK_SIZE, SourceKind, open_tar_stream
-from converter.startup_order import startup_by_replay, startup_from_image
 from converter.tar_extract import ExtractStats
-from converter.tar_inodes import TarSource
 from lazyfs.format.prefetch_list import PrefetchList
 
 Report = Callable[[str, int, int | None], None]

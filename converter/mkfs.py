@@ -13,7 +13,7 @@ Without a timestamp, reproducible mode uses one second after the newest mtime in
 so no mtime changes. Directory order needs nothing: mkfs.erofs sorts entries by name.
 A `-T` given in `extra_opts` is honoured as such (1.5 would otherwise let the variable win).
 
-lazyfs's own writer (`converter.erofs_writer`) builds uncompressed images by default; this
+lazyfs's own writer (`converter.erofs.writer`) builds uncompressed images by default; this
 module builds compressed and interleaved images, and any image with `--erofs-writer mkfs`.
 
 Layout: mkfs.erofs writes each file's data as it walks the tree and places inodes in blocks

@@ -25,7 +25,7 @@ not pull or run with a plain containerd.
 With a start-up order (a list recorded by `lazyfs run --record`), a seekable layer the list
 recorded (by its chunk table digest) is decoded and written anew, the blocks that start read
 first, and a tar layer is written so when its conversion is the layer recorded; each carries
-its new prefetch list (`converter.startup_order`).
+its new prefetch list (`converter.erofs.startup_order`).
 
 Which images of the source are converted is decided (and checked) by `selection`; the
 command line (`lazyfs convert SRC` for a whole image) is `lazyfs.cli.convert`.
@@ -45,13 +45,13 @@ from typing import Any
 
 import trio
 
+from converter.erofs.startup_order import NoStartupOrderError
 from converter.errors import ConvertError, UnsupportedSourceError
 from converter.image.oci_layout import LayoutWriter, index_entries
 from converter.image.selection import TAR_TYPES, SourceImage, distinct_layers, select_images
 from converter.image.sources import ImageSource
 from converter.layer import ConvertOptions, convert_layer
 from converter.source import SourceKind, detect_source
-from converter.startup_order import NoStartupOrderError
 from lazyfs.exception_groups import first_error
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.registry_options import RegistryOptions

@@ -191,7 +191,7 @@ _IMAGE_OPTIONS = ("oci_layout", "push", "platform", "creds", "push_creds", "mirr
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     """The ConvertOptions of the command line. Raises UserError for a bad value."""
     from converter.encoder import EncodeOptions
-    from converter.erofs_writer import ErofsWriter
+    from converter.erofs.writer import ErofsWriter
     from converter.layer import ConvertOptions
     from converter.layer_image import choose_writer
     from converter.mkfs import ErofsLayout

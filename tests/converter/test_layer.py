@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.erofs_writer import ErofsWriter
+from converter.erofs.writer import ErofsWriter
 from converter.errors import ConvertError, UnsafeTarError, UnsupportedSourceError
 from converter.layer import ConvertOptions, convert_layer, descriptor_path_for
 from converter.mkfs import ErofsLayout, build_erofs

@@ -197,7 +197,7 @@ def test_stats_file_has_the_shared_cache_when_given(image: FakeImage) -> None:
     assert cache.get("chunk") is not None and cache.get("other") is None
     with_cache = json.loads(LayerOperations([image], cache=cache).render_stats())
     assert with_cache["cache"] == cache.stats_snapshot() == {
-        "capacity_bytes": 1000, "size_bytes": 300, "held_bytes": 0, "entries": 1, "hits": 1, "misses": 1,
-        "evictions": 0,
+        "capacity_bytes": 1000, "size_bytes": 300, "held_bytes": 0, "entries": 1, "hits": 1,
+        "misses": 1, "evictions": 0,
     }
     assert "cache" not in json.loads(LayerOperations([image]).render_stats())

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from converter.erofs_inodes import ErofsSource
-from converter.inode_tree import walk
+from converter.erofs.image_inodes import ErofsSource
+from converter.erofs.inode_tree import walk
 from converter.layer_image import decode_seekable
 from converter.mkfs import fsck_erofs
 from converter.tree import compare_trees, scan_directory

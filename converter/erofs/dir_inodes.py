@@ -15,8 +15,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from converter.erofs.inode_tree import Node, walk
 from converter.errors import ConvertError
-from converter.inode_tree import Node, walk
 from lazyfs.erofs.build import ErofsLimitError, split_xattr_name
 
 READ_BYTES = 1 << 20

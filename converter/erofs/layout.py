@@ -5,7 +5,7 @@ block 0            | superblock (byte 1024), inodes from byte 1152 on (the root 
                    | ... every inode, each directory's entries' inodes side by side ...
 next block         | directory blocks (and the targets of symlinks too long to inline)
 data_start         | start-up blocks: file blocks a start read, in the order it read them
-startup_end        | the files nearly every start reads (`converter.likely_start`), whole
+startup_end        | the files nearly every start reads (`converter.erofs.likely_start`), whole
 likely_end         | every other file block, in the order the source hands them over
 ```
 
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from converter.inode_tree import NS_PER_SECOND, Node, count_links, walk
+from converter.erofs.inode_tree import NS_PER_SECOND, Node, count_links, walk
 from lazyfs.erofs.build import (
     MAX_BLOCK_ADDRESS,
     ErofsLimitError,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from converter.dir_inodes import DirectorySource
-from converter.erofs_inodes import ErofsSource
+from converter.erofs.dir_inodes import DirectorySource
+from converter.erofs.image_inodes import ErofsSource
+from converter.erofs.inode_tree import Node, directory, walk
+from converter.erofs.likely_start import MAX_TOTAL_BYTES, likely_start_files, resolve
+from converter.erofs.writer import ImageOptions, place_blocks, write_image
 from converter.erofs_tree import scan_erofs
-from converter.erofs_writer import ImageOptions, place_blocks, write_image
-from converter.inode_tree import Node, directory, walk
-from converter.likely_start import MAX_TOTAL_BYTES, likely_start_files, resolve
 from converter.mkfs import fsck_erofs
 from converter.tree import compare_trees, scan_directory
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import BinaryIO
 
+from converter.erofs.inode_tree import Node, directory, walk
 from converter.errors import ConvertError, UnsafeTarError
-from converter.inode_tree import Node, directory, walk
 from converter.source import CHUNK_SIZE, iter_layer, read_member
 from converter.tar_extract import IMPLICIT_DIR_MODE, ExtractStats
 from converter.tar_members import (

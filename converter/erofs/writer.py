@@ -1,9 +1,9 @@
 """lazyfs's own EROFS writer: the raw image of a layer written straight from its source (a
-directory, a tar layer, an EROFS image), metadata first (`converter.erofs_layout`).
+directory, a tar layer, an EROFS image), metadata first (`converter.erofs.layout`).
 
 The tree is read first (names, inodes, xattrs: no data), laid out, then the source hands over
 each file's data once, streamed: each 4 KiB block becomes a hole when it is all zeros, the
-block that already holds the same bytes when there is one (`converter.block_index`, read back
+block that already holds the same bytes when there is one (`converter.erofs.block_index`, read back
 before it is shared), else the next block of the data area; the file's block map goes into its
 inode record as its data goes by. The inodes and directories are written last, into the space
 the layout left for them. Nothing of the data is staged anywhere but in the image, and there is
@@ -12,7 +12,7 @@ the block index and a few MiB of buffers, whatever the files' sizes.
 
 The same placement runs without writing (`place_blocks`): it tells which file block an image
 written before from the same source holds at each block, for a start-up order
-(`converter.startup_order`).
+(`converter.erofs.startup_order`).
 
 The image is reproducible: nothing in it depends on the time or the machine (the build time is
 the tree's most common mtime, or `timestamp`), and the UUID is the caller's.
@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.block_index import BlockIndex, block_key
-from converter.erofs_layout import (
+from converter.erofs.block_index import BlockIndex, block_key
+from converter.erofs.inode_tree import LayerSource, Node
+from converter.erofs.layout import (
     BLOCK_SIZE,
     BLOCK_SIZE_BITS,
     INODE_SLOT,
@@ -41,9 +42,8 @@ from converter.erofs_layout import (
     raw_field,
     xattr_pairs,
 )
+from converter.erofs.likely_start import likely_start_files
 from converter.errors import ConvertError
-from converter.inode_tree import LayerSource, Node
-from converter.likely_start import likely_start_files
 from lazyfs.erofs.build import (
     ErofsLimitError,
     InodeFields,

@@ -14,21 +14,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from converter.erofs_inodes import ErofsSource
-from converter.erofs_tree import scan_erofs
-from converter.errors import ConvertError
-from converter.image.convert import convert_image
-from converter.image.sources import open_image_source
-from converter.inode_tree import walk
-from converter.layer import ConvertOptions, ConvertResult, convert_layer
-from converter.layer_image import decode_seekable
-from converter.mkfs import fsck_erofs
-from converter.startup_order import (
+from converter.erofs.image_inodes import ErofsSource
+from converter.erofs.inode_tree import walk
+from converter.erofs.startup_order import (
     NoStartupOrderError,
     in_order,
     layer_for_size,
     startup_prefetch,
 )
+from converter.erofs_tree import scan_erofs
+from converter.errors import ConvertError
+from converter.image.convert import convert_image
+from converter.image.sources import open_image_source
+from converter.layer import ConvertOptions, ConvertResult, convert_layer
+from converter.layer_image import decode_seekable
+from converter.mkfs import fsck_erofs
 from converter.tree import compare_trees, scan_directory, scan_tar
 from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.prefetch_list import (
@@ -157,7 +157,7 @@ def test_a_list_of_another_layer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="records no blocks"):
         convert_layer(src, tmp_path / "x.blob", _options(startup_order=chunks_only))
     with pytest.raises(ConvertError, match="--startup-order: only lazyfs's writer"):
-        from converter.erofs_writer import ErofsWriter
+        from converter.erofs.writer import ErofsWriter
 
         convert_layer(src, tmp_path / "x.blob", _options(startup_order=prefetch,
                                                          erofs_writer=ErofsWriter.MKFS))
@@ -165,7 +165,7 @@ def test_a_list_of_another_layer_is_refused(tmp_path: Path) -> None:
 
 
 def test_mapping_helpers() -> None:
-    from converter.inode_tree import Node
+    from converter.erofs.inode_tree import Node
 
     a, b = Node(0o100644, size=3 * BLOCK), Node(0o100644, size=BLOCK)
     owners = [(10, a, 0), (11, a, 1), (12, a, 2), (11, b, 0), (13, b, 0)]

@@ -1,11 +1,11 @@
 """The inodes and names of a layer as lazyfs's EROFS writer lays them out: a tree in memory,
-built by a source (`converter.dir_inodes`, `converter.tar_inodes`, `converter.erofs_inodes`),
+built by a source (`dir_inodes`, `tar_inodes`, `image_inodes` of `converter.erofs`),
 with no file data: a source hands each file's data over later, once the image's metadata is
 laid out (`LayerSource.file_data`).
 
 A `Node` is one inode: hard links are one node under several names. It is kept small (slots,
 names as bytes only as keys of their directory): a layer of 200 000 files holds some 60 MiB
-of them. The layout (`converter.erofs_layout`) fills in `nid` and, for directories and long
+of them. The layout (`converter.erofs.layout`) fills in `nid` and, for directories and long
 symlinks, `blkaddr`.
 """
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import stat
 
-from converter.inode_tree import Node, walk
+from converter.erofs.inode_tree import Node, walk
 
 MAX_FILE_BYTES = 4 << 20  # a C library is about 2 MiB
 MAX_TOTAL_BYTES = 16 << 20

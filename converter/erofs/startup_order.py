@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from converter.erofs_inodes import ErofsSource
-from converter.erofs_layout import BLOCK_SIZE
-from converter.erofs_writer import ImageOptions, place_blocks
+from converter.erofs.image_inodes import ErofsSource
+from converter.erofs.inode_tree import LayerSource, Node
+from converter.erofs.layout import BLOCK_SIZE
+from converter.erofs.writer import ImageOptions, place_blocks
 from converter.errors import ConvertError
-from converter.inode_tree import LayerSource, Node
 from lazyfs.format.prefetch_list import LayerPrefetch, PrefetchList
 
 StartupBlocks = list[tuple[Node, int]]

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from converter.erofs.inode_tree import NS_PER_SECOND, Node, walk
 from converter.erofs_tree import ErofsReader, ImageFile
 from converter.errors import ConvertError
-from converter.inode_tree import NS_PER_SECOND, Node, walk
 from lazyfs.erofs.reader import ErofsError, Inode, kind_of, parse_superblock
 
 _MAX_SYMLINK_BYTES = 4096

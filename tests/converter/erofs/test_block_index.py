@@ -3,7 +3,7 @@ and bounded."""
 
 from __future__ import annotations
 
-from converter.block_index import BlockIndex, block_key
+from converter.erofs.block_index import BlockIndex, block_key
 
 
 def test_finds_what_was_added_across_growth() -> None:

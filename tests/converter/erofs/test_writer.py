@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from converter.dir_inodes import DirectorySource
-from converter.erofs_inodes import ErofsSource
+from converter.erofs.dir_inodes import DirectorySource
+from converter.erofs.image_inodes import ErofsSource
+from converter.erofs.inode_tree import LayerSource, Node
+from converter.erofs.tar_inodes import TarSource
+from converter.erofs.writer import ImageOptions, ImageResult, place_blocks, write_image
 from converter.erofs_tree import ErofsReader, ImageFile, scan_erofs
-from converter.erofs_writer import ImageOptions, ImageResult, place_blocks, write_image
 from converter.errors import ConvertError, UnsafeTarError
-from converter.inode_tree import LayerSource, Node
 from converter.mkfs import fsck_erofs
 from converter.tar_extract import extract_layer
-from converter.tar_inodes import TarSource
 from converter.tree import compare_trees, scan_directory, scan_tar
 from lazyfs.erofs.reader import parse_superblock
 from tests.converter import BASE_MTIME, CAP_NET_RAW, LayerBuilder, mounted_erofs, rich_layer
@@ -298,7 +298,7 @@ def test_metadata_written_in_place_as_in_memory(tmp_path: Path,
     data = rich_layer().tar()
     in_memory, in_place = tmp_path / "memory.erofs", tmp_path / "place.erofs"
     _write(_tar_source(data), in_memory)
-    monkeypatch.setattr("converter.erofs_writer.METADATA_BUFFER_BYTES", 0)
+    monkeypatch.setattr("converter.erofs.writer.METADATA_BUFFER_BYTES", 0)
     _write(_tar_source(data), in_place)
     assert in_memory.read_bytes() == in_place.read_bytes()
 
@@ -307,11 +307,11 @@ def test_identical_blocks_already_written_are_read_back(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A block shared with one written out before (not in the buffer any more) is compared
     with the image's bytes; one whose key matches but whose bytes differ is stored anew."""
-    monkeypatch.setattr("converter.erofs_writer._FLUSH_BYTES", BLOCK)
+    monkeypatch.setattr("converter.erofs.writer._FLUSH_BYTES", BLOCK)
     src = _plain_tree(tmp_path / "src")
     image = tmp_path / "image.erofs"
     assert _write(DirectorySource(src), image).shared_blocks == 9
-    monkeypatch.setattr("converter.erofs_writer.block_key", lambda block: 7)  # all collide
+    monkeypatch.setattr("converter.erofs.writer.block_key", lambda block: 7)  # all collide
     colliding = tmp_path / "colliding.erofs"
     result = _write(DirectorySource(src), colliding)
     # One key for all: the index holds the first block stored (" space"), and only blocks
