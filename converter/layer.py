@@ -22,13 +22,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
 
 from converter.encoder import EncodeOptions, EncodeResult, encode_image
 from converter.erofs.startup_order import startup_prefetch
 from converter.erofs.writer import ErofsWriter
 from converter.errors import ConvertError, UnsupportedSourceError
-from converter.layer_image import build_in_startup_order, build_layer_image, choose_writer
+from converter.layer_image import (
+    CountingReader,
+    build_in_startup_order,
+    build_layer_image,
+    choose_writer,
+)
 from converter.mkfs import REPRODUCIBLE_UUID, ErofsLayout, build_erofs
 from converter.source import SourceKind, detect_source, open_tar_stream
 from converter.tar_extract import ExtractStats, extract_layer
@@ -192,24 +196,9 @@ def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
         seconds[phase] = time.monotonic() - start
 
 
-class _CountingReader:
-    """A read-only stream that reports how many bytes went through it."""
-
-    def __init__(self, stream: BinaryIO, report: Progress) -> None:
-        self._stream = stream
-        self._report = report
-        self._done = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self._done += len(data)
-        self._report("extract", self._done, None)
-        return data
-
-
 def _extract(src: Path, kind: SourceKind, dest: Path, report: Progress) -> ExtractStats:
     with open_tar_stream(src, kind) as stream:
-        counting = _CountingReader(stream, report)
+        counting = CountingReader(stream, report, "extract")
         return extract_layer(counting, dest)  # type: ignore[arg-type]
 
 

@@ -87,18 +87,19 @@ class Built:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class _CountingReader:
-    """A stream that reports the bytes read through it."""
+class CountingReader:
+    """A read-only stream that reports, as `phase`, how many bytes went through it."""
 
-    def __init__(self, stream: BinaryIO, report: Report) -> None:
+    def __init__(self, stream: BinaryIO, report: Report, phase: str) -> None:
         self._stream = stream
         self._report = report
+        self._phase = phase
         self._done = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
         self._done += len(data)
-        self._report("scan", self._done, None)
+        self._report(self._phase, self._done, None)
         return data
 
 
@@ -117,7 +118,7 @@ def layer_source(src: Path, kind: SourceKind, report: Report) -> LayerSource:
         with open_tar_stream(src, kind) as raw:
             if first:  # the read of the entries; the data's is counted as written
                 first = False
-                yield _CountingReader(raw, report)  # type: ignore[misc]
+                yield CountingReader(raw, report, "scan")  # type: ignore[misc]
             else:
                 yield raw
 

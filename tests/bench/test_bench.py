@@ -18,8 +18,8 @@ import pytest
 
 from lazyfs import __version__
 from tests.support import registry_images
-from tests.support.mounts import cleanup
-from tests.support.registry_images import REPO, PrivateCommand, PublishedImage
+from tests.support.lazyfs_cli import killed_if_left
+from tests.support.registry_images import REPO, PrivateCommand, PublishedImage, private_command
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -31,20 +31,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WAIT_S = 120
 
 
-class Bencher(PrivateCommand):
-    """`lazyfs bench` with a private state directory and TMPDIR, both checked and cleaned."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        super().__init__(tmp_path, "bench", timeout_s=600)
+Bencher = PrivateCommand  # `lazyfs bench` with a private state directory and TMPDIR
 
 
 @pytest.fixture
 def bencher(tmp_path: Path) -> Iterator[Bencher]:
-    tool = Bencher(tmp_path)
-    try:
+    with private_command(tmp_path, "bench", timeout_s=600) as tool:
         yield tool
-    finally:
-        cleanup(backing_prefixes=[tool.tmp_dir, tool.state_dir])
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
@@ -192,7 +185,7 @@ def test_ctrl_c_leaves_nothing_behind(bencher: Bencher, busybox: PublishedImage,
         bencher.argv(image, "--insecure-registry", "--modes", mode.replace("ordinary", "eager"),
                      "--link", "5ms,100mbit", "--", "/bin/busybox", "sleep", marker),
         cwd=REPO, env=bencher.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with killed_if_left(process):
         deadline = time.monotonic() + WAIT_S
         while not _pids(f"^/bin/busybox sleep {marker}") and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
@@ -202,10 +195,6 @@ def test_ctrl_c_leaves_nothing_behind(bencher: Bencher, busybox: PublishedImage,
         assert len(emulators) == 1
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=WAIT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 130, stderr
     assert stderr.splitlines()[-1] == "lazyfs: interrupted" and "Traceback" not in stderr
     assert _pids(f"sleep {marker}") == []  # nor lazyfs run, nor the bench

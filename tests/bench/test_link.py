@@ -23,6 +23,7 @@ from lazyfs.bench import link as linkemu
 from lazyfs.bench.link import LinkSpec, LinkSpecError, parse_link
 from lazyfs.fetch.http import HttpRangeReader
 from tests.support import nginx
+from tests.support.lazyfs_cli import killed_if_left
 from tests.support.nginx import NginxServer
 
 StartServer = Callable[[Path], NginxServer]
@@ -355,16 +356,12 @@ def test_tied_emulator_ends_with_its_parent(served: tuple[NginxServer, bytes]) -
     that started it dies, however it dies."""
     server, data = served
     port, process = linkemu.start_link_emulator(server.port, rtt_ms=2, rate_mbit=0, tied=True)
-    try:
+    with killed_if_left(process):
         assert httpx.get(f"http://127.0.0.1:{port}/blob", timeout=30).content == data
         assert process.poll() is None
         assert process.stdin is not None
         process.stdin.close()
         assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_module_runs_standalone() -> None:

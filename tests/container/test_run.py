@@ -14,12 +14,13 @@ import pytest
 
 from tests.support import registry_images
 from tests.support.images import base_layer, ghost_layer
-from tests.support.mounts import cleanup
+from tests.support.lazyfs_cli import killed_if_left
 from tests.support.registry import Registry
 from tests.support.registry_images import (
     REPO,
     PrivateCommand,
     PublishedImage,
+    private_command,
     publish,
 )
 
@@ -33,20 +34,13 @@ registry = registry_images.registry
 busybox = registry_images.busybox
 
 
-class Runner(PrivateCommand):
-    """`lazyfs run` with a private state directory and TMPDIR, both checked and cleaned."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        super().__init__(tmp_path, "run", timeout_s=180)
+Runner = PrivateCommand  # `lazyfs run` with a private state directory and TMPDIR
 
 
 @pytest.fixture
 def runner(tmp_path: Path) -> Iterator[Runner]:
-    tool = Runner(tmp_path)
-    try:
+    with private_command(tmp_path, "run", timeout_s=180) as tool:
         yield tool
-    finally:
-        cleanup(backing_prefixes=[tool.tmp_dir, tool.state_dir])
 
 
 def report_rows(stderr: str) -> list[list[str]]:
@@ -180,15 +174,11 @@ def test_ctrl_c_stops_the_command_and_tears_everything_down(
                     "sh", "-c", "echo ready; exec /bin/busybox sleep 600"),
         cwd=REPO, env=runner.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    try:
+    with killed_if_left(process):
         assert process.stdout is not None
         assert process.stdout.readline() == "ready\n"
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=WAIT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     # Not from the terminal, so the command got SIGTERM from lazyfs run.
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "exit code 143" in stderr and "Traceback" not in stderr

@@ -25,6 +25,7 @@ from lazyfs.format.descriptor import LABEL_UNCOMPRESSED, parse_descriptor
 from tests.cli import lazyfs_env, run_lazyfs
 from tests.converter import LayerBuilder, rich_layer
 from tests.layer.helpers import make_image_bytes
+from tests.support.lazyfs_cli import killed_if_left
 
 pytestmark = pytest.mark.root  # tar extraction keeps owners and device nodes; verify mounts
 
@@ -260,7 +261,7 @@ def test_interrupt_leaves_nothing_behind(tmp_path: Path, private_tmpdir: Path,
         env=lazyfs_env(TMPDIR=str(private_tmpdir)), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )
-    try:
+    with killed_if_left(process):
         deadline = time.monotonic() + 60
         while not any(p.name.startswith(".x.blob.") for p in out_dir.iterdir()):
             assert process.poll() is None, process.communicate()
@@ -268,10 +269,6 @@ def test_interrupt_leaves_nothing_behind(tmp_path: Path, private_tmpdir: Path,
             time.sleep(0.05)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 130, stderr
     assert stderr.strip() == "lazyfs: interrupted"
     assert _leftovers(out_dir, private_tmpdir) == []

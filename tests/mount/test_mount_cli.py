@@ -21,7 +21,7 @@ from lazyfs.format.chunk_table import parse_chunk_table
 from lazyfs.format.descriptor import parse_descriptor
 from lazyfs.format.frames import parse_skippable_frame
 from tests.layer.helpers import write_blob
-from tests.support.lazyfs_cli import WAIT_S, Lazyfs, pid_gone, wait_until
+from tests.support.lazyfs_cli import WAIT_S, Lazyfs, killed_if_left, pid_gone, wait_until
 from tests.support.mounts import mounts_below
 
 pytestmark = pytest.mark.root
@@ -349,7 +349,7 @@ def test_foreground_mount_stops_on_sigint(
     process = lazyfs.popen(
         "mount", "--foreground", str(vectors_dir / "basic-noverity.blob"), str(mountpoint)
     )
-    try:
+    with killed_if_left(process):
         # Ready, not merely mounted: a signal before readiness is a failed start (exit 2).
         wait_until(
             lambda: bool((lazyfs.record(mountpoint) or {}).get("ready"))
@@ -360,10 +360,6 @@ def test_foreground_mount_stops_on_sigint(
         check_tree(mountpoint, vectors_dir / "basic-noverity.files.json")
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=WAIT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert not os.path.ismount(mountpoint) and lazyfs.records() == []
@@ -405,7 +401,7 @@ def test_umount_stops_a_mount_that_is_still_starting(lazyfs: Lazyfs, mountpoint:
         port = server.getsockname()[1]
         lazyfs.mountpoints.append(mountpoint)
         process = lazyfs.popen("mount", f"http://127.0.0.1:{port}/layer.blob", str(mountpoint))
-        try:
+        with killed_if_left(process):
             wait_until(lambda: lazyfs.record(mountpoint) is not None, "the starting record")
             record = lazyfs.record(mountpoint)
             assert record is not None and not record["ready"]
@@ -414,10 +410,6 @@ def test_umount_stops_a_mount_that_is_still_starting(lazyfs: Lazyfs, mountpoint:
             result = lazyfs.run("umount", str(mountpoint))
             assert result.returncode == 0, result.stderr
             _, stderr = process.communicate(timeout=WAIT_S)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
     assert process.returncode == 2
     assert stderr.strip().endswith("stopped by a signal before the mount was ready")
     assert lazyfs.records() == [] and not os.path.ismount(mountpoint)

@@ -3,13 +3,14 @@ the CLI, and the waits they share."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 30.0
+
+
+@contextlib.contextmanager
+def killed_if_left(process: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    """A test's own process: killed and reaped if it still runs when the block ends (a failed
+    assertion, a timeout), so that no test leaves it behind."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:

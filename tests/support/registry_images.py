@@ -6,6 +6,7 @@ converted with `lazyfs convert REF --push REF2` into `test/busybox:v1-erofs`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import busybox_layers, skopeo_push, write_oci_image
-from tests.support.mounts import mounts_below
+from tests.support.mounts import cleanup, mounts_below
 from tests.support.registry import Registry, running_registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,4 +112,15 @@ class PrivateCommand:
         assert_nothing_left(self.tmp_dir, self.state_dir)
         assert os.listdir(self.tmp_dir) == []
         assert not self.state_dir.exists() or os.listdir(self.state_dir) == []
+
+
+@contextlib.contextmanager
+def private_command(tmp_path: Path, command: str, timeout_s: float) -> Iterator[PrivateCommand]:
+    """A `PrivateCommand`; whatever it left mounted or attached is cleaned up afterwards,
+    also when the test fails."""
+    tool = PrivateCommand(tmp_path, command, timeout_s)
+    try:
+        yield tool
+    finally:
+        cleanup(backing_prefixes=[tool.tmp_dir, tool.state_dir])
 
