@@ -479,7 +479,8 @@ def test_a_warm_start_loads_what_the_disk_holds_each_chunk_checked(
         lazyfs.mount(url, str(mountpoint), "--readahead", "0", mountpoint=mountpoint)
         assert_reads_equal(mountpoint, tree, SOME_FILES)
         stats = mount_stats(lazyfs, mountpoint)
-        assert only_layer(stats)["chunks_fetched"] <= 1  # at most the damaged frame's chunk
+        # At most the damaged frame's chunk (the figures say why, should it ever be more).
+        assert only_layer(stats)["chunks_fetched"] <= 1, (only_layer(stats), stats["disk_cache"])
         assert stats["disk_cache"]["warm_start_chunks"] <= len(held) - 1
         text = lazyfs.run("stats", str(mountpoint)).stdout  # no reads since: the same count
         assert f"  warm start chunks         {stats['disk_cache']['warm_start_chunks']}\n" in text
