@@ -5,7 +5,9 @@ block 0            | superblock (byte 1024), inodes from byte 1152 on (the root 
                    | ... every inode, each directory's entries' inodes side by side ...
 next block         | directory blocks (and the targets of symlinks too long to inline)
 data_start         | start-up blocks: file blocks a start read, in the order it read them
-startup_end        | the files nearly every start reads (`converter.erofs.likely_start`), whole
+startup_end        | the files nearly every start reads (`converter.erofs.likely_start`), then
+                   | what a language runtime reads at start (`converter.erofs.runtime_start`),
+                   | each file whole
 likely_end         | every other file block, in the order the source hands them over
 ```
 

@@ -13,8 +13,9 @@ Which program starts is not known here, but it maps a few more shared libraries:
 shared libraries of the library directories follow, the small ones first. A start needs a
 handful of them, and most are small (compression, XML, SELinux, PCRE ...): packed together
 they share a few chunks instead of taking one each across the whole library directory, and
-the large ones go after them. Every other file keeps the source's order. Pure: it only reads
-the tree.
+the large ones go after them. What a language runtime reads at start follows
+(`converter.erofs.runtime_start`); every other file keeps the source's order. Pure: it only
+reads the tree.
 """
 
 from __future__ import annotations

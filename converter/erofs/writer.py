@@ -43,6 +43,7 @@ from converter.erofs.layout import (
     xattr_pairs,
 )
 from converter.erofs.likely_start import likely_start_files
+from converter.erofs.runtime_start import runtime_start_files
 from converter.errors import ConvertError
 from lazyfs.erofs.build import (
     ErofsLimitError,
@@ -146,7 +147,7 @@ def _plan(root: Node, options: ImageOptions, startup: Iterable[tuple[Node, int]]
     try:
         return plan_layout(root, build_time_for(root, options.timestamp),
                            chunk_indexes=options.chunk_indexes, startup=startup,
-                           likely=likely_start_files(root))
+                           likely=[*likely_start_files(root), *runtime_start_files(root)])
     except ErofsLimitError as exc:
         raise ConvertError(f"cannot be stored in EROFS: {exc}") from None
 

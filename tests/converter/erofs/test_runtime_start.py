@@ -1,0 +1,130 @@
+"""What a language runtime reads at start (its interpreter, Python's start-up modules and
+compiled standard library, Perl's strict and warnings) follows the files nearly every start
+reads, in the order of the rules, each rule's in the tree's order; sources, tests and files
+beyond the bounds stay where the source put them. The tree stays the same, fsck.erofs
+passes, and a replay of the placement (`place_blocks`) tells where each of them went."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from converter.erofs.dir_inodes import DirectorySource
+from converter.erofs.image_inodes import ErofsSource
+from converter.erofs.inode_tree import Node, directory, walk
+from converter.erofs.likely_start import likely_start_files
+from converter.erofs.runtime_start import (
+    MAX_PROGRAM_BYTES,
+    MAX_TOTAL_BYTES,
+    runtime_start_files,
+)
+from converter.erofs.writer import ImageOptions, place_blocks, write_image
+from converter.erofs_tree import scan_erofs
+from converter.mkfs import fsck_erofs
+from converter.tree import compare_trees, scan_directory
+
+BLOCK = 4096
+STDLIB = "usr/lib/python3.11"
+# In the order of their rules, each rule's in the tree's order.
+RUNTIME = [
+    "usr/bin/perl", "usr/bin/python3.11", "usr/local/bin/ruby",
+    "usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+    f"{STDLIB}/encodings/__pycache__/__init__.cpython-311.pyc",
+    f"{STDLIB}/encodings/__pycache__/utf_8.cpython-311.pyc",
+    f"{STDLIB}/__pycache__/site.cpython-311.pyc",
+    f"{STDLIB}/__pycache__/sitecustomize.cpython-311.pyc",
+    "usr/lib/python3/dist-packages/distutils-precedence.pth",
+    "usr/share/perl/5.36/strict.pm",
+    f"{STDLIB}/__pycache__/enum.cpython-311.pyc",
+    f"{STDLIB}/json/__pycache__/decoder.cpython-311.opt-1.pyc",
+    f"{STDLIB}/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so",
+]
+OTHERS = [
+    f"{STDLIB}/enum.py", f"{STDLIB}/test/__pycache__/test_os.cpython-311.pyc",
+    f"{STDLIB}/idlelib/__pycache__/editor.cpython-311.pyc",
+    f"{STDLIB}/encodings/__pycache__/cp437.cpython-311.pyc",
+    f"{STDLIB}/__pycache__/pydoc.cpython-311.pyc",
+    f"{STDLIB}/lib-dynload/_codecs_jp.cpython-311-x86_64-linux-gnu.so",
+    f"{STDLIB}/sqlite3/test/__pycache__/test_dump.cpython-311.pyc", "usr/bin/python3.11-config",
+    "usr/bin/perldoc", "usr/share/perl/5.36/Carp.pm", "usr/local/lib/node_modules/npm/x.js",
+    "home/app/__pycache__/main.cpython-311.pyc",
+]
+SIZES = {"usr/local/bin/ruby": 5 * BLOCK}
+
+
+def _tree(root: Path) -> Path:
+    """The files above, each a few blocks, written in an order unlike a start's."""
+    for number, name in enumerate(sorted(RUNTIME + OTHERS, reverse=True)):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(SIZES.get(name, (number % 3 + 1) * BLOCK + 10)))
+    return root
+
+
+def _names(root: Node) -> dict[Node, str]:
+    return {node: path.decode() for path, node in walk(root)}
+
+
+def test_picks_what_runtimes_read_at_start_in_the_order_of_the_rules(tmp_path: Path) -> None:
+    source = DirectorySource(_tree(tmp_path / "src"))
+    names = _names(source.root)
+    assert [names[node] for node in runtime_start_files(source.root)] == RUNTIME
+
+
+def _file_tree(sizes: dict[bytes, int]) -> Node:
+    root = directory()
+    for path, size in sizes.items():
+        *parents, name = path.split(b"/")
+        node = root
+        for part in parents:
+            assert node.children is not None
+            node = node.children.setdefault(part, directory())
+        assert node.children is not None
+        node.children[name] = Node(0o100644, size=size)
+    return root
+
+
+def test_a_program_too_large_stays_where_it_is() -> None:
+    root = _file_tree({b"usr/bin/node": MAX_PROGRAM_BYTES + 1, b"usr/bin/python3.12": 100})
+    names = _names(root)
+    assert [names[node] for node in runtime_start_files(root)] == ["usr/bin/python3.12"]
+
+
+def test_picks_at_most_the_bound() -> None:
+    size = 1 << 20
+    root = _file_tree({b"usr/lib/python3.11/__pycache__/m%03d.cpython-311.pyc" % number: size
+                       for number in range(MAX_TOTAL_BYTES // size + 10)})
+    picked = runtime_start_files(root)
+    assert sum(node.size for node in picked) <= MAX_TOTAL_BYTES < sum(
+        node.size for node in picked) + size
+
+
+def test_laid_out_after_the_likely_start_files(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    (src / "usr/lib/x86_64-linux-gnu/libc.so.6").write_bytes(os.urandom(3 * BLOCK))
+    image = tmp_path / "image.erofs"
+    result = write_image(DirectorySource(src), image, ImageOptions())
+    fsck_erofs(image)
+    assert compare_trees(scan_directory(src), scan_erofs(image), ignore={"owner"}) == []
+    with ErofsSource(image) as erofs:
+        names = _names(erofs.root)
+        placed: dict[str, list[int]] = {}
+        for block, node, _ in erofs.blocks_of(BLOCK):
+            placed.setdefault(names[node], []).append(block)
+        likely = [names[node] for node in likely_start_files(erofs.root)]
+    assert likely == ["usr/lib/x86_64-linux-gnu/libc.so.6",
+                      "usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"]
+    first = result.metadata_size // BLOCK
+    in_order = [block for name in likely + [name for name in RUNTIME if name not in likely]
+                for block in placed[name]]
+    assert in_order == list(range(first, first + len(in_order)))  # side by side, in order
+    assert all(min(placed[name]) >= first + len(in_order) for name in OTHERS)
+
+    replayed: dict[str, list[int]] = {}
+    source = DirectorySource(src)
+    replay_names = _names(source.root)
+    size = place_blocks(source, ImageOptions(),
+                        lambda block, node, _: replayed.setdefault(replay_names[node],
+                                                                   []).append(block))
+    assert size == result.image_size
+    assert replayed == placed
