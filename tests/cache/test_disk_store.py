@@ -7,6 +7,7 @@ import hashlib
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -55,6 +56,19 @@ def test_put_get_and_delete(tmp_path: Path) -> None:
     assert store.totals().size_bytes == disk_bytes(3000) == DISK_BLOCK
     store.delete(key(1))
     assert store.get(key(1)) is None and store.totals().size_bytes == 0
+    assert list((tmp_path / "tmp").iterdir()) == []
+    store.close()
+
+
+def test_entries_are_written_again_after_their_directories_were_removed(
+        tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, ROOMY)
+    store.put(key(1), b"one")
+    shutil.rmtree(tmp_path / "data")  # by hand, or `lazyfs cache` of another process
+    store.delete(key(1))
+    assert store.put_many([[(key(2), b"two", None)]]) == ([], [])
+    store.put(key(3), b"three")
+    assert store.get(key(2)) == b"two" and store.get(key(3)) == b"three"
     assert list((tmp_path / "tmp").iterdir()) == []
     store.close()
 

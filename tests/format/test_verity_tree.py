@@ -19,6 +19,8 @@ from lazyfs.format.verity_superblock import (
     serialize_verity_superblock,
 )
 from lazyfs.format.verity_tree import (
+    HASHLIB_GIL_RELEASE_BYTES,
+    BlockHasher,
     VerityGeometry,
     VerityTreeBuilder,
     check_hash_blocks,
@@ -118,6 +120,22 @@ def test_single_block_payload_is_the_superblock_and_root_hashes_the_block(salt, 
     block = pad_to_blocks(data, 4096)
     salted = salt + block if hash_type == HASH_TYPE_NORMAL else block + salt
     assert root == hashlib.sha512(salted).digest()
+
+
+@pytest.mark.parametrize("salt", [b"", SALT_32])
+@pytest.mark.parametrize("hash_type", [HASH_TYPE_NORMAL, HASH_TYPE_CHROMEOS])
+def test_block_digests_holding_the_gil_equal_those_of_one_update(salt, hash_type):
+    superblock = make_superblock(8192, hash_name="sha256", salt=salt, hash_type=hash_type)
+    released, kept = BlockHasher(superblock), BlockHasher(superblock, keep_gil=True)
+    for size in (0, 1, HASHLIB_GIL_RELEASE_BYTES - 1, HASHLIB_GIL_RELEASE_BYTES, 4095, 4096):
+        block = pattern(size)
+        salted = salt + block if hash_type == HASH_TYPE_NORMAL else block + salt
+        assert kept.digest(block) == released.digest(block) == hashlib.sha256(salted).digest()
+    data = pattern(3 * 4096 + 5)
+    geometry = verity_geometry(make_superblock(len(data), hash_name="sha256", salt=salt,
+                                               hash_type=hash_type))
+    assert (data_block_digests(geometry, data, keep_gil=True)
+            == data_block_digests(geometry, data))
 
 
 def test_builder_refuses_an_image_of_zero_blocks():
