@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import stat
+from collections.abc import Collection
 
 from converter.erofs.inode_tree import Node, walk
 
@@ -47,10 +48,11 @@ _RULES: tuple[tuple[re.Pattern[bytes], int], ...] = (
 )
 
 
-def likely_start_files(root: Node) -> list[Node]:
+def likely_start_files(root: Node, placed_elsewhere: Collection[Node] = ()) -> list[Node]:
     """The regular files of the tree under `root` that nearly every start reads, in the
     order it reads them (at most MAX_TOTAL_BYTES), then the other shared libraries, the
-    small ones first (see the module docstring); each once."""
+    small ones first (see the module docstring), but those of `placed_elsewhere`; each
+    once."""
     found: list[list[Node]] = [[] for _ in _RULES]
     libraries: list[Node] = []
     for path, node in walk(root):
@@ -76,7 +78,7 @@ def likely_start_files(root: Node) -> list[Node]:
             total += node.size
     libraries.sort(key=lambda node: node.size)  # stable: the tree's order among equals
     for node in libraries:
-        if node not in seen:
+        if node not in seen and node not in placed_elsewhere:
             seen.add(node)
             picked.append(node)
     return picked

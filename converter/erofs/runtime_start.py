@@ -15,6 +15,10 @@ each, and packed together they take three chunks of a Debian python3 instead of 
 interleaved with the sources and tests. Left out of it are the modules no program imports
 at start: the tests, IDLE, Tk, 2to3, pip's bundled wheels, the help texts, the codecs of
 other character sets, the pure-Python fallbacks of C modules and the help and debugger.
+Last, the shared libraries its extension modules link (libssl and libcrypto for ssl and
+hashlib, libsqlite3, libffi for ctypes, ...), small first, which otherwise lie among all the
+other libraries: when the tree holds such a standard library, they leave those
+(`likely_start_files(root, placed_elsewhere)`), as the interpreters' own libraries do.
 
 Every pick is bounded (`MAX_PROGRAM_BYTES` a file, `MAX_TOTAL_BYTES` in all: a Node.js or a
 JVM too large for a chunk or two stays where it is), so that an unusual layer cannot push its
@@ -41,6 +45,12 @@ _NOT_AT_START = (
     rb"|encodings/|(?:__pycache__/|lib-dynload/)(?:pydoc|doctest|pdb|turtle|_pydecimal|_pyio"
     rb"|_test|_ctypes_test|_xxtestfuzz|xxlimited|_codecs_)[.a-z_0-9]*\.)")
 
+_EXTENSION_MODULES = re.compile(_PYTHON + _NOT_AT_START + rb"lib-dynload/[^/]+\.so")
+# The libraries those link (ctypes, bz2, uuid, decimal, lzma, ssl and hashlib, sqlite3), small
+# first, when the tree holds them: elsewhere they stay with the other shared libraries.
+_EXTENSION_LIBRARIES = re.compile(
+    _LIBRARY_DIR + rb"lib(?:ffi|bz2|uuid|mpdec|lzma|ssl|crypto|sqlite3)\.so[.0-9]*")
+
 # In the order they are laid out.
 _RULES: tuple[re.Pattern[bytes], ...] = (
     # The interpreters.
@@ -57,9 +67,10 @@ _RULES: tuple[re.Pattern[bytes], ...] = (
     # What nearly every Perl script uses.
     re.compile(_PREFIX + rb"(?:share|lib(?:/[^/]+-linux-[^/]+)?)/perl(?:5|-base)?(?:/[.0-9]+)?"
                rb"/(?:strict|warnings)\.pm"),
-    # The rest of Python's compiled standard library.
+    # The rest of Python's compiled standard library, and the libraries it links.
     re.compile(_PYTHON + _NOT_AT_START + rb"(?:.+/)?__pycache__/[^/]+" + _PYC),
-    re.compile(_PYTHON + _NOT_AT_START + rb"lib-dynload/[^/]+\.so"),
+    _EXTENSION_MODULES,
+    _EXTENSION_LIBRARIES,
 )
 
 
@@ -75,6 +86,9 @@ def runtime_start_files(root: Node) -> list[Node]:
             if pattern.fullmatch(path):
                 found[number].append(node)
                 break
+    extensions = found[_RULES.index(_EXTENSION_MODULES)]
+    libraries = found[_RULES.index(_EXTENSION_LIBRARIES)]
+    libraries[:] = sorted(libraries, key=lambda node: node.size) if extensions else []
     picked: list[Node] = []
     seen: set[Node] = set()
     total = 0

@@ -144,10 +144,11 @@ def place_blocks(source: LayerSource, options: ImageOptions | None = None,
 
 
 def _plan(root: Node, options: ImageOptions, startup: Iterable[tuple[Node, int]]) -> Layout:
+    runtime = runtime_start_files(root)  # the libraries it picks leave likely_start's
     try:
         return plan_layout(root, build_time_for(root, options.timestamp),
                            chunk_indexes=options.chunk_indexes, startup=startup,
-                           likely=[*likely_start_files(root), *runtime_start_files(root)])
+                           likely=[*likely_start_files(root, frozenset(runtime)), *runtime])
     except ErofsLimitError as exc:
         raise ConvertError(f"cannot be stored in EROFS: {exc}") from None
 

@@ -1,8 +1,9 @@
 """What a language runtime reads at start (its interpreter, Python's start-up modules and
-compiled standard library, Perl's strict and warnings) follows the files nearly every start
-reads, in the order of the rules, each rule's in the tree's order; sources, tests and files
-beyond the bounds stay where the source put them. The tree stays the same, fsck.erofs
-passes, and a replay of the placement (`place_blocks`) tells where each of them went."""
+compiled standard library and the libraries that links, Perl's strict and warnings) follows
+the files nearly every start reads, in the order of the rules, each rule's in the tree's
+order; sources, tests and files beyond the bounds stay where the source put them. The tree
+stays the same, fsck.erofs passes, and a replay of the placement (`place_blocks`) tells
+where each of them went."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ RUNTIME = [
     f"{STDLIB}/__pycache__/enum.cpython-311.pyc",
     f"{STDLIB}/json/__pycache__/decoder.cpython-311.opt-1.pyc",
     f"{STDLIB}/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so",
+    "usr/lib/x86_64-linux-gnu/libffi.so.8.1.2", "usr/lib/x86_64-linux-gnu/libsqlite3.so.0.8.6",
 ]
 OTHERS = [
     f"{STDLIB}/enum.py", f"{STDLIB}/test/__pycache__/test_os.cpython-311.pyc",
@@ -49,7 +51,8 @@ OTHERS = [
     "usr/bin/perldoc", "usr/share/perl/5.36/Carp.pm", "usr/local/lib/node_modules/npm/x.js",
     "home/app/__pycache__/main.cpython-311.pyc",
 ]
-SIZES = {"usr/local/bin/ruby": 5 * BLOCK}
+SIZES = {"usr/local/bin/ruby": 5 * BLOCK, "usr/lib/x86_64-linux-gnu/libffi.so.8.1.2": BLOCK,
+         "usr/lib/x86_64-linux-gnu/libsqlite3.so.0.8.6": 6 * BLOCK}
 
 
 def _tree(root: Path) -> Path:
@@ -90,6 +93,19 @@ def test_a_program_too_large_stays_where_it_is() -> None:
     assert [names[node] for node in runtime_start_files(root)] == ["usr/bin/python3.12"]
 
 
+def test_the_libraries_of_extension_modules_only_with_a_standard_library() -> None:
+    library = b"usr/lib/x86_64-linux-gnu/libssl.so.3"
+    without = _file_tree({library: 100, b"usr/lib/x86_64-linux-gnu/libc.so.6": 100})
+    assert runtime_start_files(without) == []
+    assert _names(without)[likely_start_files(without)[-1]] == library.decode()
+    module = b"usr/lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so"
+    with_python = _file_tree({library: 100, module: 100})
+    names = _names(with_python)
+    runtime = runtime_start_files(with_python)
+    assert [names[node] for node in runtime] == [module.decode(), library.decode()]
+    assert likely_start_files(with_python, runtime) == []
+
+
 def test_picks_at_most_the_bound() -> None:
     size = 1 << 20
     root = _file_tree({b"usr/lib/python3.11/__pycache__/m%03d.cpython-311.pyc" % number: size
@@ -111,12 +127,11 @@ def test_laid_out_after_the_likely_start_files(tmp_path: Path) -> None:
         placed: dict[str, list[int]] = {}
         for block, node, _ in erofs.blocks_of(BLOCK):
             placed.setdefault(names[node], []).append(block)
-        likely = [names[node] for node in likely_start_files(erofs.root)]
-    assert likely == ["usr/lib/x86_64-linux-gnu/libc.so.6",
-                      "usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"]
+        runtime = runtime_start_files(erofs.root)
+        likely = [names[node] for node in likely_start_files(erofs.root, runtime)]
+    assert likely == ["usr/lib/x86_64-linux-gnu/libc.so.6"]  # libpython goes with python
     first = result.metadata_size // BLOCK
-    in_order = [block for name in likely + [name for name in RUNTIME if name not in likely]
-                for block in placed[name]]
+    in_order = [block for name in likely + RUNTIME for block in placed[name]]
     assert in_order == list(range(first, first + len(in_order)))  # side by side, in order
     assert all(min(placed[name]) >= first + len(in_order) for name in OTHERS)
 
