@@ -19,8 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 PROGRAMS = (
-    [sys.executable, "-c", "import lazyfs.cli.run, lazyfs.mount.service, lazyfs.fetch.local, "
-     "lazyfs.eager.check, httpcore, zstandard"],
+    [sys.executable, "-c", "import lazyfs.cli.run, lazyfs.cli.mount, lazyfs.mount.service, "
+     "lazyfs.fetch.local, lazyfs.eager.check, httpcore, zstandard, encodings.idna"],
+    [sys.executable, "-m", "lazyfs", "--version"],  # runpy, as `python -m lazyfs` starts
     ["zstd", "--version"],
     ["mount", "--version"],
     ["umount", "--version"],
