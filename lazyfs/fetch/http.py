@@ -59,12 +59,14 @@ from lazyfs.fetch.http_attempts import (
 from lazyfs.fetch.http_attempts import get_small as get_small
 
 if TYPE_CHECKING:
-    from lazyfs.fetch.primed import PrimedAnswers
+    from lazyfs.fetch.primed import ArrivingRest, PrimedAnswers
 
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+# A head start's answer still arriving is handed on in pieces of up to this much.
+STREAM_PIECE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -237,6 +239,8 @@ class HttpRangeReader:
         return self._http
 
     async def aclose(self) -> None:
+        if self._primed is not None:
+            self._primed.close_rests()
         if self._http is not None:
             await self._http.aclose()
 
@@ -250,11 +254,13 @@ class HttpRangeReader:
         With a sink, the body goes there instead and each attempt resumes after what it took."""
         what = f"{self.source} {byte_range(start, end - start + 1)}"
         transfer = transfer or _Transfer()
-        primed = None if self._primed is None or probe else self._primed.take_range(
-            start, end, whole=transfer.sink is None)
-        if primed is not None:
+        early = None if probe else self._primed
+        primed = None if early is None else early.take_range(start, end,
+                                                             whole=transfer.sink is None)
+        while early is not None and primed is not None:
             # A head start's answer, checked as a network answer is; for a stream, the bytes
-            # it holds go first and the rest is fetched from where they end.
+            # its answers hold go first, one after another, and the rest is fetched from
+            # where they end.
             body, total, transferred = primed
             self._check_total(total, what)
             self._size_confirmed = True  # the server named it, a moment ago
@@ -266,12 +272,44 @@ class HttpRangeReader:
             transfer.delivered += len(body)
             if start + transfer.delivered > end:
                 return b"", total
+            primed = early.take_range(start + transfer.delivered, end, whole=False)
+        rest = None if early is None or transfer.sink is None else early.take_rest(
+            start + transfer.delivered)
+        if rest is not None and await self._stream_rest(rest, start, end, what, transfer):
+            return b"", rest.blob_size
 
         async def attempt() -> tuple[bytes, int]:
             return await self._attempt(start + transfer.delivered, end, probe, what, transfer)
 
         return await with_retries(what, self.options, end - start + 1, attempt,
                                    self._limiter, self.stats)
+
+    async def _stream_rest(self, rest: ArrivingRest, start: int, end: int, what: str,
+                           transfer: _Transfer) -> bool:
+        """Hand the stream `transfer` of bytes start..end what arrives of a head start's
+        answer still arriving (`rest`), each piece in a worker thread within the low-speed
+        time. Returns whether that was all of it; else (the answer ended first, or was slow)
+        the caller fetches the rest from where it got to."""
+        sink = transfer.sink
+        try:
+            self._check_total(rest.blob_size, what)
+            while sink is not None and start + transfer.delivered <= end and rest.length > 0:
+                wanted = min(STREAM_PIECE_BYTES, rest.length, end + 1 - start - transfer.delivered)
+                piece = b""
+                with trio.move_on_after(self.options.low_speed.time_s):
+                    piece = await trio.to_thread.run_sync(rest.read, wanted,
+                                                          abandon_on_cancel=True)
+                if not piece:  # cut short, or too slow
+                    return False
+                rest.length -= len(piece)
+                self.stats.bytes_fetched += len(piece)
+                await sink(piece)
+                transfer.delivered += len(piece)
+            return start + transfer.delivered > end
+        except OSError:
+            return False
+        finally:
+            rest.close()
 
     async def _attempt(
         self, start: int, end: int, probe: bool, what: str, transfer: _Transfer

@@ -92,7 +92,12 @@ def _daemon_child(config: DaemonConfig, ready_fd: int) -> int:
     os.setsid()
     os.chdir("/")
     feed = config.warm_feed
-    _close_all_but({ready_fd, *((feed.records, feed.stop) if feed is not None else ())})
+    # The head start's connections whose answers are still arriving stay open too: the
+    # daemon reads the rest of them.
+    arriving = {rest.fd for source in config.sources if source.primed is not None
+                for rest in source.primed.rests.values()}
+    _close_all_but({ready_fd, *arriving,
+                    *((feed.records, feed.stop) if feed is not None else ())})
     devnull = os.open(os.devnull, os.O_RDONLY)
     log_fd = os.open(config.log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)

@@ -2,11 +2,13 @@
 
 `lazyfs mount URL` spends its first tenth of a second or more importing trio, pyfuse3 and
 httpx before its daemon can ask the server for anything, and then opens the layer with a few
-requests one after another: the descriptor beside the blob, the metadata range, the start of
-the first frame (the EROFS superblock and the root directory) and the hash blocks over it.
-None of those requests needs the imports, so a `HeadStart` thread makes them first, with the
-standard library alone, and the round trips overlap the imports; the first frame, which
-starts the blob, comes on a second connection at the same time. A descriptor in a local file
+requests one after another: the descriptor beside the blob, the metadata range, the first
+frame (the EROFS superblock, the root directory, the first inodes) and the hash blocks over
+it. None of those requests needs the imports, so a `HeadStart` thread makes them first, with
+the standard library alone, and the round trips overlap the imports; the first frame, which
+starts the blob, comes on a second connection at the same time: its start at once, its rest
+as soon as the chunk table says where it ends (while the command imports, the link is idle;
+after, the rest would share it with the first file's frame). A descriptor in a local file
 (`--descriptor FILE`) is read at once (`read_descriptor_file`): the metadata range is then
 the first request.
 
@@ -42,8 +44,8 @@ class HeadStart(EarlyRequests):
     blob are tried, as the daemon will), or `known` the descriptor read from the user's file
     (then nothing precedes the metadata); `headers` go with every request. With
     `descriptor_only` (a disk cache holds the layer) only the descriptor is fetched; else the
-    metadata too, and with `first_frame` the start of the first frame and its hash blocks
-    (the kernel mount reads them first)."""
+    metadata too, and with `first_frame` the first frame and its hash blocks (the kernel
+    mount reads them first)."""
 
     def __init__(self, blob_url: str, *, descriptor: str | None = None,
                  known: Descriptor | None = None,
@@ -59,11 +61,14 @@ class HeadStart(EarlyRequests):
         self._descriptor_only = descriptor_only and known is None
         self._first_frame_too = first_frame and not self._descriptor_only
         self._answers = PrimedAnswers()
-        self._thread(self._open_layer, "head-start")
-        if self._first_frame_too:
+        frame_end = self._frame_end() if self._first_frame_too else None
+        self._layer_frame_end = frame_end
+        self._thread(self._open_layer, "head-start",
+                     then=None if frame_end is None else lambda: frame_end.tell(None))
+        if frame_end is not None:
             # On a second connection while the first asks for the metadata.
             self._thread(lambda connection: self._first_frame(connection, self._path,
-                                                              self._answers),
+                                                              self._answers, frame_end),
                          "head-start-frame")
 
     @staticmethod
@@ -102,7 +107,8 @@ class HeadStart(EarlyRequests):
         if descriptor is None or self._descriptor_only:
             return
         self._layer_metadata(connection, self._path, self._answers, annotations,
-                             descriptor.size, hash_blocks=self._first_frame_too)
+                             descriptor.size, hash_blocks=self._first_frame_too,
+                             frame_end=self._layer_frame_end)
 
     def _get_document(self, connection: Connection, url: str) -> bytes | None:
         parts = urlsplit(url)

@@ -4,6 +4,7 @@ other (a corrupt one is fetched again, a blob of another size refused)."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from converter.encoder import EncodeResult
 from lazyfs.fetch.errors import BlobChangedError
-from lazyfs.fetch.primed import PrimedAnswers
+from lazyfs.fetch.primed import ArrivingRest, PrimedAnswers
 from lazyfs.format.frames import SKIPPABLE_HEADER_SIZE
 from lazyfs.layer.remote_image import RemoteImage
 from lazyfs.layer.tuning import ImageTuning
@@ -232,3 +233,119 @@ def test_a_layer_mount_imports_nothing_it_does_not_use_before_its_daemon() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+BIG_CHUNK = 1024 * 1024  # a first frame longer than FIRST_FRAME_BYTES
+BIG_IMAGE = make_image_bytes(3 * BIG_CHUNK, seed=34)
+
+
+@pytest.mark.network
+def test_a_long_first_frame_is_fetched_whole_and_the_reader_asks_nothing_of_it(
+    tmp_path: Path, nginx_server: StartNginx
+) -> None:
+    """The first frame's start comes at once, its rest once the chunk table says where it
+    ends; the daemon's reader then reads all of chunk 0 without a request."""
+    blob, _ = write_blob(tmp_path, BIG_IMAGE, chunk_size=BIG_CHUNK)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+    started = HeadStart(url, tree_window_bytes=WINDOW).start()
+    time.sleep(0.5)  # `finish` takes what has arrived by then: here, all of it
+    answers = started.finish(10.0)
+    data = blob.read_bytes()
+    frame_end = FIRST_FRAME_BYTES + len(answers.ranges[FIRST_FRAME_BYTES][0])
+    assert not answers.rests
+    for start, (body, size) in answers.ranges.items():
+        assert size == len(data) and body == data[start:start + len(body)]
+    deadline = time.monotonic() + 5
+    while len(server.access_lines()) < answers.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    before = len(server.access_lines())
+
+    async def whole_chunk(image: RemoteImage) -> tuple[bytes, tuple[int, int]]:
+        return await image.read(0, BIG_CHUNK), image.metadata.frame_range(0)
+
+    whole, frame_0 = run_with_layer(LayerSource(url, primed=answers), whole_chunk,
+                                    tuning=TUNING)
+    assert whole == BIG_IMAGE[:BIG_CHUNK] and frame_0[1] == frame_end
+    assert len(server.access_lines()) == before and not answers.rests
+
+
+def _settled(server: nginx.NginxServer) -> int:
+    """The requests nginx has logged, once no more come in for a while (it logs one when
+    its answer is sent or given up)."""
+    count, quiet_since = len(server.access_lines()), time.monotonic()
+    while time.monotonic() - quiet_since < 0.3:
+        time.sleep(0.02)
+        if len(server.access_lines()) != count:
+            count, quiet_since = len(server.access_lines()), time.monotonic()
+    return count
+
+
+class _Rest:
+    """An answer's rest still arriving, from bytes in memory (`cut`: it ends after so
+    many)."""
+
+    def __init__(self, body: bytes, cut: int | None = None) -> None:
+        self.stream = io.BytesIO(body[:cut])
+        self.closed = False
+
+    def read(self, size: int) -> bytes:
+        return self.stream.read(min(size, 10_000))
+
+
+def _handed_over(answers: PrimedAnswers, data: bytes, at: int, frame_end: int,
+                 cut: int | None = None) -> _Rest:
+    """`answers` as a `finish` leaves them that came while the first frame's rest was
+    arriving: what had arrived up to `at` an answer, the rest still on its connection."""
+    for start in [start for start in answers.ranges if FIRST_FRAME_BYTES <= start < frame_end]:
+        del answers.ranges[start]
+    answers.close_rests()  # whatever the real head start had still arriving
+    size = len(data)
+    answers.ranges[FIRST_FRAME_BYTES] = (data[FIRST_FRAME_BYTES:at], size)
+    rest = _Rest(data[at:frame_end], cut)
+
+    def close() -> None:
+        rest.closed = True
+
+    answers.rests[at] = ArrivingRest(read=rest.read, close=close, fd=-1,
+                                     length=frame_end - at, blob_size=size)
+    return rest
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("cut", [None, 5000])
+def test_the_reader_streams_the_rest_still_arriving_and_fetches_what_it_lacks(
+    tmp_path: Path, nginx_server: StartNginx, cut: int | None
+) -> None:
+    """A rest handed over at `finish` is read on as it arrives (all of it: no request for
+    the frame); one cut short is fetched from the server from where it ended. Its bytes
+    are checked like any (the chunk reads back right)."""
+    blob, _ = write_blob(tmp_path, BIG_IMAGE, chunk_size=BIG_CHUNK)
+    server = nginx_server(tmp_path)
+    url = server.url + "layer.blob"
+
+
+    async def first_frame_end(image: RemoteImage) -> int:
+        return image.metadata.frame_range(0)[1]
+
+    frame_end = run_with_layer(LayerSource(url), first_frame_end, tuning=TUNING)
+    answers = head_start(url)
+    at = FIRST_FRAME_BYTES + 100_000
+    rest = _handed_over(answers, blob.read_bytes(), at, frame_end, cut)
+    before = _settled(server)
+
+    async def whole_chunk(image: RemoteImage) -> tuple[bytes, tuple[int, int]]:
+        return await image.read(0, BIG_CHUNK), image.metadata.frame_range(0)
+
+    whole, frame_0 = run_with_layer(LayerSource(url, primed=answers), whole_chunk,
+                                    tuning=TUNING)
+    assert whole == BIG_IMAGE[:BIG_CHUNK] and rest.closed and not answers.rests
+    assert frame_0[1] == frame_end
+    if cut is None:
+        assert len(server.access_lines()) == before
+    else:
+        deadline = time.monotonic() + 5
+        while len(server.access_lines()) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(server.access_lines()) == before + 1
+        assert blob_ranges(server)[-1] == (at + cut, frame_0[1])
