@@ -55,7 +55,7 @@ from lazyfs.layer.stats import TraceWriter
 from lazyfs.layer.tuning import ImageTuning, PrefetchOptions
 from lazyfs.mount import fuse_connection, kernel
 from lazyfs.mount.background_loads import BackgroundLoads
-from lazyfs.mount.heap import bound_heap
+from lazyfs.mount.heap import bound_heap, keep_heap_trimmed
 from lazyfs.mount.state import ErofsMountRecord
 from lazyfs.startup.open import LayerSource, open_layer
 
@@ -172,7 +172,10 @@ class LayerHost:
         A disk cache that cannot be used stops nothing: the host goes on without one (logged
         once). Its index opens in the background: reading entries needs none (opening it
         took 4-6 ms of a warm start's critical path)."""
-        bound_heap()  # every process that hosts layers: a mount's daemon, -f, the snapshotter
+        # Every process that hosts layers (a mount's daemon, -f, the snapshotter) keeps its heap
+        # within the chunk cache and a slack.
+        if bound_heap():
+            nursery.start_soon(keep_heap_trimmed, options.cache_size_bytes)
         disk = None
         if disk_cache and options.disk_cache is not None:
             disk = await trio.to_thread.run_sync(
