@@ -38,10 +38,12 @@ _PREFIX = rb"(?:usr/(?:local/)?|opt/[^/]+/)?"
 _LIBRARY_DIR = _PREFIX + rb"lib(?:32|64)?/(?:[^/]+-linux-[^/]+/)?"
 _PYTHON = _PREFIX + rb"lib(?:64)?/python[23]\.[0-9]+/"
 _PYC = rb"\.[^/]+\.pyc"  # .cpython-311.pyc, .cpython-311.opt-1.pyc, ...
-# Imported by no program's start: tests, IDLE, Tk, 2to3, bundled wheels, help texts, demos,
-# the codecs of other character sets, pure-Python fallbacks and tools (help, debugger).
+# Not the standard library (installed packages), or imported by no program's start: tests,
+# IDLE, Tk, 2to3, bundled wheels, help texts, demos, the codecs of other character sets,
+# pure-Python fallbacks and tools (help, debugger).
 _NOT_AT_START = (
-    rb"(?!(?:.+/)?tests?/|(?:idlelib|tkinter|lib2to3|ensurepip|pydoc_data|turtledemo)/"
+    rb"(?!(?:site|dist)-packages/|(?:.+/)?tests?/"
+    rb"|(?:idlelib|tkinter|lib2to3|ensurepip|pydoc_data|turtledemo)/"
     rb"|encodings/|(?:__pycache__/|lib-dynload/)(?:pydoc|doctest|pdb|turtle|_pydecimal|_pyio"
     rb"|_test|_ctypes_test|_xxtestfuzz|xxlimited|_codecs_)[.a-z_0-9]*\.)")
 

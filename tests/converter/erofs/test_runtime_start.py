@@ -50,6 +50,7 @@ OTHERS = [
     f"{STDLIB}/sqlite3/test/__pycache__/test_dump.cpython-311.pyc", "usr/bin/python3.11-config",
     "usr/bin/perldoc", "usr/share/perl/5.36/Carp.pm", "usr/local/lib/node_modules/npm/x.js",
     "home/app/__pycache__/main.cpython-311.pyc",
+    "usr/local/lib/python3.11/site-packages/six/__pycache__/__init__.cpython-311.pyc",
 ]
 SIZES = {"usr/local/bin/ruby": 5 * BLOCK, "usr/lib/x86_64-linux-gnu/libffi.so.8.1.2": BLOCK,
          "usr/lib/x86_64-linux-gnu/libsqlite3.so.0.8.6": 6 * BLOCK}
