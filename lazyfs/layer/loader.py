@@ -174,7 +174,9 @@ class ChunkLoader:
             scope.cancel()
 
     async def aclose(self) -> None:
-        """Close the layer's readers."""
+        """End the loads in flight (`cancel`: none may go on with a closed reader, which
+        would fail it with a RuntimeError, not a fetch error), then close the readers."""
+        self.cancel()
         for reader in self.readers:
             await reader.aclose()
 

@@ -570,3 +570,32 @@ def test_trace_records_fetches_hits_and_bad_chunks(blob: Path, tmp_path: Path) -
     fetch = records[0]
     assert fetch["reason"] == "read" and fetch["layer"] == "layer.blob"
     assert fetch["bytes"] > 0 and fetch["latency_ms"] >= 0 and fetch["t"] >= 0
+
+
+def test_closing_a_layer_ends_the_loads_in_flight_before_its_readers_close(
+        blob: Path) -> None:
+    """A load still running when the layer closes (a readahead nobody waits for) is
+    cancelled, not left to use a closed reader (httpx raises RuntimeError for that)."""
+    ended: list[str] = []
+
+    async def body(image: RemoteImage) -> None:
+        async def load() -> None:
+            with image.loader.load_scope(trio.current_time() + 60):
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    ended.append("cancelled")
+
+        with trio.fail_after(10):  # not the loads' own 60 s
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await trio.sleep(0.01)
+                await image.aclose()
+            assert ended == ["cancelled"]
+            # And a load that starts after it is cancelled at once.
+            with image.loader.load_scope(trio.current_time() + 60):
+                await trio.sleep_forever()
+            ended.append("late load cancelled")
+
+    run_with_layer(LayerSource(str(blob)), body)
+    assert ended == ["cancelled", "late load cancelled"]
