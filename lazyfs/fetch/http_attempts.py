@@ -167,18 +167,22 @@ async def with_retries(
 def pooled_client(options: ReaderOptions, transport: httpx.AsyncBaseTransport | None,
             max_connections: int, *, https: bool) -> httpx.AsyncClient:
     """A pooled client with the timeouts of `options`; redirects are followed by hand. The
-    process's TLS context is shared (its CAs start loading now for an `https` origin)."""
+    process's TLS context is shared (its CAs start loading now for an `https` origin). Its
+    connections read bodies in large pieces (`lazyfs.fetch.large_reads`) unless `transport`
+    is given."""
+    from lazyfs.fetch.large_reads import large_read_transport  # imports httpcore: not before
+
     verify = start_tls(options, https=https)
     connect_s, read_s = options.connect_timeout_s, options.read_timeout_s
+    limits = httpx.Limits(max_connections=max_connections,
+                          max_keepalive_connections=max_connections)
     return httpx.AsyncClient(
-        transport=transport,
+        transport=transport or large_read_transport(verify, limits),
         verify=verify,
         http1=True,
         http2=False,
         follow_redirects=False,
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
+        limits=limits,
         timeout=httpx.Timeout(connect=connect_s, read=read_s, write=read_s,
                               pool=connect_s + read_s),
     )

@@ -139,3 +139,26 @@ def test_stopped_server_is_unreachable_without_the_whole_backoff(
             assert reader.stats.retries == 1
 
     trio.run(main)
+
+
+def test_a_body_that_arrives_faster_than_it_is_taken_comes_in_large_pieces(
+    nginx_server: StartServer, tmp_path: Path, blob: bytes
+) -> None:
+    """The reader's connections read up to lazyfs.fetch.large_reads.READ_BYTES a time: a
+    streamed body whose consumer lags (here it pauses once) comes in pieces of more than
+    httpcore's own 64 KiB, with every byte in order."""
+    server = nginx_server(tmp_path)
+    pieces: list[bytes] = []
+
+    async def sink(piece: bytes) -> None:
+        if not pieces:
+            await trio.sleep(0.2)  # the rest of the body waits in the socket meanwhile
+        pieces.append(piece)
+
+    async def main() -> None:
+        async with HttpRangeReader(server.url + "layer.blob") as reader:
+            await reader.read_stream(0, len(blob), sink)
+
+    trio.run(main)
+    assert b"".join(pieces) == blob
+    assert max(len(piece) for piece in pieces) > 64 * 1024, [len(p) for p in pieces]
