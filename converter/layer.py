@@ -5,10 +5,11 @@ mkfs.erofs (compressed or interleaved images, or `erofs_writer` MKFS): directory
 -> encode, tar -> safe extraction into a private temporary directory -> mkfs.erofs -> encode;
 raw EROFS image -> encode. With a start-up order (a recorded prefetch list), lazyfs's writer
 writes any of them (a seekable EROFS blob too) anew, the blocks the start read first, and the
-descriptor carries the new layer's prefetch list. The blob and its OCI descriptor are written
-to temporary files beside their destinations and renamed into place only when both are
-complete, so an interrupted or failed conversion leaves neither a partial output nor its
-temporary space behind.
+descriptor carries the new layer's prefetch list. A layer lazyfs's writer wrote carries its
+layout fingerprint (`dev.lazyfs.layout`), which recordings copy. The blob and its OCI
+descriptor are written to temporary files beside their destinations and renamed into place
+only when both are complete, so an interrupted or failed conversion leaves neither a partial
+output nor its temporary space behind.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from lazyfs.format.descriptor import (
 )
 from lazyfs.format.descriptor import descriptor_path_for as descriptor_name_for
 from lazyfs.format.prefetch_list import (
+    ANNOTATION_LAYOUT,
     ANNOTATION_PREFETCH,
     LayerPrefetch,
     PrefetchList,
@@ -88,6 +90,7 @@ class ConvertResult:
     seconds: dict[str, float]
     prefetch: LayerPrefetch | None = None  # the list it carries (written in start-up order)
     startup_end: int | None = None  # where its start-up blocks end in the raw image
+    layout: str | None = None  # the layout fingerprint, when lazyfs's writer wrote the image
 
 
 def descriptor_path_for(blob_path: Path) -> Path:
@@ -131,6 +134,7 @@ def convert_layer(
     seconds: dict[str, float] = {}
     stats: ExtractStats | None = None
     startup_end: int | None = None
+    layout: str | None = None
     with tempfile.TemporaryDirectory(prefix="lazyfs-convert-") as work_dir:
         work = Path(work_dir)
         if startup is not None:
@@ -140,6 +144,7 @@ def convert_layer(
                 reproducible=options.reproducible, timestamp=options.timestamp, report=report)
             seconds.update(built.seconds)
             stats, startup_end = built.stats, built.result.startup_end
+            layout = built.result.layout
         elif kind is SourceKind.EROFS_IMAGE:
             image = src
         elif writer is ErofsWriter.LAZYFS:
@@ -147,7 +152,7 @@ def convert_layer(
             built = build_layer_image(src, kind, image, reproducible=options.reproducible,
                                       timestamp=options.timestamp, report=report)
             seconds.update(built.seconds)
-            stats = built.stats
+            stats, layout = built.stats, built.result.layout
         else:
             tree = src
             if kind.is_tar:
@@ -167,9 +172,9 @@ def convert_layer(
         with _timed(seconds, "encode"):
             encoded, descriptor, prefetch = _write_outputs(
                 image, out, descriptor_path, encode_options, options.force, report,
-                startup_end)
+                startup_end, layout)
     return ConvertResult(src, options, kind, out, descriptor_path, descriptor, encoded, stats,
-                         seconds, prefetch, startup_end)
+                         seconds, prefetch, startup_end, layout)
 
 
 def _check_outputs(src: Path, out: Path, descriptor_path: Path, force: bool) -> None:
@@ -204,11 +209,12 @@ def _extract(src: Path, kind: SourceKind, dest: Path, report: Progress) -> Extra
 
 def _write_outputs(
     image: Path, out: Path, descriptor_path: Path, encode_options: EncodeOptions, force: bool,
-    report: Progress, startup_end: int | None = None,
+    report: Progress, startup_end: int | None = None, layout: str | None = None,
 ) -> tuple[EncodeResult, Descriptor, LayerPrefetch | None]:
     """Encode `image` into a temporary blob beside `out`, write the descriptor likewise, then
     move both into place (never over existing files unless `force`). With `startup_end`, the
-    descriptor carries the prefetch list of the chunks up to there, which is returned."""
+    descriptor carries the prefetch list of the chunks up to there, which is returned; with
+    `layout`, the image's layout fingerprint."""
     temps: list[Path] = []
     try:
         blob_temp = _temp_beside(out, temps)
@@ -225,6 +231,8 @@ def _write_outputs(
             raise ConvertError(f"{exc.filename or out}: {exc.strerror or exc}") from None
         annotations = encoded.annotations.to_annotations()
         annotations[LABEL_UNCOMPRESSED] = encoded.image_digest
+        if layout:
+            annotations[ANNOTATION_LAYOUT] = layout
         prefetch = None
         chunk_digest = encoded.annotations.chunk_digest
         if startup_end is not None and chunk_digest is not None:

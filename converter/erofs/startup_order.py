@@ -9,8 +9,10 @@ mapped back to (file, block of the file):
   (`ErofsSource.blocks_of`): exact, whoever wrote the image;
 - in a directory or a tar layer, by replaying where lazyfs's writer put each block when it
   converted that source before (`place_blocks`, nothing written): right when the recorded layer
-  was converted from the same source by this writer with the same options (and found so by the
-  image's size; another conversion is refused).
+  was converted from the same source by this writer with the same options. The recording names
+  that layer's layout fingerprint (`converter.erofs.layout_fingerprint`): the replay's must be
+  the same, or the list is refused (LayoutMismatchError). A list without one (recorded on a
+  layer from an older lazyfs) is matched by the image's size alone.
 
 Blocks that hold no file data (the superblock, inodes, directories) and holes are left out:
 the metadata comes first anyway. A block that several files share goes once, with the first
@@ -25,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from converter.erofs.image_inodes import ErofsSource
 from converter.erofs.inode_tree import LayerSource, Node
 from converter.erofs.layout import BLOCK_SIZE
+from converter.erofs.layout_fingerprint import LayoutFingerprint
 from converter.erofs.writer import ImageOptions, place_blocks
 from converter.errors import ConvertError
 from lazyfs.format.prefetch_list import LayerPrefetch, PrefetchList
@@ -34,6 +37,11 @@ StartupBlocks = list[tuple[Node, int]]
 
 class NoStartupOrderError(ConvertError):
     """No layer of a recorded list fits the layer being converted."""
+
+
+class LayoutMismatchError(ConvertError):
+    """The recorded layer was placed otherwise than this writer places the source: its blocks
+    would map to the wrong files."""
 
 
 def recorded_layers(prefetch: PrefetchList, where: str) -> list[LayerPrefetch]:
@@ -64,6 +72,27 @@ def layer_for_size(prefetch: PrefetchList, image_size: int, where: str) -> Layer
     return fits[0]
 
 
+def layer_for_layout(prefetch: PrefetchList, image_size: int, layout: str,
+                     where: str) -> LayerPrefetch:
+    """The recorded layer whose image was placed as `layout` says (of `image_size` bytes);
+    failing that, the one of `image_size` bytes without a fingerprint. Raises
+    LayoutMismatchError when that one has another fingerprint, NoStartupOrderError when none
+    fits."""
+    same = [layer for layer in recorded_layers(prefetch, where) if layer.layout == layout
+            and layer.image_size == image_size]
+    if len(same) == 1:
+        return same[0]
+    layer = layer_for_size(prefetch, image_size, where)
+    if layer.layout and layer.layout != layout:
+        raise LayoutMismatchError(
+            f"{where}: layer {layer.name or layer.chunk_digest} was recorded on an image laid "
+            f"out otherwise (layout {layer.layout}) than this lazyfs lays out this source "
+            f"(layout {layout}): its blocks would map to the wrong files. Record the start "
+            "again on a layer converted by this lazyfs, or pass the recorded layer itself "
+            "(its blob or raw image) as the source: its block maps map the blocks exactly")
+    return layer
+
+
 def in_order(recorded: Sequence[int], owners: Iterable[tuple[int, Node, int]]) -> StartupBlocks:
     """The (node, file block) owning each recorded image block, in the recorded order; blocks
     nobody owns are left out, a block owned several times goes with its first owner."""
@@ -87,16 +116,19 @@ def startup_by_replay(source: LayerSource, options: ImageOptions, prefetch: Pref
                       where: str) -> StartupBlocks:
     """The start-up blocks of a directory or tar layer, by replaying the placement of its
     conversion by lazyfs's writer. Raises NoStartupOrderError when the list has no layer of
-    the size that conversion had."""
+    the size that conversion had, LayoutMismatchError when the layer it recorded was placed
+    otherwise."""
     wanted = {block for layer in recorded_layers(prefetch, where) for block in layer.blocks}
     owners: list[tuple[int, Node, int]] = []
+    fingerprint = LayoutFingerprint(chunk_indexes=options.chunk_indexes)
 
     def stored(block: int, node: Node, number: int) -> None:
+        fingerprint.stored(block, node, number)
         if block in wanted:
             owners.append((block, node, number))
 
     image_size = place_blocks(source, options, stored)
-    layer = layer_for_size(prefetch, image_size, where)
+    layer = layer_for_layout(prefetch, image_size, fingerprint.finish(image_size), where)
     return in_order(layer.blocks, owners)
 
 
@@ -109,9 +141,11 @@ def startup_prefetch(chunk_digest: str, chunk_count: int, chunk_size: int,
 
 
 __all__ = [
+    "LayoutMismatchError",
     "NoStartupOrderError",
     "StartupBlocks",
     "in_order",
+    "layer_for_layout",
     "layer_for_size",
     "recorded_layers",
     "startup_by_replay",

@@ -42,6 +42,7 @@ from converter.erofs.layout import (
     raw_field,
     xattr_pairs,
 )
+from converter.erofs.layout_fingerprint import LayoutFingerprint
 from converter.erofs.likely_start import likely_start_files
 from converter.erofs.runtime_start import runtime_start_files
 from converter.errors import ConvertError
@@ -105,6 +106,7 @@ class ImageResult:
     data_blocks: int  # blocks of file data stored
     shared_blocks: int  # file blocks that point at a block stored for another
     hole_blocks: int  # file blocks of zeros, not stored
+    layout: str = ""  # the placement's fingerprint (`converter.erofs.layout_fingerprint`)
 
 
 def write_image(source: LayerSource, out: Path, options: ImageOptions | None = None, *,
@@ -118,7 +120,8 @@ def write_image(source: LayerSource, out: Path, options: ImageOptions | None = N
     with open(out, "w+b") as stream:  # read back: identical blocks are compared
         fd = stream.fileno()
         metadata = _Metadata(fd, layout.data_start * BLOCK_SIZE)
-        area = _DataArea(fd, layout)
+        fingerprint = LayoutFingerprint(chunk_indexes=options.chunk_indexes)
+        area = _DataArea(fd, layout, fingerprint.stored)
         _place_files(source, layout, area, metadata, progress)
         area.flush()
         blocks = area.next_block
@@ -128,7 +131,8 @@ def write_image(source: LayerSource, out: Path, options: ImageOptions | None = N
         metadata.flush()
         os.ftruncate(fd, blocks * BLOCK_SIZE)
     return ImageResult(blocks * BLOCK_SIZE, layout.inode_count, layout.data_start * BLOCK_SIZE,
-                       layout.startup_end * BLOCK_SIZE, area.stored, area.shared, area.holes)
+                       layout.startup_end * BLOCK_SIZE, area.stored, area.shared, area.holes,
+                       fingerprint.finish(blocks * BLOCK_SIZE))
 
 
 def place_blocks(source: LayerSource, options: ImageOptions | None = None,

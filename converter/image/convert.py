@@ -64,6 +64,7 @@ from lazyfs.format.descriptor import (
 )
 from lazyfs.format.platform import Platform
 from lazyfs.format.prefetch_list import (
+    ANNOTATION_LAYOUT,
     ANNOTATION_PREFETCH,
     PrefetchList,
     PrefetchListError,
@@ -79,7 +80,7 @@ Progress = Callable[[str], None]
 # manifests) the digest of the old content.
 _STALE_KEYS = frozenset(
     {*SeekableAnnotations(0, "", 0, "").to_annotations(), ANNOTATION_PREFETCH,
-     LABEL_UNCOMPRESSED})
+     LABEL_UNCOMPRESSED, ANNOTATION_LAYOUT})
 _PHASES = {"extract": "extracting", "mkfs": "building the EROFS image", "encode": "encoding",
            "scan": "reading the entries", "write": "writing the EROFS image",
            "decode": "decoding the recorded layer"}

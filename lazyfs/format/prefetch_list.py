@@ -21,6 +21,12 @@ order they first did, at EROFS block granularity: `"blocks": "0-3,1000,5"`, with
 `"block_size": 4096` and `"image_size"` (the raw image's bytes). A converter maps them back to
 file blocks and lays those out first (`lazyfs convert --startup-order FILE`). Annotations
 carry no blocks: a mount needs only the chunks.
+
+With the blocks goes, when the layer had one, its layout fingerprint: `"layout": "…"`, the
+value of the layer descriptor's `dev.lazyfs.layout` annotation, which lazyfs's writer sets to
+a hash of where it placed each file block. A converter that maps the blocks back by replaying
+that placement checks it, so a list recorded on another layout (another lazyfs, other writer
+options, a layer already in start-up order) is refused rather than mapped to the wrong files.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from lazyfs.format.errors import FormatError
 
 PREFETCH_MEDIA_TYPE = "application/vnd.lazyfs.prefetch.v1+json"
 ANNOTATION_PREFETCH = "dev.lazyfs.prefetch"
+ANNOTATION_LAYOUT = "dev.lazyfs.layout"
+MAX_LAYOUT_CHARS = 128
 MAX_LIST_BYTES = 4 * 1024 * 1024
 # Registries cap manifests at a few MiB; one layer's list stays far below that.
 MAX_ANNOTATION_BYTES = 256 * 1024
@@ -49,7 +57,8 @@ class PrefetchListError(FormatError):
 class LayerPrefetch:
     """One layer's chunks in first-read order (each index once, all below `chunk_count`);
     and, when recorded, the `block_size` blocks of its `image_size`-byte raw image the reads
-    touched, in the same order (empty otherwise)."""
+    touched, in the same order (empty otherwise), with the image's `layout` fingerprint ("":
+    none known)."""
 
     chunk_digest: str
     chunk_count: int
@@ -58,6 +67,7 @@ class LayerPrefetch:
     blocks: tuple[int, ...] = ()
     block_size: int = 0
     image_size: int = 0
+    layout: str = ""
 
     @property
     def block_count(self) -> int:
@@ -152,7 +162,13 @@ def _layer_from(obj: Any, where: str) -> LayerPrefetch:
                                 f"{block_runs!r}")
     blocks = parse_runs(block_runs, -(-image_size // block_size), where, "block",
                         MAX_RECORDED_BLOCKS)
-    return LayerPrefetch(digest, count, layer.chunks, name, blocks, block_size, image_size)
+    layout = obj.get("layout", "")
+    if not isinstance(layout, str) or len(layout) > MAX_LAYOUT_CHARS \
+            or not layout.isascii() or not layout.isprintable():
+        raise PrefetchListError(f"{where}: layout: expected a string of at most "
+                                f"{MAX_LAYOUT_CHARS} printable characters, found {layout!r}")
+    return LayerPrefetch(digest, count, layer.chunks, name, blocks, block_size, image_size,
+                         layout)
 
 
 def _layer_object(layer: LayerPrefetch, *, with_blocks: bool = True) -> dict[str, Any]:
@@ -163,6 +179,8 @@ def _layer_object(layer: LayerPrefetch, *, with_blocks: bool = True) -> dict[str
     if with_blocks and layer.block_size:
         out.update(blocks=format_runs(layer.blocks), block_size=layer.block_size,
                    image_size=layer.image_size)
+        if layer.layout:
+            out["layout"] = layer.layout
     return out
 
 

@@ -237,15 +237,24 @@ class _LayerAccesses:
     chunk_digest: str
     chunk_count: int
     image_size: int
+    layout: str  # the layer's layout fingerprint ("": none)
     chunks: dict[int, None] = field(default_factory=dict)  # first reads, in order
     blocks: dict[int, None] = field(default_factory=dict)  # the same, by EROFS block
+
+
+def layout_of(image: RemoteImage) -> str:
+    """The layout fingerprint the layer's descriptor gave (`dev.lazyfs.layout`, set by lazyfs's
+    writer), as its parsed annotations carry it as `layout`; "" when they carry none."""
+    layout = getattr(image.metadata.annotations, "layout", None)
+    return layout if isinstance(layout, str) else ""
 
 
 class AccessRecorder:
     """Remembers, per layer, the chunks reads touched in the order they first did, and the
     4 KiB blocks of the raw image too (for `lazyfs convert --startup-order`); written as a
-    prefetch list when the mount ends. Bounded by the layers' chunk counts, and blocks by
-    MAX_RECORDED_BLOCKS (a start-up reads far less)."""
+    prefetch list when the mount ends, with each layer's layout fingerprint (`layout_of`), by
+    which the converter checks it maps the blocks to the files they were. Bounded by the
+    layers' chunk counts, and blocks by MAX_RECORDED_BLOCKS (a start-up reads far less)."""
 
     def __init__(self) -> None:
         self._layers: dict[str, _LayerAccesses] = {}
@@ -258,7 +267,7 @@ class AccessRecorder:
             return None
         table = image.metadata.table
         accesses = self._layers.setdefault(
-            image.name, _LayerAccesses(digest, table.chunk_count, image.size))
+            image.name, _LayerAccesses(digest, table.chunk_count, image.size, layout_of(image)))
 
         def note(offset: int, size: int) -> None:
             for index in table.chunks_for_range(offset, size):
@@ -275,7 +284,7 @@ class AccessRecorder:
     def prefetch_list(self) -> PrefetchList:
         return PrefetchList(tuple(
             LayerPrefetch(layer.chunk_digest, layer.chunk_count, tuple(layer.chunks), name,
-                          tuple(layer.blocks), BLOCK_SIZE, layer.image_size)
+                          tuple(layer.blocks), BLOCK_SIZE, layer.image_size, layer.layout)
             for name, layer in self._layers.items() if layer.chunks))
 
     def write(self, path: str) -> None:

@@ -143,3 +143,25 @@ def test_oversized_list_and_annotation_are_refused() -> None:
 def test_annotation_errors_name_the_layer() -> None:
     with pytest.raises(PrefetchListError, match=f"layer 2: {ANNOTATION_PREFETCH}: not JSON"):
         parse_prefetch_annotation("{", "layer 2")
+
+
+def test_a_layout_fingerprint_round_trips_with_the_blocks_in_files_only() -> None:
+    recorded = LayerPrefetch(DIGEST, 4, (0, 1), "layer", (3, 0), 4096, 5 * 4096, "ab" * 16)
+    data = serialize_prefetch_list(PrefetchList((recorded,)))
+    assert json.loads(data)["layers"][0]["layout"] == "ab" * 16
+    assert parse_prefetch_list(data, "f") == PrefetchList((recorded,))
+    assert "layout" not in serialize_prefetch_annotation(recorded)
+
+
+def test_a_list_without_a_layout_fingerprint_has_none() -> None:
+    data = _list_json(blocks="1,0", block_size=4096, image_size=9000)
+    layer = parse_prefetch_list(data, "f").layers[0]
+    assert layer.blocks == (1, 0) and layer.layout == ""
+    assert b"layout" not in serialize_prefetch_list(PrefetchList((layer,)))
+
+
+@pytest.mark.parametrize("layout", [3, "x" * 129, "a\nb", "é"])
+def test_a_malformed_layout_fingerprint_is_refused(layout: object) -> None:
+    data = _list_json(blocks="1", block_size=4096, image_size=9000, layout=layout)
+    with pytest.raises(PrefetchListError, match="layer 1: layout: expected a string"):
+        parse_prefetch_list(data, "f")

@@ -291,3 +291,36 @@ def test_reads_that_follow_the_list_read_nothing_ahead_once_it_is_loaded(blob: P
                                           tuning=ImageTuning(readahead_chunks=2))
     assert following == 0
     assert elsewhere > 0
+
+
+def test_recorder_copies_the_layers_layout_fingerprint(
+    blob: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lazyfs.startup.prefetch as prefetch_module
+
+    recorder = AccessRecorder()
+    monkeypatch.setattr(prefetch_module, "layout_of", lambda image: "ab" * 16)
+
+    async def body(image: RemoteImage) -> object:
+        image.on_read = recorder.hook(image)
+        await image.read(CHUNK, 10)
+        return None
+
+    run_with_layer(LayerSource(str(blob)), body)
+    recorder.write(str(tmp_path / "list.json"))
+    (layer,) = parse_prefetch_list((tmp_path / "list.json").read_bytes(), "list.json").layers
+    assert layer.layout == "ab" * 16 and layer.blocks == (CHUNK // 4096,)
+
+
+def test_layout_of_reads_the_parsed_annotation() -> None:
+    from types import SimpleNamespace
+
+    from lazyfs.startup.prefetch import layout_of
+
+    def image(**annotations: object) -> RemoteImage:
+        return SimpleNamespace(  # type: ignore[return-value]
+            metadata=SimpleNamespace(annotations=SimpleNamespace(**annotations)))
+
+    assert layout_of(image(layout="cd" * 16)) == "cd" * 16
+    assert layout_of(image()) == ""  # a layer without one, or annotations that carry none
+    assert layout_of(image(layout=None)) == ""

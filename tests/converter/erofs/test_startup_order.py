@@ -17,11 +17,13 @@ import trio
 from converter.erofs.image_inodes import ErofsSource
 from converter.erofs.inode_tree import walk
 from converter.erofs.startup_order import (
+    LayoutMismatchError,
     NoStartupOrderError,
     in_order,
     layer_for_size,
     startup_prefetch,
 )
+from converter.erofs.writer import ImageResult
 from converter.erofs_tree import scan_erofs
 from converter.errors import ConvertError
 from converter.image.convert import convert_image
@@ -90,14 +92,16 @@ def _block_of(raw: Path) -> dict[tuple[str, int], int]:
     return found
 
 
-def _recording(result: ConvertResult, raw: Path, reads: list[tuple[str, int]]) -> PrefetchList:
-    """The list a start that read `reads` from the layer `result` would have recorded."""
+def _recording(result: ConvertResult, raw: Path, reads: list[tuple[str, int]],
+               layout: str = "") -> PrefetchList:
+    """The list a start that read `reads` from the layer `result` would have recorded (with
+    the layout fingerprint `layout`; "": as a list of an older lazyfs)."""
     where = _block_of(raw)
     blocks = (0, *(where[read] for read in reads))
     annotations = result.descriptor.annotations
     return PrefetchList((LayerPrefetch(
         annotations["dev.containerd.erofs.zstd.chunk_digest"], result.encoded.chunk_count,
-        (0,), "layer", blocks, BLOCK, result.encoded.image_size),))
+        (0,), "layer", blocks, BLOCK, result.encoded.image_size, layout),))
 
 
 def _check_order(result: ConvertResult, raw: Path, reads: list[tuple[str, int]]) -> None:
@@ -224,3 +228,77 @@ def _config_digest(layout: Path, result: object) -> str:
     manifest = json.loads((layout / "blobs/sha256" /
                            result.digest.partition(":")[2]).read_bytes())  # type: ignore[attr-defined]
     return str(manifest["config"]["digest"]).partition(":")[2]
+
+
+def _layout(result: ConvertResult) -> str:
+    return result.descriptor.annotations["dev.lazyfs.layout"]
+
+
+@pytest.mark.parametrize("source", ["directory", "tar"])
+def test_a_list_recorded_on_the_same_layout_replays(tmp_path: Path, source: str) -> None:
+    if source == "tar":
+        src = tmp_path / "layer.tar.gz"
+        src.write_bytes(_layer().gzip())
+    else:
+        src = _tree(tmp_path / "tree")
+    recorded = convert_layer(src, tmp_path / "recorded.blob", _options())
+    assert recorded.layout is not None and len(recorded.layout) == 32
+    assert _layout(recorded) == recorded.layout
+    prefetch = _recording(recorded, _raw(tmp_path / "recorded.blob", tmp_path), READS,
+                          recorded.layout)
+    result = convert_layer(src, tmp_path / "ordered.blob", _options(startup_order=prefetch))
+    _check_order(result, _raw(tmp_path / "ordered.blob", tmp_path), READS)
+    assert result.layout is not None and _layout(result) == result.layout != recorded.layout
+
+
+def test_a_list_recorded_on_another_layout_is_refused(tmp_path: Path) -> None:
+    """A start recorded on the layer in start-up order: an image of the same size whose
+    blocks are elsewhere. Replayed from the tree, they would map to the wrong files."""
+    src = _tree(tmp_path / "tree")
+    recorded = convert_layer(src, tmp_path / "recorded.blob", _options())
+    recorded_raw = _raw(tmp_path / "recorded.blob", tmp_path)
+    first = _recording(recorded, recorded_raw, READS, recorded.layout or "")
+    ordered = convert_layer(src, tmp_path / "ordered.blob", _options(startup_order=first))
+    ordered_raw = _raw(tmp_path / "ordered.blob", tmp_path)
+    assert ordered_raw.stat().st_size == recorded_raw.stat().st_size
+    reads = [("share/doc", 1), ("bin/tool", 3)]
+    again = _recording(ordered, ordered_raw, reads, _layout(ordered))
+    with pytest.raises(LayoutMismatchError) as refused:
+        convert_layer(src, tmp_path / "x.blob",
+                      _options(startup_order=again, startup_order_source="start.json"))
+    message = str(refused.value)
+    assert message.startswith("start.json: layer layer was recorded on an image laid out")
+    assert f"(layout {ordered.layout})" in message and f"(layout {recorded.layout})" in message
+    assert "Record the start again on a layer converted by this lazyfs" in message
+    assert "pass the recorded layer itself" in message
+    assert not (tmp_path / "x.blob").exists()
+    # The recorded layer itself as the source: its block maps map the blocks exactly.
+    result = convert_layer(tmp_path / "ordered.blob", tmp_path / "y.blob",
+                           _options(startup_order=again))
+    _check_order(result, _raw(tmp_path / "y.blob", tmp_path), reads)
+
+
+def test_the_fingerprint_is_the_placement_and_the_writer_options(tmp_path: Path) -> None:
+    from converter.erofs.dir_inodes import DirectorySource
+    from converter.erofs.startup_order import startup_by_replay
+    from converter.erofs.writer import ImageOptions, write_image
+
+    src = _tree(tmp_path / "tree")
+    plain = write_image(DirectorySource(src), tmp_path / "plain.erofs")
+    again = write_image(DirectorySource(src), tmp_path / "again.erofs",
+                        ImageOptions(uuid=b"u" * 16))
+    indexed = write_image(DirectorySource(src), tmp_path / "indexed.erofs",
+                          ImageOptions(chunk_indexes=True))
+    assert plain.layout == again.layout
+    assert indexed.layout != plain.layout and indexed.image_size == plain.image_size
+
+    def recorded(result: ImageResult) -> PrefetchList:
+        return PrefetchList((LayerPrefetch("sha512:" + "0" * 128, 2, (0,), "layer", (0,),
+                                           BLOCK, result.image_size, result.layout),))
+
+    with pytest.raises(LayoutMismatchError, match=r"list\.json: layer layer was recorded"):
+        startup_by_replay(DirectorySource(src), ImageOptions(), recorded(indexed), "list.json")
+    assert startup_by_replay(DirectorySource(src), ImageOptions(chunk_indexes=True),
+                             recorded(indexed), "list.json") == []  # block 0: no file's
+    assert startup_by_replay(DirectorySource(src), ImageOptions(), recorded(plain),
+                             "list.json") == []
