@@ -339,6 +339,8 @@ async def _convert_layer(run: _Run, number: int, layer: Descriptor) -> LayerOutc
     encoded = result.encoded
     annotations = {k: v for k, v in layer.annotations.items() if k not in _STALE_KEYS}
     annotations.update(encoded.annotations.to_annotations())
+    if result.layout:
+        annotations[ANNOTATION_LAYOUT] = result.layout
     if result.prefetch is not None:
         annotations[ANNOTATION_PREFETCH] = serialize_prefetch_annotation(result.prefetch)
         run.report(f"{name}: start-up blocks first, prefetch list of "

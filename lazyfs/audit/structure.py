@@ -31,7 +31,7 @@ from lazyfs.audit.documents import ImageDocuments, PlatformImage, config_platfor
 from lazyfs.format import oci
 from lazyfs.format.descriptor import LABEL_UNCOMPRESSED
 from lazyfs.format.platform import Platform
-from lazyfs.format.prefetch_list import ANNOTATION_PREFETCH
+from lazyfs.format.prefetch_list import ANNOTATION_LAYOUT, ANNOTATION_PREFETCH
 
 SEEKABLE_ANNOTATION_PREFIX = "dev.containerd.erofs."
 OCI_COUNTERPARTS = {
@@ -154,7 +154,7 @@ def _features(what: str, source: list[str] | tuple[str, ...] | None,
 def _layer_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in annotations.items()
             if not k.startswith(SEEKABLE_ANNOTATION_PREFIX)
-            and k not in (ANNOTATION_PREFETCH, LABEL_UNCOMPRESSED)}
+            and k not in (ANNOTATION_PREFETCH, ANNOTATION_LAYOUT, LABEL_UNCOMPRESSED)}
 
 
 def _comparable_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from lazyfs.format.errors import OCIFormatError
 from lazyfs.format.platform import Platform
+from lazyfs.format.prefetch_list import ANNOTATION_LAYOUT
 from lazyfs.format.reference import InvalidReferenceError, validate_digest
 
 MEDIA_TYPE_EROFS_ZSTD = "application/vnd.erofs.layer.v1+zstd"
@@ -49,6 +50,8 @@ class SeekableAnnotations:
     chunk_digest: str | None = None
     verity_offset: int | None = None
     root_digest: str | None = None
+    # lazyfs's own: the writer's layout fingerprint, which recorded start-up orders copy.
+    layout: str | None = None
 
     @property
     def metadata_offsets(self) -> tuple[int, ...]:
@@ -131,7 +134,8 @@ def parse_annotations(annotations: Mapping[str, str], source: str = "descriptor"
     if verity_offset is not None and verity_offset == chunk_table_offset:
         raise DescriptorError(f"{source}: chunk table and dm-verity frames both at offset "
                               f"{verity_offset}")
-    return SeekableAnnotations(chunk_table_offset, chunk_digest, verity_offset, root_digest)
+    return SeekableAnnotations(chunk_table_offset, chunk_digest, verity_offset, root_digest,
+                               _string(annotations, ANNOTATION_LAYOUT, source))
 
 
 @dataclass(frozen=True)

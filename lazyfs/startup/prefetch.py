@@ -245,8 +245,7 @@ class _LayerAccesses:
 def layout_of(image: RemoteImage) -> str:
     """The layout fingerprint the layer's descriptor gave (`dev.lazyfs.layout`, set by lazyfs's
     writer), as its parsed annotations carry it as `layout`; "" when they carry none."""
-    layout = getattr(image.metadata.annotations, "layout", None)
-    return layout if isinstance(layout, str) else ""
+    return image.metadata.annotations.layout or ""
 
 
 class AccessRecorder:

@@ -63,6 +63,8 @@ def test_a_recorded_start_comes_first(lazyfs: Lazyfs, tmp_path: Path) -> None:
     assert lazyfs.run("umount", str(first)).returncode == 0
     (entry,) = parse_prefetch_list(recorded.read_bytes(), str(recorded)).layers
     assert entry.blocks and entry.block_size == BLOCK
+    assert len(entry.layout) == 32 and entry.layout == json.loads(
+        (served / "layer.descriptor.json").read_text())["annotations"]["dev.lazyfs.layout"]
 
     ordered = tmp_path / "ordered"
     ordered.mkdir()
@@ -86,7 +88,11 @@ def test_a_recorded_start_comes_first(lazyfs: Lazyfs, tmp_path: Path) -> None:
 
     second = tmp_path / "second"
     second.mkdir()
+    again = tmp_path / "again.json"
     lazyfs.mount(str(ordered / "layer.blob"), str(second), "--no-disk-cache",
-                 mountpoint=second)
+                 "--record", str(again), mountpoint=second)
     assert compare_trees(scan_directory(tree), scan_directory(second)) == []
     assert lazyfs.run("umount", str(second)).returncode == 0
+    refused = lazyfs.run("convert", str(tree), "-o", str(tmp_path / "x.blob"),
+                         "--startup-order", str(again))
+    assert refused.returncode != 0 and "laid out otherwise" in refused.stderr
