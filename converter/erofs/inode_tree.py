@@ -12,7 +12,7 @@ symlinks, `blkaddr`.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 NS_PER_SECOND = 1_000_000_000
@@ -117,4 +117,21 @@ class LayerSource(Protocol):
         ...
 
 
-__all__ = ["NS_PER_SECOND", "LayerSource", "Node", "count_links", "directory", "walk"]
+def first_within(groups: Iterable[Iterable[Node]], max_bytes: int) -> list[Node]:
+    """The nodes of `groups`, in order and each once, as long as their sizes add up to at most
+    `max_bytes` (one too large is passed over, a later smaller one may still fit): the bound
+    of a layout's picks, so that an unusual tree cannot push its other data far back."""
+    picked: list[Node] = []
+    seen: set[Node] = set()
+    total = 0
+    for nodes in groups:
+        for node in nodes:
+            if node not in seen and total + node.size <= max_bytes:
+                seen.add(node)
+                picked.append(node)
+                total += node.size
+    return picked
+
+
+__all__ = ["NS_PER_SECOND", "LayerSource", "Node", "count_links", "directory", "first_within",
+           "walk"]

@@ -24,7 +24,7 @@ import re
 import stat
 from collections.abc import Collection
 
-from converter.erofs.inode_tree import Node, walk
+from converter.erofs.inode_tree import Node, first_within, walk
 
 MAX_FILE_BYTES = 4 << 20  # a C library is about 2 MiB
 MAX_TOTAL_BYTES = 16 << 20
@@ -68,14 +68,8 @@ def likely_start_files(root: Node, placed_elsewhere: Collection[Node] = ()) -> l
     zone = resolve(root, LOCALTIME)
     if zone is not None and zone.is_file and zone.size and zone.size <= MAX_ETC_FILE_BYTES:
         found[-1].append(zone)
-    picked: list[Node] = []
-    seen: set[Node] = set()
-    total = 0
-    for node in (node for nodes in found for node in nodes):
-        if node not in seen and total + node.size <= MAX_TOTAL_BYTES:
-            seen.add(node)
-            picked.append(node)
-            total += node.size
+    picked = first_within(found, MAX_TOTAL_BYTES)
+    seen = set(picked)
     libraries.sort(key=lambda node: node.size)  # stable: the tree's order among equals
     for node in libraries:
         if node not in seen and node not in placed_elsewhere:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 
-from converter.erofs.inode_tree import Node, walk
+from converter.erofs.inode_tree import Node, first_within, walk
 
 MAX_PROGRAM_BYTES = 24 << 20  # libpython3.x is 5-25 MiB, libjvm about 20 MiB; node is larger
 MAX_TOTAL_BYTES = 48 << 20
@@ -91,15 +91,7 @@ def runtime_start_files(root: Node) -> list[Node]:
     extensions = found[_RULES.index(_EXTENSION_MODULES)]
     libraries = found[_RULES.index(_EXTENSION_LIBRARIES)]
     libraries[:] = sorted(libraries, key=lambda node: node.size) if extensions else []
-    picked: list[Node] = []
-    seen: set[Node] = set()
-    total = 0
-    for node in (node for nodes in found for node in nodes):
-        if node not in seen and total + node.size <= MAX_TOTAL_BYTES:
-            seen.add(node)
-            picked.append(node)
-            total += node.size
-    return picked
+    return first_within(found, MAX_TOTAL_BYTES)
 
 
 __all__ = ["MAX_PROGRAM_BYTES", "MAX_TOTAL_BYTES", "runtime_start_files"]

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from converter.erofs.dir_inodes import DirectorySource
 from converter.erofs.image_inodes import ErofsSource
-from converter.erofs.inode_tree import Node, directory, walk
+from converter.erofs.inode_tree import Node, directory
 from converter.erofs.likely_start import MAX_TOTAL_BYTES, likely_start_files, resolve
-from converter.erofs.writer import ImageOptions, place_blocks, write_image
-from converter.erofs_tree import scan_erofs
-from converter.mkfs import fsck_erofs
-from converter.tree import compare_trees, scan_directory
+from tests.converter.erofs.placement import (
+    names_of,
+    placed_blocks,
+    replayed_blocks,
+    written_image,
+)
 
 BLOCK = 4096
 # In the order of their rules, each rule's in the tree's order.
@@ -44,13 +46,9 @@ def _tree(root: Path) -> Path:
     return root
 
 
-def _names(root: Node) -> dict[Node, str]:
-    return {node: path.decode() for path, node in walk(root)}
-
-
 def test_picks_the_start_files_in_the_order_a_start_reads_them(tmp_path: Path) -> None:
     source = DirectorySource(_tree(tmp_path / "src"))
-    names = _names(source.root)
+    names = names_of(source.root)
     assert [names[node] for node in likely_start_files(source.root)] == LIKELY + LIBRARIES
 
 
@@ -81,24 +79,12 @@ def test_picks_at_most_the_bound(tmp_path: Path) -> None:
 def test_laid_out_right_after_the_metadata(tmp_path: Path) -> None:
     src = _tree(tmp_path / "src")
     image = tmp_path / "image.erofs"
-    result = write_image(DirectorySource(src), image, ImageOptions())
-    fsck_erofs(image)
-    assert compare_trees(scan_directory(src), scan_erofs(image), ignore={"owner"}) == []
+    result = written_image(src, image)
     with ErofsSource(image) as erofs:
-        names = _names(erofs.root)
-        placed: dict[str, list[int]] = {}
-        for block, node, _ in erofs.blocks_of(BLOCK):
-            placed.setdefault(names[node], []).append(block)
+        placed = placed_blocks(erofs)
     first = result.metadata_size // BLOCK
     in_order = [block for name in LIKELY + LIBRARIES for block in placed[name]]
     assert in_order == list(range(first, first + len(in_order)))  # side by side, in order
     assert all(min(placed[name]) >= first + len(in_order) for name in OTHERS)
 
-    replayed: dict[str, list[int]] = {}
-    source = DirectorySource(src)
-    replay_names = _names(source.root)
-    size = place_blocks(source, ImageOptions(),
-                        lambda block, node, _: replayed.setdefault(replay_names[node],
-                                                                   []).append(block))
-    assert size == result.image_size
-    assert replayed == placed
+    assert replayed_blocks(src) == (placed, result.image_size)

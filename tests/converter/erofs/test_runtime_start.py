@@ -12,17 +12,19 @@ from pathlib import Path
 
 from converter.erofs.dir_inodes import DirectorySource
 from converter.erofs.image_inodes import ErofsSource
-from converter.erofs.inode_tree import Node, directory, walk
+from converter.erofs.inode_tree import Node, directory
 from converter.erofs.likely_start import likely_start_files
 from converter.erofs.runtime_start import (
     MAX_PROGRAM_BYTES,
     MAX_TOTAL_BYTES,
     runtime_start_files,
 )
-from converter.erofs.writer import ImageOptions, place_blocks, write_image
-from converter.erofs_tree import scan_erofs
-from converter.mkfs import fsck_erofs
-from converter.tree import compare_trees, scan_directory
+from tests.converter.erofs.placement import (
+    names_of,
+    placed_blocks,
+    replayed_blocks,
+    written_image,
+)
 
 BLOCK = 4096
 STDLIB = "usr/lib/python3.11"
@@ -65,13 +67,9 @@ def _tree(root: Path) -> Path:
     return root
 
 
-def _names(root: Node) -> dict[Node, str]:
-    return {node: path.decode() for path, node in walk(root)}
-
-
 def test_picks_what_runtimes_read_at_start_in_the_order_of_the_rules(tmp_path: Path) -> None:
     source = DirectorySource(_tree(tmp_path / "src"))
-    names = _names(source.root)
+    names = names_of(source.root)
     assert [names[node] for node in runtime_start_files(source.root)] == RUNTIME
 
 
@@ -90,7 +88,7 @@ def _file_tree(sizes: dict[bytes, int]) -> Node:
 
 def test_a_program_too_large_stays_where_it_is() -> None:
     root = _file_tree({b"usr/bin/node": MAX_PROGRAM_BYTES + 1, b"usr/bin/python3.12": 100})
-    names = _names(root)
+    names = names_of(root)
     assert [names[node] for node in runtime_start_files(root)] == ["usr/bin/python3.12"]
 
 
@@ -98,10 +96,10 @@ def test_the_libraries_of_extension_modules_only_with_a_standard_library() -> No
     library = b"usr/lib/x86_64-linux-gnu/libssl.so.3"
     without = _file_tree({library: 100, b"usr/lib/x86_64-linux-gnu/libc.so.6": 100})
     assert runtime_start_files(without) == []
-    assert _names(without)[likely_start_files(without)[-1]] == library.decode()
+    assert names_of(without)[likely_start_files(without)[-1]] == library.decode()
     module = b"usr/lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so"
     with_python = _file_tree({library: 100, module: 100})
-    names = _names(with_python)
+    names = names_of(with_python)
     runtime = runtime_start_files(with_python)
     assert [names[node] for node in runtime] == [module.decode(), library.decode()]
     assert likely_start_files(with_python, runtime) == []
@@ -120,14 +118,10 @@ def test_laid_out_after_the_likely_start_files(tmp_path: Path) -> None:
     src = _tree(tmp_path / "src")
     (src / "usr/lib/x86_64-linux-gnu/libc.so.6").write_bytes(os.urandom(3 * BLOCK))
     image = tmp_path / "image.erofs"
-    result = write_image(DirectorySource(src), image, ImageOptions())
-    fsck_erofs(image)
-    assert compare_trees(scan_directory(src), scan_erofs(image), ignore={"owner"}) == []
+    result = written_image(src, image)
     with ErofsSource(image) as erofs:
-        names = _names(erofs.root)
-        placed: dict[str, list[int]] = {}
-        for block, node, _ in erofs.blocks_of(BLOCK):
-            placed.setdefault(names[node], []).append(block)
+        placed = placed_blocks(erofs)
+        names = names_of(erofs.root)
         runtime = runtime_start_files(erofs.root)
         likely = [names[node] for node in likely_start_files(erofs.root, runtime)]
     assert likely == ["usr/lib/x86_64-linux-gnu/libc.so.6"]  # libpython goes with python
@@ -136,11 +130,4 @@ def test_laid_out_after_the_likely_start_files(tmp_path: Path) -> None:
     assert in_order == list(range(first, first + len(in_order)))  # side by side, in order
     assert all(min(placed[name]) >= first + len(in_order) for name in OTHERS)
 
-    replayed: dict[str, list[int]] = {}
-    source = DirectorySource(src)
-    replay_names = _names(source.root)
-    size = place_blocks(source, ImageOptions(),
-                        lambda block, node, _: replayed.setdefault(replay_names[node],
-                                                                   []).append(block))
-    assert size == result.image_size
-    assert replayed == placed
+    assert replayed_blocks(src) == (placed, result.image_size)
