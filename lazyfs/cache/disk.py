@@ -43,6 +43,11 @@ IO_THREADS = 4
 # Bytes handed to `DiskCache.put_later` and not yet written, for the whole process: past it a
 # write is skipped (the memory it would hold matters more than one more entry on disk).
 DEFAULT_PENDING_WRITE_BYTES = 32 << 20
+# How long the background writer lets writes gather before it takes a batch, unless a quarter
+# of the pending limit waits already: one transaction and one hand-over to a worker thread
+# then serve dozens of entries, not one or two (a bulk read's frames came a few at a time,
+# and each batch's fixed cost made an entry 1.7 ms of CPU instead of 0.2).
+WRITE_GATHER_S = 0.05
 
 __all__ = ["PULL_POLICIES", "STORE_ERRORS", "DiskCache", "DiskCacheError", "DiskCacheOptions",
            "default_cache_dir", "open_disk_cache"]
@@ -235,10 +240,13 @@ class DiskCache:
         return True
 
     async def _write_queued(self) -> None:
-        """Write what `put_later` queued, a batch at a time, until nothing waits."""
+        """Write what `put_later` queued, a batch at a time (gathered for WRITE_GATHER_S),
+        until nothing waits."""
         batch: list[_QueuedWrite] = []
         try:
             while self._queued:
+                if self.pending_write_bytes < self.pending_write_limit // 4:
+                    await trio.sleep(WRITE_GATHER_S)
                 batch, self._queued = self._queued, []
                 await self._write_batch(batch)
                 self._release(batch)

@@ -564,7 +564,10 @@ def test_a_full_cache_file_system_stops_no_mount(
             assert result.returncode == 0, result.stderr
             assert mounts_below(lazyfs.state_dir) == [] and mounts_below(mountpoint) == []
             assert lazyfs.records() == []
-    assert os.statvfs(full_cache_dir).f_bavail == 0
+    # Filled, to within a few entries: a write that fails takes its partial file back (and
+    # the entries of a batch written after it may fit), and the index may trim its log.
+    left = os.statvfs(full_cache_dir)
+    assert left.f_bavail * left.f_frsize < 1 << 20, left
     by_daemon: dict[str, list[str]] = {}
     for line in lazyfs.logs().splitlines():
         daemon = re.search(r"lazyfs\[(\d+)\] (WARNING|ERROR) ", line)
