@@ -18,8 +18,8 @@ short would have to be fetched again from its first byte by the next read in it,
 next read is usually near (file systems keep a file's blocks and its metadata together).
 
 Protocol: a FrameStream is created, with the chunk's cache key claimed, before its load
-starts, and its loader resolves it exactly once (`complete`, `fail`, or `publish` of the
-last bytes with holes); `read` waits only for `publish`, `complete` or `fail`.
+starts, and its loader resolves it exactly once (`complete`, `fail`, or `advance` over the
+last bytes with holes); `read` waits only for `advance`, `complete` or `fail`.
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ MAX_PARTIAL_CHUNKS = 8
 class FrameStream:
     """One chunk as its frame arrives: the verified prefix grows; readers wait for theirs.
 
-    Its bytes grow in one buffer, of the chunk's size once `reserve` has been told it, and
-    the completed chunk is that very buffer (read-only): a chunk is never held twice."""
+    Its bytes grow in one buffer of the chunk's size, made by a decoding thread and handed
+    over with `adopt`, and the completed chunk is that very buffer (read-only): a chunk is
+    never held twice."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -109,21 +110,6 @@ class FrameStream:
                 raise ImageReadError(f"chunk {self.index}: {why}")
         with memoryview(self._data) as view:
             return bytes(view[start:end])
-
-    def publish(self, data: bytes | bytearray,
-                holes: Sequence[tuple[int, int, str]] = ()) -> None:
-        """Add verified bytes (holes zero-filled) and wake the readers."""
-        buffer = self._data
-        assert isinstance(buffer, bytearray)
-        end = self._filled + len(data)
-        if end <= len(buffer):
-            buffer[self._filled:end] = data
-        else:
-            del buffer[self._filled:]
-            buffer += data
-        self._filled = end
-        self.holes.extend(holes)
-        self._wake()
 
     def complete(self) -> ChunkData:
         """The whole chunk has arrived and verified: its bytes, kept as one immutable copy

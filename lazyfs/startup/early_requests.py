@@ -227,20 +227,19 @@ class EarlyRequests:
                    answers: PrimedAnswers, start: int, end: int, size: int | None) -> bytes:
         """The blob's bytes `[start, end)`, kept in `answers`; the blob must be `size` bytes
         (unknown: then the answer may end early, where the blob does)."""
-        response = self._send(connection, path, {
-            "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+        response = self._ask_range(connection, path, start, end)
         body = response.read(end - start + 1)
-        found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
-        if found is not None and size is None:
-            size = int(found.group(3))
-            end = min(end, size)
-        if (response.status != 206 or found is None
-                or response.getheader("Content-Encoding", "identity").lower() != "identity"
-                or (int(found.group(1)), int(found.group(2))) != (start, end - 1)
-                or int(found.group(3)) != size or len(body) != end - start):
+        end, known = _checked_range(response, start, end, size)
+        if len(body) != end - start:
             raise EarlyStop(f"bytes {start}-{end - 1}: HTTP {response.status}, not the range asked")
-        self._keep(lambda: answers.add_range(start, body, size))
+        self._keep(lambda: answers.add_range(start, body, known))
         return body
+
+    def _ask_range(self, connection: Connection, path: str, start: int,
+                   end: int) -> http.client.HTTPResponse:
+        """The response to a request for the blob's bytes `[start, end)` (its body unread)."""
+        return self._send(connection, path, {
+            "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
 
     def _get_range_in_pieces(self, connection: Connection, path: str,
                              answers: PrimedAnswers, start: int, end: int, size: int) -> None:
@@ -271,14 +270,8 @@ class EarlyRequests:
                         size: int) -> http.client.HTTPResponse:
         """The response to a request for the blob's bytes `[start, end)`, its headers
         checked (its body not read yet)."""
-        response = self._send(connection, path, {
-            "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
-        found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
-        if (response.status != 206 or found is None
-                or response.getheader("Content-Encoding", "identity").lower() != "identity"
-                or (int(found.group(1)), int(found.group(2)), int(found.group(3)))
-                != (start, end - 1, size)):
-            raise EarlyStop(f"bytes {start}-{end - 1}: HTTP {response.status}, not the range asked")
+        response = self._ask_range(connection, path, start, end)
+        _checked_range(response, start, end, size)
         return response
 
     def _read_piece(self, arriving: _Arriving, response: http.client.HTTPResponse) -> bool:
@@ -341,6 +334,23 @@ class EarlyRequests:
         for run in contiguous(missing, block):
             start = metadata.verity_payload_offset + run[0]
             self._get_range(connection, path, answers, start, start + len(run) * block, size)
+
+
+def _checked_range(response: http.client.HTTPResponse, start: int, end: int,
+                   size: int | None) -> tuple[int, int]:
+    """(end, blob size) of a range answer to a request for `[start, end)` of a blob of `size`
+    bytes (None: the answer names it, and the range may end early, where the blob does).
+    Raises EarlyStop for any other answer."""
+    found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
+    if found is not None and size is None:
+        size = int(found.group(3))
+        end = min(end, size)
+    if (response.status != 206 or found is None
+            or response.getheader("Content-Encoding", "identity").lower() != "identity"
+            or (int(found.group(1)), int(found.group(2))) != (start, end - 1)
+            or int(found.group(3)) != size):
+        raise EarlyStop(f"bytes {start}-{end - 1}: HTTP {response.status}, not the range asked")
+    return end, size
 
 
 def _first_frame_end(metadata: BlobMetadata, size: int) -> tuple[int, int] | None:
